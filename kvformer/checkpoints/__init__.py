@@ -1,0 +1,1 @@
+"""Translate outside checkpoint formats into (ModelConfig, state_dict in kvformer's names)."""

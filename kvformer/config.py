@@ -1,0 +1,170 @@
+"""One config dataclass for every architecture kvformer runs.
+
+Attention kind is read off the head counts, exactly as the seed puts it:
+multi-head (n_kv_head == n_head), grouped-query (1 < n_kv_head < n_head, each KV head
+shared by n_head // n_kv_head query heads) and multi-query (n_kv_head == 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+NORMS = ("layernorm", "rmsnorm", "batchnorm")
+POSITIONS = ("learned", "sinusoidal", "rope", "none")
+MLPS = ("gelu", "swiglu")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    n_kv_head: int | None = None  # None -> n_head (multi-head attention)
+    head_dim: int | None = None  # None -> d_model // n_head
+    d_ff: int | None = None  # None -> 4 * d_model
+    max_seq_len: int = 256
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    pos: str = "rope"
+    rope_theta: float = 10000.0
+    mlp: str = "swiglu"
+    bias: bool = False  # biases on every linear layer and on the norms (GPT-2 style)
+    qkv_bias: bool | None = None  # None -> bias; Qwen2 has q/k/v biases and nothing else
+    tie_embeddings: bool = False
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None and self.n_head > 0:
+            self.head_dim = self.d_model // self.n_head
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        if self.qkv_bias is None:
+            self.qkv_bias = self.bias
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "head_dim",
+                     "d_ff", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.n_kv_head > self.n_head:
+            raise ValueError(
+                f"n_kv_head={self.n_kv_head} is larger than n_head={self.n_head}; "
+                "each KV head must serve at least one query head")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}; "
+                f"grouped-query attention needs n_kv_head to divide n_head")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm={self.norm!r} is not one of {', '.join(NORMS)}")
+        if self.pos not in POSITIONS:
+            raise ValueError(f"pos={self.pos!r} is not one of {', '.join(POSITIONS)}")
+        if self.mlp not in MLPS:
+            raise ValueError(f"mlp={self.mlp!r} is not one of {', '.join(MLPS)}")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary positions")
+        if self.pos == "sinusoidal" and self.d_model % 2:
+            raise ValueError(f"d_model={self.d_model} must be even for sinusoidal positions")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps={self.norm_eps} must be > 0")
+        if self.pos == "rope" and not self.rope_theta > 0:
+            raise ValueError(f"rope_theta={self.rope_theta} must be > 0")
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def group_size(self) -> int:
+        """Query heads that share one KV head."""
+        return self.n_head // self.n_kv_head
+
+    @property
+    def attention_kind(self) -> str:
+        if self.n_kv_head == self.n_head:
+            return "MHA"
+        if self.n_kv_head == 1:
+            return "MQA"
+        return "GQA"
+
+    def kv_cache_bytes(self, seq_len: int, batch_size: int = 1,
+                       dtype: torch.dtype = torch.float32) -> int:
+        """Bytes of a KV cache: 2 (K and V) * layers * KV heads * head_dim * positions * batch."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return (2 * self.n_layer * self.n_kv_head * self.head_dim * seq_len * batch_size
+                * itemsize)
+
+    def num_params(self) -> int:
+        """Parameter count of the model this config builds (tied embeddings counted once)."""
+        d, h = self.d_model, self.head_dim
+        attn = d * h * (self.n_head + 2 * self.n_kv_head) + self.n_head * h * d
+        if self.qkv_bias:
+            attn += h * (self.n_head + 2 * self.n_kv_head)
+        if self.bias:
+            attn += d
+        n_mats = 3 if self.mlp == "swiglu" else 2
+        mlp = n_mats * d * self.d_ff + ((self.d_ff * (n_mats - 1) + d) if self.bias else 0)
+        norm = d * (2 if self.bias and self.norm != "rmsnorm" else 1)
+        block = attn + mlp + 2 * norm
+        total = self.n_layer * block + norm + self.vocab_size * d
+        if not self.tie_embeddings:
+            total += self.vocab_size * d
+        if self.pos == "learned":
+            total += self.max_seq_len * d
+        return total
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {', '.join(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A named shape (no weights). ``ModelConfig.presets()`` lists the names."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], "name": name, **overrides})
+
+    @staticmethod
+    def presets() -> list[str]:
+        return list(PRESETS)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A model that trains in about a minute on 2 CPU cores (byte-level vocabulary).
+    "tiny": dict(vocab_size=256, d_model=128, n_layer=4, n_head=4, n_kv_head=2, d_ff=384,
+                 max_seq_len=256, norm="rmsnorm", pos="rope", mlp="swiglu"),
+    "gpt2": dict(vocab_size=50257, d_model=768, n_layer=12, n_head=12, d_ff=3072,
+                 max_seq_len=1024, norm="layernorm", pos="learned", mlp="gelu", bias=True,
+                 tie_embeddings=True),
+    "smollm2-135m": dict(vocab_size=49152, d_model=576, n_layer=30, n_head=9, n_kv_head=3,
+                         d_ff=1536, max_seq_len=8192, norm="rmsnorm", pos="rope",
+                         rope_theta=100000.0, mlp="swiglu", tie_embeddings=True),
+    "llama-2-7b": dict(vocab_size=32000, d_model=4096, n_layer=32, n_head=32, n_kv_head=32,
+                       d_ff=11008, max_seq_len=4096, norm="rmsnorm", pos="rope", mlp="swiglu"),
+    # 64 query heads and 8 KV heads: the seed's G = N/8.
+    "llama-2-70b": dict(vocab_size=32000, d_model=8192, n_layer=80, n_head=64, n_kv_head=8,
+                        d_ff=28672, max_seq_len=4096, norm="rmsnorm", pos="rope",
+                        mlp="swiglu"),
+}

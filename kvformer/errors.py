@@ -1,0 +1,25 @@
+"""Errors a user can act on. Every message says what was wrong and what to do."""
+
+
+class KvformerError(Exception):
+    """Base class: the CLI prints the message on one line and exits with status 2."""
+
+
+class ContextOverflowError(KvformerError, ValueError):
+    """A sequence would not fit in the context (model max_seq_len or the cache's max_len)."""
+
+
+class CheckpointError(KvformerError):
+    """A model file is missing, truncated, corrupt, or of a kind kvformer cannot read."""
+
+
+class UnsupportedArchitectureError(CheckpointError):
+    """The checkpoint describes an architecture kvformer does not implement."""
+
+
+class ModelNotFoundError(CheckpointError, FileNotFoundError):
+    """A model name or path could not be resolved to files on disk."""
+
+
+class ChatTemplateError(KvformerError):
+    """A chat template failed to render or tried to reach outside its sandbox."""

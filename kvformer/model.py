@@ -1,0 +1,168 @@
+"""The decoder-only transformer: pre-norm residual blocks, a final norm, an LM head.
+
+    x = embed(tokens) (+ positions, if added)
+    for each block:  x = x + attention(norm(x));  x = x + mlp(norm(x))
+    logits = lm_head(norm(x))
+
+One forward serves prefill (many tokens) and decode (one token): with a cache, the new
+tokens' keys and values are written after the ``cache.length`` cached ones and attention
+reads them all, so cached and uncached runs are the same code and give the same logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import ATTENTION_IMPLS, Attention, causal_mask
+from .cache import KVCache
+from .config import ModelConfig
+from .errors import ContextOverflowError
+from .norms import make_norm
+from .positions import LearnedPositions, Rotary, SinusoidalPositions
+
+
+class MLP(nn.Module):
+    """gelu: down(gelu(up(x))) with GPT-2's tanh-approximate GELU.
+    swiglu: down(silu(gate(x)) * up(x)), as in Llama."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.mlp
+        if cfg.mlp == "swiglu":
+            self.w_gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.w_up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.w_down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        return self.w_down(F.gelu(self.w_up(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, cache, start, mask, causal):
+        x = x + self.attn(self.attn_norm(x), rope, cache, start, mask, causal)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.pos == "learned":
+            self.pos_emb = LearnedPositions(cfg.max_seq_len, cfg.d_model)
+        elif cfg.pos == "sinusoidal":
+            self.pos_emb = SinusoidalPositions(cfg.d_model)
+        self.rotary = (Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+                       if cfg.pos == "rope" else None)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: shrink the residual projections
+            if name.endswith(("attn.wo.weight", "mlp.w_down.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_emb.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_emb.weight.device
+
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_emb.weight if self.cfg.tie_embeddings else self.lm_head.weight
+
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        """A preallocated KV cache for this model: [batch, n_kv_head, max_len, head_dim]
+        per layer for K and for V."""
+        cfg = self.cfg
+        return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len or cfg.max_seq_len,
+                       cfg.head_dim, dtype=dtype or self.dtype, device=self.device)
+
+    def set_attention(self, impl: str) -> Transformer:
+        """'fused' (torch's kernel, the default) or 'reference' (the seed's formula)."""
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention impl {impl!r} is not one of {list(ATTENTION_IMPLS)}")
+        for block in self.layers:
+            block.attn.attend = ATTENTION_IMPLS[impl]
+        return self
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
+                cache: KVCache | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, vocab].
+
+        input_pos: positions of the tokens for the positional encoding, [T] or [B, T]
+            (per row, e.g. for left-padded batches); default start .. start+T-1, where
+            start is the number of cached tokens.
+        cache: written at slots [cache.length, cache.length + T); its length then grows.
+        key_mask: bool [B, cache.length + T], False for slots attention must ignore
+            (padding). Causality always holds on top of it.
+        """
+        b, t = tokens.shape
+        start = cache.length if cache is not None else 0
+        if cache is not None:
+            cache.check_room(t)
+        if input_pos is None:
+            input_pos = torch.arange(start, start + t, device=tokens.device)
+        if input_pos.shape[-1] != t:
+            raise ValueError(f"input_pos has {input_pos.shape[-1]} positions for {t} tokens")
+
+        x = self.tok_emb(tokens)
+        if self.cfg.pos in ("learned", "sinusoidal"):
+            x = x + self.pos_emb(input_pos).to(x.dtype)
+        rope = self.rotary.cos_sin(input_pos) if self.rotary is not None else None
+        if rope is not None:
+            rope = (rope[0].to(x.dtype), rope[1].to(x.dtype))
+
+        mask, causal = None, True
+        if key_mask is not None:
+            if key_mask.shape != (b, start + t):
+                raise ValueError(f"key_mask must be [{b}, {start + t}], got "
+                                 f"{list(key_mask.shape)}")
+            # [B, 1, T, S]: causal and not padding; a query always sees its own slot, so
+            # a padding query never has an all-masked row (softmax of all -inf is NaN)
+            allowed = causal_mask(t, start + t, tokens.device) & key_mask[:, None, :]
+            own = torch.arange(t, device=tokens.device)
+            allowed[:, own, start + own] = True
+            mask, causal = allowed[:, None], False
+        elif t == 1:
+            causal = False  # one new token may see every cached one: no mask at all
+
+        for block in self.layers:
+            x = block(x, rope, cache, start, mask, causal)
+        if cache is not None:
+            cache.length = start + t
+        x = self.norm(x)
+        return F.linear(x, self.head_weight())
+
+    def check_context(self, n_tokens: int) -> None:
+        if n_tokens > self.cfg.max_seq_len:
+            raise ContextOverflowError(
+                f"{n_tokens} tokens do not fit in the context of {self.cfg.max_seq_len}; "
+                "shorten the prompt or ask for fewer new tokens")

@@ -1,0 +1,50 @@
+"""From logits to the next token: greedy, temperature, top-k, top-p."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def validate_sampling(temperature: float = 0.0, top_k: int | None = None,
+                      top_p: float | None = None) -> None:
+    if temperature is None or not isinstance(temperature, (int, float)) \
+            or math.isnan(temperature) or temperature < 0:
+        raise ValueError(f"temperature={temperature!r} is invalid; use a number >= 0 "
+                         "(0 means greedy)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                              or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} is invalid; use an integer >= 1 (or None for all)")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or math.isnan(top_p)
+                              or not 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r} is invalid; use a number in (0, 1] "
+                         "(1 or None keeps every token)")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k, and outside the smallest set of most
+    likely tokens whose probability mass reaches top_p. logits: [B, V]."""
+    logits = logits.float()
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above
+        drop_sorted = mass_before >= top_p  # the set already reached p without this token
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]. temperature 0 is argmax."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

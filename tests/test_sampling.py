@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from kvformer.sampling import filter_logits, sample, validate_sampling
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.randn(5, 30)
+    assert torch.equal(sample(logits, 0.0), logits.argmax(-1))
+
+
+def test_top_k_never_leaves_the_k_most_likely():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 100, generator=g)
+    top = set(torch.topk(logits[0], 5).indices.tolist())
+    draws = {int(sample(logits, 2.0, top_k=5, generator=g)) for _ in range(300)}
+    assert draws <= top and len(draws) > 1
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    kept = lambda p: torch.isfinite(filter_logits(logits, top_p=p))[0].tolist()  # noqa: E731
+    assert kept(0.5) == [True, False, False, False]
+    assert kept(0.6) == [True, True, False, False]
+    assert kept(0.8) == [True, True, False, False]
+    assert kept(0.81) == [True, True, True, False]
+    assert kept(1.0) == [True, True, True, True]
+    # order of the vocabulary does not matter
+    perm = torch.tensor([2, 0, 3, 1])
+    assert torch.isfinite(filter_logits(logits[:, perm], top_p=0.6))[0].tolist() == \
+        [False, True, False, True]
+
+
+def test_fixed_seed_reproduces():
+    logits = torch.randn(3, 50)
+    a = sample(logits, 1.0, generator=torch.Generator().manual_seed(7))
+    b = sample(logits, 1.0, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kw, text", [
+    (dict(temperature=-0.1), ">= 0"), (dict(top_k=0), ">= 1"), (dict(top_p=0.0), "(0, 1]"),
+    (dict(top_p=1.01), "(0, 1]"), (dict(temperature=float("nan")), ">= 0")])
+def test_invalid_values_name_the_valid_range(kw, text):
+    with pytest.raises(ValueError) as err:
+        validate_sampling(**kw)
+    assert text in str(err.value)
