@@ -6,7 +6,9 @@ grouped-query model (n_kv_head < n_head) really does hold n_kv_head/n_head of th
 multi-head cache, and a multi-query model 1/n_head.
 
 Slots are filled left to right; ``length`` counts the filled slots (shared by the batch).
-Attention talks to the cache through one call, ``update(layer, k, v, start)``.
+Attention talks to the cache through one call, ``update(layer, k, v, start)``; the model
+asks it ``length``, ``check_room(n)``, ``key_mask(n)`` before a forward and calls
+``advance(n)`` after. Another cache (the server's paged one) implements the same five.
 """
 
 from __future__ import annotations
@@ -53,6 +55,16 @@ class KVCache:
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def key_mask(self, n_new: int) -> torch.Tensor | None:
+        """Which of the ``length + n_new`` slots attention may read, per row, or None for
+        all of them. A contiguous cache has no holes; a paged cache that gathers rows of
+        different lengths returns a left-padding mask here."""
+        return None
+
+    def advance(self, n_new: int) -> None:
+        """Called by the model after every layer has written ``n_new`` slots."""
+        self.length += n_new
 
     def reset(self) -> None:
         self.length = 0

@@ -143,3 +143,33 @@ def perplexity(model, ids: Sequence[int], window: int | None = None) -> float:
             nll += torch.nn.functional.cross_entropy(logits, chunk[1:], reduction="sum").item()
             count += len(chunk) - 1
     return float(torch.exp(torch.tensor(nll / count)))
+
+
+@torch.inference_mode()
+def continue_stream(model, cache, new_ids: Sequence[int], max_new_tokens: int,
+                    temperature: float = 0.0, top_k: int | None = None,
+                    top_p: float | None = None, generator: torch.Generator | None = None,
+                    stop_ids: Iterable[int] = ()) -> Iterator[int]:
+    """Feed ``new_ids`` after what a batch-1 cache already holds, then decode: the chat
+    loop uses this so earlier turns are never recomputed. Every yielded token except the
+    last is already in the cache when the next one is made; a stop id is not yielded and
+    not written."""
+    validate_sampling(temperature, top_k, top_p)
+    new_ids = list(new_ids)
+    if not new_ids:
+        raise ValueError("continue_stream needs at least one new token")
+    room = cache.max_len - cache.length - len(new_ids)
+    if room < 1:
+        raise ContextOverflowError(
+            f"{cache.length} cached + {len(new_ids)} new tokens leave no room in a context "
+            f"of {cache.max_len}; start a new conversation or raise the context size")
+    stops = set(stop_ids)
+    tokens = torch.tensor([new_ids], dtype=torch.long, device=model.device)
+    logits = model(tokens, cache=cache)[:, -1]
+    for i in range(min(max_new_tokens, room)):
+        nxt = int(sample(logits, temperature, top_k, top_p, generator)[0])
+        if nxt in stops:
+            return
+        yield nxt
+        if i + 1 < min(max_new_tokens, room):
+            logits = model(torch.tensor([[nxt]], device=model.device), cache=cache)[:, -1]

@@ -128,6 +128,8 @@ class Transformer(nn.Module):
         start = cache.length if cache is not None else 0
         if cache is not None:
             cache.check_room(t)
+            if key_mask is None:
+                key_mask = cache.key_mask(t)  # None for a contiguous cache with no padding
         if input_pos is None:
             input_pos = torch.arange(start, start + t, device=tokens.device)
         if input_pos.shape[-1] != t:
@@ -157,7 +159,7 @@ class Transformer(nn.Module):
         for block in self.layers:
             x = block(x, rope, cache, start, mask, causal)
         if cache is not None:
-            cache.length = start + t
+            cache.advance(t)
         x = self.norm(x)
         return F.linear(x, self.head_weight())
 
@@ -166,3 +168,26 @@ class Transformer(nn.Module):
             raise ContextOverflowError(
                 f"{n_tokens} tokens do not fit in the context of {self.cfg.max_seq_len}; "
                 "shorten the prompt or ask for fewer new tokens")
+
+    # ------------------------------------------------------------------ weights in and out
+    @classmethod
+    def from_state_dict(cls, cfg: ModelConfig, state_dict: dict[str, torch.Tensor],
+                        strict: bool = True) -> Transformer:
+        """Build a model around existing tensors without a random initialisation first
+        (built on the meta device, then the tensors are assigned)."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+        if strict and (missing or unexpected):
+            from .errors import CheckpointError
+            raise CheckpointError(
+                f"weights do not match the config: missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}")
+        if model.rotary is not None:  # non-persistent buffers are rebuilt, not loaded
+            model.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        return model.eval()
+
+    def save(self, path, tokenizer=None) -> None:
+        """Write kvformer's own format: config.json + model.safetensors (+ tokenizer)."""
+        from .checkpoints.native import save_native
+        save_native(path, self.cfg, self.state_dict(), tokenizer)

