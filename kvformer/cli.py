@@ -46,7 +46,29 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--context", type=int, default=4096, help="KV cache size in tokens")
 
     i = sub.add_parser("info", help="architecture, parameters, attention kind, KV-cache size")
-    i.add_argument("model", nargs="?", default="default")
+    i.add_argument("model", nargs="?", default="default",
+                   help="a model path, 'default', or a preset name (shapes only)")
+
+    k = sub.add_parser("kv-size", help="KV-cache bytes of models as MHA, GQA and MQA")
+    k.add_argument("models", nargs="*", default=["default"], metavar="PRESET|MODEL")
+    k.add_argument("--context", type=int, default=4096)
+    k.add_argument("--batch", type=int, default=1)
+    k.add_argument("--dtype", default="fp16", help="fp32, fp16, bf16 or int8")
+    k.add_argument("--plot", default=None, metavar="OUT.png")
+
+    a = sub.add_parser("attention", help="heatmaps of a model's attention weights")
+    a.add_argument("model")
+    a.add_argument("text")
+    a.add_argument("--layer", type=int, default=0)
+    a.add_argument("--head", type=int, default=None, help="one head; default: all heads")
+    a.add_argument("-o", "--output", default="attention.png")
+
+    e = sub.add_parser("explain", help="the seed's ideas measured, as pictures")
+    e.add_argument("topic", choices=["scaling", "cache", "docs"],
+                   help="scaling: why 1/sqrt(d_k); cache: time per token with and without "
+                        "the KV cache; docs: regenerate docs/how-it-decodes.md and its pictures")
+    e.add_argument("-o", "--output", default=None, help="PNG (or, for docs, a directory)")
+    e.add_argument("--model", "-m", default="default")
     return parser
 
 
@@ -113,50 +135,29 @@ def cmd_chat(args) -> int:
         sys.stdout.write("\n")
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
-
-
 def cmd_info(args) -> int:
-    from .checkpoints.gguf import config_from_gguf, read_metadata
-    from .loading import resolve
-
-    kind, path = resolve(args.model)
-    if kind == "gguf":
-        meta = read_metadata(path)
-        cfg = config_from_gguf(meta, path)
-        arch = meta.get("general.architecture", "?")
-    elif kind == "hf":
-        import json
-
-        from .checkpoints.hf import config_from_hf
-        raw = json.loads((path / "config.json").read_text())
-        cfg = config_from_hf(raw, path)
-        arch = (raw.get("architectures") or [raw.get("model_type", "?")])[0]
-    else:
-        from .checkpoints.native import load_native
-        cfg = load_native(path)[0]
-        arch = "kvformer"
     import torch
+
+    from .loading import load_config
+    from .pictures import human_bytes
+
+    cfg, arch, path = load_config(args.model)
     per_token = cfg.kv_cache_bytes(1, 1, torch.float32)
     full = cfg.kv_cache_bytes(cfg.max_seq_len, 1, torch.float32)
     kind_line = {"MHA": "multi-head (MHA)", "GQA": "grouped-query (GQA)",
                  "MQA": "multi-query (MQA)"}[cfg.attention_kind]
     rows = [
-        ("model", str(path)), ("format", kind), ("architecture", arch),
+        ("model", str(path or args.model)), ("architecture", arch),
         ("parameters", f"{cfg.num_params():,}"),
         ("layers", cfg.n_layer), ("d_model", cfg.d_model), ("d_ff", cfg.d_ff),
         ("vocab", cfg.vocab_size), ("context", cfg.max_seq_len),
         ("attention", f"{kind_line}: {cfg.n_head} query heads, {cfg.n_kv_head} KV heads, "
                       f"group size {cfg.group_size}, head_dim {cfg.head_dim}"),
         ("norm / positions / mlp", f"{cfg.norm} / {cfg.pos} / {cfg.mlp}"),
-        ("KV cache per token (fp32)", f"{per_token:,} bytes ({_human(per_token)})"),
-        (f"KV cache, full context {cfg.max_seq_len} (fp32)", f"{full:,} bytes ({_human(full)})"),
-        ("  same model as MHA", f"{_human(full * cfg.n_head // cfg.n_kv_head)}"),
+        ("KV cache per token (fp32)", f"{per_token:,} bytes ({human_bytes(per_token)})"),
+        (f"KV cache, full context {cfg.max_seq_len} (fp32)",
+         f"{full:,} bytes ({human_bytes(full)})"),
+        ("  the same model as MHA", human_bytes(full * cfg.n_head // cfg.n_kv_head)),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -164,7 +165,56 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+def cmd_kv_size(args) -> int:
+    from .loading import load_config
+    from .pictures import DTYPE_NAMES, format_kv_table, kv_size_rows, plot_kv_sizes
+
+    if args.dtype not in DTYPE_NAMES:
+        raise ValueError(f"--dtype {args.dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+    if args.context < 1 or args.batch < 1:
+        raise ValueError("--context and --batch must be >= 1")
+    rows = []
+    for name in args.models:
+        cfg = load_config(name)[0]
+        rows += kv_size_rows(name, cfg, args.context, args.batch, DTYPE_NAMES[args.dtype])
+    print(format_kv_table(rows, args.context, args.batch, args.dtype))
+    if args.plot:
+        print(f"wrote {plot_kv_sizes(rows, args.plot, args.context, args.batch, args.dtype)}")
+    return 0
+
+
+def cmd_attention(args) -> int:
+    from .loading import load
+    from .pictures import plot_attention, record_attention, token_labels
+
+    model, tok = load(args.model)
+    if tok is None:
+        raise KvformerError(f"{args.model}: no tokenizer found beside the model")
+    ids = tok.encode(args.text)
+    model.check_context(len(ids))
+    cfg = model.cfg
+    if not 0 <= args.layer < cfg.n_layer:
+        raise ValueError(f"--layer {args.layer} is out of range: the model has layers "
+                         f"0..{cfg.n_layer - 1}")
+    if args.head is not None and not 0 <= args.head < cfg.n_head:
+        raise ValueError(f"--head {args.head} is out of range: the model has heads "
+                         f"0..{cfg.n_head - 1}")
+    weights = record_attention(model, ids)[args.layer]
+    what = f"head {args.head}" if args.head is not None else f"all {cfg.n_head} heads"
+    out = plot_attention(weights, token_labels(tok, ids), args.output,
+                         f"layer {args.layer}, {what}: softmax(QKᵀ/√d_k), causal", args.head)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from . import explain
+
+    return explain.run(args.topic, args.output, args.model)
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info,
+            "kv-size": cmd_kv_size, "attention": cmd_attention, "explain": cmd_explain}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,8 +86,12 @@ def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
     kind, path = resolve(name_or_path)
     torch_dtype = _torch_dtype(dtype)
     if kind == "gguf":
-        from .checkpoints.gguf import config_from_gguf, iter_gguf_tensors, open_reader
-        from .checkpoints.gguf import read_metadata
+        from .checkpoints.gguf import (
+            config_from_gguf,
+            iter_gguf_tensors,
+            open_reader,
+            read_metadata,
+        )
         from .tokenizer import Tokenizer
 
         reader = open_reader(path)
@@ -137,3 +141,29 @@ def _torch_dtype(dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def load_config(name_or_path: str | os.PathLike | None = DEFAULT_MODEL):
+    """(ModelConfig, architecture name, path) without loading any weights. A preset name
+    (e.g. 'llama-2-70b') gives that preset's shapes."""
+    from .config import PRESETS, ModelConfig
+
+    if name_or_path is not None and str(name_or_path) in PRESETS:
+        return ModelConfig.preset(str(name_or_path)), "preset", None
+    kind, path = resolve(name_or_path)
+    if kind == "gguf":
+        from .checkpoints.gguf import config_from_gguf, read_metadata
+        meta = read_metadata(path)
+        return config_from_gguf(meta, path), meta.get("general.architecture", "?"), path
+    if kind == "hf":
+        import json
+
+        from .checkpoints.hf import config_from_hf
+        try:
+            raw = json.loads((path / "config.json").read_text())
+        except ValueError as exc:
+            raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({exc})") from exc
+        arch = (raw.get("architectures") or [raw.get("model_type", "?")])[0]
+        return config_from_hf(raw, path), arch, path
+    from .checkpoints.native import load_native
+    return load_native(path)[0], "kvformer", path
