@@ -126,7 +126,8 @@ def _progress(items, total: int, desc: str, enabled: bool):
         return items
     from tqdm import tqdm
 
-    return tqdm(items, total=total, desc=desc, unit="tensor", delay=1.0, leave=False)
+    return tqdm(items, total=total, desc=desc, unit="tensor", delay=1.0, leave=False,
+                disable=None)  # None: only on a terminal
 
 
 def _has_tokenizer(path: Path) -> bool:
