@@ -157,13 +157,8 @@ def load_config(name_or_path: str | os.PathLike | None = DEFAULT_MODEL):
         meta = read_metadata(path)
         return config_from_gguf(meta, path), meta.get("general.architecture", "?"), path
     if kind == "hf":
-        import json
-
-        from .checkpoints.hf import config_from_hf
-        try:
-            raw = json.loads((path / "config.json").read_text())
-        except ValueError as exc:
-            raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({exc})") from exc
+        from .checkpoints.hf import config_from_hf, read_hf_config
+        raw = read_hf_config(path)
         arch = (raw.get("architectures") or [raw.get("model_type", "?")])[0]
         return config_from_hf(raw, path), arch, path
     from .checkpoints.native import load_native

@@ -177,9 +177,12 @@ class Transformer(nn.Module):
         (built on the meta device, then the tensors are assigned)."""
         with torch.device("meta"):
             model = cls(cfg)
-        missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+        from .errors import CheckpointError
+        try:
+            missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+        except RuntimeError as exc:  # shape mismatches
+            raise CheckpointError(f"weights do not match the config: {exc}") from exc
         if strict and (missing or unexpected):
-            from .errors import CheckpointError
             raise CheckpointError(
                 f"weights do not match the config: missing {sorted(missing)[:5]}, "
                 f"unexpected {sorted(unexpected)[:5]}")
