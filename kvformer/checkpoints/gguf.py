@@ -1,0 +1,968 @@
+"""GGUF files: metadata, tensors (dequantized), and the mapping to kvformer's names.
+
+The header is parsed here directly (``gguf.GGUFReader`` builds one numpy view per vocabulary
+string and takes seconds on a 49k-token file); the `gguf` package is still used for its type
+tables and as the numpy fallback dequantizer for the rarer K-quants.
+
+Facts this module relies on (from the GGUF spec and llama.cpp's converter):
+
+* Header: magic ``GGUF``, u32 version (2 or 3), u64 tensor count, u64 key/value count, then
+  the key/values, then per tensor: name, u32 n_dims, u64 dims (ne0 first, i.e. reversed
+  relative to torch), u32 ggml type, u64 offset relative to the data section. The data
+  section starts at the next multiple of ``general.alignment`` (default 32).
+* Quantized tensors are stored as rows of blocks along ne0 (the torch last dim).
+* For the ``llama`` architecture the converter permutes the rows of Q and K (per head, from
+  Hugging Face's rotate-half layout to the interleaved pairs llama.cpp rotates)::
+
+      gguf = hf.reshape(n, 2, head_dim // 2, *rest).swapaxes(1, 2).reshape(hf.shape)
+
+  with ``n = n_head`` for Q and ``n = n_kv_head`` for K. The inverse used at load time is
+  ``hf = gguf.reshape(n, head_dim // 2, 2, *rest).swapaxes(1, 2).reshape(gguf.shape)``.
+  Qwen2 (NEOX rope in llama.cpp) and GPT-2 are stored unpermuted.
+* GPT-2's fused ``attn_qkv`` is stored in Linear layout ``[q; k; v]`` along the rows.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from ..errors import CheckpointError, UnsupportedArchitectureError
+
+__all__ = [
+    "GGUF_ARCHITECTURES",
+    "GGUF_FUSED_QKV",
+    "GGUF_TENSOR_NAMES",
+    "GGUFFile",
+    "GGUFTensorInfo",
+    "SUPPORTED_TENSOR_TYPES",
+    "config_from_gguf",
+    "dequantize",
+    "expected_shapes",
+    "iter_gguf_tensors",
+    "load_gguf",
+    "open_reader",
+    "read_metadata",
+]
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4
+
+# --------------------------------------------------------------------------- name tables
+# GGUF name -> kvformer name. "{i}" stands for the layer index.
+GGUF_TENSOR_NAMES: dict[str, str] = {
+    "token_embd.weight": "tok_emb.weight",
+    "position_embd.weight": "pos_emb.weight",
+    "output_norm.weight": "norm.weight",
+    "output_norm.bias": "norm.bias",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "layers.{i}.attn_norm.weight",
+    "blk.{i}.attn_norm.bias": "layers.{i}.attn_norm.bias",
+    "blk.{i}.attn_q.weight": "layers.{i}.attn.wq.weight",
+    "blk.{i}.attn_q.bias": "layers.{i}.attn.wq.bias",
+    "blk.{i}.attn_k.weight": "layers.{i}.attn.wk.weight",
+    "blk.{i}.attn_k.bias": "layers.{i}.attn.wk.bias",
+    "blk.{i}.attn_v.weight": "layers.{i}.attn.wv.weight",
+    "blk.{i}.attn_v.bias": "layers.{i}.attn.wv.bias",
+    "blk.{i}.attn_output.weight": "layers.{i}.attn.wo.weight",
+    "blk.{i}.attn_output.bias": "layers.{i}.attn.wo.bias",
+    "blk.{i}.ffn_norm.weight": "layers.{i}.mlp_norm.weight",
+    "blk.{i}.ffn_norm.bias": "layers.{i}.mlp_norm.bias",
+    "blk.{i}.ffn_gate.weight": "layers.{i}.mlp.w_gate.weight",
+    "blk.{i}.ffn_up.weight": "layers.{i}.mlp.w_up.weight",
+    "blk.{i}.ffn_up.bias": "layers.{i}.mlp.w_up.bias",
+    "blk.{i}.ffn_down.weight": "layers.{i}.mlp.w_down.weight",
+    "blk.{i}.ffn_down.bias": "layers.{i}.mlp.w_down.bias",
+}
+
+# Fused GGUF tensors split row-wise into (q, k, v) kvformer tensors.
+GGUF_FUSED_QKV: dict[str, tuple[str, str, str]] = {
+    "blk.{i}.attn_qkv.weight": ("layers.{i}.attn.wq.weight", "layers.{i}.attn.wk.weight",
+                                "layers.{i}.attn.wv.weight"),
+    "blk.{i}.attn_qkv.bias": ("layers.{i}.attn.wq.bias", "layers.{i}.attn.wk.bias",
+                              "layers.{i}.attn.wv.bias"),
+}
+
+# GGUF tensors that exist in real files but have no place in kvformer (skipped with a warning).
+GGUF_IGNORED_TENSORS: dict[str, str] = {
+    "rope_freqs.weight": "per-frequency rope scaling factors (Llama 3.1 style) are not "
+                         "implemented; long-context positions will differ from llama.cpp",
+}
+
+# What each supported ``general.architecture`` means in ModelConfig terms.
+# "permute_qk": Q/K rows stored in llama.cpp's interleaved rotary layout (undone at load).
+GGUF_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "llama": dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, qkv_bias=False,
+                  eps_key="attention.layer_norm_rms_epsilon", permute_qk=True),
+    "qwen2": dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, qkv_bias=True,
+                  eps_key="attention.layer_norm_rms_epsilon", permute_qk=False),
+    "gpt2": dict(norm="layernorm", pos="learned", mlp="gelu", bias=True, qkv_bias=True,
+                 eps_key="attention.layer_norm_epsilon", permute_qk=False),
+}
+
+# kvformer tensor (suffix after "layers.{i}.") -> which head count its rows are grouped by,
+# for the rotary un-permutation.
+_PERMUTED_ROWS: dict[str, str] = {
+    "attn.wq.weight": "n_head",
+    "attn.wq.bias": "n_head",
+    "attn.wk.weight": "n_kv_head",
+    "attn.wk.bias": "n_kv_head",
+}
+
+
+def _build_name_lookup(n_layer: int) -> tuple[dict[str, str], dict[str, tuple[str, str, str]]]:
+    single: dict[str, str] = {}
+    fused: dict[str, tuple[str, str, str]] = {}
+    for src, dst in GGUF_TENSOR_NAMES.items():
+        if "{i}" in src:
+            for i in range(n_layer):
+                single[src.format(i=i)] = dst.format(i=i)
+        else:
+            single[src] = dst
+    for src, dsts in GGUF_FUSED_QKV.items():
+        for i in range(n_layer):
+            fused[src.format(i=i)] = tuple(d.format(i=i) for d in dsts)  # type: ignore[misc]
+    return single, fused
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor (kvformer name -> shape) a model built from ``cfg`` holds."""
+    d, hd, ff = cfg.d_model, cfg.head_dim, cfg.d_ff
+    q_out, kv_out = cfg.n_head * hd, cfg.n_kv_head * hd
+    norm_bias = cfg.bias and cfg.norm != "rmsnorm"
+    shapes: dict[str, tuple[int, ...]] = {"tok_emb.weight": (cfg.vocab_size, d)}
+    if cfg.pos == "learned":
+        shapes["pos_emb.weight"] = (cfg.max_seq_len, d)
+    for i in range(cfg.n_layer):
+        p = f"layers.{i}."
+        shapes[p + "attn_norm.weight"] = (d,)
+        if norm_bias:
+            shapes[p + "attn_norm.bias"] = (d,)
+        for name, rows in (("wq", q_out), ("wk", kv_out), ("wv", kv_out)):
+            shapes[f"{p}attn.{name}.weight"] = (rows, d)
+            if cfg.qkv_bias:
+                shapes[f"{p}attn.{name}.bias"] = (rows,)
+        shapes[p + "attn.wo.weight"] = (d, q_out)
+        if cfg.bias:
+            shapes[p + "attn.wo.bias"] = (d,)
+        shapes[p + "mlp_norm.weight"] = (d,)
+        if norm_bias:
+            shapes[p + "mlp_norm.bias"] = (d,)
+        mats = (("w_gate", (ff, d)),) if cfg.mlp == "swiglu" else ()
+        mats += (("w_up", (ff, d)), ("w_down", (d, ff)))
+        for name, shape in mats:
+            shapes[f"{p}mlp.{name}.weight"] = shape
+            if cfg.bias:
+                shapes[f"{p}mlp.{name}.bias"] = shape[:1]
+    shapes["norm.weight"] = (d,)
+    if norm_bias:
+        shapes["norm.bias"] = (d,)
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, d)
+    return shapes
+
+
+# --------------------------------------------------------------------------- header parsing
+class _Truncated(Exception):
+    pass
+
+
+_SCALARS: dict[int, tuple[str, int]] = {  # GGUF value type -> (struct code, size)
+    0: ("B", 1), 1: ("b", 1), 2: ("H", 2), 3: ("h", 2), 4: ("I", 4), 5: ("i", 4),
+    6: ("f", 4), 7: ("?", 1), 10: ("Q", 8), 11: ("q", 8), 12: ("d", 8),
+}
+_NUMPY_OF: dict[int, str] = {
+    0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
+    10: "<u8", 11: "<i8", 12: "<f8",
+}
+_STRING, _ARRAY = 8, 9
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class _Cursor:
+    def __init__(self, buf, size: int):
+        self.buf = buf
+        self.size = size
+        self.pos = 0
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise _Truncated(f"{what} needs {n} bytes at offset {self.pos} but the file has "
+                             f"{self.size} bytes")
+
+    def u32(self, what: str) -> int:
+        self.need(4, what)
+        (v,) = _U32.unpack_from(self.buf, self.pos)
+        self.pos += 4
+        return v
+
+    def u64(self, what: str) -> int:
+        self.need(8, what)
+        (v,) = _U64.unpack_from(self.buf, self.pos)
+        self.pos += 8
+        return v
+
+    def string(self, what: str) -> str:
+        n = self.u64(what + " length")
+        self.need(n, what)
+        raw = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return raw.decode("utf-8", errors="replace")
+
+    def value(self, vtype: int, what: str) -> Any:
+        if vtype == _STRING:
+            return self.string(what)
+        if vtype == _ARRAY:
+            itype = self.u32(what + " item type")
+            count = self.u64(what + " item count")
+            return self.array(itype, count, what)
+        scalar = _SCALARS.get(vtype)
+        if scalar is None:
+            raise CheckpointError(f"{what} has unknown value type {vtype}")
+        code, size = scalar
+        self.need(size, what)
+        (v,) = struct.unpack_from("<" + code, self.buf, self.pos)
+        self.pos += size
+        return v
+
+    def array(self, itype: int, count: int, what: str) -> list:
+        if itype in _NUMPY_OF:
+            dt = np.dtype(_NUMPY_OF[itype])
+            self.need(count * dt.itemsize, what)
+            arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=self.pos)
+            self.pos += count * dt.itemsize
+            return arr.tolist()
+        if itype == _STRING:
+            self.need(count * 8, what)  # every string has at least its 8-byte length
+            buf, pos, size = self.buf, self.pos, self.size
+            out = []
+            append = out.append
+            unpack = _U64.unpack_from
+            for _ in range(count):
+                if pos + 8 > size:
+                    self.pos = pos
+                    self.need(8, what + " string length")
+                (n,) = unpack(buf, pos)
+                pos += 8
+                end = pos + n
+                if end > size:
+                    self.pos = pos
+                    self.need(n, what + " string")
+                raw = buf[pos:end]
+                try:
+                    append(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    append(raw.decode("utf-8", errors="replace"))
+                pos = end
+            self.pos = pos
+            return out
+        if itype == _ARRAY:
+            self.need(count * 12, what)
+            return [self.value(_ARRAY, what) for _ in range(count)]
+        raise CheckpointError(f"{what} is an array of unknown value type {itype}")
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    name: str
+    type_id: int  # ggml type number (see gguf.GGMLQuantizationType)
+    shape: tuple[int, ...]  # torch order: the GGUF dims reversed
+    offset: int  # absolute byte offset in the file
+    nbytes: int | None  # None for a type this module does not know the size of
+
+    @property
+    def type_name(self) -> str:
+        return _type_name(self.type_id)
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def _type_name(type_id: int) -> str:
+    from gguf import GGMLQuantizationType
+
+    try:
+        return GGMLQuantizationType(type_id).name
+    except ValueError:
+        return f"unknown type {type_id}"
+
+
+def _block_sizes(type_id: int) -> tuple[int, int] | None:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        return GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
+    except (ValueError, KeyError):
+        return None
+
+
+class GGUFFile:
+    """A GGUF file opened for reading: ``metadata`` (dict) and ``tensors`` (name -> info).
+
+    The file is memory-mapped read-only: :meth:`raw` views its bytes without copying (the views
+    must never be written to; every decoder here allocates its output). Use as a context
+    manager or call :meth:`close`.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if not os.path.exists(self.path):
+            raise CheckpointError(f"{self.path}: no such GGUF file")
+        if not os.path.isfile(self.path):
+            raise CheckpointError(f"{self.path}: is not a regular file (expected a .gguf file)")
+        self.file_size = os.path.getsize(self.path)
+        if self.file_size == 0:
+            raise CheckpointError(f"{self.path}: the file is empty (0 bytes), not a GGUF file; "
+                                  "download or convert it again")
+        try:
+            with open(self.path, "rb") as fh:
+                self._mm: mmap.mmap | None = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as exc:
+            raise CheckpointError(f"{self.path}: cannot open ({exc})") from exc
+        try:
+            self._parse()
+        except _Truncated as exc:
+            self.close()
+            raise CheckpointError(
+                f"{self.path}: the GGUF header is truncated or corrupt ({exc}); "
+                "download or convert the file again") from exc
+        except CheckpointError as exc:
+            self.close()
+            raise CheckpointError(f"{self.path}: {exc}") from None
+        except Exception as exc:  # anything unforeseen in a corrupt header
+            self.close()
+            raise CheckpointError(
+                f"{self.path}: not a readable GGUF file ({type(exc).__name__}: {exc}); "
+                "the file may be truncated or corrupt") from exc
+
+    # -- parsing ---------------------------------------------------------------------------
+    def _parse(self) -> None:
+        cur = _Cursor(self._mm, self.file_size)
+        cur.need(4, "magic")
+        magic = bytes(self._mm[0:4])
+        if magic != GGUF_MAGIC:
+            raise CheckpointError(
+                f"not a GGUF file (magic bytes {magic!r}, expected {GGUF_MAGIC!r})")
+        cur.pos = 4
+        version = cur.u32("version")
+        if version not in SUPPORTED_VERSIONS:
+            if version & 0xFFFF == 0 and (version >> 16) in range(1, 0x100):
+                raise CheckpointError("big-endian GGUF files are not supported")
+            raise CheckpointError(
+                f"GGUF version {version} is not supported (readable versions: "
+                f"{', '.join(map(str, SUPPORTED_VERSIONS))})")
+        self.version = version
+        n_tensors = cur.u64("tensor count")
+        n_kv = cur.u64("key/value count")
+        # Each key/value takes >= 13 bytes and each tensor info >= 24: refuse absurd counts early.
+        if n_kv * 13 + n_tensors * 24 > self.file_size:
+            raise CheckpointError(
+                f"header claims {n_kv} metadata entries and {n_tensors} tensors, more than a "
+                f"{self.file_size}-byte file can hold; the header is corrupt")
+        meta: dict[str, Any] = {}
+        for k in range(n_kv):
+            key = cur.string(f"metadata key #{k}")
+            vtype = cur.u32(f"type of metadata {key!r}")
+            if key in meta:
+                raise CheckpointError(f"metadata key {key!r} appears twice; the file is corrupt")
+            meta[key] = cur.value(vtype, f"metadata {key!r}")
+        self.metadata = meta
+
+        alignment = meta.get("general.alignment", DEFAULT_ALIGNMENT)
+        if (not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0
+                or alignment & (alignment - 1)):
+            raise CheckpointError(f"general.alignment={alignment!r} is not a power of two")
+        self.alignment = alignment
+
+        infos: list[tuple[str, int, tuple[int, ...], int]] = []
+        for t in range(n_tensors):
+            name = cur.string(f"tensor #{t} name")
+            n_dims = cur.u32(f"tensor {name!r} dimension count")
+            if n_dims > MAX_DIMS:
+                raise CheckpointError(
+                    f"tensor {name!r} claims {n_dims} dimensions (GGUF allows at most "
+                    f"{MAX_DIMS}); the file is corrupt")
+            dims = [cur.u64(f"tensor {name!r} dimensions") for _ in range(n_dims)]
+            type_id = cur.u32(f"tensor {name!r} type")
+            rel = cur.u64(f"tensor {name!r} offset")
+            infos.append((name, type_id, tuple(reversed(dims)), rel))
+        pad = (-cur.pos) % alignment
+        self.data_offset = cur.pos + pad
+
+        tensors: dict[str, GGUFTensorInfo] = {}
+        for name, type_id, shape, rel in infos:
+            if name in tensors:
+                raise CheckpointError(f"tensor {name!r} appears twice; the file is corrupt")
+            n = 1
+            for s in shape:
+                n *= s
+            if n >= 1 << 62:
+                raise CheckpointError(f"tensor {name!r} has absurd shape {list(shape)}; "
+                                      "the file is corrupt")
+            nbytes = None
+            sizes = _block_sizes(type_id)
+            if sizes is not None:
+                block, type_size = sizes
+                if shape and shape[-1] % block:
+                    raise CheckpointError(
+                        f"tensor {name!r}: row length {shape[-1]} is not a multiple of the "
+                        f"{_type_name(type_id)} block size {block}; the file is corrupt")
+                nbytes = n // block * type_size
+            if rel % alignment:
+                raise CheckpointError(f"tensor {name!r}: data offset {rel} is not aligned to "
+                                      f"{alignment} bytes; the file is corrupt")
+            tensors[name] = GGUFTensorInfo(name, type_id, shape, self.data_offset + rel, nbytes)
+        self.tensors = tensors
+
+    # -- access ----------------------------------------------------------------------------
+    def check_tensor_data(self, names=None) -> None:
+        """Raise CheckpointError if any (named) tensor's bytes run past the end of the file."""
+        for name in self.tensors if names is None else names:
+            info = self.tensors[name]
+            if info.nbytes is None:
+                continue
+            end = info.offset + info.nbytes
+            if end > self.file_size:
+                raise CheckpointError(
+                    f"{self.path}: tensor {name!r} ({info.type_name}, shape {list(info.shape)}) "
+                    f"needs bytes {info.offset}..{end} but the file ends at {self.file_size}; "
+                    "the file is truncated — download or convert it again")
+
+    def raw(self, name: str) -> torch.Tensor:
+        """The stored bytes of one tensor as a uint8 tensor (a view of the mapped file)."""
+        if self._mm is None:
+            raise CheckpointError(f"{self.path}: the GGUF file is closed")
+        info = self.tensors[name]
+        if info.nbytes is None:
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} has {info.type_name}, which kvformer cannot "
+                f"read; supported: {', '.join(SUPPORTED_TENSOR_TYPES)}")
+        self.check_tensor_data([name])
+        if info.nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        with warnings.catch_warnings():  # "buffer is not writable": we only ever read it
+            warnings.simplefilter("ignore")
+            return torch.frombuffer(self._mm, dtype=torch.uint8, count=info.nbytes,
+                                    offset=info.offset)
+
+    def close(self) -> None:
+        mm, self._mm = getattr(self, "_mm", None), None
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:  # a tensor still views the mapping; let GC close it
+                pass
+
+    def __enter__(self) -> GGUFFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"GGUFFile({self.path!r}, version={getattr(self, 'version', '?')}, "
+                f"tensors={len(getattr(self, 'tensors', {}))})")
+
+
+def open_reader(path: str | os.PathLike) -> GGUFFile:
+    """Open a GGUF file (header parsed, tensors mapped lazily); failures are CheckpointError."""
+    return GGUFFile(path)
+
+
+def _field_value(field) -> Any:
+    value = field.contents()
+    if isinstance(value, np.generic):
+        value = value.item()
+    return value
+
+
+def read_metadata(path_or_reader) -> dict[str, Any]:
+    """All key/value metadata of a GGUF file as plain Python values (str, int, float, lists).
+
+    Accepts a path, a :class:`GGUFFile`, or a ``gguf.GGUFReader``.
+    """
+    if isinstance(path_or_reader, (str, os.PathLike)):
+        with GGUFFile(path_or_reader) as f:
+            return dict(f.metadata)
+    if isinstance(path_or_reader, GGUFFile):
+        return dict(path_or_reader.metadata)
+    reader = path_or_reader  # a gguf.GGUFReader
+    meta: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            meta[key] = _field_value(field)
+        except Exception as exc:
+            raise CheckpointError(
+                f"{getattr(reader, 'path', '?')}: metadata field {key!r} is unreadable ({exc}); "
+                "the file may be corrupt") from exc
+    return meta
+
+
+# --------------------------------------------------------------------------- dequantization
+def _f16_col(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """A little-endian float16 at byte ``start`` of every block, as float32 of shape [n, 1]."""
+    return blocks[:, start:start + 2].contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor, out: torch.Tensor) -> None:
+    """qs [n, k] bytes -> out [n, 2, k] floats: low nibbles first, then high nibbles."""
+    out[:, 0].copy_(qs & 0x0F)
+    out[:, 1].copy_(qs >> 4)
+
+
+def _dq_q4_0(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d = _f16_col(b, 0)
+    out = torch.empty(n, 2, 16)
+    _nibbles(b[:, 2:18], out)
+    out = out.view(n, 32)
+    return out.sub_(8.0).mul_(d)
+
+
+def _dq_q4_1(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d, m = _f16_col(b, 0), _f16_col(b, 2)
+    out = torch.empty(n, 2, 16)
+    _nibbles(b[:, 4:20], out)
+    out = out.view(n, 32)
+    return out.mul_(d).add_(m)
+
+
+_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def _fifth_bits(qh: torch.Tensor) -> torch.Tensor:
+    """qh [n, 4] bytes (a little-endian u32) -> [n, 32] uint8: bit j of the u32 at column j."""
+    return ((qh.unsqueeze(-1) >> _BIT_SHIFTS) & 1).reshape(qh.shape[0], 32)
+
+
+def _dq_q5(b: torch.Tensor, has_min: bool) -> torch.Tensor:
+    n = b.shape[0]
+    d = _f16_col(b, 0)
+    o = 4 if has_min else 2
+    q = torch.empty(n, 2, 16, dtype=torch.uint8)
+    torch.bitwise_and(b[:, o + 4:o + 20], 0x0F, out=q[:, 0])
+    torch.bitwise_right_shift(b[:, o + 4:o + 20], 4, out=q[:, 1])
+    q = q.view(n, 32) | (_fifth_bits(b[:, o:o + 4]) << 4)
+    out = q.float()
+    if has_min:
+        return out.mul_(d).add_(_f16_col(b, 2))
+    return out.sub_(16.0).mul_(d)
+
+
+def _dq_q8_0(b: torch.Tensor) -> torch.Tensor:
+    d = _f16_col(b, 0)
+    return b[:, 2:34].view(torch.int8).float().mul_(d)
+
+
+def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """12 packed bytes -> eight 6-bit scales and eight 6-bit mins (Q4_K / Q5_K)."""
+    a, b, c = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = torch.cat([a & 63, (c & 15) | ((a >> 6) << 4)], dim=1)
+    mn = torch.cat([b & 63, (c >> 4) | ((b >> 6) << 4)], dim=1)
+    return sc.float(), mn.float()
+
+
+def _dq_q4_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d, dmin = _f16_col(b, 0), _f16_col(b, 2)
+    sc, mn = _k_scales(b[:, 4:16])
+    out = torch.empty(n, 4, 2, 32)
+    qs = b[:, 16:144].reshape(n, 4, 32)
+    out[:, :, 0].copy_(qs & 0x0F)
+    out[:, :, 1].copy_(qs >> 4)
+    out = out.view(n, 8, 32)
+    out.mul_((d * sc).unsqueeze(-1)).sub_((dmin * mn).unsqueeze(-1))
+    return out.view(n, 256)
+
+
+def _dq_q5_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d, dmin = _f16_col(b, 0), _f16_col(b, 2)
+    sc, mn = _k_scales(b[:, 4:16])
+    qh = b[:, 16:48]  # bit s of byte l is the 5th bit of element l of sub-block s
+    high = ((qh.unsqueeze(1) >> _BIT_SHIFTS.view(1, 8, 1)) & 1) << 4  # [n, 8, 32]
+    qs = b[:, 48:176].reshape(n, 4, 32)
+    q = torch.empty(n, 4, 2, 32, dtype=torch.uint8)
+    torch.bitwise_and(qs, 0x0F, out=q[:, :, 0])
+    torch.bitwise_right_shift(qs, 4, out=q[:, :, 1])
+    q = q.view(n, 8, 32) | high
+    out = q.float()
+    out.mul_((d * sc).unsqueeze(-1)).sub_((dmin * mn).unsqueeze(-1))
+    return out.view(n, 256)
+
+
+_Q6_SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)
+
+
+def _dq_q6_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    ql = b[:, 0:128].reshape(n, 2, 2, 32)  # [half, 32-byte chunk, byte]
+    qh = b[:, 128:192].reshape(n, 2, 1, 32)
+    scales = b[:, 192:208].view(torch.int8).float()
+    d = _f16_col(b, 208)
+    q = torch.empty(n, 2, 2, 2, 32, dtype=torch.uint8)  # [half, nibble, chunk, byte]
+    torch.bitwise_and(ql, 0x0F, out=q[:, :, 0])
+    torch.bitwise_right_shift(ql, 4, out=q[:, :, 1])
+    q = q.view(n, 2, 4, 32) | (((qh >> _Q6_SHIFTS) & 3) << 4)
+    out = q.view(n, 16, 16).float().sub_(32.0)
+    out.mul_((d * scales).unsqueeze(-1))
+    return out.view(n, 256)
+
+
+def _numpy_fallback(type_id: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def run(b: torch.Tensor) -> torch.Tensor:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize as np_dequantize
+
+        arr = np_dequantize(b.numpy(), GGMLQuantizationType(type_id))
+        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    return run
+
+
+# ggml type id -> (name, elements per block, bytes per block, block dequantizer or None)
+# A block dequantizer maps uint8 [n_blocks, bytes] -> float32 [n_blocks, elements].
+_BLOCK_TYPES: dict[int, tuple[str, int, int, Callable[[torch.Tensor], torch.Tensor]]] = {
+    2: ("Q4_0", 32, 18, _dq_q4_0),
+    3: ("Q4_1", 32, 20, _dq_q4_1),
+    6: ("Q5_0", 32, 22, lambda b: _dq_q5(b, has_min=False)),
+    7: ("Q5_1", 32, 24, lambda b: _dq_q5(b, has_min=True)),
+    8: ("Q8_0", 32, 34, _dq_q8_0),
+    10: ("Q2_K", 256, 84, _numpy_fallback(10)),
+    11: ("Q3_K", 256, 110, _numpy_fallback(11)),
+    12: ("Q4_K", 256, 144, _dq_q4_k),
+    13: ("Q5_K", 256, 176, _dq_q5_k),
+    14: ("Q6_K", 256, 210, _dq_q6_k),
+}
+_FLOAT_TYPES: dict[int, tuple[str, torch.dtype]] = {
+    0: ("F32", torch.float32),
+    1: ("F16", torch.float16),
+    30: ("BF16", torch.bfloat16),
+}
+SUPPORTED_TENSOR_TYPES: tuple[str, ...] = tuple(
+    name for name, *_ in list(_FLOAT_TYPES.values()) + list(_BLOCK_TYPES.values()))
+
+_CHUNK_BLOCKS = 1 << 15  # dequantize this many blocks at a time (cache-sized pieces)
+
+
+def _view_as(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    try:
+        return raw.view(dtype)
+    except RuntimeError:  # misaligned start: copy the bytes first
+        return raw.clone().view(dtype)
+
+
+def dequantize(raw: torch.Tensor, type_id: int, shape: tuple[int, ...],
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Stored bytes of a tensor of ggml type ``type_id`` -> a new ``dtype`` tensor of ``shape``.
+
+    Raises KeyError for a type not in :data:`SUPPORTED_TENSOR_TYPES`.
+    """
+    raw = raw.reshape(-1)
+    if raw.data_ptr() % 4:  # a file with an odd alignment: copy so 16/32-bit views line up
+        raw = raw.clone()
+    if type_id in _FLOAT_TYPES:
+        t = _view_as(raw, _FLOAT_TYPES[type_id][1]).reshape(shape)
+        return t.to(dtype, copy=True)
+    _, block, type_size, fn = _BLOCK_TYPES[type_id]
+    blocks = raw.view(-1, type_size)
+    n = blocks.shape[0]
+    if n <= _CHUNK_BLOCKS:
+        out = fn(blocks)
+        return (out if dtype == torch.float32 else out.to(dtype)).reshape(shape)
+    out = torch.empty(n, block, dtype=dtype)
+    for start in range(0, n, _CHUNK_BLOCKS):
+        stop = min(start + _CHUNK_BLOCKS, n)
+        out[start:stop] = fn(blocks[start:stop])
+    return out.reshape(shape)
+
+
+# --------------------------------------------------------------------------- config
+def _as_f32_float(v: Any) -> float:
+    """Metadata floats are float32: use the shortest decimal that rounds to the same float32."""
+    return float(str(np.float32(v)))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _file_label(path) -> str:
+    if isinstance(path, GGUFFile):
+        return path.path
+    return os.fspath(path) if path is not None else "<GGUF metadata>"
+
+
+def config_from_gguf(metadata: dict[str, Any], path=None) -> ModelConfig:
+    """A ModelConfig from GGUF metadata.
+
+    ``path`` (a file path or an open :class:`GGUFFile`) names the file in errors and lets the
+    tensor list decide ``tie_embeddings`` (no ``output.weight``) and the vocabulary size
+    (rows of ``token_embd.weight``). Without it, ``tie_embeddings`` is False and the vocabulary
+    comes from ``{arch}.vocab_size`` or the tokenizer's token list.
+    """
+    label = _file_label(path)
+    arch = metadata.get("general.architecture")
+    if not isinstance(arch, str) or arch not in GGUF_ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"{label}: architecture {_short(arch)} is not supported; kvformer reads GGUF files of "
+            f"these architectures: {', '.join(sorted(GGUF_ARCHITECTURES))}")
+    spec = GGUF_ARCHITECTURES[arch]
+
+    tensors: dict[str, GGUFTensorInfo] | None = None
+    if isinstance(path, GGUFFile):
+        tensors = path.tensors
+    elif path is not None:
+        with GGUFFile(path) as f:
+            tensors = f.tensors
+
+    def get(key: str, default: Any = None, required: bool = False, kind: type = int) -> Any:
+        full = f"{arch}.{key}"
+        if full not in metadata:
+            if required:
+                raise CheckpointError(
+                    f"{label}: metadata key {full!r} is missing; the file is incomplete or "
+                    "was not written by a llama.cpp converter")
+            return default
+        value = metadata[full]
+        if kind is not object:
+            ok = isinstance(value, (int, float) if kind is float else kind)
+            if not ok or isinstance(value, bool):
+                raise CheckpointError(
+                    f"{label}: metadata {full} = {_short(value)} is not a {kind.__name__}; "
+                    "the file is corrupt or describes an unsupported variant")
+        return value
+
+    if get("expert_count", 0):
+        raise UnsupportedArchitectureError(
+            f"{label}: {arch} with mixture-of-experts ({get('expert_count')} experts) is not "
+            "supported; kvformer runs dense models only")
+    d_model = get("embedding_length", required=True)
+    n_layer = get("block_count", required=True)
+    n_head = get("attention.head_count", required=True)
+    n_kv_head = get("attention.head_count_kv", n_head)
+    if n_head < 1:
+        raise CheckpointError(f"{label}: {arch}.attention.head_count = {n_head} must be >= 1")
+    if tensors is not None and n_layer > len(tensors):
+        raise CheckpointError(
+            f"{label}: {arch}.block_count = {n_layer} but the file holds only {len(tensors)} "
+            "tensors; the metadata is corrupt")
+    key_len, value_len = get("attention.key_length"), get("attention.value_length")
+    rope_dim = get("rope.dimension_count")
+    head_dim = key_len or rope_dim or d_model // n_head
+    if value_len is not None and value_len != head_dim:
+        raise UnsupportedArchitectureError(
+            f"{label}: key length {head_dim} differs from value length {value_len}; kvformer "
+            "needs equal K and V head sizes")
+    if spec["pos"] == "rope" and rope_dim is not None and rope_dim != head_dim:
+        raise UnsupportedArchitectureError(
+            f"{label}: partial rotary embeddings (rope over {rope_dim} of {head_dim} dims) "
+            "are not supported")
+    scaling = get("rope.scaling.type", kind=object)
+    if scaling not in (None, "none") or get("rope.scale_linear", kind=object) not in (None, 1.0):
+        warnings.warn(f"{label}: rope scaling ({scaling or 'linear'}) is not implemented; "
+                      "positions use plain rotary embeddings", stacklevel=2)
+
+    vocab = get("vocab_size")
+    if vocab is None and tensors is not None and "token_embd.weight" in tensors:
+        vocab = tensors["token_embd.weight"].shape[0]
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if vocab is None and isinstance(tokens, list):
+        vocab = len(tokens)
+    if vocab is None:
+        raise CheckpointError(f"{label}: cannot tell the vocabulary size (no {arch}.vocab_size, "
+                              "token_embd.weight or tokenizer.ggml.tokens)")
+
+    eps = get(spec["eps_key"], 1e-5, kind=float)
+    name = metadata.get("general.name")
+    if not name:
+        name = os.path.splitext(os.path.basename(label))[0] if path is not None else arch
+    try:
+        return ModelConfig(
+            vocab_size=vocab, d_model=d_model, n_layer=n_layer, n_head=n_head,
+            n_kv_head=n_kv_head, head_dim=head_dim,
+            d_ff=get("feed_forward_length", 4 * d_model),
+            max_seq_len=get("context_length", 2048),
+            norm=spec["norm"], norm_eps=_as_f32_float(eps), pos=spec["pos"],
+            rope_theta=_as_f32_float(get("rope.freq_base", 10000.0, kind=float)),
+            mlp=spec["mlp"],
+            bias=spec["bias"], qkv_bias=spec["qkv_bias"],
+            tie_embeddings=tensors is not None and "output.weight" not in tensors,
+            name=str(name),
+        )
+    except ValueError as exc:
+        raise CheckpointError(f"{label}: the GGUF metadata describes an invalid model: {exc}") \
+            from exc
+
+
+# --------------------------------------------------------------------------- tensors
+def _unpermute_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Undo llama.cpp's rotary row permutation (interleaved pairs -> rotate-half halves)."""
+    rows = t.shape[0]
+    half = rows // n // 2
+    return t.reshape(n, half, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape).contiguous()
+
+
+def iter_gguf_tensors(path_or_reader, cfg: ModelConfig,
+                      dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(kvformer_name, tensor)`` one at a time, dequantized to ``dtype``.
+
+    Every expected tensor is checked present (and its bytes inside the file) before the first
+    one is yielded; each yielded tensor owns its memory (no view of the file). ``path_or_reader``
+    is a path, a :class:`GGUFFile` (left open) or a ``gguf.GGUFReader`` (its file is reopened).
+    """
+    if dtype is None:
+        dtype = torch.float32
+    own = not isinstance(path_or_reader, GGUFFile)
+    if own and hasattr(getattr(path_or_reader, "data", None), "filename"):
+        path_or_reader = path_or_reader.data.filename  # a gguf.GGUFReader: reopen its file
+    f = GGUFFile(path_or_reader) if own else path_or_reader
+    try:
+        yield from _iter_tensors(f, cfg, dtype)
+    finally:
+        if own:
+            f.close()
+
+
+def _iter_tensors(f: GGUFFile, cfg: ModelConfig,
+                  dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    arch = f.metadata.get("general.architecture")
+    permute = GGUF_ARCHITECTURES.get(arch, {}).get("permute_qk", False)
+    if cfg.n_layer > len(f.tensors):
+        raise CheckpointError(f"{f.path}: the config has {cfg.n_layer} layers but the file holds "
+                              f"only {len(f.tensors)} tensors")
+    single, fused = _build_name_lookup(cfg.n_layer)
+    expected = expected_shapes(cfg)
+
+    # Plan: (gguf name, [kvformer names]) in file order; check everything before yielding.
+    plan: list[tuple[str, tuple[str, ...]]] = []
+    provided: dict[str, str] = {}
+    for gname in f.tensors:
+        if gname in single:
+            targets: tuple[str, ...] = (single[gname],)
+        elif gname in fused:
+            targets = fused[gname]
+        elif gname in GGUF_IGNORED_TENSORS:
+            warnings.warn(f"{f.path}: skipping {gname}: {GGUF_IGNORED_TENSORS[gname]}",
+                          stacklevel=3)
+            continue
+        else:
+            warnings.warn(f"{f.path}: skipping tensor {gname!r}, which kvformer has no place "
+                          "for", stacklevel=3)
+            continue
+        if gname == "output.weight" and cfg.tie_embeddings:
+            continue  # tied config: the embedding serves as the output projection
+        unknown = [t for t in targets if t not in expected]
+        if unknown:
+            raise CheckpointError(
+                f"{f.path}: tensor {gname!r} ({', '.join(unknown)}) has no place in a model "
+                f"with this config (bias={cfg.bias}, qkv_bias={cfg.qkv_bias}, pos={cfg.pos}, "
+                f"mlp={cfg.mlp}); kvformer cannot run this variant")
+        for t in targets:
+            provided[t] = gname
+        plan.append((gname, targets))
+    missing = [name for name in expected if name not in provided]
+    if missing:
+        gguf_names = {v: k for k, v in single.items()}
+        listed = ", ".join(f"{gguf_names.get(m, m)} (for {m})" for m in missing[:8])
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise CheckpointError(f"{f.path}: missing tensor(s) {listed}{more}; the file is "
+                              "incomplete or not a complete model")
+    f.check_tensor_data([g for g, _ in plan])
+
+    for gname, targets in plan:
+        info = f.tensors[gname]
+        if len(targets) == 1:
+            want = expected[targets[0]]
+            if info.shape != want:
+                raise CheckpointError(
+                    f"{f.path}: tensor {gname!r} has shape {list(info.shape)} but the config "
+                    f"expects {list(want)} for {targets[0]}; the metadata and tensors disagree")
+        else:
+            want_rows = sum(expected[t][0] for t in targets)
+            want = (want_rows, *expected[targets[0]][1:])
+            if info.shape != want:
+                raise CheckpointError(
+                    f"{f.path}: fused tensor {gname!r} has shape {list(info.shape)} but the "
+                    f"config expects {list(want)} (q, k and v stacked)")
+        with _torch_threads(DEQUANT_THREADS):
+            tensor = _load_one(f, info, dtype)
+            if len(targets) == 1:
+                name = targets[0]
+                suffix = name.split(".", 2)[2] if name.startswith("layers.") else ""
+                if permute and suffix in _PERMUTED_ROWS:
+                    tensor = _unpermute_rows(tensor, getattr(cfg, _PERMUTED_ROWS[suffix]))
+                out = [(name, tensor)]
+            else:
+                parts = torch.split(tensor, [expected[t][0] for t in targets], dim=0)
+                out = [(t, part.clone()) for t, part in zip(targets, parts)]
+            del tensor
+        yield from out
+        del out
+
+
+# Threads torch may use while dequantizing. The work is memory-bound, and with 2+ threads on a
+# busy machine OpenMP's barriers stall whenever one thread is descheduled: measured on 2 shared
+# cores, SmolLM2 took 7-24 s with 2 threads and 1.5-2 s with 1 (about 0.5 s either way when idle).
+DEQUANT_THREADS = 1
+
+
+class _torch_threads:
+    def __init__(self, n: int | None):
+        self.n = n
+
+    def __enter__(self) -> None:
+        self.saved = torch.get_num_threads()
+        if self.n and self.n != self.saved:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc) -> None:
+        if torch.get_num_threads() != self.saved:
+            torch.set_num_threads(self.saved)
+
+
+def _load_one(f: GGUFFile, info: GGUFTensorInfo, dtype: torch.dtype) -> torch.Tensor:
+    if info.type_id not in _FLOAT_TYPES and info.type_id not in _BLOCK_TYPES:
+        raise CheckpointError(
+            f"{f.path}: tensor {info.name!r} has type {info.type_name}, which kvformer cannot "
+            f"dequantize; supported types: {', '.join(SUPPORTED_TENSOR_TYPES)}")
+    raw = f.raw(info.name)
+    try:
+        return dequantize(raw, info.type_id, info.shape, dtype)
+    except (RuntimeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{f.path}: tensor {info.name!r} ({info.type_name}, shape {list(info.shape)}) "
+            f"could not be decoded ({exc}); the file may be corrupt") from exc
+
+
+def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32
+              ) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a GGUF file: (config, state dict in kvformer names, metadata)."""
+    with GGUFFile(path) as f:
+        meta = dict(f.metadata)
+        cfg = config_from_gguf(meta, f)
+        with _torch_threads(DEQUANT_THREADS):
+            state = dict(iter_gguf_tensors(f, cfg, dtype))
+    return cfg, state, meta
