@@ -12,15 +12,18 @@ from .errors import (
     UnsupportedArchitectureError,
 )
 from .generate import generate, generate_stream, perplexity
+from .loading import load
 from .model import Transformer
 from .norms import BatchNorm, LayerNorm, RMSNorm
 from .sampling import sample
+from .tokenizer import ByteTokenizer, Tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BatchNorm", "ChatTemplateError", "CheckpointError", "ContextOverflowError", "KVCache",
+    "BatchNorm", "ByteTokenizer", "ChatTemplateError", "CheckpointError", "ContextOverflowError", "KVCache",
     "KvformerError", "LayerNorm", "ModelConfig", "ModelNotFoundError", "RMSNorm",
-    "Transformer", "UnsupportedArchitectureError", "attention_weights", "generate",
-    "generate_stream", "perplexity", "sample", "scaled_dot_product_attention",
+    "Tokenizer", "Transformer", "UnsupportedArchitectureError", "attention_weights",
+    "generate", "generate_stream", "load", "perplexity", "sample",
+    "scaled_dot_product_attention",
 ]
