@@ -21,7 +21,8 @@ from .tokenizer import ByteTokenizer, Tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "BatchNorm", "ByteTokenizer", "ChatTemplateError", "CheckpointError", "ContextOverflowError", "KVCache",
+    "BatchNorm", "ByteTokenizer", "ChatTemplateError", "CheckpointError",
+    "ContextOverflowError", "KVCache",
     "KvformerError", "LayerNorm", "ModelConfig", "ModelNotFoundError", "RMSNorm",
     "Tokenizer", "Transformer", "UnsupportedArchitectureError", "attention_weights",
     "generate", "generate_stream", "load", "perplexity", "sample",
