@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the KV cache; docs: regenerate docs/how-it-decodes.md and its pictures")
     e.add_argument("-o", "--output", default=None, help="PNG (or, for docs, a directory)")
     e.add_argument("--model", "-m", default="default")
+
+    from .serve.cli import register as register_serve
+    register_serve(sub)
     return parser
 
 
@@ -220,7 +223,7 @@ COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info,
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.verb](args)
+        return (COMMANDS.get(args.verb) or args.func)(args)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

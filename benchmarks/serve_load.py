@@ -1,0 +1,234 @@
+"""Load benchmark for `kvformer serve`: throughput and time to first token vs. concurrency.
+
+Starts the server in a subprocess (so the client does not compete with it for the GIL),
+then for each concurrency level C runs C streaming clients at once, each sending its
+requests one after another, and reports
+
+    total output tokens/s = completion tokens of the level / wall time of the level
+    TTFT p50 / p99        = request sent -> first content chunk received
+    ITL p50               = gap between content chunks of one stream
+
+Every request is a chat completion with ``temperature 0`` and ``ignore_eos`` (so each
+makes exactly --max-tokens tokens); prompts differ per request.
+
+    python benchmarks/serve_load.py                      # SmolLM2-135M, C = 1, 4, 16
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000   # a server already up
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+TOPICS = ["the sea", "a lighthouse", "mountains", "a robot", "the moon", "a library", "rain",
+          "a garden", "trains", "a city at night", "winter", "a violin", "bees", "the desert",
+          "a bridge", "clocks", "an island", "a market", "snow", "the wind"]
+
+
+def prompt(i: int) -> str:
+    return f"Write a short story about {TOPICS[i % len(TOPICS)]} (request {i})."
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+async def one_request(client: httpx.AsyncClient, model: str, i: int, max_tokens: int) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt(i)}],
+            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first = None
+    stamps: list[float] = []
+    usage = None
+    async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices", []):
+                if choice["delta"].get("content"):
+                    now = time.perf_counter()
+                    first = first or now
+                    stamps.append(now)
+    end = time.perf_counter()
+    return {"ttft": (first or end) - start, "tokens": usage["completion_tokens"],
+            "itl": [b - a for a, b in zip(stamps, stamps[1:])], "seconds": end - start}
+
+
+async def level(url: str, model: str, concurrency: int, per_stream: int,
+                max_tokens: int, offset: int) -> dict:
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        await one_request(client, model, offset, 4)  # warm-up, not counted
+
+        async def stream(s: int) -> list[dict]:
+            return [await one_request(client, model, offset + 1 + s * per_stream + r,
+                                      max_tokens) for r in range(per_stream)]
+
+        start = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*(stream(s) for s in range(concurrency)))
+                   for r in rs]
+        wall = time.perf_counter() - start
+    tokens = sum(r["tokens"] for r in results)
+    ttft = [r["ttft"] for r in results]
+    itl = [x for r in results for x in r["itl"]]
+    return {"concurrency": concurrency, "requests": len(results), "tokens": tokens,
+            "seconds": wall, "tokens_per_s": tokens / wall,
+            "ttft_p50": percentile(ttft, 0.5), "ttft_p99": percentile(ttft, 0.99),
+            "itl_p50": percentile(itl, 0.5), "itl_p99": percentile(itl, 0.99)}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-c",
+           "import sys; from kvformer.serve.cli import main; sys.exit(main())",
+           "--model", args.model, "--host", "127.0.0.1", "--port", str(port),
+           "--max-batch", str(args.max_batch), "--log-level", "warning"]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with status {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit("the server did not come up in 300 s")
+        time.sleep(0.5)
+
+
+def chart(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [str(r["concurrency"]) for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    bars = ax1.bar(labels, [r["tokens_per_s"] for r in rows], color="#4C72B0")
+    base = rows[0]["tokens_per_s"]
+    for bar, r in zip(bars, rows):
+        ax1.annotate(f"{r['tokens_per_s']:.1f}\n({r['tokens_per_s'] / base:.1f}x)",
+                     (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                     ha="center", va="bottom", fontsize=9)
+    ax1.set_xlabel("concurrent streams")
+    ax1.set_ylabel("total output tokens / s")
+    ax1.set_title("throughput")
+    ax1.margins(y=0.25)
+    x = range(len(rows))
+    ax2.plot(x, [r["ttft_p50"] for r in rows], "o-", label="p50")
+    ax2.plot(x, [r["ttft_p99"] for r in rows], "s--", label="p99")
+    ax2.set_xticks(list(x), labels)
+    ax2.set_xlabel("concurrent streams")
+    ax2.set_ylabel("seconds")
+    ax2.set_title("time to first token")
+    ax2.legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="default")
+    p.add_argument("--url", default=None, help="benchmark a running server instead")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--requests", type=int, default=8,
+                   help="requests per level, at least one per stream (default 8)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--chart", type=Path, default=None, help="write a PNG chart here")
+    args = p.parse_args(argv)
+
+    load_before = os.getloadavg()[0]
+    proc = None
+    url = args.url
+    if url is None:
+        proc, url = start_server(args)
+    try:
+        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        rows, offset = [], 0
+        for c in args.concurrency:
+            per_stream = max(1, -(-args.requests // c))
+            row = level(url, model, c, per_stream, args.max_tokens, offset)
+            row = asyncio.run(row)
+            offset += 1 + c * per_stream
+            rows.append(row)
+            print(f"C={c:3d}: {row['requests']:3d} requests, {row['tokens']:5d} tokens in "
+                  f"{row['seconds']:6.1f} s = {row['tokens_per_s']:7.1f} tok/s; TTFT p50 "
+                  f"{row['ttft_p50']:.2f} s, p99 {row['ttft_p99']:.2f} s; ITL p50 "
+                  f"{row['itl_p50'] * 1000:.0f} ms", flush=True)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+
+    base = rows[0]["tokens_per_s"]
+    print("\n| concurrent streams | requests | output tokens | total tok/s | vs 1 stream "
+          "| TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['concurrency']} | {r['requests']} | {r['tokens']} | "
+              f"{r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.1f}x | "
+              f"{r['ttft_p50']:.2f} | {r['ttft_p99']:.2f} | {r['itl_p50'] * 1000:.0f} |")
+    machine = (f"{cpu_name()}, {os.cpu_count()} CPUs, load average {load_before:.1f} before "
+               f"the run and {os.getloadavg()[0]:.1f} after")
+    print(f"\n{machine}")
+    info = {"model": model, "max_tokens": args.max_tokens, "machine": machine, "rows": rows,
+            "command": " ".join(["python", "benchmarks/serve_load.py", *(argv or sys.argv[1:])])}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(info, indent=2) + "\n")
+    if args.chart:
+        chart(rows, args.chart, f"kvformer serve, {model}, {args.max_tokens} tokens per "
+                                f"request, greedy")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

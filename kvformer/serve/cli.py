@@ -1,0 +1,131 @@
+"""The ``kvformer serve`` verb."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+
+from ..errors import KvformerError
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the ``serve`` verb to the ``kvformer`` command's subparsers."""
+    p = subparsers.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server (continuous batching, paged KV cache)",
+        description="Serve a model over an OpenAI-compatible HTTP API: /v1/models, "
+                    "/v1/completions, /v1/chat/completions, /health, /metrics.")
+    p.add_argument("--model", "-m", default="default",
+                   help="a .gguf file, a model directory, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default=None, help="fp32 (default), bf16 or fp16")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients send (default: the --model argument)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("KVFORMER_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $KVFORMER_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="sequences decoded together in one step (default 16)")
+    p.add_argument("--kv-blocks", type=int, default=None,
+                   help="KV cache blocks in the pool (default: max-batch x min(context, "
+                        "2048) tokens' worth)")
+    p.add_argument("--block-size", type=int, default=16, help="token slots per KV block")
+    p.add_argument("--prefill-chunk", type=int, default=128,
+                   help="prompt tokens prefilled per engine step (default 128)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a slot; more get 429 (default 64)")
+    p.add_argument("--queue-timeout", type=float, default=30.0,
+                   help="seconds a request may wait before it gets 429 (default 30)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="largest request body accepted; larger gets 413 (default 1 MiB)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def _check(args) -> None:
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port} is not a TCP port (0-65535)")
+    for name in ("max_batch", "block_size", "prefill_chunk", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.kv_blocks is not None and args.kv_blocks < 1:
+        raise ValueError("--kv-blocks must be >= 1")
+    if args.max_queue < 0:
+        raise ValueError("--max-queue must be >= 0")
+    if not args.queue_timeout > 0:
+        raise ValueError("--queue-timeout must be > 0 seconds")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key is empty")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args) -> int:
+    _check(args)
+    try:
+        import uvicorn
+    except ImportError:
+        raise KvformerError("kvformer serve needs FastAPI and uvicorn: "
+                            "pip install 'kvformer[serve]'") from None
+    import torch
+
+    from ..loading import load
+    from .app import bind_socket, create_app
+    from .engine import Engine
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    sock = bind_socket(args.host, args.port)  # fail fast (port taken) before loading
+    try:
+        model, tokenizer = load(args.model, dtype=args.dtype)
+        if tokenizer is None:
+            raise KvformerError(f"{args.model}: no tokenizer found beside the model; "
+                                "serving needs tokenizer.json or a GGUF with a vocabulary")
+        engine = Engine(model, tokenizer, max_batch=args.max_batch, kv_blocks=args.kv_blocks,
+                        block_size=args.block_size, prefill_chunk=args.prefill_chunk,
+                        max_queue=args.max_queue, queue_timeout=args.queue_timeout)
+        name = args.served_model_name or args.model
+        app = create_app(engine, name, api_key=args.api_key,
+                         max_body_bytes=args.max_body_bytes)
+        host, port = sock.getsockname()[:2]
+        pool = engine.pool
+        print(f"kvformer serve: {name} on http://{host}:{port}/v1 "
+              f"(batch {args.max_batch}, {pool.n_blocks} KV blocks x {pool.block_size} "
+              f"tokens = {pool.capacity} tokens, {pool.nbytes / 2**20:.0f} MiB reserved)",
+              file=sys.stderr)
+        if not _is_loopback(args.host) and args.api_key is None:
+            print("kvformer serve: warning: listening beyond this machine without --api-key",
+                  file=sys.stderr)
+        config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``serve`` on its own: ``python -c 'from kvformer.serve.cli import main; main()'``."""
+    parser = argparse.ArgumentParser(prog="kvformer")
+    register(parser.add_subparsers(dest="verb", required=True))
+    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (KvformerError, ValueError, OSError) as exc:
+        print(f"kvformer: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2

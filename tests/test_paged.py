@@ -1,0 +1,161 @@
+"""The paged KV cache: same logits as the contiguous cache, block bookkeeping, running out."""
+
+import pytest
+import torch
+
+from kvformer import ContextOverflowError, ModelConfig, Transformer, generate
+from kvformer.serve.engine import Engine, SamplingParams
+from kvformer.serve.paged import BlockPool, OutOfBlocksError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from two threads, and on a busy machine every parallel op
+    waits for a time slice on the other core (100x slower); restore the setting after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(pos="rope", n_kv_head=2, seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=64, d_model=48, n_layer=2, n_head=6, n_kv_head=n_kv_head,
+                      max_seq_len=96, pos=pos)
+    return Transformer(cfg).eval()
+
+
+def contiguous_logits(model, prompt, steps):
+    """Logits of the last token of the prompt and of each later chunk, through KVCache."""
+    cache = model.new_cache(1, 96)
+    out = [model(torch.tensor([prompt]), cache=cache)[0, -1]]
+    for chunk in steps:
+        out.append(model(torch.tensor([chunk]), cache=cache)[0, -1])
+    return out
+
+
+@pytest.mark.parametrize("pos,n_kv_head", [("rope", 2), ("learned", 6), ("rope", 1)])
+@torch.inference_mode()
+def test_batch_through_paged_cache_equals_each_sequence_alone(pos, n_kv_head):
+    model = tiny(pos, n_kv_head)
+    pool = BlockPool.for_model(model, n_blocks=64, block_size=4)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12], [13], [14, 15, 16, 17, 18]]
+    steps = [[7], [9], [3, 4, 5], [2]]  # decode steps, then three tokens at once, then one
+    expected = [contiguous_logits(model, p, steps) for p in prompts]
+
+    tables, lengths, got = [[] for _ in prompts], [0] * len(prompts), []
+    for i, p in enumerate(prompts):  # prefill each sequence alone, in chunks of 2
+        for lo in range(0, len(p), 2):
+            chunk = p[lo:lo + 2]
+            pool.grow(tables[i], lengths[i] + len(chunk))
+            batch = pool.batch([tables[i]], [lengths[i]])
+            pos_ids = torch.arange(lengths[i], lengths[i] + len(chunk)).unsqueeze(0)
+            logits = model(torch.tensor([chunk]), input_pos=pos_ids, cache=batch)[0, -1]
+            lengths[i] = batch.lengths[0]
+        got.append([logits])
+    for chunk in steps:  # then every sequence together, left-padded
+        for table, n in zip(tables, lengths):
+            pool.grow(table, n + len(chunk))
+        batch = pool.batch(tables, lengths)
+        pos_ids = torch.tensor([[n + j for j in range(len(chunk))] for n in lengths])
+        tokens = torch.tensor([chunk] * len(prompts))
+        logits = model(tokens, input_pos=pos_ids, cache=batch)[:, -1]
+        lengths = batch.lengths
+        for i in range(len(prompts)):
+            got[i].append(logits[i])
+    assert lengths == [len(p) + 6 for p in prompts]
+    for exp, out in zip(expected, got):
+        for a, b in zip(exp, out):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_blocks_are_allocated_and_freed():
+    pool = BlockPool(n_layer=1, n_blocks=8, block_size=4, n_kv_head=1, head_dim=2)
+    assert (pool.num_free, pool.num_used, pool.capacity) == (8, 0, 32)
+    assert pool.blocks_for(1) == 1 and pool.blocks_for(4) == 1 and pool.blocks_for(5) == 2
+    a = pool.allocate(3)
+    b = pool.allocate(2)
+    assert len(set(a + b)) == 5 and 0 not in a + b  # block 0 is the padding block
+    assert (pool.num_free, pool.num_used) == (3, 5)
+    table = list(a)
+    pool.grow(table, 13)  # 13 slots need 4 blocks: one more
+    assert len(table) == 4 and pool.num_free == 2
+    pool.grow(table, 16)  # still 4 blocks
+    assert len(table) == 4
+    pool.free(table)
+    pool.free(b)
+    assert (pool.num_free, pool.num_used) == (8, 0)
+    with pytest.raises(ValueError):
+        pool.free([b[0]])  # twice
+    with pytest.raises(ValueError):
+        pool.free([0])
+    # the padding block stays zero
+    assert pool.k[0][:, 0].abs().sum() == 0 and pool.v[0][:, 0].abs().sum() == 0
+
+
+def test_out_of_blocks_is_all_or_nothing():
+    pool = BlockPool(n_layer=1, n_blocks=4, block_size=2, n_kv_head=1, head_dim=2)
+    pool.allocate(3)
+    with pytest.raises(OutOfBlocksError):
+        pool.allocate(2)
+    assert pool.num_free == 1
+    table: list[int] = []
+    with pytest.raises(OutOfBlocksError):
+        pool.grow(table, 5)  # needs 3 blocks, 1 is free
+    assert table == [] and pool.num_free == 1
+
+
+@torch.inference_mode()
+def test_forward_without_room_in_the_table_refuses():
+    model = tiny()
+    pool = BlockPool.for_model(model, n_blocks=4, block_size=4)
+    table = pool.allocate(1)
+    batch = pool.batch([table], [0])
+    with pytest.raises(ContextOverflowError):
+        model(torch.tensor([[1, 2, 3, 4, 5]]), cache=batch)  # 5 tokens, 4 slots
+
+
+def test_engine_preempts_when_blocks_run_out_and_still_matches_generate():
+    model = tiny(seed=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8)  # decisive logits: no near-ties for batching noise to flip
+    prompts = [[i % 60 + 1 for i in range(k, k + 6 + 3 * k)] for k in range(6)]
+    expected = [generate(model, p, 24) for p in prompts]
+    # 6 sequences of up to 45 tokens in 20 blocks of 4 (80 slots): they cannot all fit
+    engine = Engine(model, None, max_batch=6, kv_blocks=20, block_size=4, prefill_chunk=8)
+    with engine:
+        sinks: list[list] = [[] for _ in prompts]
+        import threading
+
+        done = threading.Semaphore(0)
+
+        def sink_for(i):
+            def sink(out):
+                sinks[i].append(out)
+                if out.finished:
+                    done.release()
+            return sink
+
+        for i, p in enumerate(prompts):
+            engine.submit(p, SamplingParams(max_tokens=24, temperature=0), sink_for(i))
+        for _ in prompts:
+            assert done.acquire(timeout=60)
+        assert engine.metrics.preemptions > 0
+        assert engine.pool.num_used == 0
+    for outs, exp in zip(sinks, expected):
+        assert [t for o in outs for t in o.token_ids] == exp
+        assert outs[-1].finish_reason == "length" and outs[-1].completion_tokens == 24
+
+
+def test_a_sequence_larger_than_the_pool_ends_with_length():
+    model = tiny()
+    engine = Engine(model, None, max_batch=2, kv_blocks=3, block_size=4)  # 12 slots
+    with engine:
+        out = engine.generate([1, 2, 3, 4, 5], SamplingParams(max_tokens=50, temperature=0),
+                              timeout=30)
+        assert out.finish_reason == "length"
+        assert out.completion_tokens == 12 - 5 + 1  # the last token needs no slot
+        assert engine.pool.num_used == 0
+        with pytest.raises(ContextOverflowError):  # a prompt that cannot fit at all
+            engine.submit(list(range(1, 14)), SamplingParams(max_tokens=1), print)
