@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", "-m", default="default")
 
     from .serve.cli import register as register_serve
+    from .train.cli import register as register_train
     register_serve(sub)
+    register_train(sub)
     return parser
 
 
