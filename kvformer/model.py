@@ -86,11 +86,12 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ helpers
     @property
     def dtype(self) -> torch.dtype:
-        return self.tok_emb.weight.dtype
+        """The activations' dtype (the final norm's: the embedding may be quantized)."""
+        return self.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.tok_emb.weight.device
+        return self.norm.weight.device
 
     def head_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.cfg.tie_embeddings else self.lm_head.weight
@@ -114,7 +115,8 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
                 cache: KVCache | None = None,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                key_mask: torch.Tensor | None = None, *, last_only: bool = False
+                ) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, vocab].
 
         input_pos: positions of the tokens for the positional encoding, [T] or [B, T]
@@ -123,6 +125,8 @@ class Transformer(nn.Module):
         cache: written at slots [cache.length, cache.length + T); its length then grows.
         key_mask: bool [B, cache.length + T], False for slots attention must ignore
             (padding). Causality always holds on top of it.
+        last_only: logits of the last position only, [B, 1, vocab] (all generation needs:
+            the LM head, the largest matmul, then runs on one row instead of T).
         """
         b, t = tokens.shape
         start = cache.length if cache is not None else 0
@@ -160,8 +164,10 @@ class Transformer(nn.Module):
             x = block(x, rope, cache, start, mask, causal)
         if cache is not None:
             cache.advance(t)
-        x = self.norm(x)
-        return F.linear(x, self.head_weight())
+        x = self.norm(x[:, -1:] if last_only else x)
+        if "lm_head" in self._modules:  # untied, or a quantized copy of the tied embedding
+            return self.lm_head(x)
+        return F.linear(x, self.tok_emb.weight)
 
     def check_context(self, n_tokens: int) -> None:
         if n_tokens > self.cfg.max_seq_len:

@@ -1,0 +1,298 @@
+"""The lean decode step: one new token per row, through the same weights, with less work.
+
+``Transformer.forward`` is written to be read; at decode (one token, batch 1..8) its
+cost is mostly per-op overhead, not arithmetic. ``DecodeStep`` computes the same thing
+with as few tensor operations as it can:
+
+* one matmul for Q, K and V and one for gate and up when the model's weights are fused
+  (``kvformer.quantize`` fuses them when it quantizes);
+* rotary positions as ``x * cos + roll(x) * sin`` on Q and K together, with the
+  1/sqrt(d_k) of the attention folded into the query's cos/sin (a power of two for
+  head_dim 64 or 256, so exact);
+* attention written as the seed's formula, softmax(Q K^T / sqrt(d_k)) V, for the one new
+  query over the filled part of the cache only (no mask at all without padding);
+* the norms as single fused kernels, the residual stream updated in place, and the K/V
+  of the new token written straight into the ``KVCache`` buffers.
+
+``kvformer.native`` computes the same step as one C++ operator (much faster once matmuls
+are quantized); ``decode_step(model)`` picks it when it can be built and this Python step
+otherwise. ``accelerate(model)`` routes a model's decode steps through it: every other call
+(prefill, gradients, any cache other than the contiguous ``KVCache``, e.g. the server's
+paged one) goes through ``Transformer.forward`` as before. Checked against
+``Transformer.forward`` in ``tests/test_fast.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .norms import LayerNorm, RMSNorm
+from .quantize import Int4Linear, Int8Linear, _int4_mm, _int8_mm
+
+
+def _linear_fn(linear: nn.Module):
+    """x [M, K] -> x W^T (+ b) through the cheapest call for this kind of layer."""
+    bias = linear.bias
+    if isinstance(linear, Int4Linear):
+        packed, group = linear.packed, linear.group
+        sz = linear.scales_and_zeros.contiguous()
+        if bias is None:
+            return lambda x: _int4_mm(x, packed, group, sz)
+        return lambda x: _int4_mm(x, packed, group, sz).add_(bias)
+    if isinstance(linear, Int8Linear):
+        q, scale = linear.qweight, linear.scale
+        if bias is None:
+            return lambda x: _int8_mm(x, q, scale)
+        return lambda x: _int8_mm(x, q, scale).add_(bias)
+    if type(linear) is nn.Linear:
+        weight = linear.weight
+        return lambda x: F.linear(x, weight, bias)
+    return linear  # anything else: call the module
+
+
+def _norm_fn(norm: nn.Module, dim: int):
+    """x [B, D] -> norm(x) as one fused kernel where possible.
+
+    RMSNorm has no fused CPU kernel in torch, but LayerNorm does, and the RMS norm of x is
+    the LayerNorm of [x, -x] (mean 0, variance mean(x^2)) restricted to its first half."""
+    if isinstance(norm, RMSNorm):
+        weight = torch.cat([norm.weight.detach(), torch.zeros_like(norm.weight)])
+        eps, shape = norm.eps, (2 * dim,)
+
+        def rms(x, buf):
+            buf[:, :dim] = x
+            torch.neg(x, out=buf[:, dim:])
+            return F.layer_norm(buf, shape, weight, None, eps)[:, :dim].contiguous()
+        return rms
+    if isinstance(norm, LayerNorm):
+        weight, bias, eps = norm.weight, norm.bias, norm.eps
+        return lambda x, buf: F.layer_norm(x, (dim,), weight, bias, eps)
+    return None
+
+
+class _Layer:
+    __slots__ = ("attn_norm", "qkv", "q", "k", "v", "wo", "mlp_norm", "gate_up", "gate", "up",
+                 "down", "swiglu", "idx")
+
+
+class DecodeStep:
+    """``step(tokens [B, 1], cache, input_pos=None, key_mask=None) -> logits [B, 1, V]`` for
+    a model with rotary (or no) positions and RMS/LayerNorm; ``supported`` says whether
+    this model can use it."""
+
+    def __init__(self, model: nn.Module):
+        cfg = model.cfg
+        self.model, self.cfg = model, cfg
+        self.supported = (cfg.pos in ("rope", "none") and cfg.norm in ("rmsnorm", "layernorm")
+                          and isinstance(model.norm, (RMSNorm, LayerNorm)))
+        if not self.supported:
+            return
+        self.dtype = model.dtype
+        d, hd = cfg.d_model, cfg.head_dim
+        self.n_q, self.n_kv, self.hd = cfg.n_head, cfg.n_kv_head, hd
+        self.group = cfg.n_head // cfg.n_kv_head
+        self.layers = [self._plan(i, block, d) for i, block in enumerate(model.layers)]
+        self.final_norm = _norm_fn(model.norm, d)
+        head = model._modules.get("lm_head")
+        if head is None:
+            emb = model.tok_emb.weight
+            self.head = lambda x: F.linear(x, emb)
+        else:
+            self.head = _linear_fn(head)
+        if type(model.tok_emb) is nn.Embedding:
+            table = model.tok_emb.weight
+            self.embed = lambda tokens: F.embedding(tokens, table)
+        else:
+            self.embed = model.tok_emb  # quantized: its own lookup
+        if cfg.pos == "rope":
+            # rotate-half: x * cos + cat(-x2, x1) * sin == x * cos + roll(x, half) * sin_signed
+            half = hd // 2
+            cos, sin = model.rotary.cos, model.rotary.sin
+            sign = torch.cat([-torch.ones(half), torch.ones(half)])
+            self.cos, self.sin = cos.to(self.dtype), (sin * sign).to(self.dtype)
+        # 1/sqrt(d_k) folded into the query heads (their rotation, with rotary positions)
+        scale = torch.ones(self.n_q + self.n_kv, 1)
+        scale[:self.n_q] = 1 / math.sqrt(hd)
+        self.head_scale = scale.to(self.dtype)
+        self._bufs: dict[int, torch.Tensor] = {}
+
+    def _plan(self, i: int, block: nn.Module, d: int) -> _Layer:
+        L = _Layer()
+        L.idx = i
+        attn, mlp = block.attn, block.mlp
+        L.attn_norm, L.mlp_norm = _norm_fn(block.attn_norm, d), _norm_fn(block.mlp_norm, d)
+        if L.attn_norm is None or L.mlp_norm is None:
+            self.supported = False
+        fused = attn._modules.get("wqkv")
+        L.qkv = _linear_fn(fused) if fused is not None else None
+        L.q, L.k, L.v = _linear_fn(attn.wq), _linear_fn(attn.wk), _linear_fn(attn.wv)
+        L.wo = _linear_fn(attn.wo)
+        L.swiglu = mlp.kind == "swiglu"
+        fused = mlp._modules.get("w_gate_up")
+        L.gate_up = _linear_fn(fused) if fused is not None else None
+        L.gate = _linear_fn(mlp.w_gate) if L.swiglu else None
+        L.up, L.down = _linear_fn(mlp.w_up), _linear_fn(mlp.w_down)
+        return L
+
+    def usable(self, tokens: torch.Tensor, cache) -> bool:
+        return (self.supported and tokens.shape[1] == 1 and type(cache) is KVCache
+                and tokens.shape[0] == cache.batch_size
+                and all(b.attn.weights_sink is None for b in self.model.layers))
+
+    def _norm_buf(self, b: int) -> torch.Tensor:
+        buf = self._bufs.get(b)
+        if buf is None:
+            buf = self._bufs[b] = torch.empty(b, 2 * self.cfg.d_model, dtype=self.dtype)
+        return buf
+
+    def __call__(self, tokens: torch.Tensor, cache: KVCache,
+                 input_pos: torch.Tensor | None = None,
+                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b = tokens.shape[0]
+        slot = cache.length
+        cache.check_room(1)
+        n_q, n_kv, hd, g = self.n_q, self.n_kv, self.hd, self.group
+        n_qk = (n_q + n_kv) * hd
+        buf = self._norm_buf(b)
+        x = self.embed(tokens.view(b))  # [B, D], a fresh tensor: updated in place
+
+        rope = self.cfg.pos == "rope"
+        if rope:
+            pos = slot if input_pos is None else input_pos.reshape(-1, 1)[:, 0]
+            if isinstance(pos, torch.Tensor) and pos.numel() == 1:
+                pos = int(pos)
+            if isinstance(pos, int):
+                if pos >= self.cos.shape[0]:
+                    return None  # past the rotary table: the model computes it afresh
+                cos, sin = self.cos[pos], self.sin[pos]  # [hd]
+            else:
+                if int(pos.max()) >= self.cos.shape[0]:
+                    return None
+                cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # [B, 1, hd]
+            cos, sin = cos * self.head_scale, sin * self.head_scale  # [(B,) H, hd]
+            half = hd // 2
+        bias = None
+        if key_mask is not None:
+            bias = torch.zeros(b, 1, 1, slot + 1, dtype=self.dtype)
+            bias.masked_fill_(~key_mask.view(b, 1, 1, slot + 1), float("-inf"))
+            bias[..., slot] = 0  # a query always sees its own slot
+
+        for L in self.layers:
+            h = L.attn_norm(x, buf)
+            if L.qkv is not None:
+                qkv = L.qkv(h)
+                qk = qkv[:, :n_qk].view(b, n_q + n_kv, hd)
+                v = qkv[:, n_qk:].view(b, n_kv, hd)
+            else:
+                qk = torch.cat([L.q(h), L.k(h)], dim=1).view(b, n_q + n_kv, hd)
+                v = L.v(h).view(b, n_kv, hd)
+            if rope:
+                qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)
+            else:
+                qk = qk * self.head_scale
+            q = qk[:, :n_q].view(b, n_kv, g, hd)
+            kc, vc = cache.k[L.idx], cache.v[L.idx]
+            kc.select(2, slot).copy_(qk[:, n_q:])
+            vc.select(2, slot).copy_(v)
+            keys, values = kc[:, :, :slot + 1], vc[:, :, :slot + 1]
+            # softmax(Q K^T / sqrt(d_k)) V for the one new query (1/sqrt(d_k) is in q)
+            scores = torch.matmul(q, keys.transpose(-1, -2))  # [B, Hkv, G, S]
+            if bias is not None:
+                scores = scores + bias
+            weights = torch.softmax(scores, dim=-1, dtype=torch.float32)
+            if weights.dtype != values.dtype:
+                weights = weights.to(values.dtype)
+            out = torch.matmul(weights, values).view(b, n_q * hd)
+            x.add_(L.wo(out))
+            h = L.mlp_norm(x, buf)
+            if L.swiglu:
+                if L.gate_up is not None:
+                    gu = L.gate_up(h)
+                    f = gu.shape[1] // 2
+                    a = F.silu(gu[:, :f]).mul_(gu[:, f:])
+                else:
+                    a = F.silu(L.gate(h)).mul_(L.up(h))
+            else:
+                a = F.gelu(L.up(h), approximate="tanh")
+            x.add_(L.down(a))
+        cache.advance(1)
+        return self.head(self.final_norm(x, buf)).unsqueeze(1)
+
+
+def decode_step(model: nn.Module, native: bool | None = None):
+    """The fastest decode step this machine has for ``model``: the C++ operator of
+    ``kvformer.native`` (built on first use; ``native=False`` or ``KVFORMER_NATIVE=0``
+    skips it), else the Python ``DecodeStep``. Check ``.supported`` before use."""
+    if native is not False:
+        from .native import NativeDecodeStep
+
+        step = NativeDecodeStep(model)
+        if step.supported:
+            return step
+    return DecodeStep(model)
+
+
+class FastForward:
+    """Stands in for ``model.forward``: decode steps (one token per row, a ``KVCache``, no
+    gradients) go through ``decode_step(model)``; every other call goes to
+    ``Transformer.forward``."""
+
+    def __init__(self, model: nn.Module, native: bool | None = None):
+        self.model = model
+        self.native = native
+        self.original = type(model).forward.__get__(model)
+        self._step = None
+        self._key = None
+
+    def step(self):
+        """The decode step for the model's current weights (rebuilt if they were swapped)."""
+        m = self.model
+        key = (m.dtype, id(m.tok_emb), tuple(id(mod) for mod in m.layers[0].modules()),
+               id(m._modules.get("lm_head")))
+        if self._step is None or key != self._key:
+            self._step, self._key = decode_step(m, self.native), key
+        return self._step
+
+    def reset(self) -> None:
+        """Forget the decode step (it is rebuilt from the current weights on next use)."""
+        self._step = self._key = None
+
+    # A copy or a pickle of the model gets a FastForward of its own, never this one's step
+    # (which points at this model's tensors).
+    def __deepcopy__(self, memo):
+        return FastForward(copy.deepcopy(self.model, memo), self.native)
+
+    def __getstate__(self):
+        return {"model": self.model, "native": self.native}
+
+    def __setstate__(self, state):
+        self.__init__(state["model"], state["native"])
+
+    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
+                 cache=None, key_mask: torch.Tensor | None = None, *,
+                 last_only: bool = False) -> torch.Tensor:
+        if cache is not None and tokens.shape[1] == 1 and not torch.is_grad_enabled():
+            step = self.step()
+            if step.usable(tokens, cache):
+                out = step(tokens, cache, input_pos, key_mask)
+                if out is not None:
+                    return out
+        return self.original(tokens, input_pos, cache, key_mask, last_only=last_only)
+
+
+def accelerate(model: nn.Module, native: bool | None = None) -> nn.Module:
+    """Route the model's decode steps through the fast decode step (in place; returns the
+    model). Call it once the weights are final (after ``quantize_model``); calling it again
+    rebuilds the step from the current weights."""
+    current = model.__dict__.get("forward")
+    if isinstance(current, FastForward) and current.native == native:
+        current.reset()
+    else:
+        model.forward = FastForward(model, native)
+    return model

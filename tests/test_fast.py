@@ -1,0 +1,201 @@
+"""The lean decode step (Python and native C++) against Transformer.forward: the same
+logits in fp32, close logits and the same greedy tokens in bf16/int8/int4."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvformer import ModelConfig, Transformer, generate
+from kvformer.cache import KVCache
+from kvformer.fast import DecodeStep, FastForward, accelerate, decode_step
+from kvformer.quantize import Int4Linear, Int8Linear, quantize_model
+
+TEXT = (b"The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
+        b"All that glitters is not gold. The early bird catches the worm. ") * 8
+
+
+def native_available() -> bool:
+    from kvformer import native
+
+    return native.available()  # builds once per machine (~30 s), then cached
+
+
+STEPS = ["python", "native"]
+
+
+def make_step(kind, model):
+    if kind == "python":
+        return DecodeStep(model)
+    if not native_available():
+        pytest.skip("no C++ compiler: the native decode step is not available")
+    from kvformer.native import NativeDecodeStep
+
+    return NativeDecodeStep(model)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A byte-level model trained for a moment, so its greedy choices are clear-cut."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=256, d_model=128, n_layer=2, n_head=2, n_kv_head=1,
+                      d_ff=256, max_seq_len=128)  # head_dim 64, two query heads per KV head
+    model = Transformer(cfg)
+    data = torch.tensor(list(TEXT))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(120):
+        idx = torch.randint(0, len(data) - 65, (16,))
+        batch = torch.stack([data[i:i + 65] for i in idx])
+        loss = F.cross_entropy(model(batch[:, :-1]).reshape(-1, 256), batch[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+ARCHS = {  # (pos, norm, mlp, bias, n_head, n_kv_head, d_model)
+    "llama-gqa": ("rope", "rmsnorm", "swiglu", False, 4, 2, 128),
+    "hd64-gqa3": ("rope", "rmsnorm", "swiglu", False, 6, 2, 384),
+    "mha-layernorm-gelu-bias": ("none", "layernorm", "gelu", True, 4, 4, 128),
+    "mqa-rope-layernorm": ("rope", "layernorm", "swiglu", True, 4, 1, 128),
+}
+
+
+def arch_model(name):
+    pos, norm, mlp, bias, nh, nkv, d = ARCHS[name]
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=256, d_model=d, n_layer=2, n_head=nh, n_kv_head=nkv,
+                      d_ff=2 * d, pos=pos, norm=norm, mlp=mlp, bias=bias, max_seq_len=64,
+                      tie_embeddings=True)
+    return Transformer(cfg).eval()
+
+
+def decode_both(model, step, tokens, prefix=10, key_mask=None, input_pos=None):
+    b, t = tokens.shape
+    c1, c2 = model.new_cache(b, t + 1), model.new_cache(b, t + 1)
+    with torch.inference_mode():
+        model(tokens[:, :prefix], cache=c1)
+        model(tokens[:, :prefix], cache=c2)
+        pairs = []
+        for i in range(prefix, t):
+            pairs.append((model(tokens[:, i:i + 1], cache=c1),
+                          step(tokens[:, i:i + 1], c2)))
+    assert c1.length == c2.length == t
+    return pairs, c1, c2
+
+
+@pytest.mark.parametrize("kind", STEPS)
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_decode_step_equals_forward_in_fp32(kind, arch):
+    model = arch_model(arch)
+    step = make_step(kind, model)
+    assert step.supported
+    tokens = torch.randint(0, 256, (2, 20))
+    pairs, c1, c2 = decode_both(model, step, tokens)
+    for ref, out in pairs:
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c2.k[1][:, :, :20], c1.k[1][:, :, :20], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c2.v[0][:, :, :20], c1.v[0][:, :, :20], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", STEPS)
+def test_decode_step_with_padding_and_row_positions(kind):
+    """A left-padded batch: key_mask hides the padding, positions are per row."""
+    model = arch_model("llama-gqa")
+    step = make_step(kind, model)
+    tokens = torch.randint(0, 256, (2, 12))
+    mask = torch.ones(2, 13, dtype=torch.bool)
+    mask[1, :4] = False
+    pos = torch.tensor([[12], [8]])
+    with torch.inference_mode():
+        c1, c2 = model.new_cache(2, 16), model.new_cache(2, 16)
+        model(tokens, cache=c1, key_mask=mask[:, :12])
+        model(tokens, cache=c2, key_mask=mask[:, :12])
+        ref = model(tokens[:, :1], input_pos=pos, cache=c1, key_mask=mask)
+        out = step(tokens[:, :1], c2, pos, mask)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", STEPS)
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+def test_low_precision_step_is_close_and_greedy_is_identical(tiny, kind, mode):
+    model = quantize_model(copy.deepcopy(tiny), mode)
+    step = make_step(kind, model)
+    tokens = torch.tensor([list(TEXT[:24])])
+    pairs, _, _ = decode_both(model, step, tokens, prefix=8)
+    for ref, out in pairs:
+        assert out.dtype == ref.dtype == torch.bfloat16
+        scale = ref.float().abs().max().item()
+        torch.testing.assert_close(out.float(), ref.float(), atol=0.03 * scale, rtol=0)
+        assert torch.equal(out.argmax(-1), ref.argmax(-1))
+    prompt = list(TEXT[:12])
+    fast = accelerate(copy.deepcopy(model), native=kind == "native")
+    assert generate(fast, prompt, 24) == generate(model, prompt, 24)
+
+
+def test_accelerated_generation_is_the_same_in_fp32(tiny):
+    model = copy.deepcopy(tiny)
+    prompts = [list(TEXT[:5]), list(TEXT[30:41]), list(TEXT[60:63])]  # ragged: padding
+    expected = generate(model, prompts, 16)
+    accelerate(model)
+    assert isinstance(model.forward, FastForward)
+    assert generate(model, prompts, 16) == expected
+    assert generate(model, prompts[0], 16, use_cache=False) == expected[0]
+
+
+def test_other_caches_and_gradients_go_through_forward():
+    model = arch_model("llama-gqa")
+    fast = accelerate(copy.deepcopy(model))
+
+    class OtherCache(KVCache):  # e.g. the server's paged cache: not the contiguous layout
+        pass
+
+    tokens = torch.randint(0, 256, (1, 6))
+    with torch.no_grad():
+        c1 = OtherCache(2, 1, 2, 16, 32)
+        c2 = model.new_cache(1, 16)
+        fast(tokens[:, :5], cache=c1), model(tokens[:, :5], cache=c2)
+        torch.testing.assert_close(fast(tokens[:, 5:], cache=c1), model(tokens[:, 5:], cache=c2))
+    out = fast(tokens)  # gradients on: plain forward
+    assert out.requires_grad
+
+
+def test_step_is_rebuilt_when_the_weights_change():
+    model = accelerate(arch_model("llama-gqa"), native=False)
+    with torch.no_grad():
+        model(torch.zeros(1, 1, dtype=torch.long), cache=model.new_cache(1, 4))
+    first = model.forward.step()
+    quantize_model(model, "int8")
+    assert model.forward.step() is not first
+    assert isinstance(decode_step(model, native=False), DecodeStep)
+
+
+@pytest.mark.parametrize("int8_act", [False, True])
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_native_kernels_match_dequantized_reference(kind, int8_act):
+    if not native_available():
+        pytest.skip("no C++ compiler")
+    torch.manual_seed(0)
+    w = torch.randn(192, 128)
+    layer = (Int8Linear if kind == "int8" else Int4Linear).from_float(w)
+    a, b = ((layer.qweight, layer.scale) if kind == "int8"
+            else (layer.packed, layer.scales_and_zeros))
+    for rows in (1, 3, 8):
+        x = torch.randn(rows, 128)
+        ref = x @ layer.dequantize().t()
+        out = torch.ops.kvformer_native.linear(x, 1 if kind == "int8" else 2,
+                                               getattr(layer, "group", 0), a, b, int8_act, 1)
+        # fp32 activations, or two-level int8 ones (x ~= s (q1 + q2 / 128)): both far
+        # below the bf16 rounding of the other paths
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-3
+
+
+def test_native_unpacks_int4_like_torch_ops():
+    if not native_available():
+        pytest.skip("no C++ compiler")
+    torch.manual_seed(0)
+    layer = Int4Linear.from_float(torch.randn(128, 64))
+    native = torch.ops.kvformer_native.dequant_int4_t(layer.packed, layer.scales_and_zeros, 32)
+    ref = layer.dequantize(torch.float32).t()
+    torch.testing.assert_close(native.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=0)
