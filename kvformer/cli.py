@@ -13,7 +13,10 @@ from .errors import KvformerError
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default="default",
                    help="a .gguf file, a model directory, or 'default' (SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default=None, help="fp32 (default), bf16 or fp16")
+    p.add_argument("--dtype", default="auto",
+                   choices=["auto", "fp32", "bf16", "fp16", "int8", "int4"],
+                   help="weights: auto (default: int4 for a 4-bit GGUF, else int8 — the fastest "
+                        "that keeps quality), fp32 (exact), bf16, fp16, int8, int4")
 
 
 def _add_sampling(p: argparse.ArgumentParser, max_new: int) -> None:
@@ -70,10 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", default=None, help="PNG (or, for docs, a directory)")
     e.add_argument("--model", "-m", default="default")
 
+    from .bench import register as register_bench
     from .serve.cli import register as register_serve
     from .train.cli import register as register_train
     register_serve(sub)
     register_train(sub)
+    register_bench(sub)
     return parser
 
 
@@ -104,6 +109,7 @@ def cmd_generate(args) -> int:
         sys.stdout.write(decoder.push(token))
         sys.stdout.flush()
     sys.stdout.write(decoder.flush() + "\n")
+    sys.stdout.flush()
     if args.stats:
         elapsed = time.perf_counter() - start
         print(f"[{len(ids)} prompt tokens, {n} new tokens in {elapsed:.2f} s, "

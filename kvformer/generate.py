@@ -88,7 +88,8 @@ def _decode_loop(model, rows, max_new_tokens, temperature, top_k, top_p, gen, st
     def run(lo: int, hi: int, cache):
         pos = positions[:, lo:hi] if ragged else slots[lo:hi]
         mask = valid[:, :hi] if ragged else None
-        return model(tokens[:, lo:hi], input_pos=pos, cache=cache, key_mask=mask)[:, -1]
+        return model(tokens[:, lo:hi], input_pos=pos, cache=cache, key_mask=mask,
+                     last_only=True)[:, -1]
 
     cache = model.new_cache(b, total) if use_cache else None
     logits = run(0, p, cache)
@@ -165,7 +166,7 @@ def continue_stream(model, cache, new_ids: Sequence[int], max_new_tokens: int,
             f"of {cache.max_len}; start a new conversation or raise the context size")
     stops = set(stop_ids)
     tokens = torch.tensor([new_ids], dtype=torch.long, device=model.device)
-    logits = model(tokens, cache=cache)[:, -1]
+    logits = model(tokens, cache=cache, last_only=True)[:, -1]
     for i in range(min(max_new_tokens, room)):
         nxt = int(sample(logits, temperature, top_k, top_p, generator)[0])
         if nxt in stops:

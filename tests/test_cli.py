@@ -40,10 +40,10 @@ def test_generate_from_stdin_equals_argument_and_library(default, capsys):
     model, tok = default
     prompt = "The three primary colors are"
     expected = tok.decode(generate(model, tok.encode(prompt), 12, stop_ids=tok.stop_ids))
-    res = run_cli("generate", "-n", "12", stdin=prompt)
+    res = run_cli("generate", "-n", "12", "--dtype", "fp32", stdin=prompt)
     assert res.returncode == 0, res.stderr
     assert res.stdout == expected + "\n"
-    assert main(["generate", prompt, "-n", "12", "--no-cache"]) == 0
+    assert main(["generate", prompt, "-n", "12", "--no-cache", "--dtype", "fp32"]) == 0
     assert capsys.readouterr().out == expected + "\n"
 
 

@@ -464,6 +464,18 @@ class GGUFFile:
             return torch.frombuffer(self._mm, dtype=torch.uint8, count=info.nbytes,
                                     offset=info.offset)
 
+    def drop_pages(self, info: GGUFTensorInfo) -> None:
+        """Tell the kernel a tensor's bytes are no longer needed (they have been copied
+        out), so the mapped file's pages stop counting in the process's resident memory."""
+        if self._mm is None or not info.nbytes or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        start = info.offset // page * page
+        try:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
+        except (OSError, ValueError):  # advisory only
+            pass
+
     def close(self) -> None:
         mm, self._mm = getattr(self, "_mm", None), None
         if mm is not None:
@@ -909,6 +921,7 @@ def _iter_tensors(f: GGUFFile, cfg: ModelConfig,
                     f"config expects {list(want)} (q, k and v stacked)")
         with _torch_threads(DEQUANT_THREADS):
             tensor = _load_one(f, info, dtype)
+            f.drop_pages(info)  # the tensor owns a copy now
             if len(targets) == 1:
                 name = targets[0]
                 suffix = name.split(".", 2)[2] if name.startswith("layers.") else ""
