@@ -32,7 +32,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -468,8 +467,8 @@ class Engine:
         tokens = torch.tensor([seq.tokens(lo, lo + n)], device=device)
         pos = torch.arange(lo, lo + n, device=device).unsqueeze(0)
         cache = self.pool.batch([seq.blocks], [lo])
-        with _last_position_only(self.model):
-            logits = self.model(tokens, input_pos=pos, cache=cache)[:, -1]
+        # a prefill chunk needs only its last token's logits: the LM head runs on one row
+        logits = self.model(tokens, input_pos=pos, cache=cache, last_only=True)[:, -1]
         seq.num_cached += n
         if seq.num_cached == seq.num_tokens:
             self._sample([seq], logits)
@@ -561,29 +560,6 @@ class Engine:
         self._release(seq)
         self.metrics.count("finished", reason)
         _deliver(seq, out)
-
-
-@contextmanager
-def _last_position_only(model):
-    """Within this block, this thread's forwards compute logits for the last position only.
-
-    A prefill chunk needs just its last token's logits; the LM head over every position
-    of a 128-token chunk would cost about a fifth of the chunk's work for nothing. A
-    forward pre-hook on the final norm keeps only the last position; the model itself is
-    untouched, and other threads using the same model are not affected.
-    """
-    me = threading.get_ident()
-
-    def keep_last(_module, args):
-        if threading.get_ident() == me:
-            return (args[0][:, -1:], *args[1:])
-        return None
-
-    handle = model.norm.register_forward_pre_hook(keep_last)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def _logprob(logits: torch.Tensor, tok: int, k: int) -> TokenLogprob:
