@@ -93,9 +93,6 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.norm.weight.device
 
-    def head_weight(self) -> torch.Tensor:
-        return self.tok_emb.weight if self.cfg.tie_embeddings else self.lm_head.weight
-
     def new_cache(self, batch_size: int = 1, max_len: int | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:
         """A preallocated KV cache for this model: [batch, n_kv_head, max_len, head_dim]

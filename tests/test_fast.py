@@ -5,15 +5,12 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import TEXT, trained_tiny
 
 from kvformer import ModelConfig, Transformer, generate
 from kvformer.cache import KVCache
 from kvformer.fast import DecodeStep, FastForward, accelerate, decode_step
 from kvformer.quantize import Int4Linear, Int8Linear, quantize_model
-
-TEXT = (b"The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
-        b"All that glitters is not gold. The early bird catches the worm. ") * 8
 
 
 def native_available() -> bool:
@@ -37,21 +34,7 @@ def make_step(kind, model):
 
 @pytest.fixture(scope="module")
 def tiny():
-    """A byte-level model trained for a moment, so its greedy choices are clear-cut."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=256, d_model=128, n_layer=2, n_head=2, n_kv_head=1,
-                      d_ff=256, max_seq_len=128)  # head_dim 64, two query heads per KV head
-    model = Transformer(cfg)
-    data = torch.tensor(list(TEXT))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(120):
-        idx = torch.randint(0, len(data) - 65, (16,))
-        batch = torch.stack([data[i:i + 65] for i in idx])
-        loss = F.cross_entropy(model(batch[:, :-1]).reshape(-1, 256), batch[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    return trained_tiny(120)
 
 
 ARCHS = {  # (pos, norm, mlp, bias, n_head, n_kv_head, d_model)

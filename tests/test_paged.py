@@ -7,15 +7,7 @@ from kvformer import ContextOverflowError, ModelConfig, Transformer, generate
 from kvformer.serve.engine import Engine, SamplingParams
 from kvformer.serve.paged import BlockPool, OutOfBlocksError
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from two threads, and on a busy machine every parallel op
-    waits for a time slice on the other core (100x slower); restore the setting after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(pos="rope", n_kv_head=2, seed=0):

@@ -6,7 +6,7 @@ import weakref
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import TEXT, trained_tiny
 
 from kvformer import ModelConfig, Transformer
 from kvformer.generate import perplexity
@@ -22,28 +22,6 @@ from kvformer.quantize import (
     quantize_model,
     unpack_int4_t,
 )
-
-TEXT = (b"The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
-        b"All that glitters is not gold. The early bird catches the worm. ") * 8
-
-
-def trained_tiny(steps: int = 120) -> Transformer:
-    """A byte-level model trained for a moment on TEXT, so its predictions are peaked and a
-    perplexity change means something (a random model is uniform whatever its weights)."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=256, d_model=128, n_layer=2, n_head=2, n_kv_head=1,
-                      d_ff=256, max_seq_len=128)
-    model = Transformer(cfg)
-    data = torch.tensor(list(TEXT))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        idx = torch.randint(0, len(data) - 65, (16,))
-        batch = torch.stack([data[i:i + 65] for i in idx])
-        loss = F.cross_entropy(model(batch[:, :-1]).reshape(-1, 256), batch[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

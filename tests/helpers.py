@@ -1,0 +1,28 @@
+"""Shared by the quantization and decode-step tests."""
+
+import torch
+import torch.nn.functional as F
+
+from kvformer import ModelConfig, Transformer
+
+TEXT = (b"The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
+        b"All that glitters is not gold. The early bird catches the worm. ") * 8
+
+
+def trained_tiny(steps: int = 120) -> Transformer:
+    """A byte-level model trained for a moment on TEXT, so its predictions are peaked: greedy
+    choices are clear-cut and a perplexity change means something."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=256, d_model=128, n_layer=2, n_head=2, n_kv_head=1,
+                      d_ff=256, max_seq_len=128)  # head_dim 64, two query heads per KV head
+    model = Transformer(cfg)
+    data = torch.tensor(list(TEXT))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        idx = torch.randint(0, len(data) - 65, (16,))
+        batch = torch.stack([data[i:i + 65] for i in idx])
+        loss = F.cross_entropy(model(batch[:, :-1]).reshape(-1, 256), batch[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
