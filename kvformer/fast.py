@@ -253,8 +253,9 @@ class FastForward:
     def step(self):
         """The decode step for the model's current weights (rebuilt if they were swapped)."""
         m = self.model
+        rotary = m._modules.get("rotary")
         key = (m.dtype, id(m.tok_emb), tuple(id(mod) for mod in m.layers[0].modules()),
-               id(m._modules.get("lm_head")))
+               id(m._modules.get("lm_head")), id(rotary.cos) if rotary is not None else None)
         if self._step is None or key != self._key:
             self._step, self._key = decode_step(m, self.native), key
         return self._step

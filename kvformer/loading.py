@@ -101,14 +101,20 @@ def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
         from .tokenizer import Tokenizer
 
         reader = open_reader(path)
-        meta = read_metadata(reader)
-        cfg = config_from_gguf(meta, reader)
-        mode = mode_for([t.type_name for t in reader.tensors.values()])
-        tensors = iter_gguf_tensors(reader, cfg, dtype=loader_dtype(mode))
-        model = build_model(cfg, _progress(tensors, len(reader.tensors),
-                                           f"loading {path.name}", progress), mode)
-        reader.close()
-        tokenizer = Tokenizer.from_gguf(meta)
+        try:
+            meta = read_metadata(reader)
+            cfg = config_from_gguf(meta, reader)
+            mode = mode_for([t.type_name for t in reader.tensors.values()])
+            # The tokenizer first (a bad one fails before any weight is read), then its
+            # vocabulary strings are forgotten so they are not held while the weights load.
+            tokenizer = Tokenizer.from_gguf(meta)
+            del meta
+            reader.forget_metadata("tokenizer.")
+            tensors = iter_gguf_tensors(reader, cfg, dtype=loader_dtype(mode))
+            model = build_model(cfg, _progress(tensors, len(reader.tensors),
+                                               f"loading {path.name}", progress), mode)
+        finally:
+            reader.close()
     elif kind == "hf":
         from .checkpoints.hf import load_hf_dir
         from .tokenizer import Tokenizer

@@ -98,6 +98,8 @@ class Transformer(nn.Module):
         """A preallocated KV cache for this model: [batch, n_kv_head, max_len, head_dim]
         per layer for K and for V."""
         cfg = self.cfg
+        if self.rotary is not None:  # the positions this cache can hold, tabulated now
+            self.rotary.ensure(max_len or cfg.max_seq_len)
         return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len or cfg.max_seq_len,
                        cfg.head_dim, dtype=dtype or self.dtype, device=self.device)
 

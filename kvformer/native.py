@@ -1099,12 +1099,21 @@ def _load() -> bool:
     if sys.platform != "linux":
         return False
     try:
-        from torch.utils.cpp_extension import load_inline
-
         key = _build_key()
         build_dir = _cache_dir() / key
+        built = build_dir / f"{NAME}_{key}.so"
+        if built.exists():
+            # Built before (the key covers the source, torch and the CPU): load it directly,
+            # without importing torch's build machinery (setuptools & co., ~4 MB).
+            try:
+                torch.ops.load_library(str(built))
+                return hasattr(torch.ops.kvformer_native, "plan_step")
+            except (OSError, RuntimeError):
+                pass  # unreadable (e.g. another process is writing it): the build below
+        from torch.utils.cpp_extension import load_inline
+
         build_dir.mkdir(parents=True, exist_ok=True)
-        if not (build_dir / f"{NAME}_{key}.so").exists():
+        if not built.exists():
             print("kvformer: compiling the native decode step (once per machine, about a "
                   "minute)...", file=sys.stderr, flush=True)
         load_inline(f"{NAME}_{key}", cpp_sources=[SOURCE], is_python_module=False,

@@ -62,12 +62,19 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> torch.T
 
 class Rotary(nn.Module):
     """Rotary position embedding in the "rotate half" layout: the head dimension is split
-    in two halves (x1, x2) and each pair (x1[i], x2[i]) is rotated by angle p * f_i."""
+    in two halves (x1, x2) and each pair (x1[i], x2[i]) is rotated by angle p * f_i.
+
+    cos/sin are tabulated for the positions in use, not the whole context: the table starts
+    at ``INITIAL`` positions and doubles (up to max_seq_len) when a later position is asked
+    for, so a long-context model does not hold megabytes of angles it may never use. Each
+    row depends only on its position, so a grown table equals one built at full size."""
+
+    INITIAL = 512
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float):
         super().__init__()
-        self.head_dim, self.theta = head_dim, theta
-        cos, sin = self._table(torch.arange(max_seq_len))
+        self.head_dim, self.theta, self.max_seq_len = head_dim, theta, max_seq_len
+        cos, sin = self._table(torch.arange(min(max_seq_len, self.INITIAL)))
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
@@ -76,10 +83,24 @@ class Rotary(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)  # [..., head_dim]
         return angles.cos(), angles.sin()
 
+    def ensure(self, n: int) -> None:
+        """Make the table cover positions 0..n-1 (at most max_seq_len of them)."""
+        have = self.cos.shape[0]
+        if n <= have or have >= self.max_seq_len:
+            return
+        size = min(self.max_seq_len, max(n, 2 * have))
+        cos, sin = self._table(torch.arange(size, device=self.cos.device))
+        self.cos = cos.to(self.cos.dtype)  # assigning a tensor to a buffer name re-registers it
+        self.sin = sin.to(self.sin.dtype)
+
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for positions of shape [T] or [B, T]; computed afresh past the table."""
-        if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
-            return self._table(positions)
+        """cos/sin for positions of shape [T] or [B, T]; computed afresh past max_seq_len."""
+        if positions.numel():
+            top = int(positions.max())
+            if top >= self.cos.shape[0]:
+                self.ensure(top + 1)
+                if top >= self.cos.shape[0]:
+                    return self._table(positions)
         return self.cos[positions], self.sin[positions]
 
 

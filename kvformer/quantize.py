@@ -53,21 +53,38 @@ _int8_mm = torch.ops.aten._weight_int8pack_mm.default
 
 
 # --------------------------------------------------------------------------- the maths
-_CHUNK = 1 << 20  # quantize this many weights at a time: temporaries stay a few MB
+_CHUNK = 1 << 17  # quantize this many weights at a time: temporaries stay under a MB
 
 
-def _row_chunks(n: int, k: int):
-    step = max(1, _CHUNK // max(k, 1))
-    return ((lo, min(lo + step, n)) for lo in range(0, n, step))
+def _stacked_rows(parts: list[torch.Tensor], step: int):
+    """Walk the rows of ``parts`` stacked on top of each other (a fused matrix that is never
+    built): ``(lo, hi, piece)`` with ``piece`` the rows ``lo:hi`` of the stack, at most
+    ``step`` rows, never straddling two parts."""
+    row = 0
+    for w in parts:
+        n = w.shape[0]
+        for lo in range(0, n, step):
+            hi = min(lo + step, n)
+            yield row + lo, row + hi, w[lo:hi]
+        row += n
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: (q int8 [N, K], scale fp32 [N]) with w ~= q * scale[:, None]."""
-    n, k = w.shape
+def _stack_shape(parts: list[torch.Tensor]) -> tuple[int, int]:
+    k = parts[0].shape[1]
+    if any(p.dim() != 2 or p.shape[1] != k for p in parts):
+        raise ValueError(f"cannot stack matrices of shapes {[list(p.shape) for p in parts]}")
+    return sum(p.shape[0] for p in parts), k
+
+
+def quantize_int8(w: torch.Tensor | list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (q int8 [N, K], scale fp32 [N]) with w ~= q * scale[:, None].
+    ``w`` may be a list of matrices, quantized as if stacked (without building the stack)."""
+    parts = list(w) if isinstance(w, (list, tuple)) else [w]
+    n, k = _stack_shape(parts)
     q = torch.empty(n, k, dtype=torch.int8)
     scale = torch.empty(n)
-    for lo, hi in _row_chunks(n, k):
-        wc = w[lo:hi].to(torch.float32, copy=True)
+    for lo, hi, piece in _stacked_rows(parts, max(1, _CHUNK // max(k, 1))):
+        wc = piece.to(torch.float32, copy=True)
         s = wc.abs().amax(dim=1).clamp_(min=1e-10).div_(127)
         q[lo:hi] = wc.div_(s[:, None]).round_().clamp_(-127, 127)
         scale[lo:hi] = s
@@ -82,13 +99,20 @@ def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP
     n, k = w.shape
     q = torch.empty(n, k, dtype=torch.uint8)
     scale, zero = torch.empty(n, k // group), torch.empty(n, k // group)
-    for a, b in _row_chunks(n, k):
-        wg = w[a:b].to(torch.float32, copy=True).reshape(b - a, k // group, group)
-        lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
-        s = (hi - lo).div_(15).clamp_(min=1e-10)
-        q[a:b] = wg.sub_(lo[..., None]).div_(s[..., None]).round_().clamp_(0, 15).view(b - a, k)
-        scale[a:b], zero[a:b] = s, lo.add_(s, alpha=8)
+    for a, b, piece in _stacked_rows([w], max(1, _CHUNK // max(k, 1))):
+        _quantize_int4_rows(piece, group, q[a:b], scale[a:b], zero[a:b])
     return q, scale, zero
+
+
+def _quantize_int4_rows(w: torch.Tensor, group: int, q: torch.Tensor, scale: torch.Tensor,
+                        zero: torch.Tensor) -> None:
+    n, k = w.shape
+    wg = w.to(torch.float32, copy=True).reshape(n, k // group, group)
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+    s = (hi - lo).div_(15).clamp_(min=1e-10)
+    q.copy_(wg.sub_(lo[..., None]).div_(s[..., None]).round_().clamp_(0, 15).view(n, k))
+    scale.copy_(s)
+    zero.copy_(lo.add_(s, alpha=8))
 
 
 def int4_supported(n: int, k: int, group: int = INT4_GROUP) -> bool:
@@ -172,7 +196,9 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("scale", scale.to(ACT_DTYPE))
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
+    def from_float(cls, weight: torch.Tensor | list[torch.Tensor],
+                   bias: torch.Tensor | None = None) -> Int8Linear:
+        """Quantize ``weight`` [N, K], or a list of matrices as if stacked (a fused layer)."""
         q, scale = quantize_int8(weight)
         return cls(q, scale, bias)
 
@@ -222,15 +248,25 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(ACT_DTYPE))
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                   group: int = INT4_GROUP) -> Int4Linear:
-        n, k = weight.shape
-        if not int4_supported(n, k, group):
-            raise ValueError(f"int4 needs out_features % {INT4_BLOCK_N} == 0 and "
-                             f"in_features % {group} == 0, got {n} x {k}")
-        q, scale, zero = quantize_int4(weight, group)
-        sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [K/g, N, 2]
-        return cls(pack_int4(q), sz, group, k, bias)
+    def from_float(cls, weight: torch.Tensor | list[torch.Tensor],
+                   bias: torch.Tensor | None = None, group: int = INT4_GROUP) -> Int4Linear:
+        """Quantize ``weight`` [N, K], or a list of matrices as if stacked (a fused layer,
+        built without the stacked copy), a few blocks of 64 rows at a time."""
+        parts = list(weight) if isinstance(weight, (list, tuple)) else [weight]
+        n, k = _stack_shape(parts)
+        for p in parts:
+            if not int4_supported(p.shape[0], k, group):
+                raise ValueError(f"int4 needs out_features % {INT4_BLOCK_N} == 0 and "
+                                 f"in_features % {group} == 0, got {p.shape[0]} x {k}")
+        packed = torch.empty(n, k // 2, dtype=torch.uint8)
+        sz = torch.empty(k // group, n, 2, dtype=ACT_DTYPE)  # [K/g, N, (scale, zero)]
+        step = max(1, _CHUNK // k // INT4_BLOCK_N) * INT4_BLOCK_N
+        for lo, hi, piece in _stacked_rows(parts, step):
+            q, scale, zero = quantize_int4(piece, group)
+            packed[lo:hi] = pack_int4(q)
+            sz[:, lo:hi, 0] = scale.t()
+            sz[:, lo:hi, 1] = zero.t()
+        return cls(packed, sz, group, k, bias)
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         sz = self.scales_and_zeros
@@ -266,13 +302,14 @@ def _native_ready() -> bool:
     return native.available(build=False)
 
 
-def _make(mode: str, weight: torch.Tensor, bias: torch.Tensor | None,
+def _make(mode: str, weight: torch.Tensor | list[torch.Tensor], bias: torch.Tensor | None,
           group: int = INT4_GROUP) -> nn.Module:
-    """A quantized linear layer for ``weight`` [N, K]; int4 falls back to int8 for shapes the
-    int4 kernel cannot take."""
-    if mode == "int4" and int4_supported(*weight.shape, group):
-        return Int4Linear.from_float(weight, bias, group)
-    return Int8Linear.from_float(weight, bias)
+    """A quantized linear layer for ``weight`` [N, K] (or a list of matrices to stack into
+    one fused layer); int4 falls back to int8 for shapes the int4 kernel cannot take."""
+    parts = list(weight) if isinstance(weight, (list, tuple)) else [weight]
+    if mode == "int4" and all(int4_supported(p.shape[0], p.shape[1], group) for p in parts):
+        return Int4Linear.from_float(parts, bias, group)
+    return Int8Linear.from_float(parts, bias)
 
 
 # --------------------------------------------------------------------------- whole models
@@ -352,7 +389,7 @@ def quantize_model(model: nn.Module, mode: str, group: int = INT4_GROUP) -> nn.M
                 continue  # gelu MLP: no gate
             k = linears[0].in_features
             if _fusable(mode, [lin.out_features for lin in linears], k, group):
-                w = torch.cat([lin.weight.detach() for lin in linears])
+                w = [lin.weight.detach() for lin in linears]
                 b = (torch.cat([lin.bias.detach() for lin in linears])
                      if linears[0].bias is not None else None)
                 _fuse_into(owner, fused_name, parts, _make(mode, w, b, group))
@@ -508,7 +545,7 @@ def _install(model: nn.Module, owner_name: str, parts: tuple[str, ...],
     owner = model.get_submodule(owner_name)
     has_bias = getattr(owner, parts[0]).bias is not None
     step = 2 if has_bias else 1
-    w = torch.cat(tensors[0::step]) if len(parts) > 1 else tensors[0]
+    w = tensors[0::step]  # quantized as if stacked, never concatenated
     b = (torch.cat(tensors[1::step]) if len(parts) > 1 else tensors[1]) if has_bias else None
     if len(parts) == 1:
         layer_mode = head_mode(mode) if (owner_name, parts[0]) == ("", "lm_head") else mode

@@ -154,6 +154,35 @@ def test_step_is_rebuilt_when_the_weights_change():
     assert isinstance(decode_step(model, native=False), DecodeStep)
 
 
+@pytest.mark.parametrize("native", [False, None])
+def test_decode_across_a_growing_rotary_table(native):
+    """A cache made by hand (not new_cache) lets decoding pass the end of the rotary table:
+    the model grows the table, the decode step is rebuilt on it, and logits stay those of
+    the plain forward."""
+    if native is None and not native_available():
+        pytest.skip("no C++ compiler: the native decode step is not available")
+    from kvformer.positions import Rotary
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=256, d_model=64, n_layer=2, n_head=4, n_kv_head=2,
+                      d_ff=128, max_seq_len=4 * Rotary.INITIAL)
+    model = Transformer(cfg).eval()
+    fast = accelerate(copy.deepcopy(model), native=native)
+    n = Rotary.INITIAL
+    tokens = torch.randint(0, 256, (1, n + 4))
+    c1, c2 = (KVCache(2, 1, 2, n + 4, 16) for _ in range(2))
+    with torch.inference_mode():
+        model(tokens[:, :n - 2], cache=c1), fast(tokens[:, :n - 2], cache=c2)
+        steps = set()
+        for i in range(n - 2, n + 4):
+            ref = model(tokens[:, i:i + 1], cache=c1)
+            out = fast(tokens[:, i:i + 1], cache=c2)
+            steps.add(id(fast.forward.step()))
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert fast.rotary.cos.shape[0] == 2 * n
+    assert len(steps) == 2  # rebuilt once, when the table grew
+
+
 @pytest.mark.parametrize("int8_act", [False, True])
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_native_kernels_match_dequantized_reference(kind, int8_act):

@@ -92,7 +92,7 @@ def test_dequantize_matches_gguf_on_random_blocks(qtype):
 def test_dequantize_in_chunks_and_to_other_dtypes(qtype, monkeypatch):
     raw = _random_blocks(qtype, 6, 1024)
     ref = np_dequantize(raw, qtype)
-    monkeypatch.setattr(kg, "_CHUNK_BLOCKS", 5)  # many uneven chunks
+    monkeypatch.setattr(kg, "_CHUNK_ELEMENTS", 5 * 256)  # many uneven chunks (5 or 40 blocks)
     np.testing.assert_array_equal(dequantize(_raw(raw), int(qtype), (6, 1024)).numpy(), ref)
     got = dequantize(_raw(raw), int(qtype), (6, 1024), dtype=torch.bfloat16)
     assert got.dtype == torch.bfloat16

@@ -57,3 +57,25 @@ def test_rope_preserves_norm_and_extends_past_table():
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
     c2, s2 = rot._table(torch.tensor([2, 20, 100]))
     torch.testing.assert_close(c, c2)
+
+
+def test_rope_table_grows_on_demand_and_equals_closed_form():
+    rot = Rotary(8, 5000, theta=10000.0)
+    assert rot.cos.shape[0] == Rotary.INITIAL  # not the whole context up front
+    c, s = rot.cos_sin(torch.tensor([3, 700]))  # past the first table: it doubles
+    assert rot.cos.shape[0] == 2 * Rotary.INITIAL
+    for p, row_c, row_s in ((3, c[0], s[0]), (700, c[1], s[1])):
+        for i in range(4):  # rotate-half layout: frequency i at columns i and i + 4
+            angle = p / 10000 ** (2 * i / 8)
+            for col in (i, i + 4):
+                assert math.isclose(row_c[col].item(), math.cos(angle), abs_tol=1e-4)
+                assert math.isclose(row_s[col].item(), math.sin(angle), abs_tol=1e-4)
+    rot.ensure(4900)
+    assert rot.cos.shape[0] == 4900
+    rot.ensure(10**6)  # never past max_seq_len
+    assert rot.cos.shape[0] == 5000
+    full = Rotary(8, 5000, theta=10000.0)
+    full.ensure(5000)
+    assert torch.equal(rot.cos, full.cos) and torch.equal(rot.sin, full.sin)
+    c, _ = rot.cos_sin(torch.tensor([6000]))  # past the context: computed afresh
+    torch.testing.assert_close(c, rot._table(torch.tensor([6000]))[0])

@@ -92,6 +92,31 @@ def test_rows_of_a_packed_matrix_are_a_slice():
     assert part.packed.data_ptr() == full.packed[64:].data_ptr()
 
 
+@pytest.mark.parametrize("chunk", [1 << 17, 64 * 96])  # one piece per part; many pieces
+def test_parts_quantize_as_their_stack_without_building_it(chunk, monkeypatch):
+    """A fused layer is quantized from its parts a few rows at a time (so a load never holds
+    the stacked copy or full-size temporaries): the result is that of the stacked matrix,
+    and the int8 rows are the closed form round(w / (max|w| / 127))."""
+    import kvformer.quantize as kq
+
+    monkeypatch.setattr(kq, "_CHUNK", chunk)
+    torch.manual_seed(0)
+    parts = [torch.randn(192, 96), torch.randn(64, 96), torch.randn(128, 96)]
+    stacked = torch.cat(parts)
+    l8 = Int8Linear.from_float(parts)
+    scale = stacked.abs().amax(dim=1) / 127
+    assert torch.equal(l8.qweight, (stacked / scale[:, None]).round().clamp(-127, 127)
+                       .to(torch.int8))
+    torch.testing.assert_close(l8.scale.float(), scale, rtol=2 ** -8, atol=0)
+    l4, ref4 = Int4Linear.from_float(parts), Int4Linear.from_float(stacked)
+    q, sc, zero = quantize_int4(stacked)
+    assert torch.equal(unpack_int4_t(l4.packed, 384, 96), q.t())
+    assert torch.equal(l4.scales_and_zeros, ref4.scales_and_zeros)
+    torch.testing.assert_close(l4.scales_and_zeros[..., 0].float(), sc.t(), rtol=2 ** -8, atol=0)
+    with pytest.raises(ValueError, match="int4 needs"):
+        Int4Linear.from_float([torch.randn(64, 96), torch.randn(32, 96)])
+
+
 # --------------------------------------------------------------------------- whole models
 @pytest.mark.parametrize("tie, bias", [(True, False), (False, True)])
 @pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])

@@ -298,6 +298,9 @@ class GGUFTensorInfo:
 
 
 def _type_name(type_id: int) -> str:
+    known = _BLOCK_TYPES.get(type_id) or _FLOAT_TYPES.get(type_id)
+    if known is not None:  # the types kvformer reads: no need to import the gguf package
+        return known[0]
     from gguf import GGMLQuantizationType
 
     try:
@@ -307,6 +310,12 @@ def _type_name(type_id: int) -> str:
 
 
 def _block_sizes(type_id: int) -> tuple[int, int] | None:
+    """(elements per block, bytes per block) of a ggml type, None if unknown."""
+    if type_id in _BLOCK_TYPES:
+        _, block, size, _ = _BLOCK_TYPES[type_id]
+        return block, size
+    if type_id in _FLOAT_TYPES:
+        return 1, _FLOAT_TYPES[type_id][1].itemsize
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     try:
@@ -464,17 +473,29 @@ class GGUFFile:
             return torch.frombuffer(self._mm, dtype=torch.uint8, count=info.nbytes,
                                     offset=info.offset)
 
-    def drop_pages(self, info: GGUFTensorInfo) -> None:
-        """Tell the kernel a tensor's bytes are no longer needed (they have been copied
-        out), so the mapped file's pages stop counting in the process's resident memory."""
-        if self._mm is None or not info.nbytes or not hasattr(mmap, "MADV_DONTNEED"):
+    def drop_pages(self, info: GGUFTensorInfo | None = None) -> None:
+        """Tell the kernel a tensor's bytes (or, with no tensor, the whole file's) are no
+        longer needed here (they have been copied out), so the mapped pages stop counting in
+        the process's resident memory. Reading them again later still works."""
+        if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
-        page = mmap.PAGESIZE
-        start = info.offset // page * page
+        if info is None:
+            start, length = 0, len(self._mm)
+        elif not info.nbytes:
+            return
+        else:
+            start = info.offset // mmap.PAGESIZE * mmap.PAGESIZE
+            length = info.offset + info.nbytes - start
         try:
-            self._mm.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
+            self._mm.madvise(mmap.MADV_DONTNEED, start, length)
         except (OSError, ValueError):  # advisory only
             pass
+
+    def forget_metadata(self, prefix: str) -> None:
+        """Drop the metadata entries whose keys start with ``prefix`` (e.g. the tokenizer's
+        vocabulary, tens of thousands of strings, once the tokenizer is built)."""
+        for key in [k for k in self.metadata if k.startswith(prefix)]:
+            del self.metadata[key]
 
     def close(self) -> None:
         mm, self._mm = getattr(self, "_mm", None), None
@@ -675,7 +696,9 @@ _FLOAT_TYPES: dict[int, tuple[str, torch.dtype]] = {
 SUPPORTED_TENSOR_TYPES: tuple[str, ...] = tuple(
     name for name, *_ in list(_FLOAT_TYPES.values()) + list(_BLOCK_TYPES.values()))
 
-_CHUNK_BLOCKS = 1 << 15  # dequantize this many blocks at a time (cache-sized pieces)
+# Dequantize about this many weights at a time: the float32 temporaries stay under a MB (and
+# out of the peak memory of a load), yet each call still does enough work to be efficient.
+_CHUNK_ELEMENTS = 1 << 17
 
 
 def _view_as(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -700,12 +723,12 @@ def dequantize(raw: torch.Tensor, type_id: int, shape: tuple[int, ...],
     _, block, type_size, fn = _BLOCK_TYPES[type_id]
     blocks = raw.view(-1, type_size)
     n = blocks.shape[0]
-    if n <= _CHUNK_BLOCKS:
-        out = fn(blocks)
-        return (out if dtype == torch.float32 else out.to(dtype)).reshape(shape)
+    per_chunk = max(1, _CHUNK_ELEMENTS // block)
+    if n <= per_chunk and dtype == torch.float32:
+        return fn(blocks).reshape(shape)
     out = torch.empty(n, block, dtype=dtype)
-    for start in range(0, n, _CHUNK_BLOCKS):
-        stop = min(start + _CHUNK_BLOCKS, n)
+    for start in range(0, n, per_chunk):
+        stop = min(start + per_chunk, n)
         out[start:stop] = fn(blocks[start:stop])
     return out.reshape(shape)
 
@@ -921,7 +944,10 @@ def _iter_tensors(f: GGUFFile, cfg: ModelConfig,
                     f"config expects {list(want)} (q, k and v stacked)")
         with _torch_threads(DEQUANT_THREADS):
             tensor = _load_one(f, info, dtype)
-            f.drop_pages(info)  # the tensor owns a copy now
+            # The tensor owns a copy now. Drop the whole mapping, not only this tensor's
+            # range: the kernel maps neighbouring pages in around each fault, and those
+            # would otherwise pile up (~13 MB for SmolLM2).
+            f.drop_pages()
             if len(targets) == 1:
                 name = targets[0]
                 suffix = name.split(".", 2)[2] if name.startswith("layers.") else ""

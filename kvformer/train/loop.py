@@ -425,6 +425,9 @@ class Trainer:
         model.float()
         if model.rotary is not None:
             model.rotary.float()
+            # every position training and sampling will use, tabulated before DDP sees the
+            # buffers (so they are never re-made mid-run)
+            model.rotary.ensure(model_cfg.max_seq_len)
         self.model = model.to(d.device).train()
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
