@@ -54,6 +54,9 @@ _int8_mm = torch.ops.aten._weight_int8pack_mm.default
 
 # --------------------------------------------------------------------------- the maths
 _CHUNK = 1 << 17  # quantize this many weights at a time: temporaries stay under a MB
+# Prefill unpacks a weight to bf16 this many weights at a time (a few MB): large enough
+# that each piece is one efficient matmul, small enough not to hold a big matrix whole.
+_DENSE_CHUNK = 1 << 20
 
 
 def _stacked_rows(parts: list[torch.Tensor], step: int):
@@ -161,7 +164,7 @@ class QuantizedLinear(nn.Module):
         """x W^T (+ b) through a dense bf16 matmul, unpacking the weight a block of rows at
         a time (a few MB), never the whole of a large matrix at once."""
         n, k = self.out_features, self.in_features
-        step = max(INT4_BLOCK_N, _CHUNK // k // INT4_BLOCK_N * INT4_BLOCK_N)
+        step = max(INT4_BLOCK_N, _DENSE_CHUNK // k // INT4_BLOCK_N * INT4_BLOCK_N)
         if n <= step:
             return F.linear(x, self.dequantize(ACT_DTYPE), self.bias)
         y = torch.empty(x.shape[0], n, dtype=ACT_DTYPE)
