@@ -10,9 +10,13 @@ installed) and every run, a fresh Python process loads the model and measures
     batch       total tokens/s at batch 8 (8 different 16-token prompts, 128 new tokens each)
     no cache    tokens/s with use_cache=False (every step recomputes the whole sequence;
                 the seed's comparison): 32 new tokens after the 16-token prompt
-    RSS         peak resident memory of the process (ru_maxrss) after loading and the
-                workloads above (before the perplexity, which holds all its logits)
-    perplexity  on a fixed English text (prefill path), to show quantization keeps quality
+    RSS         peak resident memory as the kernel counts it for the whole process (its
+                ru_maxrss, read by this parent when the process ends: the figure
+                `/usr/bin/time -v` prints), of two processes: one that only loads the model
+                and decodes 128 tokens at batch 1 (as `kvformer generate` does), and the one
+                that runs all the workloads above
+    perplexity  on a fixed English text (prefill path), to show quantization keeps quality;
+                measured once, in a process of its own
 
 Each workload is warmed up first; decode rates are taken between the first and the last new
 token (so the prompt is not counted). The configurations take turns run after run, so the
@@ -29,10 +33,10 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -84,7 +88,8 @@ METRICS = (  # key, column title, unit, higher is better
     ("prefill", f"prefill {PROMPT_TOKENS}", "tok/s", True),
     ("nocache", "no cache", "tok/s", True),
     ("load", "load", "s", False),
-    ("rss", "peak RSS", "MB", False),
+    ("rss", "peak RSS, load + decode b1", "MB", False),
+    ("rss_all", "peak RSS, all workloads", "MB", False),
 )
 
 
@@ -136,10 +141,14 @@ def run(args) -> int:
     for r in range(args.runs):
         for c in configs:
             spec = {**c, "model": args.model, "threads": args.threads, "ids": ids,
-                    "new_tokens": args.new_tokens, "first": r == 0,
-                    "profile": (args.profile and r == 0 and c["engine"] == "kvformer"
-                                and c["dtype"] == "int4")}
-            out = run_worker(spec)
+                    "new_tokens": args.new_tokens}
+            out = run_worker({**spec, "task": "speed"})
+            out["rss_all"] = out.pop("peak_rss")
+            out["rss"] = run_worker({**spec, "task": "memory"})["peak_rss"]
+            if r == 0:  # quality does not change from run to run: once, in its own process
+                profile = (args.profile and c["engine"] == "kvformer" and c["dtype"] == "int4")
+                quality = run_worker({**spec, "task": "quality", "profile": profile})
+                out.update({k: v for k, v in quality.items() if k != "peak_rss"})
             results[label(c)].append(out)
             print(f"[run {r + 1}/{args.runs}] {label(c):<22} " + "  ".join(
                 f"{k} {out[k]:.1f}" for k, *_ in METRICS if k in out), file=sys.stderr)
@@ -199,16 +208,39 @@ def hf_source(model: str) -> dict | None:
     return None
 
 
-def run_worker(spec: dict) -> dict:
+def run_worker(spec: dict, timeout: float = 1800) -> dict:
+    """One task in a fresh process; its result, plus ``peak_rss``: the process's maximum
+    resident set size in MB as the kernel reports it to this parent when it ends (the
+    figure `/usr/bin/time -v` prints; the process's own view of it can lag by a few MB)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(spec["threads"])}
-    proc = subprocess.run([sys.executable, "-m", "kvformer.bench", "--worker"],
-                          input=json.dumps(spec), capture_output=True, text=True, env=env,
-                          timeout=1800)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"benchmark of {label(spec)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "kvformer.bench", "--worker"],
+                                stdin=subprocess.PIPE, stdout=out, stderr=err, text=True,
+                                env=env)
+        proc.stdin.write(json.dumps(spec))
+        proc.stdin.close()
+        deadline = time.monotonic() + timeout
+        while True:  # os.wait4, not proc.wait: it also returns the process's rusage
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                raise RuntimeError(f"benchmark of {label(spec)} ({spec['task']}) took more "
+                                   f"than {timeout:.0f} s")
+            time.sleep(0.05)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        lines = [ln for ln in out.read().splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"benchmark of {label(spec)} ({spec['task']}) failed:\n"
+                               f"{err.read()[-3000:]}")
+    result = json.loads(lines[-1])
+    result["peak_rss"] = usage.ru_maxrss / 1024  # Linux: kilobytes
+    return result
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -269,7 +301,7 @@ def _fmt(value, key) -> str:
         return "–"
     if key == "load":
         return f"{value:.2f}"
-    if key == "rss":
+    if key in ("rss", "rss_all"):
         return f"{value:.0f}"
     return f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
@@ -430,43 +462,30 @@ def _stamps(stream, n: int) -> float:
     return (count - 1) / (last - first)
 
 
-def load_kvformer(model: str, mode: str):
-    """``kvformer.load`` in ``mode``, accelerated. Until ``load`` takes int8/int4 itself this
-    builds the quantized model the way ``load`` is meant to (streaming, one tensor at a
-    time), so the figures are those of that path."""
-    from .fast import accelerate
-    from .loading import load
-
-    try:
-        model_, tok = load(model, dtype=mode, progress=False)
-    except ValueError:
-        from .checkpoints.gguf import GGUFFile, config_from_gguf, iter_gguf_tensors
-        from .loading import resolve
-        from .quantize import build_model
-        from .tokenizer import Tokenizer
-
-        kind, path = resolve(model)
-        if kind != "gguf":
-            raise
-        import torch
-
-        with GGUFFile(path) as f:
-            cfg = config_from_gguf(f.metadata, path)
-            model_ = build_model(cfg, iter_gguf_tensors(f, cfg, torch.bfloat16), mode)
-            tok = Tokenizer.from_gguf(f.metadata)
-    return accelerate(model_), tok
-
-
 def _kvformer(spec: dict) -> dict:
     import torch
 
     from . import native
     from .generate import generate_stream, perplexity
+    from .loading import load
 
     ids, n = spec["ids"], spec["new_tokens"]
+    if spec["task"] == "memory":  # what `kvformer generate` does: load, then decode
+        model, _ = load(spec["model"], dtype=spec["dtype"], progress=False)
+        _stamps(generate_stream(model, ids["short"], n), n)
+        return {}
+    if spec["task"] == "quality":
+        model, _ = load(spec["model"], dtype=spec["dtype"], progress=False)
+        out = {"ppl": perplexity(model, ids["text"]),
+               "ppl_decode": decode_perplexity(model, ids["text"][:256])}
+        if spec.get("profile"):
+            out["profile"] = profile_step(model, ids["short"])
+            out["compile"] = compile_experiment(model)
+        return out
+
     out: dict = {"native": native.available()}  # built (once) before the clock starts
     t = time.perf_counter()
-    model, _ = load_kvformer(spec["model"], spec["dtype"])
+    model, _ = load(spec["model"], dtype=spec["dtype"], progress=False)
     out["load"] = time.perf_counter() - t
     long = torch.tensor([ids["long"]])
 
@@ -490,14 +509,6 @@ def _kvformer(spec: dict) -> dict:
     out["nocache"] = _stamps(generate_stream(model, ids["short"], NOCACHE_TOKENS,
                                              use_cache=False), NOCACHE_TOKENS)
     out["decode_path"] = type(model.forward.step()).__name__
-    # peak memory of loading and generating; the measurements below add their own
-    out["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if spec["first"]:
-        out["ppl"] = perplexity(model, ids["text"])
-        out["ppl_decode"] = decode_perplexity(model, ids["text"][:256])
-    if spec.get("profile"):
-        out["profile"] = profile_step(model, ids["short"])
-        out["compile"] = compile_experiment(model)
     return out
 
 
@@ -621,6 +632,12 @@ def _transformers(spec: dict) -> dict:
                                                      **kwargs)
     model.eval()
     out: dict = {"load": time.perf_counter() - t}
+    if spec["task"] == "quality":
+        with torch.inference_mode():
+            text = torch.tensor([ids["text"]])
+            logits = model(text).logits[0, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits, text[0, 1:])
+        return {"ppl": math.exp(nll.item())}
 
     class Stamp(LogitsProcessor):
         def __init__(self):
@@ -648,6 +665,9 @@ def _transformers(spec: dict) -> dict:
             model(tokens, use_cache=True, logits_to_keep=1)
             return tokens.shape[1] / (time.perf_counter() - t0)
 
+    if spec["task"] == "memory":
+        gen([ids["short"]], n)
+        return {}
     long = torch.tensor([ids["long"]])
     prefill(long[:, :64])
     out["prefill"] = prefill(long)
@@ -657,13 +677,6 @@ def _transformers(spec: dict) -> dict:
     out["batch"] = BATCH * gen(ids["batch"], n)
     gen([ids["short"]], 4, use_cache=False)
     out["nocache"] = gen([ids["short"]], NOCACHE_TOKENS, use_cache=False)
-    out["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if spec["first"]:
-        with torch.inference_mode():
-            text = torch.tensor([ids["text"]])
-            logits = model(text).logits[0, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits, text[0, 1:])
-        out["ppl"] = math.exp(nll.item())
     return out
 
 
