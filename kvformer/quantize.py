@@ -209,6 +209,9 @@ class Int8Linear(QuantizedLinear):
         return _int8_mm(x, self.qweight, self.scale)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if dtype == self.scale.dtype:  # bf16 (prefill): no float32 temporary; the same
+            # values, since q * scale is exact in float32 and rounded once either way
+            return self.qweight.to(dtype).mul_(self.scale[:, None])
         w = self.qweight.to(torch.float32) * self.scale.float()[:, None]
         return w.to(dtype)
 
