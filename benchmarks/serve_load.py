@@ -122,6 +122,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
            "--max-batch", str(args.max_batch), "--log-level", "warning"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.dtype:
+        cmd += ["--dtype", args.dtype]
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -181,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dtype", default=None, help="the server's --dtype (default: its own)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--chart", type=Path, default=None, help="write a PNG chart here")
     args = p.parse_args(argv)

@@ -30,6 +30,21 @@ class KVCache:
         self.batch_size, self.max_len = batch_size, max_len
         self.length = 0
 
+    @classmethod
+    def from_tensors(cls, k: list[torch.Tensor], v: list[torch.Tensor],
+                     length: int) -> KVCache:
+        """A cache over existing per-layer ``[batch, n_kv_head, max_len, head_dim]``
+        tensors (contiguous) whose first ``length`` slots are filled."""
+        b, _, max_len, _ = k[0].shape
+        if len(k) != len(v) or any(t.shape != k[0].shape for t in k + v):
+            raise ValueError("k and v need one tensor of the same shape per layer")
+        if not 0 <= length <= max_len:
+            raise ValueError(f"length={length} is outside the {max_len} slots")
+        cache = cls.__new__(cls)
+        cache.k, cache.v = list(k), list(v)
+        cache.batch_size, cache.max_len, cache.length = b, max_len, length
+        return cache
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

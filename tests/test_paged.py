@@ -1,9 +1,12 @@
 """The paged KV cache: same logits as the contiguous cache, block bookkeeping, running out."""
 
+import copy
+
 import pytest
 import torch
 
 from kvformer import ContextOverflowError, ModelConfig, Transformer, generate
+from kvformer.fast import accelerate
 from kvformer.serve.engine import Engine, SamplingParams
 from kvformer.serve.paged import BlockPool, OutOfBlocksError
 
@@ -61,6 +64,56 @@ def test_batch_through_paged_cache_equals_each_sequence_alone(pos, n_kv_head):
             torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
 
+def native_or_skip(native):
+    if native is None:
+        from kvformer import native as nat
+
+        if not nat.available():
+            pytest.skip("no C++ compiler: the native decode step is not available")
+
+
+@pytest.mark.parametrize("native", [False, None])  # the Python fast step, the C++ one
+@torch.inference_mode()
+def test_fast_decode_through_a_step_cache_equals_the_paged_forward(native):
+    """A decode step of rows of different lengths: gathered into a contiguous step cache,
+    run by the fast decode step and written back, it gives the logits and leaves the pool
+    holding the K/V that the model's forward over the paged cache gives."""
+    native_or_skip(native)
+    model = tiny()
+    fast = accelerate(copy.deepcopy(model), native=native)
+    pools = [BlockPool.for_model(model, n_blocks=32, block_size=4) for _ in range(2)]
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12], [13], [14, 15, 16, 17, 18]]
+    tables = [[[] for _ in prompts] for _ in pools]
+    for pool, tabs in zip(pools, tables):
+        for tab, p in zip(tabs, prompts):
+            pool.grow(tab, len(p))
+            model(torch.tensor([p]), cache=pool.batch([tab], [0]))
+    lengths = [len(p) for p in prompts]
+    for step in range(3):
+        tokens = torch.tensor([[20 + step]] * len(prompts))
+        pos = torch.tensor([[n] for n in lengths])
+        for pool, tabs in zip(pools, tables):
+            for tab, n in zip(tabs, lengths):
+                pool.grow(tab, n + 1)
+        ref_batch = pools[0].batch(tables[0], lengths)
+        ref = model(tokens, input_pos=pos, cache=ref_batch)[:, -1]
+        batch = pools[1].batch(tables[1], lengths)
+        cache = batch.step_cache()
+        assert cache.k[0].is_contiguous() and cache.length == max(lengths)
+        out = fast(tokens, input_pos=pos, cache=cache, key_mask=batch.key_mask(1))[:, -1]
+        batch.write_back(cache)
+        assert fast.forward.step().supported  # the fast step ran it, not the forward
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        assert batch.lengths == ref_batch.lengths == [n + 1 for n in lengths]
+        lengths = batch.lengths
+    for ta, tb, n in zip(tables[0], tables[1], lengths):  # every slot each row has written
+        ia, ib = pools[0].slot_index(ta, 0, n), pools[1].slot_index(tb, 0, n)
+        for a, b in zip(pools[0].k + pools[0].v, pools[1].k + pools[1].v):
+            h, d = a.shape[0], a.shape[-1]
+            torch.testing.assert_close(b.view(h, -1, d)[:, ib], a.view(h, -1, d)[:, ia],
+                                       atol=1e-5, rtol=1e-5)
+
+
 def test_blocks_are_allocated_and_freed():
     pool = BlockPool(n_layer=1, n_blocks=8, block_size=4, n_kv_head=1, head_dim=2)
     assert (pool.num_free, pool.num_used, pool.capacity) == (8, 0, 32)
@@ -107,13 +160,16 @@ def test_forward_without_room_in_the_table_refuses():
         model(torch.tensor([[1, 2, 3, 4, 5]]), cache=batch)  # 5 tokens, 4 slots
 
 
-def test_engine_preempts_when_blocks_run_out_and_still_matches_generate():
+@pytest.mark.parametrize("fast", [False, True])  # the model's forward; accelerate(model)
+def test_engine_preempts_when_blocks_run_out_and_still_matches_generate(fast):
     model = tiny(seed=1)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(8)  # decisive logits: no near-ties for batching noise to flip
     prompts = [[i % 60 + 1 for i in range(k, k + 6 + 3 * k)] for k in range(6)]
     expected = [generate(model, p, 24) for p in prompts]
+    if fast:  # decode steps through the fast step on a gathered contiguous cache
+        model = accelerate(copy.deepcopy(model))
     # 6 sequences of up to 45 tokens in 20 blocks of 4 (80 slots): they cannot all fit
     engine = Engine(model, None, max_batch=6, kv_blocks=20, block_size=4, prefill_chunk=8)
     with engine:

@@ -18,7 +18,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "/v1/completions, /v1/chat/completions, /health, /metrics.")
     p.add_argument("--model", "-m", default="default",
                    help="a .gguf file, a model directory, or 'default' (SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default=None, help="fp32 (default), bf16 or fp16")
+    p.add_argument("--dtype", default="auto",
+                   choices=["auto", "fp32", "bf16", "fp16", "int8", "int4"],
+                   help="weights: auto (default: int4 for a 4-bit GGUF, else int8 — the fastest "
+                        "that keeps quality), fp32 (exact), bf16, fp16, int8, int4")
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients send (default: the --model argument)")
     p.add_argument("--host", default="127.0.0.1",

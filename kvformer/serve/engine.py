@@ -8,7 +8,9 @@ loop, so all torch work stays off the web server's event loop:
 3. admit waiting sequences while fewer than ``max_batch`` run and the pool has blocks for
    the whole prompt (plus one spare block per running sequence, so they can grow);
 4. one *decode* forward for every sequence with exactly one token not yet cached: T=1,
-   rows of different lengths left-padded by ``PagedBatch``;
+   rows of different lengths left-padded by ``PagedBatch`` (for an accelerated model,
+   gathered into a contiguous cache so the fast decode step of ``kvformer.native`` /
+   ``kvformer.fast`` runs it, and the new K/V written back to the pool);
 5. *prefill* of at most ``prefill_chunk`` prompt tokens (one forward per sequence, B=1),
    so a long new prompt does not stall the running streams for more than a chunk.
 
@@ -37,8 +39,13 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ContextOverflowError, KvformerError
+from ..fast import FastForward
 from ..sampling import sample, validate_sampling
 from .paged import BlockPool, OutOfBlocksError
+
+# Largest contiguous copy of the batch's K/V a decode step may gather to run the fast step
+# (beyond it, e.g. 16 rows of 2,000+ tokens, the step runs over the paged cache in place).
+STEP_CACHE_BUDGET = 64 << 20
 
 log = logging.getLogger("kvformer.serve")
 
@@ -198,6 +205,9 @@ class Engine:
         if isinstance(kv_blocks, bool) or not isinstance(kv_blocks, int) or kv_blocks < 1:
             raise ValueError(f"kv_blocks={kv_blocks!r} must be an integer >= 1")
         self.pool = BlockPool.for_model(model, kv_blocks, block_size)
+        # an accelerated model (kvformer.load's) decodes through the lean step of
+        # kvformer.fast / the C++ one of kvformer.native, which need a contiguous cache
+        self._fast_decode = isinstance(model.__dict__.get("forward"), FastForward)
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.max_queue, self.queue_timeout = max_queue, queue_timeout
         self.step_delay = step_delay  # tests: slow every step down
@@ -456,7 +466,15 @@ class Engine:
         tokens = torch.tensor([[s.token_at(s.num_cached)] for s in seqs], device=device)
         pos = torch.tensor([[s.num_cached] for s in seqs], device=device)
         cache = self.pool.batch([s.blocks for s in seqs], [s.num_cached for s in seqs])
-        logits = self.model(tokens, input_pos=pos, cache=cache)[:, -1]
+        if self._fast_decode and cache.step_cache_bytes() <= STEP_CACHE_BUDGET:
+            # the fast decode step reads only a contiguous cache: gather the rows into one
+            # (a copy per layer, as the paged attention makes anyway), step, write back
+            step = cache.step_cache()
+            logits = self.model(tokens, input_pos=pos, cache=step,
+                                key_mask=cache.key_mask(1))[:, -1]
+            cache.write_back(step)
+        else:
+            logits = self.model(tokens, input_pos=pos, cache=cache)[:, -1]
         for s in seqs:
             s.num_cached += 1
         self._sample(seqs, logits)

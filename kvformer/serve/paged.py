@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..cache import KVCache
 from ..errors import ContextOverflowError, KvformerError
 
 
@@ -204,3 +205,41 @@ class PagedBatch:
         self.lengths = [n + n_new for n in self.lengths]
         self.length += n_new
         self._n_new = None
+
+    # one-token steps through the contiguous layout ---------------------------------------
+    def step_cache_bytes(self) -> int:
+        """What ``step_cache`` allocates: K and V of every layer, ``length + 1`` slots."""
+        return (2 * self.pool.n_layer * self.batch_size * self.pool.n_kv_head
+                * (self.length + 1) * self.pool.head_dim * self.pool.k[0].element_size())
+
+    def step_cache(self) -> KVCache:
+        """For a one-token step: every row's cached K/V gathered, left-padded as ``update``
+        presents them, into a contiguous ``KVCache`` of ``length + 1`` slots (one copy per
+        layer: a single ``index_select`` lands in ``[B, n_kv_head, slots, head_dim]``
+        order). The fast decode steps of ``kvformer.fast``/``kvformer.native`` read only
+        that layout. Run the step on it with ``key_mask(1)``, then ``write_back`` it."""
+        self._prepare(1)
+        pool, b, width = self.pool, self.batch_size, self.length + 1
+        h, d = pool.n_kv_head, pool.head_dim
+        per_head = pool.k[0].shape[1] * pool.block_size  # slots per head in a pool tensor
+        heads = torch.arange(h, device=pool.device).view(1, h, 1) * per_head
+        index = (self._read.view(b, 1, width) + heads).reshape(-1)  # [B * H * width]
+        cache = KVCache.from_tensors(
+            [t.view(-1, d).index_select(0, index).view(b, h, width, d) for t in pool.k],
+            [t.view(-1, d).index_select(0, index).view(b, h, width, d) for t in pool.v],
+            self.length)
+        self._write_heads = (self._write.view(b, 1) + heads.view(1, h)).reshape(-1)
+        return cache
+
+    def write_back(self, cache: KVCache) -> None:
+        """Copy the slot that a one-token step wrote into ``step_cache``'s cache to each
+        row's place in the pool, and advance, as ``update`` + ``advance`` would have."""
+        if cache.length != self.length + 1:
+            raise ValueError(f"the step cache holds {cache.length} slots, expected "
+                             f"{self.length + 1}: run exactly one token through it first")
+        b, h, d = self.batch_size, self.pool.n_kv_head, self.pool.head_dim
+        col = self.length
+        for pool, new in zip(self.pool.k + self.pool.v, cache.k + cache.v):
+            pool.view(-1, d).index_copy_(0, self._write_heads,
+                                         new[:, :, col].reshape(b * h, d))
+        self.advance(1)
