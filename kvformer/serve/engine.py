@@ -23,6 +23,11 @@ A sequence that cannot fit even alone ends with ``finish_reason='length'``.
 Each request gets its own sampling settings and ``torch.Generator``, so its tokens do not
 depend on what else is in the batch. Results go out through the request's ``sink``
 callable, called on the engine thread with ``Output`` objects.
+
+Threads: the model runs on the engine thread. If the thread that built the model ran
+multi-threaded torch ops (a load does), its OpenMP team competes with the engine thread's
+and decoding is about half as fast on 2 cores; ``kvformer serve`` therefore loads on one
+torch thread (``torch.set_num_threads(1)`` around ``kvformer.load``). See docs/serving.md.
 """
 
 from __future__ import annotations
