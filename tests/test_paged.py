@@ -98,7 +98,8 @@ def test_fast_decode_through_a_step_cache_equals_the_paged_forward(native):
         ref_batch = pools[0].batch(tables[0], lengths)
         ref = model(tokens, input_pos=pos, cache=ref_batch)[:, -1]
         batch = pools[1].batch(tables[1], lengths)
-        cache = batch.step_cache()
+        if step == 0:  # gathered once, with room for the two later steps of the same rows
+            cache = batch.step_cache(room=2)
         assert cache.k[0].is_contiguous() and cache.length == max(lengths)
         out = fast(tokens, input_pos=pos, cache=cache, key_mask=batch.key_mask(1))[:, -1]
         batch.write_back(cache)
@@ -161,15 +162,26 @@ def test_forward_without_room_in_the_table_refuses():
 
 
 @pytest.mark.parametrize("fast", [False, True])  # the model's forward; accelerate(model)
-def test_engine_preempts_when_blocks_run_out_and_still_matches_generate(fast):
+def test_engine_preempts_when_blocks_run_out_and_still_matches_generate(fast, monkeypatch):
     model = tiny(seed=1)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(8)  # decisive logits: no near-ties for batching noise to flip
     prompts = [[i % 60 + 1 for i in range(k, k + 6 + 3 * k)] for k in range(6)]
     expected = [generate(model, p, 24) for p in prompts]
+    gathers, steps = [], []
     if fast:  # decode steps through the fast step on a gathered contiguous cache
         model = accelerate(copy.deepcopy(model))
+        from kvformer.serve.paged import PagedBatch
+
+        def counted(method, log):
+            def spy(self, *a):
+                log.append(1)
+                return method(self, *a)
+            return spy
+
+        monkeypatch.setattr(PagedBatch, "step_cache", counted(PagedBatch.step_cache, gathers))
+        monkeypatch.setattr(PagedBatch, "write_back", counted(PagedBatch.write_back, steps))
     # 6 sequences of up to 45 tokens in 20 blocks of 4 (80 slots): they cannot all fit
     engine = Engine(model, None, max_batch=6, kv_blocks=20, block_size=4, prefill_chunk=8)
     with engine:
@@ -194,6 +206,8 @@ def test_engine_preempts_when_blocks_run_out_and_still_matches_generate(fast):
     for outs, exp in zip(sinks, expected):
         assert [t for o in outs for t in o.token_ids] == exp
         assert outs[-1].finish_reason == "length" and outs[-1].completion_tokens == 24
+    if fast:  # the same rows' next steps reuse the gathered cache: far fewer gathers
+        assert 0 < len(gathers) < len(steps) / 2
 
 
 def test_a_sequence_larger_than_the_pool_ends_with_length():

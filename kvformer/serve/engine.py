@@ -51,6 +51,8 @@ from .paged import BlockPool, OutOfBlocksError
 # Largest contiguous copy of the batch's K/V a decode step may gather to run the fast step
 # (beyond it, e.g. 16 rows of 2,000+ tokens, the step runs over the paged cache in place).
 STEP_CACHE_BUDGET = 64 << 20
+# Spare slots a gathered step cache gets, so the same rows' next steps reuse it.
+STEP_ROOM = 32
 
 log = logging.getLogger("kvformer.serve")
 
@@ -213,6 +215,7 @@ class Engine:
         # an accelerated model (kvformer.load's) decodes through the lean step of
         # kvformer.fast / the C++ one of kvformer.native, which need a contiguous cache
         self._fast_decode = isinstance(model.__dict__.get("forward"), FastForward)
+        self._step_memo = None  # (row ids, their lengths, step cache) after the last decode
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.max_queue, self.queue_timeout = max_queue, queue_timeout
         self.step_delay = step_delay  # tests: slow every step down
@@ -457,6 +460,8 @@ class Engine:
                         break
         if ready:
             self._decode(ready)
+        else:
+            self._step_memo = None  # nothing decodes: do not hold a gathered cache
 
         budget = self.prefill_chunk
         for seq in [s for s in self.running if s.num_tokens - s.num_cached > 1]:
@@ -471,14 +476,24 @@ class Engine:
         tokens = torch.tensor([[s.token_at(s.num_cached)] for s in seqs], device=device)
         pos = torch.tensor([[s.num_cached] for s in seqs], device=device)
         cache = self.pool.batch([s.blocks for s in seqs], [s.num_cached for s in seqs])
-        if self._fast_decode and cache.step_cache_bytes() <= STEP_CACHE_BUDGET:
-            # the fast decode step reads only a contiguous cache: gather the rows into one
-            # (a copy per layer, as the paged attention makes anyway), step, write back
-            step = cache.step_cache()
+        if self._fast_decode and cache.step_cache_bytes(STEP_ROOM) <= STEP_CACHE_BUDGET:
+            # The fast decode step reads only a contiguous cache: gather the rows into one
+            # with room for STEP_ROOM more steps, step, write the new slots back to the
+            # pool. While the same rows keep decoding, the next steps reuse it.
+            rows = [s.id for s in seqs]
+            memo = self._step_memo
+            if (memo is not None and memo[0] == rows and memo[1] == cache.lengths
+                    and memo[2].length < memo[2].max_len):
+                step = memo[2]
+            else:
+                self._step_memo = None  # free the old one before gathering a new one
+                step = cache.step_cache(STEP_ROOM)
             logits = self.model(tokens, input_pos=pos, cache=step,
                                 key_mask=cache.key_mask(1))[:, -1]
             cache.write_back(step)
+            self._step_memo = (rows, list(cache.lengths), step)
         else:
+            self._step_memo = None
             logits = self.model(tokens, input_pos=pos, cache=cache)[:, -1]
         for s in seqs:
             s.num_cached += 1

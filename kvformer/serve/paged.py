@@ -207,39 +207,49 @@ class PagedBatch:
         self._n_new = None
 
     # one-token steps through the contiguous layout ---------------------------------------
-    def step_cache_bytes(self) -> int:
-        """What ``step_cache`` allocates: K and V of every layer, ``length + 1`` slots."""
+    def step_cache_bytes(self, room: int = 0) -> int:
+        """What ``step_cache(room)`` allocates: K and V of every layer."""
         return (2 * self.pool.n_layer * self.batch_size * self.pool.n_kv_head
-                * (self.length + 1) * self.pool.head_dim * self.pool.k[0].element_size())
+                * (self.length + 1 + room) * self.pool.head_dim * self.pool.k[0].element_size())
 
-    def step_cache(self) -> KVCache:
+    def step_cache(self, room: int = 0) -> KVCache:
         """For a one-token step: every row's cached K/V gathered, left-padded as ``update``
-        presents them, into a contiguous ``KVCache`` of ``length + 1`` slots (one copy per
-        layer: a single ``index_select`` lands in ``[B, n_kv_head, slots, head_dim]``
-        order). The fast decode steps of ``kvformer.fast``/``kvformer.native`` read only
-        that layout. Run the step on it with ``key_mask(1)``, then ``write_back`` it."""
+        presents them, into a contiguous ``KVCache`` of ``length + 1 + room`` slots (one
+        copy per layer: a single ``index_select`` lands in ``[B, n_kv_head, slots,
+        head_dim]`` order). The fast decode steps of ``kvformer.fast``/``kvformer.native``
+        read only that layout. Run the step on it with ``key_mask(1)``, then
+        ``write_back`` it. With ``room``, the same cache can serve the next steps of the
+        same rows (each adding one token) without gathering again."""
         self._prepare(1)
         pool, b, width = self.pool, self.batch_size, self.length + 1
         h, d = pool.n_kv_head, pool.head_dim
-        per_head = pool.k[0].shape[1] * pool.block_size  # slots per head in a pool tensor
-        heads = torch.arange(h, device=pool.device).view(1, h, 1) * per_head
-        index = (self._read.view(b, 1, width) + heads).reshape(-1)  # [B * H * width]
-        cache = KVCache.from_tensors(
-            [t.view(-1, d).index_select(0, index).view(b, h, width, d) for t in pool.k],
-            [t.view(-1, d).index_select(0, index).view(b, h, width, d) for t in pool.v],
+        read = self._read.view(b, width)
+        if room:  # spare columns read block 0 (zeros) until steps write them
+            read = torch.cat([read, read.new_zeros(b, room)], dim=1)
+        index = (read.unsqueeze(1) + self._head_offsets().view(1, h, 1)).reshape(-1)
+        shape = (b, h, width + room, d)
+        return KVCache.from_tensors(
+            [t.view(-1, d).index_select(0, index).view(shape) for t in pool.k],
+            [t.view(-1, d).index_select(0, index).view(shape) for t in pool.v],
             self.length)
-        self._write_heads = (self._write.view(b, 1) + heads.view(1, h)).reshape(-1)
-        return cache
+
+    def _head_offsets(self) -> torch.Tensor:
+        """Where each head's slots start in a flattened pool tensor."""
+        per_head = self.pool.k[0].shape[1] * self.pool.block_size
+        return torch.arange(self.pool.n_kv_head, device=self.pool.device) * per_head
 
     def write_back(self, cache: KVCache) -> None:
-        """Copy the slot that a one-token step wrote into ``step_cache``'s cache to each
-        row's place in the pool, and advance, as ``update`` + ``advance`` would have."""
-        if cache.length != self.length + 1:
-            raise ValueError(f"the step cache holds {cache.length} slots, expected "
+        """Copy the slot that a one-token step wrote into a step cache (this batch's, or
+        the previous step's for the same rows) to each row's place in the pool, and
+        advance, as ``update`` + ``advance`` would have."""
+        if cache.length != self.length + 1 or cache.batch_size != self.batch_size:
+            raise ValueError(f"the step cache holds {cache.batch_size} rows of "
+                             f"{cache.length} slots, expected {self.batch_size} of "
                              f"{self.length + 1}: run exactly one token through it first")
+        self._prepare(1)
         b, h, d = self.batch_size, self.pool.n_kv_head, self.pool.head_dim
+        index = (self._write.view(b, 1) + self._head_offsets().view(1, h)).reshape(-1)
         col = self.length
         for pool, new in zip(self.pool.k + self.pool.v, cache.k + cache.v):
-            pool.view(-1, d).index_copy_(0, self._write_heads,
-                                         new[:, :, col].reshape(b * h, d))
+            pool.view(-1, d).index_copy_(0, index, new[:, :, col].reshape(b * h, d))
         self.advance(1)
