@@ -682,9 +682,9 @@ def _transformers(spec: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """`kvformer bench` on its own (benchmarks/bench.py), outside the kvformer command."""
-    import argparse
+    from .errors import ArgumentParser
 
-    parser = argparse.ArgumentParser(prog="kvformer")
+    parser = ArgumentParser(prog="kvformer")
     register(parser.add_subparsers(dest="verb", required=True))
     args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
     return args.func(args)

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from .errors import KvformerError
+from .errors import ArgumentParser, KvformerError
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -28,7 +28,7 @@ def _add_sampling(p: argparse.ArgumentParser, max_new: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvformer", description=__doc__)
+    parser = ArgumentParser(prog="kvformer", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     g = sub.add_parser("generate", help="continue a prompt (argument or stdin), streaming")

@@ -108,3 +108,21 @@ def test_corrupt_gguf_is_one_line(tmp_path):
     res = run_cli("generate", "hi", "--model", str(bad))
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
     assert "broken.gguf" in res.stderr
+
+
+@pytest.mark.parametrize("args, prog, words", [
+    (["generate", "hi", "--dtype", "int9"], "kvformer generate", ["--dtype", "'int9'"]),
+    (["nosuchverb"], "kvformer", ["invalid choice", "'nosuchverb'"]),
+    (["serve", "--port", "x"], "kvformer serve", ["--port", "'x'"]),
+    (["train", "--steps", "many"], "kvformer train", ["--steps", "'many'"]),
+])
+def test_bad_command_lines_are_one_line_exit_2(args, prog, words, capsys):
+    """argparse's own errors too: one line naming the problem, no usage block."""
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error:"), lines
+    assert lines[0].endswith(f"(see {prog} --help)")
+    for w in words:
+        assert w in lines[0]

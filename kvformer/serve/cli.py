@@ -7,7 +7,7 @@ import ipaddress
 import os
 import sys
 
-from ..errors import KvformerError
+from ..errors import ArgumentParser, KvformerError
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -131,7 +131,7 @@ def cmd_serve(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``serve`` on its own: ``python -c 'from kvformer.serve.cli import main; main()'``."""
-    parser = argparse.ArgumentParser(prog="kvformer")
+    parser = ArgumentParser(prog="kvformer")
     register(parser.add_subparsers(dest="verb", required=True))
     args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
     try:

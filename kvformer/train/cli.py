@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from ..errors import KvformerError
+from ..errors import ArgumentParser, KvformerError
 
 INTERRUPTED = 130  # the conventional status of a program stopped by Ctrl-C
 
@@ -147,7 +147,7 @@ def register(subparsers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m kvformer.train``: the train verb's flags, without the verb."""
-    parser = argparse.ArgumentParser(prog="python -m kvformer.train",
+    parser = ArgumentParser(prog="python -m kvformer.train",
                                      description="Train a kvformer model (see docs/training.md)")
     add_train_arguments(parser)
     args = parser.parse_args(argv)
