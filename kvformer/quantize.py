@@ -72,6 +72,11 @@ def _stacked_rows(parts: list[torch.Tensor], step: int):
         row += n
 
 
+def _as_parts(w: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+    """A matrix, or a list of matrices to be treated as stacked, as a list."""
+    return list(w) if isinstance(w, (list, tuple)) else [w]
+
+
 def _stack_shape(parts: list[torch.Tensor]) -> tuple[int, int]:
     k = parts[0].shape[1]
     if any(p.dim() != 2 or p.shape[1] != k for p in parts):
@@ -82,7 +87,7 @@ def _stack_shape(parts: list[torch.Tensor]) -> tuple[int, int]:
 def quantize_int8(w: torch.Tensor | list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: (q int8 [N, K], scale fp32 [N]) with w ~= q * scale[:, None].
     ``w`` may be a list of matrices, quantized as if stacked (without building the stack)."""
-    parts = list(w) if isinstance(w, (list, tuple)) else [w]
+    parts = _as_parts(w)
     n, k = _stack_shape(parts)
     q = torch.empty(n, k, dtype=torch.int8)
     scale = torch.empty(n)
@@ -103,19 +108,12 @@ def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP
     q = torch.empty(n, k, dtype=torch.uint8)
     scale, zero = torch.empty(n, k // group), torch.empty(n, k // group)
     for a, b, piece in _stacked_rows([w], max(1, _CHUNK // max(k, 1))):
-        _quantize_int4_rows(piece, group, q[a:b], scale[a:b], zero[a:b])
+        wg = piece.to(torch.float32, copy=True).reshape(b - a, k // group, group)
+        lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+        s = (hi - lo).div_(15).clamp_(min=1e-10)
+        q[a:b] = wg.sub_(lo[..., None]).div_(s[..., None]).round_().clamp_(0, 15).view(b - a, k)
+        scale[a:b], zero[a:b] = s, lo.add_(s, alpha=8)
     return q, scale, zero
-
-
-def _quantize_int4_rows(w: torch.Tensor, group: int, q: torch.Tensor, scale: torch.Tensor,
-                        zero: torch.Tensor) -> None:
-    n, k = w.shape
-    wg = w.to(torch.float32, copy=True).reshape(n, k // group, group)
-    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
-    s = (hi - lo).div_(15).clamp_(min=1e-10)
-    q.copy_(wg.sub_(lo[..., None]).div_(s[..., None]).round_().clamp_(0, 15).view(n, k))
-    scale.copy_(s)
-    zero.copy_(lo.add_(s, alpha=8))
 
 
 def int4_supported(n: int, k: int, group: int = INT4_GROUP) -> bool:
@@ -258,7 +256,7 @@ class Int4Linear(QuantizedLinear):
                    bias: torch.Tensor | None = None, group: int = INT4_GROUP) -> Int4Linear:
         """Quantize ``weight`` [N, K], or a list of matrices as if stacked (a fused layer,
         built without the stacked copy), a few blocks of 64 rows at a time."""
-        parts = list(weight) if isinstance(weight, (list, tuple)) else [weight]
+        parts = _as_parts(weight)
         n, k = _stack_shape(parts)
         for p in parts:
             if not int4_supported(p.shape[0], k, group):
@@ -312,7 +310,7 @@ def _make(mode: str, weight: torch.Tensor | list[torch.Tensor], bias: torch.Tens
           group: int = INT4_GROUP) -> nn.Module:
     """A quantized linear layer for ``weight`` [N, K] (or a list of matrices to stack into
     one fused layer); int4 falls back to int8 for shapes the int4 kernel cannot take."""
-    parts = list(weight) if isinstance(weight, (list, tuple)) else [weight]
+    parts = _as_parts(weight)
     if mode == "int4" and all(int4_supported(p.shape[0], p.shape[1], group) for p in parts):
         return Int4Linear.from_float(parts, bias, group)
     return Int8Linear.from_float(parts, bias)
