@@ -473,21 +473,14 @@ class GGUFFile:
             return torch.frombuffer(self._mm, dtype=torch.uint8, count=info.nbytes,
                                     offset=info.offset)
 
-    def drop_pages(self, info: GGUFTensorInfo | None = None) -> None:
-        """Tell the kernel a tensor's bytes (or, with no tensor, the whole file's) are no
-        longer needed here (they have been copied out), so the mapped pages stop counting in
-        the process's resident memory. Reading them again later still works."""
+    def drop_pages(self) -> None:
+        """Tell the kernel the mapped file's pages are no longer needed here (what was read
+        has been copied out), so they stop counting in the process's resident memory.
+        Reading them again later still works."""
         if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
-        if info is None:
-            start, length = 0, len(self._mm)
-        elif not info.nbytes:
-            return
-        else:
-            start = info.offset // mmap.PAGESIZE * mmap.PAGESIZE
-            length = info.offset + info.nbytes - start
         try:
-            self._mm.madvise(mmap.MADV_DONTNEED, start, length)
+            self._mm.madvise(mmap.MADV_DONTNEED, 0, len(self._mm))
         except (OSError, ValueError):  # advisory only
             pass
 
@@ -946,7 +939,7 @@ def _iter_tensors(f: GGUFFile, cfg: ModelConfig,
             tensor = _load_one(f, info, dtype)
             # The tensor owns a copy now. Drop the whole mapping, not only this tensor's
             # range: the kernel maps neighbouring pages in around each fault, and those
-            # would otherwise pile up (~13 MB for SmolLM2).
+            # would otherwise pile up (~13 MB for SmolLM2). Cheap where nothing is mapped.
             f.drop_pages()
             if len(targets) == 1:
                 name = targets[0]
