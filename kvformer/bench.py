@@ -258,23 +258,12 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def machine_info(threads: int, load_before, load_after, seconds: float) -> dict:
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = next((ln for ln in fh if ln.startswith("flags")), "")
-    except OSError:
-        pass
+    from .native import cpuinfo
+
+    cpu = cpuinfo("model name").partition(":")[2].strip() or "unknown CPU"
+    flags = cpuinfo("flags").split()
     isa = [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "avx512vbmi", "amx_tile")
-           if f in flags.split()]
+           if f in flags]
     import torch
 
     versions = {"python": platform.python_version(), "torch": torch.__version__}

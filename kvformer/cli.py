@@ -10,7 +10,8 @@ import time
 from .errors import ArgumentParser, KvformerError
 
 
-def _add_model(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model and --dtype, as every verb that loads a model takes them."""
     p.add_argument("--model", "-m", default="default",
                    help="a .gguf file, a model directory, or 'default' (SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto",
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="continue a prompt (argument or stdin), streaming")
     g.add_argument("prompt", nargs="?", help="the prompt; read from stdin when omitted")
-    _add_model(g)
+    add_model_arguments(g)
     _add_sampling(g, 128)
     g.add_argument("--no-cache", action="store_true",
                    help="recompute the whole sequence for every token (the seed's comparison)")
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stats", action="store_true", help="print tokens/s to stderr")
 
     c = sub.add_parser("chat", help="interactive multi-turn chat (Ctrl-D exits)")
-    _add_model(c)
+    add_model_arguments(c)
     _add_sampling(c, 256)
     c.add_argument("--system", default=None, help="system message")
     c.add_argument("--context", type=int, default=4096, help="KV cache size in tokens")

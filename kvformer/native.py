@@ -1066,16 +1066,19 @@ def _cache_dir() -> Path:
     return Path(root) / "native"
 
 
+def cpuinfo(field: str) -> str:
+    """The first line of /proc/cpuinfo that starts with ``field`` ('' where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((line for line in fh if line.startswith(field)), "")
+    except OSError:
+        return ""
+
+
 def _build_key() -> str:
     """Source, torch version and CPU features: a binary built with -march=native is only
     reused on the kind of machine it was built for."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = next((line for line in fh if line.startswith("flags")), "")
-    except OSError:
-        pass
-    h = hashlib.sha256("\0".join([SOURCE, torch.__version__, flags]).encode())
+    h = hashlib.sha256("\0".join([SOURCE, torch.__version__, cpuinfo("flags")]).encode())
     return h.hexdigest()[:16]
 
 

@@ -7,6 +7,7 @@ import ipaddress
 import os
 import sys
 
+from ..cli import add_model_arguments
 from ..errors import ArgumentParser, KvformerError
 
 
@@ -16,12 +17,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         "serve", help="an OpenAI-compatible HTTP server (continuous batching, paged KV cache)",
         description="Serve a model over an OpenAI-compatible HTTP API: /v1/models, "
                     "/v1/completions, /v1/chat/completions, /health, /metrics.")
-    p.add_argument("--model", "-m", default="default",
-                   help="a .gguf file, a model directory, or 'default' (SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="auto",
-                   choices=["auto", "fp32", "bf16", "fp16", "int8", "int4"],
-                   help="weights: auto (default: int4 for a 4-bit GGUF, else int8 — the fastest "
-                        "that keeps quality), fp32 (exact), bf16, fp16, int8, int4")
+    add_model_arguments(p)
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients send (default: the --model argument)")
     p.add_argument("--host", default="127.0.0.1",
