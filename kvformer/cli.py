@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", default=None, help="PNG (or, for docs, a directory)")
     e.add_argument("--model", "-m", default="default")
 
+    b = sub.add_parser("build", help="compile kvformer's C++ kernels for this machine (make "
+                                     "does it during setup)")
+    b.add_argument("--force", action="store_true", help="build again even if a build exists")
+
     from .bench import register as register_bench
     from .serve.cli import register as register_serve
     from .train.cli import register as register_train
@@ -170,10 +174,35 @@ def cmd_info(args) -> int:
         (f"KV cache, full context {cfg.max_seq_len} (fp32)",
          f"{full:,} bytes ({human_bytes(full)})"),
         ("  the same model as MHA", human_bytes(full * cfg.n_head // cfg.n_kv_head)),
+        ("kernels on this CPU", _kernels_line()),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def _kernels_line() -> str:
+    """Which kernel path quantized models run here, and their activations' dtype."""
+    from . import native
+    from .quantize import act_dtype
+
+    act = {"torch.bfloat16": "bf16", "torch.float32": "fp32"}.get(str(act_dtype()))
+    if not native.available(build_if_missing=False):
+        return f"torch ops (native kernels not built: run `kvformer build`); activations {act}"
+    return f"{native.kernel_path()}; activations {act}"
+
+
+def cmd_build(args) -> int:
+    from . import native
+
+    try:
+        path = native.build(force=args.force)
+    except native.NativeBuildError as exc:
+        print(f"kvformer build: {exc}", file=sys.stderr)
+        return 1
+    print(f"kvformer: native kernels in {path}")
+    print(f"kvformer: {_kernels_line()}")
     return 0
 
 
@@ -226,7 +255,8 @@ def cmd_explain(args) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info,
-            "kv-size": cmd_kv_size, "attention": cmd_attention, "explain": cmd_explain}
+            "kv-size": cmd_kv_size, "attention": cmd_attention, "explain": cmd_explain,
+            "build": cmd_build}
 
 
 def main(argv: list[str] | None = None) -> int:

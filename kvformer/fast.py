@@ -25,44 +25,34 @@ paged one) goes through ``Transformer.forward`` as before. Checked against
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVCache
-from .norms import LayerNorm, RMSNorm
-from .quantize import Int4Linear, Int8Linear, _int4_mm, _int8_mm
+from .plan import LinearPlan, NormPlan, StepPlan, Unsupported
 
 
-def _linear_fn(linear: nn.Module):
+def _linear_fn(lp: LinearPlan):
     """x [M, K] -> x W^T (+ b) through the cheapest call for this kind of layer."""
-    bias = linear.bias
-    if isinstance(linear, Int4Linear):
-        packed, group = linear.packed, linear.group
-        sz = linear.scales_and_zeros.contiguous()
-        if bias is None:
-            return lambda x: _int4_mm(x, packed, group, sz)
-        return lambda x: _int4_mm(x, packed, group, sz).add_(bias)
-    if isinstance(linear, Int8Linear):
-        q, scale = linear.qweight, linear.scale
-        if bias is None:
-            return lambda x: _int8_mm(x, q, scale)
-        return lambda x: _int8_mm(x, q, scale).add_(bias)
-    if type(linear) is nn.Linear:
-        weight = linear.weight
+    bias = lp.bias
+    if lp.kind == "dense":
+        weight = lp.weight
         return lambda x: F.linear(x, weight, bias)
-    return linear  # anything else: call the module
+    mm = lp.module.small_mm  # kvformer's kernels, or torch's without the native library
+    if bias is None:
+        return mm
+    return lambda x: mm(x).add_(bias)
 
 
-def _norm_fn(norm: nn.Module, dim: int):
-    """x [B, D] -> norm(x) as one fused kernel where possible.
+def _norm_fn(norm: NormPlan, dim: int, dtype: torch.dtype):
+    """x [B, D] -> norm(x) as one fused kernel.
 
     RMSNorm has no fused CPU kernel in torch, but LayerNorm does, and the RMS norm of x is
     the LayerNorm of [x, -x] (mean 0, variance mean(x^2)) restricted to its first half."""
-    if isinstance(norm, RMSNorm):
-        weight = torch.cat([norm.weight.detach(), torch.zeros_like(norm.weight)])
+    if norm.rms:
+        weight = torch.cat([norm.weight, torch.zeros_like(norm.weight)]).to(dtype)
         eps, shape = norm.eps, (2 * dim,)
 
         def rms(x, buf):
@@ -70,79 +60,67 @@ def _norm_fn(norm: nn.Module, dim: int):
             torch.neg(x, out=buf[:, dim:])
             return F.layer_norm(buf, shape, weight, None, eps)[:, :dim].contiguous()
         return rms
-    if isinstance(norm, LayerNorm):
-        weight, bias, eps = norm.weight, norm.bias, norm.eps
-        return lambda x, buf: F.layer_norm(x, (dim,), weight, bias, eps)
-    return None
+    weight = norm.weight.to(dtype)
+    bias = norm.bias.to(dtype) if norm.bias is not None else None
+    return lambda x, buf: F.layer_norm(x, (dim,), weight, bias, norm.eps)
 
 
 class _Layer:
     __slots__ = ("attn_norm", "qkv", "q", "k", "v", "wo", "mlp_norm", "gate_up", "gate", "up",
-                 "down", "swiglu", "idx")
+                 "down", "idx")
 
 
 class DecodeStep:
     """``step(tokens [B, 1], cache, input_pos=None, key_mask=None) -> logits [B, 1, V]`` for
-    a model with rotary (or no) positions and RMS/LayerNorm; ``supported`` says whether
-    this model can use it."""
+    a model with rotary (or no) positions and RMS/LayerNorm, read from its ``StepPlan``;
+    ``supported`` says whether this model can use it."""
 
     def __init__(self, model: nn.Module):
-        cfg = model.cfg
-        self.model, self.cfg = model, cfg
-        self.supported = (cfg.pos in ("rope", "none") and cfg.norm in ("rmsnorm", "layernorm")
-                          and isinstance(model.norm, (RMSNorm, LayerNorm)))
-        if not self.supported:
+        self.model, self.cfg = model, model.cfg
+        try:
+            plan = StepPlan.from_model(model)
+        except Unsupported:
+            self.supported = False
             return
-        self.dtype = model.dtype
-        d, hd = cfg.d_model, cfg.head_dim
-        self.n_q, self.n_kv, self.hd = cfg.n_head, cfg.n_kv_head, hd
-        self.group = cfg.n_head // cfg.n_kv_head
-        self.layers = [self._plan(i, block, d) for i, block in enumerate(model.layers)]
-        self.final_norm = _norm_fn(model.norm, d)
-        head = model._modules.get("lm_head")
-        if head is None:
-            emb = model.tok_emb.weight
-            self.head = lambda x: F.linear(x, emb)
-        else:
-            self.head = _linear_fn(head)
-        if type(model.tok_emb) is nn.Embedding:
-            table = model.tok_emb.weight
+        self.supported = True
+        self.plan = plan
+        self.dtype = plan.act_dtype
+        d, hd = plan.d_model, plan.head_dim
+        self.n_q, self.n_kv, self.hd = plan.n_head, plan.n_kv_head, hd
+        self.group = plan.n_head // plan.n_kv_head
+        self.swiglu = plan.swiglu
+        self.layers = [self._layer(i, lp, d) for i, lp in enumerate(plan.layers)]
+        self.final_norm = _norm_fn(plan.final_norm, d, self.dtype)
+        self.head = _linear_fn(plan.head)
+        if plan.embed_kind == "dense":
+            table = plan.embed_weight
             self.embed = lambda tokens: F.embedding(tokens, table)
         else:
-            self.embed = model.tok_emb  # quantized: its own lookup
-        if cfg.pos == "rope":
+            self.embed = model.tok_emb  # int8 rows: its own lookup
+        if plan.rope:
             # rotate-half: x * cos + cat(-x2, x1) * sin == x * cos + roll(x, half) * sin_signed
             half = hd // 2
-            cos, sin = model.rotary.cos, model.rotary.sin
             sign = torch.cat([-torch.ones(half), torch.ones(half)])
-            self.cos, self.sin = cos.to(self.dtype), (sin * sign).to(self.dtype)
+            self.cos, self.sin = plan.cos.to(self.dtype), (plan.sin * sign).to(self.dtype)
         # 1/sqrt(d_k) folded into the query heads (their rotation, with rotary positions)
         scale = torch.ones(self.n_q + self.n_kv, 1)
-        scale[:self.n_q] = 1 / math.sqrt(hd)
+        scale[:self.n_q] = plan.q_scale
         self.head_scale = scale.to(self.dtype)
         self._bufs: dict[int, torch.Tensor] = {}
 
-    def _plan(self, i: int, block: nn.Module, d: int) -> _Layer:
+    def _layer(self, i: int, lp, d: int) -> _Layer:
         L = _Layer()
         L.idx = i
-        attn, mlp = block.attn, block.mlp
-        L.attn_norm, L.mlp_norm = _norm_fn(block.attn_norm, d), _norm_fn(block.mlp_norm, d)
-        if L.attn_norm is None or L.mlp_norm is None:
-            self.supported = False
-        fused = attn._modules.get("wqkv")
-        L.qkv = _linear_fn(fused) if fused is not None else None
-        L.q, L.k, L.v = _linear_fn(attn.wq), _linear_fn(attn.wk), _linear_fn(attn.wv)
-        L.wo = _linear_fn(attn.wo)
-        L.swiglu = mlp.kind == "swiglu"
-        fused = mlp._modules.get("w_gate_up")
-        L.gate_up = _linear_fn(fused) if fused is not None else None
-        L.gate = _linear_fn(mlp.w_gate) if L.swiglu else None
-        L.up, L.down = _linear_fn(mlp.w_up), _linear_fn(mlp.w_down)
+        L.attn_norm = _norm_fn(lp.attn_norm, d, self.dtype)
+        L.mlp_norm = _norm_fn(lp.mlp_norm, d, self.dtype)
+        for name in ("qkv", "q", "k", "v", "wo", "gate_up", "gate", "up", "down"):
+            part = getattr(lp, name)
+            setattr(L, name, _linear_fn(part) if part is not None else None)
         return L
 
     def usable(self, tokens: torch.Tensor, cache) -> bool:
         return (self.supported and tokens.shape[1] == 1 and type(cache) is KVCache
-                and tokens.shape[0] == cache.batch_size
+                and tokens.shape[0] == cache.batch_size and cache.k[0].dtype == self.dtype
                 and all(b.attn.weights_sink is None for b in self.model.layers))
 
     def _norm_buf(self, b: int) -> torch.Tensor:
@@ -211,7 +189,7 @@ class DecodeStep:
             out = torch.matmul(weights, values).view(b, n_q * hd)
             x.add_(L.wo(out))
             h = L.mlp_norm(x, buf)
-            if L.swiglu:
+            if self.swiglu:
                 if L.gate_up is not None:
                     gu = L.gate_up(h)
                     f = gu.shape[1] // 2
@@ -225,14 +203,15 @@ class DecodeStep:
         return self.head(self.final_norm(x, buf)).unsqueeze(1)
 
 
-def decode_step(model: nn.Module, native: bool | None = None):
+def decode_step(model: nn.Module, native: bool | str | None = None):
     """The fastest decode step this machine has for ``model``: the C++ operator of
-    ``kvformer.native`` (built on first use; ``native=False`` or ``KVFORMER_NATIVE=0``
-    skips it), else the Python ``DecodeStep``. Check ``.supported`` before use."""
+    ``kvformer.native`` (``native`` may name its kernel path, e.g. 'avx2'; ``False`` or
+    ``KVFORMER_NATIVE=0`` skips it), else the Python ``DecodeStep``. Check ``.supported``
+    before use."""
     if native is not False:
         from .native import NativeDecodeStep
 
-        step = NativeDecodeStep(model)
+        step = NativeDecodeStep(model, isa=native if isinstance(native, str) else None)
         if step.supported:
             return step
     return DecodeStep(model)
@@ -243,7 +222,7 @@ class FastForward:
     gradients) go through ``decode_step(model)``; every other call goes to
     ``Transformer.forward``."""
 
-    def __init__(self, model: nn.Module, native: bool | None = None):
+    def __init__(self, model: nn.Module, native: bool | str | None = None):
         self.model = model
         self.native = native
         self.original = type(model).forward.__get__(model)
@@ -287,13 +266,15 @@ class FastForward:
         return self.original(tokens, input_pos, cache, key_mask, last_only=last_only)
 
 
-def accelerate(model: nn.Module, native: bool | None = None) -> nn.Module:
+def accelerate(model: nn.Module, native: bool | str | None = None) -> nn.Module:
     """Route the model's decode steps through the fast decode step (in place; returns the
     model). Call it once the weights are final (after ``quantize_model``); calling it again
-    rebuilds the step from the current weights."""
+    rebuilds the step from the current weights. The step is made now, so a first build of
+    the native library happens here (with a message on stderr), never mid-generation."""
     current = model.__dict__.get("forward")
     if isinstance(current, FastForward) and current.native == native:
         current.reset()
     else:
         model.forward = FastForward(model, native)
+    model.forward.step()
     return model

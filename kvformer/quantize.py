@@ -1,18 +1,28 @@
-"""Weight-only quantization: int8 per output channel, int4 per group of input columns.
+"""Weight-only quantization in layouts kvformer defines: the same bytes on every CPU.
 
 Only weights are quantized: the linear layers of the blocks, and the LM head and embedding
-as one shared int8 table (``Int8Embedding``). Activations stay bf16, because torch's CPU
-kernels for packed weights are fast only with bf16 inputs. The model code never learns it
-is quantized: ``nn.Linear`` modules are swapped for ``Int8Linear`` / ``Int4Linear`` modules
-with the same ``forward(x)``, which use the packed kernels for a few rows (decode) and
-unpack the weight to a dense bf16 matmul for many (prefill).
+as one shared int8 table (``Int8Embedding``). The model code never learns it is quantized:
+``nn.Linear`` modules are swapped for ``Int8Linear`` / ``Int4Linear`` modules with the same
+``forward(x)``, which use kvformer's kernels (``kvformer.native``) for a few rows (decode)
+and unpack the weight to a dense matmul for many (prefill).
 
-    int8:  w[n, k] ~= q[n, k] * scale[n]                     q in [-127, 127]
-    int4:  w[n, k] ~= (q[n, k] - 8) * scale[n, g] + zero[n, g]   q in [0, 15], g = k // group
+    int8:  w[n, k] ~= q[n, k] * scale[n]                  q int8 in [-127, 127], scale fp32
+    int4:  w[n, k] ~= d[n, b] * q[n, k] + m[n, b]         q in [0, 15], b = k // 32, d, m fp16
 
-The int4 form is the same as GGUF's Q4_1 blocks (``d * q + m`` with ``zero = m + 8 d``), so a
-Q4_1 file requantized at group 32 keeps its grid: the round trip loses only the rounding of
-the scales to bf16.
+int4 is GGUF's Q4_1 form (``d * q + m`` per block of 32, fp16 d and m), so a Q4_1 file keeps
+its grid. Its bytes are laid out for integer dot-product instructions (the layout is
+written out in ``kvformer/csrc/kernels.h`` and docs/architecture.md):
+
+    qweight  uint8 [N/16, K/32, 4, 16, 4]: tile t of 16 rows, block b of 32 columns,
+             sub-block s, row r, byte j holds column 32b+8s+j (low nibble) and 32b+8s+4+j
+             (high nibble) of row 16t+r
+    scales   fp16  [N/16, K/32, 2, 16]: d of the tile's 16 rows for block b, then their m
+
+Rows stay in tiles, so the rows [16i, 16j) of a matrix are a slice of both tensors: the
+fused Q/K/V and gate/up matrices serve their parts without copies.
+
+Activations are computed in ``act_dtype()``: bf16 where the CPU multiplies it natively
+(AVX-512 BF16, AMX), fp32 elsewhere (on an AVX2 CPU a bf16 matmul is ~25x slower than fp32).
 
 Two ways in:
 
@@ -21,14 +31,15 @@ Two ways in:
   a time (a loader's iterator) into an untouched skeleton, quantizing each weight as it
   arrives, so a quantized model never holds a full-precision copy of its weights.
 
-Both fuse Q/K/V and gate/up into one quantized matrix per layer (the decode steps of
-``kvformer.fast`` and ``kvformer.native`` make one call for each); the model's own
-``wq``/``wk``/``wv`` and ``w_gate``/``w_up`` become row slices that share its storage.
-A quantized model's state_dict holds packed tensors: save models before quantizing them.
+Both fuse Q/K/V and gate/up into one quantized matrix per layer (the decode steps make one
+call for each); the model's own ``wq``/``wk``/``wv`` and ``w_gate``/``w_up`` become row
+slices that share its storage.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Iterable
 
 import torch
@@ -40,22 +51,50 @@ from .config import ModelConfig
 
 MODES = ("fp32", "bf16", "fp16", "int8", "int4")
 DENSE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ACT_DTYPE = torch.bfloat16  # what the packed-weight kernels are fast with
-INT4_GROUP = 32
-INT4_BLOCK_N = 64  # rows are packed in blocks of 64 (32 low nibbles + 32 high nibbles)
-# At or above this many rows of input, unpack the weight once and use a dense bf16 matmul
-# (prefill); below it, the packed kernels (decode) are faster.
+INT4_TILE = 16   # int4 rows per tile
+INT4_BLOCK = 32  # int4 columns per (d, m) pair
+_FP16_MAX = 65504.0
+# At or above this many rows of input, unpack the weight once and use a dense matmul
+# (prefill); below it, kvformer's kernels (decode) are faster.
 DENSE_ROWS = 64
 
-_int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu.default
-_int4_pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu.default
 _int8_mm = torch.ops.aten._weight_int8pack_mm.default
+_torch_int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+_torch_int4_pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu.default
+
+
+@functools.cache
+def _bf16_native() -> bool:
+    from .native import cpuinfo
+
+    flags = cpuinfo("flags").split()
+    return (torch.backends.cpu.get_cpu_capability() == "AVX512"
+            and ("avx512_bf16" in flags or "amx_bf16" in flags))
+
+
+def act_dtype() -> torch.dtype:
+    """The dtype quantized models compute their activations in on this CPU: bf16 where it is
+    native (AVX-512 BF16 or AMX, with torch dispatching to AVX-512), fp32 elsewhere.
+    ``KVFORMER_ACT_DTYPE=fp32|bf16`` overrides it."""
+    forced = os.environ.get("KVFORMER_ACT_DTYPE", "").strip().lower()
+    if forced in ("fp32", "float32"):
+        return torch.float32
+    if forced in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    return torch.bfloat16 if _bf16_native() else torch.float32
+
+
+def _native():
+    """kvformer.native if its library is loaded in this process, else None (never builds)."""
+    from . import native
+
+    return native if native.loaded() else None
 
 
 # --------------------------------------------------------------------------- the maths
 _CHUNK = 1 << 17  # quantize this many weights at a time: temporaries stay under a MB
-# Prefill unpacks a weight to bf16 this many weights at a time (a few MB): large enough
-# that each piece is one efficient matmul, small enough not to hold a big matrix whole.
+# Prefill unpacks a weight this many weights at a time (a few MB): large enough that each
+# piece is one efficient matmul, small enough not to hold a big matrix whole.
 _DENSE_CHUNK = 1 << 20
 
 
@@ -99,79 +138,129 @@ def quantize_int8(w: torch.Tensor | list[torch.Tensor]) -> tuple[torch.Tensor, t
     return q, scale
 
 
-def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric min/max int4 per group of ``group`` input columns (GGUF Q4_1's form):
-    (q uint8 [N, K] in 0..15, scale fp32 [N, K/group], zero fp32 [N, K/group]) with
-    w ~= (q - 8) * scale + zero."""
+def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Min/max int4 per block of 32 input columns (GGUF Q4_1's form): (q uint8 [N, K] in
+    0..15, d fp16 [N, K/32], m fp16 [N, K/32]) with w ~= d * q + m. d and m are rounded to
+    fp16 first and q is chosen against the rounded values, so the stored numbers are the
+    ones the integers were fitted to."""
     n, k = w.shape
+    nb = k // INT4_BLOCK
     q = torch.empty(n, k, dtype=torch.uint8)
-    scale, zero = torch.empty(n, k // group), torch.empty(n, k // group)
+    d, m = torch.empty(n, nb, dtype=torch.float16), torch.empty(n, nb, dtype=torch.float16)
     for a, b, piece in _stacked_rows([w], max(1, _CHUNK // max(k, 1))):
-        wg = piece.to(torch.float32, copy=True).reshape(b - a, k // group, group)
+        wg = piece.to(torch.float32, copy=True).reshape(b - a, nb, INT4_BLOCK)
         lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
-        s = (hi - lo).div_(15).clamp_(min=1e-10)
-        q[a:b] = wg.sub_(lo[..., None]).div_(s[..., None]).round_().clamp_(0, 15).view(b - a, k)
-        scale[a:b], zero[a:b] = s, lo.add_(s, alpha=8)
-    return q, scale, zero
+        d16, m16 = ((hi - lo) / 15).half(), lo.half()
+        dd, mm = d16.float(), m16.float()
+        inv = torch.where(dd > 0, 1 / dd, torch.zeros_like(dd))
+        q[a:b] = wg.sub_(mm[..., None]).mul_(inv[..., None]).round_().clamp_(0, 15).view(b - a, k)
+        d[a:b], m[a:b] = d16, m16
+    return q, d, m
 
 
-def int4_supported(n: int, k: int, group: int = INT4_GROUP) -> bool:
-    return n % INT4_BLOCK_N == 0 and k % group == 0 and k % 2 == 0
+def int4_supported(n: int, k: int) -> bool:
+    return n % INT4_TILE == 0 and k % INT4_BLOCK == 0
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """q uint8 [N, K] in 0..15 -> torch's CPU int4 layout, uint8 [N, K/2]: for each block
-    of 64 rows and each column k, 32 bytes whose low nibble is row i and high nibble row
-    i + 32 of the block. Rows stay in blocks, so a slice of rows at a multiple of 64 is
-    a slice of the packed tensor."""
-    return _int4_pack(q.to(torch.int32).contiguous(), 1)
+    """q uint8 [N, K] in 0..15 -> kvformer's int4 layout, uint8 [N/16, K/32, 256]."""
+    n, k = q.shape
+    p = q.view(n // 16, 16, k // 32, 4, 2, 4).permute(0, 2, 3, 1, 4, 5)  # t b s r h j
+    return (p[..., 0, :] | (p[..., 1, :] << 4)).reshape(n // 16, k // 32, 256)
 
 
-def unpack_int4_t(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """The inverse of ``pack_int4``, transposed: uint8 [K, N] (the layout a dense matmul of
-    x [M, K] by it wants)."""
-    p = packed.view(n // INT4_BLOCK_N, k, INT4_BLOCK_N // 2)
-    q = torch.cat([p & 15, p >> 4], dim=-1)  # [N/64, K, 64]: row-in-block is the last dim
-    return q.permute(1, 0, 2).reshape(k, n)
+def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``pack_int4``: uint8 [N, K] in 0..15."""
+    t, kb, _ = qweight.shape
+    p = qweight.view(t, kb, 4, 16, 4)  # t b s r j
+    q = torch.stack([p & 15, p >> 4], dim=4)  # t b s r h j: column 32b + 8s + 4h + j
+    return q.permute(0, 3, 1, 2, 4, 5).reshape(t * 16, kb * 32)
+
+
+def pack_scales(d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """d, m fp16 [N, K/32] -> fp16 [N/16, K/32, 2, 16]."""
+    n, nb = d.shape
+    return torch.stack([d.view(n // 16, 16, nb), m.view(n // 16, 16, nb)], dim=1) \
+        .permute(0, 3, 1, 2).contiguous()
+
+
+def unpack_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of ``pack_scales``: (d, m) fp16 [N, K/32]."""
+    t, nb = scales.shape[:2]
+    s = scales.permute(0, 3, 2, 1)  # t r (d|m) b
+    return s[:, :, 0].reshape(t * 16, nb), s[:, :, 1].reshape(t * 16, nb)
 
 
 # --------------------------------------------------------------------------- modules
 class QuantizedLinear(nn.Module):
-    """Common part: shapes, bias, and the switch between the packed kernel (few rows) and
-    a dense bf16 matmul of the unpacked weight (many rows)."""
+    """Common part: shapes, bias, and the switch between kvformer's kernels (few rows) and a
+    dense matmul of the unpacked weight (many rows).
 
-    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
+    ``isa`` picks the kernel path for this layer ('avx512', 'avx2', 'scalar', or 'torch' for
+    torch's own ops); None, the default, means ``kvformer.native.default_isa()`` when the
+    native library is loaded and torch's ops otherwise."""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None,
+                 act: torch.dtype | None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.act_dtype = act or act_dtype()
+        self.isa: str | None = None
         self.bias = None if bias is None else nn.Parameter(
-            bias.detach().to(ACT_DTYPE), requires_grad=False)
+            bias.detach().to(self.act_dtype), requires_grad=False)
+
+    EXACT: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        return _apply_keeping(self, super()._apply, fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(ACT_DTYPE)
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != self.act_dtype:
+            x2 = x2.to(self.act_dtype)
         if x2.shape[0] >= DENSE_ROWS:
             y = self.dense_mm(x2)
         else:
-            y = self.packed_mm(x2)
+            y = self.small_mm(x2)
             if self.bias is not None:
                 y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
+    def kernel_isa(self) -> str:
+        """The kernel path this layer uses now."""
+        if self.isa is not None:
+            return self.isa
+        native = _native()
+        return native.default_isa() if native else "torch"
+
+    def small_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] (M small) -> x W^T [M, N] in x's dtype, without the bias."""
+        isa = self.kernel_isa()
+        if isa == "torch":
+            return self.torch_mm(x)
+        a, b = self.kernel_tensors()
+        return torch.ops.kvformer_native.linear(x, self.KIND, a, b, isa).to(x.dtype)
+
     def dense_mm(self, x: torch.Tensor) -> torch.Tensor:
-        """x W^T (+ b) through a dense bf16 matmul, unpacking the weight a block of rows at
-        a time (a few MB), never the whole of a large matrix at once."""
+        """x W^T (+ b) through a dense matmul in x's dtype, unpacking the weight a block of
+        rows at a time (a few MB), never the whole of a large matrix at once."""
         n, k = self.out_features, self.in_features
-        step = max(INT4_BLOCK_N, _DENSE_CHUNK // k // INT4_BLOCK_N * INT4_BLOCK_N)
+        step = max(INT4_TILE, _DENSE_CHUNK // k // INT4_TILE * INT4_TILE)
         if n <= step:
-            return F.linear(x, self.dequantize(ACT_DTYPE), self.bias)
-        y = torch.empty(x.shape[0], n, dtype=ACT_DTYPE)
+            return F.linear(x, self.dequantize(x.dtype), self.bias)
+        y = torch.empty(x.shape[0], n, dtype=x.dtype)
         for a in range(0, n, step):
             part = self.rows(a, min(a + step, n))
-            y[:, a:a + step] = F.linear(x, part.dequantize(ACT_DTYPE), part.bias)
+            y[:, a:a + step] = F.linear(x, part.dequantize(x.dtype), part.bias)
         return y
 
-    def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+    KIND = ""
+
+    def kernel_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def torch_mm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def rows(self, start: int, end: int) -> QuantizedLinear:
@@ -188,132 +277,185 @@ class QuantizedLinear(nn.Module):
 
 
 class Int8Linear(QuantizedLinear):
-    """int8 weights with one bf16 scale per output row; ``torch._weight_int8pack_mm``."""
+    """int8 weights, row-major [N, K], with one fp32 scale per output row."""
+
+    KIND = "int8"
+    EXACT = ("scale",)
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor,
-                 bias: torch.Tensor | None = None):
-        super().__init__(qweight.shape[1], qweight.shape[0], bias)
+                 bias: torch.Tensor | None = None, act: torch.dtype | None = None):
+        super().__init__(qweight.shape[1], qweight.shape[0], bias, act)
         self.register_buffer("qweight", qweight)
-        self.register_buffer("scale", scale.to(ACT_DTYPE))
+        self.register_buffer("scale", scale.to(torch.float32))
 
     @classmethod
     def from_float(cls, weight: torch.Tensor | list[torch.Tensor],
-                   bias: torch.Tensor | None = None) -> Int8Linear:
+                   bias: torch.Tensor | None = None, act: torch.dtype | None = None
+                   ) -> Int8Linear:
         """Quantize ``weight`` [N, K], or a list of matrices as if stacked (a fused layer)."""
         q, scale = quantize_int8(weight)
-        return cls(q, scale, bias)
+        return cls(q, scale, bias, act)
 
-    def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
-        return _int8_mm(x, self.qweight, self.scale)
+    def kernel_tensors(self):
+        return self.qweight, self.scale
+
+    def torch_mm(self, x: torch.Tensor) -> torch.Tensor:
+        return _int8_mm(x, self.qweight, self.scale.to(x.dtype))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        if dtype == self.scale.dtype:  # bf16 (prefill): no float32 temporary; the same
-            # values, since q * scale is exact in float32 and rounded once either way
-            return self.qweight.to(dtype).mul_(self.scale[:, None])
-        w = self.qweight.to(torch.float32) * self.scale.float()[:, None]
-        return w.to(dtype)
+        return (self.qweight.to(torch.float32) * self.scale[:, None]).to(dtype)
 
     def rows(self, start: int, end: int) -> Int8Linear:
         bias = None if self.bias is None else self.bias[start:end]
-        return Int8Linear(self.qweight[start:end], self.scale[start:end], bias)
+        return Int8Linear(self.qweight[start:end], self.scale[start:end], bias, self.act_dtype)
 
 
 class Int8Embedding(nn.Module):
     """An embedding table looked up from int8 rows and their scales: with tied embeddings
     it shares the int8 LM head's storage, so the table is held once, in a quarter of fp32."""
 
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor):
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor,
+                 act: torch.dtype | None = None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = qweight.shape
+        self.act_dtype = act or act_dtype()
         self.register_buffer("qweight", qweight)
-        self.register_buffer("scale", scale.to(ACT_DTYPE))
+        self.register_buffer("scale", scale.to(torch.float32))
+
+    EXACT = ("scale",)
+
+    def _apply(self, fn, recurse=True):
+        return _apply_keeping(self, super()._apply, fn, recurse)
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor) -> Int8Embedding:
-        return cls(*quantize_int8(weight))
+    def from_float(cls, weight: torch.Tensor, act: torch.dtype | None = None) -> Int8Embedding:
+        return cls(*quantize_int8(weight), act)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(tokens, self.qweight).to(ACT_DTYPE)
-        return rows.mul_(F.embedding(tokens, self.scale.unsqueeze(1)))
+        rows = F.embedding(tokens, self.qweight).to(torch.float32)
+        return rows.mul_(F.embedding(tokens, self.scale.unsqueeze(1))).to(self.act_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"
 
 
 class Int4Linear(QuantizedLinear):
-    """int4 weights, min/max per group of input columns, in torch's packed CPU layout;
-    ``torch.ops.aten._weight_int4pack_mm_for_cpu``. scales_and_zeros is [K/group, N, 2]."""
+    """int4 weights in kvformer's layout (module docstring): ``qweight`` uint8
+    [N/16, K/32, 256] and ``scales`` fp16 [N/16, K/32, 2, 16]."""
 
-    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int,
-                 in_features: int, bias: torch.Tensor | None = None):
-        super().__init__(in_features, packed.shape[0], bias)
-        self.group = group
-        self.register_buffer("packed", packed)
-        self.register_buffer("scales_and_zeros", scales_and_zeros.to(ACT_DTYPE))
+    KIND = "int4"
+    EXACT = ("scales",)
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor,
+                 bias: torch.Tensor | None = None, act: torch.dtype | None = None):
+        t, kb, width = qweight.shape
+        if width != 256 or scales.shape != (t, kb, 2, INT4_TILE) or \
+                scales.dtype != torch.float16 or qweight.dtype != torch.uint8:
+            raise ValueError(f"not kvformer's int4 layout: qweight {qweight.dtype} "
+                             f"{list(qweight.shape)}, scales {scales.dtype} {list(scales.shape)}")
+        super().__init__(kb * INT4_BLOCK, t * INT4_TILE, bias, act)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self._torch_pack = None  # torch's own packed copy, made only for its fallback kernel
 
     @classmethod
     def from_float(cls, weight: torch.Tensor | list[torch.Tensor],
-                   bias: torch.Tensor | None = None, group: int = INT4_GROUP) -> Int4Linear:
+                   bias: torch.Tensor | None = None, act: torch.dtype | None = None
+                   ) -> Int4Linear:
         """Quantize ``weight`` [N, K], or a list of matrices as if stacked (a fused layer,
-        built without the stacked copy), a few blocks of 64 rows at a time."""
+        built without the stacked copy), a few tiles of 16 rows at a time."""
         parts = _as_parts(weight)
         n, k = _stack_shape(parts)
         for p in parts:
-            if not int4_supported(p.shape[0], k, group):
-                raise ValueError(f"int4 needs out_features % {INT4_BLOCK_N} == 0 and "
-                                 f"in_features % {group} == 0, got {p.shape[0]} x {k}")
-        packed = torch.empty(n, k // 2, dtype=torch.uint8)
-        sz = torch.empty(k // group, n, 2, dtype=ACT_DTYPE)  # [K/g, N, (scale, zero)]
-        step = max(1, _CHUNK // k // INT4_BLOCK_N) * INT4_BLOCK_N
+            if not int4_supported(p.shape[0], k):
+                raise ValueError(f"int4 needs out_features % {INT4_TILE} == 0 and "
+                                 f"in_features % {INT4_BLOCK} == 0, got {p.shape[0]} x {k}")
+        qweight = torch.empty(n // INT4_TILE, k // INT4_BLOCK, 256, dtype=torch.uint8)
+        scales = torch.empty(n // INT4_TILE, k // INT4_BLOCK, 2, INT4_TILE, dtype=torch.float16)
+        step = max(1, _CHUNK // k // INT4_TILE) * INT4_TILE
         for lo, hi, piece in _stacked_rows(parts, step):
-            q, scale, zero = quantize_int4(piece, group)
-            packed[lo:hi] = pack_int4(q)
-            sz[:, lo:hi, 0] = scale.t()
-            sz[:, lo:hi, 1] = zero.t()
-        return cls(packed, sz, group, k, bias)
+            q, d, m = quantize_int4(piece)
+            qweight[lo // INT4_TILE:hi // INT4_TILE] = pack_int4(q)
+            scales[lo // INT4_TILE:hi // INT4_TILE] = pack_scales(d, m)
+        return cls(qweight, scales, bias, act)
 
-    def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
-        sz = self.scales_and_zeros
-        if not sz.is_contiguous():  # a row slice of a fused matrix (model.forward path)
-            sz = sz.contiguous()
-        return _int4_mm(x, self.packed, self.group, sz)
+    def kernel_tensors(self):
+        return self.qweight, self.scales
+
+    def torch_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """torch's int4 kernel, on a copy converted to its own CPU-dependent packing (kept
+        for this process only: nothing else reads those bytes)."""
+        if self._torch_pack is None:
+            q = unpack_int4(self.qweight).to(torch.int32)
+            d, m = unpack_scales(self.scales)
+            # torch's form: w = (q - 8) * scale + zero, [K/32, N, 2]
+            sz = torch.stack([d.float(), m.float() + 8 * d.float()], dim=-1).transpose(0, 1)
+            self._torch_pack = (_torch_int4_pack(q.contiguous(), 1), sz.contiguous())
+        packed, sz = self._torch_pack
+        if sz.dtype != x.dtype:
+            sz = sz.to(x.dtype)
+        return _torch_int4_mm(x.contiguous(), packed, INT4_BLOCK, sz)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.dequantize_t(dtype).t()
-
-    def dequantize_t(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The transposed weight, [in_features, out_features], contiguous."""
-        n, k, g = self.out_features, self.in_features, self.group
-        if dtype == ACT_DTYPE and _native_ready():
-            return torch.ops.kvformer_native.dequant_int4_t(self.packed, self.scales_and_zeros,
-                                                             g)
-        q = unpack_int4_t(self.packed, n, k).view(k // g, g, n).to(torch.float32)
-        sz = self.scales_and_zeros.float()
-        scale, zero = sz[..., 0].unsqueeze(1), sz[..., 1].unsqueeze(1)  # [K/g, 1, N]
-        w = torch.addcmul(zero, q.sub_(8), scale)
-        return w.view(k, n).to(dtype)
+        isa = self.kernel_isa()
+        if isa != "torch" and dtype in (torch.float32, torch.bfloat16):
+            return torch.ops.kvformer_native.dequant_int4(self.qweight, self.scales,
+                                                          dtype == torch.bfloat16, isa)
+        q = unpack_int4(self.qweight).to(torch.float32)
+        d, m = unpack_scales(self.scales)
+        n, k = self.out_features, self.in_features
+        w = torch.addcmul(m.float()[..., None], q.view(n, k // INT4_BLOCK, INT4_BLOCK),
+                          d.float()[..., None])
+        return w.view(n, k).to(dtype)
 
     def rows(self, start: int, end: int) -> Int4Linear:
+        if start % INT4_TILE or end % INT4_TILE:
+            raise ValueError(f"int4 rows are sliced in tiles of {INT4_TILE}: got {start}:{end}")
         bias = None if self.bias is None else self.bias[start:end]
-        return Int4Linear(self.packed[start:end], self.scales_and_zeros[:, start:end],
-                          self.group, self.in_features, bias)
+        t0, t1 = start // INT4_TILE, end // INT4_TILE
+        layer = Int4Linear(self.qweight[t0:t1], self.scales[t0:t1], bias, self.act_dtype)
+        layer.isa = self.isa
+        return layer
 
 
-def _native_ready() -> bool:
-    """Whether kvformer.native's operators are loaded (never builds them from here)."""
-    from . import native
-
-    return native.available(build=False)
+def _apply_keeping(module: nn.Module, apply, fn, recurse: bool) -> nn.Module:
+    """``module._apply(fn)`` (what ``model.to(dtype)`` calls) for everything but the scales
+    of the quantized layout, which keep their dtype (an fp16 scale rounded through bf16
+    would lose bits); the activations' dtype follows the conversion."""
+    kept = {name: module._buffers[name] for name in module.EXACT}
+    for name in kept:
+        module._buffers[name] = None  # _apply skips None buffers
+    try:
+        apply(fn, recurse)
+    finally:
+        module._buffers.update(kept)
+    probe = fn(torch.empty(0, dtype=module.act_dtype))
+    if probe.is_floating_point():
+        module.act_dtype = probe.dtype
+    if hasattr(module, "_torch_pack"):
+        module._torch_pack = None
+    return module
 
 
 def _make(mode: str, weight: torch.Tensor | list[torch.Tensor], bias: torch.Tensor | None,
-          group: int = INT4_GROUP) -> nn.Module:
+          act: torch.dtype | None = None) -> nn.Module:
     """A quantized linear layer for ``weight`` [N, K] (or a list of matrices to stack into
-    one fused layer); int4 falls back to int8 for shapes the int4 kernel cannot take."""
+    one fused layer); int4 falls back to int8 for shapes the int4 layout cannot take, or
+    weights too large for its fp16 scales."""
     parts = _as_parts(weight)
-    if mode == "int4" and all(int4_supported(p.shape[0], p.shape[1], group) for p in parts):
-        return Int4Linear.from_float(parts, bias, group)
-    return Int8Linear.from_float(parts, bias)
+    if mode == "int4" and all(int4_supported(p.shape[0], p.shape[1]) for p in parts) and \
+            all(p.abs().max() < _FP16_MAX / 2 for p in parts):
+        return Int4Linear.from_float(parts, bias, act)
+    return Int8Linear.from_float(parts, bias, act)
+
+
+def set_kernels(model: nn.Module, isa: str | None) -> nn.Module:
+    """Make every quantized layer of ``model`` use the kernel path ``isa`` ('avx512',
+    'avx2', 'scalar', 'torch'; None: the default). For tests and benchmarks."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.isa = isa
+    return model
 
 
 # --------------------------------------------------------------------------- whole models
@@ -351,10 +493,6 @@ def default_mode(weight_types: Iterable[str] = ()) -> str:
     return "int4" if blocks and four_bit * 2 > len(blocks) else "int8"
 
 
-def _dense_dtype(mode: str) -> torch.dtype:
-    return DENSE.get(mode, torch.bfloat16)
-
-
 def _fuse_into(parent: nn.Module, fused_name: str, parts: tuple[str, ...],
                linear: nn.Module) -> None:
     """Register ``linear`` (the rows of every part, stacked) under ``fused_name`` and make
@@ -367,20 +505,21 @@ def _fuse_into(parent: nn.Module, fused_name: str, parts: tuple[str, ...],
         start += rows
 
 
-def _fusable(mode: str, sizes: list[int], k: int, group: int) -> bool:
+def _fusable(mode: str, sizes: list[int], k: int) -> bool:
     if mode == "int8":
         return True
-    return all(int4_supported(n, k, group) for n in sizes)
+    return all(int4_supported(n, k) for n in sizes)
 
 
-def quantize_model(model: nn.Module, mode: str, group: int = INT4_GROUP) -> nn.Module:
+def quantize_model(model: nn.Module, mode: str, act: torch.dtype | None = None) -> nn.Module:
     """Convert a built model in place to ``mode`` ('fp32', 'bf16', 'int8' or 'int4') and
     return it. For int8/int4 every linear layer of the blocks is quantized, the LM head
     and the embedding become int8 (one shared table when they are tied), and everything
-    else is bf16."""
+    else (norms, biases: the activations) is in ``act`` (default ``act_dtype()``)."""
     mode = check_mode(mode)
+    act = act or act_dtype()
     if mode in DENSE:
-        model.to(_dense_dtype(mode))
+        model.to(DENSE[mode])
         _keep_rotary_fp32(model)
         return model
     if any(isinstance(m, (QuantizedLinear, Int8Embedding)) for m in model.modules()):
@@ -392,21 +531,21 @@ def quantize_model(model: nn.Module, mode: str, group: int = INT4_GROUP) -> nn.M
             if any(lin is None for lin in linears):
                 continue  # gelu MLP: no gate
             k = linears[0].in_features
-            if _fusable(mode, [lin.out_features for lin in linears], k, group):
+            if _fusable(mode, [lin.out_features for lin in linears], k):
                 w = [lin.weight.detach() for lin in linears]
                 b = (torch.cat([lin.bias.detach() for lin in linears])
                      if linears[0].bias is not None else None)
-                _fuse_into(owner, fused_name, parts, _make(mode, w, b, group))
+                _fuse_into(owner, fused_name, parts, _make(mode, w, b, act))
         for name, module in list(block.named_modules()):
             if type(module) is nn.Linear:
                 parent_name, _, attr = name.rpartition(".")
                 parent = block.get_submodule(parent_name) if parent_name else block
                 setattr(parent, attr, _make(mode, module.weight.detach(),
-                                            module.bias, group))
+                                            module.bias, act))
     if "lm_head" in model._modules:
-        model.lm_head = _make(head_mode(mode), model.lm_head.weight.detach(), None, group)
-    _quantize_embedding(model, model.tok_emb.weight.detach(), mode, group)
-    model.to(ACT_DTYPE)  # norms, biases, positions; integer buffers are untouched
+        model.lm_head = _make(head_mode(mode), model.lm_head.weight.detach(), None, act)
+    _quantize_embedding(model, model.tok_emb.weight.detach(), mode, act)
+    model.to(act)  # norms, biases, positions; the quantized tensors keep their dtypes
     _keep_rotary_fp32(model)
     return model
 
@@ -417,14 +556,15 @@ def head_mode(mode: str) -> str:
     return "int8" if mode in ("int8", "int4") else mode
 
 
-def _quantize_embedding(model: nn.Module, table: torch.Tensor, mode: str, group: int) -> None:
+def _quantize_embedding(model: nn.Module, table: torch.Tensor, mode: str,
+                        act: torch.dtype) -> None:
     """The embedding as int8 rows; with tied embeddings also the LM head, one shared table."""
     if model.cfg.tie_embeddings:
-        model.lm_head = _make(head_mode(mode), table, None, group)
+        model.lm_head = _make(head_mode(mode), table, None, act)
         if isinstance(model.lm_head, Int8Linear):
-            model.tok_emb = Int8Embedding(model.lm_head.qweight, model.lm_head.scale)
+            model.tok_emb = Int8Embedding(model.lm_head.qweight, model.lm_head.scale, act)
             return
-    model.tok_emb = Int8Embedding.from_float(table)
+    model.tok_emb = Int8Embedding.from_float(table, act)
 
 
 def _keep_rotary_fp32(model: nn.Module) -> None:
@@ -455,7 +595,7 @@ def empty_model(cfg: ModelConfig) -> nn.Module:
 
 
 def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],
-                mode: str = "fp32", group: int = INT4_GROUP) -> nn.Module:
+                mode: str = "fp32", act: torch.dtype | None = None) -> nn.Module:
     """Build a ``Transformer`` in ``mode`` from ``(kvformer name, tensor)`` pairs that arrive
     one at a time (e.g. ``iter_gguf_tensors``), never holding the whole model in full
     precision: the model starts as an untouched skeleton, each linear weight is quantized
@@ -465,8 +605,10 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],
     from .errors import CheckpointError
 
     mode = check_mode(mode)
-    model = empty_model(cfg)
     quantized = mode in ("int8", "int4")
+    act = act or act_dtype()
+    dense = act if quantized else DENSE[mode]
+    model = empty_model(cfg)
     expected = set(model.state_dict())
     seen: set[str] = set()
     # A quantized layer is made once all the tensors it needs have arrived:
@@ -483,7 +625,7 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],
                 owner = getattr(block, owner_name)
                 lins = [getattr(owner, p, None) for p in parts]
                 if any(lin is None for lin in lins) or not _fusable(
-                        mode, [lin.out_features for lin in lins], lins[0].in_features, group):
+                        mode, [lin.out_features for lin in lins], lins[0].in_features):
                     continue
                 prefix = f"layers.{i}.{owner_name}"
                 names = [n for p, lin in zip(parts, lins)
@@ -503,16 +645,16 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],
             got[name] = tensor.detach()
             if len(got) == len(names):
                 del waiting[key]
-                _install(model, owner_name, parts, [got.pop(n) for n in names], mode, group)
+                _install(model, owner_name, parts, [got.pop(n) for n in names], mode, act)
                 _release_freed_memory()
             continue
         if quantized and name == "tok_emb.weight":
-            _quantize_embedding(model, tensor.detach(), mode, group)
+            _quantize_embedding(model, tensor.detach(), mode, act)
             del tensor
             _release_freed_memory()
             continue
         _assign(model.get_submodule(module_name), attr, tensor,
-                _dense_dtype(mode) if tensor.is_floating_point() else None)
+                dense if tensor.is_floating_point() else None)
     missing = sorted(expected - seen)
     if missing or waiting:
         raise CheckpointError(f"weights do not match the config: missing "
@@ -543,7 +685,7 @@ def _linear_names(name: str, linear: nn.Linear) -> list[str]:
 
 
 def _install(model: nn.Module, owner_name: str, parts: tuple[str, ...],
-             tensors: list[torch.Tensor], mode: str, group: int) -> None:
+             tensors: list[torch.Tensor], mode: str, act: torch.dtype) -> None:
     """Quantize the (weight[, bias]) tensors of ``parts`` of ``owner_name`` into one layer
     (fused when there are several parts) and put it in the model."""
     owner = model.get_submodule(owner_name)
@@ -553,10 +695,10 @@ def _install(model: nn.Module, owner_name: str, parts: tuple[str, ...],
     b = (torch.cat(tensors[1::step]) if len(parts) > 1 else tensors[1]) if has_bias else None
     if len(parts) == 1:
         layer_mode = head_mode(mode) if (owner_name, parts[0]) == ("", "lm_head") else mode
-        owner.add_module(parts[0], _make(layer_mode, w, b, group))
+        owner.add_module(parts[0], _make(layer_mode, w, b, act))
     else:
         fused_name = next(f for f, ps in FUSED.values() if ps == parts)
-        _fuse_into(owner, fused_name, parts, _make(mode, w, b, group))
+        _fuse_into(owner, fused_name, parts, _make(mode, w, b, act))
 
 
 def _assign(module: nn.Module, attr: str, tensor: torch.Tensor,

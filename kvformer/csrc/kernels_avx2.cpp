@@ -1,0 +1,343 @@
+// The AVX2 path (compiled with -mavx2 -mfma -mf16c): Intel Haswell and later, AMD Zen 1-3.
+// int8 dot products with vpmaddubsw (unsigned weights or |w| times signed activations,
+// pairs summed in int16) and vpmaddwd (pairs of int16 summed in int32), as llama.cpp does
+// on such CPUs; each 32-bit lane holds one weight row, so no horizontal sums are needed
+// for int4.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "kernels.h"
+
+namespace kvf {
+namespace {
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+inline int32_t load4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+inline void store8_i8(int8_t* dst, __m256 rounded) {
+  const __m256i v = _mm256_cvtps_epi32(rounded);
+  const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packs_epi16(w, w));
+}
+
+inline __m256 load_bf16x8(const uint16_t* p) {
+  const __m128i u = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(u), 16));
+}
+
+template <typename T>
+inline __m256 load8(const T* p) {
+  if constexpr (sizeof(T) == 2) {
+    return load_bf16x8(p);
+  } else {
+    return _mm256_loadu_ps(p);
+  }
+}
+
+constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+void quantize(const float* x, Acts& a, int8_t* q1, int8_t* q2, float* scale, float* sum) {
+  const int64_t nb = a.k / a.block, blk = a.block;
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int64_t i = 0; i < a.m; ++i)
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t o = i * a.k + b * blk;
+      const float* xb = x + o;
+      __m256 vmax = _mm256_setzero_ps(), vsum = _mm256_setzero_ps();
+      int64_t j = 0;
+      for (; j + 8 <= blk; j += 8) {
+        const __m256 v = _mm256_loadu_ps(xb + j);
+        vmax = _mm256_max_ps(vmax, _mm256_and_ps(v, abs_mask));
+        vsum = _mm256_add_ps(vsum, v);
+      }
+      float amax = hmax(vmax), s = hsum(vsum);
+      for (int64_t t = j; t < blk; ++t) {
+        amax = std::max(amax, std::fabs(xb[t]));
+        s += xb[t];
+      }
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      const __m256 vinv = _mm256_set1_ps(inv), k128 = _mm256_set1_ps(128.f);
+      for (j = 0; j + 8 <= blk; j += 8) {
+        const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(xb + j), vinv);
+        const __m256 r = _mm256_round_ps(v, kRound);
+        store8_i8(q1 + o + j, r);
+        store8_i8(q2 + o + j, _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(v, r), k128), kRound));
+      }
+      for (; j < blk; ++j) {
+        const float v = xb[j] * inv, r = std::nearbyint(v);
+        q1[o + j] = int8_t(r);
+        q2[o + j] = int8_t(std::nearbyint((v - r) * 128.f));
+      }
+      scale[i * nb + b] = amax / 127.f / 128.f;
+      sum[i * nb + b] = s;
+    }
+  a.q1 = q1;
+  a.q2 = q2;
+  a.scale = scale;
+  a.sum = sum;
+}
+
+// One tile of 16 rows for MR rows of x: two 8-lane halves (rows 0-7 and 8-15).
+template <int MR>
+void q4_tile(const Acts& a, int64_t i0, const uint8_t* q, const uint16_t* dm, int64_t t,
+             float* y, int64_t ldy) {
+  const int64_t kb = a.k / kBlock;
+  const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  __m256 acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < kb; ++b) {
+    const uint8_t* p = q + (t * kb + b) * kTileBytes;
+    const uint16_t* d = dm + (t * kb + b) * 2 * kTile;
+    // int16 sums over the block: at most 8 * 2 * 15 * 127 = 30480, no overflow
+    __m256i s1[MR][2], s2[MR][2];
+    for (int r = 0; r < MR; ++r) s1[r][0] = s1[r][1] = s2[r][0] = s2[r][1] = _mm256_setzero_si256();
+    for (int s = 0; s < 4; ++s) {
+      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + s * 64));
+      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + s * 64 + 32));
+      const __m256i lo0 = _mm256_and_si256(v0, low);
+      const __m256i hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
+      const __m256i lo1 = _mm256_and_si256(v1, low);
+      const __m256i hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
+      for (int r = 0; r < MR; ++r) {
+        const int64_t o = (i0 + r) * a.k + b * kBlock + 8 * s;
+        const __m256i xl1 = _mm256_set1_epi32(load4(a.q1 + o));
+        const __m256i xh1 = _mm256_set1_epi32(load4(a.q1 + o + 4));
+        const __m256i xl2 = _mm256_set1_epi32(load4(a.q2 + o));
+        const __m256i xh2 = _mm256_set1_epi32(load4(a.q2 + o + 4));
+        s1[r][0] = _mm256_add_epi16(s1[r][0], _mm256_add_epi16(_mm256_maddubs_epi16(lo0, xl1),
+                                                               _mm256_maddubs_epi16(hi0, xh1)));
+        s1[r][1] = _mm256_add_epi16(s1[r][1], _mm256_add_epi16(_mm256_maddubs_epi16(lo1, xl1),
+                                                               _mm256_maddubs_epi16(hi1, xh1)));
+        s2[r][0] = _mm256_add_epi16(s2[r][0], _mm256_add_epi16(_mm256_maddubs_epi16(lo0, xl2),
+                                                               _mm256_maddubs_epi16(hi0, xh2)));
+        s2[r][1] = _mm256_add_epi16(s2[r][1], _mm256_add_epi16(_mm256_maddubs_epi16(lo1, xl2),
+                                                               _mm256_maddubs_epi16(hi1, xh2)));
+      }
+    }
+    const __m256 dv[2] = {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d))),
+                          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + 8)))};
+    const __m256 mv[2] = {
+        _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + 16))),
+        _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + 24)))};
+    for (int r = 0; r < MR; ++r) {
+      const __m256 sx = _mm256_set1_ps(a.scale[(i0 + r) * kb + b]);
+      const __m256 xs = _mm256_set1_ps(a.sum[(i0 + r) * kb + b]);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i n = _mm256_add_epi32(_mm256_slli_epi32(_mm256_madd_epi16(s1[r][h], ones), 7),
+                                           _mm256_madd_epi16(s2[r][h], ones));
+        acc[r][h] = _mm256_fmadd_ps(_mm256_mul_ps(dv[h], sx), _mm256_cvtepi32_ps(n), acc[r][h]);
+        acc[r][h] = _mm256_fmadd_ps(mv[h], xs, acc[r][h]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_ps(y + (i0 + r) * ldy + t * kTile, acc[r][0]);
+    _mm256_storeu_ps(y + (i0 + r) * ldy + t * kTile + 8, acc[r][1]);
+  }
+}
+
+void gemm_q4(const Acts& a, const uint8_t* q, const uint16_t* dm, int64_t n0, int64_t n1,
+             float* y, int64_t ldy) {
+  for (int64_t t = n0 / kTile; t < n1 / kTile; ++t)
+    for (int64_t i = 0; i < a.m; i += 2) {
+      if (a.m - i >= 2) {
+        q4_tile<2>(a, i, q, dm, t, y, ldy);
+      } else {
+        q4_tile<1>(a, i, q, dm, t, y, ldy);
+      }
+    }
+}
+
+// int8 rows: |w| (unsigned) times x with w's sign, so vpmaddubsw cannot saturate
+// (2 * 127 * 127 < 32768).
+void gemm_q8(const Acts& a, const int8_t* q, const float* scale, const int32_t*, int64_t n0,
+             int64_t n1, float* y, int64_t ldy) {
+  const int64_t k = a.k;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* w = q + n * k;
+    for (int64_t i = 0; i < a.m; ++i) {
+      const int8_t* x1 = a.q1 + i * k;
+      const int8_t* x2 = a.q2 + i * k;
+      __m256i c1 = _mm256_setzero_si256(), c2 = c1;
+      int64_t j = 0;
+      for (; j + 32 <= k; j += 32) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j));
+        const __m256i aw = _mm256_sign_epi8(wv, wv);
+        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x1 + j));
+        const __m256i v2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x2 + j));
+        c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(
+                                      _mm256_maddubs_epi16(aw, _mm256_sign_epi8(v1, wv)), ones));
+        c2 = _mm256_add_epi32(c2, _mm256_madd_epi16(
+                                      _mm256_maddubs_epi16(aw, _mm256_sign_epi8(v2, wv)), ones));
+      }
+      int64_t s1 = hsum_i32(c1), s2 = hsum_i32(c2);
+      for (; j < k; ++j) {
+        s1 += int32_t(w[j]) * x1[j];
+        s2 += int32_t(w[j]) * x2[j];
+      }
+      y[i * ldy + n] = float(s1 * 128 + s2) * a.scale[i] * scale[n];
+    }
+  }
+}
+
+inline void store_bf16x8(uint16_t* dst, __m256 v) {
+  __m256i x = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+  x = _mm256_srli_epi32(_mm256_add_epi32(x, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
+                   _mm_packus_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1)));
+}
+
+void dequant_q4(const uint8_t* q, const uint16_t* dm, int64_t k, int64_t n0, int64_t n1,
+                float* out_f32, uint16_t* out_bf16, int64_t ldo) {
+  const int64_t kb = k / kBlock;
+  const __m128i low = _mm_set1_epi8(0x0f);
+  for (int64_t t = n0 / kTile; t < n1 / kTile; ++t)
+    for (int64_t b = 0; b < kb; ++b) {
+      const uint8_t* p = q + (t * kb + b) * kTileBytes;
+      const uint16_t* d = dm + (t * kb + b) * 2 * kTile;
+      for (int r = 0; r < kTile; ++r) {
+        int32_t u[4];
+        for (int s = 0; s < 4; ++s) std::memcpy(&u[s], p + s * 64 + r * 4, 4);
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u));
+        const __m128i lo = _mm_and_si128(v, low);
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), low);
+        // per sub-block s: 4 low nibbles (columns 8s..8s+3), then 4 high (8s+4..8s+7)
+        const __m128i cols[2] = {_mm_unpacklo_epi32(lo, hi), _mm_unpackhi_epi32(lo, hi)};
+        const __m256 dr = _mm256_set1_ps(f16_to_f32(d[r])), mr = _mm256_set1_ps(f16_to_f32(d[kTile + r]));
+        const int64_t row = (t * kTile + r - n0) * ldo + b * kBlock;
+        for (int c = 0; c < 4; ++c) {
+          const __m128i bytes = c % 2 ? _mm_srli_si128(cols[c / 2], 8) : cols[c / 2];
+          const __m256 w = _mm256_fmadd_ps(dr, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)), mr);
+          if (out_f32) {
+            _mm256_storeu_ps(out_f32 + row + c * 8, w);
+          } else {
+            store_bf16x8(out_bf16 + row + c * 8, w);
+          }
+        }
+      }
+    }
+}
+
+// exp on [-87, 88] as 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p of degree 6
+void vexp(float* v, int64_t n) {
+  int64_t i = 0;
+  const __m256 log2e = _mm256_set1_ps(1.44269504f), ln2_hi = _mm256_set1_ps(0.693359375f),
+               ln2_lo = _mm256_set1_ps(-2.12194440e-4f), lo = _mm256_set1_ps(-87.0f),
+               hi = _mm256_set1_ps(88.0f), one = _mm256_set1_ps(1.0f);
+  const float c[6] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f};
+  for (; i + 8 <= n; i += 8) {
+    __m256 x = _mm256_loadu_ps(v + i);
+    const __m256 tiny = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+    const __m256 kf = _mm256_round_ps(_mm256_mul_ps(x, log2e), kRound);
+    __m256 r = _mm256_fnmadd_ps(kf, ln2_hi, x);
+    r = _mm256_fnmadd_ps(kf, ln2_lo, r);
+    __m256 p = _mm256_set1_ps(c[0]);
+    for (int j = 1; j < 6; ++j) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c[j]));
+    p = _mm256_fmadd_ps(p, r, one);
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(kf), _mm256_set1_epi32(127)), 23);
+    _mm256_storeu_ps(v + i, _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(e))));
+  }
+  for (; i < n; ++i) v[i] = std::exp(v[i]);
+}
+
+// NV vectors of 8 per head row (head_dim = 8 NV)
+template <typename T, int NV>
+void attend_t(const AttendArgs& a) {
+  const T* K = static_cast<const T*>(a.k);
+  const T* V = static_cast<const T*>(a.v);
+  const int64_t len = a.s1 - a.s0, hd = a.hd;
+  for (int64_t g = 0; g < a.group; ++g) {
+    __m256 qv[NV];
+    for (int i = 0; i < NV; ++i) qv[i] = _mm256_loadu_ps(a.q + g * hd + i * 8);
+    float* sc = a.scores + g * len;
+    float mx = -INFINITY;
+    for (int64_t s = a.s0; s < a.s1; ++s) {
+      if (a.allowed && s != a.own && !a.allowed[s * a.allowed_stride]) {
+        sc[s - a.s0] = -INFINITY;
+        continue;
+      }
+      __m256 acc = _mm256_mul_ps(qv[0], load8(K + s * hd));
+      for (int i = 1; i < NV; ++i) acc = _mm256_fmadd_ps(qv[i], load8(K + s * hd + i * 8), acc);
+      const float dot = hsum(acc);
+      sc[s - a.s0] = dot;
+      mx = std::max(mx, dot);
+    }
+    a.max[g] = mx;
+    float* og = a.out + g * hd;
+    if (mx == -INFINITY) {
+      std::fill(og, og + hd, 0.f);
+      a.sum[g] = 0.f;
+      continue;
+    }
+    for (int64_t s = 0; s < len; ++s) sc[s] -= mx;
+    vexp(sc, len);
+    float total = 0.f;
+    for (int64_t s = 0; s < len; ++s) total += sc[s];
+    a.sum[g] = total;
+    __m256 o[NV];
+    for (int i = 0; i < NV; ++i) o[i] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < len; ++s) {
+      if (sc[s] == 0.f) continue;
+      const __m256 w = _mm256_set1_ps(sc[s]);
+      const T* vr = V + (a.s0 + s) * hd;
+      for (int i = 0; i < NV; ++i) o[i] = _mm256_fmadd_ps(w, load8(vr + i * 8), o[i]);
+    }
+    for (int i = 0; i < NV; ++i) _mm256_storeu_ps(og + i * 8, o[i]);
+  }
+}
+
+template <typename T>
+void attend_dt(const AttendArgs& a) {
+  switch (a.hd) {
+    case 32: return attend_t<T, 4>(a);
+    case 64: return attend_t<T, 8>(a);
+    case 128: return attend_t<T, 16>(a);
+    default: return attend_generic(a);
+  }
+}
+
+void attend(const AttendArgs& a) {
+  if (a.bf16) {
+    attend_dt<uint16_t>(a);
+  } else {
+    attend_dt<float>(a);
+  }
+}
+
+}  // namespace
+
+const Kernels& avx2_kernels() {
+  static const Kernels k{"avx2", quantize, gemm_q4, gemm_q8, dequant_q4, attend, vexp};
+  return k;
+}
+
+}  // namespace kvf

@@ -1,0 +1,314 @@
+// The AVX-512 path (compiled with AVX-512 F/BW/VL/DQ and VNNI): Intel Ice Lake and later,
+// AMD Zen 4 and later. vpdpbusd multiplies 64 unsigned bytes by 64 signed bytes and adds
+// each group of four products into a 32-bit lane: with kvformer's int4 layout one
+// instruction covers 4 columns of 16 weight rows, and the lanes are the rows.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "kernels.h"
+
+namespace kvf {
+namespace {
+
+constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+inline int32_t load4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+inline __m512 load_bf16x16(const uint16_t* p) {
+  const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(u), 16));
+}
+
+template <typename T>
+inline __m512 load16(const T* p) {
+  if constexpr (sizeof(T) == 2) {
+    return load_bf16x16(p);
+  } else {
+    return _mm512_loadu_ps(p);
+  }
+}
+
+void quantize(const float* x, Acts& a, int8_t* q1, int8_t* q2, float* scale, float* sum) {
+  const int64_t nb = a.k / a.block, blk = a.block;
+  for (int64_t i = 0; i < a.m; ++i)
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t o = i * a.k + b * blk;
+      const float* xb = x + o;
+      __m512 vmax = _mm512_setzero_ps(), vsum = _mm512_setzero_ps();
+      int64_t j = 0;
+      for (; j + 16 <= blk; j += 16) {
+        const __m512 v = _mm512_loadu_ps(xb + j);
+        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+        vsum = _mm512_add_ps(vsum, v);
+      }
+      float amax = _mm512_reduce_max_ps(vmax), s = _mm512_reduce_add_ps(vsum);
+      for (int64_t t = j; t < blk; ++t) {
+        amax = std::max(amax, std::fabs(xb[t]));
+        s += xb[t];
+      }
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      const __m512 vinv = _mm512_set1_ps(inv), k128 = _mm512_set1_ps(128.f);
+      for (j = 0; j + 16 <= blk; j += 16) {
+        const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(xb + j), vinv);
+        const __m512 r = _mm512_roundscale_ps(v, kRound);
+        const __m512 r2 = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(v, r), k128), kRound);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q1 + o + j),
+                         _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q2 + o + j),
+                         _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r2)));
+      }
+      for (; j < blk; ++j) {
+        const float v = xb[j] * inv, r = std::nearbyint(v);
+        q1[o + j] = int8_t(r);
+        q2[o + j] = int8_t(std::nearbyint((v - r) * 128.f));
+      }
+      scale[i * nb + b] = amax / 127.f / 128.f;
+      sum[i * nb + b] = s;
+    }
+  a.q1 = q1;
+  a.q2 = q2;
+  a.scale = scale;
+  a.sum = sum;
+}
+
+// One tile of 16 rows (one zmm of 32-bit lanes) for MR rows of x.
+template <int MR>
+void q4_tile(const Acts& a, int64_t i0, const uint8_t* q, const uint16_t* dm, int64_t t,
+             float* y, int64_t ldy) {
+  const int64_t kb = a.k / kBlock;
+  const __m512i low = _mm512_set1_epi8(0x0f);
+  __m512 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < kb; ++b) {
+    const uint8_t* p = q + (t * kb + b) * kTileBytes;
+    const uint16_t* d = dm + (t * kb + b) * 2 * kTile;
+    __m512i s1[MR], s2[MR];
+    for (int r = 0; r < MR; ++r) s1[r] = s2[r] = _mm512_setzero_si512();
+    for (int s = 0; s < 4; ++s) {
+      const __m512i v = _mm512_loadu_si512(p + s * 64);
+      const __m512i lo = _mm512_and_si512(v, low);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      for (int r = 0; r < MR; ++r) {
+        const int64_t o = (i0 + r) * a.k + b * kBlock + 8 * s;
+        s1[r] = _mm512_dpbusd_epi32(s1[r], lo, _mm512_set1_epi32(load4(a.q1 + o)));
+        s1[r] = _mm512_dpbusd_epi32(s1[r], hi, _mm512_set1_epi32(load4(a.q1 + o + 4)));
+        s2[r] = _mm512_dpbusd_epi32(s2[r], lo, _mm512_set1_epi32(load4(a.q2 + o)));
+        s2[r] = _mm512_dpbusd_epi32(s2[r], hi, _mm512_set1_epi32(load4(a.q2 + o + 4)));
+      }
+    }
+    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d)));
+    const __m512 mv =
+        _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + kTile)));
+    for (int r = 0; r < MR; ++r) {
+      const __m512i n = _mm512_add_epi32(_mm512_slli_epi32(s1[r], 7), s2[r]);
+      const __m512 sx = _mm512_set1_ps(a.scale[(i0 + r) * kb + b]);
+      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dv, sx), _mm512_cvtepi32_ps(n), acc[r]);
+      acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(a.sum[(i0 + r) * kb + b]), acc[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) _mm512_storeu_ps(y + (i0 + r) * ldy + t * kTile, acc[r]);
+}
+
+void gemm_q4(const Acts& a, const uint8_t* q, const uint16_t* dm, int64_t n0, int64_t n1,
+             float* y, int64_t ldy) {
+  for (int64_t t = n0 / kTile; t < n1 / kTile; ++t)
+    for (int64_t i = 0; i < a.m; i += 4) {
+      switch (std::min<int64_t>(4, a.m - i)) {
+        case 1: q4_tile<1>(a, i, q, dm, t, y, ldy); break;
+        case 2: q4_tile<2>(a, i, q, dm, t, y, ldy); break;
+        case 3: q4_tile<3>(a, i, q, dm, t, y, ldy); break;
+        default: q4_tile<4>(a, i, q, dm, t, y, ldy); break;
+      }
+    }
+}
+
+// int8 rows. vpdpbusd wants its unsigned operand first, so x's two levels are shifted by
+// +128 and 128 * rowsum[n] is taken off each sum afterwards.
+void gemm_q8(const Acts& a, const int8_t* q, const float* scale, const int32_t* rowsum,
+             int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  const int64_t k = a.k;
+  thread_local std::vector<uint8_t> ubuf;
+  ubuf.resize(2 * a.m * k);
+  uint8_t* u1 = ubuf.data();
+  uint8_t* u2 = u1 + a.m * k;
+  for (int64_t j = 0; j < a.m * k; ++j) {
+    u1[j] = uint8_t(a.q1[j] + 128);
+    u2[j] = uint8_t(a.q2[j] + 128);
+  }
+  const int64_t tail = k % 64;
+  const __mmask64 tmask = tail ? (~0ULL >> (64 - tail)) : 0;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* w = q + n * k;
+    int64_t rs;
+    if (rowsum) {
+      rs = rowsum[n];
+    } else {
+      rs = 0;
+      for (int64_t j = 0; j < k; ++j) rs += w[j];
+    }
+    const float sw = scale[n];
+    for (int64_t i = 0; i < a.m; ++i) {
+      const uint8_t* x1 = u1 + i * k;
+      const uint8_t* x2 = u2 + i * k;
+      __m512i c1 = _mm512_setzero_si512(), c2 = c1;
+      int64_t j = 0;
+      for (; j + 64 <= k; j += 64) {
+        const __m512i wv = _mm512_loadu_si512(w + j);
+        c1 = _mm512_dpbusd_epi32(c1, _mm512_loadu_si512(x1 + j), wv);
+        c2 = _mm512_dpbusd_epi32(c2, _mm512_loadu_si512(x2 + j), wv);
+      }
+      if (tail) {  // the weight lanes past k are zero, so x's there do not count
+        const __m512i wv = _mm512_maskz_loadu_epi8(tmask, w + j);
+        c1 = _mm512_dpbusd_epi32(c1, _mm512_maskz_loadu_epi8(tmask, x1 + j), wv);
+        c2 = _mm512_dpbusd_epi32(c2, _mm512_maskz_loadu_epi8(tmask, x2 + j), wv);
+      }
+      const int64_t s1 = int64_t(_mm512_reduce_add_epi32(c1)) - 128 * rs;
+      const int64_t s2 = int64_t(_mm512_reduce_add_epi32(c2)) - 128 * rs;
+      y[i * ldy + n] = float(s1 * 128 + s2) * a.scale[i] * sw;
+    }
+  }
+}
+
+void dequant_q4(const uint8_t* q, const uint16_t* dm, int64_t k, int64_t n0, int64_t n1,
+                float* out_f32, uint16_t* out_bf16, int64_t ldo) {
+  const int64_t kb = k / kBlock;
+  const __m128i low = _mm_set1_epi8(0x0f);
+  for (int64_t t = n0 / kTile; t < n1 / kTile; ++t)
+    for (int64_t b = 0; b < kb; ++b) {
+      const uint8_t* p = q + (t * kb + b) * kTileBytes;
+      const uint16_t* d = dm + (t * kb + b) * 2 * kTile;
+      const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d)));
+      const __m512 mv =
+          _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + kTile)));
+      alignas(64) float dr[kTile], mr[kTile];
+      _mm512_store_ps(dr, dv);
+      _mm512_store_ps(mr, mv);
+      for (int r = 0; r < kTile; ++r) {
+        int32_t u[4];
+        for (int s = 0; s < 4; ++s) std::memcpy(&u[s], p + s * 64 + r * 4, 4);
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u));
+        const __m128i lo = _mm_and_si128(v, low);
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), low);
+        const __m128i cols[2] = {_mm_unpacklo_epi32(lo, hi), _mm_unpackhi_epi32(lo, hi)};
+        const int64_t row = (t * kTile + r - n0) * ldo + b * kBlock;
+        for (int c = 0; c < 2; ++c) {
+          const __m512 w = _mm512_fmadd_ps(_mm512_set1_ps(dr[r]),
+                                           _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(cols[c])),
+                                           _mm512_set1_ps(mr[r]));
+          if (out_f32) {
+            _mm512_storeu_ps(out_f32 + row + c * 16, w);
+          } else {
+            __m512i x = _mm512_castps_si512(w);
+            const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+            x = _mm512_srli_epi32(
+                _mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_bf16 + row + c * 16),
+                                _mm512_cvtepi32_epi16(x));
+          }
+        }
+      }
+    }
+}
+
+// exp on [-87, 88] as 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p of degree 6
+void vexp(float* v, int64_t n) {
+  int64_t i = 0;
+  const __m512 log2e = _mm512_set1_ps(1.44269504f), ln2_hi = _mm512_set1_ps(0.693359375f),
+               ln2_lo = _mm512_set1_ps(-2.12194440e-4f), lo = _mm512_set1_ps(-87.0f),
+               hi = _mm512_set1_ps(88.0f), one = _mm512_set1_ps(1.0f);
+  const float c[6] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f};
+  for (; i + 16 <= n; i += 16) {
+    __m512 x = _mm512_loadu_ps(v + i);
+    const __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+    const __m512 kf = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), kRound);
+    __m512 r = _mm512_fnmadd_ps(kf, ln2_hi, x);
+    r = _mm512_fnmadd_ps(kf, ln2_lo, r);
+    __m512 p = _mm512_set1_ps(c[0]);
+    for (int j = 1; j < 6; ++j) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c[j]));
+    p = _mm512_fmadd_ps(p, r, one);
+    _mm512_storeu_ps(v + i, _mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps(p, kf)));
+  }
+  for (; i < n; ++i) v[i] = std::exp(v[i]);
+}
+
+// NV vectors of 16 per head row (head_dim = 16 NV)
+template <typename T, int NV>
+void attend_t(const AttendArgs& a) {
+  const T* K = static_cast<const T*>(a.k);
+  const T* V = static_cast<const T*>(a.v);
+  const int64_t len = a.s1 - a.s0, hd = a.hd;
+  for (int64_t g = 0; g < a.group; ++g) {
+    __m512 qv[NV];
+    for (int i = 0; i < NV; ++i) qv[i] = _mm512_loadu_ps(a.q + g * hd + i * 16);
+    float* sc = a.scores + g * len;
+    float mx = -INFINITY;
+    for (int64_t s = a.s0; s < a.s1; ++s) {
+      if (a.allowed && s != a.own && !a.allowed[s * a.allowed_stride]) {
+        sc[s - a.s0] = -INFINITY;
+        continue;
+      }
+      __m512 acc = _mm512_mul_ps(qv[0], load16(K + s * hd));
+      for (int i = 1; i < NV; ++i) acc = _mm512_fmadd_ps(qv[i], load16(K + s * hd + i * 16), acc);
+      const float dot = _mm512_reduce_add_ps(acc);
+      sc[s - a.s0] = dot;
+      mx = std::max(mx, dot);
+    }
+    a.max[g] = mx;
+    float* og = a.out + g * hd;
+    if (mx == -INFINITY) {
+      std::fill(og, og + hd, 0.f);
+      a.sum[g] = 0.f;
+      continue;
+    }
+    for (int64_t s = 0; s < len; ++s) sc[s] -= mx;
+    vexp(sc, len);
+    float total = 0.f;
+    for (int64_t s = 0; s < len; ++s) total += sc[s];
+    a.sum[g] = total;
+    __m512 o[NV];
+    for (int i = 0; i < NV; ++i) o[i] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < len; ++s) {
+      if (sc[s] == 0.f) continue;
+      const __m512 w = _mm512_set1_ps(sc[s]);
+      const T* vr = V + (a.s0 + s) * hd;
+      for (int i = 0; i < NV; ++i) o[i] = _mm512_fmadd_ps(w, load16(vr + i * 16), o[i]);
+    }
+    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(og + i * 16, o[i]);
+  }
+}
+
+template <typename T>
+void attend_dt(const AttendArgs& a) {
+  switch (a.hd) {
+    case 32: return attend_t<T, 2>(a);
+    case 64: return attend_t<T, 4>(a);
+    case 128: return attend_t<T, 8>(a);
+    case 256: return attend_t<T, 16>(a);
+    default: return attend_generic(a);
+  }
+}
+
+void attend(const AttendArgs& a) {
+  if (a.bf16) {
+    attend_dt<uint16_t>(a);
+  } else {
+    attend_dt<float>(a);
+  }
+}
+
+}  // namespace
+
+const Kernels& avx512_kernels() {
+  static const Kernels k{"avx512", quantize, gemm_q4, gemm_q8, dequant_q4, attend, vexp};
+  return k;
+}
+
+}  // namespace kvf

@@ -1,0 +1,181 @@
+// The portable path: plain C++ that compiles on any architecture (aarch64 included) and is
+// the reference the SIMD paths are tested against. Written so that the compiler can
+// vectorise the inner loops on its own.
+#include <algorithm>
+#include <cmath>
+
+#include "kernels.h"
+
+namespace kvf {
+namespace {
+
+void quantize(const float* x, Acts& a, int8_t* q1, int8_t* q2, float* scale, float* sum) {
+  const int64_t nb = a.k / a.block;
+  for (int64_t i = 0; i < a.m; ++i)
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t o = i * a.k + b * a.block;
+      float amax = 0.f, s = 0.f;
+      for (int64_t j = 0; j < a.block; ++j) {
+        amax = std::max(amax, std::fabs(x[o + j]));
+        s += x[o + j];
+      }
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      for (int64_t j = 0; j < a.block; ++j) {
+        const float v = x[o + j] * inv;
+        const float r = std::nearbyint(v);
+        q1[o + j] = int8_t(r);
+        q2[o + j] = int8_t(std::nearbyint((v - r) * 128.f));
+      }
+      scale[i * nb + b] = amax / 127.f / 128.f;
+      sum[i * nb + b] = s;
+    }
+  a.q1 = q1;
+  a.q2 = q2;
+  a.scale = scale;
+  a.sum = sum;
+}
+
+void gemm_q4(const Acts& a, const uint8_t* q, const uint16_t* dm, int64_t n0, int64_t n1,
+             float* y, int64_t ldy) {
+  const int64_t kb = a.k / kBlock;
+  for (int64_t t = n0 / kTile; t < n1 / kTile; ++t)
+    for (int64_t i = 0; i < a.m; ++i) {
+      float acc[kTile] = {};
+      for (int64_t b = 0; b < kb; ++b) {
+        const uint8_t* p = q + (t * kb + b) * kTileBytes;
+        const uint16_t* d = dm + (t * kb + b) * 2 * kTile;
+        const int8_t* x1 = a.q1 + i * a.k + b * kBlock;
+        const int8_t* x2 = a.q2 + i * a.k + b * kBlock;
+        int32_t s1[kTile] = {}, s2[kTile] = {};
+        for (int s = 0; s < 4; ++s)
+          for (int r = 0; r < kTile; ++r)
+            for (int j = 0; j < 4; ++j) {
+              const int byte = p[s * 64 + r * 4 + j];
+              const int lo = byte & 15, hi = byte >> 4;
+              s1[r] += lo * x1[8 * s + j] + hi * x1[8 * s + 4 + j];
+              s2[r] += lo * x2[8 * s + j] + hi * x2[8 * s + 4 + j];
+            }
+        const float sx = a.scale[i * kb + b], xs = a.sum[i * kb + b];
+        for (int r = 0; r < kTile; ++r)
+          acc[r] += f16_to_f32(d[r]) * sx * float(s1[r] * 128 + s2[r]) +
+                    f16_to_f32(d[kTile + r]) * xs;
+      }
+      for (int r = 0; r < kTile; ++r) y[i * ldy + t * kTile + r] = acc[r];
+    }
+}
+
+void gemm_q8(const Acts& a, const int8_t* q, const float* scale, const int32_t*, int64_t n0,
+             int64_t n1, float* y, int64_t ldy) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* w = q + n * a.k;
+    for (int64_t i = 0; i < a.m; ++i) {
+      const int8_t* x1 = a.q1 + i * a.k;
+      const int8_t* x2 = a.q2 + i * a.k;
+      int32_t s1 = 0, s2 = 0;
+      for (int64_t j = 0; j < a.k; ++j) {
+        s1 += int32_t(w[j]) * x1[j];
+        s2 += int32_t(w[j]) * x2[j];
+      }
+      y[i * ldy + n] = float(int64_t(s1) * 128 + s2) * a.scale[i] * scale[n];
+    }
+  }
+}
+
+void dequant_q4(const uint8_t* q, const uint16_t* dm, int64_t k, int64_t n0, int64_t n1,
+                float* out_f32, uint16_t* out_bf16, int64_t ldo) {
+  const int64_t kb = k / kBlock;
+  for (int64_t t = n0 / kTile; t < n1 / kTile; ++t)
+    for (int64_t b = 0; b < kb; ++b) {
+      const uint8_t* p = q + (t * kb + b) * kTileBytes;
+      const uint16_t* d = dm + (t * kb + b) * 2 * kTile;
+      for (int r = 0; r < kTile; ++r) {
+        const float dr = f16_to_f32(d[r]), mr = f16_to_f32(d[kTile + r]);
+        const int64_t row = t * kTile + r - n0;
+        for (int s = 0; s < 4; ++s)
+          for (int j = 0; j < 4; ++j) {
+            const int byte = p[s * 64 + r * 4 + j];
+            const int64_t c = row * ldo + b * kBlock + 8 * s + j;
+            const float lo = dr * float(byte & 15) + mr, hi = dr * float(byte >> 4) + mr;
+            if (out_f32) {
+              out_f32[c] = lo;
+              out_f32[c + 4] = hi;
+            } else {
+              out_bf16[c] = f32_to_bf16(lo);
+              out_bf16[c + 4] = f32_to_bf16(hi);
+            }
+          }
+      }
+    }
+}
+
+void vexp(float* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) v[i] = std::exp(v[i]);
+}
+
+template <typename T>
+inline float at(const T* p, int64_t i) {
+  if constexpr (sizeof(T) == 2) {
+    return bf16_to_f32(p[i]);
+  } else {
+    return p[i];
+  }
+}
+
+template <typename T>
+void attend_t(const AttendArgs& a) {
+  const T* K = static_cast<const T*>(a.k);
+  const T* V = static_cast<const T*>(a.v);
+  const int64_t len = a.s1 - a.s0, hd = a.hd;
+  for (int64_t g = 0; g < a.group; ++g) {
+    const float* qg = a.q + g * hd;
+    float* sc = a.scores + g * len;
+    float mx = -INFINITY;
+    for (int64_t s = a.s0; s < a.s1; ++s) {
+      if (a.allowed && s != a.own && !a.allowed[s * a.allowed_stride]) {
+        sc[s - a.s0] = -INFINITY;
+        continue;
+      }
+      float dot = 0.f;
+      for (int64_t i = 0; i < hd; ++i) dot += qg[i] * at(K, s * hd + i);
+      sc[s - a.s0] = dot;
+      mx = std::max(mx, dot);
+    }
+    float* og = a.out + g * hd;
+    std::fill(og, og + hd, 0.f);
+    a.max[g] = mx;
+    if (mx == -INFINITY) {  // every slot of this part is masked
+      a.sum[g] = 0.f;
+      continue;
+    }
+    float total = 0.f;
+    for (int64_t s = 0; s < len; ++s) {
+      sc[s] = std::exp(sc[s] - mx);
+      total += sc[s];
+    }
+    a.sum[g] = total;
+    for (int64_t s = 0; s < len; ++s) {
+      if (sc[s] == 0.f) continue;
+      for (int64_t i = 0; i < hd; ++i) og[i] += sc[s] * at(V, (a.s0 + s) * hd + i);
+    }
+  }
+}
+
+void attend(const AttendArgs& a) {
+  if (a.bf16) {
+    attend_t<uint16_t>(a);
+  } else {
+    attend_t<float>(a);
+  }
+}
+
+}  // namespace
+
+// Shared with the SIMD paths for shapes they do not specialise.
+void attend_generic(const AttendArgs& a) { attend(a); }
+
+const Kernels& scalar_kernels() {
+  static const Kernels k{"scalar", quantize, gemm_q4, gemm_q8, dequant_q4, attend, vexp};
+  return k;
+}
+
+}  // namespace kvf

@@ -1,0 +1,679 @@
+// kvformer's decode step as one torch operator (see kvformer/native.py), and the kernels of
+// kernels.h exposed one by one for tests and for the quantized layers of the model.
+//
+// The step reads a named plan (kvformer/plan.py: StepPlan.named()): tensors, integers and
+// reals under names such as "layers.3.qkv.weight", the same description the Python step
+// reads. Activations are fp32 throughout; the matmuls, attention and exp go through the
+// kernel path chosen for the plan ("avx512", "avx2" or "scalar", from what the CPU reports).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
+
+#include "kernels.h"
+
+namespace {
+
+using at::Tensor;
+using kvf::Kernels;
+
+// ------------------------------------------------------------------ which paths this CPU runs
+#if defined(__x86_64__)
+struct X86 {
+  bool avx2 = false, avx512 = false;
+  X86() {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return;
+    const bool fma = c & (1u << 12), osxsave = c & (1u << 27), f16c = c & (1u << 29);
+    if (!osxsave) return;
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    const bool ymm = (lo & 0x6u) == 0x6u, zmm = (lo & 0xe6u) == 0xe6u;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return;
+    avx2 = ymm && fma && f16c && (b & (1u << 5));
+    const bool f = b & (1u << 16), dq = b & (1u << 17), bw = b & (1u << 30),
+               vl = b & (1u << 31), vnni = c & (1u << 11);
+    avx512 = avx2 && zmm && f && dq && bw && vl && vnni;
+  }
+};
+#endif
+
+std::vector<std::string> isas() {  // best first
+  std::vector<std::string> out;
+#if defined(__x86_64__)
+  static const X86 cpu;
+  if (cpu.avx512) out.push_back("avx512");
+  if (cpu.avx2) out.push_back("avx2");
+#endif
+  out.push_back("scalar");
+  return out;
+}
+
+const Kernels& kernels_for(const std::string& isa) {
+  const auto ok = isas();
+  const std::string want = isa.empty() ? ok.front() : isa;
+  if (std::find(ok.begin(), ok.end(), want) == ok.end()) {
+    std::string have;
+    for (const auto& s : ok) have += (have.empty() ? "" : ", ") + s;
+    TORCH_CHECK(false, "kvformer_native: this CPU cannot run the '", want,
+                "' kernels (it can run: ", have, ")");
+  }
+#if defined(__x86_64__)
+  if (want == "avx512") return kvf::avx512_kernels();
+  if (want == "avx2") return kvf::avx2_kernels();
+#endif
+  return kvf::scalar_kernels();
+}
+
+// ------------------------------------------------------------------ the named plan
+struct Named {
+  std::unordered_map<std::string, Tensor> tensors;
+  std::unordered_map<std::string, int64_t> ints;
+  std::unordered_map<std::string, double> reals;
+  std::unordered_set<std::string> used;
+
+  bool has(const std::string& n) const {
+    return tensors.count(n) || ints.count(n) || reals.count(n);
+  }
+  Tensor tensor(const std::string& n) {
+    auto it = tensors.find(n);
+    TORCH_CHECK(it != tensors.end(), "kvformer_native: the plan has no tensor '", n, "'");
+    used.insert(n);
+    return it->second;
+  }
+  int64_t integer(const std::string& n) {
+    auto it = ints.find(n);
+    TORCH_CHECK(it != ints.end(), "kvformer_native: the plan has no integer '", n, "'");
+    used.insert(n);
+    return it->second;
+  }
+  double real(const std::string& n) {
+    auto it = reals.find(n);
+    TORCH_CHECK(it != reals.end(), "kvformer_native: the plan has no number '", n, "'");
+    used.insert(n);
+    return it->second;
+  }
+  void check_all_read() const {
+    auto check = [&](const auto& map) {
+      for (const auto& kv : map)
+        TORCH_CHECK(used.count(kv.first), "kvformer_native: the plan entry '", kv.first,
+                    "' is not read by the C++ step (the two sides disagree)");
+    };
+    check(tensors);
+    check(ints);
+    check(reals);
+  }
+};
+
+std::vector<float> floats(const Tensor& t) {
+  Tensor f = t.to(at::kFloat).contiguous();
+  return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + f.numel());
+}
+
+// Reusable scratch for the quantized activations of one matmul.
+struct Work {
+  std::vector<int8_t> q1, q2;
+  std::vector<float> scale, sum;
+  kvf::Acts prepare(const Kernels& K, const float* x, int64_t m, int64_t k, int64_t block) {
+    const size_t nb = size_t(m * (k / block));
+    if (q1.size() < size_t(m * k)) q1.resize(m * k), q2.resize(m * k);
+    if (scale.size() < nb) scale.resize(nb), sum.resize(nb);
+    kvf::Acts a;
+    a.m = m;
+    a.k = k;
+    a.block = block;
+    K.quantize(x, a, q1.data(), q2.data(), scale.data(), sum.data());
+    return a;
+  }
+};
+
+enum Kind : int64_t { kDense = 0, kInt8 = 1, kInt4 = 2 };
+
+struct Lin {
+  int64_t kind = kDense, n = 0, k = 0;
+  Tensor w, s;  // dense: weight [n, k] in the activations' dtype; int8: q, scale; int4: q, dm
+  Tensor bias_t;
+  std::vector<float> bias;
+  std::vector<int32_t> rowsum;
+
+  void set(int64_t kind_, Tensor w_, Tensor s_, Tensor bias_, at::ScalarType act) {
+    kind = kind_;
+    w = w_.contiguous();
+    if (kind == kInt4) {
+      TORCH_CHECK(w.dim() == 3 && w.size(2) == kvf::kTileBytes && w.scalar_type() == at::kByte,
+                  "kvformer_native: int4 weights must be uint8 [N/16, K/32, 256]");
+      s = s_.contiguous();
+      TORCH_CHECK(s.scalar_type() == at::kHalf && s.numel() == w.size(0) * w.size(1) * 32,
+                  "kvformer_native: int4 scales must be fp16 [N/16, K/32, 2, 16]");
+      n = w.size(0) * kvf::kTile;
+      k = w.size(1) * kvf::kBlock;
+    } else if (kind == kInt8) {
+      TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar,
+                  "kvformer_native: int8 weights must be int8 [N, K]");
+      s = s_.to(at::kFloat).contiguous();
+      n = w.size(0);
+      k = w.size(1);
+      TORCH_CHECK(s.numel() == n, "kvformer_native: int8 scales must be [N]");
+      rowsum.resize(n);
+      const int8_t* q = w.data_ptr<int8_t>();
+      for (int64_t r = 0; r < n; ++r) {
+        int32_t t = 0;
+        for (int64_t j = 0; j < k; ++j) t += q[r * k + j];
+        rowsum[r] = t;
+      }
+    } else {
+      w = w.to(act).contiguous();
+      n = w.size(0);
+      k = w.size(1);
+    }
+    if (bias_.defined() && bias_.numel()) {
+      bias_t = bias_.to(act);
+      bias = floats(bias_);
+    }
+  }
+
+  void read(Named& p, const std::string& name, at::ScalarType act) {
+    const int64_t kd = p.integer(name + ".kind");
+    Tensor sc = kd == kDense ? Tensor() : p.tensor(name + ".scales");
+    Tensor b = p.has(name + ".bias") ? p.tensor(name + ".bias") : Tensor();
+    set(kd, p.tensor(name + ".weight"), sc, b, act);
+  }
+
+  // y [M, n] = x [M, k] W^T (+ bias), fp32
+  void run(const Kernels& K, const float* x, int64_t M, float* y, Work& wk,
+           at::ScalarType act) const {
+    if (kind == kDense) {
+      Tensor xt = at::from_blob(const_cast<float*>(x), {M, k}, at::kFloat).to(act);
+      Tensor yt = bias_t.defined() ? at::linear(xt, w, bias_t) : at::linear(xt, w);
+      yt = yt.to(at::kFloat).contiguous();
+      std::memcpy(y, yt.data_ptr<float>(), M * n * sizeof(float));
+      return;
+    }
+    const kvf::Acts a = wk.prepare(K, x, M, k, kind == kInt4 ? kvf::kBlock : k);
+    if (kind == kInt4) {
+      const uint8_t* q = w.data_ptr<uint8_t>();
+      const uint16_t* dm = reinterpret_cast<const uint16_t*>(s.data_ptr());
+      at::parallel_for(0, n / kvf::kTile, 1, [&](int64_t t0, int64_t t1) {
+        K.gemm_q4(a, q, dm, t0 * kvf::kTile, t1 * kvf::kTile, y, n);
+      });
+    } else {
+      const int8_t* q = w.data_ptr<int8_t>();
+      const float* sc = s.data_ptr<float>();
+      at::parallel_for(0, n, 64, [&](int64_t n0, int64_t n1) {
+        K.gemm_q8(a, q, sc, rowsum.data(), n0, n1, y, n);
+      });
+    }
+    if (!bias.empty())
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t i = 0; i < n; ++i) y[m * n + i] += bias[i];
+  }
+};
+
+struct Norm {
+  bool rms = true;
+  float eps = 1e-5f;
+  std::vector<float> w, b;
+
+  void read(Named& p, const std::string& name) {
+    rms = p.integer(name + ".rms") != 0;
+    eps = float(p.real(name + ".eps"));
+    w = floats(p.tensor(name + ".weight"));
+    if (p.has(name + ".bias")) b = floats(p.tensor(name + ".bias"));
+  }
+
+  void apply(const float* x, int64_t M, int64_t n, float* out) const {
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * n;
+      float* om = out + m * n;
+      if (rms) {
+        double sq = 0.0;
+        for (int64_t i = 0; i < n; ++i) sq += double(xm[i]) * xm[i];
+        const float inv = 1.0f / std::sqrt(float(sq / n) + eps);
+        for (int64_t i = 0; i < n; ++i) om[i] = xm[i] * inv * w[i];
+      } else {
+        double mean = 0.0, var = 0.0;
+        for (int64_t i = 0; i < n; ++i) mean += xm[i];
+        mean /= n;
+        for (int64_t i = 0; i < n; ++i) var += (xm[i] - mean) * (xm[i] - mean);
+        const float inv = 1.0f / std::sqrt(float(var / n) + eps), mu = float(mean);
+        for (int64_t i = 0; i < n; ++i) om[i] = (xm[i] - mu) * inv * w[i] + (b.empty() ? 0.f : b[i]);
+      }
+    }
+  }
+};
+
+struct Layer {
+  Norm attn_norm, mlp_norm;
+  bool fused_qkv = false, fused_gate_up = false;
+  Lin qkv, q, k, v, wo, gate_up, gate, up, down;
+};
+
+struct Plan {
+  int64_t n_layer = 0, d = 0, hd = 0, nq = 0, nkv = 0, dff = 0, vocab = 0;
+  bool rope = false, swiglu = true;
+  at::ScalarType act = at::kFloat;
+  int64_t embed_kind = kDense;
+  Tensor embed_w, embed_s, cos, sin;
+  float q_scale = 1.0f;
+  std::vector<Layer> layers;
+  Norm final_norm;
+  Lin head;
+  const Kernels* K = nullptr;
+};
+
+// ------------------------------------------------------------------ optional timing
+enum Part { kMatmul, kHead, kAttention, kOther, kParts };
+bool timing = false;
+double part_ns[kParts] = {0, 0, 0, 0};
+int64_t timed_steps = 0;
+
+struct Clock {
+  std::chrono::steady_clock::time_point t = std::chrono::steady_clock::now();
+  void lap(Part part) {
+    if (!timing) return;
+    auto now = std::chrono::steady_clock::now();
+    part_ns[part] += std::chrono::duration<double, std::nano>(now - t).count();
+    t = now;
+  }
+};
+
+std::vector<double> profile(bool enable) {
+  std::vector<double> out(part_ns, part_ns + kParts);
+  out.push_back(double(timed_steps));
+  timing = enable;
+  std::fill(part_ns, part_ns + kParts, 0.0);
+  timed_steps = 0;
+  return out;
+}
+
+std::mutex registry_mu;
+std::vector<std::shared_ptr<Plan>> registry;
+
+int64_t plan_new(std::vector<std::string> tnames, std::vector<Tensor> ts,
+                 std::vector<std::string> inames, std::vector<int64_t> is,
+                 std::vector<std::string> rnames, std::vector<double> rs, std::string isa) {
+  TORCH_CHECK(tnames.size() == ts.size() && inames.size() == is.size() &&
+                  rnames.size() == rs.size(),
+              "kvformer_native: plan names and values differ in number");
+  Named p;
+  for (size_t i = 0; i < ts.size(); ++i) p.tensors[tnames[i]] = ts[i];
+  for (size_t i = 0; i < is.size(); ++i) p.ints[inames[i]] = is[i];
+  for (size_t i = 0; i < rs.size(); ++i) p.reals[rnames[i]] = rs[i];
+
+  auto plan = std::make_shared<Plan>();
+  Plan& P = *plan;
+  P.K = &kernels_for(isa);
+  P.n_layer = p.integer("n_layer");
+  P.d = p.integer("d_model");
+  P.hd = p.integer("head_dim");
+  P.nq = p.integer("n_head");
+  P.nkv = p.integer("n_kv_head");
+  P.dff = p.integer("d_ff");
+  P.act = p.integer("act_bf16") ? at::kBFloat16 : at::kFloat;
+  P.rope = p.integer("rope") != 0;
+  P.swiglu = p.integer("swiglu") != 0;
+  P.q_scale = float(p.real("q_scale"));
+  P.embed_kind = p.integer("embed.kind");
+  P.embed_w = p.tensor("embed.weight").contiguous();
+  if (P.embed_kind == kInt8) P.embed_s = p.tensor("embed.scales").to(at::kFloat).contiguous();
+  if (P.rope) {
+    P.cos = p.tensor("rope.cos").to(at::kFloat).contiguous();
+    P.sin = p.tensor("rope.sin").to(at::kFloat).contiguous();
+  }
+  for (int64_t l = 0; l < P.n_layer; ++l) {
+    const std::string pre = "layers." + std::to_string(l) + ".";
+    Layer L;
+    L.attn_norm.read(p, pre + "attn_norm");
+    L.fused_qkv = p.has(pre + "qkv.kind");
+    if (L.fused_qkv) {
+      L.qkv.read(p, pre + "qkv", P.act);
+    } else {
+      L.q.read(p, pre + "q", P.act);
+      L.k.read(p, pre + "k", P.act);
+      L.v.read(p, pre + "v", P.act);
+    }
+    L.wo.read(p, pre + "wo", P.act);
+    L.mlp_norm.read(p, pre + "mlp_norm");
+    L.fused_gate_up = p.has(pre + "gate_up.kind");
+    if (L.fused_gate_up) {
+      L.gate_up.read(p, pre + "gate_up", P.act);
+    } else {
+      if (P.swiglu) L.gate.read(p, pre + "gate", P.act);
+      L.up.read(p, pre + "up", P.act);
+    }
+    L.down.read(p, pre + "down", P.act);
+    P.layers.push_back(std::move(L));
+  }
+  P.final_norm.read(p, "final_norm");
+  P.head.read(p, "head", P.act);
+  P.vocab = P.head.n;
+  p.check_all_read();
+  std::lock_guard<std::mutex> g(registry_mu);
+  registry.push_back(std::move(plan));
+  return int64_t(registry.size()) - 1;
+}
+
+void plan_free(int64_t handle) {
+  std::lock_guard<std::mutex> g(registry_mu);
+  if (handle >= 0 && handle < int64_t(registry.size())) registry[handle].reset();
+}
+
+std::string plan_isa(int64_t handle) {
+  std::lock_guard<std::mutex> g(registry_mu);
+  TORCH_CHECK(handle >= 0 && handle < int64_t(registry.size()) && registry[handle],
+              "kvformer_native: no such plan");
+  return registry[handle]->K->name;
+}
+
+// ------------------------------------------------------------------ attention
+struct StepArgs {
+  int64_t B, slot, pos0, pos_stride, ms0, ms1;
+  const int64_t* pos;
+  const bool* mask;
+};
+
+// rotate-half rotary positions of one head x [hd] (cos/sin rows of its position), times mul
+inline void rotate(const float* x, const float* c, const float* s, int64_t hd, float mul,
+                   float* out) {
+  const int64_t half = hd / 2;
+  for (int64_t i = 0; i < half; ++i) out[i] = (x[i] * c[i] - x[i + half] * s[i]) * mul;
+  for (int64_t i = half; i < hd; ++i) out[i] = (x[i] * c[i] + x[i - half] * s[i]) * mul;
+}
+
+constexpr int64_t kChunk = 256;  // cached slots per attention task
+
+// RoPE the new token's q and k, write k and v into the cache, attend: q/k/v rows of the
+// B tokens at row strides sq/sk/sv -> out [B, nq * hd]
+void attention(const Plan& p, const StepArgs& a, const Tensor& kc, const Tensor& vc,
+               const float* qs, const float* ks, const float* vs, int64_t sq, int64_t sk,
+               int64_t sv, float* out, std::vector<float>& qf) {
+  const int64_t hd = p.hd, nq = p.nq, nkv = p.nkv, group = nq / nkv, len = a.slot + 1;
+  const int64_t max_len = kc.size(2);
+  const bool bf = kc.scalar_type() == at::kBFloat16;
+  const size_t esz = bf ? 2 : 4;
+  char* K = static_cast<char*>(kc.data_ptr());
+  char* V = static_cast<char*>(vc.data_ptr());
+  qf.resize(a.B * nq * hd);
+  std::vector<float> rot(hd);
+  for (int64_t b = 0; b < a.B; ++b) {
+    const float *c = nullptr, *s = nullptr;
+    if (p.rope) {
+      const int64_t ps = a.pos ? a.pos[b * a.pos_stride] : a.pos0;
+      c = p.cos.data_ptr<float>() + ps * hd;
+      s = p.sin.data_ptr<float>() + ps * hd;
+    }
+    for (int64_t h = 0; h < nq; ++h) {
+      const float* x = qs + b * sq + h * hd;
+      float* dst = qf.data() + (b * nq + h) * hd;
+      if (p.rope) {
+        rotate(x, c, s, hd, p.q_scale, dst);
+      } else {
+        for (int64_t i = 0; i < hd; ++i) dst[i] = x[i] * p.q_scale;
+      }
+    }
+    for (int64_t j = 0; j < nkv; ++j) {
+      const int64_t row = ((b * nkv + j) * max_len + a.slot) * hd;
+      const float* kx = ks + b * sk + j * hd;
+      const float* vx = vs + b * sv + j * hd;
+      if (p.rope) {
+        rotate(kx, c, s, hd, 1.0f, rot.data());
+        kx = rot.data();
+      }
+      if (bf) {
+        uint16_t* kd = reinterpret_cast<uint16_t*>(K) + row;
+        uint16_t* vd = reinterpret_cast<uint16_t*>(V) + row;
+        for (int64_t i = 0; i < hd; ++i) {
+          kd[i] = kvf::f32_to_bf16(kx[i]);
+          vd[i] = kvf::f32_to_bf16(vx[i]);
+        }
+      } else {
+        std::memcpy(reinterpret_cast<float*>(K) + row, kx, hd * 4);
+        std::memcpy(reinterpret_cast<float*>(V) + row, vx, hd * 4);
+      }
+    }
+  }
+  // tasks: (row, KV head, chunk of slots), each a partial softmax; then combined
+  const int64_t chunks = (len + kChunk - 1) / kChunk, heads = a.B * nkv, tasks = heads * chunks;
+  const int64_t part = group * (hd + 2);
+  std::vector<float> parts(tasks * part);
+  const int64_t grain = len * group * hd * heads > (1 << 15) ? 1 : tasks;
+  const Kernels& Kn = *p.K;
+  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores(group * kChunk);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t h = t / chunks, c = t % chunks, b = h / nkv;
+      float* pt = parts.data() + t * part;
+      kvf::AttendArgs at_;
+      at_.q = qf.data() + h * group * hd;  // heads of KV head j are j*group .. j*group+group-1
+      at_.group = group;
+      at_.hd = hd;
+      at_.k = K + h * max_len * hd * esz;
+      at_.v = V + h * max_len * hd * esz;
+      at_.bf16 = bf;
+      at_.s0 = c * kChunk;
+      at_.s1 = std::min(len, at_.s0 + kChunk);
+      at_.allowed = a.mask ? a.mask + b * a.ms0 : nullptr;
+      at_.allowed_stride = a.ms1;
+      at_.own = len - 1;
+      at_.scores = scores.data();
+      at_.max = pt;
+      at_.sum = pt + group;
+      at_.out = pt + 2 * group;
+      Kn.attend(at_);
+    }
+  });
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t g = 0; g < group; ++g) {
+      float mx = -INFINITY;
+      for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, parts[(h * chunks + c) * part + g]);
+      float* o = out + (h * group + g) * hd;
+      std::fill(o, o + hd, 0.f);
+      float den = 0.f;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float* pt = parts.data() + (h * chunks + c) * part;
+        if (pt[group + g] == 0.f) continue;
+        const float w = std::exp(pt[g] - mx);
+        den += w * pt[group + g];
+        const float* po = pt + 2 * group + g * hd;
+        for (int64_t i = 0; i < hd; ++i) o[i] += w * po[i];
+      }
+      const float inv = 1.0f / den;
+      for (int64_t i = 0; i < hd; ++i) o[i] *= inv;
+    }
+}
+
+Tensor plan_step(int64_t handle, Tensor tokens, std::vector<Tensor> kcs, std::vector<Tensor> vcs,
+                 int64_t slot, int64_t pos0, Tensor pos, Tensor mask) {
+  std::shared_ptr<Plan> pp;
+  {
+    std::lock_guard<std::mutex> g(registry_mu);
+    TORCH_CHECK(handle >= 0 && handle < int64_t(registry.size()) && registry[handle],
+                "kvformer_native: no such plan");
+    pp = registry[handle];
+  }
+  const Plan& p = *pp;
+  const Kernels& K = *p.K;
+  const int64_t B = tokens.size(0), d = p.d, hd = p.hd, nq = p.nq, nkv = p.nkv, f = p.dff;
+  TORCH_CHECK(int64_t(kcs.size()) == p.n_layer && int64_t(vcs.size()) == p.n_layer,
+              "kvformer_native: the cache has the wrong number of layers");
+  for (int64_t l = 0; l < p.n_layer; ++l)
+    TORCH_CHECK(kcs[l].is_contiguous() && vcs[l].is_contiguous() && kcs[l].size(0) == B &&
+                    kcs[l].size(1) == nkv && kcs[l].size(3) == hd && slot < kcs[l].size(2),
+                "kvformer_native: the cache does not have the plan's shape");
+  StepArgs a{B, slot, pos0, pos.numel() ? pos.stride(0) : 0, mask.numel() ? mask.stride(0) : 0,
+             mask.numel() ? mask.stride(1) : 0, pos.numel() ? pos.data_ptr<int64_t>() : nullptr,
+             mask.numel() ? mask.data_ptr<bool>() : nullptr};
+
+  const int64_t nqkv = (nq + 2 * nkv) * hd;
+  std::vector<float> x(B * d), h(B * d), o(B * d), qkv(B * nqkv), att(B * nq * hd),
+      gu(B * 2 * f), act(B * f), logits(B * p.vocab), qf;
+  Work wk;
+
+  const int64_t* tok = tokens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t t = tok[b * tokens.stride(0)];
+    TORCH_CHECK(t >= 0 && t < p.embed_w.size(0), "kvformer_native: token id ", t,
+                " is outside the vocabulary");
+    float* xb = x.data() + b * d;
+    if (p.embed_kind == kDense) {
+      if (p.embed_w.scalar_type() == at::kBFloat16) {
+        const uint16_t* e = reinterpret_cast<const uint16_t*>(p.embed_w.data_ptr()) + t * d;
+        for (int64_t i = 0; i < d; ++i) xb[i] = kvf::bf16_to_f32(e[i]);
+      } else {
+        std::memcpy(xb, p.embed_w.data_ptr<float>() + t * d, d * sizeof(float));
+      }
+    } else {
+      const int8_t* q = p.embed_w.data_ptr<int8_t>() + t * d;
+      const float sc = p.embed_s.data_ptr<float>()[t];
+      for (int64_t i = 0; i < d; ++i) xb[i] = float(q[i]) * sc;
+    }
+  }
+
+  Clock clock;
+  for (const Layer& L : p.layers) {
+    const int64_t l = &L - p.layers.data();
+    L.attn_norm.apply(x.data(), B, d, h.data());
+    clock.lap(kOther);
+    const float *qs, *ks, *vs;
+    int64_t sq, sk, sv;
+    if (L.fused_qkv) {
+      L.qkv.run(K, h.data(), B, qkv.data(), wk, p.act);
+      qs = qkv.data();
+      ks = qs + nq * hd;
+      vs = ks + nkv * hd;
+      sq = sk = sv = nqkv;
+    } else {
+      float* base = qkv.data();  // q [B, nq*hd] | k [B, nkv*hd] | v [B, nkv*hd]
+      L.q.run(K, h.data(), B, base, wk, p.act);
+      L.k.run(K, h.data(), B, base + B * nq * hd, wk, p.act);
+      L.v.run(K, h.data(), B, base + B * (nq + nkv) * hd, wk, p.act);
+      qs = base;
+      ks = base + B * nq * hd;
+      vs = base + B * (nq + nkv) * hd;
+      sq = nq * hd;
+      sk = sv = nkv * hd;
+    }
+    clock.lap(kMatmul);
+    attention(p, a, kcs[l], vcs[l], qs, ks, vs, sq, sk, sv, att.data(), qf);
+    clock.lap(kAttention);
+    L.wo.run(K, att.data(), B, o.data(), wk, p.act);
+    clock.lap(kMatmul);
+    for (int64_t i = 0; i < B * d; ++i) x[i] += o[i];
+    L.mlp_norm.apply(x.data(), B, d, h.data());
+    clock.lap(kOther);
+    if (p.swiglu) {
+      const float *g, *u;
+      int64_t gs;
+      if (L.fused_gate_up) {
+        L.gate_up.run(K, h.data(), B, gu.data(), wk, p.act);
+        g = gu.data();
+        u = g + f;
+        gs = 2 * f;
+      } else {
+        L.gate.run(K, h.data(), B, gu.data(), wk, p.act);
+        L.up.run(K, h.data(), B, gu.data() + B * f, wk, p.act);
+        g = gu.data();
+        u = g + B * f;
+        gs = f;
+      }
+      clock.lap(kMatmul);
+      for (int64_t b = 0; b < B; ++b) {  // silu(g) * u = g / (1 + exp(-g)) * u
+        float* ab = act.data() + b * f;
+        for (int64_t i = 0; i < f; ++i) ab[i] = -g[b * gs + i];
+        K.exp(ab, f);
+        for (int64_t i = 0; i < f; ++i) ab[i] = g[b * gs + i] / (1.0f + ab[i]) * u[b * gs + i];
+      }
+    } else {
+      L.up.run(K, h.data(), B, gu.data(), wk, p.act);
+      clock.lap(kMatmul);
+      const float k0 = 0.7978845608028654f;  // sqrt(2 / pi): GELU, tanh approximation
+      for (int64_t i = 0; i < B * f; ++i) {
+        const float v = gu[i];
+        act[i] = 0.5f * v * (1.0f + std::tanh(k0 * (v + 0.044715f * v * v * v)));
+      }
+    }
+    clock.lap(kOther);
+    L.down.run(K, act.data(), B, o.data(), wk, p.act);
+    clock.lap(kMatmul);
+    for (int64_t i = 0; i < B * d; ++i) x[i] += o[i];
+  }
+  p.final_norm.apply(x.data(), B, d, h.data());
+  clock.lap(kOther);
+  p.head.run(K, h.data(), B, logits.data(), wk, p.act);
+  clock.lap(kHead);
+  if (timing) ++timed_steps;
+  Tensor out = at::from_blob(logits.data(), {B, 1, p.vocab}, at::kFloat).to(p.act);
+  return p.act == at::kFloat ? out.clone() : out;
+}
+
+// ------------------------------------------------------------------ single kernels
+int64_t kind_of(const std::string& kind) {
+  if (kind == "int8") return kInt8;
+  if (kind == "int4") return kInt4;
+  TORCH_CHECK(false, "kvformer_native: kind must be 'int8' or 'int4', got '", kind, "'");
+}
+
+// x [M, K] (any float dtype) -> x W^T [M, N] fp32 through one quantized layer's kernel
+Tensor linear(Tensor x, std::string kind, Tensor w, Tensor s, std::string isa) {
+  const Kernels& K = kernels_for(isa);
+  Lin lin;
+  lin.set(kind_of(kind), w, s, Tensor(), at::kFloat);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == lin.k, "kvformer_native.linear: x must be [M, ",
+              lin.k, "], got ", x.sizes());
+  x = x.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0);
+  Tensor y = at::empty({M, lin.n}, x.options());
+  Work wk;
+  lin.run(K, x.data_ptr<float>(), M, y.data_ptr<float>(), wk, at::kFloat);
+  return y;
+}
+
+// The weight an int4 layer stands for, [N, K], in fp32 or bf16 (prefill multiplies by it)
+Tensor dequant_int4(Tensor q, Tensor dm, bool bf16, std::string isa) {
+  const Kernels& K = kernels_for(isa);
+  Lin lin;
+  lin.set(kInt4, q, dm, Tensor(), at::kFloat);
+  Tensor out = at::empty({lin.n, lin.k}, q.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  const uint8_t* qp = lin.w.data_ptr<uint8_t>();
+  const uint16_t* dp = reinterpret_cast<const uint16_t*>(lin.s.data_ptr());
+  at::parallel_for(0, lin.n / kvf::kTile, 1, [&](int64_t t0, int64_t t1) {
+    const int64_t n0 = t0 * kvf::kTile, n1 = t1 * kvf::kTile;
+    if (bf16) {
+      K.dequant_q4(qp, dp, lin.k, n0, n1, nullptr,
+                   reinterpret_cast<uint16_t*>(out.data_ptr()) + n0 * lin.k, lin.k);
+    } else {
+      K.dequant_q4(qp, dp, lin.k, n0, n1, out.data_ptr<float>() + n0 * lin.k, nullptr, lin.k);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(kvformer_native, m) {
+  m.def("isas() -> str[]", &isas);
+  m.def("linear(Tensor x, str kind, Tensor w, Tensor s, str isa) -> Tensor", &linear);
+  m.def("dequant_int4(Tensor q, Tensor dm, bool bf16, str isa) -> Tensor", &dequant_int4);
+  m.def("profile(bool enable) -> float[]", &profile);
+  m.def("plan_new(str[] tensor_names, Tensor[] tensors, str[] int_names, int[] ints, "
+        "str[] real_names, float[] reals, str isa) -> int", &plan_new);
+  m.def("plan_free(int plan) -> ()", &plan_free);
+  m.def("plan_isa(int plan) -> str", &plan_isa);
+  m.def("plan_step(int plan, Tensor tokens, Tensor[] k, Tensor[] v, int slot, int pos0, "
+        "Tensor pos, Tensor mask) -> Tensor", &plan_step);
+}

@@ -1,0 +1,211 @@
+"""kvformer's native kernels, path by path (avx512, avx2, scalar: each one this CPU can run),
+against references computed here: the integer layout unpacked by torch ops, the matmul of
+the dequantized weight, the plain forward of the model. And the run-time choice of path."""
+
+import copy
+
+import pytest
+import torch
+
+from kvformer import ModelConfig, Transformer, native
+from kvformer.errors import KvformerError
+from kvformer.quantize import (
+    Int4Linear,
+    Int8Linear,
+    quantize_model,
+    unpack_int4,
+    unpack_scales,
+)
+
+PATHS = ["avx512", "avx2", "scalar"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    if not native.available():
+        if native._compiler() and not native.disabled():  # a compiler, and yet no library
+            pytest.fail(f"the native kernels failed to build: {native.build_error()}")
+        pytest.skip("no C++ compiler (or KVFORMER_NATIVE=0): the native kernels are not built")
+
+
+def use(path):
+    if path not in native.isas():
+        pytest.skip(f"this CPU cannot run the {path} kernels: {native.kernel_path()}")
+    return path
+
+
+def cpu_flags() -> set[str]:
+    return set(native.cpuinfo("flags").partition(":")[2].split())
+
+
+# --------------------------------------------------------------------------- choosing a path
+def test_paths_follow_what_the_cpu_reports():
+    """cpuid inside the library and the kernel's /proc/cpuinfo agree on what runs here."""
+    have = native.isas()
+    assert have[-1] == "scalar" and have == sorted(have, key=PATHS.index)
+    flags = cpu_flags()
+    if flags:  # Linux
+        assert ("avx2" in have) == ({"avx2", "fma", "f16c"} <= flags)
+        assert ("avx512" in have) == ({"avx512f", "avx512bw", "avx512vl", "avx512dq",
+                                       "avx512_vnni"} <= flags)
+
+
+def test_kvformer_isa_forces_a_lower_path_and_refuses_a_missing_one(monkeypatch):
+    monkeypatch.delenv("KVFORMER_ISA", raising=False)
+    assert native.default_isa() == native.isas()[0]
+    monkeypatch.setenv("KVFORMER_ISA", "scalar")
+    assert native.default_isa() == "scalar" and "forced" in native.kernel_path()
+    monkeypatch.setenv("KVFORMER_ISA", "sse9")
+    with pytest.raises(KvformerError, match=r"KVFORMER_ISA=sse9 is not a kernel path .*"
+                                             r"\(it can run: "):
+        native.default_isa()
+    with pytest.raises(RuntimeError, match="cannot run the 'sse9' kernels"):
+        torch.ops.kvformer_native.linear(torch.zeros(1, 32), "int8",
+                                         torch.zeros(16, 32, dtype=torch.int8), torch.ones(16),
+                                         "sse9")
+
+
+# --------------------------------------------------------------------------- single kernels
+def int4_layer(n, k, seed=0):
+    torch.manual_seed(seed)
+    layer = Int4Linear.from_float(torch.randn(n, k))
+    q = unpack_int4(layer.qweight).float()
+    d, m = unpack_scales(layer.scales)
+    w = (q.view(n, k // 32, 32) * d.float()[..., None] + m.float()[..., None]).view(n, k)
+    return layer, w
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("n, k", [(16, 32), (48, 96), (96, 576), (64, 1536)])
+def test_int4_kernel_matches_the_dequantized_matmul(path, n, k):
+    layer, w = int4_layer(n, k)
+    for rows in (1, 2, 3, 4, 5, 8):  # every tail of the row blocking
+        x = torch.randn(rows, k)
+        ref = x @ w.t()
+        out = torch.ops.kvformer_native.linear(x, "int4", layer.qweight, layer.scales, use(path))
+        # x enters as two int8 levels per block of 32: error ~1e-4 of the result
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-3
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("n, k", [(5, 1), (16, 17), (33, 64), (7, 100), (64, 576)])
+def test_int8_kernel_matches_the_dequantized_matmul(path, n, k):
+    torch.manual_seed(0)
+    layer = Int8Linear.from_float(torch.randn(n, k))
+    w = layer.qweight.float() * layer.scale[:, None]
+    for rows in (1, 3, 8):
+        x = torch.randn(rows, k)
+        ref = x @ w.t()
+        out = torch.ops.kvformer_native.linear(x, "int8", layer.qweight, layer.scale, use(path))
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-3
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_every_path_computes_the_same_numbers(kind):
+    """The paths quantize x the same way and differ only in the order of float additions."""
+    torch.manual_seed(0)
+    w = torch.randn(96, 576)
+    layer = (Int8Linear if kind == "int8" else Int4Linear).from_float(w)
+    a, b = (layer.qweight, layer.scale) if kind == "int8" else (layer.qweight, layer.scales)
+    x = torch.randn(3, 576)
+    outs = {p: torch.ops.kvformer_native.linear(x, kind, a, b, p) for p in native.isas()}
+    scale = outs["scalar"].abs().max().item()
+    for p, out in outs.items():
+        torch.testing.assert_close(out, outs["scalar"], rtol=1e-5, atol=1e-6 * scale, msg=p)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_dequantize_is_exact_on_every_path(path):
+    layer, w = int4_layer(48, 96, seed=3)
+    f32 = torch.ops.kvformer_native.dequant_int4(layer.qweight, layer.scales, False, use(path))
+    bf16 = torch.ops.kvformer_native.dequant_int4(layer.qweight, layer.scales, True, path)
+    assert torch.equal(f32, w)
+    assert torch.equal(bf16, w.bfloat16())  # rounded to nearest even, as torch rounds
+
+
+def test_kernels_refuse_a_foreign_layout():
+    with pytest.raises(RuntimeError, match=r"int4 weights must be uint8 \[N/16, K/32, 256\]"):
+        torch.ops.kvformer_native.linear(torch.zeros(1, 64), "int4",
+                                         torch.zeros(64, 32, dtype=torch.uint8),
+                                         torch.zeros(2, 64, 2, dtype=torch.bfloat16), "scalar")
+
+
+# --------------------------------------------------------------------------- the whole step
+def model_for(head_dim, n_head, n_kv, dtype, mode=None, max_len=640):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=256, d_model=head_dim * n_head, n_layer=2, n_head=n_head,
+                      n_kv_head=n_kv, d_ff=128, max_seq_len=max_len)
+    model = Transformer(cfg).eval()
+    if mode:
+        return quantize_model(model, mode, act=dtype)
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("head_dim", [64, 48])  # a specialised width and the generic one
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_cache_with_padding_matches_the_forward(path, head_dim, dtype):
+    """Past 256 cached slots attention is split into parts that run on different threads and
+    are combined; a left-padded row masks its first slots. The step's logits and the K/V it
+    writes equal those of Transformer.forward."""
+    from kvformer.native import NativeDecodeStep
+
+    model = model_for(head_dim, 6, 2, dtype)
+    b, t = 2, 600
+    tokens = torch.randint(0, 256, (b, t + 1))
+    mask = torch.ones(b, t + 1, dtype=torch.bool)
+    mask[1, :37] = False
+    pos = torch.tensor([[t], [t - 37]])
+    with torch.inference_mode():
+        c1, c2 = model.new_cache(b, t + 1), model.new_cache(b, t + 1)
+        step = NativeDecodeStep(model, isa=use(path))  # after the rotary table has grown
+        model(tokens[:, :t], cache=c1, key_mask=mask[:, :t])
+        for i in range(2):
+            c2.k[i][:, :, :t] = c1.k[i][:, :, :t]
+            c2.v[i][:, :, :t] = c1.v[i][:, :, :t]
+        c2.length = t
+        ref = model(tokens[:, t:], input_pos=pos, cache=c1, key_mask=mask)
+        out = step(tokens[:, t:], c2, pos, mask)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol * ref.abs().max().item(),
+                               rtol=0)
+    for i in range(2):
+        torch.testing.assert_close(c2.k[i][:, :, t].float(), c1.k[i][:, :, t].float(),
+                                   atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_every_path_decodes_the_same_tokens(mode):
+    """Greedy decoding through each path of the C++ step gives the tokens of the plain
+    forward on a small quantized model."""
+    from kvformer.fast import accelerate
+    from kvformer.generate import generate
+
+    model = model_for(32, 4, 2, torch.float32, mode, max_len=128)
+    prompt = list(range(5, 17))
+    expected = generate(model, prompt, 20)
+    for path in native.isas():
+        assert generate(accelerate(copy.deepcopy(model), native=path), prompt, 20) == expected
+
+
+def test_the_plan_names_are_checked_on_both_sides():
+    """The C++ step reads the plan by name: an entry it does not read, or one it needs that
+    is missing, is an error naming it (the two sides cannot drift apart silently)."""
+    from kvformer.plan import StepPlan
+
+    model = model_for(32, 4, 2, torch.float32)
+    named = StepPlan.from_model(model).named()
+
+    def make(tensors, ints):
+        return torch.ops.kvformer_native.plan_new(
+            list(tensors), list(tensors.values()), list(ints), list(ints.values()),
+            list(named.reals), list(named.reals.values()), "scalar")
+
+    handle = make(named.tensors, named.ints)
+    torch.ops.kvformer_native.plan_free(handle)
+    with pytest.raises(RuntimeError, match="'layers.0.extra' is not read"):
+        make({**named.tensors, "layers.0.extra": torch.zeros(1)}, named.ints)
+    ints = dict(named.ints)
+    del ints["layers.1.down.kind"]
+    with pytest.raises(RuntimeError, match="no integer 'layers.1.down.kind'"):
+        make(named.tensors, ints)
