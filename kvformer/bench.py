@@ -1,30 +1,34 @@
-"""`kvformer bench`: speed, memory and load time, against `transformers` in the same run.
+"""`kvformer bench`: speed, memory, load time and quality, against llama.cpp (and
+`transformers`) measured in the same run, on each kernel path of this CPU.
 
-For every configuration (kvformer in each dtype, and `transformers` in fp32 when it is
-installed) and every run, a fresh Python process loads the model and measures
+Configurations: kvformer in each dtype on each kernel path it is asked for (default: the
+SIMD paths this CPU runs; a path lower than the CPU's own also runs torch as that CPU
+would, ATEN_CPU_CAPABILITY, so the avx2 row on an AVX-512 machine is what an AVX2 CPU
+would do with this memory), llama.cpp (`llama-cpp-python`, the optional `bench` extra) on
+the same GGUF with the same threads, and transformers fp32. For every configuration and
+run, fresh processes (``kvformer.bench_workers``) measure
 
-    load        seconds for the load call (kvformer.load / from_pretrained), imports excluded
-    prefill     tokens/s of one forward over a 512-token prompt (logits of the last
-                position only, as generation needs them)
-    decode      tokens/s at batch 1: 128 new tokens, greedy, after a 16-token prompt
-    batch       total tokens/s at batch 8 (8 different 16-token prompts, 128 new tokens each)
-    no cache    tokens/s with use_cache=False (every step recomputes the whole sequence;
-                the seed's comparison): 32 new tokens after the 16-token prompt
-    RSS         peak resident memory as the kernel counts it for the whole process (its
-                ru_maxrss, read by this parent when the process ends: the figure
-                `/usr/bin/time -v` prints), of two processes: one that only loads the model
-                and decodes 128 tokens at batch 1 (as `kvformer generate` does), and the one
-                that runs all the workloads above
-    perplexity  on a fixed English text (prefill path), to show quantization keeps quality;
-                measured once, in a process of its own
+    load        seconds for the load call, imports excluded
+    prefill     tokens/s of one forward over a 512-token prompt (last-position logits)
+    decode      tokens/s at batch 1: 128 new tokens after a 16-token prompt; and 64 new
+                tokens with 1,000 and with 4,000 tokens already in the cache
+    batch       total tokens/s at batch 8 (kvformer, transformers)
+    no cache    tokens/s recomputing the whole sequence per token (the seed's comparison)
+    RSS         peak resident memory as the kernel counts it (the child's ru_maxrss, read
+                by this parent: the figure `/usr/bin/time -v` prints) of a process that
+                loads the model and decodes 128 tokens at batch 1, and of the speed process
+    perplexity  on a fixed English text of 600+ tokens, through prefill and (kvformer) one
+                token at a time through the decode step, per path
 
-Each workload is warmed up first; decode rates are taken between the first and the last new
-token (so the prompt is not counted). The configurations take turns run after run, so the
-noise of a shared machine falls on all of them alike, and each figure is the median over the
-runs. The result is printed and written to docs/benchmarks.md with a chart.
+The configurations take turns run after run, so the noise of a shared machine falls on all
+of them alike; each figure is the median over the runs. ``--big`` adds a model ten times
+larger: random weights in the shape of Llama-3.2-1B, written as a Q4_0 GGUF by this
+command (``kvformer.bench_models``) and read by both engines. The report, with ratios
+against llama.cpp and a chart, is printed and written to docs/benchmarks.md.
 
-    kvformer bench                       # default model, fp32 bf16 int8 int4 + transformers
-    kvformer bench --dtype int4 --runs 5 --no-write
+    kvformer bench                                   # default model, every dtype and path
+    kvformer bench --dtype int4 --paths avx2 --runs 5 --no-write
+    kvformer bench --big --dtype int4,int8
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from pathlib import Path
 
 DTYPES = ("fp32", "bf16", "int8", "int4")
 PROMPT_TOKENS, SHORT_TOKENS, NEW_TOKENS, BATCH, NOCACHE_TOKENS = 512, 16, 128, 8, 32
+CONTEXTS = {"ctx1k": 1000, "ctx4k": 4000}
 
 # A fixed text: the prompts are cut from it and the perplexity is measured on it.
 TEXT = """\
@@ -80,36 +85,64 @@ raised by the printing press remain familiar. Who controls what is published? Ho
 readers tell reliable information from rumor? What happens to a culture when the cost of \
 copying a text falls almost to zero? The answers are still being worked out, and they will \
 shape the way the next generation learns, argues and remembers.
+
+The workshops themselves were noisy, crowded places. An apprentice might spend years \
+learning to set type by hand, picking each letter from a wooden case and placing it upside \
+down and backwards in a small frame, line after line, until a page was complete. Another \
+worker inked the forme with leather balls stuffed with wool, a third pulled the heavy bar \
+of the press, and the damp sheets were hung on lines across the room to dry. Mistakes were \
+common, and careful printers hired correctors who read every proof against the manuscript. \
+A busy shop could print more than a thousand sheets in a day, a number that no monastery \
+full of scribes could have matched in a month.
 """
+
 
 METRICS = (  # key, column title, unit, higher is better
     ("decode", "decode b1", "tok/s", True),
+    ("ctx1k", "decode b1, 1k cached", "tok/s", True),
+    ("ctx4k", "decode b1, 4k cached", "tok/s", True),
     ("batch", f"decode b{BATCH}", "tok/s", True),
     ("prefill", f"prefill {PROMPT_TOKENS}", "tok/s", True),
     ("nocache", "no cache", "tok/s", True),
     ("load", "load", "s", False),
     ("rss", "peak RSS, load + decode b1", "MB", False),
-    ("rss_all", "peak RSS, all workloads", "MB", False),
+    ("rss_all", "peak RSS, speed run", "MB", False),
 )
+# What kvformer's quantized rows must reach against llama.cpp in the same run (issue #12).
+TARGETS = (("decode", 1.0), ("ctx1k", 1.0), ("ctx4k", 1.0), ("prefill", 1.5))
+RSS_TARGET_MB = 400
+# torch dispatching as a CPU of the path's kind would (set when Python starts)
+PATH_CAPABILITY = {"avx2": "avx2", "scalar": "default"}
 
 
 # --------------------------------------------------------------------------- CLI
 def register(subparsers) -> None:
     """Add the `bench` verb to kvformer's CLI."""
     p = subparsers.add_parser(
-        "bench", help="speed, memory and load time against transformers (writes "
-                      "docs/benchmarks.md)",
+        "bench", help="speed, memory and quality against llama.cpp and transformers, per "
+                      "kernel path (writes docs/benchmarks.md)",
         description=__doc__.split("\n\n")[0])
     p.add_argument("--model", "-m", default="default",
                    help="a .gguf file, a model directory, or 'default' (SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default=",".join(DTYPES),
                    help=f"comma-separated kvformer dtypes to measure (default {','.join(DTYPES)})")
+    p.add_argument("--paths", default=None,
+                   help="comma-separated kernel paths for the int8/int4 rows (default: the "
+                        "SIMD paths this CPU runs; 'all' adds scalar)")
     p.add_argument("--runs", type=int, default=3, help="fresh processes per configuration "
                    "(the figures are their medians; default 3)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="torch threads for every configuration (default: all cores)")
+                   help="threads for every engine (default: all cores)")
     p.add_argument("--no-transformers", action="store_true",
                    help="skip the transformers reference")
+    p.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp reference")
+    p.add_argument("--llama-cpp-avx2", default=None, metavar="DIR",
+                   help="a second llama-cpp-python built for AVX2 only (CMAKE_ARGS='-DGGML_NATIVE="
+                        "OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF ...', pip install --target DIR): "
+                        "the reference for the avx2 rows")
+    p.add_argument("--big", action="store_true",
+                   help="also a random model in the shape of Llama-3.2-1B (Q4_0 GGUF, ~0.8 GB, "
+                        "written once to ~/.cache/kvformer/bench)")
     p.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     p.add_argument("--out", default="docs/benchmarks.md",
                    help="markdown file to write (its chart goes to img/ beside it)")
@@ -127,52 +160,142 @@ def run(args) -> int:
             raise ValueError(f"--dtype {d!r} is not one of {', '.join(DTYPES)}")
     if args.runs < 1:
         raise ValueError("--runs must be at least 1")
+    paths = kernel_paths(args.paths)
+    load_before, started = os.getloadavg(), time.time()
     ids = token_ids(args.model)
-    configs = [{"engine": "kvformer", "dtype": d} for d in dtypes]
-    hf_dir = hf_source(args.model) if not args.no_transformers else None
-    if hf_dir is not None:
-        configs.append({"engine": "transformers", "dtype": "fp32", "hf": hf_dir})
-    elif not args.no_transformers:
-        print("transformers is not installed or cannot read this model: no reference",
-              file=sys.stderr)
-    load_before = os.getloadavg()
-    results: dict[str, list[dict]] = {label(c): [] for c in configs}
-    started = time.time()
-    for r in range(args.runs):
-        for c in configs:
-            spec = {**c, "model": args.model, "threads": args.threads, "ids": ids,
-                    "new_tokens": args.new_tokens}
-            out = run_worker({**spec, "task": "speed"})
-            out["rss_all"] = out.pop("peak_rss")
-            out["rss"] = run_worker({**spec, "task": "memory"})["peak_rss"]
-            if r == 0:  # quality does not change from run to run: once, in its own process
-                profile = (args.profile and c["engine"] == "kvformer" and c["dtype"] == "int4")
-                quality = run_worker({**spec, "task": "quality", "profile": profile})
-                out.update({k: v for k, v in quality.items() if k != "peak_rss"})
-            results[label(c)].append(out)
-            print(f"[run {r + 1}/{args.runs}] {label(c):<22} " + "  ".join(
-                f"{k} {out[k]:.1f}" for k, *_ in METRICS if k in out), file=sys.stderr)
-    summary = {name: summarize(rs) for name, rs in results.items()}
-    info = machine_info(args.threads, load_before, os.getloadavg(), time.time() - started)
-    ref = "transformers fp32" if "transformers fp32" in summary else None
-    text = report(summary, results, info, ref, args)
+    configs = make_configs(args, args.model, dtypes, paths)
+    summary, results = measure(configs, args, ids)
+    big = None
+    if args.big:
+        from .bench_models import random_llama_gguf
+
+        big_path = str(random_llama_gguf())
+        big_ids = token_ids(big_path, contexts=False, batch=False)
+        big_configs = make_configs(args, big_path, [d for d in dtypes if d in ("int8", "int4")]
+                                   or ["int4"], paths, transformers=False)
+        big = measure(big_configs, args, big_ids, quality=False)[0]
+    info = machine_info(args.threads, paths, load_before, os.getloadavg(),
+                        time.time() - started)
+    text = report(summary, info, args, big)
     print(text)
     if not args.no_write:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         chart = out.parent / "img" / "bench_speed.png"
-        plot(summary, ref, chart)
+        plot(summary, chart)
         out.write_text(text.replace("(CHART)", f"![speed]({chart.relative_to(out.parent)})"))
         print(f"wrote {out} and {chart}", file=sys.stderr)
     return 0
 
 
+def kernel_paths(arg: str | None) -> list[str]:
+    """The kernel paths to measure the quantized rows on ('torch' without native kernels)."""
+    from . import native
+
+    have = native.isas()
+    if not have:
+        return ["torch"]
+    if arg is None:
+        return [p for p in have if p != "scalar"] or have
+    if arg.strip() == "all":
+        return have
+    paths = [p.strip() for p in arg.split(",") if p.strip()]
+    for p in paths:
+        if p not in have:
+            raise ValueError(f"--paths {p!r}: this CPU runs {', '.join(have)}")
+    return paths
+
+
+def make_configs(args, model: str, dtypes: list[str], paths: list[str],
+                 transformers: bool = True) -> list[dict]:
+    """kvformer per dtype (the quantized ones per kernel path), then the references."""
+    from .loading import resolve
+
+    configs = []
+    for d in dtypes:
+        for path in (paths if d in ("int8", "int4") else paths[:1]):
+            env = {}
+            if path != "torch":
+                env["KVFORMER_ISA"] = path
+                if path != _best_path() and path in PATH_CAPABILITY:  # a lower CPU's path
+                    env["ATEN_CPU_CAPABILITY"] = PATH_CAPABILITY[path]
+            configs.append({"engine": "kvformer", "dtype": d, "path": path, "env": env,
+                            "model": model})
+    kind, file = resolve(model)
+    if kind == "gguf" and not args.no_llama_cpp:
+        from .bench_workers import llama_cpp_info
+
+        if llama_cpp_info() is None:
+            print("llama-cpp-python is not installed (pip install 'kvformer[bench]'): no "
+                  "llama.cpp reference", file=sys.stderr)
+        else:
+            configs.append({"engine": "llama.cpp", "dtype": gguf_type(file), "path": "",
+                            "env": {}, "model": str(file)})
+            if args.llama_cpp_avx2:
+                pythonpath = os.pathsep.join(filter(None, [args.llama_cpp_avx2,
+                                                           os.environ.get("PYTHONPATH")]))
+                configs.append({"engine": "llama.cpp", "dtype": gguf_type(file),
+                                "path": "avx2", "env": {"PYTHONPATH": pythonpath},
+                                "model": str(file)})
+    hf_dir = hf_source(model) if transformers and not args.no_transformers else None
+    if hf_dir is not None:
+        configs.append({"engine": "transformers", "dtype": "fp32", "path": "", "env": {},
+                        "hf": hf_dir, "model": model})
+    return configs
+
+
+def _best_path() -> str:
+    from . import native
+
+    have = native.isas()
+    return have[0] if have else "torch"
+
+
+def gguf_type(path) -> str:
+    """The GGUF's predominant quantization of its matrices (e.g. Q4_1)."""
+    from collections import Counter
+
+    from .checkpoints.gguf import open_reader
+
+    reader = open_reader(path)
+    try:
+        kinds = Counter(t.type_name for t in reader.tensors.values()
+                        if t.type_name.upper().startswith("Q"))
+    finally:
+        reader.close()
+    return kinds.most_common(1)[0][0] if kinds else "F32"
+
+
 def label(c: dict) -> str:
-    return f"{c['engine']} {c['dtype']}"
+    if c["engine"] == "llama.cpp" and c["path"]:
+        return f"llama.cpp {c['dtype']} · {c['path']} build"
+    path = f" · {c['path']}" if c["engine"] == "kvformer" and c["dtype"] in ("int8", "int4") \
+        else ""
+    return f"{c['engine']} {c['dtype']}{path}"
+
+
+def measure(configs: list[dict], args, ids: dict, quality: bool = True):
+    results: dict[str, list[dict]] = {label(c): [] for c in configs}
+    for r in range(args.runs):
+        for c in configs:
+            spec = {**c, "threads": args.threads, "ids": ids, "new_tokens": args.new_tokens,
+                    "nocache": NOCACHE_TOKENS if "batch" in ids else 0}
+            out = run_worker({**spec, "task": "speed"}, c["env"])
+            out["rss_all"] = out.pop("peak_rss")
+            out["rss"] = run_worker({**spec, "task": "memory"}, c["env"])["peak_rss"]
+            if r == 0 and quality:  # quality does not change from run to run
+                profile = (args.profile and c["engine"] == "kvformer" and c["dtype"] == "int4"
+                           and c["path"] == configs[0]["path"])
+                q = run_worker({**spec, "task": "quality", "profile": profile}, c["env"])
+                out.update({k: v for k, v in q.items() if k != "peak_rss"})
+            results[label(c)].append(out)
+            print(f"[run {r + 1}/{args.runs}] {label(c):<26} " + "  ".join(
+                f"{k} {out[k]:.1f}" for k, *_ in METRICS if k in out), file=sys.stderr)
+    return {name: summarize(rs) for name, rs in results.items()}, results
 
 
 # --------------------------------------------------------------------------- parent side
-def token_ids(model: str) -> dict:
+def token_ids(model: str, contexts: bool = True, batch: bool = True) -> dict:
     """The prompts as token ids, cut from TEXT with the model's own tokenizer."""
     from .loading import resolve
 
@@ -187,9 +310,16 @@ def token_ids(model: str) -> dict:
 
         tok = Tokenizer.from_dir(path)
     text_ids = tok.encode(TEXT)
-    long = (text_ids * (PROMPT_TOKENS // len(text_ids) + 1))[:PROMPT_TOKENS]
-    batch = [text_ids[i * 40:i * 40 + SHORT_TOKENS] for i in range(BATCH)]
-    return {"text": text_ids, "long": long, "short": text_ids[:SHORT_TOKENS], "batch": batch}
+
+    def repeat(n):
+        return (text_ids * (n // len(text_ids) + 1))[:n]
+
+    ids = {"text": text_ids, "long": repeat(PROMPT_TOKENS), "short": text_ids[:SHORT_TOKENS]}
+    if batch:
+        ids["batch"] = [text_ids[i * 40:i * 40 + SHORT_TOKENS] for i in range(BATCH)]
+    if contexts:
+        ids.update({k: repeat(n) for k, n in CONTEXTS.items()})
+    return ids
 
 
 def hf_source(model: str) -> dict | None:
@@ -208,17 +338,19 @@ def hf_source(model: str) -> dict | None:
     return None
 
 
-def run_worker(spec: dict, timeout: float = 1800) -> dict:
-    """One task in a fresh process; its result, plus ``peak_rss``: the process's maximum
-    resident set size in MB as the kernel reports it to this parent when it ends (the
-    figure `/usr/bin/time -v` prints; the process's own view of it can lag by a few MB)."""
+def run_worker(spec: dict, env: dict | None = None, timeout: float = 3600) -> dict:
+    """One task in a fresh process (``kvformer.bench_workers``); its result, plus
+    ``peak_rss``: the process's maximum resident set size in MB as the kernel reports it to
+    this parent when it ends (the figure `/usr/bin/time -v` prints; the process's own view
+    of it can lag by a few MB)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(spec["threads"])}
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(spec["threads"]),
+           **(env or {})}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "kvformer.bench", "--worker"],
+        proc = subprocess.Popen([sys.executable, "-m", "kvformer.bench_workers"],
                                 stdin=subprocess.PIPE, stdout=out, stderr=err, text=True,
                                 env=env)
-        proc.stdin.write(json.dumps(spec))
+        proc.stdin.write(json.dumps({k: v for k, v in spec.items() if k != "env"}))
         proc.stdin.close()
         deadline = time.monotonic() + timeout
         while True:  # os.wait4, not proc.wait: it also returns the process's rusage
@@ -228,16 +360,16 @@ def run_worker(spec: dict, timeout: float = 1800) -> dict:
             if time.monotonic() > deadline:
                 proc.kill()
                 os.wait4(proc.pid, 0)
-                raise RuntimeError(f"benchmark of {label(spec)} ({spec['task']}) took more "
-                                   f"than {timeout:.0f} s")
+                raise RuntimeError(f"benchmark of {spec['engine']} ({spec['task']}) took "
+                                   f"more than {timeout:.0f} s")
             time.sleep(0.05)
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         lines = [ln for ln in out.read().splitlines() if ln.startswith("{")]
         if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"benchmark of {label(spec)} ({spec['task']}) failed:\n"
-                               f"{err.read()[-3000:]}")
+            raise RuntimeError(f"benchmark of {spec['engine']} {spec.get('dtype', '')} "
+                               f"({spec['task']}) failed:\n{err.read()[-3000:]}")
     result = json.loads(lines[-1])
     result["peak_rss"] = usage.ru_maxrss / 1024  # Linux: kilobytes
     return result
@@ -250,20 +382,22 @@ def summarize(runs: list[dict]) -> dict:
                   and not isinstance(r.get(key), bool)]
         if values:
             out[key] = statistics.median(values)
-    for key in ("ppl", "ppl_decode", "profile", "compile", "decode_path"):
+    for key in ("ppl", "ppl_decode", "profile", "compile", "decode_path", "kernels", "act"):
         for r in runs:
             if key in r:
                 out[key] = r[key]
     return out
 
 
-def machine_info(threads: int, load_before, load_after, seconds: float) -> dict:
-    from .native import cpuinfo
+def machine_info(threads: int, paths: list[str], load_before, load_after,
+                 seconds: float) -> dict:
+    from . import native
+    from .bench_workers import llama_cpp_info
 
-    cpu = cpuinfo("model name").partition(":")[2].strip() or "unknown CPU"
-    flags = cpuinfo("flags").split()
-    isa = [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "avx512vbmi", "amx_tile")
-           if f in flags]
+    cpu = native.cpuinfo("model name").partition(":")[2].strip() or "unknown CPU"
+    flags = native.cpuinfo("flags").split()
+    isa = [f for f in ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16",
+                       "amx_tile", "asimd") if f in flags]
     import torch
 
     versions = {"python": platform.python_version(), "torch": torch.__version__}
@@ -273,6 +407,9 @@ def machine_info(threads: int, load_before, load_after, seconds: float) -> dict:
         versions["transformers"] = transformers.__version__
     except ImportError:
         pass
+    llama = llama_cpp_info()
+    if llama:
+        versions["llama-cpp-python"] = llama["version"]
     mem = ""
     try:
         with open("/proc/meminfo") as fh:
@@ -281,8 +418,9 @@ def machine_info(threads: int, load_before, load_after, seconds: float) -> dict:
     except (OSError, ValueError, IndexError):
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "isa": isa,
-            "memory": mem, "versions": versions, "load_before": load_before,
-            "load_after": load_after, "seconds": seconds, "date": time.strftime("%Y-%m-%d")}
+            "paths": paths, "runs_here": native.isas(), "memory": mem, "versions": versions,
+            "llama": llama, "load_before": load_before, "load_after": load_after,
+            "seconds": seconds, "date": time.strftime("%Y-%m-%d")}
 
 
 def _fmt(value, key) -> str:
@@ -295,59 +433,149 @@ def _fmt(value, key) -> str:
     return f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
 
-def report(summary: dict, results: dict, info: dict, ref: str | None, args) -> str:
-    command = " ".join(["kvformer bench", *(["--profile"] if args.profile else []),
-                        f"--runs {args.runs}",
-                        *([f"--dtype {args.dtype}"] if args.dtype != ",".join(DTYPES) else []),
-                        *([f"--model {args.model}"] if args.model != "default" else [])])
-    lines = ["# Benchmarks", "",
-             f"Written by `{command}` ({info['date']}, model `{args.model}`, "
-             f"{args.runs} fresh process{'es' if args.runs > 1 else ''} per configuration, "
-             "medians); run it again to regenerate this page.", ""]
-    lines += ["| configuration | " + " | ".join(f"{t} ({u})" for _, t, u, _ in METRICS)
-              + " | perplexity |",
-              "| --- |" + " --- |" * (len(METRICS) + 1)]
+def _table(summary: dict, metrics=METRICS, ppl: bool = True) -> list[str]:
+    keys = [m for m in metrics if any(m[0] in s for s in summary.values())]
+    lines = ["| configuration | " + " | ".join(f"{t} ({u})" for _, t, u, _ in keys)
+             + (" | perplexity |" if ppl else " |"),
+             "| --- |" + " --- |" * (len(keys) + ppl)]
     for name, s in summary.items():
-        cells = [_fmt(s.get(k), k) for k, *_ in METRICS]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_fmt(s.get('ppl'), 'ppl')} |")
-    if ref:
-        lines += ["", f"Ratios against {ref} (above 1 is better for kvformer: speed ratios are "
-                  "kvformer / transformers, load time and memory ratios transformers / "
-                  "kvformer):", "",
-                  "| configuration | " + " | ".join(t for _, t, _, _ in METRICS) + " |",
-                  "| --- |" + " --- |" * len(METRICS)]
-        r = summary[ref]
-        for name, s in summary.items():
-            if name == ref:
+        cells = [_fmt(s.get(k), k) for k, *_ in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) +
+                     (f" | {_fmt(s.get('ppl'), 'ppl')} |" if ppl else " |"))
+    return lines
+
+
+def _ratios(summary: dict, ref: str, metrics=METRICS) -> list[str]:
+    r = summary[ref]
+    keys = [m for m in metrics if m[0] in r]
+    lines = ["| configuration | " + " | ".join(t for _, t, _, _ in keys) + " |",
+             "| --- |" + " --- |" * len(keys)]
+    for name, s in summary.items():
+        if name == ref or not name.startswith("kvformer"):
+            continue
+        cells = []
+        for k, _, _, higher in keys:
+            a, b = s.get(k), r.get(k)
+            cells.append("–" if not a or not b else f"{(a / b if higher else b / a):.2f}×")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _reference_for(name: str, summary: dict, default: str) -> str:
+    """The llama.cpp row a kvformer row is compared with: the build for its path if there
+    is one (e.g. 'llama.cpp Q4_1 · avx2 build' for '... · avx2'), else the default one."""
+    path = name.rpartition(" · ")[2]
+    return next((n for n in summary if n.startswith("llama.cpp") and
+                 n.endswith(f"· {path} build")), default)
+
+
+def _targets(summary: dict, ref: str) -> list[str]:
+    heads = [f"{t} ≥ {x:g}×" for k, x in TARGETS for m, t, _, _ in METRICS if m == k]
+    lines = ["| configuration | " + " | ".join(heads) + f" | peak RSS ≤ {RSS_TARGET_MB} MB |",
+             "| --- |" + " --- |" * (len(heads) + 1)]
+    for name, s in summary.items():
+        if not name.startswith(("kvformer int8", "kvformer int4")):
+            continue
+        r = summary[_reference_for(name, summary, ref)]
+        cells = []
+        for k, goal in TARGETS:
+            if not s.get(k) or not r.get(k):
+                cells.append("–")
                 continue
-            cells = []
-            for k, _, _, higher in METRICS:
-                a, b = s.get(k), r.get(k)
-                if not a or not b:
-                    cells.append("–")
-                    continue
-                cells.append(f"{(a / b if higher else b / a):.2f}×")
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            ratio = s[k] / r[k]
+            cells.append(f"{ratio:.2f}× {'met' if ratio >= goal else '**missed**'}")
+        rss = s.get("rss")
+        cells.append("–" if rss is None else
+                     f"{rss:.0f} {'met' if rss <= RSS_TARGET_MB else '**missed**'}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def report(summary: dict, info: dict, args, big: dict | None = None) -> str:
+    flags = [f"--runs {args.runs}", *(["--profile"] if args.profile else []),
+             *(["--big"] if args.big else []),
+             *([f"--dtype {args.dtype}"] if args.dtype != ",".join(DTYPES) else []),
+             *([f"--paths {args.paths}"] if args.paths else []),
+             *([f"--model {args.model}"] if args.model != "default" else [])]
+    command = " ".join(["kvformer bench", *flags])
+    llama = next((n for n in summary if n.startswith("llama.cpp")), None)
+    hf = "transformers fp32" if "transformers fp32" in summary else None
+    lines = ["# Benchmarks", "",
+             f"Written by `{command}` ({info['date']}, model `{args.model}`, {args.runs} fresh "
+             f"process{'es' if args.runs > 1 else ''} per configuration, medians, "
+             f"{info['threads']} threads for every engine) on **{info['cpu']}** "
+             f"({', '.join(info['isa']) or 'no SIMD flags'}); run it again to regenerate "
+             "this page. kvformer's int8/int4 rows name their kernel path; a path below the "
+             "CPU's own also runs torch as such a CPU would (`ATEN_CPU_CAPABILITY`), so the "
+             "avx2 rows show what an AVX2-only CPU does with this machine's memory and "
+             "clock.", ""]
+    lines += _table(summary)
+    if llama:
+        lines += ["", f"Against {llama} in the same run (above 1 is better for kvformer: speed "
+                  "ratios are kvformer / llama.cpp, load time and memory llama.cpp / kvformer):",
+                  ""] + _ratios(summary, llama)
+        lines += ["", "Targets (issue 12): decode at batch 1 ≥ 1.0× llama.cpp after a short "
+                  "prompt and with 1k and 4k tokens cached, prefill of 512 tokens ≥ 1.5×, "
+                  f"peak RSS ≤ {RSS_TARGET_MB} MB; each row against the llama.cpp build for its "
+                  "path where the run has one:", ""] + _targets(summary, llama)
+    if hf:
+        lines += ["", "Against transformers fp32 in the same run:", ""] + _ratios(summary, hf)
     lines += ["", "(CHART)", ""]
-    fp32 = summary.get("kvformer fp32", {}).get("ppl")
-    ppl_rows = [(n, s) for n, s in summary.items() if "ppl" in s]
-    if ppl_rows:
-        lines += ["## Quality", "",
-                  f"Perplexity on a fixed English text ({len(TEXT.split())} words, "
-                  "`kvformer.generate.perplexity`, the prefill path) and, for kvformer, the "
-                  "same text fed one token at a time through the decode step that generation "
-                  "uses (`decode path`, first 256 tokens).", "",
-                  "| configuration | perplexity | vs kvformer fp32 | decode path |",
-                  "| --- | --- | --- | --- |"]
-        for n, s in ppl_rows:
-            rel = f"{(s['ppl'] / fp32 - 1) * 100:+.2f} %" if fp32 else "–"
-            lines.append(f"| {n} | {s['ppl']:.3f} | {rel} | "
-                         f"{_fmt(s.get('ppl_decode'), 'ppl') if 'ppl_decode' in s else '–'} |")
+    lines += _quality(summary)
+    if big:
+        lines += _big_section(big)
+    lines += _profile_sections(summary)
+    lines += _how(summary, info)
+    return "\n".join(lines)
+
+
+def _quality(summary: dict) -> list[str]:
+    fp32 = summary.get("kvformer fp32", {})
+    rows = [(n, s) for n, s in summary.items() if "ppl" in s]
+    if not rows:
+        return []
+    lines = ["## Quality", "",
+             f"Perplexity on a fixed English text ({len(TEXT.split())} words), through "
+             "prefill (`kvformer.generate.perplexity`) and, for kvformer, the same text fed "
+             "one token at a time through the decode step that generation uses (`decode "
+             "path`: the C++ step on the row's kernel path). Targets: int8 within 2 % and "
+             "int4 within 10 % of fp32, both ways.", "",
+             "| configuration | perplexity | vs kvformer fp32 | decode path | vs fp32 decode |",
+             "| --- | --- | --- | --- | --- |"]
+    for n, s in rows:
+        rel = f"{(s['ppl'] / fp32['ppl'] - 1) * 100:+.2f} %" if "ppl" in fp32 else "–"
+        dec = s.get("ppl_decode")
+        rel_d = (f"{(dec / fp32['ppl_decode'] - 1) * 100:+.2f} %"
+                 if dec and "ppl_decode" in fp32 else "–")
+        lines.append(f"| {n} | {s['ppl']:.3f} | {rel} | "
+                     f"{f'{dec:.3f}' if dec else '–'} | {rel_d} |")
+    return lines + [""]
+
+
+def _big_section(big: dict) -> list[str]:
+    from .bench_models import LLAMA_32_1B as shape
+
+    llama = next((n for n in big if n.startswith("llama.cpp")), None)
+    keys = [m for m in METRICS if m[0] in ("decode", "prefill", "load", "rss", "rss_all")]
+    lines = ["## A model ten times larger", "",
+             f"Random weights in the shape of Llama-3.2-1B ({shape['n_layer']} layers, d_model "
+             f"{shape['d_model']}, {shape['n_head']} query / {shape['n_kv_head']} KV heads, "
+             f"d_ff {shape['d_ff']}, vocabulary {shape['vocab_size']:,}; Q4_0 matrices, Q8_0 "
+             "embedding), written by `kvformer.bench_models` and read by both engines:", ""]
+    lines += _table(big, keys, ppl=False)
+    if llama:
+        lines += ["", f"Against {llama}:", ""] + _ratios(big, llama, keys)
+    return lines + [""]
+
+
+def _profile_sections(summary: dict) -> list[str]:
+    lines: list[str] = []
     prof = next((s["profile"] for s in summary.values() if "profile" in s), None)
-    if prof:
-        lines += ["", "## Where the time goes (int4, batch 1)", ""]
-        lines += [f"Native decode step, {prof['native_ms']:.2f} ms per token at ~{prof['len']} "
-                  "cached tokens (timers inside the C++ operator):", "",
+    if prof and "native_ms" in prof:
+        lines += ["## Where the time goes (int4, batch 1)", "",
+                  f"Native decode step on the {prof.get('isa', '?')} path, "
+                  f"{prof['native_ms']:.2f} ms per token at ~{prof['len']} cached tokens "
+                  "(timers inside the C++ operator):", "",
                   "| part | ms per token | share |", "| --- | --- | --- |"]
         total = sum(prof["parts"].values())
         for part, ms in prof["parts"].items():
@@ -359,62 +587,72 @@ def report(summary: dict, results: dict, info: dict, ref: str | None, args) -> s
                   "| operator | calls | ms |", "| --- | --- | --- |"]
         for name, calls, ms in prof["forward_top"]:
             lines.append(f"| `{name}` | {calls} | {ms:.2f} |")
+        lines.append("")
     comp = next((s["compile"] for s in summary.values() if "compile" in s), None)
-    if comp:
-        lines += ["", "## torch.compile", "",
+    if comp and "compile_s" in comp:
+        lines += ["## torch.compile", "",
                   f"One layer's MLP piece of the Python decode step (norm, gate/up, SiLU, "
                   f"down) compiled with `torch.compile(dynamic=False)`: compiled in "
                   f"{comp['compile_s']:.1f} s; {comp['compiled_us']:.0f} µs per call against "
                   f"{comp['eager_us']:.0f} µs eager. "
                   + ("Compiling wins here." if comp["compiled_us"] < comp["eager_us"] else
-                     "Compiling loses here, so nothing is compiled by default.")]
-    paths = sorted({f"{n}: {s['decode_path']}" for n, s in summary.items()
-                    if "decode_path" in s})
-    lines += ["", "## How", "",
-              "- **Weights.** `int4`: groups of 32 input columns with a bf16 scale and zero "
-              "(GGUF Q4_1's own form, so a Q4_1 file keeps its grid); `int8`: one scale per "
-              "output row. Each weight is quantized as it streams out of the file; the "
-              "embedding and the LM head are one shared int8 table; Q/K/V and gate/up are "
-              "fused into one matrix each.",
-              "- **Decode** (one token per row): one C++ operator per token "
-              "(`kvformer/native.py`, compiled once per machine with the system compiler) runs "
-              "all layers: AVX-512 VNNI kernels read torch's packed int4 layout directly "
-              "(`vpermt2b` + `vpdpbusd`, activations as two int8 levels, so no precision is "
-              "lost to them), attention reads only the filled part of the cache, and nothing "
-              "returns to Python between layers. Without a compiler the Python `DecodeStep` "
-              "(`kvformer/fast.py`) does the same with torch ops. Decode step used: "
-              + "; ".join(paths) + ".",
-              "- **Prefill**: each packed weight is unpacked once to bf16 and multiplied with "
-              "oneDNN's bf16 matmul; the LM head runs on the last position only.",
-              "- **The limit** is memory bandwidth: a batch-1 int4 step reads ~94 MB (66 MB "
-              "of int4 weights and scales, 28 MB of int8 LM head) and the machine streams "
-              "~20-45 GB/s depending on its other load. llama.cpp decodes this model at "
-              "≈160 tokens/s on this kind of machine (shared/PERF-NOTES.md; not measured by "
-              "this command)."]
+                     "Compiling loses here, so nothing is compiled by default."), ""]
+    return lines
+
+
+def _how(summary: dict, info: dict) -> list[str]:
+    kernels = sorted({f"{n}: {s['kernels']}" + (f", activations {s['act']}" if "act" in s
+                                                 else "")
+                      for n, s in summary.items() if "kernels" in s and "fp32" not in n
+                      and "bf16" not in n})
+    llama = info.get("llama")
     la, lb = info["load_before"], info["load_after"]
-    lines += ["", "## Machine", "",
-              f"- CPU: {info['cpu']}, {info['cores']} cores visible, {info['threads']} torch "
-              f"threads; {', '.join(info['isa']) or 'no AVX-512'}; {info['memory']} memory",
-              "- " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
-              f"- load average {la[0]:.2f} before and {lb[0]:.2f} after the run "
-              f"({info['seconds'] / 60:.1f} minutes): the machine is shared with other "
-              "busy processes, so absolute figures move by ±20 % or more between runs (more "
-              "with 2 threads, when a thread waits for a core); compare the ratios, which "
-              "come from the same runs.", ""]
-    return "\n".join(lines)
+    lines = ["## How", "",
+             "- **Weights.** `int4`: kvformer's layout, tiles of 16 rows × blocks of 32 "
+             "columns with an fp16 (d, m) pair per row and block (GGUF Q4_1's numbers, laid "
+             "out so that one integer dot-product instruction covers 4 columns of 16 rows); "
+             "`int8`: rows with one fp32 scale each. The embedding and the LM head are one "
+             "shared int8 table; Q/K/V and gate/up are fused into one matrix each.",
+             "- **Decode** (one token per row): one C++ operator per token "
+             "(`kvformer/csrc/step.cpp`) runs every layer on the kernels of the row's path "
+             "(`csrc/kernels_avx512.cpp`: vpdpbusd; `kernels_avx2.cpp`: vpmaddubsw/vpmaddwd; "
+             "`kernels_scalar.cpp`: portable C++), chosen at run time from cpuid. Activations "
+             "enter the integer kernels as two int8 levels per block, so they lose less than "
+             "bf16 would; attention over a long cache is split between threads.",
+             "- **Prefill**: each weight is unpacked once (in pieces of ~1 M values) to the "
+             "activations' dtype (bf16 only where the CPU has native bf16, fp32 elsewhere) "
+             "for a dense matmul; the LM head runs on the last position only.",
+             "- **Kernel paths of these rows** (for llama.cpp: what its build uses): "
+             + ("; ".join(kernels) or "–") + ".",
+             f"- **llama.cpp:** llama-cpp-python {llama['version']}, `Llama(n_threads, "
+             "n_threads_batch)` at the same thread count; decode rates from the token "
+             "timestamps of `generate()`, prefill from `eval()`."
+             if llama else "- **llama.cpp:** not installed (`pip install 'kvformer[bench]'`).",
+             "", "## Machine", "",
+             f"- CPU: {info['cpu']}, {info['cores']} cores visible, {info['threads']} threads; "
+             f"flags {', '.join(info['isa']) or '–'}; kvformer's kernel paths here: "
+             f"{', '.join(info['runs_here']) or 'none (no native build)'}; {info['memory']} "
+             "memory",
+             "- " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
+             f"- load average {la[0]:.2f} before and {lb[0]:.2f} after the run "
+             f"({info['seconds'] / 60:.1f} minutes): the machine is shared with other "
+             "processes, so absolute figures move by ±20 % or more between runs; compare the "
+             "ratios, which come from the same runs.", ""]
+    return lines
 
 
-def plot(summary: dict, ref: str | None, path: Path) -> None:
+def plot(summary: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(summary)
-    keys = [("decode", "decode, batch 1"), ("batch", f"decode, batch {BATCH} (total)"),
+    keys = [("decode", "decode, batch 1"), ("ctx4k", "decode, 4k tokens cached"),
             ("prefill", f"prefill, {PROMPT_TOKENS}-token prompt")]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6))
-    colors = ["#c44e52" if n == ref else "#4c72b0" for n in names]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 0.9 + 0.32 * len(names)))
+    colors = ["#c44e52" if n.startswith("llama.cpp") else "#8c8c8c"
+              if n.startswith("transformers") else "#4c72b0" for n in names]
     for ax, (k, title) in zip(axes, keys):
         vals = [summary[n].get(k, 0) for n in names]
         bars = ax.barh(names, vals, color=colors)
@@ -429,246 +667,6 @@ def plot(summary: dict, ref: str | None, path: Path) -> None:
     plt.close(fig)
 
 
-# --------------------------------------------------------------------------- worker side
-def worker(spec: dict) -> dict:
-    import torch
-
-    torch.set_num_threads(spec["threads"])
-    return _kvformer(spec) if spec["engine"] == "kvformer" else _transformers(spec)
-
-
-def _stamps(stream, n: int) -> float:
-    """tokens/s between the first and the last of n streamed steps."""
-    first = last = None
-    count = 0
-    for _ in stream:
-        last = time.perf_counter()
-        if first is None:
-            first = last
-        count += 1
-    if count < 2 or count != n:
-        raise RuntimeError(f"expected {n} steps, got {count}")
-    return (count - 1) / (last - first)
-
-
-def _kvformer(spec: dict) -> dict:
-    import torch
-
-    from . import native
-    from .generate import generate_stream, perplexity
-    from .loading import load
-
-    ids, n = spec["ids"], spec["new_tokens"]
-    if spec["task"] == "memory":  # what `kvformer generate` does: load, then decode
-        model, _ = load(spec["model"], dtype=spec["dtype"], progress=False)
-        _stamps(generate_stream(model, ids["short"], n), n)
-        return {}
-    if spec["task"] == "quality":
-        model, _ = load(spec["model"], dtype=spec["dtype"], progress=False)
-        out = {"ppl": perplexity(model, ids["text"]),
-               "ppl_decode": decode_perplexity(model, ids["text"][:256])}
-        if spec.get("profile"):
-            out["profile"] = profile_step(model, ids["short"])
-            out["compile"] = compile_experiment(model)
-        return out
-
-    out: dict = {"native": native.available()}  # built (once) before the clock starts
-    t = time.perf_counter()
-    model, _ = load(spec["model"], dtype=spec["dtype"], progress=False)
-    out["load"] = time.perf_counter() - t
-    long = torch.tensor([ids["long"]])
-
-    def prefill(tokens):
-        with torch.inference_mode():
-            cache = model.new_cache(1, tokens.shape[1])
-            t0 = time.perf_counter()
-            model(tokens, cache=cache, last_only=True)
-            return tokens.shape[1] / (time.perf_counter() - t0)
-
-    prefill(long[:, :64])
-    out["prefill"] = prefill(long)
-    for _ in generate_stream(model, ids["short"], 8):
-        pass
-    out["decode"] = _stamps(generate_stream(model, ids["short"], n), n)
-    for _ in generate_stream(model, ids["batch"], 8):
-        pass
-    out["batch"] = BATCH * _stamps(generate_stream(model, ids["batch"], n), n)
-    for _ in generate_stream(model, ids["short"], 4, use_cache=False):
-        pass
-    out["nocache"] = _stamps(generate_stream(model, ids["short"], NOCACHE_TOKENS,
-                                             use_cache=False), NOCACHE_TOKENS)
-    out["decode_path"] = type(model.forward.step()).__name__
-    return out
-
-
-def decode_perplexity(model, ids: list[int]) -> float:
-    """Perplexity with the text fed one token at a time through the model's decode path."""
-    import torch
-    import torch.nn.functional as F
-
-    nll = 0.0
-    with torch.inference_mode():
-        cache = model.new_cache(1, len(ids))
-        logits = model(torch.tensor([ids[:1]]), cache=cache)
-        for i in range(1, len(ids)):
-            nll += F.cross_entropy(logits[0, -1:].float(), torch.tensor([ids[i]])).item()
-            if i + 1 < len(ids):
-                logits = model(torch.tensor([[ids[i]]]), cache=cache)
-    return math.exp(nll / (len(ids) - 1))
-
-
-def profile_step(model, prompt: list[int], steps: int = 32) -> dict:
-    """Per-token time of the native step by part, of Transformer.forward and of the Python
-    DecodeStep on the same cache, and torch.profiler's top operators of the forward."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    from .fast import DecodeStep
-    from .native import NativeDecodeStep
-
-    tok = torch.tensor([[prompt[-1]]])
-    fwd = type(model).forward.__get__(model)
-    with torch.inference_mode():
-        cache = model.new_cache(1, 512)
-        model(torch.tensor([prompt]), cache=cache)
-        start = cache.length + 100  # ~100 more tokens in the cache, as mid-generation
-        cache.length = start
-
-        def timed(f) -> float:
-            cache.length = start
-            f(tok, cache)
-            cache.length = start
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                f(tok, cache)
-            return (time.perf_counter() - t0) / steps * 1e3
-
-        step = NativeDecodeStep(model)
-        result = {"len": start}
-        if step.supported:
-            torch.ops.kvformer_native.profile(True)
-            result["native_ms"] = timed(step)
-            raw = torch.ops.kvformer_native.profile(False)
-            names = ("weight matmuls", "LM head", "attention (incl. RoPE, cache writes)",
-                     "norms, SiLU, residuals")
-            result["parts"] = {k: v / raw[-1] / 1e6 for k, v in zip(names, raw[:4])}
-        result["python_ms"] = timed(DecodeStep(model))
-        result["forward_ms"] = timed(lambda t, c: fwd(t, cache=c))
-        cache.length = start
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(8):
-                fwd(tok, cache=cache)
-        rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-        result["forward_top"] = [(e.key, e.count // 8, e.self_cpu_time_total / 8 / 1e3)
-                                 for e in rows[:8]]
-    return result
-
-
-def compile_experiment(model) -> dict:
-    """torch.compile of one layer's MLP piece of the Python decode step, against eager."""
-    import torch
-    import torch.nn.functional as F
-
-    from .fast import DecodeStep
-
-    layer = DecodeStep(model).layers[0]
-    d = model.cfg.d_model
-    x = torch.randn(1, d, dtype=model.dtype)
-    buf = torch.empty(1, 2 * d, dtype=model.dtype)
-
-    def mlp(x, buf):
-        h = layer.mlp_norm(x, buf)
-        if layer.gate_up is not None:
-            gu = layer.gate_up(h)
-            f = gu.shape[1] // 2
-            return layer.down(F.silu(gu[:, :f]) * gu[:, f:])
-        return layer.down(F.silu(layer.gate(h)) * layer.up(h))
-
-    def per_call(f, n=300) -> float:
-        for _ in range(20):
-            f(x, buf)
-        best = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            for _ in range(n):
-                f(x, buf)
-            best.append((time.perf_counter() - t0) / n * 1e6)
-        return statistics.median(best)
-
-    with torch.inference_mode():
-        compiled = torch.compile(mlp, dynamic=False)
-        t0 = time.perf_counter()
-        try:
-            compiled(x, buf)
-        except Exception as exc:  # no working compiler: report, do not fail the benchmark
-            return {"error": f"{type(exc).__name__}: {exc}"[:200]}
-        compile_s = time.perf_counter() - t0
-        return {"compile_s": compile_s, "eager_us": per_call(mlp),
-                "compiled_us": per_call(compiled)}
-
-
-def _transformers(spec: dict) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
-
-    hf, ids, n = spec["hf"], spec["ids"], spec["new_tokens"]
-    kwargs = {"gguf_file": hf["gguf_file"]} if "gguf_file" in hf else {}
-    t = time.perf_counter()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(hf["dir"], dtype=torch.float32, **kwargs)
-    except TypeError:
-        model = AutoModelForCausalLM.from_pretrained(hf["dir"], torch_dtype=torch.float32,
-                                                     **kwargs)
-    model.eval()
-    out: dict = {"load": time.perf_counter() - t}
-    if spec["task"] == "quality":
-        with torch.inference_mode():
-            text = torch.tensor([ids["text"]])
-            logits = model(text).logits[0, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits, text[0, 1:])
-        return {"ppl": math.exp(nll.item())}
-
-    class Stamp(LogitsProcessor):
-        def __init__(self):
-            self.times: list[float] = []
-
-        def __call__(self, input_ids, scores):
-            self.times.append(time.perf_counter())
-            return scores
-
-    def gen(prompts, new, use_cache=True) -> float:
-        x = torch.tensor(prompts)
-        stamp = Stamp()
-        with torch.inference_mode():
-            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new,
-                           min_new_tokens=new, do_sample=False, use_cache=use_cache,
-                           logits_processor=LogitsProcessorList([stamp]),
-                           pad_token_id=model.config.eos_token_id)
-        if len(stamp.times) != new:
-            raise RuntimeError(f"expected {new} steps, got {len(stamp.times)}")
-        return (new - 1) / (stamp.times[-1] - stamp.times[0])
-
-    def prefill(tokens):
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            model(tokens, use_cache=True, logits_to_keep=1)
-            return tokens.shape[1] / (time.perf_counter() - t0)
-
-    if spec["task"] == "memory":
-        gen([ids["short"]], n)
-        return {}
-    long = torch.tensor([ids["long"]])
-    prefill(long[:, :64])
-    out["prefill"] = prefill(long)
-    gen([ids["short"]], 8)
-    out["decode"] = gen([ids["short"]], n)
-    gen(ids["batch"], 8)
-    out["batch"] = BATCH * gen(ids["batch"], n)
-    gen([ids["short"]], 4, use_cache=False)
-    out["nocache"] = gen([ids["short"]], NOCACHE_TOKENS, use_cache=False)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     """`kvformer bench` on its own (benchmarks/bench.py), outside the kvformer command."""
     from .errors import ArgumentParser
@@ -680,7 +678,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--worker"]:
-        print(json.dumps(worker(json.loads(sys.stdin.read()))))
-    else:
-        sys.exit(main())
+    sys.exit(main())

@@ -110,7 +110,8 @@ def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
             tokenizer = Tokenizer.from_gguf(meta)
             del meta
             reader.forget_metadata("tokenizer.")
-            tensors = iter_gguf_tensors(reader, cfg, dtype=loader_dtype(mode))
+            tensors = iter_gguf_tensors(reader, cfg, dtype=loader_dtype(mode),
+                                        int4_blocks=mode == "int4")
             model = build_model(cfg, _progress(tensors, len(reader.tensors),
                                                f"loading {path.name}", progress), mode)
         finally:
@@ -127,11 +128,22 @@ def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
         from .checkpoints.native import load_native
         from .tokenizer import Tokenizer
 
-        mode = mode_for([])
-        cfg, state, _ = load_native(path)
-        state = {k: v.to(loader_dtype(mode)) if v.is_floating_point() else v
-                 for k, v in state.items()}
-        model = build_model(cfg, _drain(state), mode)
+        cfg, state, meta = load_native(path)
+        saved = meta.get("quantization")
+        if saved:  # kvformer's int8/int4 layout: used as it is
+            from .quantize import load_quantized
+
+            mode = saved.get("mode")
+            if dtype not in (None, "auto", mode):
+                raise CheckpointError(f"{path} holds {mode} weights; load it with "
+                                      f"dtype={mode!r} or 'auto' (or save it before "
+                                      "quantizing to keep other choices open)")
+            model = load_quantized(cfg, state, saved)
+        else:
+            mode = mode_for([])
+            state = {k: v.to(loader_dtype(mode)) if v.is_floating_point() else v
+                     for k, v in state.items()}
+            model = build_model(cfg, _drain(state), mode)
         tokenizer = Tokenizer.from_dir(path) if _has_tokenizer(path) else None
     model.source = str(path)
     model.mode = mode

@@ -196,6 +196,11 @@ class Transformer(nn.Module):
         return model.eval()
 
     def save(self, path, tokenizer=None) -> None:
-        """Write kvformer's own format: config.json + model.safetensors (+ tokenizer)."""
+        """Write kvformer's own format: config.json + model.safetensors (+ tokenizer). A
+        quantized model is saved in kvformer's int8/int4 layout, the same bytes on every
+        CPU, and loads back as it was."""
         from .checkpoints.native import save_native
-        save_native(path, self.cfg, self.state_dict(), tokenizer)
+        from .quantize import saveable_state
+
+        state, extra = saveable_state(self)
+        save_native(path, self.cfg, state, tokenizer, extra)

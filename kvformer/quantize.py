@@ -191,6 +191,30 @@ def unpack_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return s[:, :, 0].reshape(t * 16, nb), s[:, :, 1].reshape(t * 16, nb)
 
 
+class Int4Blocks:
+    """A matrix already in int4 blocks of 32 (a GGUF Q4_0/Q4_1 tensor): q uint8 [N, K] in
+    0..15, d and m fp16 [N, K/32], w = d * q + m. A loader hands these over instead of
+    floats so that an int4 build keeps the file's integers and scales exactly."""
+
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
+        self.q, self.d, self.m = q, d, m
+        self.shape = q.shape
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        n, k = self.shape
+        w = torch.addcmul(self.m.float()[..., None], self.q.view(n, k // INT4_BLOCK, INT4_BLOCK),
+                          self.d.float()[..., None])
+        return w.view(n, k).to(dtype)
+
+    def detach(self) -> Int4Blocks:
+        return self
+
+
+def _floats(w):
+    """A matrix as a float tensor (Int4Blocks are dequantized)."""
+    return w.dequantize(torch.float32) if isinstance(w, Int4Blocks) else w
+
+
 # --------------------------------------------------------------------------- modules
 class QuantizedLinear(nn.Module):
     """Common part: shapes, bias, and the switch between kvformer's kernels (few rows) and a
@@ -293,7 +317,7 @@ class Int8Linear(QuantizedLinear):
                    bias: torch.Tensor | None = None, act: torch.dtype | None = None
                    ) -> Int8Linear:
         """Quantize ``weight`` [N, K], or a list of matrices as if stacked (a fused layer)."""
-        q, scale = quantize_int8(weight)
+        q, scale = quantize_int8([_floats(w) for w in _as_parts(weight)])
         return cls(q, scale, bias, act)
 
     def kernel_tensors(self):
@@ -379,6 +403,16 @@ class Int4Linear(QuantizedLinear):
             scales[lo // INT4_TILE:hi // INT4_TILE] = pack_scales(d, m)
         return cls(qweight, scales, bias, act)
 
+    @classmethod
+    def from_blocks(cls, parts: list[Int4Blocks], bias: torch.Tensor | None = None,
+                    act: torch.dtype | None = None) -> Int4Linear:
+        """Pack int4 blocks (stacked when there are several parts) as they are: the
+        integers and fp16 scales of the file, no requantization."""
+        q = torch.cat([p.q for p in parts]) if len(parts) > 1 else parts[0].q
+        d = torch.cat([p.d for p in parts]) if len(parts) > 1 else parts[0].d
+        m = torch.cat([p.m for p in parts]) if len(parts) > 1 else parts[0].m
+        return cls(pack_int4(q.contiguous()), pack_scales(d, m), bias, act)
+
     def kernel_tensors(self):
         return self.qweight, self.scales
 
@@ -443,9 +477,12 @@ def _make(mode: str, weight: torch.Tensor | list[torch.Tensor], bias: torch.Tens
     one fused layer); int4 falls back to int8 for shapes the int4 layout cannot take, or
     weights too large for its fp16 scales."""
     parts = _as_parts(weight)
-    if mode == "int4" and all(int4_supported(p.shape[0], p.shape[1]) for p in parts) and \
-            all(p.abs().max() < _FP16_MAX / 2 for p in parts):
-        return Int4Linear.from_float(parts, bias, act)
+    if mode == "int4" and all(int4_supported(p.shape[0], p.shape[1]) for p in parts):
+        if all(isinstance(p, Int4Blocks) for p in parts):
+            return Int4Linear.from_blocks(parts, bias, act)
+        parts = [_floats(p) for p in parts]
+        if all(p.abs().max() < _FP16_MAX / 2 for p in parts):
+            return Int4Linear.from_float(parts, bias, act)
     return Int8Linear.from_float(parts, bias, act)
 
 
@@ -648,6 +685,7 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],
                 _install(model, owner_name, parts, [got.pop(n) for n in names], mode, act)
                 _release_freed_memory()
             continue
+        tensor = _floats(tensor)  # only linear layers take int4 blocks as they are
         if quantized and name == "tok_emb.weight":
             _quantize_embedding(model, tensor.detach(), mode, act)
             del tensor
@@ -659,6 +697,105 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],
     if missing or waiting:
         raise CheckpointError(f"weights do not match the config: missing "
                               f"{(missing or sorted(waiting))[:5]}")
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- saving and loading
+LAYOUT = "kvformer-1"  # int4: tiles of 16 rows x blocks of 32, fp16 (d, m); int8: rows + fp32
+
+
+def quantized_mode(model: nn.Module) -> str | None:
+    """'int8' or 'int4' for a quantized model (int4 if any layer is), else None."""
+    kinds = {type(m) for m in model.modules()}
+    if Int4Linear in kinds:
+        return "int4"
+    return "int8" if kinds & {Int8Linear, Int8Embedding} else None
+
+
+def saveable_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors that describe ``model`` once each, and what config.json needs to rebuild
+    it: a quantized model's state_dict also holds the row slices of its fused matrices and,
+    with tied embeddings, the LM head's table twice; those are left out (``load_quantized``
+    makes them again)."""
+    state = model.state_dict()
+    mode = quantized_mode(model)
+    if mode is None:
+        return state, {}
+    drop: set[str] = set()
+    for i, block in enumerate(model.layers):
+        for owner_name, (fused_name, parts) in FUSED.items():
+            owner = getattr(block, owner_name)
+            if fused_name in owner._modules:
+                drop |= {f"layers.{i}.{owner_name}.{p}." for p in parts}
+    if model.cfg.tie_embeddings and isinstance(model.tok_emb, Int8Embedding):
+        drop.add("tok_emb.")
+    state = {k: v for k, v in state.items() if not any(k.startswith(d) for d in drop)}
+    return state, {"quantization": {"mode": mode, "layout": LAYOUT}}
+
+
+def load_quantized(cfg: ModelConfig, state: dict[str, torch.Tensor], meta: dict,
+                   act: torch.dtype | None = None) -> nn.Module:
+    """Rebuild a model saved by ``Transformer.save`` after quantizing: each linear layer is
+    an Int4Linear (``qweight`` + ``scales``), an Int8Linear (``qweight`` + ``scale``) or a
+    dense one, as saved; fused layers get their row slices back and a tied head shares its
+    table with the embedding again. The bytes are used as they are (no requantization)."""
+    from .errors import CheckpointError
+
+    if meta.get("layout") != LAYOUT:
+        raise CheckpointError(f"quantized with layout {meta.get('layout')!r}, which this "
+                              f"kvformer does not read (it reads {LAYOUT!r})")
+    act = act or act_dtype()
+    model = empty_model(cfg)
+    state = dict(state)
+
+    def take(prefix: str) -> nn.Module | None:
+        bias = state.pop(f"{prefix}.bias", None)
+        if f"{prefix}.scales" in state:
+            return Int4Linear(state.pop(f"{prefix}.qweight"), state.pop(f"{prefix}.scales"),
+                              bias, act)
+        if f"{prefix}.scale" in state:
+            return Int8Linear(state.pop(f"{prefix}.qweight"), state.pop(f"{prefix}.scale"),
+                              bias, act)
+        if bias is not None:
+            state[f"{prefix}.bias"] = bias
+        return None
+
+    try:
+        for i, block in enumerate(model.layers):
+            for owner_name, (fused_name, parts) in FUSED.items():
+                owner = getattr(block, owner_name)
+                fused = take(f"layers.{i}.{owner_name}.{fused_name}")
+                if fused is not None:
+                    _fuse_into(owner, fused_name, parts, fused)
+            for name, module in list(block.named_modules()):
+                if type(module) is nn.Linear:
+                    layer = take(f"layers.{i}.{name}")
+                    if layer is not None:
+                        parent, _, attr = name.rpartition(".")
+                        setattr(block.get_submodule(parent) if parent else block, attr, layer)
+        head = take("lm_head")
+        if head is not None:
+            model.lm_head = head
+        if "tok_emb.qweight" in state:
+            model.tok_emb = Int8Embedding(state.pop("tok_emb.qweight"), state.pop("tok_emb.scale"),
+                                          act)
+        elif cfg.tie_embeddings and isinstance(head, Int8Linear):
+            model.tok_emb = Int8Embedding(head.qweight, head.scale, act)
+        quantized = tuple(f"{n}." for n, m in model.named_modules()
+                          if isinstance(m, (QuantizedLinear, Int8Embedding)))
+        expected = {k for k in model.state_dict() if not k.startswith(quantized)}
+        for name, tensor in state.items():
+            if name not in expected:
+                raise CheckpointError(f"weight {name!r} has no place in this model")
+            module_name, _, attr = name.rpartition(".")
+            _assign(model.get_submodule(module_name), attr, tensor,
+                    act if tensor.is_floating_point() else None)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"the quantized weights do not match the config ({exc})") from exc
+    missing = sorted(expected - set(state))
+    if missing:
+        raise CheckpointError(f"weights do not match the config: missing {missing[:5]}")
+    _keep_rotary_fp32(model)
     return model.eval()
 
 
@@ -693,6 +830,8 @@ def _install(model: nn.Module, owner_name: str, parts: tuple[str, ...],
     step = 2 if has_bias else 1
     w = tensors[0::step]  # quantized as if stacked, never concatenated
     b = (torch.cat(tensors[1::step]) if len(parts) > 1 else tensors[1]) if has_bias else None
+    if b is not None:
+        b = _floats(b)
     if len(parts) == 1:
         layer_mode = head_mode(mode) if (owner_name, parts[0]) == ("", "lm_head") else mode
         owner.add_module(parts[0], _make(layer_mode, w, b, act))

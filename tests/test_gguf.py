@@ -257,6 +257,34 @@ def test_llama_quantized_qk_and_untied_head(tmp_path):
     _assert_state_equal(state, hf)
 
 
+def test_q4_matrices_pass_into_int4_exactly(tmp_path):
+    """Q4_0/Q4_1 matrices reach an int4 model as the file's own integers and fp16 scales
+    (Int4Blocks: no float round trip, Q/K rows unpermuted like the floats), so the int4
+    layers hold exactly the weights the file does."""
+    from kvformer.quantize import Int4Blocks, Int4Linear, build_model
+
+    q4 = {"attn_q.weight": T.Q4_1, "attn_k.weight": T.Q4_0, "attn_v.weight": T.Q4_0,
+          "attn_output.weight": T.Q4_1, "ffn_gate.weight": T.Q4_0, "ffn_up.weight": T.Q4_1,
+          "ffn_down.weight": T.Q8_0}
+    path, hf = _llama_file(tmp_path, types=q4)
+    cfg = load_gguf(path)[0]
+    got = dict(iter_gguf_tensors(path, cfg, int4_blocks=True))
+    for name, t in got.items():
+        want_blocks = name.startswith("layers.") and not name.endswith(
+            ("norm.weight", "w_down.weight"))
+        assert isinstance(t, Int4Blocks) == want_blocks, name
+        value = t.dequantize() if isinstance(t, Int4Blocks) else t
+        np.testing.assert_array_equal(value.numpy(), hf[name], err_msg=name)
+    model = build_model(cfg, iter_gguf_tensors(path, cfg, int4_blocks=True), "int4")
+    layer = model.layers[1]
+    assert isinstance(layer.attn.wqkv, Int4Linear)
+    for part, name in (("wq", "attn.wq"), ("wk", "attn.wk"), ("wv", "attn.wv"),
+                       ("wo", "attn.wo"), ("w_gate", "mlp.w_gate"), ("w_up", "mlp.w_up")):
+        owner = layer.attn if name.startswith("attn") else layer.mlp
+        np.testing.assert_array_equal(getattr(owner, part).dequantize().numpy(),
+                                      hf[f"layers.1.{name}.weight"], err_msg=name)
+
+
 def test_qwen2_biases_are_not_permuted(tmp_path):
     path, hf = _llama_file(tmp_path, arch="qwen2")
     cfg, state, _ = load_gguf(path)

@@ -26,6 +26,39 @@ def test_native_round_trip(tmp_path, kw):
         assert torch.equal(loaded(x), model(x))
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("tie", [True, False])
+def test_quantized_model_saves_in_its_own_layout_and_loads_as_it_was(tmp_path, mode, tie):
+    """A quantized model is saved as kvformer's int8/int4 tensors (fused matrices once,
+    a tied table once) and loads back bit for bit: same tensors, same logits."""
+    from safetensors import safe_open
+
+    from kvformer.quantize import quantize_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=64, n_layer=2, n_head=4, n_kv_head=2, d_ff=128,
+                      tie_embeddings=tie, bias=not tie)
+    model = quantize_model(Transformer(cfg).eval(), mode)
+    model.save(tmp_path / "q")
+    meta = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert meta["quantization"] == {"mode": mode, "layout": "kvformer-1"}
+    with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert "layers.0.attn.wqkv.qweight" in names and "layers.0.attn.wq.qweight" not in names
+    assert ("tok_emb.qweight" in names) != tie
+    loaded, _ = load(tmp_path / "q")
+    assert loaded.mode == mode
+    for (k, a), (k2, b) in zip(sorted(model.state_dict().items()),
+                               sorted(loaded.state_dict().items())):
+        assert k == k2 and a.dtype == b.dtype and torch.equal(a, b), k
+    assert loaded.layers[1].attn.wk.qweight.data_ptr() > 0
+    x = torch.randint(0, 64, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(CheckpointError, match=f"holds {mode} weights"):
+        load(tmp_path / "q", dtype="fp32")
+
+
 def test_crash_while_saving_keeps_the_old_model(tmp_path, monkeypatch):
     good = tiny_model()
     good.save(tmp_path / "m")

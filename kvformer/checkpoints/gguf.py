@@ -853,9 +853,13 @@ def _unpermute_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.reshape(n, half, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape).contiguous()
 
 
-def iter_gguf_tensors(path_or_reader, cfg: ModelConfig,
-                      dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_tensors(path_or_reader, cfg: ModelConfig, dtype: torch.dtype = torch.float32,
+                      int4_blocks: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(kvformer_name, tensor)`` one at a time, dequantized to ``dtype``.
+
+    With ``int4_blocks``, the Q4_0/Q4_1 matrices of the layers come as
+    :class:`kvformer.quantize.Int4Blocks` instead (their integers and fp16 scales, not
+    floats), for an int4 build that keeps the file's grid exactly.
 
     Every expected tensor is checked present (and its bytes inside the file) before the first
     one is yielded; each yielded tensor owns its memory (no view of the file). ``path_or_reader``
@@ -868,14 +872,14 @@ def iter_gguf_tensors(path_or_reader, cfg: ModelConfig,
         path_or_reader = path_or_reader.data.filename  # a gguf.GGUFReader: reopen its file
     f = GGUFFile(path_or_reader) if own else path_or_reader
     try:
-        yield from _iter_tensors(f, cfg, dtype)
+        yield from _iter_tensors(f, cfg, dtype, int4_blocks)
     finally:
         if own:
             f.close()
 
 
-def _iter_tensors(f: GGUFFile, cfg: ModelConfig,
-                  dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_tensors(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
+                  int4_blocks: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     arch = f.metadata.get("general.architecture")
     permute = GGUF_ARCHITECTURES.get(arch, {}).get("permute_qk", False)
     if cfg.n_layer > len(f.tensors):
@@ -936,7 +940,9 @@ def _iter_tensors(f: GGUFFile, cfg: ModelConfig,
                     f"{f.path}: fused tensor {gname!r} has shape {list(info.shape)} but the "
                     f"config expects {list(want)} (q, k and v stacked)")
         with _torch_threads(DEQUANT_THREADS):
-            tensor = _load_one(f, info, dtype)
+            blocks = (int4_blocks and info.type_id in _INT4_BLOCKS and len(info.shape) == 2
+                      and targets[0].startswith("layers.") and targets[0].endswith(".weight"))
+            tensor = _load_int4_blocks(f, info) if blocks else _load_one(f, info, dtype)
             # The tensor owns a copy now. Drop the whole mapping, not only this tensor's
             # range: the kernel maps neighbouring pages in around each fault, and those
             # would otherwise pile up (~13 MB for SmolLM2). Cheap where nothing is mapped.
@@ -945,11 +951,14 @@ def _iter_tensors(f: GGUFFile, cfg: ModelConfig,
                 name = targets[0]
                 suffix = name.split(".", 2)[2] if name.startswith("layers.") else ""
                 if permute and suffix in _PERMUTED_ROWS:
-                    tensor = _unpermute_rows(tensor, getattr(cfg, _PERMUTED_ROWS[suffix]))
+                    heads = getattr(cfg, _PERMUTED_ROWS[suffix])
+                    tensor = _rows_of(tensor, lambda t, h=heads: _unpermute_rows(t, h))
                 out = [(name, tensor)]
             else:
-                parts = torch.split(tensor, [expected[t][0] for t in targets], dim=0)
-                out = [(t, part.clone()) for t, part in zip(targets, parts)]
+                sizes, out, row = [expected[t][0] for t in targets], [], 0
+                for t, n in zip(targets, sizes):
+                    out.append((t, _rows_of(tensor, lambda x, a=row, b=row + n: x[a:b].clone())))
+                    row += n
             del tensor
         yield from out
         del out
@@ -973,6 +982,46 @@ class _torch_threads:
     def __exit__(self, *exc) -> None:
         if torch.get_num_threads() != self.saved:
             torch.set_num_threads(self.saved)
+
+
+_INT4_BLOCKS = {2: 18, 3: 20}  # Q4_0, Q4_1: bytes per block of 32
+
+
+def _load_int4_blocks(f: GGUFFile, info: GGUFTensorInfo):
+    """A Q4_0/Q4_1 matrix as int4 blocks (q 0..15, fp16 d and m), without dequantizing:
+    Q4_1 stores w = d q + m; Q4_0 stores w = d (q - 8), i.e. m = -8 d (exact in fp16)."""
+    from ..quantize import Int4Blocks
+
+    n, k = info.shape
+    raw = f.raw(info.name)
+    try:
+        b = raw.view(n * k // 32, _INT4_BLOCKS[info.type_id])
+        d = b[:, 0:2].contiguous().view(torch.float16).view(n, k // 32)
+        if info.type_id == 3:
+            m = b[:, 2:4].contiguous().view(torch.float16).view(n, k // 32)
+            qs = b[:, 4:20]
+        else:
+            m = d * -8
+            qs = b[:, 2:18]
+        q = torch.empty(n * k // 32, 2, 16, dtype=torch.uint8)
+        torch.bitwise_and(qs, 0x0F, out=q[:, 0])
+        torch.bitwise_right_shift(qs, 4, out=q[:, 1])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{f.path}: tensor {info.name!r} ({info.type_name}, shape "
+                              f"{list(info.shape)}) could not be decoded ({exc})") from exc
+    if not (torch.isfinite(d).all() and torch.isfinite(m).all()):
+        raise CheckpointError(f"{f.path}: tensor {info.name!r} has non-finite scales; the "
+                              "file is corrupt")
+    return Int4Blocks(q.view(n, k), d.clone(), m.clone())
+
+
+def _rows_of(t, fn):
+    """Apply a row operation to a tensor, or to each of an Int4Blocks' row-aligned parts."""
+    from ..quantize import Int4Blocks
+
+    if isinstance(t, Int4Blocks):
+        return Int4Blocks(fn(t.q), fn(t.d), fn(t.m))
+    return fn(t)
 
 
 def _load_one(f: GGUFFile, info: GGUFTensorInfo, dtype: torch.dtype) -> torch.Tensor:
