@@ -78,55 +78,85 @@ void quantize(const float* x, Acts& a, int8_t* q1, int8_t* q2, float* scale, flo
   a.sum = sum;
 }
 
-// One tile of 16 rows (one zmm of 32-bit lanes) for MR rows of x.
-template <int MR>
-void q4_tile(const Acts& a, int64_t i0, const uint8_t* q, const uint16_t* dm, int64_t t,
-             float* y, int64_t ldy) {
+// NT tiles of 16 rows (one zmm of 32-bit lanes each) for MR rows of x. Every sub-block
+// and level has an accumulator of its own, so no vpdpbusd waits for the one before it
+// (one chain per tile and level ran at the instruction's latency, a third of its rate).
+template <int MR, int NT>
+void q4_tiles(const Acts& a, int64_t i0, const uint8_t* q, const uint16_t* dm, int64_t t0,
+              float* y, int64_t ldy) {
   const int64_t kb = a.k / kBlock;
   const __m512i low = _mm512_set1_epi8(0x0f);
-  __m512 acc[MR];
-  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+  __m512 acc[MR][NT];
+  for (int r = 0; r < MR; ++r)
+    for (int u = 0; u < NT; ++u) acc[r][u] = _mm512_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
-    const uint8_t* p = q + (t * kb + b) * kTileBytes;
-    const uint16_t* d = dm + (t * kb + b) * 2 * kTile;
-    __m512i s1[MR], s2[MR];
-    for (int r = 0; r < MR; ++r) s1[r] = s2[r] = _mm512_setzero_si512();
+    __m512i s1[MR][NT][2], s2[MR][NT][2];
+    for (int r = 0; r < MR; ++r)
+      for (int u = 0; u < NT; ++u)
+        s1[r][u][0] = s1[r][u][1] = s2[r][u][0] = s2[r][u][1] = _mm512_setzero_si512();
     for (int s = 0; s < 4; ++s) {
-      const __m512i v = _mm512_loadu_si512(p + s * 64);
-      const __m512i lo = _mm512_and_si512(v, low);
-      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      __m512i lo[NT], hi[NT];
+      for (int u = 0; u < NT; ++u) {
+        const __m512i v = _mm512_loadu_si512(q + ((t0 + u) * kb + b) * kTileBytes + s * 64);
+        lo[u] = _mm512_and_si512(v, low);
+        hi[u] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      }
       for (int r = 0; r < MR; ++r) {
         const int64_t o = (i0 + r) * a.k + b * kBlock + 8 * s;
-        s1[r] = _mm512_dpbusd_epi32(s1[r], lo, _mm512_set1_epi32(load4(a.q1 + o)));
-        s1[r] = _mm512_dpbusd_epi32(s1[r], hi, _mm512_set1_epi32(load4(a.q1 + o + 4)));
-        s2[r] = _mm512_dpbusd_epi32(s2[r], lo, _mm512_set1_epi32(load4(a.q2 + o)));
-        s2[r] = _mm512_dpbusd_epi32(s2[r], hi, _mm512_set1_epi32(load4(a.q2 + o + 4)));
+        const __m512i xl1 = _mm512_set1_epi32(load4(a.q1 + o));
+        const __m512i xh1 = _mm512_set1_epi32(load4(a.q1 + o + 4));
+        const __m512i xl2 = _mm512_set1_epi32(load4(a.q2 + o));
+        const __m512i xh2 = _mm512_set1_epi32(load4(a.q2 + o + 4));
+        const int c = s & 1;  // alternate two accumulators per level
+        for (int u = 0; u < NT; ++u) {
+          s1[r][u][c] = _mm512_dpbusd_epi32(s1[r][u][c], lo[u], xl1);
+          s1[r][u][c] = _mm512_dpbusd_epi32(s1[r][u][c], hi[u], xh1);
+          s2[r][u][c] = _mm512_dpbusd_epi32(s2[r][u][c], lo[u], xl2);
+          s2[r][u][c] = _mm512_dpbusd_epi32(s2[r][u][c], hi[u], xh2);
+        }
       }
     }
-    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d)));
-    const __m512 mv =
-        _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + kTile)));
-    for (int r = 0; r < MR; ++r) {
-      const __m512i n = _mm512_add_epi32(_mm512_slli_epi32(s1[r], 7), s2[r]);
-      const __m512 sx = _mm512_set1_ps(a.scale[(i0 + r) * kb + b]);
-      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dv, sx), _mm512_cvtepi32_ps(n), acc[r]);
-      acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(a.sum[(i0 + r) * kb + b]), acc[r]);
+    for (int u = 0; u < NT; ++u) {
+      const uint16_t* d = dm + ((t0 + u) * kb + b) * 2 * kTile;
+      const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d)));
+      const __m512 mv =
+          _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + kTile)));
+      for (int r = 0; r < MR; ++r) {
+        const __m512i n1 = _mm512_add_epi32(s1[r][u][0], s1[r][u][1]);
+        const __m512i n2 = _mm512_add_epi32(s2[r][u][0], s2[r][u][1]);
+        const __m512i n = _mm512_add_epi32(_mm512_slli_epi32(n1, 7), n2);
+        const __m512 sx = _mm512_set1_ps(a.scale[(i0 + r) * kb + b]);
+        acc[r][u] = _mm512_fmadd_ps(_mm512_mul_ps(dv, sx), _mm512_cvtepi32_ps(n), acc[r][u]);
+        acc[r][u] = _mm512_fmadd_ps(mv, _mm512_set1_ps(a.sum[(i0 + r) * kb + b]), acc[r][u]);
+      }
     }
   }
-  for (int r = 0; r < MR; ++r) _mm512_storeu_ps(y + (i0 + r) * ldy + t * kTile, acc[r]);
+  for (int r = 0; r < MR; ++r)
+    for (int u = 0; u < NT; ++u)
+      _mm512_storeu_ps(y + (i0 + r) * ldy + (t0 + u) * kTile, acc[r][u]);
+}
+
+template <int NT>
+void q4_rows(const Acts& a, const uint8_t* q, const uint16_t* dm, int64_t t, float* y,
+             int64_t ldy) {
+  for (int64_t i = 0; i < a.m; i += 4) {
+    switch (std::min<int64_t>(4, a.m - i)) {
+      case 1: q4_tiles<1, NT>(a, i, q, dm, t, y, ldy); break;
+      case 2: q4_tiles<2, NT>(a, i, q, dm, t, y, ldy); break;
+      case 3: q4_tiles<3, NT>(a, i, q, dm, t, y, ldy); break;
+      default: q4_tiles<4, NT>(a, i, q, dm, t, y, ldy); break;
+    }
+  }
 }
 
 void gemm_q4(const Acts& a, const uint8_t* q, const uint16_t* dm, int64_t n0, int64_t n1,
              float* y, int64_t ldy) {
-  for (int64_t t = n0 / kTile; t < n1 / kTile; ++t)
-    for (int64_t i = 0; i < a.m; i += 4) {
-      switch (std::min<int64_t>(4, a.m - i)) {
-        case 1: q4_tile<1>(a, i, q, dm, t, y, ldy); break;
-        case 2: q4_tile<2>(a, i, q, dm, t, y, ldy); break;
-        case 3: q4_tile<3>(a, i, q, dm, t, y, ldy); break;
-        default: q4_tile<4>(a, i, q, dm, t, y, ldy); break;
-      }
-    }
+  int64_t t = n0 / kTile;
+  const int64_t t1 = n1 / kTile;
+  if (a.m <= 2) {  // few rows of x: two tiles at a time for more independent work
+    for (; t + 2 <= t1; t += 2) q4_rows<2>(a, q, dm, t, y, ldy);
+  }
+  for (; t < t1; ++t) q4_rows<1>(a, q, dm, t, y, ldy);
 }
 
 // int8 rows. vpdpbusd wants its unsigned operand first, so x's two levels are shifted by
