@@ -116,9 +116,16 @@ def cmd_generate(args) -> int:
     sys.stdout.write(decoder.flush() + "\n")
     sys.stdout.flush()
     if args.stats:
+        from . import native
+
         elapsed = time.perf_counter() - start
+        step = model.forward.step() if hasattr(model.forward, "step") else None
+        kernels = getattr(step, "isa", None) or (
+            "torch" if native.loaded() else
+            "torch (KVFORMER_NATIVE=0)" if native.disabled() else "torch (no native build)")
         print(f"[{len(ids)} prompt tokens, {n} new tokens in {elapsed:.2f} s, "
-              f"{n / elapsed:.1f} tokens/s]", file=sys.stderr)
+              f"{n / elapsed:.1f} tokens/s; {getattr(model, 'mode', '?')}, kernels {kernels}, "
+              f"activations {str(model.dtype).split('.')[-1]}]", file=sys.stderr)
     return 0
 
 

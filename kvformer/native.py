@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -209,8 +208,9 @@ def _load() -> bool:
     except Exception as exc:  # no headers, a failed build, an unloadable file: torch ops
         _state["error"] = f"{type(exc).__name__}: {exc}"
         message = str(exc).strip().splitlines()
-        warnings.warn(f"kvformer: native kernels unavailable ({type(exc).__name__}: "
-                      f"{message[0] if message else ''}); using torch ops", stacklevel=3)
+        print(f"kvformer: native kernels unavailable ({type(exc).__name__}: "
+              f"{message[0] if message else ''}); running on torch ops (slower; "
+              "`kvformer build` shows the compiler's output)", file=sys.stderr, flush=True)
         return False
 
 

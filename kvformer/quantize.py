@@ -311,6 +311,7 @@ class Int8Linear(QuantizedLinear):
         super().__init__(qweight.shape[1], qweight.shape[0], bias, act)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale.to(torch.float32))
+        self._torch_scale = None
 
     @classmethod
     def from_float(cls, weight: torch.Tensor | list[torch.Tensor],
@@ -324,7 +325,9 @@ class Int8Linear(QuantizedLinear):
         return self.qweight, self.scale
 
     def torch_mm(self, x: torch.Tensor) -> torch.Tensor:
-        return _int8_mm(x, self.qweight, self.scale.to(x.dtype))
+        if self._torch_scale is None or self._torch_scale.dtype != x.dtype:
+            self._torch_scale = self.scale.to(x.dtype)  # torch's kernel wants x's dtype
+        return _int8_mm(x, self.qweight, self._torch_scale)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.qweight.to(torch.float32) * self.scale[:, None]).to(dtype)
@@ -419,15 +422,14 @@ class Int4Linear(QuantizedLinear):
     def torch_mm(self, x: torch.Tensor) -> torch.Tensor:
         """torch's int4 kernel, on a copy converted to its own CPU-dependent packing (kept
         for this process only: nothing else reads those bytes)."""
-        if self._torch_pack is None:
+        if self._torch_pack is None or self._torch_pack[1].dtype != x.dtype:
             q = unpack_int4(self.qweight).to(torch.int32)
             d, m = unpack_scales(self.scales)
             # torch's form: w = (q - 8) * scale + zero, [K/32, N, 2]
             sz = torch.stack([d.float(), m.float() + 8 * d.float()], dim=-1).transpose(0, 1)
-            self._torch_pack = (_torch_int4_pack(q.contiguous(), 1), sz.contiguous())
+            self._torch_pack = (_torch_int4_pack(q.contiguous(), 1),
+                                sz.to(x.dtype).contiguous())
         packed, sz = self._torch_pack
-        if sz.dtype != x.dtype:
-            sz = sz.to(x.dtype)
         return _torch_int4_mm(x.contiguous(), packed, INT4_BLOCK, sz)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -466,8 +468,9 @@ def _apply_keeping(module: nn.Module, apply, fn, recurse: bool) -> nn.Module:
     probe = fn(torch.empty(0, dtype=module.act_dtype))
     if probe.is_floating_point():
         module.act_dtype = probe.dtype
-    if hasattr(module, "_torch_pack"):
-        module._torch_pack = None
+    for cached in ("_torch_pack", "_torch_scale"):
+        if hasattr(module, cached):
+            setattr(module, cached, None)
     return module
 
 

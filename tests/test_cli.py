@@ -34,6 +34,43 @@ def test_generate_chat_answers(default):
     assert "Paris" in res.stdout
 
 
+LONG_PROMPT = ("Here is a paragraph: The lighthouse keeper climbed the spiral stairs every "
+               "evening to light the lamp, watching ships pass far out at sea while the storm "
+               "gathered over the cliffs and the gulls cried. Summarize it in one sentence.")
+
+
+def _kernel_paths():
+    from kvformer import native
+
+    return native.isas() or ["torch"]
+
+
+@needs_default
+@pytest.mark.parametrize("path", ["avx512", "avx2", "scalar"])
+def test_a_long_prompt_is_answered_in_words_on_every_kernel_path(path):
+    """The CLI's default (int4) on a prompt past the dense-prefill threshold (64 tokens),
+    on each kernel path, with torch dispatching as a CPU of that path would: the answer is
+    English about the paragraph, not bytes."""
+    import os
+
+    if path not in _kernel_paths():
+        pytest.skip(f"this CPU (or build) cannot run the {path} kernels")
+    env = {**os.environ, "KVFORMER_ISA": path,
+           "ATEN_CPU_CAPABILITY": {"avx2": "avx2", "scalar": "default"}.get(path, "")}
+    if not env["ATEN_CPU_CAPABILITY"]:
+        del env["ATEN_CPU_CAPABILITY"]
+    res = subprocess.run([sys.executable, "-m", "kvformer", "generate", "--chat", LONG_PROMPT,
+                          "-n", "40", "--stats"], capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert res.returncode == 0, res.stderr
+    answer = res.stdout
+    words = answer.split()
+    letters = sum(c.isalpha() or c.isspace() or c in ".,;:'-" for c in answer)
+    assert len(words) >= 8 and letters / len(answer) > 0.95, answer
+    assert "lighthouse" in answer.lower() or "keeper" in answer.lower(), answer
+    assert f"kernels {path}" in res.stderr, res.stderr
+
+
 @needs_default
 def test_generate_from_stdin_equals_argument_and_library(default, capsys):
     from kvformer import generate
