@@ -6,9 +6,10 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.kvformer-installed
 PROMPT ?= What is a KV cache, in two sentences?
 # Tests of the quantized layouts, the kernels and the decode steps: `make test` runs them once
-# more with torch dispatching as each lower CPU would (ATEN_CPU_CAPABILITY=default, avx2, ...);
+# more with torch dispatching as each lower CPU would (ATEN_CPU_CAPABILITY=default, avx2, ...),
+# and once without the native library (KVFORMER_NATIVE=0: torch's ops, as without a compiler);
 # kvformer's own kernel paths (avx512, avx2, scalar) are parametrized inside the tests.
-CPU_TESTS := tests/test_quantize.py tests/test_fast.py tests/test_native.py
+CPU_TESTS := tests/test_quantize.py tests/test_fast.py tests/test_native.py tests/test_loading.py
 
 .PHONY: setup run test lint clean
 
@@ -38,6 +39,8 @@ test: setup
 	  echo "== the CPU tests again with ATEN_CPU_CAPABILITY=$$cap"; \
 	  ATEN_CPU_CAPABILITY=$$cap $(PY) -m pytest -q -p no:cacheprovider $(CPU_TESTS) || exit 1; \
 	done
+	@echo "== the CPU tests again without the native kernels (KVFORMER_NATIVE=0)"
+	KVFORMER_NATIVE=0 $(PY) -m pytest -q -p no:cacheprovider $(CPU_TESTS)
 
 lint: setup
 	$(VENV)/bin/ruff check kvformer tests benchmarks

@@ -49,8 +49,8 @@ CSRC = Path(__file__).with_name("csrc")
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 COMMON = ["-O3", "-fPIC", "-Wall", "-Wextra", "-fno-math-errno"]
 # (source, its own flags, needs torch's headers); the SIMD files only where they can compile.
-# GCC 12's intrinsics headers trip its own -Wmaybe-uninitialized (`__m512 __Y = __Y;`).
-SIMD = ["-std=c++17", "-Wno-maybe-uninitialized"]
+# GCC 12's intrinsics headers trip its own -W(maybe-)uninitialized (`__m512 __Y = __Y;`).
+SIMD = ["-std=c++17", "-Wno-maybe-uninitialized", "-Wno-uninitialized"]
 UNITS = [("kernels_scalar.cpp", ["-std=c++17"], False)]
 if X86:
     UNITS += [

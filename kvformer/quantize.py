@@ -174,7 +174,7 @@ def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
     t, kb, _ = qweight.shape
     p = qweight.view(t, kb, 4, 16, 4)  # t b s r j
     q = torch.stack([p & 15, p >> 4], dim=4)  # t b s r h j: column 32b + 8s + 4h + j
-    return q.permute(0, 3, 1, 2, 4, 5).reshape(t * 16, kb * 32)
+    return q.permute(0, 3, 1, 2, 4, 5).reshape(t * 16, kb * 32).contiguous()
 
 
 def pack_scales(d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -749,7 +749,9 @@ def load_quantized(cfg: ModelConfig, state: dict[str, torch.Tensor], meta: dict,
                               f"kvformer does not read (it reads {LAYOUT!r})")
     act = act or act_dtype()
     model = empty_model(cfg)
-    state = dict(state)
+    # safetensors hands out tensors at the file's offsets; torch's own int8/int4 kernels
+    # (the fallback without native code) crash on weights that are not 64-byte aligned
+    state = {k: v if v.data_ptr() % 64 == 0 else v.clone() for k, v in state.items()}
 
     def take(prefix: str) -> nn.Module | None:
         bias = state.pop(f"{prefix}.bias", None)

@@ -266,6 +266,7 @@ def test_modes_and_errors():
 def test_perplexity_guard(tiny, path):
     """Perplexity through prefill (the dense path) and token by token through the cache
     (the kernels of ``path``): int8 within 2 % and int4 within 10 % of fp32."""
+    from kvformer.bench_workers import decode_perplexity
     from kvformer.fast import accelerate
 
     use_path(path)
@@ -277,18 +278,3 @@ def test_perplexity_guard(tiny, path):
         assert perplexity(q, ids) / base - 1 < limit, mode
         step = accelerate(q, native=path if path != "torch" else False)
         assert decode_perplexity(step, ids[:120]) / perplexity(tiny, ids[:120]) - 1 < limit, mode
-
-
-def decode_perplexity(model, ids):
-    """The text fed one token at a time through the model's decode step."""
-    import math
-
-    import torch.nn.functional as F
-
-    nll = 0.0
-    with torch.inference_mode():
-        cache = model.new_cache(1, len(ids))
-        for i in range(len(ids) - 1):
-            logits = model(torch.tensor([[ids[i]]]), cache=cache)
-            nll += F.cross_entropy(logits[0, -1:].float(), torch.tensor([ids[i + 1]])).item()
-    return math.exp(nll / (len(ids) - 1))

@@ -17,6 +17,7 @@
 // int8 weights [N, K]: row-major int8 in -127..127, one fp32 scale per row.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -36,7 +37,22 @@ struct Acts {
   const int8_t* q2 = nullptr;   // [m, k]
   const float* scale = nullptr; // [m, k / block]
   const float* sum = nullptr;   // [m, k / block]
+
+  void point_at(const int8_t* q1_, const int8_t* q2_, const float* scale_, const float* sum_) {
+    q1 = q1_;
+    q2 = q2_;
+    scale = scale_;
+    sum = sum_;
+  }
 };
+
+// One element's two levels, v = x * 127 / max|x| of its block: q1 = round(v), q2 = the
+// rest in 1/128ths. The scalar form every path uses (the SIMD ones for their tails).
+inline void quantize_one(float v, int8_t* q1, int8_t* q2) {
+  const float r = std::nearbyint(v);
+  *q1 = int8_t(r);
+  *q2 = int8_t(std::nearbyint((v - r) * 128.f));
+}
 
 // softmax(q K^T) V of `group` query heads over the key/value rows [s0, s1) of one KV head,
 // as a partial result (running max, sum of exponentials, unnormalised output) so that a

@@ -89,18 +89,11 @@ void quantize(const float* x, Acts& a, int8_t* q1, int8_t* q2, float* scale, flo
         store8_i8(q1 + o + j, r);
         store8_i8(q2 + o + j, _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(v, r), k128), kRound));
       }
-      for (; j < blk; ++j) {
-        const float v = xb[j] * inv, r = std::nearbyint(v);
-        q1[o + j] = int8_t(r);
-        q2[o + j] = int8_t(std::nearbyint((v - r) * 128.f));
-      }
+      for (; j < blk; ++j) quantize_one(xb[j] * inv, q1 + o + j, q2 + o + j);
       scale[i * nb + b] = amax / 127.f / 128.f;
       sum[i * nb + b] = s;
     }
-  a.q1 = q1;
-  a.q2 = q2;
-  a.scale = scale;
-  a.sum = sum;
+  a.point_at(q1, q2, scale, sum);
 }
 
 // One tile of 16 rows for MR rows of x: two 8-lane halves (rows 0-7 and 8-15).

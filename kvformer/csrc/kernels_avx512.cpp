@@ -64,18 +64,11 @@ void quantize(const float* x, Acts& a, int8_t* q1, int8_t* q2, float* scale, flo
         _mm_storeu_si128(reinterpret_cast<__m128i*>(q2 + o + j),
                          _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r2)));
       }
-      for (; j < blk; ++j) {
-        const float v = xb[j] * inv, r = std::nearbyint(v);
-        q1[o + j] = int8_t(r);
-        q2[o + j] = int8_t(std::nearbyint((v - r) * 128.f));
-      }
+      for (; j < blk; ++j) quantize_one(xb[j] * inv, q1 + o + j, q2 + o + j);
       scale[i * nb + b] = amax / 127.f / 128.f;
       sum[i * nb + b] = s;
     }
-  a.q1 = q1;
-  a.q2 = q2;
-  a.scale = scale;
-  a.sum = sum;
+  a.point_at(q1, q2, scale, sum);
 }
 
 // NT tiles of 16 rows (one zmm of 32-bit lanes each) for MR rows of x. Every sub-block
@@ -160,7 +153,8 @@ void gemm_q4(const Acts& a, const uint8_t* q, const uint16_t* dm, int64_t n0, in
 }
 
 // int8 rows. vpdpbusd wants its unsigned operand first, so x's two levels are shifted by
-// +128 and 128 * rowsum[n] is taken off each sum afterwards.
+// +128 and 128 * sum_k q[n, k] is taken off each sum afterwards; without a precomputed
+// rowsum that sum comes from a third vpdpbusd of the row with ones, in the same pass.
 void gemm_q8(const Acts& a, const int8_t* q, const float* scale, const int32_t* rowsum,
              int64_t n0, int64_t n1, float* y, int64_t ldy) {
   const int64_t k = a.k;
@@ -174,31 +168,30 @@ void gemm_q8(const Acts& a, const int8_t* q, const float* scale, const int32_t* 
   }
   const int64_t tail = k % 64;
   const __mmask64 tmask = tail ? (~0ULL >> (64 - tail)) : 0;
+  const __m512i ones = _mm512_set1_epi8(1);
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* w = q + n * k;
-    int64_t rs;
-    if (rowsum) {
-      rs = rowsum[n];
-    } else {
-      rs = 0;
-      for (int64_t j = 0; j < k; ++j) rs += w[j];
-    }
+    int64_t rs = rowsum ? rowsum[n] : 0;
     const float sw = scale[n];
     for (int64_t i = 0; i < a.m; ++i) {
       const uint8_t* x1 = u1 + i * k;
       const uint8_t* x2 = u2 + i * k;
-      __m512i c1 = _mm512_setzero_si512(), c2 = c1;
+      __m512i c1 = _mm512_setzero_si512(), c2 = c1, c3 = c1;
+      const bool count = !rowsum && i == 0;
       int64_t j = 0;
       for (; j + 64 <= k; j += 64) {
         const __m512i wv = _mm512_loadu_si512(w + j);
         c1 = _mm512_dpbusd_epi32(c1, _mm512_loadu_si512(x1 + j), wv);
         c2 = _mm512_dpbusd_epi32(c2, _mm512_loadu_si512(x2 + j), wv);
+        if (count) c3 = _mm512_dpbusd_epi32(c3, ones, wv);
       }
       if (tail) {  // the weight lanes past k are zero, so x's there do not count
         const __m512i wv = _mm512_maskz_loadu_epi8(tmask, w + j);
         c1 = _mm512_dpbusd_epi32(c1, _mm512_maskz_loadu_epi8(tmask, x1 + j), wv);
         c2 = _mm512_dpbusd_epi32(c2, _mm512_maskz_loadu_epi8(tmask, x2 + j), wv);
+        if (count) c3 = _mm512_dpbusd_epi32(c3, ones, wv);
       }
+      if (count) rs = _mm512_reduce_add_epi32(c3);
       const int64_t s1 = int64_t(_mm512_reduce_add_epi32(c1)) - 128 * rs;
       const int64_t s2 = int64_t(_mm512_reduce_add_epi32(c2)) - 128 * rs;
       y[i * ldy + n] = float(s1 * 128 + s2) * a.scale[i] * sw;

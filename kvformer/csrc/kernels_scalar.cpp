@@ -20,19 +20,12 @@ void quantize(const float* x, Acts& a, int8_t* q1, int8_t* q2, float* scale, flo
         s += x[o + j];
       }
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      for (int64_t j = 0; j < a.block; ++j) {
-        const float v = x[o + j] * inv;
-        const float r = std::nearbyint(v);
-        q1[o + j] = int8_t(r);
-        q2[o + j] = int8_t(std::nearbyint((v - r) * 128.f));
-      }
+      for (int64_t j = 0; j < a.block; ++j)
+        quantize_one(x[o + j] * inv, q1 + o + j, q2 + o + j);
       scale[i * nb + b] = amax / 127.f / 128.f;
       sum[i * nb + b] = s;
     }
-  a.q1 = q1;
-  a.q2 = q2;
-  a.scale = scale;
-  a.sum = sum;
+  a.point_at(q1, q2, scale, sum);
 }
 
 void gemm_q4(const Acts& a, const uint8_t* q, const uint16_t* dm, int64_t n0, int64_t n1,

@@ -151,7 +151,10 @@ struct Lin {
   std::vector<float> bias;
   std::vector<int32_t> rowsum;
 
-  void set(int64_t kind_, Tensor w_, Tensor s_, Tensor bias_, at::ScalarType act) {
+  // rowsums: precompute sum_k q[n, k] for the kernels that want it (a plan does, once; a
+  // single call does not: it would read the weight twice)
+  void set(int64_t kind_, Tensor w_, Tensor s_, Tensor bias_, at::ScalarType act,
+           bool rowsums = true) {
     kind = kind_;
     w = w_.contiguous();
     if (kind == kInt4) {
@@ -169,12 +172,16 @@ struct Lin {
       n = w.size(0);
       k = w.size(1);
       TORCH_CHECK(s.numel() == n, "kvformer_native: int8 scales must be [N]");
-      rowsum.resize(n);
-      const int8_t* q = w.data_ptr<int8_t>();
-      for (int64_t r = 0; r < n; ++r) {
-        int32_t t = 0;
-        for (int64_t j = 0; j < k; ++j) t += q[r * k + j];
-        rowsum[r] = t;
+      if (rowsums) {
+        rowsum.resize(n);
+        const int8_t* q = w.data_ptr<int8_t>();
+        at::parallel_for(0, n, 256, [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            int32_t t = 0;
+            for (int64_t j = 0; j < k; ++j) t += q[r * k + j];
+            rowsum[r] = t;
+          }
+        });
       }
     } else {
       w = w.to(act).contiguous();
@@ -215,7 +222,7 @@ struct Lin {
       const int8_t* q = w.data_ptr<int8_t>();
       const float* sc = s.data_ptr<float>();
       at::parallel_for(0, n, 64, [&](int64_t n0, int64_t n1) {
-        K.gemm_q8(a, q, sc, rowsum.data(), n0, n1, y, n);
+        K.gemm_q8(a, q, sc, rowsum.empty() ? nullptr : rowsum.data(), n0, n1, y, n);
       });
     }
     if (!bias.empty())
@@ -632,7 +639,7 @@ int64_t kind_of(const std::string& kind) {
 Tensor linear(Tensor x, std::string kind, Tensor w, Tensor s, std::string isa) {
   const Kernels& K = kernels_for(isa);
   Lin lin;
-  lin.set(kind_of(kind), w, s, Tensor(), at::kFloat);
+  lin.set(kind_of(kind), w, s, Tensor(), at::kFloat, /*rowsums=*/false);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == lin.k, "kvformer_native.linear: x must be [M, ",
               lin.k, "], got ", x.sizes());
   x = x.to(at::kFloat).contiguous();
@@ -647,7 +654,7 @@ Tensor linear(Tensor x, std::string kind, Tensor w, Tensor s, std::string isa) {
 Tensor dequant_int4(Tensor q, Tensor dm, bool bf16, std::string isa) {
   const Kernels& K = kernels_for(isa);
   Lin lin;
-  lin.set(kInt4, q, dm, Tensor(), at::kFloat);
+  lin.set(kInt4, q, dm, Tensor(), at::kFloat, /*rowsums=*/false);
   Tensor out = at::empty({lin.n, lin.k}, q.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
   const uint8_t* qp = lin.w.data_ptr<uint8_t>();
   const uint16_t* dp = reinterpret_cast<const uint16_t*>(lin.s.data_ptr());
