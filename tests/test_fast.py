@@ -165,7 +165,7 @@ def test_decode_across_a_growing_rotary_table(native):
     the model grows the table, the decode step is rebuilt on it, and logits stay those of
     the plain forward."""
     if native is None and not native_available():
-        pytest.skip("no C++ compiler: the native decode step is not available")
+        pytest.skip("the native decode step is not available (no compiler, or KVFORMER_NATIVE=0)")
     from kvformer.positions import Rotary
 
     torch.manual_seed(0)
