@@ -496,6 +496,7 @@ def report(summary: dict, info: dict, args, big: dict | None = None) -> str:
              *(["--big"] if args.big else []),
              *([f"--dtype {args.dtype}"] if args.dtype != ",".join(DTYPES) else []),
              *([f"--paths {args.paths}"] if args.paths else []),
+             *(["--llama-cpp-avx2 DIR"] if args.llama_cpp_avx2 else []),
              *([f"--model {args.model}"] if args.model != "default" else [])]
     command = " ".join(["kvformer bench", *flags])
     llama = next((n for n in summary if n.startswith("llama.cpp")), None)

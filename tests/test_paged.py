@@ -69,7 +69,8 @@ def native_or_skip(native):
         from kvformer import native as nat
 
         if not nat.available():
-            pytest.skip("the native decode step is not available (no compiler, or KVFORMER_NATIVE=0)")
+            pytest.skip("the native decode step is not available (no compiler, or "
+                        "KVFORMER_NATIVE=0)")
 
 
 @pytest.mark.parametrize("native", [False, None])  # the Python fast step, the C++ one
