@@ -14,8 +14,9 @@ with as few tensor operations as it can:
 * the norms as single fused kernels, the residual stream updated in place, and the K/V
   of the new token written straight into the ``KVCache`` buffers.
 
-``kvformer.native`` computes the same step as one C++ operator (much faster once matmuls
-are quantized); ``decode_step(model)`` picks it when it can be built and this Python step
+Both this step and the C++ one of ``kvformer.native`` (much faster once matmuls are
+quantized) read the same named description of the step, ``kvformer.plan.StepPlan``;
+``decode_step(model)`` picks the C++ step when the native library is built and this one
 otherwise. ``accelerate(model)`` routes a model's decode steps through it: every other call
 (prefill, gradients, any cache other than the contiguous ``KVCache``, e.g. the server's
 paged one) goes through ``Transformer.forward`` as before. Checked against

@@ -78,7 +78,7 @@ def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
     """Load (model, tokenizer).
 
     dtype: None or 'fp32' (exact; the default of the Python API), 'bf16', 'fp16', 'int8'
-    (weight-only, per channel), 'int4' (weight-only, groups of 32), or 'auto' (int4 for a
+    (weight-only, per row), 'int4' (weight-only, blocks of 32), or 'auto' (int4 for a
     4-bit GGUF, whose grid it keeps; int8 otherwise: the fastest that keeps quality).
     Weights are converted one tensor at a time as they arrive, so a quantized model never
     holds a full fp32 copy. Decode steps go through the lean step of ``kvformer.fast``.

@@ -517,8 +517,8 @@ def check_mode(mode) -> str:
 
 def loader_dtype(mode) -> torch.dtype:
     """The dtype to ask a checkpoint loader for when building in ``mode``: quantized models
-    are built from bf16 tensors (half the transient memory of fp32; a Q4_1 file's grid
-    survives bf16 exactly enough to be requantized to the same integers)."""
+    are built from bf16 tensors (half the transient memory of fp32); an int4 build takes
+    GGUF Q4_0/Q4_1 matrices as their integers instead (``Int4Blocks``)."""
     mode = check_mode(mode)
     return DENSE.get(mode, torch.bfloat16)
 
@@ -526,8 +526,8 @@ def loader_dtype(mode) -> torch.dtype:
 def default_mode(weight_types: Iterable[str] = ()) -> str:
     """The dtype to load in when none is asked for, from the type names of the checkpoint's
     tensors (e.g. GGUF 'Q4_1', 'Q8_0', 'F32'): int4 when most block-quantized weights
-    are already 4-bit (GGUF Q4_0/Q4_1/Q4_K: requantizing them to int4 groups of 32 keeps
-    their quality), int8 otherwise (per-channel int8 keeps fp32's perplexity within ~0.5 %)."""
+    are already 4-bit (Q4_0/Q4_1 pass into int4 exactly; Q4_K, requantized to blocks of 32,
+    keeps its quality), int8 otherwise (per-row int8 keeps fp32's perplexity within ~0.5 %)."""
     blocks = [t.upper() for t in weight_types if t.upper().startswith("Q")]  # not F32 norms
     four_bit = sum(t.startswith("Q4") for t in blocks)
     return "int4" if blocks and four_bit * 2 > len(blocks) else "int8"
