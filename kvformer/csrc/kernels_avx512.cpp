@@ -87,6 +87,8 @@ void q4_tiles(const Acts& a, int64_t i0, const uint8_t* q, const uint16_t* dm, i
     for (int r = 0; r < MR; ++r)
       for (int u = 0; u < NT; ++u)
         s1[r][u][0] = s1[r][u][1] = s2[r][u][0] = s2[r][u][1] = _mm512_setzero_si512();
+    // unrolled, so that c below is a constant and the accumulators stay in registers
+#pragma GCC unroll 4
     for (int s = 0; s < 4; ++s) {
       __m512i lo[NT], hi[NT];
       for (int u = 0; u < NT; ++u) {
@@ -152,9 +154,57 @@ void gemm_q4(const Acts& a, const uint8_t* q, const uint16_t* dm, int64_t n0, in
   for (; t < t1; ++t) q4_rows<1>(a, q, dm, t, y, ldy);
 }
 
+// The 16-lane sums of 8 vectors at once (instead of 8 horizontal sums of ~8 steps each).
+inline void sum8_epi32(const __m512i* v, int32_t* out) {
+  __m512i t[4], u[2];
+  for (int i = 0; i < 4; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    t[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]),
+                            _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 2; ++i)  // per 128-bit lane: that lane's sum of 4 vectors
+    u[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * i], t[2 * i + 1]),
+                            _mm512_unpackhi_epi64(t[2 * i], t[2 * i + 1]));
+  // add the four 128-bit lanes: vectors 0-3 end in lane 0, vectors 4-7 in lane 2
+  __m512i x = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], 0x88),
+                               _mm512_shuffle_i32x4(u[0], u[1], 0xdd));
+  x = _mm512_add_epi32(x, _mm512_shuffle_i32x4(x, x, 0xb1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_castsi512_si128(x));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 4), _mm512_extracti32x4_epi32(x, 2));
+}
+
+// One row of x: each weight row streamed once, with its two sums reduced at its end (at the
+// memory's speed; interleaving rows was measured slower here).
+void q8_one_row(const uint8_t* x1, const uint8_t* x2, float sx, int64_t k, const int8_t* q,
+                const float* scale, const int32_t* rowsum, int64_t n0, int64_t n1, float* y) {
+  const int64_t tail = k % 64;
+  const __mmask64 tmask = tail ? (~0ULL >> (64 - tail)) : 0;
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* w = q + n * k;
+    __m512i c1 = _mm512_setzero_si512(), c2 = c1, c3 = c1;
+    int64_t j = 0;
+    for (; j + 64 <= k; j += 64) {
+      const __m512i wv = _mm512_loadu_si512(w + j);
+      c1 = _mm512_dpbusd_epi32(c1, _mm512_loadu_si512(x1 + j), wv);
+      c2 = _mm512_dpbusd_epi32(c2, _mm512_loadu_si512(x2 + j), wv);
+      if (!rowsum) c3 = _mm512_dpbusd_epi32(c3, ones, wv);
+    }
+    if (tail) {  // the weight lanes past k are zero, so x's there do not count
+      const __m512i wv = _mm512_maskz_loadu_epi8(tmask, w + j);
+      c1 = _mm512_dpbusd_epi32(c1, _mm512_maskz_loadu_epi8(tmask, x1 + j), wv);
+      c2 = _mm512_dpbusd_epi32(c2, _mm512_maskz_loadu_epi8(tmask, x2 + j), wv);
+      if (!rowsum) c3 = _mm512_dpbusd_epi32(c3, ones, wv);
+    }
+    const int64_t rs = rowsum ? rowsum[n] : _mm512_reduce_add_epi32(c3);
+    const int64_t s1 = int64_t(_mm512_reduce_add_epi32(c1)) - 128 * rs;
+    const int64_t s2 = int64_t(_mm512_reduce_add_epi32(c2)) - 128 * rs;
+    y[n] = float(s1 * 128 + s2) * sx * scale[n];
+  }
+}
+
 // int8 rows. vpdpbusd wants its unsigned operand first, so x's two levels are shifted by
 // +128 and 128 * sum_k q[n, k] is taken off each sum afterwards; without a precomputed
-// rowsum that sum comes from a third vpdpbusd of the row with ones, in the same pass.
+// rowsum that sum comes from a vpdpbusd of the row with ones, in the same pass. Several
+// rows of x (a batch) take four weight rows at a time, whose 8 sums are reduced together.
 void gemm_q8(const Acts& a, const int8_t* q, const float* scale, const int32_t* rowsum,
              int64_t n0, int64_t n1, float* y, int64_t ldy) {
   const int64_t k = a.k;
@@ -166,35 +216,52 @@ void gemm_q8(const Acts& a, const int8_t* q, const float* scale, const int32_t* 
     u1[j] = uint8_t(a.q1[j] + 128);
     u2[j] = uint8_t(a.q2[j] + 128);
   }
+  if (a.m == 1) return q8_one_row(u1, u2, a.scale[0], k, q, scale, rowsum, n0, n1, y);
   const int64_t tail = k % 64;
-  const __mmask64 tmask = tail ? (~0ULL >> (64 - tail)) : 0;
+  const __mmask64 full = ~0ULL, tmask = tail ? (~0ULL >> (64 - tail)) : 0;
   const __m512i ones = _mm512_set1_epi8(1);
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* w = q + n * k;
-    int64_t rs = rowsum ? rowsum[n] : 0;
-    const float sw = scale[n];
+  for (int64_t n = n0; n < n1; n += 4) {
+    const int rows = int(std::min<int64_t>(4, n1 - n));
+    int32_t rs[4] = {0, 0, 0, 0};
+    if (rowsum) {
+      for (int r = 0; r < rows; ++r) rs[r] = rowsum[n + r];
+    } else {  // the rows' sums, once: a vpdpbusd with ones
+      __m512i c[8];
+      for (int r = 0; r < 8; ++r) c[r] = _mm512_setzero_si512();
+      for (int64_t j = 0; j < k; j += 64) {
+        const __mmask64 m = j + 64 <= k ? full : tmask;
+        for (int r = 0; r < rows; ++r)
+          c[r] = _mm512_dpbusd_epi32(c[r], ones, _mm512_maskz_loadu_epi8(m, q + (n + r) * k + j));
+      }
+      int32_t sums[8];
+      sum8_epi32(c, sums);
+      for (int r = 0; r < rows; ++r) rs[r] = sums[r];
+    }
     for (int64_t i = 0; i < a.m; ++i) {
       const uint8_t* x1 = u1 + i * k;
       const uint8_t* x2 = u2 + i * k;
-      __m512i c1 = _mm512_setzero_si512(), c2 = c1, c3 = c1;
-      const bool count = !rowsum && i == 0;
-      int64_t j = 0;
-      for (; j + 64 <= k; j += 64) {
-        const __m512i wv = _mm512_loadu_si512(w + j);
-        c1 = _mm512_dpbusd_epi32(c1, _mm512_loadu_si512(x1 + j), wv);
-        c2 = _mm512_dpbusd_epi32(c2, _mm512_loadu_si512(x2 + j), wv);
-        if (count) c3 = _mm512_dpbusd_epi32(c3, ones, wv);
+      __m512i c[8];  // c[r]: row r, first level; c[4 + r]: second level
+      for (int r = 0; r < 8; ++r) c[r] = _mm512_setzero_si512();
+      for (int64_t j = 0; j < k; j += 64) {
+        // lanes past k: zero weights (and zero x), so they add nothing
+        const __mmask64 m = j + 64 <= k ? full : tmask;
+        const __m512i v1 = _mm512_maskz_loadu_epi8(m, x1 + j);
+        const __m512i v2 = _mm512_maskz_loadu_epi8(m, x2 + j);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) {
+          if (r >= rows) break;
+          const __m512i wv = _mm512_maskz_loadu_epi8(m, q + (n + r) * k + j);
+          c[r] = _mm512_dpbusd_epi32(c[r], v1, wv);
+          c[4 + r] = _mm512_dpbusd_epi32(c[4 + r], v2, wv);
+        }
       }
-      if (tail) {  // the weight lanes past k are zero, so x's there do not count
-        const __m512i wv = _mm512_maskz_loadu_epi8(tmask, w + j);
-        c1 = _mm512_dpbusd_epi32(c1, _mm512_maskz_loadu_epi8(tmask, x1 + j), wv);
-        c2 = _mm512_dpbusd_epi32(c2, _mm512_maskz_loadu_epi8(tmask, x2 + j), wv);
-        if (count) c3 = _mm512_dpbusd_epi32(c3, ones, wv);
+      int32_t sums[8];
+      sum8_epi32(c, sums);
+      for (int r = 0; r < rows; ++r) {
+        const int64_t s1 = int64_t(sums[r]) - 128 * int64_t(rs[r]);
+        const int64_t s2 = int64_t(sums[4 + r]) - 128 * int64_t(rs[r]);
+        y[i * ldy + n + r] = float(s1 * 128 + s2) * a.scale[i] * scale[n + r];
       }
-      if (count) rs = _mm512_reduce_add_epi32(c3);
-      const int64_t s1 = int64_t(_mm512_reduce_add_epi32(c1)) - 128 * rs;
-      const int64_t s2 = int64_t(_mm512_reduce_add_epi32(c2)) - 128 * rs;
-      y[i * ldy + n] = float(s1 * 128 + s2) * a.scale[i] * sw;
     }
   }
 }
