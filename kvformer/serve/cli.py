@@ -39,7 +39,6 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="seconds a request may wait before it gets 429 (default 30)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="largest request body accepted; larger gets 413 (default 1 MiB)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
