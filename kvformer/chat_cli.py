@@ -118,7 +118,10 @@ class ChatLoop:
             lambda text, i: ([n for n in names if n.startswith(text)] + [None])[i]
             if text.startswith("/") else None)
         readline.set_completer_delims(" \t\n")
-        readline.parse_and_bind("tab: complete")
+        if "libedit" in (readline.__doc__ or ""):  # macOS's readline speaks another language
+            readline.parse_and_bind("bind ^I rl_complete")
+        else:
+            readline.parse_and_bind("tab: complete")
 
     def _save_history(self) -> None:
         if self.readline is not None:

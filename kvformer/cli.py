@@ -87,7 +87,8 @@ COMMON_FLAGS: dict[str, tuple[tuple[str, ...], dict]] = {
                                       "add up to P")),
     "seed": (("--seed",), dict(type=int, default=None, help="random seed for sampling")),
     "quiet": (("-q", "--quiet"), dict(
-        action="store_true", help="no status line on stderr while the model loads")),
+        action="store_true",
+        help="no status line on stderr while the model loads (and no banner in chat)")),
 }
 SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
 
@@ -260,8 +261,7 @@ def load_model(args, name: str | None = None, dtype: str | None = None):
     _build_native(status, quiet)
     status.show(f"loading {display_name(resolve(name)[1])}")
     try:
-        model, tok = load(name, dtype=dtype if dtype is not None else getattr(args, "dtype",
-                                                                              None),
+        model, tok = load(name, dtype=dtype or getattr(args, "dtype", None),
                           progress=not quiet)
     finally:
         status.clear()
