@@ -11,10 +11,13 @@ compiled with its own flags, and the path is chosen at run time from what the CP
 (cpuid), not from the machine that built it:
 
     avx512   AVX-512 F/BW/VL/DQ + VNNI (Ice Lake, Zen 4 and later): vpdpbusd
+    avxvnni  AVX2 + AVX-VNNI (Alder Lake and later client CPUs, Sapphire Rapids, Zen 5):
+             the avx2 kernels with 256-bit vpdpbusd (on an AVX-512 CPU without AVX-VNNI the
+             same code runs in vpdpbusd's EVEX form, so such a machine tests it too)
     avx2     AVX2 + FMA + F16C (Haswell, Zen 1-3 and later): vpmaddubsw / vpmaddwd
     scalar   portable C++, any architecture (aarch64 included)
 
-``KVFORMER_ISA=avx2`` (or ``scalar``) forces a lower path, so any machine can run every
+``KVFORMER_ISA=avx2`` (or ``avxvnni``, ``scalar``) forces a lower path, so any machine can run every
 path it can execute; ``isas()`` lists them, best first.
 
 The library is built by ``kvformer build`` (which ``make`` runs during setup), or else the
@@ -48,17 +51,26 @@ NAME = "kvformer_native"
 CSRC = Path(__file__).with_name("csrc")
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 COMMON = ["-O3", "-fPIC", "-Wall", "-Wextra", "-fno-math-errno"]
-# (source, its own flags, needs torch's headers); the SIMD files only where they can compile.
+# (object name, source, its own flags, needs torch's headers); the SIMD files only where they
+# can compile. Linked in this order: the generic objects first, then from the lowest
+# instruction set to the highest, so that an inline function or template the compiler emits
+# in several objects (std::vector's, kernels.h's) resolves to the copy built for the lowest
+# CPU - never to an AVX-512 copy that step.cpp would then call on an AVX2 machine.
 # GCC 12's intrinsics headers trip its own -W(maybe-)uninitialized (`__m512 __Y = __Y;`).
 SIMD = ["-std=c++17", "-Wno-maybe-uninitialized", "-Wno-uninitialized"]
-UNITS = [("kernels_scalar.cpp", ["-std=c++17"], False)]
+AVX2 = [*SIMD, "-mavx2", "-mfma", "-mf16c"]
+UNITS = [("kernels_scalar", "kernels_scalar.cpp", ["-std=c++17"], False),
+         ("step", "step.cpp", ["-std=c++20", "-fopenmp", "-Wno-unused-parameter"], True)]
 if X86:
     UNITS += [
-        ("kernels_avx2.cpp", [*SIMD, "-mavx2", "-mfma", "-mf16c"], False),
-        ("kernels_avx512.cpp", [*SIMD, "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw",
-                                "-mavx512vl", "-mavx512dq", "-mavx512vnni"], False),
+        ("kernels_avx2", "kernels_avx2.cpp", AVX2, False),
+        ("kernels_avxvnni", "kernels_avx2.cpp", [*AVX2, "-mavxvnni", "-DKVF_VNNI=1"], False),
+        ("kernels_avxvnni_evex", "kernels_avx2.cpp",
+         [*AVX2, "-mavx512f", "-mavx512vl", "-mavx512vnni", "-DKVF_VNNI=2"], False),
+        ("kernels_avx512", "kernels_avx512.cpp", [*AVX2, "-mavx512f", "-mavx512bw",
+                                                  "-mavx512vl", "-mavx512dq", "-mavx512vnni"],
+         False),
     ]
-UNITS.append(("step.cpp", ["-std=c++20", "-fopenmp", "-Wno-unused-parameter"], True))
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -130,12 +142,12 @@ def build(force: bool = False, echo=None) -> Path:
     torch_inc = [f"-I{p}" for p in include_paths()]
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         def compile_unit(unit):
-            src, flags, needs_torch = unit
-            obj = Path(tmp) / (Path(src).stem + ".o")
+            name, src, flags, needs_torch = unit
+            obj = Path(tmp) / (name + ".o")
             cmd = [cxx, *COMMON, *flags, abi, *(torch_inc if needs_torch else []),
                    "-c", str(CSRC / src), "-o", str(obj)]
             done = subprocess.run(cmd, capture_output=True, text=True)
-            return src, obj, done
+            return name, obj, done
 
         with ThreadPoolExecutor(max_workers=max(1, min(len(UNITS), os.cpu_count() or 1))) as ex:
             results = list(ex.map(compile_unit, UNITS))

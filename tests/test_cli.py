@@ -46,7 +46,7 @@ def _kernel_paths():
 
 
 @needs_default
-@pytest.mark.parametrize("path", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("path", ["avx512", "avxvnni", "avx2", "scalar"])
 def test_a_long_prompt_is_answered_in_words_on_every_kernel_path(path):
     """The CLI's default (int4) on a prompt past the dense-prefill threshold (64 tokens),
     on each kernel path, with torch dispatching as a CPU of that path would: the answer is
@@ -56,7 +56,8 @@ def test_a_long_prompt_is_answered_in_words_on_every_kernel_path(path):
     if path not in _kernel_paths():
         pytest.skip(f"this CPU (or build) cannot run the {path} kernels")
     env = {**os.environ, "KVFORMER_ISA": path,
-           "ATEN_CPU_CAPABILITY": {"avx2": "avx2", "scalar": "default"}.get(path, "")}
+           "ATEN_CPU_CAPABILITY": {"avxvnni": "avx2", "avx2": "avx2",
+                                   "scalar": "default"}.get(path, "")}
     if not env["ATEN_CPU_CAPABILITY"]:
         del env["ATEN_CPU_CAPABILITY"]
     res = subprocess.run([sys.executable, "-m", "kvformer", "generate", "--chat", LONG_PROMPT,

@@ -1,6 +1,7 @@
-"""kvformer's native kernels, path by path (avx512, avx2, scalar: each one this CPU can run),
-against references computed here: the integer layout unpacked by torch ops, the matmul of
-the dequantized weight, the plain forward of the model. And the run-time choice of path."""
+"""kvformer's native kernels, path by path (avx512, avxvnni, avx2, scalar: each one this CPU
+can run), against references computed here: the integer layout unpacked by torch ops, the
+matmul of the dequantized weight, the plain forward of the model. And the run-time choice of
+path."""
 
 import copy
 
@@ -17,7 +18,7 @@ from kvformer.quantize import (
     unpack_scales,
 )
 
-PATHS = ["avx512", "avx2", "scalar"]
+PATHS = ["avx512", "avxvnni", "avx2", "scalar"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,8 +47,10 @@ def test_paths_follow_what_the_cpu_reports():
     flags = cpu_flags()
     if flags:  # Linux
         assert ("avx2" in have) == ({"avx2", "fma", "f16c"} <= flags)
-        assert ("avx512" in have) == ({"avx512f", "avx512bw", "avx512vl", "avx512dq",
-                                       "avx512_vnni"} <= flags)
+        avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= flags
+        assert ("avx512" in have) == avx512
+        # 256-bit vpdpbusd: AVX-VNNI's VEX form, or the EVEX form every AVX-512 path CPU has
+        assert ("avxvnni" in have) == ("avx2" in have and ("avx_vnni" in flags or avx512))
 
 
 def test_kvformer_isa_forces_a_lower_path_and_refuses_a_missing_one(monkeypatch):
@@ -112,6 +115,22 @@ def test_every_path_computes_the_same_numbers(kind):
     scale = outs["scalar"].abs().max().item()
     for p, out in outs.items():
         torch.testing.assert_close(out, outs["scalar"], rtol=1e-5, atol=1e-6 * scale, msg=p)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_vpdpbusd_gives_the_bits_of_vpmaddubsw(kind):
+    """The avxvnni path is the avx2 source with vpdpbusd in place of vpmaddubsw + vpmaddwd:
+    every integer sum is exact either way, so the results are the same bits. (This runs the
+    VEX form on a CPU with AVX-VNNI, the EVEX form on an AVX-512 one.)"""
+    use("avxvnni"), use("avx2")
+    torch.manual_seed(1)
+    w = torch.randn(64, 1536) * torch.rand(64, 1)  # rows of different scales
+    layer = (Int8Linear if kind == "int8" else Int4Linear).from_float(w)
+    a, b = (layer.qweight, layer.scale) if kind == "int8" else (layer.qweight, layer.scales)
+    for rows in (1, 2, 3, 5):
+        x = torch.randn(rows, 1536) * 30  # large activations: the widest integer sums
+        vnni = torch.ops.kvformer_native.linear(x, kind, a, b, "avxvnni")
+        assert torch.equal(vnni, torch.ops.kvformer_native.linear(x, kind, a, b, "avx2"))
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -4,7 +4,8 @@
 // The step reads a named plan (kvformer/plan.py: StepPlan.named()): tensors, integers and
 // reals under names such as "layers.3.qkv.weight", the same description the Python step
 // reads. Activations are fp32 throughout; the matmuls, attention and exp go through the
-// kernel path chosen for the plan ("avx512", "avx2" or "scalar", from what the CPU reports).
+// kernel path chosen for the plan ("avx512", "avxvnni", "avx2" or "scalar", from what the
+// CPU reports).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -35,7 +36,9 @@ using kvf::Kernels;
 // ------------------------------------------------------------------ which paths this CPU runs
 #if defined(__x86_64__)
 struct X86 {
-  bool avx2 = false, avx512 = false;
+  // avxvnni: the kernels with 256-bit vpdpbusd run here, in the VEX form (AVX-VNNI,
+  // vex_vnni) or in the EVEX form (any CPU with the AVX-512 path)
+  bool avx2 = false, vex_vnni = false, avxvnni = false, avx512 = false;
   X86() {
     unsigned a, b, c, d;
     if (!__get_cpuid(1, &a, &b, &c, &d)) return;
@@ -49,15 +52,24 @@ struct X86 {
     const bool f = b & (1u << 16), dq = b & (1u << 17), bw = b & (1u << 30),
                vl = b & (1u << 31), vnni = c & (1u << 11);
     avx512 = avx2 && zmm && f && dq && bw && vl && vnni;
+    unsigned a1 = 0, b1, c1, d1;
+    const bool leaf1 = a >= 1 && __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1);
+    vex_vnni = avx2 && leaf1 && (a1 & (1u << 4));  // AVX-VNNI
+    avxvnni = vex_vnni || avx512;
   }
 };
+const X86& x86() {
+  static const X86 cpu;
+  return cpu;
+}
 #endif
 
 std::vector<std::string> isas() {  // best first
   std::vector<std::string> out;
 #if defined(__x86_64__)
-  static const X86 cpu;
+  const X86& cpu = x86();
   if (cpu.avx512) out.push_back("avx512");
+  if (cpu.avxvnni) out.push_back("avxvnni");
   if (cpu.avx2) out.push_back("avx2");
 #endif
   out.push_back("scalar");
@@ -75,6 +87,8 @@ const Kernels& kernels_for(const std::string& isa) {
   }
 #if defined(__x86_64__)
   if (want == "avx512") return kvf::avx512_kernels();
+  if (want == "avxvnni")
+    return x86().vex_vnni ? kvf::avxvnni_kernels() : kvf::avxvnni_evex_kernels();
   if (want == "avx2") return kvf::avx2_kernels();
 #endif
   return kvf::scalar_kernels();
