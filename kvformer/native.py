@@ -15,6 +15,8 @@ compiled with its own flags, and the path is chosen at run time from what the CP
              the avx2 kernels with 256-bit vpdpbusd (on an AVX-512 CPU without AVX-VNNI the
              same code runs in vpdpbusd's EVEX form, so such a machine tests it too)
     avx2     AVX2 + FMA + F16C (Haswell, Zen 1-3 and later): vpmaddubsw / vpmaddwd
+    neon     64-bit ARM with the dot-product extension (Apple silicon, Graviton 2 and later,
+             Cortex-A76 and later): vdotq_s32
     scalar   portable C++, any architecture (aarch64 included)
 
 ``KVFORMER_ISA=avx2`` (or ``avxvnni``, ``scalar``) forces a lower path, so any machine can run every
@@ -50,6 +52,7 @@ from .errors import KvformerError
 NAME = "kvformer_native"
 CSRC = Path(__file__).with_name("csrc")
 X86 = platform.machine().lower() in ("x86_64", "amd64")
+ARM64 = platform.machine().lower() in ("aarch64", "arm64")
 COMMON = ["-O3", "-fPIC", "-Wall", "-Wextra", "-fno-math-errno"]
 # (object name, source, its own flags, needs torch's headers); the SIMD files only where they
 # can compile. Linked in this order: the generic objects first, then from the lowest
@@ -71,6 +74,9 @@ if X86:
                                                   "-mavx512vl", "-mavx512dq", "-mavx512vnni"],
          False),
     ]
+if ARM64:
+    NEON = ["-std=c++17", "-march=armv8.2-a+dotprod"]
+    UNITS.append(("kernels_neon", "kernels_neon.cpp", NEON, False))
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}

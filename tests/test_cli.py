@@ -46,7 +46,7 @@ def _kernel_paths():
 
 
 @needs_default
-@pytest.mark.parametrize("path", ["avx512", "avxvnni", "avx2", "scalar"])
+@pytest.mark.parametrize("path", ["avx512", "avxvnni", "avx2", "neon", "scalar"])
 def test_a_long_prompt_is_answered_in_words_on_every_kernel_path(path):
     """The CLI's default (int4) on a prompt past the dense-prefill threshold (64 tokens),
     on each kernel path, with torch dispatching as a CPU of that path would: the answer is

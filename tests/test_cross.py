@@ -1,9 +1,10 @@
-"""kvformer's portable kernels on another architecture: the scalar path (and the decode step
-that calls it) is meant to compile and compute the same numbers anywhere, aarch64 included.
-Where a cross compiler and user-mode emulation are installed (Debian: g++-aarch64-linux-gnu
-and qemu-user; `.ci/run` installs them), tests/cross/kernels_check.cpp is built for aarch64,
-run under qemu, and what it computes is checked against torch here. The same driver also
-runs natively, so its checks hold on every machine."""
+"""kvformer's kernels on another architecture: the scalar path (and the decode step that
+calls it) is meant to compile and compute the same numbers anywhere, and 64-bit ARM has a
+NEON path of its own. Where a cross compiler and user-mode emulation are installed (Debian:
+g++-aarch64-linux-gnu and qemu-user; `.ci/run` installs them), tests/cross/kernels_check.cpp
+is built with those kernels for aarch64, run under qemu, and what each path computes is
+checked against torch here. The same driver also runs natively (the scalar path), so its
+checks hold on every machine."""
 
 import os
 import shutil
@@ -17,44 +18,69 @@ import torch
 from kvformer.quantize import Int4Linear, Int8Linear, unpack_int4, unpack_scales
 
 ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "kvformer" / "csrc"
 DRIVER = ROOT / "tests" / "cross" / "kernels_check.cpp"
-SCALAR = ROOT / "kvformer" / "csrc" / "kernels_scalar.cpp"
-# (name, C++ compiler, how to run its binaries)
-TARGETS = {"host": (os.environ.get("CXX") or shutil.which("g++") or "c++", []),
-           "aarch64": ("aarch64-linux-gnu-g++", ["qemu-aarch64"])}
+# name: (C++ compiler, how to run its binaries, its kernel paths beyond the portable one)
+TARGETS = {"host": (os.environ.get("CXX") or shutil.which("g++") or "c++", [], []),
+           "aarch64": ("aarch64-linux-gnu-g++", ["qemu-aarch64", "-cpu", "max"], ["neon"])}
+CASES = [(arch, path) for arch, (_, _, extra) in TARGETS.items() for path in ["scalar", *extra]]
+FLAGS = ["-std=c++17", "-O3", "-Wall", "-Wextra", "-Werror", "-fno-math-errno"]
 
 
 def missing(arch):
-    cxx, run = TARGETS[arch]
-    return [tool for tool in [cxx, *run] if shutil.which(tool) is None]
+    cxx, run, _ = TARGETS[arch]
+    return [tool for tool in [cxx, *run[:1]] if shutil.which(tool) is None]
 
 
-@pytest.fixture(scope="module", params=list(TARGETS))
+_built = {}
+
+
+def build(arch, tmp_path_factory) -> Path:
+    """The driver and the kernels for `arch`, each source with the flags the native build
+    gives it (-static: the emulator then needs no libraries of that architecture)."""
+    if arch in _built:
+        return _built[arch]
+    cxx, run, extra = TARGETS[arch]
+    out = tmp_path_factory.mktemp(arch)
+    units = [(DRIVER, ["-DKVF_CHECK_NEON"] if "neon" in extra else []),
+             (CSRC / "kernels_scalar.cpp", [])]
+    if "neon" in extra:
+        units.append((CSRC / "kernels_neon.cpp", ["-march=armv8.2-a+dotprod"]))
+    objs = []
+    for src, flags in units:
+        obj = out / (src.stem + ".o")
+        done = subprocess.run([cxx, *FLAGS, *flags, "-c", str(src), "-o", str(obj)],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        objs.append(str(obj))
+    exe = out / "kernels_check"
+    done = subprocess.run([cxx, *(["-static"] if run else []), *objs, "-o", str(exe)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    _built[arch] = exe
+    return exe
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{a}-{p}" for a, p in CASES])
 def driver(request, tmp_path_factory):
-    arch = request.param
+    arch, path = request.param
     if missing(arch):
         pytest.skip(f"no {' or '.join(missing(arch))} (Debian: apt-get install "
                     "g++-aarch64-linux-gnu qemu-user)")
-    cxx, run = TARGETS[arch]
-    exe = tmp_path_factory.mktemp(arch) / "kernels_check"
-    # -static: the emulator needs no aarch64 libraries; the flags the native build uses
-    cmd = [cxx, "-std=c++17", "-O3", "-Wall", "-Wextra", "-Werror", "-fno-math-errno",
-           *(["-static"] if run else []), str(DRIVER), str(SCALAR), "-o", str(exe)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    exe = build(arch, tmp_path_factory)
+    run = TARGETS[arch][1]
 
     def call(op, meta, **arrays):
-        work = Path(exe.parent) / op
+        work = exe.parent / f"{path}-{op}"
         work.mkdir(exist_ok=True)
         (work / "meta.txt").write_text(" ".join(map(str, meta)))
         for name, a in arrays.items():
             np.ascontiguousarray(a).tofile(work / f"{name}.bin")
-        res = subprocess.run([*run, str(exe), op, str(work)], capture_output=True, text=True,
-                             timeout=300)
+        res = subprocess.run([*run, str(exe), op, str(work), path], capture_output=True,
+                             text=True, timeout=300)
         assert res.returncode == 0, res.stderr
         return torch.from_numpy(np.fromfile(work / "y.bin", dtype=np.float32))
 
-    call.arch = arch
     return call
 
 

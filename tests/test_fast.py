@@ -20,7 +20,7 @@ def native_available() -> bool:
 
 
 # The Python step on torch's ops, and the C++ step on each kernel path of this CPU.
-STEPS = ["python", "avx512", "avxvnni", "avx2", "scalar"]
+STEPS = ["python", "avx512", "avxvnni", "avx2", "neon", "scalar"]
 
 
 def make_step(kind, model):

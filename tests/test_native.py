@@ -1,5 +1,5 @@
-"""kvformer's native kernels, path by path (avx512, avxvnni, avx2, scalar: each one this CPU
-can run), against references computed here: the integer layout unpacked by torch ops, the
+"""kvformer's native kernels, path by path (avx512, avxvnni, avx2, neon, scalar: each one
+this CPU can run), against references computed here: the integer layout unpacked by torch ops, the
 matmul of the dequantized weight, the plain forward of the model. And the run-time choice of
 path."""
 
@@ -18,7 +18,7 @@ from kvformer.quantize import (
     unpack_scales,
 )
 
-PATHS = ["avx512", "avxvnni", "avx2", "scalar"]
+PATHS = ["avx512", "avxvnni", "avx2", "neon", "scalar"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,6 +51,9 @@ def test_paths_follow_what_the_cpu_reports():
         assert ("avx512" in have) == avx512
         # 256-bit vpdpbusd: AVX-VNNI's VEX form, or the EVEX form every AVX-512 path CPU has
         assert ("avxvnni" in have) == ("avx2" in have and ("avx_vnni" in flags or avx512))
+    features = set(native.cpuinfo("Features").partition(":")[2].split())
+    if features:  # Linux on ARM
+        assert ("neon" in have) == ("asimddp" in features)
 
 
 def test_kvformer_isa_forces_a_lower_path_and_refuses_a_missing_one(monkeypatch):

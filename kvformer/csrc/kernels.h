@@ -3,7 +3,8 @@
 // The kernels see raw pointers only (no torch), so each path is one translation unit built
 // with its own compiler flags (kernels_scalar.cpp: none; kernels_avx2.cpp: -mavx2 -mfma
 // -mf16c, and again with vpdpbusd for the avxvnni path; kernels_avx512.cpp: AVX-512 with
-// VNNI) and step.cpp picks one at run time from what the CPU reports. Every path computes the same thing; tests run each of them.
+// VNNI; kernels_neon.cpp: armv8.2-a+dotprod) and step.cpp picks one at run time from what
+// the CPU reports. Every path computes the same thing; tests run each of them.
 //
 // The layouts are kvformer's own (docs/architecture.md, kvformer/quantize.py):
 //
@@ -99,6 +100,9 @@ const Kernels& avx2_kernels();
 const Kernels& avxvnni_kernels();       // kernels_avx2.cpp with VEX vpdpbusd (AVX-VNNI)
 const Kernels& avxvnni_evex_kernels();  // the same code, EVEX vpdpbusd (AVX-512 VNNI + VL)
 const Kernels& avx512_kernels();
+#endif
+#if defined(__aarch64__)
+const Kernels& neon_kernels();  // needs the dot-product extension (FEAT_DotProd)
 #endif
 
 // ---------------------------------------------------------------- number formats

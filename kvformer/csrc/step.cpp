@@ -4,8 +4,8 @@
 // The step reads a named plan (kvformer/plan.py: StepPlan.named()): tensors, integers and
 // reals under names such as "layers.3.qkv.weight", the same description the Python step
 // reads. Activations are fp32 throughout; the matmuls, attention and exp go through the
-// kernel path chosen for the plan ("avx512", "avxvnni", "avx2" or "scalar", from what the
-// CPU reports).
+// kernel path chosen for the plan ("avx512", "avxvnni", "avx2", "neon" or "scalar", from what
+// the CPU reports).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -24,6 +24,9 @@
 
 #if defined(__x86_64__)
 #include <cpuid.h>
+#endif
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
 #endif
 
 #include "kernels.h"
@@ -64,6 +67,18 @@ const X86& x86() {
 }
 #endif
 
+#if defined(__aarch64__)
+bool arm_dotprod() {  // FEAT_DotProd: sdot/udot
+#if defined(__linux__)
+  return getauxval(AT_HWCAP) & (1ul << 20);  // HWCAP_ASIMDDP
+#elif defined(__APPLE__)
+  return true;  // every Apple silicon CPU has it
+#else
+  return false;
+#endif
+}
+#endif
+
 std::vector<std::string> isas() {  // best first
   std::vector<std::string> out;
 #if defined(__x86_64__)
@@ -71,6 +86,10 @@ std::vector<std::string> isas() {  // best first
   if (cpu.avx512) out.push_back("avx512");
   if (cpu.avxvnni) out.push_back("avxvnni");
   if (cpu.avx2) out.push_back("avx2");
+#endif
+#if defined(__aarch64__)
+  static const bool dotprod = arm_dotprod();
+  if (dotprod) out.push_back("neon");
 #endif
   out.push_back("scalar");
   return out;
@@ -90,6 +109,9 @@ const Kernels& kernels_for(const std::string& isa) {
   if (want == "avxvnni")
     return x86().vex_vnni ? kvf::avxvnni_kernels() : kvf::avxvnni_evex_kernels();
   if (want == "avx2") return kvf::avx2_kernels();
+#endif
+#if defined(__aarch64__)
+  if (want == "neon") return kvf::neon_kernels();
 #endif
   return kvf::scalar_kernels();
 }

@@ -1,8 +1,10 @@
-// A stand-alone driver of kvformer's portable kernels (kernels_scalar.cpp), with no torch,
+// A stand-alone driver of kvformer's kernels with no torch: the portable ones
+// (kernels_scalar.cpp) and, built with -DKVF_CHECK_NEON, the NEON ones (kernels_neon.cpp),
 // so that tests/test_cross.py can build them for another architecture (aarch64), run them
 // under user-mode emulation and compare what they compute with torch on this machine.
 //
-//   kernels_check OP DIR      reads DIR/meta.txt (integers) and DIR/*.bin, writes DIR/y.bin
+//   kernels_check OP DIR [PATH]   reads DIR/meta.txt (integers) and DIR/*.bin, writes
+//                                 DIR/y.bin; PATH is scalar (the default) or neon
 //
 // OP and its inputs (raw little-endian arrays):
 //   int4    meta: m k n        x.bin f32 [m,k], q.bin u8 (kvformer int4 layout), dm.bin fp16
@@ -58,16 +60,24 @@ struct Prepared {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 3) {
-    std::fprintf(stderr, "usage: kernels_check int4|int8|unpack|attend|exp DIR\n");
+  if (argc != 3 && argc != 4) {
+    std::fprintf(stderr, "usage: kernels_check int4|int8|unpack|attend|exp DIR [PATH]\n");
     return 2;
   }
-  const std::string op = argv[1];
+  const std::string op = argv[1], path = argc == 4 ? argv[3] : "scalar";
   dir = argv[2];
   std::ifstream meta(dir + "/meta.txt");
   std::vector<int64_t> v;
   for (int64_t i; meta >> i;) v.push_back(i);
-  const kvf::Kernels& K = kvf::scalar_kernels();
+  const kvf::Kernels* kernels = path == "scalar" ? &kvf::scalar_kernels() : nullptr;
+#if defined(KVF_CHECK_NEON)
+  if (path == "neon") kernels = &kvf::neon_kernels();
+#endif
+  if (!kernels) {
+    std::fprintf(stderr, "kernels_check: this build has no %s kernels\n", path.c_str());
+    return 2;
+  }
+  const kvf::Kernels& K = *kernels;
 
   if (op == "int4" && v.size() == 3) {
     const int64_t m = v[0], k = v[1], n = v[2];
