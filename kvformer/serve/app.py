@@ -1,8 +1,9 @@
 """The HTTP front: an OpenAI-compatible API over the batching engine (FastAPI).
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
-(plain JSON, or ``stream: true`` as server-sent events), ``GET /health`` and
-``GET /metrics`` (Prometheus text format).
+(plain JSON, or ``stream: true`` as server-sent events), ``GET /health``,
+``GET /metrics`` (Prometheus text format), and a chat page at ``GET /`` with the engine's
+state as JSON at ``GET /status`` (``serve/ui.py``).
 
 Handlers never run torch: they tokenize, hand the request to the engine thread and await
 its outputs, which the engine pushes onto an asyncio queue with ``call_soon_threadsafe``.
@@ -33,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ChatTemplateError, ContextOverflowError
+from . import ui
 from .engine import (
     Engine,
     EngineClosedError,
@@ -49,7 +51,8 @@ log = logging.getLogger("kvformer.serve")
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB of JSON is a very long prompt
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
-ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
+ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics",
+          "/", "/status")
 
 
 # ---------------------------------------------------------------------------- errors
@@ -415,6 +418,8 @@ def create_app(engine: Engine, model_name: str = "default", *, api_key: str | No
     app.add_middleware(_CountRequests, metrics=engine.metrics)
 
     # ---- endpoints
+    ui.mount(app, engine, model_name, srv.check_auth)  # the chat page at /, and /status
+
     @app.get("/health")
     async def health():
         return JSONResponse({"status": "ok" if engine.alive else "engine stopped"},
