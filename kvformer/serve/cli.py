@@ -7,7 +7,7 @@ import ipaddress
 import os
 import sys
 
-from ..cli import add_model_arguments
+from ..arguments import add_model_arguments
 from ..errors import ArgumentParser, KvformerError
 
 
