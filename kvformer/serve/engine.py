@@ -68,7 +68,8 @@ log = logging.getLogger("kvformer.serve")
 class Engine:
     def __init__(self, model, tokenizer, *, max_batch: int = 16, kv_blocks: int | None = None,
                  block_size: int = 16, prefill_chunk: int = 128, max_queue: int = 64,
-                 queue_timeout: float = 30.0, step_delay: float = 0.0):
+                 queue_timeout: float = 30.0, step_delay: float = 0.0,
+                 prefix_caching: bool = True):
         for name, value in (("max_batch", max_batch), ("block_size", block_size),
                             ("prefill_chunk", prefill_chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -83,7 +84,9 @@ class Engine:
             kv_blocks = -(-max_batch * min(self.max_seq_len, 2048) // block_size)
         if isinstance(kv_blocks, bool) or not isinstance(kv_blocks, int) or kv_blocks < 1:
             raise ValueError(f"kv_blocks={kv_blocks!r} must be an integer >= 1")
-        self.pool = BlockPool.for_model(model, kv_blocks, block_size)
+        self.pool = BlockPool.for_model(model, kv_blocks, block_size,
+                                        prefix_caching=prefix_caching,
+                                        model_key=model_key(model))
         self.metrics = Metrics()
         self.scheduler = Scheduler(self.pool, self.metrics, max_batch, max_queue, queue_timeout)
         self.runner = StepRunner(self.model, self.pool)
@@ -218,7 +221,7 @@ class Engine:
             _deliver(seq, Output(error=err, prompt_tokens=len(seq.prompt_ids)))
 
     def _fail(self, seq: Seq, exc: Exception) -> None:
-        self.scheduler.release(seq)
+        self.scheduler.release(seq, cache=False)  # what a failed step wrote is not trusted
         self.metrics.count("finished", "error")
         _deliver(seq, Output(error=exc, prompt_tokens=len(seq.prompt_ids),
                              completion_tokens=len(seq.output_ids)))
@@ -237,6 +240,8 @@ class Engine:
             logits = self.runner.prefill(seq, n)
             if seq.num_cached == seq.num_tokens:
                 self._sample([seq], logits)
+        for seq in self.scheduler.running:
+            self.scheduler.remember(seq)
 
     def _sample(self, seqs: list[Seq], logits: torch.Tensor) -> None:
         for seq, (tok, lp) in zip(seqs, pick_tokens(seqs, logits)):
@@ -276,9 +281,18 @@ class Engine:
         out.finish_reason = reason
         out.prompt_tokens = len(seq.prompt_ids)
         out.completion_tokens = len(seq.output_ids)
+        out.cached_tokens = seq.cached_tokens
         self.scheduler.release(seq)
         self.metrics.count("finished", reason)
         _deliver(seq, out)
+
+
+def model_key(model) -> bytes:
+    """What names the model in the prefix cache's block hashes: its config, its dtype and
+    a sample of its first weights."""
+    first = next(iter(model.state_dict().values()))
+    sample = first.detach().reshape(-1)[:256].float().cpu().numpy().tobytes()
+    return repr((model.cfg, str(model.dtype))).encode() + sample
 
 
 def _deliver(seq: Seq, out: Output) -> None:

@@ -42,6 +42,8 @@ class Metrics:
         self.completion_tokens = 0
         self.finished: dict[str, int] = {}
         self.preemptions = 0
+        self.prefix_queried = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of which found
         self.rejected: dict[str, int] = {}
         self.steps = 0
         self.ttft = Histogram(LATENCY_BUCKETS)
@@ -100,6 +102,14 @@ def render_metrics(engine: Engine) -> str:
                [("", m.prompt_tokens)])
         metric("kvformer_completion_tokens_total", "counter", "Tokens generated.",
                [("", m.completion_tokens)])
+        metric("kvformer_prefix_cache_queried_tokens_total", "counter",
+               "Prompt tokens looked up in the prefix cache at admission.",
+               [("", m.prefix_queried)])
+        metric("kvformer_prefix_cache_hit_tokens_total", "counter",
+               "Prompt tokens whose K/V came from the prefix cache.", [("", m.prefix_hits)])
+        metric("kvformer_prefix_cache_hit_rate", "gauge",
+               "Prompt tokens found in the prefix cache / tokens looked up, since start.",
+               [("", m.prefix_hits / m.prefix_queried if m.prefix_queried else 0.0)])
         metric("kvformer_preemptions_total", "counter",
                "Sequences preempted for KV blocks (recomputed later).", [("", m.preemptions)])
         metric("kvformer_engine_steps_total", "counter", "Engine iterations that ran the model.",
@@ -115,6 +125,9 @@ def render_metrics(engine: Engine) -> str:
            [("", engine.num_waiting)])
     metric("kvformer_kv_blocks_used", "gauge", "KV cache blocks in use.", [("", pool.num_used)])
     metric("kvformer_kv_blocks_free", "gauge", "KV cache blocks free.", [("", pool.num_free)])
+    metric("kvformer_kv_blocks_cached", "gauge",
+           "Free KV blocks that still hold a cached prefix (counted in _free).",
+           [("", pool.num_cached)])
     metric("kvformer_kv_blocks_total", "gauge", "KV cache blocks in the pool.",
            [("", pool.n_blocks)])
     metric("kvformer_kv_block_size", "gauge", "Token slots per KV block.",

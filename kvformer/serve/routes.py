@@ -314,7 +314,8 @@ async def chat(srv: Server, request: Request) -> dict | StreamingResponse:
 
 def _usage(out: Output) -> dict:
     return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-            "total_tokens": out.prompt_tokens + out.completion_tokens}
+            "total_tokens": out.prompt_tokens + out.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
 
 
 def _legacy_logprobs(srv: Server, lps: list[TokenLogprob] | None, offset: int) -> dict:

@@ -113,27 +113,48 @@ class Scheduler:
         return pending
 
     def admit(self) -> None:
+        pool = self.pool
         while len(self.running) < self.max_batch:
             with self.cond:
                 if not self.waiting:
                     return
                 seq = self.waiting[0]
-                need = self.pool.blocks_for(seq.num_tokens)
+                # reuse the longest cached prefix; at least the last token is computed
+                match = pool.match(seq.all_tokens(), seq.num_tokens - 1)
+                need = pool.cost(match, seq.num_tokens)
                 spare = len(self.running)  # one block of room for each running sequence
-                if self.pool.num_free < need + spare and self.running:
+                if pool.num_free < need + spare and self.running:
                     return
-                if self.pool.num_free < need:
+                if pool.num_free < need:
                     return
                 self.waiting.popleft()
-            seq.blocks = self.pool.allocate(need)
-            seq.num_cached = 0
+            seq.blocks = pool.acquire(match, seq.num_tokens)
+            seq.num_cached = match.num_tokens
+            seq.block_hashes = list(match.hashes)
+            if not seq.started:
+                seq.cached_tokens = match.num_tokens
+                with self.metrics.lock:
+                    self.metrics.prefix_queried += len(seq.prompt_ids)
+                    self.metrics.prefix_hits += match.num_tokens
             seq.started = True
             self.running.append(seq)
 
-    def release(self, seq: Seq) -> None:
+    def remember(self, seq: Seq) -> None:
+        """Cache the blocks the sequence has filled since the last call."""
+        if (len(seq.block_hashes) + 1) * self.pool.block_size <= seq.num_cached:
+            self.pool.remember_full(seq.blocks, seq.all_tokens(), seq.num_cached,
+                                    seq.block_hashes)
+
+    def release(self, seq: Seq, cache: bool = True) -> None:
+        """Take the sequence out of the batch and give its blocks back (keeping what they
+        hold in the prefix cache, unless ``cache`` is False: a failed step)."""
         if seq in self.running:
             self.running.remove(seq)
         if seq.blocks:
+            if cache:
+                self.remember(seq)
+                self.pool.remember_partial(seq.blocks, seq.all_tokens(), seq.num_cached,
+                                           seq.block_hashes)
             self.pool.free(seq.blocks)
             seq.blocks = []
 

@@ -70,6 +70,7 @@ class Output:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     error: Exception | None = None
 
     @property
@@ -86,6 +87,7 @@ class Output:
             self.finish_reason, self.error = later.finish_reason, later.error
             self.prompt_tokens = later.prompt_tokens
             self.completion_tokens = later.completion_tokens
+            self.cached_tokens = later.cached_tokens
         return self
 
 
@@ -138,6 +140,8 @@ class Seq:
         self.output_ids: list[int] = []
         self.blocks: list[int] = []
         self.num_cached = 0  # tokens whose K/V are in the pool
+        self.block_hashes: list[bytes] = []  # chain hashes of the full blocks (prefix cache)
+        self.cached_tokens = 0  # prompt tokens found in the prefix cache at admission
         self.generator = torch.Generator().manual_seed(seed)
         self.decoder = decoder
         self.text = ""  # decoded output so far (cut at a stop string)
@@ -156,6 +160,9 @@ class Seq:
 
     def tokens(self, lo: int, hi: int) -> list[int]:
         return (self.prompt_ids + self.output_ids)[lo:hi]
+
+    def all_tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
 
     # ------------------------------------------------------------------ text and stop strings
     def add_text(self, piece: str) -> bool:
