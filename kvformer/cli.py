@@ -7,17 +7,8 @@ import os
 import sys
 import time
 
+from .arguments import add_model_arguments
 from .errors import ArgumentParser, KvformerError
-
-
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """--model and --dtype, as every verb that loads a model takes them."""
-    p.add_argument("--model", "-m", default="default",
-                   help="a .gguf file, a model directory, or 'default' (SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="auto",
-                   choices=["auto", "fp32", "bf16", "fp16", "int8", "int4"],
-                   help="weights: auto (default: int4 for a 4-bit GGUF, else int8 — the fastest "
-                        "that keeps quality), fp32 (exact), bf16, fp16, int8, int4")
 
 
 def _add_sampling(p: argparse.ArgumentParser, max_new: int) -> None:

@@ -14,8 +14,9 @@ with as few tensor operations as it can:
 * the norms as single fused kernels, the residual stream updated in place, and the K/V
   of the new token written straight into the ``KVCache`` buffers.
 
-Both this step and the C++ one of ``kvformer.native`` (much faster once matmuls are
-quantized) read the same named description of the step, ``kvformer.plan.StepPlan``;
+Both this step and ``NativeDecodeStep``, the C++ one (much faster once matmuls are
+quantized; the library is ``kvformer.native``'s), read the same named description of the
+step, ``kvformer.plan.StepPlan``;
 ``decode_step(model)`` picks the C++ step when the native library is built and this one
 otherwise. ``accelerate(model)`` routes a model's decode steps through it: every other call
 (prefill, gradients, any cache other than the contiguous ``KVCache``, e.g. the server's
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native as native_lib
 from .cache import KVCache
 from .plan import LinearPlan, NormPlan, StepPlan, Unsupported
 
@@ -204,14 +206,75 @@ class DecodeStep:
         return self.head(self.final_norm(x, buf)).unsqueeze(1)
 
 
+_EMPTY_LONG = torch.empty(0, dtype=torch.long)
+_EMPTY_BOOL = torch.empty(0, dtype=torch.bool)
+
+
+class NativeDecodeStep:
+    """The same contract as ``kvformer.fast.DecodeStep``, computed by the C++ operator on the
+    kernels of ``isa`` (default: ``default_isa()``)."""
+
+    def __init__(self, model: nn.Module, isa: str | None = None):
+        self.model = model
+        self.supported = False
+        if not native_lib.available():
+            return
+        try:
+            plan = StepPlan.from_model(model)
+        except Unsupported:
+            return
+        self.isa = isa or native_lib.default_isa()
+        names = plan.named()
+        self.handle = torch.ops.kvformer_native.plan_new(
+            list(names.tensors), list(names.tensors.values()), list(names.ints),
+            list(names.ints.values()), list(names.reals), list(names.reals.values()), self.isa)
+        self.rope_len = plan.rope_len
+        self.supported = True
+
+    def __del__(self):
+        handle = getattr(self, "handle", None)
+        if handle is not None:
+            try:
+                torch.ops.kvformer_native.plan_free(handle)
+            except Exception:  # interpreter shutdown
+                pass
+
+    def usable(self, tokens: torch.Tensor, cache) -> bool:
+        return (self.supported and tokens.shape[1] == 1 and type(cache) is KVCache
+                and tokens.shape[0] == cache.batch_size and tokens.dtype == torch.long
+                and cache.k[0].dtype in (torch.float32, torch.bfloat16)
+                and all(b.attn.weights_sink is None for b in self.model.layers))
+
+    def __call__(self, tokens: torch.Tensor, cache: KVCache,
+                 input_pos: torch.Tensor | None = None,
+                 key_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        slot = cache.length
+        cache.check_room(1)
+        pos0, pos = slot, _EMPTY_LONG
+        if input_pos is not None:
+            pos = input_pos.reshape(-1, 1)[:, 0] if input_pos.dim() == 2 else input_pos
+            if pos.numel() == 1:
+                pos0, pos = int(pos.reshape(())), _EMPTY_LONG
+            elif pos.dtype != torch.long:
+                pos = pos.long()
+        if self.rope_len is not None:
+            top = pos0 if pos.numel() == 0 else int(pos.max())
+            if top >= self.rope_len:
+                return None  # past the rotary table: the model computes it afresh
+        mask = _EMPTY_BOOL if key_mask is None else key_mask
+        logits = torch.ops.kvformer_native.plan_step(self.handle, tokens, cache.k, cache.v,
+                                                      slot, pos0, pos, mask)
+        cache.advance(1)
+        return logits
+
+
+
 def decode_step(model: nn.Module, native: bool | str | None = None):
     """The fastest decode step this machine has for ``model``: the C++ operator of
     ``kvformer.native`` (``native`` may name its kernel path, e.g. 'avx2'; ``False`` or
     ``KVFORMER_NATIVE=0`` skips it), else the Python ``DecodeStep``. Check ``.supported``
     before use."""
     if native is not False:
-        from .native import NativeDecodeStep
-
         step = NativeDecodeStep(model, isa=native if isinstance(native, str) else None)
         if step.supported:
             return step

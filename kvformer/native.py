@@ -3,8 +3,10 @@ step that runs as one C++ operator.
 
 At batch 1 a quantized decode step is ~120 small matmuls plus ~20 tiny tensor ops per
 layer; in eager PyTorch each op costs a few microseconds of Python and dispatch, more than
-the matmuls themselves. ``NativeDecodeStep`` runs the whole step in C++ (``csrc/step.cpp``)
-from the same named description the Python step reads (``kvformer.plan.StepPlan``).
+the matmuls themselves. ``kvformer.fast.NativeDecodeStep`` runs the whole step in C++
+(``csrc/step.cpp``) from the same named description the Python step reads
+(``kvformer.plan.StepPlan``). This module builds, loads and describes the library; it
+imports nothing of the model's (``kvformer.quantize`` calls it for its kernels).
 
 The kernels (``csrc/kernels_*.cpp``) are one translation unit per instruction set, each
 compiled with its own flags, and the path is chosen at run time from what the CPU reports
@@ -44,9 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from .cache import KVCache
 from .errors import KvformerError
 
 NAME = "kvformer_native"
@@ -277,71 +277,6 @@ def torch_capabilities() -> list[str]:
         if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
             caps.append("avx512")
     return caps
-
-
-# --------------------------------------------------------------------------- the decode step
-_EMPTY_LONG = torch.empty(0, dtype=torch.long)
-_EMPTY_BOOL = torch.empty(0, dtype=torch.bool)
-
-
-class NativeDecodeStep:
-    """The same contract as ``kvformer.fast.DecodeStep``, computed by the C++ operator on the
-    kernels of ``isa`` (default: ``default_isa()``)."""
-
-    def __init__(self, model: nn.Module, isa: str | None = None):
-        from .plan import StepPlan, Unsupported
-
-        self.model = model
-        self.supported = False
-        if not available():
-            return
-        try:
-            plan = StepPlan.from_model(model)
-        except Unsupported:
-            return
-        self.isa = isa or default_isa()
-        names = plan.named()
-        self.handle = torch.ops.kvformer_native.plan_new(
-            list(names.tensors), list(names.tensors.values()), list(names.ints),
-            list(names.ints.values()), list(names.reals), list(names.reals.values()), self.isa)
-        self.rope_len = plan.rope_len
-        self.supported = True
-
-    def __del__(self):
-        handle = getattr(self, "handle", None)
-        if handle is not None:
-            try:
-                torch.ops.kvformer_native.plan_free(handle)
-            except Exception:  # interpreter shutdown
-                pass
-
-    def usable(self, tokens: torch.Tensor, cache) -> bool:
-        return (self.supported and tokens.shape[1] == 1 and type(cache) is KVCache
-                and tokens.shape[0] == cache.batch_size and tokens.dtype == torch.long
-                and cache.k[0].dtype in (torch.float32, torch.bfloat16)
-                and all(b.attn.weights_sink is None for b in self.model.layers))
-
-    def __call__(self, tokens: torch.Tensor, cache: KVCache,
-                 input_pos: torch.Tensor | None = None,
-                 key_mask: torch.Tensor | None = None) -> torch.Tensor | None:
-        slot = cache.length
-        cache.check_room(1)
-        pos0, pos = slot, _EMPTY_LONG
-        if input_pos is not None:
-            pos = input_pos.reshape(-1, 1)[:, 0] if input_pos.dim() == 2 else input_pos
-            if pos.numel() == 1:
-                pos0, pos = int(pos.reshape(())), _EMPTY_LONG
-            elif pos.dtype != torch.long:
-                pos = pos.long()
-        if self.rope_len is not None:
-            top = pos0 if pos.numel() == 0 else int(pos.max())
-            if top >= self.rope_len:
-                return None  # past the rotary table: the model computes it afresh
-        mask = _EMPTY_BOOL if key_mask is None else key_mask
-        logits = torch.ops.kvformer_native.plan_step(self.handle, tokens, cache.k, cache.v,
-                                                      slot, pos0, pos, mask)
-        cache.advance(1)
-        return logits
 
 
 if __name__ == "__main__":  # used by the Makefile: the capabilities below this CPU's own

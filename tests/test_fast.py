@@ -30,7 +30,7 @@ def make_step(kind, model):
 
     if kind not in native.isas():
         pytest.skip(f"this CPU (or build) cannot run the {kind} kernels: {native.kernel_path()}")
-    from kvformer.native import NativeDecodeStep
+    from kvformer.fast import NativeDecodeStep
 
     step = NativeDecodeStep(model, isa=kind)
     assert torch.ops.kvformer_native.plan_isa(step.handle) == kind

@@ -170,7 +170,7 @@ def test_long_cache_with_padding_matches_the_forward(path, head_dim, dtype):
     """Past 256 cached slots attention is split into parts that run on different threads and
     are combined; a left-padded row masks its first slots. The step's logits and the K/V it
     writes equal those of Transformer.forward."""
-    from kvformer.native import NativeDecodeStep
+    from kvformer.fast import NativeDecodeStep
 
     model = model_for(head_dim, 6, 2, dtype)
     b, t = 2, 600

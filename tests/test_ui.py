@@ -58,7 +58,7 @@ def test_status_describes_the_engine(n_kv_head, kind):
     # K and V, 2 layers, n_kv_head heads of 16 numbers, 4 bytes each (the pool is fp32)
     assert s["kv_bytes_per_token"] == 2 * 2 * n_kv_head * 16 * 4
     assert (s["active_sequences"], s["queued"]) == (0, 0)
-    assert s["kv_blocks"] == {"used": 0, "free": 32, "total": 32, "block_size": 8}
+    assert s["kv_blocks"] == {"used": 0, "free": 32, "total": 32, "block_size": 8, "cached": 0}
 
 
 def test_the_page_is_served_whole_and_offline():

@@ -7,7 +7,7 @@ import ipaddress
 import os
 import sys
 
-from ..cli import add_model_arguments
+from ..arguments import add_model_arguments
 from ..errors import ArgumentParser, KvformerError
 
 
@@ -33,6 +33,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=16, help="token slots per KV block")
     p.add_argument("--prefill-chunk", type=int, default=128,
                    help="prompt tokens prefilled per engine step (default 128)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="recompute every prompt in full (default: reuse the KV blocks of "
+                        "prompt prefixes seen before)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a slot; more get 429 (default 64)")
     p.add_argument("--queue-timeout", type=float, default=30.0,
@@ -105,7 +108,8 @@ def cmd_serve(args) -> int:
                                 "serving needs tokenizer.json or a GGUF with a vocabulary")
         engine = Engine(model, tokenizer, max_batch=args.max_batch, kv_blocks=args.kv_blocks,
                         block_size=args.block_size, prefill_chunk=args.prefill_chunk,
-                        max_queue=args.max_queue, queue_timeout=args.queue_timeout)
+                        max_queue=args.max_queue, queue_timeout=args.queue_timeout,
+                        prefix_caching=args.prefix_cache)
         name = args.served_model_name or args.model
         app = create_app(engine, name, api_key=args.api_key,
                          max_body_bytes=args.max_body_bytes)
