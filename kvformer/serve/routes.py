@@ -7,6 +7,7 @@ and answers with one JSON object or a stream of server-sent events, in OpenAI's 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import math
@@ -256,11 +257,13 @@ async def chat(srv: Server, request: Request) -> dict | StreamingResponse:
         raise APIError(400, "messages is empty: give at least one message",
                        param="messages", code="invalid_value")
     try:
-        text = srv.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        # off the event loop (a template is untrusted code, stopped after 1 s), and with what
+        # the messages say encoded as text: only the template's markup makes control tokens
+        ids = await asyncio.to_thread(srv.tokenizer.encode_chat, messages,
+                                      add_generation_prompt=True)
     except (ChatTemplateError, ValueError) as exc:
         raise APIError(400, f"the chat template rejected the messages: {exc}",
                        param="messages") from None
-    ids = srv.tokenizer.encode(text, add_special_tokens=False)
     top = req.top_logprobs
     if top is not None and not (req.logprobs and 0 <= top <= MAX_LOGPROBS):
         raise APIError(400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}, with "
