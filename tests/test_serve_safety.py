@@ -81,3 +81,130 @@ def test_markers_in_content_are_text_and_roles_are_checked():
         assert bad.status_code == 400 and "role 'wizard'" in bad.json()["error"]["message"]
     finally:
         srv.stop()
+
+
+# ---------------------------------------------------------------------------- what gets in
+def test_posts_must_be_json_and_cors_is_off_unless_asked():
+    srv = server()
+    try:
+        body = '{"model": "tiny", "prompt": "hi", "max_tokens": 1}'
+        for ctype in ("text/plain", "application/x-www-form-urlencoded", None):
+            headers = {"Content-Type": ctype} if ctype else {}
+            r = httpx.post(srv.url + "/v1/completions", content=body, headers=headers)
+            assert r.status_code == 415, (ctype, r.text)
+            assert r.json()["error"]["code"] == "unsupported_media_type"
+        ok = httpx.post(srv.url + "/v1/completions", content=body,
+                        headers={"Content-Type": "application/json; charset=utf-8"})
+        assert ok.status_code == 200
+        # no CORS: a browser on another origin may not read answers nor send JSON
+        pre = httpx.options(srv.url + "/v1/completions", headers={
+            "Origin": "http://evil.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type"})
+        assert "access-control-allow-origin" not in pre.headers
+        get = httpx.get(srv.url + "/v1/models", headers={"Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in get.headers
+        # the schema is published, for clients and API testers
+        spec = httpx.get(srv.url + "/openapi.json").json()
+        assert "/v1/chat/completions" in spec["paths"]
+    finally:
+        srv.stop()
+
+
+def test_cors_for_the_origins_named():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=258, d_model=64, n_layer=2, n_head=4, n_kv_head=2)
+    engine = Engine(Transformer(cfg).eval(), ByteTokenizer(SPECIALS), max_batch=2, kv_blocks=16)
+    app = create_app(engine, "tiny", cors_origins=["http://localhost:5173"])
+    with BackgroundServer(app) as srv:
+        pre = httpx.options(srv.url + "/v1/chat/completions", headers={
+            "Origin": "http://localhost:5173", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        assert pre.status_code == 200
+        assert pre.headers["access-control-allow-origin"] == "http://localhost:5173"
+        other = httpx.options(srv.url + "/v1/chat/completions", headers={
+            "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+# ---------------------------------------------------------------------------- shutting down
+def test_sigterm_drains_then_ends_streams_and_exits_0(tmp_path):
+    """A real `kvformer serve`: after SIGTERM new requests get 503, short streams finish,
+    long ones end with an error event and [DONE] once the grace period is over; exit 0, and
+    no traceback in the log."""
+    import json
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=258, d_model=64, n_layer=2, n_head=4, n_kv_head=2,
+                      max_seq_len=8192)
+    Transformer(cfg).eval().save(tmp_path / "tiny", tokenizer=ByteTokenizer(SPECIALS))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvformer", "serve", "--model", str(tmp_path / "tiny"),
+         "--port", "0", "--dtype", "fp32", "--shutdown-grace", "2", "--max-batch", "8"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    log: list[str] = []
+    try:
+        url = None
+        for line in proc.stderr:
+            log.append(line)
+            m = re.search(r"on (http://[\d.]+:\d+)/v1", line)
+            if m:
+                url = m.group(1)
+                break
+        assert url, "".join(log)
+        reader = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 60
+        while httpx.get(url + "/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+        results: dict[int, list] = {}
+        started = threading.Barrier(7)
+
+        def stream(i, max_tokens):
+            events = []
+            body = {"model": str(tmp_path / "tiny"), "prompt": "hello", "stream": True,
+                    "max_tokens": max_tokens, "temperature": 0}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+                first = True
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        if first:
+                            first = False
+                            started.wait(timeout=60)
+            results[i] = events
+
+        short = [threading.Thread(target=stream, args=(i, 3000 if i >= 3 else 40))
+                 for i in range(6)]
+        for t in short:
+            t.start()
+        started.wait(timeout=60)  # every stream has its first event
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        refused = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 1})
+        assert refused.status_code == 503 and "Retry-After" in refused.headers
+        assert httpx.get(url + "/health").json() == {"status": "draining"}
+        for t in short:
+            t.join(60)
+        assert proc.wait(30) == 0
+        reader.join(5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for i in range(6):
+        events = results[i]
+        assert events[-1] == "[DONE]", (i, events[-3:])
+        last = json.loads(events[-2])
+        if i < 3:  # finished within the grace period
+            assert last["choices"][0]["finish_reason"] == "length", last
+        else:  # still running after it: told why
+            assert last["error"]["code"] == "service_unavailable", last
+    text = "".join(log)
+    assert "Traceback" not in text and "CancelledError" not in text, text
+    assert "shutting down" in text

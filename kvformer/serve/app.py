@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -24,9 +25,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import __version__
 from . import routes, ui
 from .engine import Engine
-from .http import BackgroundServer, CountRequests, bind_socket
+from .http import BackgroundServer, CountRequests, Gate, bind_socket
 from .metrics import render_metrics
 from .routes import Server
 from .schemas import APIError
@@ -41,9 +43,10 @@ DEFAULT_MAX_BODY = 1 << 20  # 1 MiB of JSON is a very long prompt
 
 def create_app(engine: Engine, model_name: str = "default", *, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY, retry_after: int = 1,
-               manage_engine: bool = True) -> FastAPI:
+               manage_engine: bool = True, cors_origins: Sequence[str] = ()) -> FastAPI:
     """The FastAPI app. With ``manage_engine`` the app starts the engine thread when it
-    starts up and stops it when it shuts down."""
+    starts up and stops it when it shuts down. Browsers on other origins may call the API
+    only from ``cors_origins`` (none by default; ``["*"]`` for any)."""
     srv = Server(engine, model_name, api_key, max_body_bytes, retry_after)
 
     @asynccontextmanager
@@ -54,11 +57,20 @@ def create_app(engine: Engine, model_name: str = "default", *, api_key: str | No
         if manage_engine:
             await asyncio.get_running_loop().run_in_executor(None, engine.stop)
 
-    app = FastAPI(title="kvformer", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
-    app.state.server = srv
+    # /openapi.json for clients and API testers; no /docs pages (they load scripts from a CDN)
+    app = FastAPI(title="kvformer", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None, openapi_url="/openapi.json")
+    app.state.server, app.state.engine, app.state.gate = srv, engine, Gate()
     _add_error_handlers(app)
     app.add_middleware(CountRequests, metrics=engine.metrics)
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins),
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    # outermost: the gate sees every request first, and counts it until its response is out
+    app.add_middleware(app.state.gate.middleware)
 
     ui.mount(app, engine, model_name, srv.check_auth)  # the chat page at /, and /status
 
