@@ -267,6 +267,24 @@ class NativeDecodeStep:
         cache.advance(1)
         return logits
 
+    def paged(self, tokens: torch.Tensor, pool, tables: torch.Tensor,
+              lengths: torch.Tensor) -> torch.Tensor | None:
+        """One token per row straight through a paged pool (``kvformer.serve.paged.BlockPool``:
+        per layer ``[n_kv_head, n_blocks + 1, block_size, head_dim]``): row i has
+        ``lengths[i]`` tokens cached in the blocks ``tables[i]`` (int64, padded with 0), and
+        its new token is at position and slot ``lengths[i]``, which its table must already
+        hold. Reads and writes the pool in place (no gathered copy); returns logits
+        ``[B, 1, V]``, or None when this step cannot run it (the caller uses the forward)."""
+        if not (self.supported and tokens.dim() == 2 and tokens.shape[1] == 1
+                and tokens.dtype == torch.long and pool.k[0].dtype in (torch.float32,
+                                                                       torch.bfloat16)
+                and all(b.attn.weights_sink is None for b in self.model.layers)):
+            return None
+        if self.rope_len is not None and int(lengths.max()) >= self.rope_len:
+            return None  # past the rotary table: the model computes it afresh
+        return torch.ops.kvformer_native.plan_step_paged(self.handle, tokens, pool.k, pool.v,
+                                                         tables, lengths)
+
 
 
 def decode_step(model: nn.Module, native: bool | str | None = None):

@@ -4,20 +4,23 @@
 for its new slot) and returns the logits ``[B, V]``; ``prefill(seq, n)`` runs the next
 ``n`` prompt tokens of one sequence and returns its last position's logits.
 
-For an accelerated model (``kvformer.load``'s), a decode step goes through the fast step
-of ``kvformer.fast`` / ``kvformer.native``, which reads only the contiguous ``KVCache``
-layout: the batch's K/V is gathered, left-padded, into a contiguous cache with
-``STEP_ROOM`` spare slots, the step runs on it with the padding mask, and the new slot of
-each row is copied back into the pool, which stays the source of truth. While the same rows
-keep decoding, the next steps reuse that cache instead of gathering again. Above
-``STEP_CACHE_BUDGET`` of gathered K/V the step runs over the paged cache in place.
+A decode step takes the fastest way there is:
+
+1. an accelerated model (``kvformer.load``'s) whose decode step is the C++ one
+   (``kvformer.fast.NativeDecodeStep``) runs it straight over the pool: each row's K/V is
+   read and its new slot written through the row's block table, nothing is copied;
+2. an accelerated model on the Python step (no native build) gathers the batch's K/V,
+   left-padded, into a contiguous cache with ``STEP_ROOM`` spare slots, runs the step with
+   the padding mask and copies each row's new slot back into the pool; while the same rows
+   keep decoding, the next steps reuse that cache (up to ``STEP_CACHE_BUDGET`` of it);
+3. anything else runs ``Transformer.forward`` over ``PagedBatch``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..fast import FastForward
+from ..fast import FastForward, NativeDecodeStep
 from .paged import BlockPool
 from .sequence import Seq
 
@@ -41,6 +44,29 @@ class StepRunner:
         self._memo = None
 
     def decode(self, seqs: list[Seq]) -> torch.Tensor:
+        logits = None
+        if self.fast_decode:
+            step = self.model.forward.step()
+            if isinstance(step, NativeDecodeStep):
+                logits = self._decode_native(step, seqs)
+        if logits is None:
+            logits = self._decode_forward(seqs)
+        for s in seqs:
+            s.num_cached += 1
+        return logits
+
+    def _decode_native(self, step: NativeDecodeStep, seqs: list[Seq]) -> torch.Tensor | None:
+        self._memo = None
+        width = max(len(s.blocks) for s in seqs)
+        tables = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            tables[i, :len(s.blocks)] = torch.tensor(s.blocks)
+        tokens = torch.tensor([[s.token_at(s.num_cached)] for s in seqs])
+        lengths = torch.tensor([s.num_cached for s in seqs])
+        out = step.paged(tokens, self.pool, tables, lengths)
+        return None if out is None else out[:, -1]
+
+    def _decode_forward(self, seqs: list[Seq]) -> torch.Tensor:
         device = self.model.device
         tokens = torch.tensor([[s.token_at(s.num_cached)] for s in seqs], device=device)
         pos = torch.tensor([[s.num_cached] for s in seqs], device=device)
@@ -58,12 +84,9 @@ class StepRunner:
                                 key_mask=cache.key_mask(1))[:, -1]
             cache.write_back(step)
             self._memo = (rows, list(cache.lengths), step)
-        else:
-            self._memo = None
-            logits = self.model(tokens, input_pos=pos, cache=cache)[:, -1]
-        for s in seqs:
-            s.num_cached += 1
-        return logits
+            return logits
+        self._memo = None
+        return self.model(tokens, input_pos=pos, cache=cache)[:, -1]
 
     def prefill(self, seq: Seq, n: int) -> torch.Tensor:
         device = self.model.device
