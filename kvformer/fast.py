@@ -135,6 +135,8 @@ class DecodeStep:
                  key_mask: torch.Tensor | None = None) -> torch.Tensor:
         b = tokens.shape[0]
         slot = cache.length
+        if self.plan.window is not None and slot >= self.plan.window:
+            return None  # the window now hides the oldest keys: the model computes it
         cache.check_room(1)
         n_q, n_kv, hd, g = self.n_q, self.n_kv, self.hd, self.group
         n_qk = (n_q + n_kv) * hd

@@ -286,7 +286,7 @@ class NativeDecodeStep:
         self.handle = torch.ops.kvformer_native.plan_new(
             list(names.tensors), list(names.tensors.values()), list(names.ints),
             list(names.ints.values()), list(names.reals), list(names.reals.values()), self.isa)
-        self.rope_len = plan.rope_len
+        self.rope_len, self.window = plan.rope_len, plan.window
         self.supported = True
 
     def __del__(self):
@@ -307,6 +307,8 @@ class NativeDecodeStep:
                  input_pos: torch.Tensor | None = None,
                  key_mask: torch.Tensor | None = None) -> torch.Tensor | None:
         slot = cache.length
+        if self.window is not None and slot >= self.window:
+            return None  # the window now hides the oldest keys: the model computes it
         cache.check_room(1)
         pos0, pos = slot, _EMPTY_LONG
         if input_pos is not None:

@@ -1,0 +1,264 @@
+"""The model families people run today against transformers, from random small models.
+
+For each architecture and each rotary scaling kind a tiny model is built by transformers
+from a config (nothing is downloaded), randomized, saved with ``save_pretrained`` and
+loaded by kvformer. Its fp32 logits must equal transformers' within 1e-4 on 320 positions
+(long enough for every window and rotary scaling here to matter) and on 16 cached decode
+steps after a 304-token prefill, compared with transformers' own cached decode. The same
+steps through kvformer's fast decode step (``accelerate``) must agree too, or the model
+must be one the step hands to ``Transformer.forward``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import copy  # noqa: E402
+import inspect  # noqa: E402
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kvformer.checkpoints.hf import model_from_hf_dir  # noqa: E402
+from kvformer.fast import accelerate  # noqa: E402
+from kvformer.positions import rope_frequencies  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+VOCAB, TOTAL, PREFILL = 97, 320, 304
+ATOL = 1e-4
+BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+SHORT = [1.0 + 0.1 * i for i in range(8)]  # longrope factors, one per frequency of head 16
+LONG = [1.0 + 0.6 * i for i in range(8)]
+# A switch length between the prefill and the end: the cached steps cross it.
+SWITCH = 310
+
+# name -> (config class, config kwargs, model class, kvformer fields it must read,
+#          whether the fast decode step computes it itself)
+CASES: dict[str, tuple[str, dict, str, dict, bool]] = {
+    "llama_linear": ("LlamaConfig", dict(BASE, rope_parameters=dict(
+        rope_type="linear", factor=2.0, rope_theta=1000.0)), "LlamaForCausalLM",
+        dict(rope_scaling={"type": "linear", "factor": 2.0}), True),
+    "llama_dynamic": ("LlamaConfig", dict(BASE, max_position_embeddings=SWITCH,
+                                          rope_parameters=dict(rope_type="dynamic", factor=4.0,
+                                                               rope_theta=1000.0)),
+                      "LlamaForCausalLM",
+                      dict(rope_scaling={"type": "dynamic", "factor": 4.0,
+                                         "original_max_position_embeddings": SWITCH},
+                           max_seq_len=4 * SWITCH), True),
+    "llama3": ("LlamaConfig", dict(BASE, rope_parameters=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=64, rope_theta=5e5)), "LlamaForCausalLM",
+        dict(rope_theta=5e5), True),
+    "llama_yarn": ("LlamaConfig", dict(BASE, rope_parameters=dict(
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=64, rope_theta=1e4)),
+        "LlamaForCausalLM", dict(), True),
+    "qwen3": ("Qwen3Config", dict(BASE, head_dim=32, tie_word_embeddings=True,
+                                  rope_parameters=dict(rope_type="default", rope_theta=1e6)),
+              "Qwen3ForCausalLM", dict(qk_norm=True, head_dim=32, tie_embeddings=True), False),
+    "qwen3_yarn": ("Qwen3Config", dict(BASE, rope_parameters=dict(
+        rope_type="yarn", factor=2.0, original_max_position_embeddings=128, rope_theta=1e6,
+        beta_fast=16.0, beta_slow=2.0)), "Qwen3ForCausalLM", dict(qk_norm=True), False),
+    "mistral_window": ("MistralConfig", dict(BASE, sliding_window=48), "MistralForCausalLM",
+                       dict(sliding_window=48, sliding_layers=None), True),
+    "qwen2_window": ("Qwen2Config", dict(BASE, use_sliding_window=True, sliding_window=40,
+                                         max_window_layers=1), "Qwen2ForCausalLM",
+                     dict(sliding_window=40, sliding_layers=(1,), qkv_bias=True), False),
+    "gemma2": ("Gemma2Config", dict(BASE, head_dim=16, query_pre_attn_scalar=24,
+                                    sliding_window=40, attn_logit_softcapping=2.0,
+                                    final_logit_softcapping=3.0), "Gemma2ForCausalLM",
+               dict(mlp="geglu", post_norms=True, embed_scale=8.0, attn_scale=24 ** -0.5,
+                    attn_softcap=2.0, final_softcap=3.0, sliding_window=40,
+                    sliding_layers=(0,), tie_embeddings=True), False),
+    "gemma3": ("Gemma3TextConfig", dict(
+        BASE, head_dim=16, query_pre_attn_scalar=16, sliding_window=40, sliding_window_pattern=2,
+        rope_parameters={"full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1e6),
+                         "sliding_attention": dict(rope_type="default", rope_theta=1e4)}),
+        "Gemma3ForCausalLM",
+        dict(qk_norm=True, post_norms=True, attn_softcap=None, final_softcap=None,
+             rope_theta=1e6, local_rope_theta=1e4, sliding_layers=(0,),
+             rope_scaling={"type": "linear", "factor": 8.0}), False),
+    "phi3_window": ("Phi3Config", dict(BASE, sliding_window=64), "Phi3ForCausalLM",
+                    dict(sliding_window=64, mlp="swiglu"), True),
+    "phi3_longrope": ("Phi3Config", dict(BASE, max_position_embeddings=1024,
+                                         original_max_position_embeddings=SWITCH,
+                                         rope_parameters=dict(
+                                             rope_type="longrope", rope_theta=1e4,
+                                             short_factor=SHORT, long_factor=LONG)),
+                      "Phi3ForCausalLM", dict(), True),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Values everywhere (norm weights far from their init) so a wrong mapping shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.2 * noise)
+            else:
+                p.copy_(0.15 * noise)
+
+
+def build_hf(case: str, seed: int = 0):
+    cfg_cls, kwargs, model_cls, _, _ = CASES[case]
+    config = getattr(transformers, cfg_cls)(**kwargs, attn_implementation="eager")
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    randomize(model, seed)
+    return model
+
+
+def hf_cached_logits(hf, tokens: torch.Tensor, prefill: int) -> torch.Tensor:
+    """transformers' own prefill + one-token cached steps: the reference for a cache."""
+    key = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    out = hf(input_ids=tokens[:, :prefill], use_cache=True)
+    steps = [out.logits]
+    for s in range(prefill, tokens.shape[1]):
+        out = hf(input_ids=tokens[:, s:s + 1], use_cache=True, **{key: getattr(out, key)})
+        steps.append(out.logits)
+    return torch.cat(steps, dim=1)
+
+
+def cached_logits(model, tokens: torch.Tensor, prefill: int) -> torch.Tensor:
+    cache = model.new_cache(tokens.shape[0], tokens.shape[1])
+    steps = [model(tokens[:, :prefill], cache=cache)]
+    for s in range(prefill, tokens.shape[1]):
+        steps.append(model(tokens[:, s:s + 1], cache=cache))
+    return torch.cat(steps, dim=1)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """case -> (directory, transformers model, tokens, its full logits, its cached logits),
+    built on first use."""
+    root, built = tmp_path_factory.mktemp("arch"), {}
+
+    def get(case: str):
+        if case not in built:
+            hf = build_hf(case, seed=sorted(CASES).index(case))
+            hf.save_pretrained(root / case)
+            tokens = torch.randint(0, VOCAB, (1, TOTAL),
+                                   generator=torch.Generator().manual_seed(7))
+            with torch.no_grad():
+                # cached first: transformers' dynamic rotary keeps state across calls
+                cached = hf_cached_logits(hf, tokens, PREFILL)
+                full = hf(input_ids=tokens).logits
+            built[case] = (root / case, hf, tokens, full, cached)
+        return built[case]
+    return get
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers(case, saved):
+    path, _, tokens, ref_full, ref_cached = saved(case)
+    model = model_from_hf_dir(path)
+    for key, value in CASES[case][3].items():
+        got = getattr(model.cfg, key)
+        assert got == (pytest.approx(value) if isinstance(value, (float, dict)) else value), key
+    assert ref_full.std() > 0.5  # logits large enough for 1e-4 to mean something
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), ref_full, atol=ATOL, rtol=0)
+        torch.testing.assert_close(cached_logits(model, tokens, PREFILL), ref_cached,
+                                   atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fast_decode_step_agrees_or_hands_over(case, saved):
+    """fp32 through accelerate(): the fast step (C++ if built, else Python) where it
+    computes the model, Transformer.forward where it does not; the same logits either way."""
+    path, _, tokens, _, ref_cached = saved(case)
+    model = accelerate(model_from_hf_dir(path))
+    assert model.forward.step().supported == CASES[case][4]
+    with torch.no_grad():
+        torch.testing.assert_close(cached_logits(model, tokens, PREFILL), ref_cached,
+                                   atol=ATOL, rtol=0)
+
+
+def test_sliding_window_and_scaling_matter_here(saved):
+    """The cases above would catch a missing window or scaling: without them the logits
+    move far past the tolerance."""
+    for case, change in (("mistral_window", dict(sliding_window=None)),
+                         ("gemma2", dict(attn_softcap=None)),
+                         ("gemma3", dict(local_rope_theta=None, sliding_window=None,
+                                         sliding_layers=None)),
+                         ("llama3", dict(rope_scaling=None)),
+                         ("phi3_longrope", dict(rope_scaling=None))):
+        path, _, tokens, ref_full, _ = saved(case)
+        model = model_from_hf_dir(path)
+        wrong = copy.deepcopy(model)
+        wrong.cfg = model.cfg.replace(**change)
+        from kvformer.model import Transformer
+
+        wrong = Transformer.from_state_dict(wrong.cfg, model.state_dict())
+        with torch.no_grad():
+            assert (wrong(tokens) - ref_full).abs().max() > 100 * ATOL, case
+
+
+# ----------------------------------------------------------------------------- frequencies
+def _hf_config(rope: dict, **extra):
+    return transformers.LlamaConfig(**dict(BASE, head_dim=64, **extra), rope_parameters=rope)
+
+
+@pytest.mark.parametrize("rope, ours", [
+    (dict(rope_type="linear", factor=4.0, rope_theta=1e4), {"type": "linear", "factor": 4.0}),
+    (dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+          original_max_position_embeddings=8192, rope_theta=5e5),
+     {"type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 8192}),
+    (dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=4096,
+          rope_theta=1e6),
+     {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096,
+      "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 0.1 * math.log(4) + 1,
+      "truncate": True}),
+])
+def test_inverse_frequencies_equal_transformers(rope, ours):
+    """Llama-3.2 shaped (head_dim 64, theta 5e5, factor 32) and friends: kvformer's
+    frequencies and attention factor are transformers' own, bit for bit."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    want, want_factor = ROPE_INIT_FUNCTIONS[rope["rope_type"]](_hf_config(dict(rope)), "cpu")
+    got, factor = rope_frequencies(64, rope["rope_theta"], ours)
+    assert torch.equal(got, want) and factor == pytest.approx(want_factor)
+    plain, _ = rope_frequencies(64, rope["rope_theta"])
+    assert (got != plain).sum() >= 8  # the scaling changes many of the 32 frequencies
+
+
+def test_dynamic_and_longrope_frequencies_follow_the_call_length():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    dyn = {"type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 512}
+    config = _hf_config(dict(rope_type="dynamic", factor=4.0, rope_theta=1e4))
+    for length in (100, 512, 513, 2000):
+        want, _ = ROPE_INIT_FUNCTIONS["dynamic"](config, "cpu", seq_len=torch.tensor(length))
+        got, _ = rope_frequencies(64, 1e4, dyn, seq_len=length)
+        torch.testing.assert_close(got, want, atol=0, rtol=1e-6)
+    short, long = [1.0 + i / 32 for i in range(32)], [2.0 + i / 8 for i in range(32)]
+    lr = {"type": "longrope", "short_factor": short, "long_factor": long,
+          "original_max_position_embeddings": 512, "attention_factor": 1.2}
+    config = _hf_config(dict(rope_type="longrope", rope_theta=1e4, short_factor=short,
+                             long_factor=long, attention_factor=1.2),
+                        original_max_position_embeddings=512)
+    for length in (512, 513):
+        want, want_factor = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu", seq_len=length)
+        got, factor = rope_frequencies(64, 1e4, lr, seq_len=length)
+        assert torch.equal(got, want) and factor == want_factor == 1.2
