@@ -149,6 +149,44 @@ class ModelConfig:
             return "MQA"
         return "GQA"
 
+    def rope_summary(self) -> str | None:
+        """The rotary positions in words (None without them), for ``kvformer info``."""
+        if self.pos != "rope":
+            return None
+        text = f"theta {self.rope_theta:g}"
+        s = self.rope_scaling
+        if s is not None:
+            params = ", ".join(
+                f"{k} [{len(v)} values, {min(v):g}..{max(v):g}]" if isinstance(v, list)
+                else f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in s.items() if k != "type")
+            text += f"; {s['type']} scaling ({params})"
+        if self.local_rope_theta is not None:
+            text += f"; windowed layers: theta {self.local_rope_theta:g}, unscaled"
+        return text
+
+    def block_summary(self) -> str | None:
+        """What this model's blocks add to a plain pre-norm block, in words (None: nothing)."""
+        parts = []
+        if self.qk_norm:
+            parts.append("RMSNorm on q and k")
+        if self.post_norms:
+            parts.append("norms after attention and MLP")
+        if self.embed_scale != 1.0:
+            parts.append(f"embeddings x {self.embed_scale:g}")
+        if self.attn_scale is not None and abs(self.attn_scale * self.head_dim ** 0.5 - 1) > 1e-6:
+            parts.append(f"attention scale {self.attn_scale:.4g} (1/sqrt(head_dim) = "
+                         f"{self.head_dim ** -0.5:.4g})")
+        if self.attn_softcap is not None:
+            parts.append(f"scores soft-capped at {self.attn_softcap:g}")
+        if self.final_softcap is not None:
+            parts.append(f"logits soft-capped at {self.final_softcap:g}")
+        if self.sliding_window is not None:
+            layers = ("every layer" if self.sliding_layers is None else
+                      f"{len(self.sliding_layers)} of {self.n_layer} layers")
+            parts.append(f"sliding window {self.sliding_window} on {layers}")
+        return "; ".join(parts) or None
+
     def kv_cache_bytes(self, seq_len: int, batch_size: int = 1,
                        dtype: torch.dtype = torch.float32) -> int:
         """Bytes of a KV cache: 2 (K and V) * layers * KV heads * head_dim * positions * batch."""

@@ -16,22 +16,29 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import copy  # noqa: E402
-import inspect  # noqa: E402
 import math  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hf_models import (  # noqa: E402
+    VOCAB,
+    build_hf,
+    cached_logits,
+    hf_cached_logits,
+    hf_to_gguf,
+)
 
+from kvformer.checkpoints.gguf import config_from_gguf, load_gguf, read_metadata  # noqa: E402
 from kvformer.checkpoints.hf import model_from_hf_dir  # noqa: E402
 from kvformer.fast import accelerate  # noqa: E402
+from kvformer.model import Transformer  # noqa: E402
 from kvformer.positions import rope_frequencies  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
-VOCAB, TOTAL, PREFILL = 97, 320, 304
+TOTAL, PREFILL = 320, 304
 ATOL = 1e-4
 BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -105,46 +112,21 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Values everywhere (norm weights far from their init) so a wrong mapping shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.2 * noise)
-            else:
-                p.copy_(0.15 * noise)
-
-
-def build_hf(case: str, seed: int = 0):
-    cfg_cls, kwargs, model_cls, _, _ = CASES[case]
-    config = getattr(transformers, cfg_cls)(**kwargs, attn_implementation="eager")
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(config).eval()
-    randomize(model, seed)
-    return model
-
-
-def hf_cached_logits(hf, tokens: torch.Tensor, prefill: int) -> torch.Tensor:
-    """transformers' own prefill + one-token cached steps: the reference for a cache."""
-    key = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
-    out = hf(input_ids=tokens[:, :prefill], use_cache=True)
-    steps = [out.logits]
-    for s in range(prefill, tokens.shape[1]):
-        out = hf(input_ids=tokens[:, s:s + 1], use_cache=True, **{key: getattr(out, key)})
-        steps.append(out.logits)
-    return torch.cat(steps, dim=1)
-
-
-def cached_logits(model, tokens: torch.Tensor, prefill: int) -> torch.Tensor:
-    cache = model.new_cache(tokens.shape[0], tokens.shape[1])
-    steps = [model(tokens[:, :prefill], cache=cache)]
-    for s in range(prefill, tokens.shape[1]):
-        steps.append(model(tokens[:, s:s + 1], cache=cache))
-    return torch.cat(steps, dim=1)
+# GGUF files carry no query_pre_attn_scalar (llama.cpp uses head_dim below 27B) and fix
+# Gemma 3's pattern at 6: these Gemma shapes are what a converted file can describe.
+GGUF_ONLY: dict[str, tuple[str, dict, str]] = {
+    "gemma2_gguf": ("Gemma2Config", dict(BASE, head_dim=16, query_pre_attn_scalar=16,
+                                         sliding_window=40, attn_logit_softcapping=2.0,
+                                         final_logit_softcapping=3.0), "Gemma2ForCausalLM"),
+    "gemma3_gguf": ("Gemma3TextConfig", dict(
+        BASE, num_hidden_layers=6, head_dim=16, query_pre_attn_scalar=16, sliding_window=40,
+        rope_parameters={"full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1e6),
+                         "sliding_attention": dict(rope_type="default", rope_theta=1e4)}),
+        "Gemma3ForCausalLM"),
+}
+ALL = {**CASES, **GGUF_ONLY}
+GGUF_CASES = ["llama_linear", "llama3", "llama_yarn", "qwen3", "qwen3_yarn", "phi3_window",
+              "phi3_longrope", "gemma2_gguf", "gemma3_gguf"]
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +137,8 @@ def saved(tmp_path_factory):
 
     def get(case: str):
         if case not in built:
-            hf = build_hf(case, seed=sorted(CASES).index(case))
+            cfg_cls, kwargs, model_cls = ALL[case][:3]
+            hf = build_hf(cfg_cls, kwargs, model_cls, seed=sorted(ALL).index(case))
             hf.save_pretrained(root / case)
             tokens = torch.randint(0, VOCAB, (1, TOTAL),
                                    generator=torch.Generator().manual_seed(7))
@@ -205,13 +188,40 @@ def test_sliding_window_and_scaling_matter_here(saved):
                          ("phi3_longrope", dict(rope_scaling=None))):
         path, _, tokens, ref_full, _ = saved(case)
         model = model_from_hf_dir(path)
-        wrong = copy.deepcopy(model)
-        wrong.cfg = model.cfg.replace(**change)
-        from kvformer.model import Transformer
-
-        wrong = Transformer.from_state_dict(wrong.cfg, model.state_dict())
+        wrong = Transformer.from_state_dict(model.cfg.replace(**change), model.state_dict())
         with torch.no_grad():
             assert (wrong(tokens) - ref_full).abs().max() > 100 * ATOL, case
+
+
+@pytest.mark.parametrize("case", GGUF_CASES)
+def test_gguf_written_as_llama_cpp_converts_matches_transformers(case, saved, tmp_path):
+    """The source model converted as llama.cpp's converter does (names, Q/K permutation,
+    metadata keys, rotary factor tensors, Gemma's 1 + w): kvformer reading the GGUF
+    computes what transformers computes on the source model."""
+    _, hf, tokens, ref_full, ref_cached = saved(case)
+    path = hf_to_gguf(hf, tmp_path / f"{case}.gguf")
+    cfg = config_from_gguf(read_metadata(path), path)
+    _, state, _ = load_gguf(path)
+    model = Transformer.from_state_dict(cfg, state)
+    hf_cfg = model_from_hf_dir(saved(case)[0]).cfg if case in CASES else None
+    if hf_cfg is not None and case != "llama3":  # llama3: its factors' form differs
+        for key in ("rope_scaling", "sliding_window", "qk_norm", "rope_theta"):
+            assert _close(getattr(cfg, key), getattr(hf_cfg, key)), key
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), ref_full, atol=ATOL, rtol=0)
+        torch.testing.assert_close(cached_logits(model, tokens, PREFILL), ref_cached,
+                                   atol=ATOL, rtol=0)
+
+
+def _close(a, b) -> bool:
+    """Equal up to float32 rounding (GGUF stores float32), dicts and lists element-wise."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return a == pytest.approx(b, rel=1e-6)
+    return a == b
 
 
 # ----------------------------------------------------------------------------- frequencies
