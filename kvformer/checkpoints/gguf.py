@@ -18,8 +18,16 @@ Facts this module relies on (from the GGUF spec and llama.cpp's converter):
 
   with ``n = n_head`` for Q and ``n = n_kv_head`` for K. The inverse used at load time is
   ``hf = gguf.reshape(n, head_dim // 2, 2, *rest).swapaxes(1, 2).reshape(gguf.shape)``.
-  Qwen2 (NEOX rope in llama.cpp) and GPT-2 are stored unpermuted.
-* GPT-2's fused ``attn_qkv`` is stored in Linear layout ``[q; k; v]`` along the rows.
+  Qwen2, Qwen3, Gemma 2/3, Phi-3 (NEOX rope in llama.cpp) and GPT-2 are stored unpermuted.
+* GPT-2's and Phi-3's fused ``attn_qkv`` is stored in Linear layout ``[q; k; v]`` along the
+  rows; Phi-3's ``ffn_up`` holds ``[gate; up]``.
+* Gemma's RMSNorm weights are stored as 1 + w (the multiplier), which is kvformer's form.
+* Rotary scaling: ``rope.scaling.type`` / ``.factor`` / ``.original_context_length`` /
+  ``.yarn_beta_*``, Llama 3's per-frequency ``rope_freqs.weight`` and Phi-3's
+  ``rope_factors_long/short.weight`` (with ``rope.scaling.attn_factor``) become
+  ``ModelConfig.rope_scaling``. Every ``{arch}.`` key is either read (``GGUF_ARCH_KEYS``),
+  known harmless (``GGUF_NEUTRAL_KEYS``) or refused; so is every tensor kvformer has no
+  place for.
 """
 
 from __future__ import annotations

@@ -2,14 +2,18 @@
 
 A directory written by ``transformers``' ``save_pretrained(..., safe_serialization=True)``
 holds ``config.json`` and either ``model.safetensors`` or several shards listed in
-``model.safetensors.index.json``. This module reads such a directory for four
-architectures (``SUPPORTED_ARCHITECTURES``):
+``model.safetensors.index.json``. This module reads such a directory for the
+architectures in ``SUPPORTED_ARCHITECTURES`` (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3
+text, Phi-3, GPT-2):
 
-- ``config_from_hf`` turns config.json into a ``ModelConfig``, refusing settings kvformer
-  would run differently from transformers (scaled rotary, sliding windows that matter, ...).
+- ``config_from_hf`` turns config.json into a ``ModelConfig``: rotary scaling, sliding
+  windows, norms and scales become its fields; settings kvformer would run differently
+  from transformers (an unknown rope_type, partial rotary, bidirectional attention, ...)
+  are refused.
 - ``iter_hf_tensors`` streams the weights one tensor at a time, renamed to kvformer's names
   through a per-family table (``NAME_TABLES``), transposed/split where the layout differs
-  (GPT-2's Conv1D), checked against the shapes the config implies.
+  (GPT-2's Conv1D, Phi-3's fused matrices), Gemma's norms turned from w into 1 + w, and
+  checked against the shapes the config implies.
 - ``load_hf_dir`` / ``model_from_hf_dir`` collect them into a state dict / a ready model.
 
 Only safetensors are read: pickle files (``pytorch_model.bin``, ``*.pt``) can run arbitrary
