@@ -253,6 +253,10 @@ def test_inverse_frequencies_equal_transformers(rope, ours):
     assert torch.equal(got, want) and factor == pytest.approx(want_factor)
     plain, _ = rope_frequencies(64, rope["rope_theta"])
     assert (got != plain).sum() >= 8  # the scaling changes many of the 32 frequencies
+    if ours["type"] == "llama3":  # the numbers for a Llama-3.2 shape
+        assert (got != plain).sum() == 17
+        for position, angle in ((128, 0.13), (512, 0.50), (2048, 2.0)):
+            assert (position * (got - plain)).abs().max() == pytest.approx(angle, abs=0.02)
 
 
 def test_dynamic_and_longrope_frequencies_follow_the_call_length():
