@@ -168,6 +168,8 @@ def cmd_info(args) -> int:
         ("attention", f"{kind_line}: {cfg.n_head} query heads, {cfg.n_kv_head} KV heads, "
                       f"group size {cfg.group_size}, head_dim {cfg.head_dim}"),
         ("norm / positions / mlp", f"{cfg.norm} / {cfg.pos} / {cfg.mlp}"),
+        *((("rotary positions", cfg.rope_summary()),) if cfg.rope_summary() else ()),
+        *((("block", cfg.block_summary()),) if cfg.block_summary() else ()),
         ("KV cache per token (fp32)", f"{per_token:,} bytes ({human_bytes(per_token)})"),
         (f"KV cache, full context {cfg.max_seq_len} (fp32)",
          f"{full:,} bytes ({human_bytes(full)})"),

@@ -137,6 +137,8 @@ class DecodeStep:
                  key_mask: torch.Tensor | None = None) -> torch.Tensor:
         b = tokens.shape[0]
         slot = cache.length
+        if self.plan.window is not None and slot >= self.plan.window:
+            return None  # the window now hides the oldest keys: the model computes it
         cache.check_room(1)
         n_q, n_kv, hd, g = self.n_q, self.n_kv, self.hd, self.group
         n_qk = (n_q + n_kv) * hd
@@ -228,7 +230,7 @@ class NativeDecodeStep:
         self.handle = torch.ops.kvformer_native.plan_new(
             list(names.tensors), list(names.tensors.values()), list(names.ints),
             list(names.ints.values()), list(names.reals), list(names.reals.values()), self.isa)
-        self.rope_len = plan.rope_len
+        self.rope_len, self.window = plan.rope_len, plan.window
         self.supported = True
 
     def __del__(self):
@@ -249,6 +251,8 @@ class NativeDecodeStep:
                  input_pos: torch.Tensor | None = None,
                  key_mask: torch.Tensor | None = None) -> torch.Tensor | None:
         slot = cache.length
+        if self.window is not None and slot >= self.window:
+            return None  # the window now hides the oldest keys: the model computes it
         cache.check_room(1)
         pos0, pos = slot, _EMPTY_LONG
         if input_pos is not None:
@@ -282,6 +286,8 @@ class NativeDecodeStep:
             return None
         if self.rope_len is not None and int(lengths.max()) >= self.rope_len:
             return None  # past the rotary table: the model computes it afresh
+        if self.window is not None and int(lengths.max()) >= self.window:
+            return None  # the window hides the oldest keys: the model computes it
         return torch.ops.kvformer_native.plan_step_paged(self.handle, tokens, pool.k, pool.v,
                                                          tables, lengths)
 

@@ -1,6 +1,8 @@
 """Text <-> token ids, streaming decode, and sandboxed chat templates.
 
-`Tokenizer` wraps a Hugging Face `tokenizers.Tokenizer` (the BPE itself runs in Rust) and adds
+`Tokenizer` wraps a Hugging Face `tokenizers.Tokenizer` (the BPE itself runs in Rust: byte-level
+BPE as GPT-2, Llama 3, Qwen and SmolLM use, and SentencePiece BPE as Llama 2, Mistral, Phi-3
+and Gemma use) and adds
 what an inference engine needs around it: which token starts and ends a sequence, which tokens
 stop generation, a decoder that streams whole characters, and chat templates rendered in a sandbox
 (templates ship inside model files, so they are untrusted code).
@@ -588,6 +590,70 @@ def _template_from_config(value: Any) -> str | None:
     return None
 
 
+# SentencePiece token types (GGUF's tokenizer.ggml.token_type, llama.cpp's and the
+# sentencepiece model's): 2 unknown, 6 byte (<0xNN>, for byte fallback).
+_UNKNOWN, _BYTE = 2, 6
+
+
+def _sentencepiece_backend(meta: Mapping[str, Any], where: str) -> tokenizers.Tokenizer:
+    """A SentencePiece BPE vocabulary (tokenizer.ggml.model = 'llama': Llama 2, Mistral,
+    TinyLlama, Phi-3, Gemma) as a `tokenizers` BPE.
+
+    SentencePiece merges the adjacent pair whose merged piece scores highest; the merges
+    are therefore every split of a piece into two pieces of the vocabulary, ranked by the
+    merged piece's score (then its id, then the left part's length). Spaces are '▁'; with
+    tokenizer.ggml.add_space_prefix (the default, Gemma's files say false) a '▁' also
+    starts the text and every stretch of text after a special token, as llama.cpp and
+    transformers' legacy Llama tokenizer do. Characters outside the vocabulary become their
+    UTF-8 bytes (<0xNN> pieces). Control pieces are special tokens, user-defined ones
+    tokens matched as a whole in the text.
+    """
+    tokens = meta.get("tokenizer.ggml.tokens")
+    scores = meta.get("tokenizer.ggml.scores")
+    if not tokens or scores is None:
+        raise CheckpointError(f"{where}: the SentencePiece tokenizer has no "
+                              f"{'tokens' if not tokens else 'scores'}; the file is incomplete")
+    types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+    if not len(tokens) == len(types) == len(scores):
+        raise CheckpointError(f"{where}: {len(tokens)} tokens, {len(types)} token types and "
+                              f"{len(scores)} scores; the file is corrupt")
+    if meta.get("tokenizer.ggml.remove_extra_whitespaces"):
+        raise CheckpointError(f"{where}: tokenizer.ggml.remove_extra_whitespaces is set, a "
+                              "SentencePiece normalization kvformer does not implement; load "
+                              "the model's tokenizer.json with Tokenizer.from_dir instead")
+    if meta.get("tokenizer.ggml.precompiled_charsmap"):
+        raise CheckpointError(f"{where}: tokenizer.ggml.precompiled_charsmap is set (a "
+                              "SentencePiece normalizer kvformer does not implement); load the "
+                              "model's tokenizer.json with Tokenizer.from_dir instead")
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise CheckpointError(f"{where}: the vocabulary has duplicate tokens; the file is corrupt")
+    unk = next((t for t, kind in zip(tokens, types) if kind == _UNKNOWN), None)
+    ranked = []
+    for merged, score in zip(tokens, scores):
+        index = vocab[merged]
+        for cut in range(1, len(merged)):
+            left, right = merged[:cut], merged[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-score, index, cut, left, right))
+    ranked.sort()
+    backend = tokenizers.Tokenizer(models.BPE(
+        vocab=vocab, merges=[(left, right) for *_, left, right in ranked], unk_token=unk,
+        fuse_unk=True, byte_fallback=any(kind == _BYTE for kind in types)))
+    prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="always" if prefix else "never", split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix:
+        steps.append(decoders.Strip(" ", 1, 0))
+    backend.decoder = decoders.Sequence(steps)
+    added = [AddedToken(t, special=kind == _CONTROL, normalized=False)
+             for t, kind in zip(tokens, types) if kind in (_CONTROL, _USER_DEFINED)]
+    backend.add_special_tokens([t for t in added if t.special])
+    backend.add_tokens([t for t in added if not t.special])
+    return backend
+
+
 class Tokenizer:
     """A tokenizer plus the model's conventions around it (BOS/EOS, stop tokens, chat format).
 
@@ -627,7 +693,9 @@ class Tokenizer:
     def from_gguf(cls, path_or_metadata: str | os.PathLike | Mapping[str, Any]) -> Tokenizer:
         """Build from a GGUF file (or its metadata from `checkpoints.gguf.read_metadata`).
 
-        Supports byte-level BPE vocabularies (`tokenizer.ggml.model == 'gpt2'`) whose
+        Supports SentencePiece BPE vocabularies (`tokenizer.ggml.model == 'llama'`: scores,
+        byte fallback, the '▁' space; see `_sentencepiece_backend`) and byte-level BPE
+        vocabularies (`tokenizer.ggml.model == 'gpt2'`) whose
         `tokenizer.ggml.pre` is in `_PRE_TOKENIZER_FAMILIES` (gpt2/default, smollm and other
         digit-splitting ones, llama-bpe and qwen2 with their aliases); others are refused.
         Control tokens (type 3) become special tokens and user-defined ones (type 4) added
@@ -644,11 +712,13 @@ class Tokenizer:
         if model is None:
             raise CheckpointError(f"{where}: the file has no tokenizer (tokenizer.ggml.model is "
                                   "missing); load the tokenizer from a tokenizer.json directory")
+        if model == "llama":
+            return cls._from_gguf_backend(_sentencepiece_backend(meta, where), meta, True)
         if model != "gpt2":
             raise CheckpointError(
                 f"{where}: tokenizer.ggml.model is {model!r}, which kvformer does not read from "
-                "GGUF (only byte-level BPE, 'gpt2'); load the original model's tokenizer.json "
-                "with Tokenizer.from_dir instead")
+                "GGUF (it reads byte-level BPE, 'gpt2', and SentencePiece BPE, 'llama'); load "
+                "the original model's tokenizer.json with Tokenizer.from_dir instead")
         pre = meta.get("tokenizer.ggml.pre") or "default"
         if pre not in _GGUF_PRE_TOKENIZERS:
             raise CheckpointError(
@@ -692,7 +762,12 @@ class Tokenizer:
         backend.decoder = decoders.ByteLevel()
         backend.add_special_tokens([t for t in added if t.special])
         backend.add_tokens([t for t in added if not t.special])
+        return cls._from_gguf_backend(backend, meta, bos_default)
 
+    @classmethod
+    def _from_gguf_backend(cls, backend: tokenizers.Tokenizer, meta: Mapping[str, Any],
+                           bos_default: bool) -> Tokenizer:
+        """The special ids, BOS/EOS flags and chat template a GGUF's metadata gives."""
         add_bos = meta.get("tokenizer.ggml.add_bos_token")
         extra_stops = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eot", "eom")]
         return cls(
