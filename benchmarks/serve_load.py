@@ -11,6 +11,11 @@ requests one after another, and reports
 Every request is a chat completion with ``temperature 0`` and ``ignore_eos`` (so each
 makes exactly --max-tokens tokens); prompts differ per request.
 
+The reference, in the same run: what ``kvformer generate`` does in a process of its own
+(the same model and dtype, the first prompt through the chat template, --max-tokens
+greedy tokens with no stop token, prefill included), as tokens/s; "vs generate" is each
+level's throughput over it.
+
     python benchmarks/serve_load.py                      # SmolLM2-135M, C = 1, 4, 16
     python benchmarks/serve_load.py --url http://127.0.0.1:8000   # a server already up
 """
@@ -141,6 +146,32 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         time.sleep(0.5)
 
 
+REFERENCE = """
+import sys, time
+from kvformer.generate import generate
+from kvformer.loading import load
+model, tok = load(sys.argv[1], dtype=None if sys.argv[2] == "-" else sys.argv[2], progress=False)
+ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": sys.argv[3]}]),
+                 add_special_tokens=False)
+n = int(sys.argv[4])
+generate(model, ids, 4)  # warm-up
+best = 0.0
+for _ in range(3):
+    start = time.perf_counter()
+    out = generate(model, ids, n)
+    best = max(best, len(out) / (time.perf_counter() - start))
+print(best)
+"""
+
+
+def reference_rate(args) -> float:
+    """Tokens/s of kvformer.generate alone, as `kvformer generate` runs it (best of 3)."""
+    dtype = args.dtype or "auto"
+    done = subprocess.run([sys.executable, "-c", REFERENCE, args.model, dtype, prompt(0),
+                           str(args.max_tokens)], capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def chart(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -186,9 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None, help="the server's --dtype (default: its own)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--chart", type=Path, default=None, help="write a PNG chart here")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip measuring kvformer generate alone")
     args = p.parse_args(argv)
 
     load_before = os.getloadavg()[0]
+    ref = None
+    if not args.no_reference and args.url is None:
+        ref = reference_rate(args)
+        print(f"kvformer generate alone: {ref:.1f} tok/s", flush=True)
     proc = None
     url = args.url
     if url is None:
@@ -212,17 +249,20 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait(30)
 
     base = rows[0]["tokens_per_s"]
-    print("\n| concurrent streams | requests | output tokens | total tok/s | vs 1 stream "
-          "| TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    vs = " vs generate |" if ref else ""
+    print("\n| concurrent streams | requests | output tokens | total tok/s | vs 1 stream |"
+          f"{vs} TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) |")
+    print("|---:|---:|---:|---:|---:|" + ("---:|" if ref else "") + "---:|---:|---:|")
     for r in rows:
+        ratio = f" {r['tokens_per_s'] / ref:.2f}x |" if ref else ""
         print(f"| {r['concurrency']} | {r['requests']} | {r['tokens']} | "
-              f"{r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.1f}x | "
+              f"{r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.1f}x |{ratio} "
               f"{r['ttft_p50']:.2f} | {r['ttft_p99']:.2f} | {r['itl_p50'] * 1000:.0f} |")
     machine = (f"{cpu_name()}, {os.cpu_count()} CPUs, load average {load_before:.1f} before "
                f"the run and {os.getloadavg()[0]:.1f} after")
     print(f"\n{machine}")
     info = {"model": model, "max_tokens": args.max_tokens, "machine": machine, "rows": rows,
+            "generate_tokens_per_s": ref,
             "command": " ".join(["python", "benchmarks/serve_load.py", *(argv or sys.argv[1:])])}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -112,7 +112,7 @@ METRICS = (  # key, column title, unit, higher is better
 TARGETS = (("decode", 1.0), ("ctx1k", 1.0), ("ctx4k", 1.0), ("prefill", 1.5))
 RSS_TARGET_MB = 400
 # torch dispatching as a CPU of the path's kind would (set when Python starts)
-PATH_CAPABILITY = {"avx2": "avx2", "scalar": "default"}
+PATH_CAPABILITY = {"avxvnni": "avx2", "avx2": "avx2", "scalar": "default"}
 
 
 # --------------------------------------------------------------------------- CLI

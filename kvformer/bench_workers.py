@@ -133,8 +133,7 @@ def profile_step(model, prompt: list[int], steps: int = 32) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from .fast import DecodeStep
-    from .native import NativeDecodeStep
+    from .fast import DecodeStep, NativeDecodeStep
 
     tok = torch.tensor([[prompt[-1]]])
     fwd = type(model).forward.__get__(model)

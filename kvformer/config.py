@@ -3,6 +3,12 @@
 Attention kind is read off the head counts, exactly as the seed puts it:
 multi-head (n_kv_head == n_head), grouped-query (1 < n_kv_head < n_head, each KV head
 shared by n_head // n_kv_head query heads) and multi-query (n_kv_head == 1).
+
+Every way the supported model families differ is a field here that the model reads
+(``docs/models.md`` lists which family sets which): rotary scaling, norms on q and k,
+norms after attention and the MLP, the embedding scale, the attention scale, soft-capping,
+sliding windows on some layers with their own rotary base. The model never asks which
+vendor a checkpoint came from.
 """
 
 from __future__ import annotations
@@ -14,9 +20,11 @@ from typing import Any
 
 import torch
 
+from .positions import check_rope_scaling
+
 NORMS = ("layernorm", "rmsnorm", "batchnorm")
 POSITIONS = ("learned", "sinusoidal", "rope", "none")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "swiglu", "geglu")
 
 
 @dataclass
@@ -37,6 +45,18 @@ class ModelConfig:
     bias: bool = False  # biases on every linear layer and on the norms (GPT-2 style)
     qkv_bias: bool | None = None  # None -> bias; Qwen2 has q/k/v biases and nothing else
     tie_embeddings: bool = False
+    # rotary scaling: None, or {"type": one of positions.ROPE_SCALINGS, ...its parameters}
+    rope_scaling: dict | None = None
+    qk_norm: bool = False  # RMSNorm over each head's q and k before rotary (Qwen3, Gemma 3)
+    post_norms: bool = False  # also a norm on the attention and MLP outputs (Gemma 2, 3)
+    embed_scale: float = 1.0  # embeddings multiplied by this (Gemma: sqrt(d_model))
+    attn_scale: float | None = None  # the factor on Q K^T; None -> 1/sqrt(head_dim)
+    attn_softcap: float | None = None  # scores s -> c * tanh(s / c) before the mask (Gemma 2)
+    final_softcap: float | None = None  # logits l -> c * tanh(l / c) (Gemma 2)
+    # a windowed layer's query sees its own position and the sliding_window - 1 before it
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] | None = None  # windowed layers; None: all of them
+    local_rope_theta: float | None = None  # unscaled rotary base of windowed layers (Gemma 3)
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -48,6 +68,8 @@ class ModelConfig:
             self.d_ff = 4 * self.d_model
         if self.qkv_bias is None:
             self.qkv_bias = self.bias
+        if self.sliding_layers is not None:  # JSON gives a list back
+            self.sliding_layers = tuple(self.sliding_layers)
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -79,6 +101,29 @@ class ModelConfig:
             raise ValueError(f"norm_eps={self.norm_eps} must be > 0")
         if self.pos == "rope" and not self.rope_theta > 0:
             raise ValueError(f"rope_theta={self.rope_theta} must be > 0")
+        if self.rope_scaling is not None or self.local_rope_theta is not None:
+            if self.pos != "rope":
+                raise ValueError("rope_scaling and local_rope_theta need pos='rope'")
+            check_rope_scaling(self.rope_scaling, self.head_dim)
+        for name in ("embed_scale", "attn_scale", "attn_softcap", "final_softcap",
+                     "local_rope_theta"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(
+                    value, (int, float)) or not 0 < value < float("inf")):
+                raise ValueError(f"{name}={value!r} must be a positive number")
+        if self.sliding_window is not None and (
+                not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ValueError(f"sliding_window={self.sliding_window!r} must be a positive integer")
+        if self.sliding_layers is not None:
+            if self.sliding_window is None:
+                raise ValueError("sliding_layers is set but sliding_window is not")
+            bad = [i for i in self.sliding_layers if not 0 <= i < self.n_layer]
+            if bad:
+                raise ValueError(f"sliding_layers {bad} are not layers of a {self.n_layer}-layer "
+                                 "model")
+        if self.local_rope_theta is not None and self.sliding_window is None:
+            raise ValueError("local_rope_theta is for windowed layers, but sliding_window is "
+                             "not set")
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -87,12 +132,60 @@ class ModelConfig:
         return self.n_head // self.n_kv_head
 
     @property
+    def gated_mlp(self) -> bool:
+        """The MLP has a gate matrix (swiglu, geglu)."""
+        return self.mlp in ("swiglu", "geglu")
+
+    def windowed(self, layer: int) -> bool:
+        """Whether ``layer`` attends through the sliding window."""
+        return self.sliding_window is not None and (
+            self.sliding_layers is None or layer in self.sliding_layers)
+
+    @property
     def attention_kind(self) -> str:
         if self.n_kv_head == self.n_head:
             return "MHA"
         if self.n_kv_head == 1:
             return "MQA"
         return "GQA"
+
+    def rope_summary(self) -> str | None:
+        """The rotary positions in words (None without them), for ``kvformer info``."""
+        if self.pos != "rope":
+            return None
+        text = f"theta {self.rope_theta:g}"
+        s = self.rope_scaling
+        if s is not None:
+            params = ", ".join(
+                f"{k} [{len(v)} values, {min(v):g}..{max(v):g}]" if isinstance(v, list)
+                else f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in s.items() if k != "type")
+            text += f"; {s['type']} scaling ({params})"
+        if self.local_rope_theta is not None:
+            text += f"; windowed layers: theta {self.local_rope_theta:g}, unscaled"
+        return text
+
+    def block_summary(self) -> str | None:
+        """What this model's blocks add to a plain pre-norm block, in words (None: nothing)."""
+        parts = []
+        if self.qk_norm:
+            parts.append("RMSNorm on q and k")
+        if self.post_norms:
+            parts.append("norms after attention and MLP")
+        if self.embed_scale != 1.0:
+            parts.append(f"embeddings x {self.embed_scale:g}")
+        if self.attn_scale is not None and abs(self.attn_scale * self.head_dim ** 0.5 - 1) > 1e-6:
+            parts.append(f"attention scale {self.attn_scale:.4g} (1/sqrt(head_dim) = "
+                         f"{self.head_dim ** -0.5:.4g})")
+        if self.attn_softcap is not None:
+            parts.append(f"scores soft-capped at {self.attn_softcap:g}")
+        if self.final_softcap is not None:
+            parts.append(f"logits soft-capped at {self.final_softcap:g}")
+        if self.sliding_window is not None:
+            layers = ("every layer" if self.sliding_layers is None else
+                      f"{len(self.sliding_layers)} of {self.n_layer} layers")
+            parts.append(f"sliding window {self.sliding_window} on {layers}")
+        return "; ".join(parts) or None
 
     def kv_cache_bytes(self, seq_len: int, batch_size: int = 1,
                        dtype: torch.dtype = torch.float32) -> int:
@@ -109,10 +202,12 @@ class ModelConfig:
             attn += h * (self.n_head + 2 * self.n_kv_head)
         if self.bias:
             attn += d
-        n_mats = 3 if self.mlp == "swiglu" else 2
+        n_mats = 3 if self.gated_mlp else 2
         mlp = n_mats * d * self.d_ff + ((self.d_ff * (n_mats - 1) + d) if self.bias else 0)
         norm = d * (2 if self.bias and self.norm != "rmsnorm" else 1)
-        block = attn + mlp + 2 * norm
+        block = attn + mlp + (4 if self.post_norms else 2) * norm
+        if self.qk_norm:
+            block += 2 * h
         total = self.n_layer * block + norm + self.vocab_size * d
         if not self.tie_embeddings:
             total += self.vocab_size * d

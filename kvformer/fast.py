@@ -14,8 +14,9 @@ with as few tensor operations as it can:
 * the norms as single fused kernels, the residual stream updated in place, and the K/V
   of the new token written straight into the ``KVCache`` buffers.
 
-Both this step and the C++ one of ``kvformer.native`` (much faster once matmuls are
-quantized) read the same named description of the step, ``kvformer.plan.StepPlan``;
+Both this step and ``NativeDecodeStep``, the C++ one (much faster once matmuls are
+quantized; the library is ``kvformer.native``'s), read the same named description of the
+step, ``kvformer.plan.StepPlan``;
 ``decode_step(model)`` picks the C++ step when the native library is built and this one
 otherwise. ``accelerate(model)`` routes a model's decode steps through it: every other call
 (prefill, gradients, any cache other than the contiguous ``KVCache``, e.g. the server's
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native as native_lib
 from .cache import KVCache
 from .plan import LinearPlan, NormPlan, StepPlan, Unsupported
 
@@ -135,6 +137,8 @@ class DecodeStep:
                  key_mask: torch.Tensor | None = None) -> torch.Tensor:
         b = tokens.shape[0]
         slot = cache.length
+        if self.plan.window is not None and slot >= self.plan.window:
+            return None  # the window now hides the oldest keys: the model computes it
         cache.check_room(1)
         n_q, n_kv, hd, g = self.n_q, self.n_kv, self.hd, self.group
         n_qk = (n_q + n_kv) * hd
@@ -204,14 +208,97 @@ class DecodeStep:
         return self.head(self.final_norm(x, buf)).unsqueeze(1)
 
 
+_EMPTY_LONG = torch.empty(0, dtype=torch.long)
+_EMPTY_BOOL = torch.empty(0, dtype=torch.bool)
+
+
+class NativeDecodeStep:
+    """The same contract as ``kvformer.fast.DecodeStep``, computed by the C++ operator on the
+    kernels of ``isa`` (default: ``default_isa()``)."""
+
+    def __init__(self, model: nn.Module, isa: str | None = None):
+        self.model = model
+        self.supported = False
+        if not native_lib.available():
+            return
+        try:
+            plan = StepPlan.from_model(model)
+        except Unsupported:
+            return
+        self.isa = isa or native_lib.default_isa()
+        names = plan.named()
+        self.handle = torch.ops.kvformer_native.plan_new(
+            list(names.tensors), list(names.tensors.values()), list(names.ints),
+            list(names.ints.values()), list(names.reals), list(names.reals.values()), self.isa)
+        self.rope_len, self.window = plan.rope_len, plan.window
+        self.supported = True
+
+    def __del__(self):
+        handle = getattr(self, "handle", None)
+        if handle is not None:
+            try:
+                torch.ops.kvformer_native.plan_free(handle)
+            except Exception:  # interpreter shutdown
+                pass
+
+    def usable(self, tokens: torch.Tensor, cache) -> bool:
+        return (self.supported and tokens.shape[1] == 1 and type(cache) is KVCache
+                and tokens.shape[0] == cache.batch_size and tokens.dtype == torch.long
+                and cache.k[0].dtype in (torch.float32, torch.bfloat16)
+                and all(b.attn.weights_sink is None for b in self.model.layers))
+
+    def __call__(self, tokens: torch.Tensor, cache: KVCache,
+                 input_pos: torch.Tensor | None = None,
+                 key_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        slot = cache.length
+        if self.window is not None and slot >= self.window:
+            return None  # the window now hides the oldest keys: the model computes it
+        cache.check_room(1)
+        pos0, pos = slot, _EMPTY_LONG
+        if input_pos is not None:
+            pos = input_pos.reshape(-1, 1)[:, 0] if input_pos.dim() == 2 else input_pos
+            if pos.numel() == 1:
+                pos0, pos = int(pos.reshape(())), _EMPTY_LONG
+            elif pos.dtype != torch.long:
+                pos = pos.long()
+        if self.rope_len is not None:
+            top = pos0 if pos.numel() == 0 else int(pos.max())
+            if top >= self.rope_len:
+                return None  # past the rotary table: the model computes it afresh
+        mask = _EMPTY_BOOL if key_mask is None else key_mask
+        logits = torch.ops.kvformer_native.plan_step(self.handle, tokens, cache.k, cache.v,
+                                                      slot, pos0, pos, mask)
+        cache.advance(1)
+        return logits
+
+    def paged(self, tokens: torch.Tensor, pool, tables: torch.Tensor,
+              lengths: torch.Tensor) -> torch.Tensor | None:
+        """One token per row straight through a paged pool (``kvformer.serve.paged.BlockPool``:
+        per layer ``[n_kv_head, n_blocks + 1, block_size, head_dim]``): row i has
+        ``lengths[i]`` tokens cached in the blocks ``tables[i]`` (int64, padded with 0), and
+        its new token is at position and slot ``lengths[i]``, which its table must already
+        hold. Reads and writes the pool in place (no gathered copy); returns logits
+        ``[B, 1, V]``, or None when this step cannot run it (the caller uses the forward)."""
+        if not (self.supported and tokens.dim() == 2 and tokens.shape[1] == 1
+                and tokens.dtype == torch.long and pool.k[0].dtype in (torch.float32,
+                                                                       torch.bfloat16)
+                and all(b.attn.weights_sink is None for b in self.model.layers)):
+            return None
+        if self.rope_len is not None and int(lengths.max()) >= self.rope_len:
+            return None  # past the rotary table: the model computes it afresh
+        if self.window is not None and int(lengths.max()) >= self.window:
+            return None  # the window hides the oldest keys: the model computes it
+        return torch.ops.kvformer_native.plan_step_paged(self.handle, tokens, pool.k, pool.v,
+                                                         tables, lengths)
+
+
+
 def decode_step(model: nn.Module, native: bool | str | None = None):
     """The fastest decode step this machine has for ``model``: the C++ operator of
     ``kvformer.native`` (``native`` may name its kernel path, e.g. 'avx2'; ``False`` or
     ``KVFORMER_NATIVE=0`` skips it), else the Python ``DecodeStep``. Check ``.supported``
     before use."""
     if native is not False:
-        from .native import NativeDecodeStep
-
         step = NativeDecodeStep(model, isa=native if isinstance(native, str) else None)
         if step.supported:
             return step

@@ -1,8 +1,13 @@
 """The decoder-only transformer: pre-norm residual blocks, a final norm, an LM head.
 
-    x = embed(tokens) (+ positions, if added)
+    x = embed(tokens) * embed_scale (+ positions, if added)
     for each block:  x = x + attention(norm(x));  x = x + mlp(norm(x))
     logits = lm_head(norm(x))
+
+With ``post_norms`` each branch is normed once more before it is added (Gemma 2 and 3:
+x = x + norm(attention(norm(x)))); with ``final_softcap`` the logits are soft-capped.
+Windowed layers (``sliding_window``) get a banded mask and, with ``local_rope_theta``,
+rotary positions of their own base.
 
 One forward serves prefill (many tokens) and decode (one token): with a cache, the new
 tokens' keys and values are written after the ``cache.length`` cached ones and attention
@@ -27,12 +32,13 @@ from .positions import LearnedPositions, Rotary, SinusoidalPositions
 
 class MLP(nn.Module):
     """gelu: down(gelu(up(x))) with GPT-2's tanh-approximate GELU.
-    swiglu: down(silu(gate(x)) * up(x)), as in Llama."""
+    swiglu: down(silu(gate(x)) * up(x)), as in Llama.
+    geglu: down(gelu(gate(x)) * up(x)), tanh-approximate GELU, as in Gemma."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.kind = cfg.mlp
-        if cfg.mlp == "swiglu":
+        if cfg.gated_mlp:
             self.w_gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.w_up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.w_down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
@@ -40,20 +46,32 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
             return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        if self.kind == "geglu":
+            return self.w_down(F.gelu(self.w_gate(x), approximate="tanh") * self.w_up(x))
         return self.w_down(F.gelu(self.w_up(x), approximate="tanh"))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
+        self.windowed = cfg.windowed(layer_idx)
         self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg, layer_idx)
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
+        if cfg.post_norms:
+            self.attn_post_norm = make_norm(cfg)
+            self.mlp_post_norm = make_norm(cfg)
 
     def forward(self, x, rope, cache, start, mask, causal):
-        x = x + self.attn(self.attn_norm(x), rope, cache, start, mask, causal)
-        return x + self.mlp(self.mlp_norm(x))
+        h = self.attn(self.attn_norm(x), rope, cache, start, mask, causal)
+        if "attn_post_norm" in self._modules:
+            h = self.attn_post_norm(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))
+        if "mlp_post_norm" in self._modules:
+            h = self.mlp_post_norm(h)
+        return x + h
 
 
 class Transformer(nn.Module):
@@ -65,8 +83,9 @@ class Transformer(nn.Module):
             self.pos_emb = LearnedPositions(cfg.max_seq_len, cfg.d_model)
         elif cfg.pos == "sinusoidal":
             self.pos_emb = SinusoidalPositions(cfg.d_model)
-        self.rotary = (Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-                       if cfg.pos == "rope" else None)
+        self.rotary, local = _rotaries(cfg)
+        if local is not None:
+            self.rotary_local = local
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg)
         if not cfg.tie_embeddings:
@@ -98,8 +117,9 @@ class Transformer(nn.Module):
         """A preallocated KV cache for this model: [batch, n_kv_head, max_len, head_dim]
         per layer for K and for V."""
         cfg = self.cfg
-        if self.rotary is not None:  # the positions this cache can hold, tabulated now
-            self.rotary.ensure(max_len or cfg.max_seq_len)
+        for rotary in (self.rotary, self._modules.get("rotary_local")):
+            if rotary is not None:  # the positions this cache can hold, tabulated now
+                rotary.ensure(max_len or cfg.max_seq_len)
         return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len or cfg.max_seq_len,
                        cfg.head_dim, dtype=dtype or self.dtype, device=self.device)
 
@@ -139,11 +159,17 @@ class Transformer(nn.Module):
             raise ValueError(f"input_pos has {input_pos.shape[-1]} positions for {t} tokens")
 
         x = self.tok_emb(tokens)
+        if self.cfg.embed_scale != 1.0:
+            x = x * self.cfg.embed_scale
         if self.cfg.pos in ("learned", "sinusoidal"):
             x = x + self.pos_emb(input_pos).to(x.dtype)
-        rope = self.rotary.cos_sin(input_pos) if self.rotary is not None else None
-        if rope is not None:
-            rope = (rope[0].to(x.dtype), rope[1].to(x.dtype))
+        rope = rope_local = None
+        if self.rotary is not None:
+            cos, sin = self.rotary.cos_sin(input_pos)
+            rope = rope_local = (cos.to(x.dtype), sin.to(x.dtype))
+        if "rotary_local" in self._modules:
+            cos, sin = self.rotary_local.cos_sin(input_pos)
+            rope_local = (cos.to(x.dtype), sin.to(x.dtype))
 
         mask, causal = None, True
         if key_mask is not None:
@@ -158,15 +184,27 @@ class Transformer(nn.Module):
             mask, causal = allowed[:, None], False
         elif t == 1:
             causal = False  # one new token may see every cached one: no mask at all
+        window = self.cfg.sliding_window
+        local_mask, local_causal = mask, causal
+        if window is not None and start + t > window:  # shorter: the window hides nothing
+            band = causal_mask(t, start + t, tokens.device, window)  # [T, S]
+            local_mask = band if mask is None else mask & band
+            local_causal = False
 
         for block in self.layers:
-            x = block(x, rope, cache, start, mask, causal)
+            if block.windowed:
+                x = block(x, rope_local, cache, start, local_mask, local_causal)
+            else:
+                x = block(x, rope, cache, start, mask, causal)
         if cache is not None:
             cache.advance(t)
         x = self.norm(x[:, -1:] if last_only else x)
         if "lm_head" in self._modules:  # untied, or a quantized copy of the tied embedding
-            return self.lm_head(x)
-        return F.linear(x, self.tok_emb.weight)
+            logits = self.lm_head(x)
+        else:
+            logits = F.linear(x, self.tok_emb.weight)
+        cap = self.cfg.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def check_context(self, n_tokens: int) -> None:
         if n_tokens > self.cfg.max_seq_len:
@@ -191,8 +229,9 @@ class Transformer(nn.Module):
             raise CheckpointError(
                 f"weights do not match the config: missing {sorted(missing)[:5]}, "
                 f"unexpected {sorted(unexpected)[:5]}")
-        if model.rotary is not None:  # non-persistent buffers are rebuilt, not loaded
-            model.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        model.rotary, local = _rotaries(cfg)  # non-persistent buffers: rebuilt, not loaded
+        if local is not None:
+            model.rotary_local = local
         return model.eval()
 
     def save(self, path, tokenizer=None) -> None:
@@ -204,3 +243,14 @@ class Transformer(nn.Module):
 
         state, extra = saveable_state(self)
         save_native(path, self.cfg, state, tokenizer, extra)
+
+
+def _rotaries(cfg: ModelConfig) -> tuple[Rotary | None, Rotary | None]:
+    """The rotary positions of the model's layers and, with ``local_rope_theta``, the
+    unscaled ones of its windowed layers."""
+    if cfg.pos != "rope":
+        return None, None
+    rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+    local = (Rotary(cfg.head_dim, cfg.max_seq_len, cfg.local_rope_theta)
+             if cfg.local_rope_theta is not None else None)
+    return rotary, local

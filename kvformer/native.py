@@ -3,18 +3,25 @@ step that runs as one C++ operator.
 
 At batch 1 a quantized decode step is ~120 small matmuls plus ~20 tiny tensor ops per
 layer; in eager PyTorch each op costs a few microseconds of Python and dispatch, more than
-the matmuls themselves. ``NativeDecodeStep`` runs the whole step in C++ (``csrc/step.cpp``)
-from the same named description the Python step reads (``kvformer.plan.StepPlan``).
+the matmuls themselves. ``kvformer.fast.NativeDecodeStep`` runs the whole step in C++
+(``csrc/step.cpp``) from the same named description the Python step reads
+(``kvformer.plan.StepPlan``). This module builds, loads and describes the library; it
+imports nothing of the model's (``kvformer.quantize`` calls it for its kernels).
 
 The kernels (``csrc/kernels_*.cpp``) are one translation unit per instruction set, each
 compiled with its own flags, and the path is chosen at run time from what the CPU reports
 (cpuid), not from the machine that built it:
 
     avx512   AVX-512 F/BW/VL/DQ + VNNI (Ice Lake, Zen 4 and later): vpdpbusd
+    avxvnni  AVX2 + AVX-VNNI (Alder Lake and later client CPUs, Sapphire Rapids, Zen 5):
+             the avx2 kernels with 256-bit vpdpbusd (on an AVX-512 CPU without AVX-VNNI the
+             same code runs in vpdpbusd's EVEX form, so such a machine tests it too)
     avx2     AVX2 + FMA + F16C (Haswell, Zen 1-3 and later): vpmaddubsw / vpmaddwd
+    neon     64-bit ARM with the dot-product extension (Apple silicon, Graviton 2 and later,
+             Cortex-A76 and later): vdotq_s32
     scalar   portable C++, any architecture (aarch64 included)
 
-``KVFORMER_ISA=avx2`` (or ``scalar``) forces a lower path, so any machine can run every
+``KVFORMER_ISA=avx2`` (or ``avxvnni``, ``scalar``) forces a lower path, so any machine can run every
 path it can execute; ``isas()`` lists them, best first.
 
 The library is built by ``kvformer build`` (which ``make`` runs during setup), or else the
@@ -39,26 +46,37 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from .cache import KVCache
 from .errors import KvformerError
 
 NAME = "kvformer_native"
 CSRC = Path(__file__).with_name("csrc")
 X86 = platform.machine().lower() in ("x86_64", "amd64")
+ARM64 = platform.machine().lower() in ("aarch64", "arm64")
 COMMON = ["-O3", "-fPIC", "-Wall", "-Wextra", "-fno-math-errno"]
-# (source, its own flags, needs torch's headers); the SIMD files only where they can compile.
+# (object name, source, its own flags, needs torch's headers); the SIMD files only where they
+# can compile. Linked in this order: the generic objects first, then from the lowest
+# instruction set to the highest, so that an inline function or template the compiler emits
+# in several objects (std::vector's, kernels.h's) resolves to the copy built for the lowest
+# CPU - never to an AVX-512 copy that step.cpp would then call on an AVX2 machine.
 # GCC 12's intrinsics headers trip its own -W(maybe-)uninitialized (`__m512 __Y = __Y;`).
 SIMD = ["-std=c++17", "-Wno-maybe-uninitialized", "-Wno-uninitialized"]
-UNITS = [("kernels_scalar.cpp", ["-std=c++17"], False)]
+AVX2 = [*SIMD, "-mavx2", "-mfma", "-mf16c"]
+UNITS = [("kernels_scalar", "kernels_scalar.cpp", ["-std=c++17"], False),
+         ("step", "step.cpp", ["-std=c++20", "-fopenmp", "-Wno-unused-parameter"], True)]
 if X86:
     UNITS += [
-        ("kernels_avx2.cpp", [*SIMD, "-mavx2", "-mfma", "-mf16c"], False),
-        ("kernels_avx512.cpp", [*SIMD, "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw",
-                                "-mavx512vl", "-mavx512dq", "-mavx512vnni"], False),
+        ("kernels_avx2", "kernels_avx2.cpp", AVX2, False),
+        ("kernels_avxvnni", "kernels_avx2.cpp", [*AVX2, "-mavxvnni", "-DKVF_VNNI=1"], False),
+        ("kernels_avxvnni_evex", "kernels_avx2.cpp",
+         [*AVX2, "-mavx512f", "-mavx512vl", "-mavx512vnni", "-DKVF_VNNI=2"], False),
+        ("kernels_avx512", "kernels_avx512.cpp", [*AVX2, "-mavx512f", "-mavx512bw",
+                                                  "-mavx512vl", "-mavx512dq", "-mavx512vnni"],
+         False),
     ]
-UNITS.append(("step.cpp", ["-std=c++20", "-fopenmp", "-Wno-unused-parameter"], True))
+if ARM64:
+    NEON = ["-std=c++17", "-march=armv8.2-a+dotprod"]
+    UNITS.append(("kernels_neon", "kernels_neon.cpp", NEON, False))
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -130,12 +148,12 @@ def build(force: bool = False, echo=None) -> Path:
     torch_inc = [f"-I{p}" for p in include_paths()]
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         def compile_unit(unit):
-            src, flags, needs_torch = unit
-            obj = Path(tmp) / (Path(src).stem + ".o")
+            name, src, flags, needs_torch = unit
+            obj = Path(tmp) / (name + ".o")
             cmd = [cxx, *COMMON, *flags, abi, *(torch_inc if needs_torch else []),
                    "-c", str(CSRC / src), "-o", str(obj)]
             done = subprocess.run(cmd, capture_output=True, text=True)
-            return src, obj, done
+            return name, obj, done
 
         with ThreadPoolExecutor(max_workers=max(1, min(len(UNITS), os.cpu_count() or 1))) as ex:
             results = list(ex.map(compile_unit, UNITS))
@@ -259,71 +277,6 @@ def torch_capabilities() -> list[str]:
         if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
             caps.append("avx512")
     return caps
-
-
-# --------------------------------------------------------------------------- the decode step
-_EMPTY_LONG = torch.empty(0, dtype=torch.long)
-_EMPTY_BOOL = torch.empty(0, dtype=torch.bool)
-
-
-class NativeDecodeStep:
-    """The same contract as ``kvformer.fast.DecodeStep``, computed by the C++ operator on the
-    kernels of ``isa`` (default: ``default_isa()``)."""
-
-    def __init__(self, model: nn.Module, isa: str | None = None):
-        from .plan import StepPlan, Unsupported
-
-        self.model = model
-        self.supported = False
-        if not available():
-            return
-        try:
-            plan = StepPlan.from_model(model)
-        except Unsupported:
-            return
-        self.isa = isa or default_isa()
-        names = plan.named()
-        self.handle = torch.ops.kvformer_native.plan_new(
-            list(names.tensors), list(names.tensors.values()), list(names.ints),
-            list(names.ints.values()), list(names.reals), list(names.reals.values()), self.isa)
-        self.rope_len = plan.rope_len
-        self.supported = True
-
-    def __del__(self):
-        handle = getattr(self, "handle", None)
-        if handle is not None:
-            try:
-                torch.ops.kvformer_native.plan_free(handle)
-            except Exception:  # interpreter shutdown
-                pass
-
-    def usable(self, tokens: torch.Tensor, cache) -> bool:
-        return (self.supported and tokens.shape[1] == 1 and type(cache) is KVCache
-                and tokens.shape[0] == cache.batch_size and tokens.dtype == torch.long
-                and cache.k[0].dtype in (torch.float32, torch.bfloat16)
-                and all(b.attn.weights_sink is None for b in self.model.layers))
-
-    def __call__(self, tokens: torch.Tensor, cache: KVCache,
-                 input_pos: torch.Tensor | None = None,
-                 key_mask: torch.Tensor | None = None) -> torch.Tensor | None:
-        slot = cache.length
-        cache.check_room(1)
-        pos0, pos = slot, _EMPTY_LONG
-        if input_pos is not None:
-            pos = input_pos.reshape(-1, 1)[:, 0] if input_pos.dim() == 2 else input_pos
-            if pos.numel() == 1:
-                pos0, pos = int(pos.reshape(())), _EMPTY_LONG
-            elif pos.dtype != torch.long:
-                pos = pos.long()
-        if self.rope_len is not None:
-            top = pos0 if pos.numel() == 0 else int(pos.max())
-            if top >= self.rope_len:
-                return None  # past the rotary table: the model computes it afresh
-        mask = _EMPTY_BOOL if key_mask is None else key_mask
-        logits = torch.ops.kvformer_native.plan_step(self.handle, tokens, cache.k, cache.v,
-                                                      slot, pos0, pos, mask)
-        cache.advance(1)
-        return logits
 
 
 if __name__ == "__main__":  # used by the Makefile: the capabilities below this CPU's own

@@ -123,7 +123,7 @@ class StepPlan:
     act_dtype: torch.dtype
     rope: bool
     swiglu: bool
-    q_scale: float                # 1/sqrt(d_k), applied to the query
+    q_scale: float                # 1/sqrt(d_k) (or the model's attn_scale), on the query
     embed_kind: str               # 'dense' or 'int8'
     embed_weight: torch.Tensor
     embed_scales: torch.Tensor | None
@@ -132,6 +132,9 @@ class StepPlan:
     layers: list[LayerPlan]
     final_norm: NormPlan
     head: LinearPlan
+    # every layer's sliding window: a step whose cache already holds this many tokens is
+    # left to Transformer.forward (the window would hide the oldest); None: no window
+    window: int | None = None
 
     @property
     def rope_len(self) -> int | None:
@@ -141,10 +144,14 @@ class StepPlan:
     @classmethod
     def from_model(cls, model: nn.Module) -> StepPlan:
         """The plan of ``model``'s decode step; raises Unsupported for what has none
-        (learned/sinusoidal positions, BatchNorm, attention sinks, other dtypes)."""
+        (learned/sinusoidal positions, BatchNorm, attention sinks, other dtypes, and the
+        parts of Gemma and Qwen3 blocks listed in ``unsupported_parts``)."""
         cfg = model.cfg
         if cfg.pos not in ("rope", "none"):
             raise Unsupported(f"no decode step for {cfg.pos} positions")
+        parts = unsupported_parts(cfg)
+        if parts:
+            raise Unsupported(f"no decode step for {', '.join(parts)}")
         if model.dtype not in (torch.float32, torch.bfloat16):
             raise Unsupported(f"no decode step for {model.dtype} activations")
         if any(b.attn.weights_sink is not None for b in model.layers):
@@ -162,11 +169,12 @@ class StepPlan:
             n_layer=cfg.n_layer, d_model=cfg.d_model, head_dim=cfg.head_dim,
             n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, d_ff=cfg.d_ff,
             act_dtype=model.dtype, rope=rope, swiglu=cfg.mlp == "swiglu",
-            q_scale=cfg.head_dim ** -0.5, embed_kind=embed[0], embed_weight=embed[1],
+            q_scale=cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5,
+            embed_kind=embed[0], embed_weight=embed[1],
             embed_scales=embed[2],
             cos=model.rotary.cos if rope else None, sin=model.rotary.sin if rope else None,
             layers=[_layer_plan(block, cfg.mlp == "swiglu") for block in model.layers],
-            final_norm=NormPlan.of(model.norm), head=head_plan)
+            final_norm=NormPlan.of(model.norm), head=head_plan, window=cfg.sliding_window)
 
     def named(self) -> Named:
         """The flat table the C++ step reads (the module docstring lists the names)."""
@@ -192,6 +200,21 @@ class StepPlan:
         self.final_norm.entries("final_norm", t)
         self.head.entries("head", t, self.act_dtype)
         return t
+
+
+def unsupported_parts(cfg) -> list[str]:
+    """The parts of a model's config that neither decode step computes (such a model's
+    decode steps run Transformer.forward)."""
+    return [name for name, present in (
+        ("norms on q and k", cfg.qk_norm),
+        ("norms after attention and the MLP", cfg.post_norms),
+        ("a scaled embedding", cfg.embed_scale != 1.0),
+        ("soft-capped attention scores", cfg.attn_softcap is not None),
+        ("soft-capped logits", cfg.final_softcap is not None),
+        ("a GeGLU MLP", cfg.mlp == "geglu"),
+        ("windowed layers among global ones", cfg.sliding_layers is not None),
+        ("a rotary base of their own for windowed layers", cfg.local_rope_theta is not None),
+    ) if present]
 
 
 def _layer_plan(block: nn.Module, swiglu: bool) -> LayerPlan:

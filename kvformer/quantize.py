@@ -608,9 +608,10 @@ def _quantize_embedding(model: nn.Module, table: torch.Tensor, mode: str,
 
 
 def _keep_rotary_fp32(model: nn.Module) -> None:
-    rot = getattr(model, "rotary", None)
-    if rot is not None:
-        rot.to(torch.float32)
+    for name in ("rotary", "rotary_local"):
+        rot = getattr(model, name, None)
+        if rot is not None:
+            rot.to(torch.float32)
 
 
 # --------------------------------------------------------------------------- streaming build

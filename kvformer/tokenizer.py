@@ -1,6 +1,8 @@
 """Text <-> token ids, streaming decode, and sandboxed chat templates.
 
-`Tokenizer` wraps a Hugging Face `tokenizers.Tokenizer` (the BPE itself runs in Rust) and adds
+`Tokenizer` wraps a Hugging Face `tokenizers.Tokenizer` (the BPE itself runs in Rust: byte-level
+BPE as GPT-2, Llama 3, Qwen and SmolLM use, and SentencePiece BPE as Llama 2, Mistral, Phi-3
+and Gemma use) and adds
 what an inference engine needs around it: which token starts and ends a sequence, which tokens
 stop generation, a decoder that streams whole characters, and chat templates rendered in a sandbox
 (templates ship inside model files, so they are untrusted code).
@@ -15,9 +17,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from functools import lru_cache
+from functools import lru_cache, wraps
 from typing import Any
 
 import tokenizers
@@ -27,6 +31,8 @@ from .errors import ChatTemplateError, CheckpointError
 
 __all__ = [
     "CHATML_TEMPLATE",
+    "CHAT_ROLES",
+    "TEMPLATE_TIME_LIMIT",
     "ByteTokenizer",
     "StreamDecoder",
     "Tokenizer",
@@ -38,6 +44,13 @@ END_MARKERS = (
     "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|endoftext|>", "<|end_of_text|>", "<|end|>",
     "<end_of_turn>", "<end_of_utterance>", "<EOT>", "<｜end▁of▁sentence｜>",
 )
+
+#: The message roles `Tokenizer.encode_chat` (and so the server) accepts by default.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+# encode_chat's placeholder for a special token's spelling inside a message: two Unicode
+# noncharacters around the index of the escaped text (a noncharacter in the text is escaped too)
+_ESC_OPEN, _ESC_CLOSE = "\ufdd0", "\ufdd1"
+_ESC_SPLIT = re.compile(f"{_ESC_OPEN}(\\d+){_ESC_CLOSE}")
 
 #: Used when a model ships no chat template: ChatML, the format most small chat models use.
 CHATML_TEMPLATE = (
@@ -181,10 +194,120 @@ class StreamDecoder:
 # Chat templates
 # --------------------------------------------------------------------------------------------
 
-# Rendering limits: a hostile template must not be able to exhaust memory.
+# Rendering limits: a template ships inside a model file, so it is untrusted code; it must not
+# be able to exhaust memory or time. Every string or list it builds (by `~`, `+`, `*`, `%`,
+# a call or a filter) is checked against _MAX_RENDER_CHARS, the ones whose size can be known
+# beforehand before they are built; all it builds together against _MAX_BUILT_CHARS; every
+# loop iteration, block and call against a deadline (render_chat_template's time_limit).
 _MAX_RENDER_CHARS = 4_000_000
+_MAX_BUILT_CHARS = 64_000_000
 _MAX_REPEAT_ITEMS = 1_000_000
 _MAX_POWER_EXPONENT = 1_000
+_MAX_INDENT_CHARS = 64
+#: Seconds a chat template may take to render (the server and the CLI use it).
+TEMPLATE_TIME_LIMIT = 1.0
+# a width or precision of 7+ digits in a %-format or a str.format spec (builds >= 1e6 chars)
+_WIDE_FORMAT = re.compile(r"%[-#0 +]*(?:\*|\d{7,})|%[-#0 +]*\d*\.(?:\*|\d{7,})|"
+                          r"\{[^{}]*:[^{}]*?\d{7,}")
+
+
+class _Budget(threading.local):
+    """Per thread: the deadline and the characters built by the render running in it."""
+
+    deadline: float | None = None
+    time_limit: float = 0.0
+    built: int = 0
+
+
+_budget = _Budget()
+
+
+def _security_error(message: str):
+    from jinja2.exceptions import SecurityError
+
+    return SecurityError(message)
+
+
+def _tick() -> None:
+    deadline = _budget.deadline
+    if deadline is not None and time.monotonic() > deadline:
+        raise _security_error(f"the template ran for more than {_budget.time_limit:g} s")
+
+
+def _sized(value: Any) -> Any:
+    """Count what a template built against the limits; return it unchanged."""
+    if isinstance(value, (str, list, tuple, dict)):
+        n = len(value)
+        if n > _MAX_RENDER_CHARS:
+            raise _security_error(f"the template built a value of {n:,} items or characters "
+                                  f"(the limit is {_MAX_RENDER_CHARS:,})")
+        _budget.built += n
+        if _budget.built > _MAX_BUILT_CHARS:
+            raise _security_error(f"the template built more than {_MAX_BUILT_CHARS:,} "
+                                  "characters in all")
+    return value
+
+
+def _would_build(n: int) -> None:
+    """Refuse before building a value whose size is known to be too large."""
+    if n > _MAX_RENDER_CHARS:
+        raise _security_error(f"the template would build a value of {n:,} items or characters "
+                              f"(the limit is {_MAX_RENDER_CHARS:,})")
+
+
+def _check_numbers(args: Iterable[Any]) -> None:
+    """No call needs a number beyond the size limit (`'x'.ljust(10**9)`, `center(10**9)`)."""
+    for a in args:
+        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > _MAX_RENDER_CHARS:
+            raise _security_error(f"the template passes the number {a} to a call (the limit "
+                                  f"is {_MAX_RENDER_CHARS:,})")
+
+
+def _check_format(fmt: Any) -> None:
+    if isinstance(fmt, str) and _WIDE_FORMAT.search(fmt):
+        raise _security_error("the template formats with a width or precision of a million "
+                              "characters or more")
+
+
+def _joined_size(items: Any, sep: Any) -> int:
+    if not isinstance(items, (list, tuple)):
+        return 0
+    sep_len = len(sep) if isinstance(sep, str) else 0
+    return sum(len(x) if isinstance(x, str) else 24 for x in items) + sep_len * len(items)
+
+
+def _replaced_size(text: Any, old: Any, new: Any) -> int:
+    if not (isinstance(text, str) and isinstance(old, str) and isinstance(new, str)):
+        return 0
+    hits = text.count(old) if old else len(text) + 1
+    return len(text) + hits * (len(new) - len(old))
+
+
+def _guard_filter(name: str, func):
+    """A Jinja filter with the size checks above before and after it runs."""
+
+    @wraps(func)  # keeps jinja's pass_context / pass_eval_context marks
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        _tick()
+        _check_numbers([*args, *kwargs.values()])
+        plain = [a for a in args if not hasattr(a, "environment")]  # drop ctx / eval_ctx
+        value = plain[0] if plain else None
+        rest = plain[1:]
+        if name == "join":
+            _would_build(_joined_size(value, rest[0] if rest else kwargs.get("d", "")))
+        elif name == "replace" and len(rest) >= 2:
+            _would_build(_replaced_size(value, rest[0], rest[1]))
+        elif name in ("format", "indent") and isinstance(value, str):
+            if name == "format":
+                _check_format(value)
+            else:
+                width = rest[0] if rest else kwargs.get("width", 4)
+                per_line = len(width) if isinstance(width, str) else width
+                if isinstance(per_line, int):
+                    _would_build(len(value) + per_line * (value.count("\n") + 1))
+        return _sized(func(*args, **kwargs))
+
+    return guarded
 
 
 def _raise_exception(message: Any = "") -> None:
@@ -199,6 +322,10 @@ def _strftime_now(fmt: str) -> str:
 def _tojson(value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
             sort_keys: bool = False) -> str:
     """Plain JSON (Jinja's own `tojson` HTML-escapes, which corrupts prompts)."""
+    if isinstance(indent, str) and len(indent) > _MAX_INDENT_CHARS:
+        raise _security_error(f"tojson's indent is longer than {_MAX_INDENT_CHARS} characters")
+    if isinstance(indent, int) and indent > _MAX_INDENT_CHARS:
+        raise _security_error(f"tojson's indent is more than {_MAX_INDENT_CHARS}")
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
                       separators=separators, sort_keys=sort_keys)
 
@@ -211,6 +338,7 @@ def _make_dict(*args: Any, **kwargs: Any) -> dict:
 @lru_cache(maxsize=1)
 def _sandbox():
     """The one Jinja environment chat templates run in (built lazily: jinja2 import is not free)."""
+    from jinja2.compiler import CodeGenerator
     from jinja2.exceptions import SecurityError
     from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -244,14 +372,31 @@ def _sandbox():
             if isinstance(name, str) and name.startswith("_"):
                 raise SecurityError(f"namespace attribute {name!r} is not allowed")
 
+    class BudgetedCode(CodeGenerator):
+        """Jinja's compiler, with a deadline check at the start of every block (so every loop
+        iteration and macro call) and a size check on every `~` concatenation."""
+
+        def blockvisit(self, nodes, frame) -> None:
+            self.writeline("environment.kvf_tick()")
+            super().blockvisit(nodes, frame)
+
+        def visit_Concat(self, node, frame) -> None:
+            self.write("environment.kvf_sized(")
+            super().visit_Concat(node, frame)
+            self.write(")")
+
     class ChatSandbox(ImmutableSandboxedEnvironment):
+        code_generator_class = BudgetedCode
+        kvf_tick = staticmethod(_tick)
+        kvf_sized = staticmethod(_sized)
+
         # Jinja's sandbox turns a forbidden attribute into a silent Undefined (`{{ x.__class__ }}`
         # renders as ''). A template that reaches for internals is hostile: stop it outright.
         def unsafe_undefined(self, obj: Any, attribute: str):
             raise SecurityError(
                 f"access to attribute {attribute!r} of a {type(obj).__name__} is not allowed")
 
-        intercepted_binops = frozenset({"*", "**"})
+        intercepted_binops = frozenset({"*", "**", "+", "%"})
 
         def call_binop(self, context, operator, left, right):
             if operator == "*":
@@ -262,11 +407,33 @@ def _sandbox():
             elif (operator == "**" and isinstance(right, (int, float))
                   and abs(right) > _MAX_POWER_EXPONENT):
                 raise SecurityError("the template raises a number to a too large power")
-            return super().call_binop(context, operator, left, right)
+            elif operator == "+" and isinstance(left, (str, list, tuple)) \
+                    and isinstance(right, (str, list, tuple)):
+                _would_build(len(left) + len(right))
+            elif operator == "%" and isinstance(left, str):
+                _check_format(left)
+                _check_numbers(right if isinstance(right, tuple) else (right,))
+            return _sized(super().call_binop(context, operator, left, right))
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
+            _tick()
+            _check_numbers([*args, *kwargs.values()])
+            method = getattr(getattr(__obj, "__wrapped__", __obj), "__name__", "")
+            owner = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)
+            if isinstance(owner, str):
+                if method in ("format", "format_map"):
+                    _check_format(owner)
+                elif method == "join" and args:
+                    _would_build(_joined_size(list(args[0]) if isinstance(args[0], (
+                        list, tuple)) else args[0], owner))
+                elif method == "replace" and len(args) >= 2:
+                    _would_build(_replaced_size(owner, args[0], args[1]))
+            return _sized(super().call(__context, __obj, *args, **kwargs))
 
     env = ChatSandbox(trim_blocks=True, lstrip_blocks=True,
                       extensions=[GenerationTag, loopcontrols])
     env.filters["tojson"] = _tojson
+    env.filters = {name: _guard_filter(name, f) for name, f in env.filters.items()}
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now,
                        namespace=SafeNamespace, dict=_make_dict)
     return env
@@ -327,12 +494,16 @@ def _check_messages(messages: Any) -> list[dict]:
 
 
 def render_chat_template(template: str, messages: Sequence[Mapping[str, Any]],
-                         add_generation_prompt: bool = True, **variables: Any) -> str:
+                         add_generation_prompt: bool = True, *,
+                         time_limit: float | None = TEMPLATE_TIME_LIMIT,
+                         **variables: Any) -> str:
     """Render a chat template in a sandbox; any failure or escape attempt is a ChatTemplateError.
 
     Templates see `messages`, `add_generation_prompt`, `tools`/`documents` (None unless given),
     whatever else is passed in `variables` (e.g. `bos_token`), the `raise_exception` and
     `strftime_now` functions, and a JSON `tojson` filter. Everything they see is a plain copy.
+    A render that runs longer than `time_limit` seconds (None: no limit) or builds too much
+    (see _MAX_RENDER_CHARS, _MAX_BUILT_CHARS) is stopped with a ChatTemplateError.
     """
     from jinja2.exceptions import SecurityError
 
@@ -341,23 +512,34 @@ def render_chat_template(template: str, messages: Sequence[Mapping[str, Any]],
     context.update(_plain(variables, "chat template variables"))
     context.update(messages=checked, add_generation_prompt=bool(add_generation_prompt))
     compiled = _compile(template)
+    outer = (_budget.deadline, _budget.time_limit, _budget.built)
+    if time_limit is not None:
+        _budget.deadline, _budget.time_limit = time.monotonic() + time_limit, time_limit
+    _budget.built = 0
     try:
         parts, size = [], 0
         for chunk in compiled.generate(context):
             size += len(chunk)
             if size > _MAX_RENDER_CHARS:
-                raise SecurityError(f"the rendered prompt exceeds {_MAX_RENDER_CHARS} characters")
+                raise SecurityError(f"the rendered prompt exceeds {_MAX_RENDER_CHARS:,} "
+                                    "characters")
             parts.append(chunk)
     except ChatTemplateError:
         raise
     except SecurityError as exc:
         raise ChatTemplateError(
-            f"the chat template was stopped for an unsafe operation ({exc}); the model file's "
-            "template is untrusted: pass a template you trust") from None
+            f"the chat template was stopped ({exc}); the model file's template is untrusted: "
+            "pass a template you trust") from None
+    except (RecursionError, MemoryError) as exc:
+        raise ChatTemplateError(
+            f"the chat template was stopped ({type(exc).__name__}: it recursed or allocated "
+            "too much); pass a template you trust") from None
     except Exception as exc:  # UndefinedError, TypeError... from inside the template
         raise ChatTemplateError(
             f"the chat template failed to render ({type(exc).__name__}: {exc}); check the "
             "messages it expects or pass another template") from None
+    finally:
+        _budget.deadline, _budget.time_limit, _budget.built = outer
     return "".join(parts)
 
 
@@ -408,6 +590,70 @@ def _template_from_config(value: Any) -> str | None:
     return None
 
 
+# SentencePiece token types (GGUF's tokenizer.ggml.token_type, llama.cpp's and the
+# sentencepiece model's): 2 unknown, 6 byte (<0xNN>, for byte fallback).
+_UNKNOWN, _BYTE = 2, 6
+
+
+def _sentencepiece_backend(meta: Mapping[str, Any], where: str) -> tokenizers.Tokenizer:
+    """A SentencePiece BPE vocabulary (tokenizer.ggml.model = 'llama': Llama 2, Mistral,
+    TinyLlama, Phi-3, Gemma) as a `tokenizers` BPE.
+
+    SentencePiece merges the adjacent pair whose merged piece scores highest; the merges
+    are therefore every split of a piece into two pieces of the vocabulary, ranked by the
+    merged piece's score (then its id, then the left part's length). Spaces are '▁'; with
+    tokenizer.ggml.add_space_prefix (the default, Gemma's files say false) a '▁' also
+    starts the text and every stretch of text after a special token, as llama.cpp and
+    transformers' legacy Llama tokenizer do. Characters outside the vocabulary become their
+    UTF-8 bytes (<0xNN> pieces). Control pieces are special tokens, user-defined ones
+    tokens matched as a whole in the text.
+    """
+    tokens = meta.get("tokenizer.ggml.tokens")
+    scores = meta.get("tokenizer.ggml.scores")
+    if not tokens or scores is None:
+        raise CheckpointError(f"{where}: the SentencePiece tokenizer has no "
+                              f"{'tokens' if not tokens else 'scores'}; the file is incomplete")
+    types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+    if not len(tokens) == len(types) == len(scores):
+        raise CheckpointError(f"{where}: {len(tokens)} tokens, {len(types)} token types and "
+                              f"{len(scores)} scores; the file is corrupt")
+    if meta.get("tokenizer.ggml.remove_extra_whitespaces"):
+        raise CheckpointError(f"{where}: tokenizer.ggml.remove_extra_whitespaces is set, a "
+                              "SentencePiece normalization kvformer does not implement; load "
+                              "the model's tokenizer.json with Tokenizer.from_dir instead")
+    if meta.get("tokenizer.ggml.precompiled_charsmap"):
+        raise CheckpointError(f"{where}: tokenizer.ggml.precompiled_charsmap is set (a "
+                              "SentencePiece normalizer kvformer does not implement); load the "
+                              "model's tokenizer.json with Tokenizer.from_dir instead")
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise CheckpointError(f"{where}: the vocabulary has duplicate tokens; the file is corrupt")
+    unk = next((t for t, kind in zip(tokens, types) if kind == _UNKNOWN), None)
+    ranked = []
+    for merged, score in zip(tokens, scores):
+        index = vocab[merged]
+        for cut in range(1, len(merged)):
+            left, right = merged[:cut], merged[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-score, index, cut, left, right))
+    ranked.sort()
+    backend = tokenizers.Tokenizer(models.BPE(
+        vocab=vocab, merges=[(left, right) for *_, left, right in ranked], unk_token=unk,
+        fuse_unk=True, byte_fallback=any(kind == _BYTE for kind in types)))
+    prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="always" if prefix else "never", split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix:
+        steps.append(decoders.Strip(" ", 1, 0))
+    backend.decoder = decoders.Sequence(steps)
+    added = [AddedToken(t, special=kind == _CONTROL, normalized=False)
+             for t, kind in zip(tokens, types) if kind in (_CONTROL, _USER_DEFINED)]
+    backend.add_special_tokens([t for t in added if t.special])
+    backend.add_tokens([t for t in added if not t.special])
+    return backend
+
+
 class Tokenizer:
     """A tokenizer plus the model's conventions around it (BOS/EOS, stop tokens, chat format).
 
@@ -447,7 +693,9 @@ class Tokenizer:
     def from_gguf(cls, path_or_metadata: str | os.PathLike | Mapping[str, Any]) -> Tokenizer:
         """Build from a GGUF file (or its metadata from `checkpoints.gguf.read_metadata`).
 
-        Supports byte-level BPE vocabularies (`tokenizer.ggml.model == 'gpt2'`) whose
+        Supports SentencePiece BPE vocabularies (`tokenizer.ggml.model == 'llama'`: scores,
+        byte fallback, the '▁' space; see `_sentencepiece_backend`) and byte-level BPE
+        vocabularies (`tokenizer.ggml.model == 'gpt2'`) whose
         `tokenizer.ggml.pre` is in `_PRE_TOKENIZER_FAMILIES` (gpt2/default, smollm and other
         digit-splitting ones, llama-bpe and qwen2 with their aliases); others are refused.
         Control tokens (type 3) become special tokens and user-defined ones (type 4) added
@@ -464,11 +712,13 @@ class Tokenizer:
         if model is None:
             raise CheckpointError(f"{where}: the file has no tokenizer (tokenizer.ggml.model is "
                                   "missing); load the tokenizer from a tokenizer.json directory")
+        if model == "llama":
+            return cls._from_gguf_backend(_sentencepiece_backend(meta, where), meta, True)
         if model != "gpt2":
             raise CheckpointError(
                 f"{where}: tokenizer.ggml.model is {model!r}, which kvformer does not read from "
-                "GGUF (only byte-level BPE, 'gpt2'); load the original model's tokenizer.json "
-                "with Tokenizer.from_dir instead")
+                "GGUF (it reads byte-level BPE, 'gpt2', and SentencePiece BPE, 'llama'); load "
+                "the original model's tokenizer.json with Tokenizer.from_dir instead")
         pre = meta.get("tokenizer.ggml.pre") or "default"
         if pre not in _GGUF_PRE_TOKENIZERS:
             raise CheckpointError(
@@ -512,7 +762,12 @@ class Tokenizer:
         backend.decoder = decoders.ByteLevel()
         backend.add_special_tokens([t for t in added if t.special])
         backend.add_tokens([t for t in added if not t.special])
+        return cls._from_gguf_backend(backend, meta, bos_default)
 
+    @classmethod
+    def _from_gguf_backend(cls, backend: tokenizers.Tokenizer, meta: Mapping[str, Any],
+                           bos_default: bool) -> Tokenizer:
+        """The special ids, BOS/EOS flags and chat template a GGUF's metadata gives."""
         add_bos = meta.get("tokenizer.ggml.add_bos_token")
         extra_stops = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eot", "eom")]
         return cls(
@@ -728,6 +983,85 @@ class Tokenizer:
         return render_chat_template(self.chat_template or CHATML_TEMPLATE, messages,
                                     add_generation_prompt, **variables)
 
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]],
+                    add_generation_prompt: bool = True, *,
+                    roles: Iterable[str] | None = CHAT_ROLES,
+                    time_limit: float | None = TEMPLATE_TIME_LIMIT, **extra: Any) -> list[int]:
+        """The token ids of a conversation's prompt, where only the template's own markup
+        becomes control tokens: a special token written inside a message (or a tool
+        description) is encoded as its plain characters, so no one can forge a turn of
+        another role by typing its markers. `roles` are the accepted message roles (None:
+        any); an unknown one is a ValueError. No BOS is added beyond what the template writes.
+        """
+        checked = _check_messages(messages)
+        if roles is not None:
+            allowed = tuple(roles)
+            for i, m in enumerate(checked):
+                if m["role"] not in allowed:
+                    raise ValueError(f"messages[{i}] has the role {m['role']!r}; use one of "
+                                     f"{', '.join(allowed)}")
+        literals: list[str] = []
+        guard = self._guard_pattern()
+
+        def escape(value: Any) -> Any:  # each protected spelling -> a numbered placeholder
+            if isinstance(value, str):
+                def keep(match: re.Match) -> str:
+                    literals.append(match.group())
+                    return f"{_ESC_OPEN}{len(literals) - 1}{_ESC_CLOSE}"
+
+                return guard.sub(keep, value)
+            if isinstance(value, Mapping):
+                return {k: escape(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [escape(v) for v in value]
+            return value
+
+        safe = escape(checked)
+        for key in ("tools", "documents"):
+            if key in extra:
+                extra[key] = escape(_plain(extra[key], key))
+        variables = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
+                     "pad_token": self._token_text(self.pad_id) or ""}
+        variables.update(extra)
+        text = render_chat_template(self.chat_template or CHATML_TEMPLATE, safe,
+                                    add_generation_prompt, time_limit=time_limit, **variables)
+        ids: list[int] = []
+        pieces = _ESC_SPLIT.split(text)  # text, index, text, index, ..., text
+        for i, piece in enumerate(pieces):
+            if i % 2 == 0:
+                ids += self._encode_text(piece) if piece else []
+            else:
+                ids += self.encode_plain(literals[int(piece)])
+        return ids
+
+    def _guard_pattern(self) -> re.Pattern:
+        """The spellings encode_chat escapes: the special tokens', and its own markers."""
+        if getattr(self, "_guard_re", None) is None:
+            spelled = sorted(self.special_strings, key=len, reverse=True)
+            self._guard_re = re.compile("|".join(
+                [*map(re.escape, spelled), _ESC_OPEN, _ESC_CLOSE]))
+        return self._guard_re
+
+    @property
+    def special_strings(self) -> tuple[str, ...]:
+        """How the special (control) tokens are spelled: text that `encode` turns into
+        control tokens, and that `encode_plain` and `encode_chat` keep as characters."""
+        decoder = self._backend.get_added_tokens_decoder()
+        return tuple(t.content for _, t in sorted(decoder.items()) if t.special)
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of `text` with no special tokens: their spellings are just characters."""
+        if not any(s in text for s in self.special_strings):
+            return self._encode_text(text)
+        if getattr(self, "_plain_backend", None) is None:
+            plain = tokenizers.Tokenizer.from_str(self._backend.to_str())
+            plain.encode_special_tokens = True
+            self._plain_backend = plain
+        try:
+            return self._plain_backend.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            raise _not_unicode() from None
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
                 f"eos_id={self.eos_id}, add_bos={self.add_bos})")
@@ -777,6 +1111,12 @@ class ByteTokenizer(Tokenizer):
                 start = match.end()
             ids.extend(text[start:].encode("utf-8"))
             return ids
+        except UnicodeEncodeError:
+            raise _not_unicode() from None
+
+    def encode_plain(self, text: str) -> list[int]:
+        try:
+            return list(text.encode("utf-8"))
         except UnicodeEncodeError:
             raise _not_unicode() from None
 

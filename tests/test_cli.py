@@ -47,7 +47,7 @@ def _kernel_paths():
 
 
 @needs_default
-@pytest.mark.parametrize("path", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("path", ["avx512", "avxvnni", "avx2", "neon", "scalar"])
 def test_a_long_prompt_is_answered_in_words_on_every_kernel_path(path):
     """The CLI's default (int4) on a prompt past the dense-prefill threshold (64 tokens),
     on each kernel path, with torch dispatching as a CPU of that path would: the answer is
@@ -57,7 +57,8 @@ def test_a_long_prompt_is_answered_in_words_on_every_kernel_path(path):
     if path not in _kernel_paths():
         pytest.skip(f"this CPU (or build) cannot run the {path} kernels")
     env = {**os.environ, "KVFORMER_ISA": path,
-           "ATEN_CPU_CAPABILITY": {"avx2": "avx2", "scalar": "default"}.get(path, "")}
+           "ATEN_CPU_CAPABILITY": {"avxvnni": "avx2", "avx2": "avx2",
+                                   "scalar": "default"}.get(path, "")}
     if not env["ATEN_CPU_CAPABILITY"]:
         del env["ATEN_CPU_CAPABILITY"]
     res = subprocess.run([sys.executable, "-m", "kvformer", "generate", "--chat", LONG_PROMPT,
@@ -184,7 +185,8 @@ MODEL_VERBS = ["generate", "chat", "attention", "explain", "serve", "info"]
 
 
 def test_every_verb_that_loads_a_model_takes_the_same_flags():
-    from kvformer.cli import COMMON_FLAGS, build_parser
+    from kvformer.arguments import COMMON_FLAGS
+    from kvformer.cli import build_parser
 
     parser = build_parser()
     for verb in MODEL_VERBS:
@@ -256,7 +258,7 @@ def test_physical_cores_against_lscpu():
     import os
     import shutil
 
-    from kvformer.cli import physical_cores
+    from kvformer.arguments import physical_cores
 
     if not shutil.which("lscpu") or not hasattr(os, "sched_getaffinity"):
         pytest.skip("needs lscpu and sched_getaffinity (Linux)")
@@ -269,7 +271,7 @@ def test_physical_cores_against_lscpu():
 
 @needs_default
 def test_threads_reach_torch():
-    from kvformer.cli import physical_cores
+    from kvformer.arguments import physical_cores
 
     for flags, n in ((["-t", "1"], 1), ([], physical_cores())):
         res = run_cli("generate", "hi", "-n", "2", "--dtype", "fp32", "--stats", *flags)

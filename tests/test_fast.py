@@ -20,7 +20,7 @@ def native_available() -> bool:
 
 
 # The Python step on torch's ops, and the C++ step on each kernel path of this CPU.
-STEPS = ["python", "avx512", "avx2", "scalar"]
+STEPS = ["python", "avx512", "avxvnni", "avx2", "neon", "scalar"]
 
 
 def make_step(kind, model):
@@ -30,7 +30,7 @@ def make_step(kind, model):
 
     if kind not in native.isas():
         pytest.skip(f"this CPU (or build) cannot run the {kind} kernels: {native.kernel_path()}")
-    from kvformer.native import NativeDecodeStep
+    from kvformer.fast import NativeDecodeStep
 
     step = NativeDecodeStep(model, isa=kind)
     assert torch.ops.kvformer_native.plan_isa(step.handle) == kind

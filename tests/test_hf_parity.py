@@ -14,6 +14,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import inspect  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import shutil  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
@@ -73,10 +74,10 @@ CASES: dict[str, tuple[str, dict, str, dict, bool]] = {
     "mistral": ("MistralConfig", dict(LLAMA_BASE, num_key_value_heads=2, sliding_window=None,
                                       rope_theta=700.0),
                 "MistralForCausalLM", dict(n_kv_head=2, max_seq_len=MAX_POS), False),
-    # a window shorter than the context: kvformer caps max_seq_len at it (and warns)
+    # a window shorter than the sequence: the oldest keys drop out of it
     "mistral_window": ("MistralConfig", dict(LLAMA_BASE, num_key_value_heads=2,
-                                             sliding_window=PREFILL + DECODE + 2),
-                       "MistralForCausalLM", dict(max_seq_len=PREFILL + DECODE + 2), True),
+                                             sliding_window=5),
+                       "MistralForCausalLM", dict(max_seq_len=MAX_POS, sliding_window=5), False),
     "qwen2": ("Qwen2Config", dict(LLAMA_BASE, num_key_value_heads=2, tie_word_embeddings=True,
                                   rope_theta=900.0),
               "Qwen2ForCausalLM", dict(qkv_bias=True, bias=False, tie_embeddings=True), False),
@@ -318,17 +319,40 @@ def test_rope_theta_from_transformers5_and_transformers4_layouts():
     assert (cfg.d_model, cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.d_ff) == (64, 2, 4, 2, 96)
 
 
-@pytest.mark.parametrize("rope", [
-    {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
-                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192}},
-    {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},
-    {"rope_theta": 1e4, "rope_scaling": {"type": "linear", "factor": 2.0}},
-    {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+@pytest.mark.parametrize("rope, scaling", [
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
+                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 8192}},
+     {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 8192}),
+    # YaRN's attention factor defaults to 0.1 ln(factor) + 1, beta to 32 / 1
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                          "original_max_position_embeddings": 32}},
+     {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+      "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 0.1 * math.log(4.0) + 1,
+      "truncate": True}),
+    ({"rope_theta": 1e4, "rope_scaling": {"type": "linear", "factor": 2.0}},
+     {"type": "linear", "factor": 2.0}),
+    # dynamic NTK grows the base past max_position_embeddings (transformers' threshold)
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+     {"type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 128}),
 ])
-def test_scaled_rope_is_refused(rope):
-    with pytest.raises(UnsupportedArchitectureError, match="rope_type"):
+def test_rope_scaling_is_read_as_data(rope, scaling):
+    cfg = config_from_hf(_llama_dict(**rope))
+    assert cfg.rope_scaling == pytest.approx(scaling)
+    assert cfg.max_seq_len == (256 if scaling["type"] == "dynamic" else 128)
+
+
+@pytest.mark.parametrize("rope, words", [
+    ({"rope_scaling": {"rope_type": "mrope", "factor": 2.0}}, ["'mrope'", "linear"]),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
+     ["llama3", "low_freq_factor"]),
+    ({"partial_rotary_factor": 0.5}, ["partial_rotary_factor"]),
+])
+def test_unknown_or_incomplete_rope_is_refused(rope, words):
+    with pytest.raises((UnsupportedArchitectureError, CheckpointError)) as info:
         config_from_hf(_llama_dict(**rope))
+    assert all(w in str(info.value) for w in words), str(info.value)
 
 
 def test_unknown_architecture_lists_supported():
@@ -363,21 +387,25 @@ def test_sliding_windows():
     mistral = {"architectures": ["MistralForCausalLM"], "hidden_size": 64,
                "num_key_value_heads": 2, "num_hidden_layers": 2, "num_attention_heads": 4,
                "vocab_size": 100, "max_position_embeddings": 4096}
+
+    def window(config):
+        cfg = config_from_hf(config)
+        assert cfg.max_seq_len == 4096  # the context is never capped at the window
+        return cfg.sliding_window, cfg.sliding_layers
+
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # harmless windows: no warning
-        assert config_from_hf({**mistral, "sliding_window": None}).max_seq_len == 4096
-        assert config_from_hf({**mistral, "sliding_window": 4096}).max_seq_len == 4096
+        warnings.simplefilter("error")
+        assert window({**mistral, "sliding_window": None}) == (None, None)
+        assert window({**mistral, "sliding_window": 512}) == (512, None)  # every layer
+        assert window(mistral) == (4096, None)  # transformers' default for Mistral
         qwen = {**mistral, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 32}
-        assert config_from_hf({**qwen, "use_sliding_window": False}).max_seq_len == 4096
-        assert config_from_hf({**qwen, "use_sliding_window": True,
-                               "max_window_layers": 2}).max_seq_len == 4096
-        assert config_from_hf({**qwen, "use_sliding_window": True, "layer_types": [
-            "full_attention", "full_attention"]}).max_seq_len == 4096
-    with pytest.warns(UserWarning, match="sliding-window"):  # transformers' default: 4096
-        assert config_from_hf({**mistral, "max_position_embeddings": 32768}).max_seq_len == 4096
-    with pytest.warns(UserWarning, match="max_seq_len is capped at 32"):
-        assert config_from_hf({**qwen, "use_sliding_window": True,
-                               "max_window_layers": 1}).max_seq_len == 32
+        assert window({**qwen, "use_sliding_window": False}) == (None, None)
+        assert window({**qwen, "use_sliding_window": True, "max_window_layers": 2}) == \
+            (None, None)  # layers from max_window_layers on: none of 2
+        assert window({**qwen, "use_sliding_window": True, "max_window_layers": 1}) == \
+            (32, (1,))
+        assert window({**qwen, "use_sliding_window": True, "layer_types": [
+            "full_attention", "full_attention"]}) == (None, None)
 
 
 def test_llama_bias_flags_and_bad_shape_config():

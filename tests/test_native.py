@@ -1,6 +1,7 @@
-"""kvformer's native kernels, path by path (avx512, avx2, scalar: each one this CPU can run),
-against references computed here: the integer layout unpacked by torch ops, the matmul of
-the dequantized weight, the plain forward of the model. And the run-time choice of path."""
+"""kvformer's native kernels, path by path (avx512, avxvnni, avx2, neon, scalar: each one
+this CPU can run), against references computed here: the integer layout unpacked by torch ops, the
+matmul of the dequantized weight, the plain forward of the model. And the run-time choice of
+path."""
 
 import copy
 
@@ -17,7 +18,7 @@ from kvformer.quantize import (
     unpack_scales,
 )
 
-PATHS = ["avx512", "avx2", "scalar"]
+PATHS = ["avx512", "avxvnni", "avx2", "neon", "scalar"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,8 +47,13 @@ def test_paths_follow_what_the_cpu_reports():
     flags = cpu_flags()
     if flags:  # Linux
         assert ("avx2" in have) == ({"avx2", "fma", "f16c"} <= flags)
-        assert ("avx512" in have) == ({"avx512f", "avx512bw", "avx512vl", "avx512dq",
-                                       "avx512_vnni"} <= flags)
+        avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= flags
+        assert ("avx512" in have) == avx512
+        # 256-bit vpdpbusd: AVX-VNNI's VEX form, or the EVEX form every AVX-512 path CPU has
+        assert ("avxvnni" in have) == ("avx2" in have and ("avx_vnni" in flags or avx512))
+    features = set(native.cpuinfo("Features").partition(":")[2].split())
+    if features:  # Linux on ARM
+        assert ("neon" in have) == ("asimddp" in features)
 
 
 def test_kvformer_isa_forces_a_lower_path_and_refuses_a_missing_one(monkeypatch):
@@ -114,6 +120,22 @@ def test_every_path_computes_the_same_numbers(kind):
         torch.testing.assert_close(out, outs["scalar"], rtol=1e-5, atol=1e-6 * scale, msg=p)
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_vpdpbusd_gives_the_bits_of_vpmaddubsw(kind):
+    """The avxvnni path is the avx2 source with vpdpbusd in place of vpmaddubsw + vpmaddwd:
+    every integer sum is exact either way, so the results are the same bits. (This runs the
+    VEX form on a CPU with AVX-VNNI, the EVEX form on an AVX-512 one.)"""
+    use("avxvnni"), use("avx2")
+    torch.manual_seed(1)
+    w = torch.randn(64, 1536) * torch.rand(64, 1)  # rows of different scales
+    layer = (Int8Linear if kind == "int8" else Int4Linear).from_float(w)
+    a, b = (layer.qweight, layer.scale) if kind == "int8" else (layer.qweight, layer.scales)
+    for rows in (1, 2, 3, 5):
+        x = torch.randn(rows, 1536) * 30  # large activations: the widest integer sums
+        vnni = torch.ops.kvformer_native.linear(x, kind, a, b, "avxvnni")
+        assert torch.equal(vnni, torch.ops.kvformer_native.linear(x, kind, a, b, "avx2"))
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_dequantize_is_exact_on_every_path(path):
     layer, w = int4_layer(48, 96, seed=3)
@@ -148,7 +170,7 @@ def test_long_cache_with_padding_matches_the_forward(path, head_dim, dtype):
     """Past 256 cached slots attention is split into parts that run on different threads and
     are combined; a left-padded row masks its first slots. The step's logits and the K/V it
     writes equal those of Transformer.forward."""
-    from kvformer.native import NativeDecodeStep
+    from kvformer.fast import NativeDecodeStep
 
     model = model_for(head_dim, 6, 2, dtype)
     b, t = 2, 600
@@ -209,3 +231,75 @@ def test_the_plan_names_are_checked_on_both_sides():
     del ints["layers.1.down.kind"]
     with pytest.raises(RuntimeError, match="no integer 'layers.1.down.kind'"):
         make(named.tensors, ints)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("head_dim,dtype,mode", [(64, torch.float32, None),
+                                                 (48, torch.float32, None),
+                                                 (64, torch.bfloat16, None),
+                                                 (64, torch.float32, "int4")])
+def test_paged_step_reads_and_writes_the_pool_as_the_paged_forward_does(path, head_dim,
+                                                                        dtype, mode):
+    """The step over a paged pool: rows of different lengths (one past 256 slots, so its
+    attention is split and combined), blocks scattered through the pool, a first block that
+    two rows share. Its logits, and the whole pool after it, equal those of
+    Transformer.forward over the same pool (PagedBatch)."""
+    from kvformer.fast import NativeDecodeStep
+    from kvformer.serve.paged import BlockPool
+
+    model = model_for(head_dim, 6, 2, dtype, mode)
+    bs, lengths = 16, [3, 40, 300, 35]
+    gen = torch.Generator().manual_seed(1)
+    rows = [torch.randint(0, 256, (n + 1,), generator=gen).tolist() for n in lengths]
+    rows[3][:bs] = rows[1][:bs]  # rows 1 and 3 share their first block
+    ref = BlockPool.for_model(model, n_blocks=64, block_size=bs, prefix_caching=False)
+    order = torch.randperm(64, generator=gen).add(1).tolist()  # blocks out of order
+    tables = []
+    for i, n in enumerate(lengths):
+        k = ref.blocks_for(n + 1)
+        table = [tables[1][0]] + order[:k - 1] if i == 3 else order[:k]
+        del order[:k - 1 if i == 3 else k]
+        tables.append(table)
+    with torch.inference_mode():
+        step = NativeDecodeStep(model, isa=use(path))
+        for i, n in enumerate(lengths):
+            lo = bs if i == 3 else 0
+            model(torch.tensor([rows[i][lo:n]]), input_pos=torch.arange(lo, n)[None],
+                  cache=ref.batch([tables[i]], [lo]))
+        pool = BlockPool.for_model(model, n_blocks=64, block_size=bs, prefix_caching=False)
+        for a, b in zip(pool.k + pool.v, ref.k + ref.v):
+            a.copy_(b)
+        tokens = torch.tensor([[r[n]] for r, n in zip(rows, lengths)])
+        expected = model(tokens, input_pos=torch.tensor(lengths)[:, None],
+                         cache=ref.batch(tables, lengths))
+        padded = torch.zeros(len(tables), max(map(len, tables)), dtype=torch.long)
+        for i, t in enumerate(tables):
+            padded[i, :len(t)] = torch.tensor(t)
+        out = step.paged(tokens, pool, padded, torch.tensor(lengths))
+    # int4: the step's kernels take activations as two int8 levels (docs/architecture.md)
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-3 if mode else 1e-4
+    torch.testing.assert_close(out.float(), expected.float(),
+                               atol=tol * expected.abs().max().item(), rtol=0)
+    used = sorted({b for t in tables for b in t})
+    unused = [b for b in range(65) if b not in used]
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    for a, b in zip(pool.k + pool.v, ref.k + ref.v):
+        for table, n in zip(tables, lengths):  # every slot of every row, the new one too
+            ia = pool.slot_index(table, 0, n + 1)
+            h, d = a.shape[0], a.shape[-1]
+            torch.testing.assert_close(a.view(h, -1, d)[:, ia].float(),
+                                       b.view(h, -1, d)[:, ia].float(), atol=tol, rtol=tol)
+        assert torch.equal(a[:, unused].view(bits), b[:, unused].view(bits))  # untouched
+
+
+def test_paged_step_refuses_a_table_without_room():
+    from kvformer.fast import NativeDecodeStep
+    from kvformer.serve.paged import BlockPool
+
+    model = model_for(64, 6, 2, torch.float32)
+    pool = BlockPool.for_model(model, n_blocks=4, block_size=4)
+    step = NativeDecodeStep(model)
+    with pytest.raises(RuntimeError, match="has no room for slot 4"):
+        step.paged(torch.tensor([[1]]), pool, torch.tensor([[1]]), torch.tensor([4]))
+    with pytest.raises(RuntimeError, match="names block 9"):
+        step.paged(torch.tensor([[1]]), pool, torch.tensor([[9]]), torch.tensor([2]))

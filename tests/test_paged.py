@@ -162,27 +162,35 @@ def test_forward_without_room_in_the_table_refuses():
         model(torch.tensor([[1, 2, 3, 4, 5]]), cache=batch)  # 5 tokens, 4 slots
 
 
-@pytest.mark.parametrize("fast", [False, True])  # the model's forward; accelerate(model)
+@pytest.mark.parametrize("fast", [False, "python", "native"])  # forward; accelerate(model)
 def test_engine_preempts_when_blocks_run_out_and_still_matches_generate(fast, monkeypatch):
+    """With preemptions (and the prefix cache bringing blocks back), the engine's greedy
+    tokens equal generate's: through the model's forward, through the Python decode step on
+    a gathered step cache, and through the C++ step reading the pool in place."""
+    if fast == "native":
+        native_or_skip(None)
     model = tiny(seed=1)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(8)  # decisive logits: no near-ties for batching noise to flip
     prompts = [[i % 60 + 1 for i in range(k, k + 6 + 3 * k)] for k in range(6)]
     expected = [generate(model, p, 24) for p in prompts]
-    gathers, steps = [], []
-    if fast:  # decode steps through the fast step on a gathered contiguous cache
-        model = accelerate(copy.deepcopy(model))
-        from kvformer.serve.paged import PagedBatch
+    gathers, steps, paged = [], [], []
 
-        def counted(method, log):
-            def spy(self, *a):
-                log.append(1)
-                return method(self, *a)
-            return spy
+    def counted(method, log):
+        def spy(self, *a):
+            log.append(1)
+            return method(self, *a)
+        return spy
+
+    if fast:
+        model = accelerate(copy.deepcopy(model), native=False if fast == "python" else None)
+        from kvformer.fast import NativeDecodeStep
+        from kvformer.serve.paged import PagedBatch
 
         monkeypatch.setattr(PagedBatch, "step_cache", counted(PagedBatch.step_cache, gathers))
         monkeypatch.setattr(PagedBatch, "write_back", counted(PagedBatch.write_back, steps))
+        monkeypatch.setattr(NativeDecodeStep, "paged", counted(NativeDecodeStep.paged, paged))
     # 6 sequences of up to 45 tokens in 20 blocks of 4 (80 slots): they cannot all fit
     engine = Engine(model, None, max_batch=6, kv_blocks=20, block_size=4, prefill_chunk=8)
     with engine:
@@ -207,8 +215,10 @@ def test_engine_preempts_when_blocks_run_out_and_still_matches_generate(fast, mo
     for outs, exp in zip(sinks, expected):
         assert [t for o in outs for t in o.token_ids] == exp
         assert outs[-1].finish_reason == "length" and outs[-1].completion_tokens == 24
-    if fast:  # the same rows' next steps reuse the gathered cache: far fewer gathers
-        assert 0 < len(gathers) < len(steps) / 2
+    if fast == "python":  # the same rows' next steps reuse the gathered cache
+        assert 0 < len(gathers) < len(steps) / 2 and not paged
+    if fast == "native":  # every decode step read the pool in place: nothing gathered
+        assert len(paged) > 20 and not gathers and not steps
 
 
 def test_a_sequence_larger_than_the_pool_ends_with_length():

@@ -29,7 +29,7 @@ from kvformer.quantize import (
 
 # Every way a quantized layer can compute: torch's own ops, and each kernel path of
 # kvformer's that this CPU can run (the others are skipped, with the reason).
-PATHS = ["torch", "avx512", "avx2", "scalar"]
+PATHS = ["torch", "avx512", "avxvnni", "avx2", "neon", "scalar"]
 
 
 def use_path(path):

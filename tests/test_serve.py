@@ -309,13 +309,14 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
         assert "error" in r.json()
     # too large a body: 413, with and without a declared length
     big = json.dumps({"model": MODEL, "prompt": "a" * (2 << 20)}).encode()
-    assert httpx.post(curl, content=big).status_code == 413
+    as_json = {"Content-Type": "application/json"}
+    assert httpx.post(curl, content=big, headers=as_json).status_code == 413
 
     def chunks():
         for i in range(0, len(big), 65536):
             yield big[i:i + 65536]
 
-    assert httpx.post(curl, content=chunks()).status_code == 413
+    assert httpx.post(curl, content=chunks(), headers=as_json).status_code == 413
     r = httpx.get(server.url + "/v1/nothing-here")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     # the official client sees them as its typed errors

@@ -18,12 +18,21 @@ Facts this module relies on (from the GGUF spec and llama.cpp's converter):
 
   with ``n = n_head`` for Q and ``n = n_kv_head`` for K. The inverse used at load time is
   ``hf = gguf.reshape(n, head_dim // 2, 2, *rest).swapaxes(1, 2).reshape(gguf.shape)``.
-  Qwen2 (NEOX rope in llama.cpp) and GPT-2 are stored unpermuted.
-* GPT-2's fused ``attn_qkv`` is stored in Linear layout ``[q; k; v]`` along the rows.
+  Qwen2, Qwen3, Gemma 2/3, Phi-3 (NEOX rope in llama.cpp) and GPT-2 are stored unpermuted.
+* GPT-2's and Phi-3's fused ``attn_qkv`` is stored in Linear layout ``[q; k; v]`` along the
+  rows; Phi-3's ``ffn_up`` holds ``[gate; up]``.
+* Gemma's RMSNorm weights are stored as 1 + w (the multiplier), which is kvformer's form.
+* Rotary scaling: ``rope.scaling.type`` / ``.factor`` / ``.original_context_length`` /
+  ``.yarn_beta_*``, Llama 3's per-frequency ``rope_freqs.weight`` and Phi-3's
+  ``rope_factors_long/short.weight`` (with ``rope.scaling.attn_factor``) become
+  ``ModelConfig.rope_scaling``. Every ``{arch}.`` key is either read (``GGUF_ARCH_KEYS``),
+  known harmless (``GGUF_NEUTRAL_KEYS``) or refused; so is every tensor kvformer has no
+  place for.
 """
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -84,6 +93,10 @@ GGUF_TENSOR_NAMES: dict[str, str] = {
     "blk.{i}.ffn_up.bias": "layers.{i}.mlp.w_up.bias",
     "blk.{i}.ffn_down.weight": "layers.{i}.mlp.w_down.weight",
     "blk.{i}.ffn_down.bias": "layers.{i}.mlp.w_down.bias",
+    "blk.{i}.attn_q_norm.weight": "layers.{i}.attn.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "layers.{i}.attn.k_norm.weight",
+    "blk.{i}.post_attention_norm.weight": "layers.{i}.attn_post_norm.weight",
+    "blk.{i}.post_ffw_norm.weight": "layers.{i}.mlp_post_norm.weight",
 }
 
 # Fused GGUF tensors split row-wise into (q, k, v) kvformer tensors.
@@ -94,22 +107,75 @@ GGUF_FUSED_QKV: dict[str, tuple[str, str, str]] = {
                               "layers.{i}.attn.wv.bias"),
 }
 
-# GGUF tensors that exist in real files but have no place in kvformer (skipped with a warning).
-GGUF_IGNORED_TENSORS: dict[str, str] = {
-    "rope_freqs.weight": "per-frequency rope scaling factors (Llama 3.1 style) are not "
-                         "implemented; long-context positions will differ from llama.cpp",
+# Phi-3 keeps gate and up in one matrix under ffn_up ([gate; up] rows).
+GGUF_FUSED_GATE_UP: dict[str, tuple[str, str]] = {
+    "blk.{i}.ffn_up.weight": ("layers.{i}.mlp.w_gate.weight", "layers.{i}.mlp.w_up.weight"),
 }
 
-# What each supported ``general.architecture`` means in ModelConfig terms.
-# "permute_qk": Q/K rows stored in llama.cpp's interleaved rotary layout (undone at load).
+# Tensors that are rotary scaling factors, one per frequency: they become
+# ModelConfig.rope_scaling (config_from_gguf reads them), not weights.
+GGUF_ROPE_TENSORS: dict[str, str] = {
+    "rope_freqs.weight": "factors",  # llama.cpp's form of Llama 3.1's scaling
+    "rope_factors_long.weight": "long_factor",  # Phi-3's LongRoPE
+    "rope_factors_short.weight": "short_factor",
+}
+
+# What each supported ``general.architecture`` means in ModelConfig terms (the facts are
+# llama.cpp's: its converter and its loader).
+#   permute_qk       Q/K rows stored in llama.cpp's interleaved rotary layout (undone at load)
+#   qk_norm          attn_q_norm / attn_k_norm on every head (Qwen3, Gemma 3)
+#   gemma            norms after each branch, embeddings times sqrt(d_model), and the
+#                    attention scale 1/sqrt(head_dim), or 1/sqrt(d_model / n_head) for
+#                    the 27B models (``big_layers`` layers), as llama.cpp decides it
+#   window_pattern   every pattern-th layer global, the others windowed
+#   default_window   the window when the file does not say (Gemma 2: 4096)
+#   local_rope_theta the windowed layers' unscaled rotary base (Gemma 3: 10000)
+#   softcaps         (attention, final) when the file does not say (Gemma 2: 50, 30)
+#   fused_gate_up    ffn_up holds gate and up (Phi-3)
+_RMS = dict(norm="rmsnorm", pos="rope", bias=False, qkv_bias=False,
+            eps_key="attention.layer_norm_rms_epsilon", permute_qk=False)
 GGUF_ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "llama": dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, qkv_bias=False,
-                  eps_key="attention.layer_norm_rms_epsilon", permute_qk=True),
-    "qwen2": dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, qkv_bias=True,
-                  eps_key="attention.layer_norm_rms_epsilon", permute_qk=False),
+    "llama": dict(_RMS, mlp="swiglu", permute_qk=True),
+    "qwen2": dict(_RMS, mlp="swiglu", qkv_bias=True),
+    "qwen3": dict(_RMS, mlp="swiglu", qk_norm=True),
+    "gemma2": dict(_RMS, mlp="geglu", gemma=True, big_layers=46, window_pattern=2,
+                   default_window=4096, softcaps=(50.0, 30.0)),
+    "gemma3": dict(_RMS, mlp="geglu", gemma=True, big_layers=62, window_pattern=6,
+                   qk_norm=True, local_rope_theta=10000.0, softcaps=(None, None)),
+    "phi3": dict(_RMS, mlp="swiglu", fused_gate_up=True),
     "gpt2": dict(norm="layernorm", pos="learned", mlp="gelu", bias=True, qkv_bias=True,
                  eps_key="attention.layer_norm_epsilon", permute_qk=False),
 }
+
+# Every "{arch}." metadata key kvformer reads into the config. A file with any other key
+# under its architecture's name, or any other top-level namespace than these, is refused:
+# an unknown key may change the computation (GGUF_NEUTRAL_KEYS lists the keys that are
+# harmless with the value they have in ordinary files).
+GGUF_ARCH_KEYS: tuple[str, ...] = (
+    "vocab_size", "context_length", "embedding_length", "block_count", "feed_forward_length",
+    "attention.head_count", "attention.head_count_kv", "attention.key_length",
+    "attention.value_length", "attention.layer_norm_rms_epsilon",
+    "attention.layer_norm_epsilon", "attention.scale", "attention.sliding_window",
+    "attention.sliding_window_pattern", "attn_logit_softcapping", "final_logit_softcapping",
+    "rope.dimension_count", "rope.freq_base", "rope.freq_base_swa", "rope.scale_linear",
+    "rope.scaling.type", "rope.scaling.factor", "rope.scaling.original_context_length",
+    "rope.scaling.attn_factor", "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow",
+)
+GGUF_NEUTRAL_KEYS: dict[str, Any] = {  # key -> a test of its value: True when harmless
+    "expert_count": lambda v: v == 0,
+    "expert_used_count": lambda v: v == 0,
+    "attention.causal": lambda v: v is True,
+    "rope.scaling.finetuned": lambda v: True,  # a note on how the model was trained
+    "logit_scale": lambda v: v == 1.0,
+    "embedding_scale": lambda v: v == 1.0,
+    "residual_scale": lambda v: v == 1.0,
+    "use_parallel_residual": lambda v: v is False,
+    "pooling_type": lambda v: v == 0,
+}
+# Top-level namespaces: general.* describes the file (its alignment is honoured, and its
+# type must be a model), tokenizer.* is the tokenizer's (Tokenizer.from_gguf checks it),
+# quantize.* records how the weights were quantized, split.* must say "one file".
+GGUF_NAMESPACES = ("general.", "tokenizer.", "quantize.", "split.")
 
 # kvformer tensor (suffix after "layers.{i}.") -> which head count its rows are grouped by,
 # for the rotary un-permutation.
@@ -121,18 +187,24 @@ _PERMUTED_ROWS: dict[str, str] = {
 }
 
 
-def _build_name_lookup(n_layer: int) -> tuple[dict[str, str], dict[str, tuple[str, str, str]]]:
+def _build_name_lookup(n_layer: int, arch: str | None = None
+                       ) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
     single: dict[str, str] = {}
-    fused: dict[str, tuple[str, str, str]] = {}
+    fused: dict[str, tuple[str, ...]] = {}
+    fused_tables: dict[str, tuple[str, ...]] = dict(GGUF_FUSED_QKV)
+    if GGUF_ARCHITECTURES.get(arch, {}).get("fused_gate_up"):
+        fused_tables.update(GGUF_FUSED_GATE_UP)
     for src, dst in GGUF_TENSOR_NAMES.items():
+        if src in fused_tables:
+            continue
         if "{i}" in src:
             for i in range(n_layer):
                 single[src.format(i=i)] = dst.format(i=i)
         else:
             single[src] = dst
-    for src, dsts in GGUF_FUSED_QKV.items():
+    for src, dsts in fused_tables.items():
         for i in range(n_layer):
-            fused[src.format(i=i)] = tuple(d.format(i=i) for d in dsts)  # type: ignore[misc]
+            fused[src.format(i=i)] = tuple(d.format(i=i) for d in dsts)
     return single, fused
 
 
@@ -144,22 +216,24 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"tok_emb.weight": (cfg.vocab_size, d)}
     if cfg.pos == "learned":
         shapes["pos_emb.weight"] = (cfg.max_seq_len, d)
+    norms = ("attn_norm", "mlp_norm") + (("attn_post_norm", "mlp_post_norm")
+                                         if cfg.post_norms else ())
     for i in range(cfg.n_layer):
         p = f"layers.{i}."
-        shapes[p + "attn_norm.weight"] = (d,)
-        if norm_bias:
-            shapes[p + "attn_norm.bias"] = (d,)
+        for norm in norms:
+            shapes[f"{p}{norm}.weight"] = (d,)
+            if norm_bias:
+                shapes[f"{p}{norm}.bias"] = (d,)
         for name, rows in (("wq", q_out), ("wk", kv_out), ("wv", kv_out)):
             shapes[f"{p}attn.{name}.weight"] = (rows, d)
             if cfg.qkv_bias:
                 shapes[f"{p}attn.{name}.bias"] = (rows,)
+        if cfg.qk_norm:
+            shapes[p + "attn.q_norm.weight"] = shapes[p + "attn.k_norm.weight"] = (hd,)
         shapes[p + "attn.wo.weight"] = (d, q_out)
         if cfg.bias:
             shapes[p + "attn.wo.bias"] = (d,)
-        shapes[p + "mlp_norm.weight"] = (d,)
-        if norm_bias:
-            shapes[p + "mlp_norm.bias"] = (d,)
-        mats = (("w_gate", (ff, d)),) if cfg.mlp == "swiglu" else ()
+        mats = (("w_gate", (ff, d)),) if cfg.gated_mlp else ()
         mats += (("w_up", (ff, d)), ("w_down", (d, ff)))
         for name, shape in mats:
             shapes[f"{p}mlp.{name}.weight"] = shape
@@ -743,13 +817,57 @@ def _file_label(path) -> str:
     return os.fspath(path) if path is not None else "<GGUF metadata>"
 
 
+def check_metadata_keys(metadata: dict[str, Any], label: str = "<GGUF metadata>") -> None:
+    """Refuse a file whose metadata holds a key kvformer neither reads nor knows to be
+    harmless (it might change the computation), or that is not one whole model."""
+    arch = metadata.get("general.architecture")
+    prefix = f"{arch}."
+    for key, value in metadata.items():
+        if key.startswith(prefix):
+            suffix = key[len(prefix):]
+            if suffix in GGUF_ARCH_KEYS:
+                continue
+            harmless = GGUF_NEUTRAL_KEYS.get(suffix)
+            if harmless is not None:
+                if harmless(value):
+                    continue
+                raise UnsupportedArchitectureError(
+                    f"{label}: metadata {key} = {_short(value)} changes the model in a way "
+                    "kvformer does not implement")
+            raise UnsupportedArchitectureError(
+                f"{label}: metadata key {key!r} (= {_short(value)}) is one kvformer does not "
+                "read; it may change the computation, so the file is refused")
+        if not key.startswith(GGUF_NAMESPACES):
+            raise UnsupportedArchitectureError(
+                f"{label}: metadata key {key!r} is outside what a {arch} model file holds "
+                f"(keys start with {arch}. or {', '.join(GGUF_NAMESPACES)}); refused")
+    kind = metadata.get("general.type", "model")
+    if kind != "model":
+        raise UnsupportedArchitectureError(
+            f"{label}: general.type is {kind!r}, not a model (an adapter or projector is "
+            "applied to a model; kvformer loads whole models only)")
+    if metadata.get("split.count", 1) not in (0, 1):
+        raise CheckpointError(
+            f"{label}: one of {metadata['split.count']} split GGUF files; merge them first "
+            "(llama.cpp's gguf-split --merge)")
+
+
+def _factor_values(f: GGUFFile, name: str) -> list[float]:
+    """A small per-frequency factor tensor's values (fp32 in the file, exact as floats)."""
+    info = f.tensors[name]
+    return [float(x) for x in _load_one(f, info, torch.float32).reshape(-1)]
+
+
 def config_from_gguf(metadata: dict[str, Any], path=None) -> ModelConfig:
     """A ModelConfig from GGUF metadata.
 
     ``path`` (a file path or an open :class:`GGUFFile`) names the file in errors and lets the
     tensor list decide ``tie_embeddings`` (no ``output.weight``) and the vocabulary size
-    (rows of ``token_embd.weight``). Without it, ``tie_embeddings`` is False and the vocabulary
-    comes from ``{arch}.vocab_size`` or the tokenizer's token list.
+    (rows of ``token_embd.weight``), and the rotary factor tensors (``rope_freqs.weight``,
+    Phi-3's ``rope_factors_long/short.weight``) become ``rope_scaling``. Without it,
+    ``tie_embeddings`` is False, the vocabulary comes from ``{arch}.vocab_size`` or the
+    tokenizer's token list, and a file with rotary factor tensors is refused when its
+    tensors are read.
     """
     label = _file_label(path)
     arch = metadata.get("general.architecture")
@@ -758,13 +876,19 @@ def config_from_gguf(metadata: dict[str, Any], path=None) -> ModelConfig:
             f"{label}: architecture {_short(arch)} is not supported; kvformer reads GGUF files of "
             f"these architectures: {', '.join(sorted(GGUF_ARCHITECTURES))}")
     spec = GGUF_ARCHITECTURES[arch]
+    check_metadata_keys(metadata, label)
 
-    tensors: dict[str, GGUFTensorInfo] | None = None
     if isinstance(path, GGUFFile):
-        tensors = path.tensors
-    elif path is not None:
+        return _config(metadata, path, label, arch, spec)
+    if path is not None:
         with GGUFFile(path) as f:
-            tensors = f.tensors
+            return _config(metadata, f, label, arch, spec)
+    return _config(metadata, None, label, arch, spec)
+
+
+def _config(metadata: dict[str, Any], f: GGUFFile | None, label: str, arch: str,
+            spec: dict[str, Any]) -> ModelConfig:
+    tensors = f.tensors if f is not None else None
 
     def get(key: str, default: Any = None, required: bool = False, kind: type = int) -> Any:
         full = f"{arch}.{key}"
@@ -783,10 +907,6 @@ def config_from_gguf(metadata: dict[str, Any], path=None) -> ModelConfig:
                     "the file is corrupt or describes an unsupported variant")
         return value
 
-    if get("expert_count", 0):
-        raise UnsupportedArchitectureError(
-            f"{label}: {arch} with mixture-of-experts ({get('expert_count')} experts) is not "
-            "supported; kvformer runs dense models only")
     d_model = get("embedding_length", required=True)
     n_layer = get("block_count", required=True)
     n_head = get("attention.head_count", required=True)
@@ -799,7 +919,7 @@ def config_from_gguf(metadata: dict[str, Any], path=None) -> ModelConfig:
             "tensors; the metadata is corrupt")
     key_len, value_len = get("attention.key_length"), get("attention.value_length")
     rope_dim = get("rope.dimension_count")
-    head_dim = key_len or rope_dim or d_model // n_head
+    head_dim = key_len or d_model // n_head  # llama.cpp's n_embd_head_k
     if value_len is not None and value_len != head_dim:
         raise UnsupportedArchitectureError(
             f"{label}: key length {head_dim} differs from value length {value_len}; kvformer "
@@ -808,10 +928,6 @@ def config_from_gguf(metadata: dict[str, Any], path=None) -> ModelConfig:
         raise UnsupportedArchitectureError(
             f"{label}: partial rotary embeddings (rope over {rope_dim} of {head_dim} dims) "
             "are not supported")
-    scaling = get("rope.scaling.type", kind=object)
-    if scaling not in (None, "none") or get("rope.scale_linear", kind=object) not in (None, 1.0):
-        warnings.warn(f"{label}: rope scaling ({scaling or 'linear'}) is not implemented; "
-                      "positions use plain rotary embeddings", stacklevel=2)
 
     vocab = get("vocab_size")
     if vocab is None and tensors is not None and "token_embd.weight" in tensors:
@@ -823,26 +939,183 @@ def config_from_gguf(metadata: dict[str, Any], path=None) -> ModelConfig:
         raise CheckpointError(f"{label}: cannot tell the vocabulary size (no {arch}.vocab_size, "
                               "token_embd.weight or tokenizer.ggml.tokens)")
 
-    eps = get(spec["eps_key"], 1e-5, kind=float)
+    eps_key = spec["eps_key"]
+    other_eps = ("attention.layer_norm_epsilon" if eps_key.endswith("rms_epsilon")
+                 else "attention.layer_norm_rms_epsilon")
+    if get(other_eps, kind=object) is not None:
+        raise UnsupportedArchitectureError(
+            f"{label}: {arch}.{other_eps} is set, but a {arch} model has no such norm")
+    eps = get(eps_key, 1e-5, kind=float)
     name = metadata.get("general.name")
     if not name:
-        name = os.path.splitext(os.path.basename(label))[0] if path is not None else arch
+        name = os.path.splitext(os.path.basename(label))[0] if f is not None else arch
+    fields: dict[str, Any] = dict(
+        vocab_size=vocab, d_model=d_model, n_layer=n_layer, n_head=n_head,
+        n_kv_head=n_kv_head, head_dim=head_dim,
+        d_ff=get("feed_forward_length", 4 * d_model),
+        max_seq_len=get("context_length", 2048),
+        norm=spec["norm"], norm_eps=_as_f32_float(eps), pos=spec["pos"],
+        rope_theta=_as_f32_float(get("rope.freq_base", 10000.0, kind=float)),
+        mlp=spec["mlp"], bias=spec["bias"], qkv_bias=spec["qkv_bias"],
+        qk_norm=bool(spec.get("qk_norm")),
+        tie_embeddings=tensors is not None and "output.weight" not in tensors,
+        name=str(name))
+    if spec["pos"] == "rope":
+        fields["rope_scaling"] = _gguf_rope_scaling(get, f, label, arch, head_dim,
+                                                    fields["max_seq_len"])
+    scale = get("attention.scale", kind=float)
+    if scale:  # 0 means "the default" to llama.cpp
+        fields["attn_scale"] = _as_f32_float(scale)
+    fields.update(_gguf_windows(get, spec, n_layer, label, arch))
+    if spec.get("gemma"):
+        fields.update(_gguf_gemma(get, spec, fields, label, arch))
+    else:
+        caps = [f"{arch}.{k}" for k in ("attn_logit_softcapping", "final_logit_softcapping")
+                if get(k, kind=object) is not None]
+        if caps:
+            raise UnsupportedArchitectureError(
+                f"{label}: {', '.join(caps)} on a {arch} model, which llama.cpp does not "
+                "soft-cap; refused rather than guessed")
     try:
-        return ModelConfig(
-            vocab_size=vocab, d_model=d_model, n_layer=n_layer, n_head=n_head,
-            n_kv_head=n_kv_head, head_dim=head_dim,
-            d_ff=get("feed_forward_length", 4 * d_model),
-            max_seq_len=get("context_length", 2048),
-            norm=spec["norm"], norm_eps=_as_f32_float(eps), pos=spec["pos"],
-            rope_theta=_as_f32_float(get("rope.freq_base", 10000.0, kind=float)),
-            mlp=spec["mlp"],
-            bias=spec["bias"], qkv_bias=spec["qkv_bias"],
-            tie_embeddings=tensors is not None and "output.weight" not in tensors,
-            name=str(name),
-        )
+        return ModelConfig(**fields)
     except ValueError as exc:
         raise CheckpointError(f"{label}: the GGUF metadata describes an invalid model: {exc}") \
             from exc
+
+
+def _gguf_rope_scaling(get, f: GGUFFile | None, label: str, arch: str, head_dim: int,
+                       context: int) -> dict[str, Any] | None:
+    """rope_scaling from rope.scaling.* (and the older rope.scale_linear) and the factor
+    tensors, as llama.cpp reads them; combinations it would run differently are refused."""
+    kind = get("rope.scaling.type", "none", kind=str)
+    factor = get("rope.scaling.factor", kind=float)
+    original = get("rope.scaling.original_context_length")
+    attn_factor = get("rope.scaling.attn_factor", kind=float)
+    linear = get("rope.scale_linear", kind=float)
+    present = {name: _factor_values(f, name) for name in GGUF_ROPE_TENSORS
+               if f is not None and name in f.tensors}
+    # (a file read without its tensors: a factor tensor is refused when the weights are read)
+
+    def refuse(why: str):
+        return UnsupportedArchitectureError(f"{label}: {why}; kvformer refuses rather than "
+                                            "compute different positions")
+
+    if factor is None:  # llama.cpp: rope.scaling.factor, else the older rope.scale_linear
+        factor = linear
+    if kind == "none" and factor not in (None, 1.0):
+        kind = "linear"  # llama.cpp divides the frequencies by the factor whatever the type
+    yarn_keys = [k for k in ("rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow")
+                 if get(k, kind=object) is not None]
+    if yarn_keys and kind != "yarn":
+        raise refuse(f"{', '.join(yarn_keys)} set for rope scaling {kind!r}")
+    long_short = {"rope_factors_long.weight", "rope_factors_short.weight"} & set(present)
+    if "rope_freqs.weight" in present:
+        if kind != "none" or long_short:
+            raise refuse(f"rope_freqs.weight together with rope scaling {kind!r}")
+        if attn_factor not in (None, 1.0):
+            raise refuse(f"{arch}.rope.scaling.attn_factor with rope_freqs.weight")
+        return {"type": "factors", "factors": _per_frequency(present["rope_freqs.weight"],
+                                                             head_dim, label)}
+    if long_short:
+        if kind not in ("none", "longrope") or len(long_short) != 2:
+            raise refuse("Phi-3 LongRoPE needs both rope_factors_long and rope_factors_short "
+                         f"and no other rope scaling (found {kind!r})")
+        if original is None:
+            raise refuse("LongRoPE factors without rope.scaling.original_context_length")
+        if attn_factor is None:  # transformers' default, from the two context lengths
+            scale = context / original
+            attn_factor = (1.0 if scale <= 1 else
+                           math.sqrt(1 + math.log(scale) / math.log(original)))
+        return {"type": "longrope",
+                "short_factor": _per_frequency(present["rope_factors_short.weight"],
+                                               head_dim, label),
+                "long_factor": _per_frequency(present["rope_factors_long.weight"],
+                                              head_dim, label),
+                "original_max_position_embeddings": int(original),
+                "attention_factor": _as_f32_float(attn_factor)}
+    if attn_factor not in (None, 1.0):
+        raise refuse(f"{arch}.rope.scaling.attn_factor = {attn_factor} with rope scaling "
+                     f"{kind!r}")
+    if kind == "none":
+        return None
+    if kind == "linear":
+        if factor in (None, 1.0):
+            return None  # llama.cpp: no factor is a factor of 1
+        return {"type": "linear", "factor": _as_f32_float(factor)}
+    if kind == "yarn":
+        if factor is None or original is None:
+            raise refuse("YaRN rope scaling without rope.scaling.factor and "
+                         "rope.scaling.original_context_length")
+        factor = _as_f32_float(factor)
+        return {"type": "yarn", "factor": factor,
+                "original_max_position_embeddings": int(original),
+                "beta_fast": _as_f32_float(get("rope.scaling.yarn_beta_fast", 32.0, kind=float)),
+                "beta_slow": _as_f32_float(get("rope.scaling.yarn_beta_slow", 1.0, kind=float)),
+                # llama.cpp: mscale = 1 + 0.1 ln(factor), as YaRN and transformers
+                "attention_factor": 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0,
+                "truncate": True}
+    raise refuse(f"rope scaling type {kind!r} is not one kvformer implements (none, linear, "
+                 "yarn, and Phi-3's LongRoPE and Llama 3's rope_freqs tensors)")
+
+
+def _per_frequency(values: list[float], head_dim: int, label: str) -> list[float]:
+    if len(values) != head_dim // 2:
+        raise CheckpointError(f"{label}: a rotary factor tensor has {len(values)} values for "
+                              f"{head_dim // 2} frequencies; the file is corrupt")
+    return values
+
+
+def _gguf_windows(get, spec: dict[str, Any], n_layer: int, label: str,
+                  arch: str) -> dict[str, Any]:
+    """Sliding windows: the window, which layers (a pattern from the file or the
+    architecture), the windowed layers' rotary base."""
+    window = get("attention.sliding_window", spec.get("default_window"))
+    pattern = get("attention.sliding_window_pattern", spec.get("window_pattern"), kind=object)
+    local_theta = get("rope.freq_base_swa", spec.get("local_rope_theta"), kind=float)
+    if not window:  # absent, or 0 (Phi-3 files write 0 for "none")
+        return {}
+    if isinstance(pattern, list):  # one flag per layer
+        if len(pattern) != n_layer or not all(isinstance(x, bool) for x in pattern):
+            raise CheckpointError(f"{label}: {arch}.attention.sliding_window_pattern has "
+                                  f"{len(pattern)} entries for {n_layer} layers")
+        layers = [i for i, on in enumerate(pattern) if on]
+    elif pattern is None:
+        layers = list(range(n_layer))
+    elif isinstance(pattern, int) and not isinstance(pattern, bool) and pattern >= 1:
+        layers = [i for i in range(n_layer) if i % pattern < pattern - 1] if pattern > 1 \
+            else list(range(n_layer))
+    else:
+        raise CheckpointError(f"{label}: {arch}.attention.sliding_window_pattern = "
+                              f"{_short(pattern)} is not a layer count or a list of flags")
+    if not layers:
+        return {}
+    fields: dict[str, Any] = dict(
+        sliding_window=int(window),
+        sliding_layers=None if len(layers) == n_layer else tuple(layers))
+    if local_theta is not None:
+        fields["local_rope_theta"] = _as_f32_float(local_theta)
+    return fields
+
+
+def _gguf_gemma(get, spec: dict[str, Any], fields: dict[str, Any], label: str,
+                arch: str) -> dict[str, Any]:
+    attn_cap, final_cap = spec["softcaps"]
+    if arch == "gemma3" and get("attn_logit_softcapping", kind=object) is not None:
+        raise UnsupportedArchitectureError(
+            f"{label}: gemma3.attn_logit_softcapping is set, which llama.cpp and transformers "
+            "ignore for Gemma 3; refused rather than guessed")
+    attn_cap = get("attn_logit_softcapping", attn_cap, kind=float)
+    final_cap = get("final_logit_softcapping", final_cap, kind=float)
+    d, n_head = fields["d_model"], fields["n_head"]
+    # llama.cpp: 1/sqrt(d_model / n_head) for the 27B models, 1/sqrt(head_dim) otherwise
+    # (the files do not carry query_pre_attn_scalar)
+    scalar = d // n_head if fields["n_layer"] == spec["big_layers"] else fields["head_dim"]
+    out = dict(post_norms=True, embed_scale=float(d ** 0.5),
+               attn_softcap=_as_f32_float(attn_cap) if attn_cap else None,
+               final_softcap=_as_f32_float(final_cap) if final_cap else None)
+    if "attn_scale" not in fields:
+        out["attn_scale"] = float(scalar) ** -0.5
+    return out
 
 
 # --------------------------------------------------------------------------- tensors
@@ -885,7 +1158,7 @@ def _iter_tensors(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
     if cfg.n_layer > len(f.tensors):
         raise CheckpointError(f"{f.path}: the config has {cfg.n_layer} layers but the file holds "
                               f"only {len(f.tensors)} tensors")
-    single, fused = _build_name_lookup(cfg.n_layer)
+    single, fused = _build_name_lookup(cfg.n_layer, arch)
     expected = expected_shapes(cfg)
 
     # Plan: (gguf name, [kvformer names]) in file order; check everything before yielding.
@@ -896,14 +1169,14 @@ def _iter_tensors(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
             targets: tuple[str, ...] = (single[gname],)
         elif gname in fused:
             targets = fused[gname]
-        elif gname in GGUF_IGNORED_TENSORS:
-            warnings.warn(f"{f.path}: skipping {gname}: {GGUF_IGNORED_TENSORS[gname]}",
-                          stacklevel=3)
+        elif gname in GGUF_ROPE_TENSORS:
+            _check_rope_tensor(f, gname, cfg)
             continue
         else:
-            warnings.warn(f"{f.path}: skipping tensor {gname!r}, which kvformer has no place "
-                          "for", stacklevel=3)
-            continue
+            raise UnsupportedArchitectureError(
+                f"{f.path}: tensor {gname!r} ({list(f.tensors[gname].shape)}) has no place in "
+                f"a kvformer {arch} model; the file holds a variant kvformer does not "
+                "implement")
         if gname == "output.weight" and cfg.tie_embeddings:
             continue  # tied config: the embedding serves as the output projection
         unknown = [t for t in targets if t not in expected]
@@ -936,9 +1209,10 @@ def _iter_tensors(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
             want_rows = sum(expected[t][0] for t in targets)
             want = (want_rows, *expected[targets[0]][1:])
             if info.shape != want:
+                parts = " and ".join(t.rsplit(".", 2)[-2] for t in targets)
                 raise CheckpointError(
                     f"{f.path}: fused tensor {gname!r} has shape {list(info.shape)} but the "
-                    f"config expects {list(want)} (q, k and v stacked)")
+                    f"config expects {list(want)} ({parts} stacked)")
         with _torch_threads(DEQUANT_THREADS):
             blocks = (int4_blocks and info.type_id in _INT4_BLOCKS and len(info.shape) == 2
                       and targets[0].startswith("layers.") and targets[0].endswith(".weight"))
@@ -962,6 +1236,17 @@ def _iter_tensors(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
             del tensor
         yield from out
         del out
+
+
+def _check_rope_tensor(f: GGUFFile, name: str, cfg: ModelConfig) -> None:
+    """A rotary factor tensor is part of the config, not a weight: the config must carry
+    exactly its values (config_from_gguf with the file does)."""
+    key = GGUF_ROPE_TENSORS[name]
+    scaling = cfg.rope_scaling or {}
+    if list(scaling.get(key) or ()) != _factor_values(f, name):
+        raise CheckpointError(
+            f"{f.path}: {name} holds rotary scaling factors that the config does not carry; "
+            "build the config with config_from_gguf(metadata, the file)")
 
 
 # Threads torch may use while dequantizing. The work is memory-bound, and with 2+ threads on a

@@ -3,6 +3,14 @@
 // pairs summed in int16) and vpmaddwd (pairs of int16 summed in int32), as llama.cpp does
 // on such CPUs; each 32-bit lane holds one weight row, so no horizontal sums are needed
 // for int4.
+//
+// The same file is compiled again with KVF_VNNI defined for the `avxvnni` path: 256-bit
+// registers and vpdpbusd (u8 x s8, four products summed into an int32 lane in one
+// instruction) in place of the vpmaddubsw + vpmaddwd pair. KVF_VNNI=1 uses the VEX form
+// (AVX-VNNI: Intel Alder Lake and later client CPUs, Sapphire Rapids, Zen 5); KVF_VNNI=2 the
+// EVEX form of the same instruction on 256-bit registers (AVX-512 VNNI + VL), so that a CPU
+// with AVX-512 and without AVX-VNNI runs, and tests, exactly this code. Every sum is an
+// exact integer either way, so the three builds give the same bits.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -62,6 +70,26 @@ inline __m256 load8(const T* p) {
 
 constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 
+// acc + the products u * s (u unsigned, s signed bytes) summed in groups: `Dot` is int16
+// lanes (pairs, vpmaddubsw) without VNNI and int32 lanes (fours, vpdpbusd) with it; `lanes32`
+// turns it into int32 sums of fours. The int16 form cannot overflow in the kernels below:
+// they sum at most 8 pairs of 15 * 127 (int4) or one pair of 127 * 127 (int8) per lane.
+#if defined(KVF_VNNI)
+inline __m256i dot(__m256i acc, __m256i u, __m256i s) {
+#if KVF_VNNI == 1
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+  return _mm256_dpbusd_epi32(acc, u, s);
+#endif
+}
+inline __m256i lanes32(__m256i acc) { return acc; }
+#else
+inline __m256i dot(__m256i acc, __m256i u, __m256i s) {
+  return _mm256_add_epi16(acc, _mm256_maddubs_epi16(u, s));
+}
+inline __m256i lanes32(__m256i acc) { return _mm256_madd_epi16(acc, _mm256_set1_epi16(1)); }
+#endif
+
 void quantize(const float* x, Acts& a, int8_t* q1, int8_t* q2, float* scale, float* sum) {
   const int64_t nb = a.k / a.block, blk = a.block;
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -101,13 +129,13 @@ template <int MR>
 void q4_tile(const Acts& a, int64_t i0, const uint8_t* q, const uint16_t* dm, int64_t t,
              float* y, int64_t ldy) {
   const int64_t kb = a.k / kBlock;
-  const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  const __m256i low = _mm256_set1_epi8(0x0f);
   __m256 acc[MR][2];
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
     const uint8_t* p = q + (t * kb + b) * kTileBytes;
     const uint16_t* d = dm + (t * kb + b) * 2 * kTile;
-    // int16 sums over the block: at most 8 * 2 * 15 * 127 = 30480, no overflow
+    // sums over the block: at most 8 * 2 * 15 * 127 = 30480 per int16 lane, no overflow
     __m256i s1[MR][2], s2[MR][2];
     for (int r = 0; r < MR; ++r) s1[r][0] = s1[r][1] = s2[r][0] = s2[r][1] = _mm256_setzero_si256();
     for (int s = 0; s < 4; ++s) {
@@ -123,14 +151,10 @@ void q4_tile(const Acts& a, int64_t i0, const uint8_t* q, const uint16_t* dm, in
         const __m256i xh1 = _mm256_set1_epi32(load4(a.q1 + o + 4));
         const __m256i xl2 = _mm256_set1_epi32(load4(a.q2 + o));
         const __m256i xh2 = _mm256_set1_epi32(load4(a.q2 + o + 4));
-        s1[r][0] = _mm256_add_epi16(s1[r][0], _mm256_add_epi16(_mm256_maddubs_epi16(lo0, xl1),
-                                                               _mm256_maddubs_epi16(hi0, xh1)));
-        s1[r][1] = _mm256_add_epi16(s1[r][1], _mm256_add_epi16(_mm256_maddubs_epi16(lo1, xl1),
-                                                               _mm256_maddubs_epi16(hi1, xh1)));
-        s2[r][0] = _mm256_add_epi16(s2[r][0], _mm256_add_epi16(_mm256_maddubs_epi16(lo0, xl2),
-                                                               _mm256_maddubs_epi16(hi0, xh2)));
-        s2[r][1] = _mm256_add_epi16(s2[r][1], _mm256_add_epi16(_mm256_maddubs_epi16(lo1, xl2),
-                                                               _mm256_maddubs_epi16(hi1, xh2)));
+        s1[r][0] = dot(dot(s1[r][0], lo0, xl1), hi0, xh1);
+        s1[r][1] = dot(dot(s1[r][1], lo1, xl1), hi1, xh1);
+        s2[r][0] = dot(dot(s2[r][0], lo0, xl2), hi0, xh2);
+        s2[r][1] = dot(dot(s2[r][1], lo1, xl2), hi1, xh2);
       }
     }
     const __m256 dv[2] = {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d))),
@@ -142,8 +166,8 @@ void q4_tile(const Acts& a, int64_t i0, const uint8_t* q, const uint16_t* dm, in
       const __m256 sx = _mm256_set1_ps(a.scale[(i0 + r) * kb + b]);
       const __m256 xs = _mm256_set1_ps(a.sum[(i0 + r) * kb + b]);
       for (int h = 0; h < 2; ++h) {
-        const __m256i n = _mm256_add_epi32(_mm256_slli_epi32(_mm256_madd_epi16(s1[r][h], ones), 7),
-                                           _mm256_madd_epi16(s2[r][h], ones));
+        const __m256i n = _mm256_add_epi32(_mm256_slli_epi32(lanes32(s1[r][h]), 7),
+                                           lanes32(s2[r][h]));
         acc[r][h] = _mm256_fmadd_ps(_mm256_mul_ps(dv[h], sx), _mm256_cvtepi32_ps(n), acc[r][h]);
         acc[r][h] = _mm256_fmadd_ps(mv[h], xs, acc[r][h]);
       }
@@ -168,11 +192,11 @@ void gemm_q4(const Acts& a, const uint8_t* q, const uint16_t* dm, int64_t n0, in
 }
 
 // int8 rows: |w| (unsigned) times x with w's sign, so vpmaddubsw cannot saturate
-// (2 * 127 * 127 < 32768).
+// (2 * 127 * 127 < 32768); each vector of products goes straight into int32 lanes.
 void gemm_q8(const Acts& a, const int8_t* q, const float* scale, const int32_t*, int64_t n0,
              int64_t n1, float* y, int64_t ldy) {
   const int64_t k = a.k;
-  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i zero = _mm256_setzero_si256();
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* w = q + n * k;
     for (int64_t i = 0; i < a.m; ++i) {
@@ -185,10 +209,8 @@ void gemm_q8(const Acts& a, const int8_t* q, const float* scale, const int32_t*,
         const __m256i aw = _mm256_sign_epi8(wv, wv);
         const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x1 + j));
         const __m256i v2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x2 + j));
-        c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(
-                                      _mm256_maddubs_epi16(aw, _mm256_sign_epi8(v1, wv)), ones));
-        c2 = _mm256_add_epi32(c2, _mm256_madd_epi16(
-                                      _mm256_maddubs_epi16(aw, _mm256_sign_epi8(v2, wv)), ones));
+        c1 = _mm256_add_epi32(c1, lanes32(dot(zero, aw, _mm256_sign_epi8(v1, wv))));
+        c2 = _mm256_add_epi32(c2, lanes32(dot(zero, aw, _mm256_sign_epi8(v2, wv))));
       }
       int64_t s1 = hsum_i32(c1), s2 = hsum_i32(c2);
       for (; j < k; ++j) {
@@ -328,9 +350,21 @@ void attend(const AttendArgs& a) {
 
 }  // namespace
 
+#if !defined(KVF_VNNI)
 const Kernels& avx2_kernels() {
   static const Kernels k{"avx2", quantize, gemm_q4, gemm_q8, dequant_q4, attend, vexp};
   return k;
 }
+#elif KVF_VNNI == 1
+const Kernels& avxvnni_kernels() {
+  static const Kernels k{"avxvnni", quantize, gemm_q4, gemm_q8, dequant_q4, attend, vexp};
+  return k;
+}
+#else
+const Kernels& avxvnni_evex_kernels() {
+  static const Kernels k{"avxvnni", quantize, gemm_q4, gemm_q8, dequant_q4, attend, vexp};
+  return k;
+}
+#endif
 
 }  // namespace kvf

@@ -4,7 +4,8 @@
 // The step reads a named plan (kvformer/plan.py: StepPlan.named()): tensors, integers and
 // reals under names such as "layers.3.qkv.weight", the same description the Python step
 // reads. Activations are fp32 throughout; the matmuls, attention and exp go through the
-// kernel path chosen for the plan ("avx512", "avx2" or "scalar", from what the CPU reports).
+// kernel path chosen for the plan ("avx512", "avxvnni", "avx2", "neon" or "scalar", from what
+// the CPU reports).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -24,6 +25,9 @@
 #if defined(__x86_64__)
 #include <cpuid.h>
 #endif
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#endif
 
 #include "kernels.h"
 
@@ -35,7 +39,9 @@ using kvf::Kernels;
 // ------------------------------------------------------------------ which paths this CPU runs
 #if defined(__x86_64__)
 struct X86 {
-  bool avx2 = false, avx512 = false;
+  // avxvnni: the kernels with 256-bit vpdpbusd run here, in the VEX form (AVX-VNNI,
+  // vex_vnni) or in the EVEX form (any CPU with the AVX-512 path)
+  bool avx2 = false, vex_vnni = false, avxvnni = false, avx512 = false;
   X86() {
     unsigned a, b, c, d;
     if (!__get_cpuid(1, &a, &b, &c, &d)) return;
@@ -49,16 +55,41 @@ struct X86 {
     const bool f = b & (1u << 16), dq = b & (1u << 17), bw = b & (1u << 30),
                vl = b & (1u << 31), vnni = c & (1u << 11);
     avx512 = avx2 && zmm && f && dq && bw && vl && vnni;
+    unsigned a1 = 0, b1, c1, d1;
+    const bool leaf1 = a >= 1 && __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1);
+    vex_vnni = avx2 && leaf1 && (a1 & (1u << 4));  // AVX-VNNI
+    avxvnni = vex_vnni || avx512;
   }
 };
+const X86& x86() {
+  static const X86 cpu;
+  return cpu;
+}
+#endif
+
+#if defined(__aarch64__)
+bool arm_dotprod() {  // FEAT_DotProd: sdot/udot
+#if defined(__linux__)
+  return getauxval(AT_HWCAP) & (1ul << 20);  // HWCAP_ASIMDDP
+#elif defined(__APPLE__)
+  return true;  // every Apple silicon CPU has it
+#else
+  return false;
+#endif
+}
 #endif
 
 std::vector<std::string> isas() {  // best first
   std::vector<std::string> out;
 #if defined(__x86_64__)
-  static const X86 cpu;
+  const X86& cpu = x86();
   if (cpu.avx512) out.push_back("avx512");
+  if (cpu.avxvnni) out.push_back("avxvnni");
   if (cpu.avx2) out.push_back("avx2");
+#endif
+#if defined(__aarch64__)
+  static const bool dotprod = arm_dotprod();
+  if (dotprod) out.push_back("neon");
 #endif
   out.push_back("scalar");
   return out;
@@ -75,7 +106,12 @@ const Kernels& kernels_for(const std::string& isa) {
   }
 #if defined(__x86_64__)
   if (want == "avx512") return kvf::avx512_kernels();
+  if (want == "avxvnni")
+    return x86().vex_vnni ? kvf::avxvnni_kernels() : kvf::avxvnni_evex_kernels();
   if (want == "avx2") return kvf::avx2_kernels();
+#endif
+#if defined(__aarch64__)
+  if (want == "neon") return kvf::neon_kernels();
 #endif
   return kvf::scalar_kernels();
 }
@@ -392,6 +428,25 @@ struct StepArgs {
   int64_t B, slot, pos0, pos_stride, ms0, ms1;
   const int64_t* pos;
   const bool* mask;
+  // Paged: K/V live in a pool [nkv, nblk, bs, hd] per layer; row b's slot s is in block
+  // table[b * table_stride + s / bs] at offset s % bs, and its new token goes to slot
+  // lens[b]. With table null, the cache is contiguous [B, nkv, max_len, hd] and every row's
+  // new token goes to `slot`.
+  const int64_t* table = nullptr;
+  int64_t table_stride = 0, nblk = 0, bs = 0;
+  const int64_t* lens = nullptr;
+
+  bool paged() const { return table != nullptr; }
+  int64_t new_slot(int64_t b) const { return paged() ? lens[b] : slot; }
+  int64_t position(int64_t b) const {
+    if (pos) return pos[b * pos_stride];
+    return paged() ? lens[b] : pos0;
+  }
+  // the element offset of row b's slot s of KV head j
+  int64_t at(int64_t b, int64_t j, int64_t s, int64_t nkv, int64_t max_len, int64_t hd) const {
+    if (!paged()) return ((b * nkv + j) * max_len + s) * hd;
+    return ((j * nblk + table[b * table_stride + s / bs]) * bs + s % bs) * hd;
+  }
 };
 
 // rotate-half rotary positions of one head x [hd] (cos/sin rows of its position), times mul
@@ -404,13 +459,32 @@ inline void rotate(const float* x, const float* c, const float* s, int64_t hd, f
 
 constexpr int64_t kChunk = 256;  // cached slots per attention task
 
-// RoPE the new token's q and k, write k and v into the cache, attend: q/k/v rows of the
-// B tokens at row strides sq/sk/sv -> out [B, nq * hd]
+// One partial softmax (max, sum of exponentials, unnormalised output per query head) folded
+// into another: the online-softmax combination.
+void fold(float* mx, float* sum, float* out, const float* mx2, const float* sum2,
+          const float* out2, int64_t group, int64_t hd) {
+  for (int64_t g = 0; g < group; ++g) {
+    if (sum2[g] == 0.f) continue;
+    if (sum[g] == 0.f) {
+      mx[g] = mx2[g];
+      sum[g] = sum2[g];
+      std::memcpy(out + g * hd, out2 + g * hd, hd * sizeof(float));
+      continue;
+    }
+    const float m = std::max(mx[g], mx2[g]), w1 = std::exp(mx[g] - m), w2 = std::exp(mx2[g] - m);
+    mx[g] = m;
+    sum[g] = sum[g] * w1 + sum2[g] * w2;
+    for (int64_t i = 0; i < hd; ++i) out[g * hd + i] = out[g * hd + i] * w1 + out2[g * hd + i] * w2;
+  }
+}
+
+// RoPE the new token's q and k, write k and v into the cache (contiguous or paged: see
+// StepArgs), attend: q/k/v rows of the B tokens at row strides sq/sk/sv -> out [B, nq * hd]
 void attention(const Plan& p, const StepArgs& a, const Tensor& kc, const Tensor& vc,
                const float* qs, const float* ks, const float* vs, int64_t sq, int64_t sk,
                int64_t sv, float* out, std::vector<float>& qf) {
-  const int64_t hd = p.hd, nq = p.nq, nkv = p.nkv, group = nq / nkv, len = a.slot + 1;
-  const int64_t max_len = kc.size(2);
+  const int64_t hd = p.hd, nq = p.nq, nkv = p.nkv, group = nq / nkv;
+  const int64_t max_len = a.paged() ? 0 : kc.size(2);
   const bool bf = kc.scalar_type() == at::kBFloat16;
   const size_t esz = bf ? 2 : 4;
   char* K = static_cast<char*>(kc.data_ptr());
@@ -420,7 +494,7 @@ void attention(const Plan& p, const StepArgs& a, const Tensor& kc, const Tensor&
   for (int64_t b = 0; b < a.B; ++b) {
     const float *c = nullptr, *s = nullptr;
     if (p.rope) {
-      const int64_t ps = a.pos ? a.pos[b * a.pos_stride] : a.pos0;
+      const int64_t ps = a.position(b);
       c = p.cos.data_ptr<float>() + ps * hd;
       s = p.sin.data_ptr<float>() + ps * hd;
     }
@@ -434,7 +508,7 @@ void attention(const Plan& p, const StepArgs& a, const Tensor& kc, const Tensor&
       }
     }
     for (int64_t j = 0; j < nkv; ++j) {
-      const int64_t row = ((b * nkv + j) * max_len + a.slot) * hd;
+      const int64_t row = a.at(b, j, a.new_slot(b), nkv, max_len, hd);
       const float* kx = ks + b * sk + j * hd;
       const float* vx = vs + b * sv + j * hd;
       if (p.rope) {
@@ -454,45 +528,81 @@ void attention(const Plan& p, const StepArgs& a, const Tensor& kc, const Tensor&
       }
     }
   }
-  // tasks: (row, KV head, chunk of slots), each a partial softmax; then combined
-  const int64_t chunks = (len + kChunk - 1) / kChunk, heads = a.B * nkv, tasks = heads * chunks;
-  const int64_t part = group * (hd + 2);
-  std::vector<float> parts(tasks * part);
-  const int64_t grain = len * group * hd * heads > (1 << 15) ? 1 : tasks;
+  // tasks: (row and KV head, a range of at most kChunk slots), each a partial softmax; then
+  // the parts of each (row, KV head) are combined. A contiguous row attends over each range
+  // in one call; a paged one block by block (a block's slots are contiguous), folded.
+  struct Task {
+    int64_t h, s0, s1;
+  };
+  std::vector<Task> tasks;
+  std::vector<int64_t> first(a.B * nkv + 1);  // tasks of (row, head) h: first[h] .. first[h+1]
+  int64_t work = 0;
+  for (int64_t b = 0; b < a.B; ++b) {
+    const int64_t len = a.new_slot(b) + 1;
+    work += len;
+    for (int64_t j = 0; j < nkv; ++j) {
+      first[b * nkv + j] = int64_t(tasks.size());
+      for (int64_t s0 = 0; s0 < len; s0 += kChunk)
+        tasks.push_back({b * nkv + j, s0, std::min(len, s0 + kChunk)});
+    }
+  }
+  first[a.B * nkv] = int64_t(tasks.size());
+  const int64_t n_tasks = int64_t(tasks.size()), part = group * (hd + 2);
+  std::vector<float> parts(n_tasks * part);
+  const int64_t grain = work * nkv * group * hd > (1 << 15) ? 1 : n_tasks;
   const Kernels& Kn = *p.K;
-  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scores(group * kChunk);
+  at::parallel_for(0, n_tasks, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores(group * kChunk), blk(a.paged() ? part : 0);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t h = t / chunks, c = t % chunks, b = h / nkv;
+      const Task& task = tasks[t];
+      const int64_t b = task.h / nkv, j = task.h % nkv;
       float* pt = parts.data() + t * part;
       kvf::AttendArgs at_;
-      at_.q = qf.data() + h * group * hd;  // heads of KV head j are j*group .. j*group+group-1
+      at_.q = qf.data() + task.h * group * hd;  // heads of KV head j: j*group .. j*group+group-1
       at_.group = group;
       at_.hd = hd;
-      at_.k = K + h * max_len * hd * esz;
-      at_.v = V + h * max_len * hd * esz;
       at_.bf16 = bf;
-      at_.s0 = c * kChunk;
-      at_.s1 = std::min(len, at_.s0 + kChunk);
-      at_.allowed = a.mask ? a.mask + b * a.ms0 : nullptr;
-      at_.allowed_stride = a.ms1;
-      at_.own = len - 1;
       at_.scores = scores.data();
-      at_.max = pt;
-      at_.sum = pt + group;
-      at_.out = pt + 2 * group;
-      Kn.attend(at_);
+      if (!a.paged()) {
+        at_.k = K + a.at(b, j, 0, nkv, max_len, hd) * esz;
+        at_.v = V + a.at(b, j, 0, nkv, max_len, hd) * esz;
+        at_.s0 = task.s0;
+        at_.s1 = task.s1;
+        at_.allowed = a.mask ? a.mask + b * a.ms0 : nullptr;
+        at_.allowed_stride = a.ms1;
+        at_.own = a.slot;
+        at_.max = pt;
+        at_.sum = pt + group;
+        at_.out = pt + 2 * group;
+        Kn.attend(at_);
+        continue;
+      }
+      std::fill(pt, pt + part, 0.f);  // sum 0: nothing yet
+      for (int64_t s0 = task.s0; s0 < task.s1; s0 = (s0 / a.bs + 1) * a.bs) {
+        const int64_t s1 = std::min(task.s1, (s0 / a.bs + 1) * a.bs);
+        const int64_t base = a.at(b, j, s0, nkv, max_len, hd);  // slot s0 of its block
+        at_.k = K + base * esz;
+        at_.v = V + base * esz;
+        at_.s0 = 0;
+        at_.s1 = s1 - s0;
+        at_.max = blk.data();
+        at_.sum = blk.data() + group;
+        at_.out = blk.data() + 2 * group;
+        Kn.attend(at_);
+        fold(pt, pt + group, pt + 2 * group, at_.max, at_.sum, at_.out, group, hd);
+      }
     }
   });
-  for (int64_t h = 0; h < heads; ++h)
+  for (int64_t h = 0; h < a.B * nkv; ++h)
     for (int64_t g = 0; g < group; ++g) {
       float mx = -INFINITY;
-      for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, parts[(h * chunks + c) * part + g]);
+      for (int64_t t = first[h]; t < first[h + 1]; ++t)
+        if (parts[t * part + group + g] != 0.f) mx = std::max(mx, parts[t * part + g]);
       float* o = out + (h * group + g) * hd;
       std::fill(o, o + hd, 0.f);
       float den = 0.f;
-      for (int64_t c = 0; c < chunks; ++c) {
-        const float* pt = parts.data() + (h * chunks + c) * part;
+      for (int64_t t = first[h]; t < first[h + 1]; ++t) {
+        const float* pt = parts.data() + t * part;
         if (pt[group + g] == 0.f) continue;
         const float w = std::exp(pt[g] - mx);
         den += w * pt[group + g];
@@ -504,28 +614,82 @@ void attention(const Plan& p, const StepArgs& a, const Tensor& kc, const Tensor&
     }
 }
 
+std::shared_ptr<Plan> plan_of(int64_t handle) {
+  std::lock_guard<std::mutex> g(registry_mu);
+  TORCH_CHECK(handle >= 0 && handle < int64_t(registry.size()) && registry[handle],
+              "kvformer_native: no such plan");
+  return registry[handle];
+}
+
+Tensor run_step(const Plan& p, const Tensor& tokens, const std::vector<Tensor>& kcs,
+                const std::vector<Tensor>& vcs, const StepArgs& a);
+
+// One token per row through a contiguous cache [B, nkv, max_len, hd] per layer: each row's
+// new K/V goes to `slot`; positions are pos (per row) or pos0; mask [B, slot + 1] or empty.
 Tensor plan_step(int64_t handle, Tensor tokens, std::vector<Tensor> kcs, std::vector<Tensor> vcs,
                  int64_t slot, int64_t pos0, Tensor pos, Tensor mask) {
-  std::shared_ptr<Plan> pp;
-  {
-    std::lock_guard<std::mutex> g(registry_mu);
-    TORCH_CHECK(handle >= 0 && handle < int64_t(registry.size()) && registry[handle],
-                "kvformer_native: no such plan");
-    pp = registry[handle];
-  }
+  std::shared_ptr<Plan> pp = plan_of(handle);
   const Plan& p = *pp;
-  const Kernels& K = *p.K;
-  const int64_t B = tokens.size(0), d = p.d, hd = p.hd, nq = p.nq, nkv = p.nkv, f = p.dff;
+  const int64_t B = tokens.size(0);
   TORCH_CHECK(int64_t(kcs.size()) == p.n_layer && int64_t(vcs.size()) == p.n_layer,
               "kvformer_native: the cache has the wrong number of layers");
   for (int64_t l = 0; l < p.n_layer; ++l)
     TORCH_CHECK(kcs[l].is_contiguous() && vcs[l].is_contiguous() && kcs[l].size(0) == B &&
-                    kcs[l].size(1) == nkv && kcs[l].size(3) == hd && slot < kcs[l].size(2),
+                    kcs[l].size(1) == p.nkv && kcs[l].size(3) == p.hd && slot < kcs[l].size(2),
                 "kvformer_native: the cache does not have the plan's shape");
   StepArgs a{B, slot, pos0, pos.numel() ? pos.stride(0) : 0, mask.numel() ? mask.stride(0) : 0,
              mask.numel() ? mask.stride(1) : 0, pos.numel() ? pos.data_ptr<int64_t>() : nullptr,
              mask.numel() ? mask.data_ptr<bool>() : nullptr};
+  return run_step(p, tokens, kcs, vcs, a);
+}
 
+// One token per row through a paged pool [nkv, nblk, bs, hd] per layer: row b has
+// lens[b] tokens cached, in the blocks tables[b, :]; its new token is at position and slot
+// lens[b]. The K/V are read and written in the pool, in place.
+Tensor plan_step_paged(int64_t handle, Tensor tokens, std::vector<Tensor> kcs,
+                       std::vector<Tensor> vcs, Tensor tables, Tensor lens) {
+  std::shared_ptr<Plan> pp = plan_of(handle);
+  const Plan& p = *pp;
+  const int64_t B = tokens.size(0);
+  TORCH_CHECK(int64_t(kcs.size()) == p.n_layer && int64_t(vcs.size()) == p.n_layer,
+              "kvformer_native: the pool has the wrong number of layers");
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == B && tables.scalar_type() == at::kLong &&
+                  tables.stride(1) == 1 && lens.dim() == 1 && lens.size(0) == B &&
+                  lens.scalar_type() == at::kLong && lens.is_contiguous(),
+              "kvformer_native: tables must be int64 [B, blocks] and lens int64 [B]");
+  const int64_t nblk = kcs[0].size(1), bs = kcs[0].size(2);
+  for (int64_t l = 0; l < p.n_layer; ++l)
+    TORCH_CHECK(kcs[l].is_contiguous() && vcs[l].is_contiguous() && kcs[l].dim() == 4 &&
+                    kcs[l].size(0) == p.nkv && kcs[l].size(1) == nblk && kcs[l].size(2) == bs &&
+                    kcs[l].size(3) == p.hd && vcs[l].sizes() == kcs[l].sizes() &&
+                    vcs[l].scalar_type() == kcs[l].scalar_type(),
+                "kvformer_native: the pool does not have the plan's shape");
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lp[b] >= 0 && lp[b] / bs < tables.size(1), "kvformer_native: row ", b,
+                "'s block table has no room for slot ", lp[b]);
+    for (int64_t i = 0; i <= lp[b] / bs; ++i)
+      TORCH_CHECK(tp[b * tables.stride(0) + i] > 0 && tp[b * tables.stride(0) + i] < nblk,
+                  "kvformer_native: row ", b, " names block ", tp[b * tables.stride(0) + i],
+                  ", not a block of this pool");
+    if (p.rope)
+      TORCH_CHECK(lp[b] < p.cos.size(0), "kvformer_native: position ", lp[b],
+                  " is past the rotary table");
+  }
+  StepArgs a{B, 0, 0, 0, 0, 0, nullptr, nullptr};
+  a.table = tp;
+  a.table_stride = tables.stride(0);
+  a.nblk = nblk;
+  a.bs = bs;
+  a.lens = lp;
+  return run_step(p, tokens, kcs, vcs, a);
+}
+
+Tensor run_step(const Plan& p, const Tensor& tokens, const std::vector<Tensor>& kcs,
+                const std::vector<Tensor>& vcs, const StepArgs& a) {
+  const Kernels& K = *p.K;
+  const int64_t B = tokens.size(0), d = p.d, hd = p.hd, nq = p.nq, nkv = p.nkv, f = p.dff;
   const int64_t nqkv = (nq + 2 * nkv) * hd;
   std::vector<float> x(B * d), h(B * d), o(B * d), qkv(B * nqkv), att(B * nq * hd),
       gu(B * 2 * f), act(B * f), logits(B * p.vocab), qf;
@@ -683,4 +847,6 @@ TORCH_LIBRARY(kvformer_native, m) {
   m.def("plan_isa(int plan) -> str", &plan_isa);
   m.def("plan_step(int plan, Tensor tokens, Tensor[] k, Tensor[] v, int slot, int pos0, "
         "Tensor pos, Tensor mask) -> Tensor", &plan_step);
+  m.def("plan_step_paged(int plan, Tensor tokens, Tensor[] k, Tensor[] v, Tensor tables, "
+        "Tensor lens) -> Tensor", &plan_step_paged);
 }

@@ -7,7 +7,7 @@ import ipaddress
 import os
 import sys
 
-from ..cli import add_model_arguments
+from ..arguments import add_model_arguments
 from ..errors import ArgumentParser, KvformerError
 
 
@@ -33,12 +33,21 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=16, help="token slots per KV block")
     p.add_argument("--prefill-chunk", type=int, default=128,
                    help="prompt tokens prefilled per engine step (default 128)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="recompute every prompt in full (default: reuse the KV blocks of "
+                        "prompt prefixes seen before)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a slot; more get 429 (default 64)")
     p.add_argument("--queue-timeout", type=float, default=30.0,
                    help="seconds a request may wait before it gets 429 (default 30)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="largest request body accepted; larger gets 413 (default 1 MiB)")
+    p.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM or Ctrl-C, refuse new requests (503) and let the ones "
+                        "in progress finish for up to this long, then end them (default 30)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. http://localhost:5173; '*' for "
+                        "any) call the API from a browser; repeatable (default: none)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
@@ -59,6 +68,12 @@ def _check(args) -> None:
         raise ValueError("--queue-timeout must be > 0 seconds")
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key is empty")
+    if not args.shutdown_grace >= 0:
+        raise ValueError("--shutdown-grace must be >= 0 seconds")
+    for origin in args.cors_origin:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise ValueError(f"--cors-origin {origin!r} is not an origin such as "
+                             "http://localhost:5173 (scheme://host[:port]) or '*'")
 
 
 def _is_loopback(host: str) -> bool:
@@ -82,6 +97,7 @@ def cmd_serve(args) -> int:
     from ..loading import load
     from .app import bind_socket, create_app
     from .engine import Engine
+    from .http import draining_server_class
 
     if args.threads is not None:
         if args.threads < 1:
@@ -104,10 +120,11 @@ def cmd_serve(args) -> int:
                                 "serving needs tokenizer.json or a GGUF with a vocabulary")
         engine = Engine(model, tokenizer, max_batch=args.max_batch, kv_blocks=args.kv_blocks,
                         block_size=args.block_size, prefill_chunk=args.prefill_chunk,
-                        max_queue=args.max_queue, queue_timeout=args.queue_timeout)
+                        max_queue=args.max_queue, queue_timeout=args.queue_timeout,
+                        prefix_caching=args.prefix_cache)
         name = args.served_model_name or args.model
         app = create_app(engine, name, api_key=args.api_key,
-                         max_body_bytes=args.max_body_bytes)
+                         max_body_bytes=args.max_body_bytes, cors_origins=args.cors_origin)
         host, port = sock.getsockname()[:2]
         pool = engine.pool
         print(f"kvformer serve: {name} on http://{host}:{port}/v1 "
@@ -118,7 +135,10 @@ def cmd_serve(args) -> int:
             print("kvformer serve: warning: listening beyond this machine without --api-key",
                   file=sys.stderr)
         config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
-        uvicorn.Server(config).run(sockets=[sock])
+        server = draining_server_class()(
+            config, grace=args.shutdown_grace,
+            say=lambda text: print(f"kvformer serve: {text}", file=sys.stderr, flush=True))
+        server.run(sockets=[sock])
     finally:
         sock.close()
     return 0

@@ -1,0 +1,208 @@
+"""Running the app: the listening socket, uvicorn in a thread (tests, benchmarks), the
+middleware that counts responses for /metrics, the gate (JSON only; 503 while draining) and
+the graceful shutdown on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from functools import lru_cache
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics",
+          "/", "/status")
+
+
+class CountRequests:
+    """ASGI middleware counting responses by path and status (for /metrics)."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            path = scope.get("path", "")
+            self.metrics.count_http(path if path in ROUTES else "other", status[0])
+
+
+class Gate:
+    """What is let in: while the server drains (a SIGTERM or Ctrl-C came), new generation
+    requests get 503 with Retry-After and /health says so; every POST must be JSON (415
+    otherwise: a web page can then not drive a key-less local server with a plain
+    cross-site form or `text/plain` fetch, which would skip the CORS preflight). Counts the
+    requests in flight, so that a drain knows when every response has been written."""
+
+    def __init__(self, retry_after: int = 5):
+        self.draining = False
+        self.inflight = 0
+        self.retry_after = retry_after
+
+    def middleware(self, app):
+        async def gate(scope, receive, send):
+            if scope["type"] != "http":
+                return await app(scope, receive, send)
+            method, path = scope.get("method", ""), scope.get("path", "")
+            refusal = None
+            if self.draining and path == "/health":
+                refusal = JSONResponse({"status": "draining"}, status_code=503,
+                                       headers={"Retry-After": str(self.retry_after)})
+            elif self.draining and method == "POST":
+                refusal = _error(503, "the server is shutting down: retry later or elsewhere",
+                                 "server_error", "service_unavailable",
+                                 {"Retry-After": str(self.retry_after)})
+            elif method == "POST" and not _is_json(scope):
+                refusal = _error(415, "the request body must be JSON: send 'Content-Type: "
+                                      "application/json'", "invalid_request_error",
+                                 "unsupported_media_type")
+            if refusal is not None:
+                return await refusal(scope, receive, send)
+            self.inflight += 1
+            try:
+                await app(scope, receive, send)
+            finally:
+                self.inflight -= 1
+
+        return gate
+
+
+def _is_json(scope) -> bool:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-type":
+            mime = value.split(b";")[0].strip().lower()
+            return mime == b"application/json" or mime.endswith(b"+json")
+    return False
+
+
+def _error(status: int, message: str, kind: str, code: str, headers=None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None,
+                                   "code": code}}, status_code=status, headers=headers)
+
+
+async def drain(app, grace: float, say=None) -> None:
+    """Shut down gently: refuse new requests (``Gate``), let the streams in progress finish
+    for up to ``grace`` seconds, then end the rest (each gets an error event and
+    ``[DONE]``), and wait until every response has been written."""
+    gate, engine = app.state.gate, app.state.engine
+    gate.draining = True
+    busy = engine.num_running + engine.num_waiting
+    if say and busy:
+        say(f"shutting down: waiting up to {grace:g} s for {busy} request(s) to finish "
+            "(press Ctrl-C again to stop now)")
+    deadline = time.monotonic() + grace
+    while engine.num_running + engine.num_waiting and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    left = engine.num_running + engine.num_waiting
+    if left:
+        if say:
+            say(f"shutting down: {left} request(s) still running after {grace:g} s; "
+                "ending them")
+        await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+    deadline = time.monotonic() + 5
+    while gate.inflight and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+
+
+@lru_cache(maxsize=1)
+def draining_server_class():
+    """uvicorn's Server, but the first SIGTERM/SIGINT drains (``drain``) before it exits, and
+    the process then exits 0; a second one stops at once."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def __init__(self, config, grace: float = 30.0, say=None):
+            super().__init__(config)
+            self.grace, self.say = grace, say
+            self.loop: asyncio.AbstractEventLoop | None = None
+            self.draining = False
+
+        async def serve(self, sockets=None):
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.draining or self.loop is None or not self.started:
+                self.should_exit = True
+                self.force_exit = self.draining
+                return
+            self.draining = True
+            self.loop.call_soon_threadsafe(self._start_drain)
+
+        def _start_drain(self) -> None:
+            async def run():
+                try:
+                    await drain(self.config.app, self.grace, self.say)
+                finally:
+                    self.should_exit = True
+
+            self._drain_task = asyncio.ensure_future(run())
+
+    return DrainingServer
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket (IPv4 or IPv6); OSError with a readable message if taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    return sock
+
+
+class BackgroundServer:
+    """uvicorn serving an app from a thread, on a free port by default (tests, benchmarks)."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0,
+                 log_level: str = "warning"):
+        import uvicorn
+
+        self.sock = bind_socket(host, port)
+        self.host, self.port = host, self.sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level=log_level, access_log=False,
+                                timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run,
+                                       kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

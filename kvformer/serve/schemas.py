@@ -1,0 +1,102 @@
+"""The API's request bodies (pydantic models of OpenAI's JSON) and its error answers.
+
+Bodies are strict (``"5"`` is not an integer) and keep unknown fields, so that each field
+of OpenAI's schema can be honoured, refused, or accepted as a label on purpose (see
+``routes``). ``APIError`` is every error the API answers: OpenAI's body, ``{"error":
+{"message", "type", "param", "code"}}``, with an HTTP status.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class APIError(Exception):
+    """An error answered as ``{"error": {...}}`` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class _Body(BaseModel):
+    # strict: "5" is not an integer and 1.5 is not one either; unknown fields are ignored
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class StreamOptions(_Body):
+    include_usage: bool | None = None
+
+
+class _Common(_Body):
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    n: int | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    ignore_eos: bool | None = None  # extension: keep going past the end-of-text token
+    best_of: int | None = None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+
+
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+def parse_body(cls: type[BaseModel], data: Any) -> Any:
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, got "
+                            f"{type(data).__name__}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = ""
+        for part in err["loc"]:  # ('messages', 0, 'role'); union members show up as 'str'
+            if isinstance(part, int):
+                param += f"[{part}]"
+            elif part.isidentifier() and part not in ("str", "int", "float", "bool"):
+                param += f".{part}" if param else part
+        param = param or None
+        raise APIError(422, f"{param or 'body'}: {err['msg']}"
+                            + (f" (got {err['input']!r})" if "input" in err
+                               and not isinstance(err["input"], (dict, list)) else ""),
+                       param=param, code="invalid_type") from None

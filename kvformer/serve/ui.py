@@ -1,0 +1,77 @@
+"""The chat page that ``kvformer serve`` serves at ``/``, and the JSON it reads about the engine.
+
+The page is three static files in ``kvformer/serve/static`` (HTML, CSS, JavaScript; no build
+step, nothing fetched from elsewhere, so it works offline). It talks to the server only
+through the public API: ``/v1/chat/completions`` streamed as server-sent events (a stop
+button aborts the fetch; the server sees the client leave and frees the sequence), and
+``GET /status`` for the engine panel. With ``--api-key`` the page asks for the key and sends
+it as a bearer token; the key stays in the browser tab's memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+
+STATIC = Path(__file__).with_name("static")
+FILES = {"chat.js": "text/javascript", "chat.css": "text/css"}
+# The page runs its own script and style only: no inline script, nothing from other origins.
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+       "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
+           "Cache-Control": "no-cache"}
+
+
+def engine_status(engine, model_name: str) -> dict:
+    """What the page's engine panel shows: the batch, the queue, the KV pool and the model's
+    attention layout (a plain dict, also for tests and scripts)."""
+    cfg = engine.model.cfg
+    pool = engine.pool
+    per_token = getattr(pool, "bytes_per_token", None)
+    if per_token is None:  # K and V of every layer, in the pool's dtype
+        itemsize = torch.empty((), dtype=pool.dtype).element_size()
+        per_token = 2 * pool.n_layer * pool.n_kv_head * pool.head_dim * itemsize
+    kv_dtype = str(getattr(pool, "dtype", "")).removeprefix("torch.") or None
+    status = {
+        "model": model_name,
+        "architecture": {
+            "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_kv_head": cfg.n_kv_head,
+            "head_dim": cfg.head_dim, "attention": cfg.attention_kind,
+            "group_size": cfg.group_size, "max_seq_len": cfg.max_seq_len,
+        },
+        "kv_bytes_per_token": per_token,
+        "kv_dtype": kv_dtype,
+        "active_sequences": engine.num_running,
+        "queued": engine.num_waiting,
+        "kv_blocks": {"used": pool.num_used, "free": pool.num_free, "total": pool.n_blocks,
+                      "block_size": pool.block_size},
+    }
+    cached = getattr(pool, "num_cached", None)  # prefix caching, where the pool has it
+    if cached is not None:
+        status["kv_blocks"]["cached"] = cached
+    return status
+
+
+def mount(app: FastAPI, engine, model_name: str, check_auth) -> None:
+    """Add ``GET /`` (the page), ``GET /static/{chat.js,chat.css}`` and ``GET /status`` to
+    ``app``. ``check_auth(request)`` raises the server's 401 when a key is set and missing."""
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html", headers=HEADERS)
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(name: str):
+        if name not in FILES:  # a fixed list: no paths, no directory listing
+            return JSONResponse({"error": {"message": f"no static file {name!r}",
+                                           "type": "invalid_request_error", "param": None,
+                                           "code": "not_found"}}, status_code=404)
+        return FileResponse(STATIC / name, media_type=FILES[name], headers=HEADERS)
+
+    @app.get("/status")
+    async def status(request: Request):
+        check_auth(request)
+        return engine_status(engine, model_name)

@@ -1,0 +1,141 @@
+// A stand-alone driver of kvformer's kernels with no torch: the portable ones
+// (kernels_scalar.cpp) and, built with -DKVF_CHECK_NEON, the NEON ones (kernels_neon.cpp),
+// so that tests/test_cross.py can build them for another architecture (aarch64), run them
+// under user-mode emulation and compare what they compute with torch on this machine.
+//
+//   kernels_check OP DIR [PATH]   reads DIR/meta.txt (integers) and DIR/*.bin, writes
+//                                 DIR/y.bin; PATH is scalar (the default) or neon
+//
+// OP and its inputs (raw little-endian arrays):
+//   int4    meta: m k n        x.bin f32 [m,k], q.bin u8 (kvformer int4 layout), dm.bin fp16
+//   int8    meta: m k n        x.bin f32 [m,k], q.bin s8 [n,k], scale.bin f32 [n]
+//   unpack  meta: k n          q.bin, dm.bin                 -> y.bin f32 [n,k]
+//   attend  meta: group hd len q.bin f32 [group,hd] (scaled), k.bin, v.bin f32 [len,hd]
+//                              -> y.bin f32 [group,hd] = softmax(q k^T) v
+//   exp     meta: n            x.bin f32 [n]                 -> y.bin f32 [n]
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "../../kvformer/csrc/kernels.h"
+
+namespace {
+
+std::string dir;
+
+template <typename T>
+std::vector<T> load(const char* name, size_t count) {
+  std::vector<T> out(count);
+  std::ifstream in(dir + "/" + name, std::ios::binary);
+  in.read(reinterpret_cast<char*>(out.data()), std::streamsize(count * sizeof(T)));
+  if (!in) {
+    std::fprintf(stderr, "kernels_check: cannot read %zu items from %s\n", count, name);
+    std::exit(2);
+  }
+  return out;
+}
+
+void save(const std::vector<float>& y) {
+  std::ofstream out(dir + "/y.bin", std::ios::binary);
+  out.write(reinterpret_cast<const char*>(y.data()), std::streamsize(y.size() * sizeof(float)));
+}
+
+// The activations of one matmul as every kernel path prepares them.
+struct Prepared {
+  std::vector<int8_t> q1, q2;
+  std::vector<float> scale, sum;
+  kvf::Acts acts;
+  Prepared(const kvf::Kernels& K, const std::vector<float>& x, int64_t m, int64_t k,
+           int64_t block)
+      : q1(m * k), q2(m * k), scale(m * (k / block)), sum(m * (k / block)) {
+    acts.m = m;
+    acts.k = k;
+    acts.block = block;
+    K.quantize(x.data(), acts, q1.data(), q2.data(), scale.data(), sum.data());
+  }
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 3 && argc != 4) {
+    std::fprintf(stderr, "usage: kernels_check int4|int8|unpack|attend|exp DIR [PATH]\n");
+    return 2;
+  }
+  const std::string op = argv[1], path = argc == 4 ? argv[3] : "scalar";
+  dir = argv[2];
+  std::ifstream meta(dir + "/meta.txt");
+  std::vector<int64_t> v;
+  for (int64_t i; meta >> i;) v.push_back(i);
+  const kvf::Kernels* kernels = path == "scalar" ? &kvf::scalar_kernels() : nullptr;
+#if defined(KVF_CHECK_NEON)
+  if (path == "neon") kernels = &kvf::neon_kernels();
+#endif
+  if (!kernels) {
+    std::fprintf(stderr, "kernels_check: this build has no %s kernels\n", path.c_str());
+    return 2;
+  }
+  const kvf::Kernels& K = *kernels;
+
+  if (op == "int4" && v.size() == 3) {
+    const int64_t m = v[0], k = v[1], n = v[2];
+    const auto x = load<float>("x.bin", m * k);
+    const auto q = load<uint8_t>("q.bin", n * k / 2);
+    const auto dm = load<uint16_t>("dm.bin", n / kvf::kTile * (k / kvf::kBlock) * 2 * kvf::kTile);
+    Prepared p(K, x, m, k, kvf::kBlock);
+    std::vector<float> y(m * n);
+    K.gemm_q4(p.acts, q.data(), dm.data(), 0, n, y.data(), n);
+    save(y);
+  } else if (op == "int8" && v.size() == 3) {
+    const int64_t m = v[0], k = v[1], n = v[2];
+    const auto x = load<float>("x.bin", m * k);
+    const auto q = load<int8_t>("q.bin", n * k);
+    const auto scale = load<float>("scale.bin", n);
+    std::vector<int32_t> rowsum(n, 0);
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t j = 0; j < k; ++j) rowsum[r] += q[r * k + j];
+    Prepared p(K, x, m, k, k);
+    std::vector<float> y(m * n);
+    K.gemm_q8(p.acts, q.data(), scale.data(), rowsum.data(), 0, n, y.data(), n);
+    save(y);
+  } else if (op == "unpack" && v.size() == 2) {
+    const int64_t k = v[0], n = v[1];
+    const auto q = load<uint8_t>("q.bin", n * k / 2);
+    const auto dm = load<uint16_t>("dm.bin", n / kvf::kTile * (k / kvf::kBlock) * 2 * kvf::kTile);
+    std::vector<float> y(n * k);
+    K.dequant_q4(q.data(), dm.data(), k, 0, n, y.data(), nullptr, k);
+    save(y);
+  } else if (op == "attend" && v.size() == 3) {
+    const int64_t group = v[0], hd = v[1], len = v[2];
+    const auto q = load<float>("q.bin", group * hd);
+    const auto k = load<float>("k.bin", len * hd);
+    const auto val = load<float>("v.bin", len * hd);
+    std::vector<float> scores(group * len), mx(group), sum(group), out(group * hd);
+    kvf::AttendArgs a;
+    a.q = q.data();
+    a.group = group;
+    a.hd = hd;
+    a.k = k.data();
+    a.v = val.data();
+    a.s0 = 0;
+    a.s1 = len;
+    a.scores = scores.data();
+    a.max = mx.data();
+    a.sum = sum.data();
+    a.out = out.data();
+    K.attend(a);
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t i = 0; i < hd; ++i) out[g * hd + i] /= sum[g];
+    save(out);
+  } else if (op == "exp" && v.size() == 1) {
+    auto x = load<float>("x.bin", v[0]);
+    K.exp(x.data(), v[0]);
+    save(x);
+  } else {
+    std::fprintf(stderr, "kernels_check: unknown op %s or wrong meta.txt\n", op.c_str());
+    return 2;
+  }
+  return 0;
+}

@@ -1,0 +1,151 @@
+"""kvformer's kernels on another architecture: the scalar path (and the decode step that
+calls it) is meant to compile and compute the same numbers anywhere, and 64-bit ARM has a
+NEON path of its own. Where a cross compiler and user-mode emulation are installed (Debian:
+g++-aarch64-linux-gnu and qemu-user; `.ci/run` installs them), tests/cross/kernels_check.cpp
+is built with those kernels for aarch64, run under qemu, and what each path computes is
+checked against torch here. The same driver also runs natively (the scalar path), so its
+checks hold on every machine."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kvformer.quantize import Int4Linear, Int8Linear, unpack_int4, unpack_scales
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "kvformer" / "csrc"
+DRIVER = ROOT / "tests" / "cross" / "kernels_check.cpp"
+# name: (C++ compiler, how to run its binaries, its kernel paths beyond the portable one)
+TARGETS = {"host": (os.environ.get("CXX") or shutil.which("g++") or "c++", [], []),
+           "aarch64": ("aarch64-linux-gnu-g++", ["qemu-aarch64", "-cpu", "max"], ["neon"])}
+CASES = [(arch, path) for arch, (_, _, extra) in TARGETS.items() for path in ["scalar", *extra]]
+FLAGS = ["-std=c++17", "-O3", "-Wall", "-Wextra", "-Werror", "-fno-math-errno"]
+
+
+def missing(arch):
+    cxx, run, _ = TARGETS[arch]
+    return [tool for tool in [cxx, *run[:1]] if shutil.which(tool) is None]
+
+
+_built = {}
+
+
+def build(arch, tmp_path_factory) -> Path:
+    """The driver and the kernels for `arch`, each source with the flags the native build
+    gives it (-static: the emulator then needs no libraries of that architecture)."""
+    if arch in _built:
+        return _built[arch]
+    cxx, run, extra = TARGETS[arch]
+    out = tmp_path_factory.mktemp(arch)
+    units = [(DRIVER, ["-DKVF_CHECK_NEON"] if "neon" in extra else []),
+             (CSRC / "kernels_scalar.cpp", [])]
+    if "neon" in extra:
+        units.append((CSRC / "kernels_neon.cpp", ["-march=armv8.2-a+dotprod"]))
+    objs = []
+    for src, flags in units:
+        obj = out / (src.stem + ".o")
+        done = subprocess.run([cxx, *FLAGS, *flags, "-c", str(src), "-o", str(obj)],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        objs.append(str(obj))
+    exe = out / "kernels_check"
+    done = subprocess.run([cxx, *(["-static"] if run else []), *objs, "-o", str(exe)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    _built[arch] = exe
+    return exe
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{a}-{p}" for a, p in CASES])
+def driver(request, tmp_path_factory):
+    arch, path = request.param
+    if missing(arch):
+        pytest.skip(f"no {' or '.join(missing(arch))} (Debian: apt-get install "
+                    "g++-aarch64-linux-gnu qemu-user)")
+    exe = build(arch, tmp_path_factory)
+    run = TARGETS[arch][1]
+
+    def call(op, meta, **arrays):
+        work = exe.parent / f"{path}-{op}"
+        work.mkdir(exist_ok=True)
+        (work / "meta.txt").write_text(" ".join(map(str, meta)))
+        for name, a in arrays.items():
+            np.ascontiguousarray(a).tofile(work / f"{name}.bin")
+        res = subprocess.run([*run, str(exe), op, str(work), path], capture_output=True,
+                             text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        return torch.from_numpy(np.fromfile(work / "y.bin", dtype=np.float32))
+
+    return call
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("n, k", [(16, 32), (48, 576)])
+def test_int4_matmul(driver, n, k):
+    torch.manual_seed(0)
+    layer = Int4Linear.from_float(torch.randn(n, k))
+    q = unpack_int4(layer.qweight).float()
+    d, m = unpack_scales(layer.scales)
+    w = (q.view(n, k // 32, 32) * d.float()[..., None] + m.float()[..., None]).view(n, k)
+    x = torch.randn(3, k)
+    y = driver("int4", [3, k, n], x=x.numpy(), q=layer.qweight.numpy(),
+               dm=layer.scales.view(torch.int16).numpy()).view(3, n)
+    assert rel(y, x @ w.t()) < 1e-3  # x enters as two int8 levels per block
+
+
+def test_int8_matmul(driver):
+    torch.manual_seed(1)
+    layer = Int8Linear.from_float(torch.randn(40, 100))
+    w = layer.qweight.float() * layer.scale[:, None]
+    x = torch.randn(2, 100)
+    y = driver("int8", [2, 100, 40], x=x.numpy(), q=layer.qweight.numpy(),
+               scale=layer.scale.numpy()).view(2, 40)
+    assert rel(y, x @ w.t()) < 1e-3
+
+
+def test_unpack_is_exact(driver):
+    torch.manual_seed(2)
+    layer = Int4Linear.from_float(torch.randn(32, 64))
+    q = unpack_int4(layer.qweight).float()
+    d, m = unpack_scales(layer.scales)
+    w = (q.view(32, 2, 32) * d.float()[..., None] + m.float()[..., None]).view(32, 64)
+    y = driver("unpack", [64, 32], q=layer.qweight.numpy(),
+               dm=layer.scales.view(torch.int16).numpy()).view(32, 64)
+    assert torch.equal(y, w)
+
+
+def test_attention_is_the_formula(driver):
+    """softmax(q kᵀ) v for 3 query heads of a group over 70 cached rows."""
+    torch.manual_seed(3)
+    q, k, v = torch.randn(3, 64) / 8, torch.randn(70, 64), torch.randn(70, 64)
+    y = driver("attend", [3, 64, 70], q=q.numpy(), k=k.numpy(), v=v.numpy()).view(3, 64)
+    ref = torch.softmax(q.double() @ k.double().t(), dim=-1) @ v.double()
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_exp(driver):
+    x = torch.linspace(-100, 80, 1001)
+    y = driver("exp", [x.numel()], x=x.numpy())
+    torch.testing.assert_close(y, torch.exp(x), rtol=1e-6, atol=0)
+
+
+def test_the_decode_step_compiles_for_aarch64():
+    """step.cpp (the decode step as a torch operator) against torch's headers: its x86-only
+    parts (cpuid) are guarded, so the portable build compiles, warnings included."""
+    if missing("aarch64"):
+        pytest.skip("no aarch64-linux-gnu-g++ (Debian: apt-get install g++-aarch64-linux-gnu)")
+    from torch.utils.cpp_extension import include_paths
+
+    cmd = [TARGETS["aarch64"][0], "-std=c++20", "-fopenmp", "-fsyntax-only", "-Wall",
+           "-Wextra", "-Werror", "-Wno-unused-parameter",
+           *[f"-I{p}" for p in include_paths()], str(ROOT / "kvformer" / "csrc" / "step.cpp")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
