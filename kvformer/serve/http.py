@@ -9,7 +9,8 @@ import time
 
 from fastapi import FastAPI
 
-ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
+ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics",
+          "/tokenize", "/detokenize")
 
 
 class CountRequests:
