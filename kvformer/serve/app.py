@@ -104,6 +104,14 @@ def create_app(engine: Engine, model_name: str = "default", *, api_key: str | No
     async def chat(request: Request):
         return await routes.chat(srv, request)
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return await routes.tokenize(srv, request)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return await routes.detokenize(srv, request)
+
     return app
 
 
