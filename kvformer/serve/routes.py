@@ -35,6 +35,7 @@ from .schemas import (
 from .streaming import RequestStream, collect, engine_error, sse_response
 
 MAX_STOP_STRINGS = 16
+MAX_TOP_K = 2**31 - 1
 MAX_LOGPROBS = 20
 MAX_CHOICES = 16  # n
 
@@ -86,6 +87,9 @@ class Server:
             return json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise APIError(400, f"the request body is not valid JSON ({exc})",
+                           code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "the request body's JSON is nested too deeply",
                            code="invalid_json") from None
 
     def check_prompt(self, prompt_ids: list[int], max_tokens: int | None,
@@ -219,8 +223,8 @@ def sampling_params(srv: Server, req: _Common, max_tokens: int | None,
                0 <= temperature <= 2, "a number between 0 and 2"),
               ("top_p", req.top_p, req.top_p is None or 0 < req.top_p <= 1,
                "a number in (0, 1]"),
-              ("top_k", req.top_k, req.top_k is None or req.top_k >= 1
-               or req.top_k == -1, "an integer >= 1 (or -1 for all)"),
+              ("top_k", req.top_k, req.top_k is None or 1 <= req.top_k <= MAX_TOP_K
+               or req.top_k == -1, f"an integer from 1 to {MAX_TOP_K} (or -1 for all)"),
               ("min_p", req.min_p, req.min_p is None or 0 <= req.min_p <= 1,
                "a number between 0 and 1"),
               ("presence_penalty", presence, -2 <= presence <= 2, "a number between -2 and 2"),
@@ -291,7 +295,7 @@ async def completions(srv: Server, request: Request) -> dict | StreamingResponse
         if srv.tokenizer is None:
             raise APIError(400, "this model has no tokenizer: send token ids",
                            param="prompt")
-        ids = srv.tokenizer.encode(prompt)
+        ids = encode_text(srv, prompt, "prompt")
     else:
         ids = list(prompt)
     lp = req.logprobs
@@ -363,6 +367,16 @@ def chat_messages(req: ChatRequest) -> list[dict]:
         raise APIError(400, "messages is empty: give at least one message",
                        param="messages", code="invalid_value")
     return messages
+
+
+def encode_text(srv: Server, text: str, param: str, add_special_tokens: bool = True
+                ) -> list[int]:
+    """A prompt's token ids; text that is not valid Unicode (a lone surrogate such as
+    "\\ud800", which JSON allows) is a 400."""
+    try:
+        return srv.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    except ValueError as exc:
+        raise APIError(400, f"{param}: {exc}", param=param, code="invalid_value") from None
 
 
 def chat_prompt(srv: Server, messages: list[dict], add_generation_prompt: bool = True,
@@ -457,7 +471,7 @@ async def tokenize(srv: Server, request: Request) -> dict:
         raise APIError(400, "give either prompt (a string) or messages (a chat)",
                        param="prompt", code="invalid_value")
     if req.prompt is not None:
-        ids = srv.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        ids = encode_text(srv, req.prompt, "prompt", add_special_tokens=req.add_special_tokens)
     else:
         msgs = chat_messages(ChatRequest.model_construct(messages=req.messages))
         ids = await asyncio.to_thread(chat_prompt, srv, msgs,

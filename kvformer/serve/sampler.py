@@ -35,14 +35,17 @@ def adjust(logits: torch.Tensor, seq: Seq) -> torch.Tensor:
         ids = torch.tensor(list(seq.counts), dtype=torch.long)
         counts = torch.tensor(list(seq.counts.values()), dtype=torch.float32)
         logits.index_add_(0, ids, -(counts * p.frequency_penalty + p.presence_penalty))
-    return logits
+    # an extreme (legal) penalty can overflow: keep every logit a number
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
 
 
 def draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
     """A token from one row's (adjusted) logits [V] by temperature, min_p, top-k, top-p."""
     if p.temperature == 0:
         return int(logits.argmax())
-    scaled = logits.float() / p.temperature
+    # relative to the largest logit and in float64, so that any temperature > 0, however
+    # small (1e-300 is legal), sends the others towards -inf instead of making NaNs
+    scaled = (logits.double() - logits.max()) / p.temperature
     if p.min_p:  # p_i >= min_p * p_max  <=>  l_i >= l_max + log(min_p), on scaled logits
         scaled = scaled.masked_fill(scaled < scaled.max() + math.log(p.min_p), float("-inf"))
     scaled = filter_logits(scaled.unsqueeze(0), p.top_k, p.top_p)
