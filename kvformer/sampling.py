@@ -26,7 +26,8 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None,
                   top_p: float | None = None) -> torch.Tensor:
     """Set to -inf every logit outside the top-k, and outside the smallest set of most
     likely tokens whose probability mass reaches top_p. logits: [B, V]."""
-    logits = logits.float()
+    if logits.dtype != torch.float64:
+        logits = logits.float()
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -35,6 +36,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None,
         probs = torch.softmax(sorted_logits, dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above
         drop_sorted = mass_before >= top_p  # the set already reached p without this token
+        drop_sorted[..., 0] = False  # the most likely token always stays (any top_p > 0)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -45,6 +47,10 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     """logits [B, V] -> token ids [B]. temperature 0 is argmax."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    # relative to each row's largest logit and in float64: however small the temperature,
+    # the others go towards -inf rather than every logit to +-inf (a NaN softmax)
+    logits = logits.double()
+    logits = filter_logits((logits - logits.amax(dim=-1, keepdim=True)) / temperature,
+                           top_k, top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -139,13 +139,15 @@ def test_sigterm_drains_then_ends_streams_and_exits_0(tmp_path):
     import sys
 
     torch.manual_seed(0)
-    # big enough that 8,000 tokens take longer than the grace period on any CPU
+    # big enough that 30,000 tokens take longer than the grace period on any CPU, while 5
+    # take well under it even on a busy one (one torch thread: no OpenMP team to starve)
     cfg = ModelConfig(vocab_size=258, d_model=256, n_layer=4, n_head=4, n_kv_head=2,
-                      max_seq_len=8192)
+                      max_seq_len=32768)
     Transformer(cfg).eval().save(tmp_path / "tiny", tokenizer=ByteTokenizer(SPECIALS))
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvformer", "serve", "--model", str(tmp_path / "tiny"),
-         "--port", "0", "--dtype", "fp32", "--shutdown-grace", "4", "--max-batch", "8"],
+         "--port", "0", "--dtype", "fp32", "--shutdown-grace", "6", "--max-batch", "8",
+         "--threads", "1"],
         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     log: list[str] = []
     try:
@@ -181,7 +183,7 @@ def test_sigterm_drains_then_ends_streams_and_exits_0(tmp_path):
                             started.wait(timeout=60)
             results[i] = events
 
-        short = [threading.Thread(target=stream, args=(i, 8000 if i >= 3 else 20))
+        short = [threading.Thread(target=stream, args=(i, 30000 if i >= 3 else 5))
                  for i in range(6)]
         for t in short:
             t.start()

@@ -22,7 +22,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
@@ -31,7 +31,13 @@ from .engine import Engine
 from .http import BackgroundServer, CountRequests, Gate, bind_socket
 from .metrics import render_metrics
 from .routes import Server
-from .schemas import APIError
+from .schemas import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from .streaming import ClientGone
 
 __all__ = ["BackgroundServer", "Server", "bind_socket", "create_app"]
@@ -79,7 +85,7 @@ def create_app(engine: Engine, model_name: str = "default", *, api_key: str | No
         return JSONResponse({"status": "ok" if engine.alive else "engine stopped"},
                             status_code=200 if engine.alive else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics(request: Request):
         srv.check_auth(request)
         return Response(render_metrics(engine),
@@ -104,7 +110,62 @@ def create_app(engine: Engine, model_name: str = "default", *, api_key: str | No
     async def chat(request: Request):
         return await routes.chat(srv, request)
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return await routes.tokenize(srv, request)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return await routes.detokenize(srv, request)
+
+    _document_bodies(app)
     return app
+
+
+# The request bodies the POST routes parse themselves (to answer in OpenAI's error shape),
+# written into /openapi.json so that clients and API testers see them.
+BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest,
+          "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
+ERROR_SCHEMA = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {
+        "type": "object", "required": ["message", "type", "param", "code"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]},
+                       "code": {"type": ["string", "null"]}}}}}
+
+
+def _document_bodies(app: FastAPI) -> None:
+    plain = app.openapi
+
+    def openapi() -> dict:
+        if getattr(app.state, "openapi_done", False):
+            return app.openapi_schema
+        spec = plain()
+        schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+        schemas["ErrorResponse"] = ERROR_SCHEMA
+        error = {"description": "an error in OpenAI's shape", "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+        for path, model in BODIES.items():
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(body.pop("$defs", {}))
+            schemas[model.__name__] = body
+            op = spec["paths"][path]["post"]
+            op["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+        for ops in spec["paths"].values():
+            for op in ops.values():
+                op["responses"].pop("422", None)  # FastAPI's own shape; ours is below
+                op["responses"].update({"4XX": error, "5XX": error})
+        spec["paths"]["/health"]["get"]["responses"]["503"] = {
+            "description": "the engine has stopped, or the server is draining",
+            "content": {"application/json": {"schema": {"type": "object"}}}}
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        app.openapi_schema, app.state.openapi_done = spec, True
+        return spec
+
+    app.openapi = openapi
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -6,11 +6,11 @@ loop, so all torch work stays off the web server's event loop:
 1. take in aborts (a client went away) and drop those sequences, freeing their blocks;
 2. answer requests that waited longer than ``queue_timeout`` with ``QueueTimeoutError``;
 3. admit waiting sequences while fewer than ``max_batch`` run and the pool has blocks for
-   the whole prompt (plus one spare block per running sequence, so they can grow);
+   the prompt less its cached prefix (plus one spare block per running sequence, so they
+   can grow);
 4. one *decode* forward for every sequence with exactly one token not yet cached: T=1,
-   rows of different lengths left-padded by ``PagedBatch`` (for an accelerated model,
-   gathered into a contiguous cache so the fast decode step of ``kvformer.native`` /
-   ``kvformer.fast`` runs it, and the new K/V written back to the pool);
+   through the C++ step reading the pool by block tables for an accelerated model, else
+   as ``runner`` says;
 5. *prefill* of at most ``prefill_chunk`` prompt tokens (one forward per sequence, B=1),
    so a long new prompt does not stall the running streams for more than a chunk.
 

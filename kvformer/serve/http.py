@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics",
-          "/", "/status")
+          "/tokenize", "/detokenize", "/", "/status")
 
 
 class CountRequests:

@@ -13,6 +13,7 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -22,11 +23,21 @@ from fastapi.responses import StreamingResponse
 from ..errors import ChatTemplateError, ContextOverflowError
 from .engine import Engine, Output, SamplingParams, TokenLogprob
 from .scheduler import EngineClosedError, QueueFullError
-from .schemas import APIError, ChatRequest, CompletionRequest, _Common, parse_body
+from .schemas import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    _Common,
+    parse_body,
+)
 from .streaming import RequestStream, collect, engine_error, sse_response
 
 MAX_STOP_STRINGS = 16
+MAX_TOP_K = 2**31 - 1
 MAX_LOGPROBS = 20
+MAX_CHOICES = 16  # n
 
 
 class Server:
@@ -77,6 +88,9 @@ class Server:
         except (ValueError, UnicodeDecodeError) as exc:
             raise APIError(400, f"the request body is not valid JSON ({exc})",
                            code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "the request body's JSON is nested too deeply",
+                           code="invalid_json") from None
 
     def check_prompt(self, prompt_ids: list[int], max_tokens: int | None,
                      prompt_param: str) -> int:
@@ -91,8 +105,8 @@ class Server:
             raise APIError(400, str(exc), param=prompt_param, code="invalid_value") from None
 
     async def submit(self, request: Request, prompt_ids: list[int],
-                     params: SamplingParams) -> tuple[RequestStream, Output]:
-        """Queue the request and wait for its first output (or its error)."""
+                     params: list[SamplingParams]) -> tuple[RequestStream, tuple[int, Output]]:
+        """Queue the request's choices and wait for the first output (or an error)."""
         try:
             stream = RequestStream(self.engine, prompt_ids, params)
         except (QueueFullError, EngineClosedError) as exc:
@@ -102,9 +116,13 @@ class Server:
         except BaseException:
             stream.abort()
             raise
-        if first.error is not None:
-            raise engine_error(first.error, self.retry_after)
+        if first[1].error is not None:
+            stream.abort()
+            raise engine_error(first[1].error, self.retry_after)
         return stream, first
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
     # ---- token strings for logprobs
     @lru_cache(maxsize=65536)  # noqa: B019 - one Server per process, ids are small ints
@@ -135,57 +153,137 @@ def _token_bytes(tok, token_id: int) -> list[int] | None:
     return [table[c] for c in spelling]
 
 
-def sampling_params(req: _Common, max_tokens: int | None,
-                    logprobs: int | None) -> SamplingParams:
-    """The request's sampling settings, checked; ``max_tokens`` None means the rest of the
-    context (``Server.check_prompt`` settles it)."""
-    if req.n not in (None, 1):
-        raise APIError(400, f"n={req.n} is not supported: this server makes one choice "
-                            "per request (n=1)", param="n", code="unsupported_value")
-    if req.best_of not in (None, 1):
-        raise APIError(400, "best_of is not supported", param="best_of",
+# ---------------------------------------------------------------------------- fields
+# Fields of OpenAI's request schemas that would change the output and that kvformer does
+# not honour, with the values that change nothing (and are therefore accepted): anything
+# else is a 400 naming the field. Fields outside OpenAI's schema are ignored.
+def _empty(v: Any) -> bool:
+    return v is None or v == [] or v == {} or v == ""
+
+
+REFUSED: dict[str, dict[str, Callable[[Any], bool]]] = {
+    "chat": {
+        "audio": _empty,
+        "modalities": lambda v: _empty(v) or v == ["text"],
+        "prediction": _empty,
+        "reasoning_effort": _empty,
+        "verbosity": _empty,
+        "web_search_options": _empty,
+        "functions": _empty,
+        "function_call": lambda v: _empty(v) or v in ("none", "auto"),
+        "response_format": lambda v: _empty(v) or v == {"type": "text"},
+        "tools": _empty,
+        "tool_choice": lambda v: _empty(v) or v in ("none", "auto"),
+    },
+    "completions": {
+        "suffix": _empty,
+    },
+}
+
+
+def refuse_unhonoured(req: _Common, endpoint: str) -> None:
+    given = dict(req.model_extra or {})
+    given.update({k: getattr(req, k) for k in type(req).model_fields})
+    for name, harmless in REFUSED[endpoint].items():
+        if name in given and not harmless(given[name]):
+            raise APIError(400, f"{name} is not supported by this server (got "
+                                f"{_short(given[name])}); leave it out", param=name,
+                           code="unsupported_value")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _invalid(name: str, value: Any, what: str) -> APIError:
+    return APIError(400, f"{name}={_short(value)} is invalid: use {what}", param=name,
+                    code="invalid_value")
+
+
+def sampling_params(srv: Server, req: _Common, max_tokens: int | None,
+                    logprobs: int | None) -> list[SamplingParams]:
+    """The request's sampling settings, checked, one per choice (``n``); ``max_tokens``
+    None means the rest of the context (``Server.check_prompt`` settles it)."""
+    n = 1 if req.n is None else req.n
+    if not 1 <= n <= MAX_CHOICES:
+        raise _invalid("n", n, f"an integer from 1 to {MAX_CHOICES}")
+    if req.best_of not in (None, 1, n):
+        raise APIError(400, f"best_of={req.best_of} is not supported: give n choices and "
+                            "pick among them (best_of may only equal n)", param="best_of",
                        code="unsupported_value")
     if max_tokens is not None and max_tokens < 1:
         raise APIError(400, f"max_tokens={max_tokens} must be at least 1",
                        param="max_tokens", code="invalid_value")
     temperature = 1.0 if req.temperature is None else req.temperature
+    presence = req.presence_penalty or 0.0
+    frequency = req.frequency_penalty or 0.0
+    repetition = 1.0 if req.repetition_penalty is None else req.repetition_penalty
     checks = (("temperature", temperature, math.isfinite(temperature) and
                0 <= temperature <= 2, "a number between 0 and 2"),
               ("top_p", req.top_p, req.top_p is None or 0 < req.top_p <= 1,
                "a number in (0, 1]"),
-              ("top_k", req.top_k, req.top_k is None or req.top_k >= 1
-               or req.top_k == -1, "an integer >= 1 (or -1 for all)"))
+              ("top_k", req.top_k, req.top_k is None or 1 <= req.top_k <= MAX_TOP_K
+               or req.top_k == -1, f"an integer from 1 to {MAX_TOP_K} (or -1 for all)"),
+              ("min_p", req.min_p, req.min_p is None or 0 <= req.min_p <= 1,
+               "a number between 0 and 1"),
+              ("presence_penalty", presence, -2 <= presence <= 2, "a number between -2 and 2"),
+              ("frequency_penalty", frequency, -2 <= frequency <= 2,
+               "a number between -2 and 2"),
+              ("repetition_penalty", repetition, math.isfinite(repetition) and repetition > 0,
+               "a number > 0 (1 is off)"))
     for name, value, ok, what in checks:
         if not ok:
-            raise APIError(400, f"{name}={value!r} is invalid: use {what}", param=name,
-                           code="invalid_value")
+            raise _invalid(name, value, what)
     stop = req.stop
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > MAX_STOP_STRINGS:
         raise APIError(400, f"at most {MAX_STOP_STRINGS} stop strings", param="stop",
                        code="invalid_value")
-    seed = req.seed
-    if seed is not None:
-        seed %= 2**63
-    return SamplingParams(
-        max_tokens=max_tokens or 0, temperature=float(temperature),
-        top_p=None if req.top_p in (None, 1) else float(req.top_p),
-        top_k=None if req.top_k in (None, -1) else req.top_k, seed=seed,
-        stop=tuple(s for s in stops if s), logprobs=logprobs,
-        ignore_eos=bool(req.ignore_eos))
+    bias = _logit_bias(req.logit_bias, srv.engine.model.cfg.vocab_size)
+    out = []
+    for i in range(n):
+        seed = None if req.seed is None else (req.seed + i) % 2**63  # choice i: seed + i
+        out.append(SamplingParams(
+            max_tokens=max_tokens or 1, temperature=float(temperature),
+            top_p=None if req.top_p in (None, 1) else float(req.top_p),
+            top_k=None if req.top_k in (None, -1) else req.top_k,
+            min_p=req.min_p or None, presence_penalty=float(presence),
+            frequency_penalty=float(frequency), repetition_penalty=float(repetition),
+            logit_bias=bias, seed=seed, stop=tuple(s for s in stops if s),
+            logprobs=logprobs, ignore_eos=bool(req.ignore_eos)))
+    return out
 
 
+def _logit_bias(given: dict[str, float] | None, vocab: int) -> dict[int, float] | None:
+    """OpenAI's logit_bias: token ids (as JSON object keys) -> a bias in [-100, 100]."""
+    if not given:
+        return None
+    bias = {}
+    for key, value in given.items():
+        if not (key.strip().isdigit() and int(key) < vocab):
+            raise _invalid("logit_bias", {key: value},
+                           f"token ids from 0 to {vocab - 1} as keys")
+        if not (math.isfinite(value) and -100 <= value <= 100):
+            raise _invalid("logit_bias", {key: value}, "biases between -100 and 100")
+        bias[int(key)] = float(value)
+    return bias
+
+
+def _prepare(srv: Server, params: list[SamplingParams], ids: list[int],
+             max_tokens: int | None, prompt_param: str) -> None:
+    resolved = srv.check_prompt(ids, max_tokens, prompt_param)
+    for p in params:
+        p.max_tokens = resolved
+
+
+# ---------------------------------------------------------------------------- completions
 async def completions(srv: Server, request: Request) -> dict | StreamingResponse:
     """POST /v1/completions."""
     srv.check_auth(request)
     req: CompletionRequest = parse_body(CompletionRequest, await srv.read_json(request))
     srv.check_model(req.model)
-    if req.echo:
-        raise APIError(400, "echo is not supported", param="echo",
-                       code="unsupported_value")
-    if req.suffix:
-        raise APIError(400, "suffix is not supported", param="suffix",
-                       code="unsupported_value")
+    refuse_unhonoured(req, "completions")
     prompt = req.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         if len(prompt) != 1:
@@ -197,51 +295,63 @@ async def completions(srv: Server, request: Request) -> dict | StreamingResponse
         if srv.tokenizer is None:
             raise APIError(400, "this model has no tokenizer: send token ids",
                            param="prompt")
-        ids = srv.tokenizer.encode(prompt)
+        ids = encode_text(srv, prompt, "prompt")
     else:
         ids = list(prompt)
     lp = req.logprobs
     if lp is not None and not 0 <= lp <= MAX_LOGPROBS:
         raise APIError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}",
                        param="logprobs", code="invalid_value")
-    params = sampling_params(req, req.max_tokens, lp)
-    params.max_tokens = srv.check_prompt(ids, req.max_tokens, "prompt")
+    if req.echo and lp is not None:
+        raise APIError(400, "echo with logprobs is not supported (the prompt's "
+                            "log-probabilities are not computed); drop one of them",
+                       param="echo", code="unsupported_value")
+    params = sampling_params(srv, req, req.max_tokens, lp)
+    _prepare(srv, params, ids, req.max_tokens, "prompt")
+    echo = ""
+    if req.echo:
+        echo = prompt if isinstance(prompt, str) else srv.decode(ids)
     stream, first = await srv.submit(request, ids, params)
-    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    head = {"id": rid, "object": "text_completion", "created": created,
-            "model": srv.model_name}
-    want_usage = bool(req.stream_options and req.stream_options.include_usage)
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+            "created": int(time.time()), "model": srv.model_name}
 
-    def choice(out: Output, offset: int) -> dict:
-        return {"index": 0, "text": out.text,
+    def choice(index: int, out: Output, offset: int) -> dict:
+        return {"index": index, "text": out.text,
                 "logprobs": _legacy_logprobs(srv, out.logprobs, offset)
                 if lp is not None else None,
                 "finish_reason": out.finish_reason}
 
     if req.stream:
-        def chunks(out: Output, state: dict) -> list[dict]:
+        want_usage = bool(req.stream_options and req.stream_options.include_usage)
+        offsets = [0] * len(params)
+        totals = [Output() for _ in params]
+
+        def chunks(index: int, out: Output, last: bool) -> list[dict]:
+            totals[index].merge(out)
             res = []
+            if echo and offsets[index] == 0 and not out.text.startswith(echo):
+                out.text = echo + out.text
             if out.text or out.token_ids or out.finished:
-                c = dict(head, choices=[choice(out, state["offset"])])
-                state["offset"] += len(out.text)
+                c = dict(head, choices=[choice(index, out, offsets[index])])
+                offsets[index] += len(out.text)
                 if want_usage:
                     c["usage"] = None
                 res.append(c)
-            if out.finished and want_usage:
-                res.append(dict(head, choices=[], usage=_usage(out)))
+            if last and want_usage:
+                res.append(dict(head, choices=[], usage=_usage(totals)))
             return res
         return sse_response(stream, first, chunks)
 
-    out = await collect(stream, first, request, srv.retry_after)
-    return dict(head, choices=[choice(out, 0)], usage=_usage(out))
+    outs = await collect(stream, first, request, srv.retry_after, len(params))
+    for out in outs:
+        out.text = echo + out.text
+    return dict(head, choices=[choice(i, out, 0) for i, out in enumerate(outs)],
+                usage=_usage(outs))
 
-async def chat(srv: Server, request: Request) -> dict | StreamingResponse:
-    """POST /v1/chat/completions."""
-    srv.check_auth(request)
-    req: ChatRequest = parse_body(ChatRequest, await srv.read_json(request))
-    srv.check_model(req.model)
-    if srv.tokenizer is None:
-        raise APIError(400, "this model has no tokenizer, so it cannot chat")
+
+# ---------------------------------------------------------------------------- chat
+def chat_messages(req: ChatRequest) -> list[dict]:
+    """The messages as the chat template takes them (text parts joined)."""
     messages = []
     for i, m in enumerate(req.messages):
         content = m.content
@@ -256,14 +366,42 @@ async def chat(srv: Server, request: Request) -> dict | StreamingResponse:
     if not messages:
         raise APIError(400, "messages is empty: give at least one message",
                        param="messages", code="invalid_value")
+    return messages
+
+
+def encode_text(srv: Server, text: str, param: str, add_special_tokens: bool = True
+                ) -> list[int]:
+    """A prompt's token ids; text that is not valid Unicode (a lone surrogate such as
+    "\\ud800", which JSON allows) is a 400."""
     try:
-        # off the event loop (a template is untrusted code, stopped after 1 s), and with what
-        # the messages say encoded as text: only the template's markup makes control tokens
-        ids = await asyncio.to_thread(srv.tokenizer.encode_chat, messages,
-                                      add_generation_prompt=True)
+        return srv.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    except ValueError as exc:
+        raise APIError(400, f"{param}: {exc}", param=param, code="invalid_value") from None
+
+
+def chat_prompt(srv: Server, messages: list[dict], add_generation_prompt: bool = True,
+                **extra: Any) -> list[int]:
+    """The token ids of the messages through the model's chat template."""
+    if srv.tokenizer is None:
+        raise APIError(400, "this model has no tokenizer, so it cannot chat")
+    try:
+        # what the messages say is encoded as text: only the template's markup makes
+        # control tokens; the template (untrusted code) is stopped after 1 s
+        return srv.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt,
+                                         **extra)
     except (ChatTemplateError, ValueError) as exc:
         raise APIError(400, f"the chat template rejected the messages: {exc}",
                        param="messages") from None
+
+
+async def chat(srv: Server, request: Request) -> dict | StreamingResponse:
+    """POST /v1/chat/completions."""
+    srv.check_auth(request)
+    req: ChatRequest = parse_body(ChatRequest, await srv.read_json(request))
+    srv.check_model(req.model)
+    refuse_unhonoured(req, "chat")
+    # off the event loop: the server keeps answering while a template renders
+    ids = await asyncio.to_thread(chat_prompt, srv, chat_messages(req))
     top = req.top_logprobs
     if top is not None and not (req.logprobs and 0 <= top <= MAX_LOGPROBS):
         raise APIError(400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}, with "
@@ -271,14 +409,12 @@ async def chat(srv: Server, request: Request) -> dict | StreamingResponse:
     lp = (top or 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
         else req.max_tokens
-    params = sampling_params(req, max_tokens, lp)
-    params.max_tokens = srv.check_prompt(ids, max_tokens, "messages")
+    params = sampling_params(srv, req, max_tokens, lp)
+    _prepare(srv, params, ids, max_tokens, "messages")
     stream, first = await srv.submit(request, ids, params)
-    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    head = {"id": rid, "object": "chat.completion.chunk" if req.stream
-            else "chat.completion", "created": created, "model": srv.model_name,
-            "system_fingerprint": None}
-    want_usage = bool(req.stream_options and req.stream_options.include_usage)
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk" if req.stream else "chat.completion",
+            "created": int(time.time()), "model": srv.model_name, "system_fingerprint": None}
 
     def logprobs(out: Output) -> dict | None:
         if lp is None:
@@ -286,39 +422,86 @@ async def chat(srv: Server, request: Request) -> dict | StreamingResponse:
         return {"content": _chat_logprobs(srv, out.logprobs), "refusal": None}
 
     if req.stream:
-        def chunks(out: Output, state: dict) -> list[dict]:
+        want_usage = bool(req.stream_options and req.stream_options.include_usage)
+        started: set[int] = set()
+        totals = [Output() for _ in params]
+
+        def chunks(index: int, out: Output, last: bool) -> list[dict]:
+            totals[index].merge(out)
             res = []
 
             def add(delta: dict, finish: str | None, with_lp: bool) -> None:
-                c = dict(head, choices=[{"index": 0, "delta": delta,
+                c = dict(head, choices=[{"index": index, "delta": delta,
                                          "logprobs": logprobs(out) if with_lp else None,
                                          "finish_reason": finish}])
                 if want_usage:
                     c["usage"] = None
                 res.append(c)
 
-            if not state.get("role"):
-                state["role"] = True
+            if index not in started:
+                started.add(index)
                 add({"role": "assistant", "content": ""}, None, False)
             if out.text or out.logprobs:
                 add({"content": out.text}, None, True)
             if out.finished:
                 add({}, out.finish_reason, False)
-                if want_usage:
-                    res.append(dict(head, choices=[], usage=_usage(out)))
+            if last and want_usage:
+                res.append(dict(head, choices=[], usage=_usage(totals)))
             return res
         return sse_response(stream, first, chunks)
 
-    out = await collect(stream, first, request, srv.retry_after)
-    message = {"role": "assistant", "content": out.text, "refusal": None}
-    return dict(head, choices=[{"index": 0, "message": message, "logprobs": logprobs(out),
-                                "finish_reason": out.finish_reason}], usage=_usage(out))
+    outs = await collect(stream, first, request, srv.retry_after, len(params))
+    choices = [{"index": i, "message": {"role": "assistant", "content": out.text,
+                                        "refusal": None},
+                "logprobs": logprobs(out), "finish_reason": out.finish_reason}
+               for i, out in enumerate(outs)]
+    return dict(head, choices=choices, usage=_usage(outs))
 
 
-def _usage(out: Output) -> dict:
-    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-            "total_tokens": out.prompt_tokens + out.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
+# ---------------------------------------------------------------------------- tokens
+async def tokenize(srv: Server, request: Request) -> dict:
+    """POST /tokenize: ``{"prompt": str}`` or ``{"messages": [...]}`` -> token ids (vLLM's
+    shape: ``tokens``, ``count``, ``max_model_len``)."""
+    srv.check_auth(request)
+    req: TokenizeRequest = parse_body(TokenizeRequest, await srv.read_json(request))
+    srv.check_model(req.model)
+    if srv.tokenizer is None:
+        raise APIError(400, "this model has no tokenizer")
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "give either prompt (a string) or messages (a chat)",
+                       param="prompt", code="invalid_value")
+    if req.prompt is not None:
+        ids = encode_text(srv, req.prompt, "prompt", add_special_tokens=req.add_special_tokens)
+    else:
+        msgs = chat_messages(ChatRequest.model_construct(messages=req.messages))
+        ids = await asyncio.to_thread(chat_prompt, srv, msgs,
+                                      add_generation_prompt=req.add_generation_prompt)
+    return {"tokens": ids, "count": len(ids), "max_model_len": srv.engine.max_seq_len}
+
+
+async def detokenize(srv: Server, request: Request) -> dict:
+    """POST /detokenize: ``{"tokens": [ids]}`` -> ``{"prompt": text}``."""
+    srv.check_auth(request)
+    req: DetokenizeRequest = parse_body(DetokenizeRequest, await srv.read_json(request))
+    srv.check_model(req.model)
+    if srv.tokenizer is None:
+        raise APIError(400, "this model has no tokenizer")
+    vocab = srv.engine.model.cfg.vocab_size
+    bad = [t for t in req.tokens if not 0 <= t < vocab]
+    if bad:
+        raise APIError(400, f"tokens outside [0, {vocab}): {bad[:5]}", param="tokens",
+                       code="invalid_value")
+    return {"prompt": srv.decode(req.tokens)}
+
+
+# ---------------------------------------------------------------------------- answers
+def _usage(outs: list[Output]) -> dict:
+    """The usage of a request: its prompt once, the completions of every choice."""
+    prompt = outs[0].prompt_tokens
+    completion = sum(o.completion_tokens for o in outs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": outs[0].cached_tokens}}
 
 
 def _legacy_logprobs(srv: Server, lps: list[TokenLogprob] | None, offset: int) -> dict:

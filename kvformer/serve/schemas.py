@@ -33,7 +33,9 @@ class APIError(Exception):
 
 
 class _Body(BaseModel):
-    # strict: "5" is not an integer and 1.5 is not one either; unknown fields are ignored
+    # strict: "5" is not an integer and 1.5 is not one either. Unknown fields are kept
+    # (``model_extra``): the routes refuse those of OpenAI's schema that would change the
+    # output (``REFUSED``) and ignore the rest.
     model_config = ConfigDict(strict=True, extra="allow")
 
 
@@ -45,7 +47,12 @@ class _Common(_Body):
     model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: int | None = None  # extension (llama.cpp, vLLM); -1 means off
+    min_p: float | None = None  # extension
+    repetition_penalty: float | None = None  # extension
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
     n: int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
@@ -53,6 +60,12 @@ class _Common(_Body):
     stop: str | list[str] | None = None
     ignore_eos: bool | None = None  # extension: keep going past the end-of-text token
     best_of: int | None = None
+    user: str | None = None  # the labels: accepted, change nothing
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
 
 class CompletionRequest(_Common):
@@ -79,6 +92,19 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+
+
+class TokenizeRequest(_Body):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]
 
 
 def parse_body(cls: type[BaseModel], data: Any) -> Any:

@@ -23,10 +23,21 @@ from ..sampling import validate_sampling
 
 @dataclass
 class SamplingParams:
+    """One sequence's settings. The penalties follow OpenAI's definitions (presence and
+    frequency over the tokens generated so far) and, for ``repetition_penalty``, the one of
+    Hugging Face and vLLM (over the prompt and the output: a positive logit divided by it,
+    a negative one multiplied); ``min_p`` drops tokens less likely than ``min_p`` times the
+    most likely one (after temperature); ``logit_bias`` adds to chosen logits."""
+
     max_tokens: int
     temperature: float = 1.0
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's plus the top k
@@ -39,6 +50,22 @@ class SamplingParams:
         validate_sampling(self.temperature, self.top_k, self.top_p)
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs={self.logprobs!r} must be between 0 and 20")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be between -2 and 2")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty={self.repetition_penalty!r} must be > 0")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p={self.min_p!r} must be between 0 and 1")
+        for tok, bias in (self.logit_bias or {}).items():
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias[{tok}]={bias!r} must be between -100 and 100")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether the logits change before sampling (bias or a penalty)."""
+        return bool(self.logit_bias) or self.presence_penalty != 0 \
+            or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
 @dataclass
@@ -138,6 +165,7 @@ class Seq:
                  sink: Callable[[Output], None], decoder, seed: int):
         self.id, self.prompt_ids, self.params, self.sink = rid, prompt_ids, params, sink
         self.output_ids: list[int] = []
+        self.counts: dict[int, int] = {}  # generated token -> how often (penalties)
         self.blocks: list[int] = []
         self.num_cached = 0  # tokens whose K/V are in the pool
         self.block_hashes: list[bytes] = []  # chain hashes of the full blocks (prefix cache)
@@ -199,6 +227,7 @@ class Seq:
     def push_token(self, tok: int) -> bool:
         """Record a generated token and its text; True if the text hit a stop string."""
         self.output_ids.append(tok)
+        self.counts[tok] = self.counts.get(tok, 0) + 1
         piece = self.decoder.push(tok) if self.decoder is not None else ""
         return self.add_text(piece)
 

@@ -10,8 +10,10 @@ engine's next step.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
@@ -36,27 +38,48 @@ def engine_error(exc: Exception, retry_after: int) -> APIError:
 
 
 class RequestStream:
-    """A submitted request: the engine's outputs arrive on an asyncio queue."""
+    """A submitted request of ``len(params)`` choices (one engine sequence each, on the
+    same prompt): their outputs arrive, tagged with the choice's index, in one queue."""
 
-    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams):
+    def __init__(self, engine: Engine, prompt_ids: list[int], params: list[SamplingParams]):
         self.engine = engine
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[Output] = asyncio.Queue()
-        self.done = False
-        self.rid = engine.submit(prompt_ids, params, self._sink)
+        self.pending: deque[tuple[int, Output]] = deque()
+        self.ready = asyncio.Event()
+        self.rids: list[int] = []
+        self.open = set(range(len(params)))
+        try:
+            for i, p in enumerate(params):
+                self.rids.append(engine.submit(prompt_ids, p, functools.partial(self._sink, i)))
+        except BaseException:
+            self.abort()
+            raise
 
-    def _sink(self, out: Output) -> None:  # engine thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+    def _sink(self, index: int, out: Output) -> None:  # engine thread
+        self.loop.call_soon_threadsafe(self._put, index, out)
 
-    async def get(self) -> Output:
-        """The next output, merged with any others already waiting."""
-        out = await self.queue.get()
-        while not out.finished and not self.queue.empty():
-            out.merge(self.queue.get_nowait())
-        self.done = out.finished
-        return out
+    def _put(self, index: int, out: Output) -> None:
+        self.pending.append((index, out))
+        self.ready.set()
 
-    async def get_watching(self, request: Request) -> Output:
+    @property
+    def done(self) -> bool:
+        return not self.open
+
+    async def get(self) -> tuple[int, Output]:
+        """The next output (a choice's index and what it made), merged with the outputs of
+        the same choice right behind it."""
+        while not self.pending:
+            self.ready.clear()
+            await self.ready.wait()
+        index, out = self.pending.popleft()
+        while not out.finished and self.pending and self.pending[0][0] == index:
+            out.merge(self.pending.popleft()[1])
+        if out.finished:
+            self.open.discard(index)
+        return index, out
+
+    async def get_watching(self, request: Request) -> tuple[int, Output]:
         """``get``, but give up (and abort) when the client disconnects meanwhile."""
         task = asyncio.ensure_future(self.get())
         try:
@@ -71,45 +94,51 @@ class RequestStream:
                 task.cancel()
 
     def abort(self) -> None:
-        if not self.done:
-            self.done = True
-            self.engine.abort(self.rid)
+        for index in list(self.open):
+            if index < len(self.rids):
+                self.engine.abort(self.rids[index])
+        self.open.clear()
 
 
 class ClientGone(Exception):
     pass
 
 
-async def collect(stream: RequestStream, first: Output, request: Request,
-                   retry_after: int) -> Output:
-    """Every output of a non-streamed request, merged (aborted if the client leaves)."""
-    merged = first
+async def collect(stream: RequestStream, first: tuple[int, Output], request: Request,
+                  retry_after: int, n: int) -> list[Output]:
+    """Every output of a non-streamed request, merged per choice (aborted if the client
+    leaves)."""
+    merged = [Output() for _ in range(n)]
+    merged[first[0]].merge(first[1])
     try:
-        while not merged.finished:
-            merged.merge(await stream.get_watching(request))
+        while not stream.done:
+            index, out = await stream.get_watching(request)
+            merged[index].merge(out)
     finally:
         stream.abort()
-    if merged.error is not None:
-        raise engine_error(merged.error, retry_after)
+    for out in merged:
+        if out.error is not None:
+            raise engine_error(out.error, retry_after)
     return merged
 
 
-def sse_response(stream: RequestStream, first: Output,
-                  chunks: Callable[[Output, dict], list[dict]]) -> StreamingResponse:
+def sse_response(stream: RequestStream, first: tuple[int, Output],
+                 chunks: Callable[[int, Output, bool], list[dict]]) -> StreamingResponse:
+    """Server-sent events: ``chunks(index, output, last)`` gives the JSON chunks for each
+    output (``last``: every choice has finished), then ``data: [DONE]``."""
     async def events() -> AsyncIterator[str]:
-        state: dict = {"offset": 0}
-        out = first
+        index, out = first
         try:
             while True:
                 if out.error is not None:
                     err = engine_error(out.error, 1)
                     yield f"data: {json.dumps(err.body())}\n\n"
                     break
-                for chunk in chunks(out, state):
+                for chunk in chunks(index, out, stream.done):
                     yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-                if out.finished:
+                if stream.done:
                     break
-                out = await stream.get()
+                index, out = await stream.get()
             yield "data: [DONE]\n\n"
         finally:
             stream.abort()  # a client that went away frees its blocks here

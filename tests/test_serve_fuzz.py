@@ -1,0 +1,150 @@
+"""The API fuzzed from its own published schema: schemathesis generates requests (valid
+and invalid by the schema) for every operation of /openapi.json; hypothesis adds bodies that
+are any JSON at all; and numbers, nesting and text at their extremes. Every answer is a 2xx
+or a 4xx that conforms to the schema (OpenAI's error shape), never a 5xx, and the server
+keeps answering."""
+
+import json
+
+import httpx
+import pytest
+import torch
+
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from schemathesis.checks import not_a_server_error  # noqa: E402
+from schemathesis.specs.openapi.checks import (  # noqa: E402
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from kvformer import ModelConfig, Transformer  # noqa: E402
+from kvformer.serve.app import BODIES, ERROR_SCHEMA, BackgroundServer, create_app  # noqa: E402
+from kvformer.serve.engine import Engine  # noqa: E402
+from kvformer.tokenizer import ByteTokenizer  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+JSON = {"Content-Type": "application/json"}
+FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
+                suppress_health_check=list(HealthCheck))
+
+
+def tiny_app():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=258, d_model=32, n_layer=1, n_head=2, n_kv_head=1,
+                      max_seq_len=64)
+    engine = Engine(Transformer(cfg).eval(), ByteTokenizer(["<|im_start|>", "<|im_end|>"]),
+                    max_batch=8, kv_blocks=64, block_size=8)
+    return create_app(engine, "tiny")
+
+
+APP = tiny_app()  # its engine starts with the server below
+schema = schemathesis.openapi.from_dict(APP.openapi())
+
+
+@pytest.fixture(scope="module")
+def server():
+    with BackgroundServer(APP) as srv:
+        yield srv
+
+
+@schema.parametrize()
+@settings(max_examples=25, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
+def test_schemathesis(case, server):
+    """Generated from the published schema: never a 5xx; statuses, content types and bodies
+    as the schema says."""
+    if isinstance(case.body, dict) and isinstance(case.body.get("max_tokens"), int):
+        case.body["max_tokens"] = max(-1, min(case.body["max_tokens"], 8))  # keep it quick
+    case.call_and_validate(base_url=server.url, checks=[not_a_server_error, status_code_conformance,
+                                   content_type_conformance, response_schema_conformance])
+
+
+def check(srv, path, content):
+    r = httpx.post(srv.url + path, content=content, headers=JSON, timeout=120)
+    assert r.status_code < 500, (path, content[:300], r.status_code, r.text[:300])
+    if r.status_code >= 400:
+        body = r.json()
+        err = body["error"]
+        assert set(err) == set(ERROR_SCHEMA["properties"]["error"]["required"]), body
+        assert isinstance(err["message"], str) and err["message"], body
+    elif "text/event-stream" in r.headers.get("content-type", ""):
+        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert events and events[-1] == "[DONE]", r.text[-300:]
+        for e in events[:-1]:
+            json.loads(e)
+    else:
+        assert isinstance(r.json(), dict)
+    return r
+
+
+ANY_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=12)
+
+
+@pytest.mark.parametrize("path", list(BODIES))
+def test_any_json_gets_a_4xx_or_a_2xx(server, path):
+    fields = {"/v1/completions": "prompt", "/v1/chat/completions": "messages",
+              "/tokenize": "prompt", "/detokenize": "tokens"}
+
+    @FUZZ
+    @given(ANY_JSON, st.dictionaries(st.sampled_from(
+        ["temperature", "top_p", "top_k", "max_tokens", "n", "seed", "stop", "logit_bias",
+         "min_p", "logprobs", "top_logprobs", "presence_penalty", "repetition_penalty",
+         "stream", "messages", "prompt", "tokens", "model"]), ANY_JSON, max_size=4))
+    def run(value, extra):
+        body = {fields[path]: value, **extra}
+        if isinstance(body.get("max_tokens"), int):
+            body["max_tokens"] = min(body["max_tokens"], 8)
+        check(server, path, json.dumps(body))
+
+    run()
+
+
+EXTREMES = [
+    {"messages": [{"role": "user", "content": "hi"}], "top_p": 1e-300},
+    {"messages": [{"role": "user", "content": "hi"}], "temperature": 1e-300},
+    {"messages": [{"role": "user", "content": "hi"}], "temperature": 5e-324, "top_k": 1},
+    {"messages": [{"role": "user", "content": "hi"}], "top_k": 2**70},
+    {"messages": [{"role": "user", "content": "hi"}], "seed": 2**70},
+    {"messages": [{"role": "user", "content": "hi"}], "seed": -(2**70)},
+    {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2**70},
+    {"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 1e-300},
+    {"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 1e300},
+    {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"9" * 40: 1}},
+    {"messages": [{"role": "user", "content": "hi"}], "min_p": 1, "temperature": 2},
+    {"messages": [{"role": "user", "content": "\ud800"}]},
+    {"messages": [{"role": "user", "content": "\U0010ffff\x00\u200b" * 50}]},
+    {"messages": [{"role": "user", "content": "hi"}], "stop": ["\ud800"]},
+    {"prompt": "\udfff"},
+    {"prompt": [2**70]},
+    {"prompt": [-1]},
+    {"tokens": [2**70]},
+    {"tokens": [-(2**63)]},
+]
+
+
+@pytest.mark.parametrize("body", EXTREMES, ids=range(len(EXTREMES)))
+def test_extreme_values_get_2xx_or_4xx(server, body):
+    path = ("/v1/chat/completions" if "messages" in body else
+            "/detokenize" if "tokens" in body else "/v1/completions")
+    body = {**body, "max_tokens": body.get("max_tokens", 4)}
+    if path == "/detokenize":
+        body.pop("max_tokens")
+    check(server, path, json.dumps(body))
+
+
+@pytest.mark.parametrize("depth", [10, 1000, 100_000])
+def test_deep_nesting_and_broken_bytes_get_400(server, depth):
+    for path in BODIES:
+        r = check(server, path, '{"messages": ' + "[" * depth + "]" * depth + "}")
+        assert r.status_code in (400, 422)
+    for raw in (b"\xff\xfe{", b'{"prompt": "a"', b"", b"NaN", b"[1, 2]"):
+        r = check(server, "/v1/completions", raw)
+        assert r.status_code == 400
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
