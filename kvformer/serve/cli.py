@@ -7,7 +7,7 @@ import ipaddress
 import os
 import sys
 
-from ..arguments import add_model_arguments
+from ..arguments import add_model_arguments, physical_cores
 from ..errors import ArgumentParser, KvformerError
 
 
@@ -99,10 +99,7 @@ def cmd_serve(args) -> int:
     from .engine import Engine
     from .http import draining_server_class
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or physical_cores())  # -t/--threads, as every verb
     sock = bind_socket(args.host, args.port)  # fail fast (port taken) before loading
     try:
         # Load on one torch thread: the model then runs on the engine's thread, and once
