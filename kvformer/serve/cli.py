@@ -7,7 +7,7 @@ import ipaddress
 import os
 import sys
 
-from ..arguments import add_model_arguments
+from ..arguments import add_model_arguments, physical_cores
 from ..errors import ArgumentParser, KvformerError
 
 
@@ -48,7 +48,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. http://localhost:5173; '*' for "
                         "any) call the API from a browser; repeatable (default: none)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
@@ -100,10 +99,7 @@ def cmd_serve(args) -> int:
     from .engine import Engine
     from .http import draining_server_class
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or physical_cores())  # -t/--threads, as every verb
     sock = bind_socket(args.host, args.port)  # fail fast (port taken) before loading
     try:
         # Load on one torch thread: the model then runs on the engine's thread, and once
