@@ -22,6 +22,7 @@ from fastapi.responses import StreamingResponse
 
 from ..errors import ChatTemplateError, ContextOverflowError
 from .engine import Engine, Output, SamplingParams, TokenLogprob
+from .grammar import Grammar, GrammarError, Grammars
 from .scheduler import EngineClosedError, QueueFullError
 from .schemas import (
     APIError,
@@ -47,6 +48,7 @@ class Server:
         self.engine, self.model_name, self.api_key = engine, model_name, api_key
         self.max_body, self.retry_after = max_body, retry_after
         self.tokenizer = engine.tokenizer
+        self.grammars = Grammars(engine.tokenizer, engine.model.cfg.vocab_size)
         self.created = int(time.time())
 
     def model_card(self) -> dict:
@@ -167,7 +169,6 @@ REFUSED: dict[str, dict[str, Callable[[Any], bool]]] = {
         "web_search_options": _empty,
         "functions": _empty,
         "function_call": lambda v: _empty(v) or v in ("none", "auto"),
-        "response_format": lambda v: _empty(v) or v == {"type": "text"},
         "tools": _empty,
         "tool_choice": lambda v: _empty(v) or v in ("none", "auto"),
     },
@@ -198,9 +199,11 @@ def _invalid(name: str, value: Any, what: str) -> APIError:
 
 
 def sampling_params(srv: Server, req: _Common, max_tokens: int | None,
-                    logprobs: int | None) -> list[SamplingParams]:
+                    logprobs: int | None, grammar: Grammar | None = None
+                    ) -> list[SamplingParams]:
     """The request's sampling settings, checked, one per choice (``n``); ``max_tokens``
-    None means the rest of the context (``Server.check_prompt`` settles it)."""
+    None means the rest of the context (``Server.check_prompt`` settles it). ``grammar``:
+    what every choice's text must match."""
     n = 1 if req.n is None else req.n
     if not 1 <= n <= MAX_CHOICES:
         raise _invalid("n", n, f"an integer from 1 to {MAX_CHOICES}")
@@ -247,8 +250,32 @@ def sampling_params(srv: Server, req: _Common, max_tokens: int | None,
             min_p=req.min_p or None, presence_penalty=float(presence),
             frequency_penalty=float(frequency), repetition_penalty=float(repetition),
             logit_bias=bias, seed=seed, stop=tuple(s for s in stops if s),
-            logprobs=logprobs, ignore_eos=bool(req.ignore_eos)))
+            logprobs=logprobs, ignore_eos=bool(req.ignore_eos), grammar=grammar))
     return out
+
+
+def response_grammar(srv: Server, value: Any) -> Grammar | None:
+    """``response_format`` as a grammar (None for plain text). Runs on a worker thread:
+    the first call builds the vocabulary's table, a schema takes milliseconds to compile."""
+    if _empty(value) or value == {"type": "text"}:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    try:
+        if kind == "json_object":
+            return srv.grammars.json_object()
+        if kind == "json_schema":
+            spec = value.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise APIError(400, "response_format json_schema needs json_schema.schema, a "
+                                    "JSON Schema object", param="response_format",
+                               code="invalid_value")
+            return srv.grammars.json_schema(spec["schema"])
+    except GrammarError as exc:
+        raise APIError(400, f"response_format: {exc}", param="response_format",
+                       code="invalid_value") from None
+    raise APIError(400, f"response_format={_short(value)} is not supported: use type "
+                        "'text', 'json_object' or 'json_schema'", param="response_format",
+                   code="unsupported_value")
 
 
 def _logit_bias(given: dict[str, float] | None, vocab: int) -> dict[int, float] | None:
@@ -302,7 +329,8 @@ async def completions(srv: Server, request: Request) -> dict | StreamingResponse
         raise APIError(400, "echo with logprobs is not supported (the prompt's "
                             "log-probabilities are not computed); drop one of them",
                        param="echo", code="unsupported_value")
-    params = sampling_params(srv, req, req.max_tokens, lp)
+    grammar = await asyncio.to_thread(response_grammar, srv, req.response_format)
+    params = sampling_params(srv, req, req.max_tokens, lp, grammar)
     _prepare(srv, params, ids, req.max_tokens, "prompt")
     echo = ""
     if req.echo:
@@ -395,7 +423,8 @@ async def chat(srv: Server, request: Request) -> dict | StreamingResponse:
     lp = (top or 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
         else req.max_tokens
-    params = sampling_params(srv, req, max_tokens, lp)
+    grammar = await asyncio.to_thread(response_grammar, srv, req.response_format)
+    params = sampling_params(srv, req, max_tokens, lp, grammar)
     _prepare(srv, params, ids, max_tokens, "messages")
     stream, first = await srv.submit(request, ids, params)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}",

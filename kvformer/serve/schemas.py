@@ -60,6 +60,8 @@ class _Common(_Body):
     stop: str | list[str] | None = None
     ignore_eos: bool | None = None  # extension: keep going past the end-of-text token
     best_of: int | None = None
+    # {"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}
+    response_format: dict[str, Any] | None = None
     user: str | None = None  # the labels: accepted, change nothing
     metadata: dict[str, str] | None = None
     store: bool | None = None
