@@ -451,6 +451,21 @@ def _compile(template: str):
             "fix the template or pass another one") from None
 
 
+@lru_cache(maxsize=16)
+def template_variables(template: str) -> frozenset[str]:
+    """The variables a chat template reads from outside (e.g. whether it renders `tools`),
+    found by parsing it: nothing of the template runs."""
+    from jinja2 import meta
+    from jinja2.exceptions import TemplateSyntaxError
+
+    try:
+        return frozenset(meta.find_undeclared_variables(_sandbox().parse(template)))
+    except TemplateSyntaxError as exc:
+        raise ChatTemplateError(
+            f"the chat template does not parse (line {exc.lineno}: {exc.message}); "
+            "fix the template or pass another one") from None
+
+
 def _plain(value: Any, where: str) -> Any:
     """A fresh copy made of JSON types only, so a template sees no objects with methods to abuse."""
     if value is None or type(value) in (str, int, float, bool):

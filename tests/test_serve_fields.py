@@ -209,8 +209,6 @@ REFUSALS = [
     ("chat", "web_search_options", {"search_context_size": "low"}),
     ("chat", "functions", [{"name": "f", "parameters": {}}]),
     ("chat", "function_call", {"name": "f"}),
-    ("chat", "tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("chat", "tool_choice", "required"),
     ("chat", "best_of", 3),
     ("completions", "suffix", "the end"),
     ("completions", "best_of", 2),
