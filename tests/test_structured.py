@@ -210,6 +210,21 @@ def test_every_schema_validates_inside_mixed_batches(byte_model):
     assert len(set(texts)) > 1
 
 
+def test_preempted_sequences_keep_their_place_in_the_grammar(byte_model):
+    """A pool too small for the batch: sequences are preempted and recomputed (prompt and
+    output), their grammar state goes on from where it was."""
+    tok = ByteTokenizer()
+    engine = Engine(byte_model, tok, max_batch=6, kv_blocks=14, block_size=8)
+    grammar = Grammars(tok, 256).json_schema(SCHEMAS["array_of_objects"])
+    requests = [(tok.encode(f"JSON number {i}:"), SamplingParams(
+        max_tokens=100, temperature=1.0, seed=i, grammar=grammar)) for i in range(6)]
+    with engine:
+        outs = run_all(engine, requests)
+    assert engine.metrics.preemptions > 0
+    for out in outs:
+        jsonschema.validate(json.loads(out.text), SCHEMAS["array_of_objects"])
+
+
 def test_masked_greedy_is_the_best_allowed_token_each_step(byte_model):
     """A schema with three valid texts: greedy decoding must pick, at each byte, the
     model's best byte among those that continue one of them (computed here with full

@@ -10,8 +10,8 @@ no more bytes the sequence ends (``finish_reason: "stop"``); an end-of-turn toke
 allowed only where the text so far is complete.
 
 The matching itself is llguidance's (Rust, an Earley parser over lazily built lexer
-states: the mask costs tens of microseconds per row and nothing is precomputed over the
-vocabulary per schema; docs/serving.md compares it with xgrammar and outlines-core).
+states: nothing is precomputed over the vocabulary per schema; docs/serving.md compares it
+with xgrammar and outlines-core, and gives the mask's cost).
 kvformer gives it the vocabulary as bytes (``Vocabulary``: ``Tokenizer.token_bytes``,
 special tokens marked so that no grammar text can produce them).
 
