@@ -451,6 +451,21 @@ def _compile(template: str):
             "fix the template or pass another one") from None
 
 
+@lru_cache(maxsize=16)
+def template_variables(template: str) -> frozenset[str]:
+    """The variables a chat template reads from outside (e.g. whether it renders `tools`),
+    found by parsing it: nothing of the template runs."""
+    from jinja2 import meta
+    from jinja2.exceptions import TemplateSyntaxError
+
+    try:
+        return frozenset(meta.find_undeclared_variables(_sandbox().parse(template)))
+    except TemplateSyntaxError as exc:
+        raise ChatTemplateError(
+            f"the chat template does not parse (line {exc.lineno}: {exc.message}); "
+            "fix the template or pass another one") from None
+
+
 def _plain(value: Any, where: str) -> Any:
     """A fresh copy made of JSON types only, so a template sees no objects with methods to abuse."""
     if value is None or type(value) in (str, int, float, bool):
@@ -911,6 +926,43 @@ class Tokenizer:
     def _spelling(self, token_id: int | None) -> str | None:
         return None if token_id is None else self._backend.id_to_token(token_id)
 
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the special (control) tokens."""
+        decoder = self._backend.get_added_tokens_decoder()
+        return frozenset(i for i, t in decoder.items() if t.special)
+
+    def token_bytes(self) -> list[bytes]:
+        """What each id (the list's index) adds to generated text, as bytes, whole or part
+        of a character: what a grammar matches tokens against. Byte-level vocabularies spell
+        bytes in `byte_alphabet`; SentencePiece ones write a space as '▁' and a byte as
+        '<0xNN>'; added tokens (special ones too) are their text. A gap in the ids is b''."""
+        if getattr(self, "_token_bytes", None) is None:
+            decoder = json.dumps(json.loads(self._backend.to_str()).get("decoder"))
+            if '"ByteLevel"' in decoder:
+                index = {c: b for b, c in enumerate(byte_alphabet())}
+
+                def spell(piece: str) -> bytes:
+                    if all(c in index for c in piece):
+                        return bytes(index[c] for c in piece)
+                    return piece.encode("utf-8")
+            elif '"ByteFallback"' in decoder or "▁" in decoder:
+                def spell(piece: str) -> bytes:
+                    if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+                        return bytes([int(piece[3:5], 16)])
+                    return piece.replace("▁", " ").encode("utf-8")
+            else:
+                raise ValueError("token_bytes knows byte-level BPE and SentencePiece "
+                                 f"vocabularies; this tokenizer's decoder is {decoder}")
+            added = self._backend.get_added_tokens_decoder()
+            table = []
+            for i in range(self._vocab_size):
+                piece = self._backend.id_to_token(i)
+                table.append(b"" if piece is None else added[i].content.encode("utf-8")
+                             if i in added else spell(piece))
+            self._token_bytes = table
+        return self._token_bytes
+
     def _token_text(self, token_id: int | None) -> str | None:
         """A token as text (what a template should write to produce it), not its spelling."""
         if token_id is None:
@@ -1119,6 +1171,9 @@ class ByteTokenizer(Tokenizer):
             return list(text.encode("utf-8"))
         except UnicodeEncodeError:
             raise _not_unicode() from None
+
+    def token_bytes(self) -> list[bytes]:
+        return [bytes([i]) for i in range(256)] + [n.encode("utf-8") for n in self._special_names]
 
     def _decode_ids(self, ids: list[int], skip_special_tokens: bool) -> str:
         parts: list[str] = []

@@ -45,6 +45,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .grammar import GrammarError
 from .metrics import Metrics
 from .paged import BlockPool
 from .runner import StepRunner
@@ -245,7 +246,11 @@ class Engine:
 
     def _sample(self, seqs: list[Seq], logits: torch.Tensor) -> None:
         for seq, (tok, lp) in zip(seqs, pick_tokens(seqs, logits)):
-            self._on_token(seq, tok, lp)
+            try:
+                self._on_token(seq, tok, lp)
+            except GrammarError as exc:  # this sequence's grammar failed: end it alone
+                log.error("request %d: %s", seq.id, exc)
+                self._fail(seq, exc)
 
     def _on_token(self, seq: Seq, tok: int, lp: TokenLogprob | None) -> None:
         now = time.monotonic()

@@ -22,6 +22,7 @@ from fastapi.responses import StreamingResponse
 
 from ..errors import ChatTemplateError, ContextOverflowError
 from .engine import Engine, Output, SamplingParams, TokenLogprob
+from .grammar import Grammar, GrammarError, Grammars
 from .scheduler import EngineClosedError, QueueFullError
 from .schemas import (
     APIError,
@@ -33,6 +34,7 @@ from .schemas import (
     parse_body,
 )
 from .streaming import RequestStream, collect, engine_error, sse_response
+from .tools import ToolCallParser, ToolPlan, call_grammar, parse_answer, prompt_inputs, tool_plan
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_K = 2**31 - 1
@@ -48,6 +50,7 @@ class Server:
         self.engine, self.model_name, self.api_key = engine, model_name, api_key
         self.max_body, self.retry_after = max_body, retry_after
         self.tokenizer = engine.tokenizer
+        self.grammars = Grammars(engine.tokenizer, engine.model.cfg.vocab_size)
         self.created = int(time.time())
 
     def model_card(self) -> dict:
@@ -171,9 +174,6 @@ REFUSED: dict[str, dict[str, Callable[[Any], bool]]] = {
         "web_search_options": _empty,
         "functions": _empty,
         "function_call": lambda v: _empty(v) or v in ("none", "auto"),
-        "response_format": lambda v: _empty(v) or v == {"type": "text"},
-        "tools": _empty,
-        "tool_choice": lambda v: _empty(v) or v in ("none", "auto"),
     },
     "completions": {
         "suffix": _empty,
@@ -202,9 +202,11 @@ def _invalid(name: str, value: Any, what: str) -> APIError:
 
 
 def sampling_params(srv: Server, req: _Common, max_tokens: int | None,
-                    logprobs: int | None) -> list[SamplingParams]:
+                    logprobs: int | None, grammar: Grammar | None = None
+                    ) -> list[SamplingParams]:
     """The request's sampling settings, checked, one per choice (``n``); ``max_tokens``
-    None means the rest of the context (``Server.check_prompt`` settles it)."""
+    None means the rest of the context (``Server.check_prompt`` settles it). ``grammar``:
+    what every choice's text must match."""
     n = 1 if req.n is None else req.n
     if not 1 <= n <= MAX_CHOICES:
         raise _invalid("n", n, f"an integer from 1 to {MAX_CHOICES}")
@@ -251,8 +253,32 @@ def sampling_params(srv: Server, req: _Common, max_tokens: int | None,
             min_p=req.min_p or None, presence_penalty=float(presence),
             frequency_penalty=float(frequency), repetition_penalty=float(repetition),
             logit_bias=bias, seed=seed, stop=tuple(s for s in stops if s),
-            logprobs=logprobs, ignore_eos=bool(req.ignore_eos)))
+            logprobs=logprobs, ignore_eos=bool(req.ignore_eos), grammar=grammar))
     return out
+
+
+def response_grammar(srv: Server, value: Any) -> Grammar | None:
+    """``response_format`` as a grammar (None for plain text). Runs on a worker thread:
+    the first call builds the vocabulary's table, a schema takes milliseconds to compile."""
+    if _empty(value) or value == {"type": "text"}:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    try:
+        if kind == "json_object":
+            return srv.grammars.json_object()
+        if kind == "json_schema":
+            spec = value.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise APIError(400, "response_format json_schema needs json_schema.schema, a "
+                                    "JSON Schema object", param="response_format",
+                               code="invalid_value")
+            return srv.grammars.json_schema(spec["schema"])
+    except GrammarError as exc:
+        raise APIError(400, f"response_format: {exc}", param="response_format",
+                       code="invalid_value") from None
+    raise APIError(400, f"response_format={_short(value)} is not supported: use type "
+                        "'text', 'json_object' or 'json_schema'", param="response_format",
+                   code="unsupported_value")
 
 
 def _logit_bias(given: dict[str, float] | None, vocab: int) -> dict[int, float] | None:
@@ -306,7 +332,8 @@ async def completions(srv: Server, request: Request) -> dict | StreamingResponse
         raise APIError(400, "echo with logprobs is not supported (the prompt's "
                             "log-probabilities are not computed); drop one of them",
                        param="echo", code="unsupported_value")
-    params = sampling_params(srv, req, req.max_tokens, lp)
+    grammar = await asyncio.to_thread(response_grammar, srv, req.response_format)
+    params = sampling_params(srv, req, req.max_tokens, lp, grammar)
     _prepare(srv, params, ids, req.max_tokens, "prompt")
     echo = ""
     if req.echo:
@@ -362,7 +389,14 @@ def chat_messages(req: ChatRequest) -> list[dict]:
                                     "are not supported (text only)",
                                param=f"messages[{i}].content", code="unsupported_value")
             content = "".join(p.text or "" for p in content)
-        messages.append({"role": m.role, "content": content or ""})
+        message = {"role": m.role, "content": content or ""}
+        if m.tool_calls:
+            message["tool_calls"] = [c.model_dump(exclude_none=True) for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        if m.name is not None:
+            message["name"] = m.name
+        messages.append(message)
     if not messages:
         raise APIError(400, "messages is empty: give at least one message",
                        param="messages", code="invalid_value")
@@ -400,8 +434,9 @@ async def chat(srv: Server, request: Request) -> dict | StreamingResponse:
     req: ChatRequest = parse_body(ChatRequest, await srv.read_json(request))
     srv.check_model(req.model)
     refuse_unhonoured(req, "chat")
+    plan, messages, extra = chat_inputs(srv, req)
     # off the event loop: the server keeps answering while a template renders
-    ids = await asyncio.to_thread(chat_prompt, srv, chat_messages(req))
+    ids = await asyncio.to_thread(chat_prompt, srv, messages, **extra)
     top = req.top_logprobs
     if top is not None and not (req.logprobs and 0 <= top <= MAX_LOGPROBS):
         raise APIError(400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}, with "
@@ -409,7 +444,8 @@ async def chat(srv: Server, request: Request) -> dict | StreamingResponse:
     lp = (top or 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
         else req.max_tokens
-    params = sampling_params(srv, req, max_tokens, lp)
+    grammar = await asyncio.to_thread(chat_grammar, srv, req.response_format, plan)
+    params = sampling_params(srv, req, max_tokens, lp, grammar)
     _prepare(srv, params, ids, max_tokens, "messages")
     stream, first = await srv.submit(request, ids, params)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -425,10 +461,19 @@ async def chat(srv: Server, request: Request) -> dict | StreamingResponse:
         want_usage = bool(req.stream_options and req.stream_options.include_usage)
         started: set[int] = set()
         totals = [Output() for _ in params]
+        parsers = [ToolCallParser(plan.names, plan.parallel) if plan else None
+                   for _ in params]
+        n_calls = [0] * len(params)
 
         def chunks(index: int, out: Output, last: bool) -> list[dict]:
             totals[index].merge(out)
             res = []
+            text, calls, parser = out.text, [], parsers[index]
+            if parser is not None:
+                text, calls = parser.feed(text)
+                if out.finished:
+                    more, last_calls = parser.close()
+                    text, calls = text + more, calls + last_calls
 
             def add(delta: dict, finish: str | None, with_lp: bool) -> None:
                 c = dict(head, choices=[{"index": index, "delta": delta,
@@ -441,21 +486,60 @@ async def chat(srv: Server, request: Request) -> dict | StreamingResponse:
             if index not in started:
                 started.add(index)
                 add({"role": "assistant", "content": ""}, None, False)
-            if out.text or out.logprobs:
-                add({"content": out.text}, None, True)
+            if text or out.logprobs:
+                add({"content": text}, None, True)
+            for call in calls:  # each call whole, in one chunk
+                add({"tool_calls": [{"index": n_calls[index], **call}]}, None, False)
+                n_calls[index] += 1
             if out.finished:
-                add({}, out.finish_reason, False)
+                add({}, "tool_calls" if n_calls[index] else out.finish_reason, False)
             if last and want_usage:
                 res.append(dict(head, choices=[], usage=_usage(totals)))
             return res
         return sse_response(stream, first, chunks)
 
     outs = await collect(stream, first, request, srv.retry_after, len(params))
-    choices = [{"index": i, "message": {"role": "assistant", "content": out.text,
-                                        "refusal": None},
-                "logprobs": logprobs(out), "finish_reason": out.finish_reason}
-               for i, out in enumerate(outs)]
+    choices = []
+    for i, out in enumerate(outs):
+        content, calls = parse_answer(out.text, plan) if plan else (out.text, [])
+        message = {"role": "assistant", "content": content, "refusal": None}
+        if calls:
+            message["tool_calls"] = calls
+        choices.append({"index": i, "message": message, "logprobs": logprobs(out),
+                        "finish_reason": "tool_calls" if calls else out.finish_reason})
     return dict(head, choices=choices, usage=_usage(outs))
+
+
+def chat_inputs(srv: Server, req: ChatRequest) -> tuple[ToolPlan | None, list[dict], dict]:
+    """The request's tools (None: no tool may be called), and the messages and template
+    variables that carry them and the conversation's earlier calls into the prompt."""
+    template = srv.tokenizer.chat_template if srv.tokenizer is not None else None
+    try:
+        plan = tool_plan(req, template)
+        messages, extra = prompt_inputs(chat_messages(req), plan, template)
+    except ChatTemplateError as exc:
+        raise APIError(400, f"the chat template is not usable: {exc}",
+                       param="messages") from None
+    return plan, messages, extra
+
+
+def chat_grammar(srv: Server, response_format: Any, plan: ToolPlan | None) -> Grammar | None:
+    """The grammar of a chat request: its response_format's, or the one that forces a tool
+    call (tool_choice "required" or a named function). On a worker thread."""
+    grammar = response_grammar(srv, response_format)
+    if plan is None:
+        return grammar
+    if grammar is not None:
+        raise APIError(400, "response_format and tools cannot be combined: the answer "
+                            "would have to be both; drop one (or send tool_choice: 'none')",
+                       param="response_format", code="unsupported_value")
+    source = call_grammar(plan)
+    if source is None:
+        return None
+    try:
+        return srv.grammars.lark(source, "the tools' parameters")
+    except GrammarError as exc:
+        raise APIError(400, f"tools: {exc}", param="tools", code="invalid_value") from None
 
 
 # ---------------------------------------------------------------------------- tokens
@@ -473,9 +557,9 @@ async def tokenize(srv: Server, request: Request) -> dict:
     if req.prompt is not None:
         ids = encode_text(srv, req.prompt, "prompt", add_special_tokens=req.add_special_tokens)
     else:
-        msgs = chat_messages(ChatRequest.model_construct(messages=req.messages))
+        _, msgs, extra = chat_inputs(srv, ChatRequest.model_construct(messages=req.messages))
         ids = await asyncio.to_thread(chat_prompt, srv, msgs,
-                                      add_generation_prompt=req.add_generation_prompt)
+                                      add_generation_prompt=req.add_generation_prompt, **extra)
     return {"tokens": ids, "count": len(ids), "max_model_len": srv.engine.max_seq_len}
 
 

@@ -1,12 +1,14 @@
 """From a batch's logits to each sequence's next token, by each sequence's own settings.
 
-For each row, in order: ``logit_bias`` is added; the repetition, presence and frequency
+First, rows with a grammar (structured output) lose every token their grammar does not
+allow next (set to -inf: ``grammar.apply_masks``, one call for all of them). Then, for
+each row, in order: ``logit_bias`` is added; the repetition, presence and frequency
 penalties are applied; then the token is picked: argmax for temperature 0, otherwise a draw
 from softmax(logits / temperature) restricted by min_p, top-k and top-p, with the
 sequence's own ``torch.Generator`` (so a request's tokens do not depend on the rest of the
-batch). Log-probabilities, when asked for, are those of the adjusted logits (bias and
-penalties applied, before temperature and truncation). Rows without adjustments and with
-temperature 0 are picked together, with one argmax.
+batch). Log-probabilities, when asked for, are those of the adjusted logits (the grammar's
+mask, bias and penalties applied, before temperature and truncation). Rows without
+adjustments and with temperature 0 are picked together, with one argmax.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import math
 import torch
 
 from ..sampling import filter_logits
+from .grammar import apply_masks
 from .sequence import SamplingParams, Seq, TokenLogprob
 
 
@@ -55,6 +58,11 @@ def draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) ->
 
 def pick_tokens(seqs: list[Seq], logits: torch.Tensor) -> list[tuple[int, TokenLogprob | None]]:
     """Each row's next token and, if the request asked for them, its log-probabilities."""
+    constrained = [(i, s.constraint, s.params.ignore_eos) for i, s in enumerate(seqs)
+                   if s.constraint is not None]
+    if constrained:
+        logits = logits.float().clone()
+        apply_masks(constrained, logits)
     ids = [0] * len(seqs)
     plain = [i for i, s in enumerate(seqs)
              if s.params.temperature == 0 and not s.params.adjusts_logits]

@@ -60,6 +60,8 @@ class _Common(_Body):
     stop: str | list[str] | None = None
     ignore_eos: bool | None = None  # extension: keep going past the end-of-text token
     best_of: int | None = None
+    # {"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}
+    response_format: dict[str, Any] | None = None
     user: str | None = None  # the labels: accepted, change nothing
     metadata: dict[str, str] | None = None
     store: bool | None = None
@@ -81,9 +83,35 @@ class ContentPart(_Body):
     text: str | None = None
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Body):
+    id: str | None = None
+    type: str = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     role: str
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's result: which call it answers
+    name: str | None = None
+
+
+class FunctionDef(_Body):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema of the arguments
+    strict: bool | None = None  # the arguments always follow it when the grammar applies
+
+
+class ToolDef(_Body):
+    type: str = "function"
+    function: FunctionDef
 
 
 class ChatRequest(_Common):
@@ -92,6 +120,9 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # none | auto | required | a function
+    parallel_tool_calls: bool | None = None
 
 
 class TokenizeRequest(_Body):

@@ -5,7 +5,9 @@ and output ids, its block table, its random generator, its decoded text); ``Outp
 what it sends its consumer after each step. The rules about a request's text live here
 and nowhere else: stop strings (the text is cut before the first match, and a tail that
 could still grow into one is held back), merging outputs, and the checks a prompt must
-pass before it is queued (``check_prompt``).
+pass before it is queued (``check_prompt``). A request with a grammar (structured output,
+an enforced tool call) gives each of its sequences a ``Constraint``: every token it takes
+advances it, and the sequence ends when the grammar's text is complete.
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import ContextOverflowError
 from ..sampling import validate_sampling
+
+if TYPE_CHECKING:
+    from .grammar import Grammar
 
 
 @dataclass
@@ -42,6 +48,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's plus the top k
     ignore_eos: bool = False
+    grammar: Grammar | None = None  # what the output must match (structured output)
 
     def validate(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) \
@@ -81,7 +88,8 @@ class TokenLogprob:
         top: list[tuple[int, float]] = []
         if k > 0:
             values, ids = torch.topk(lp, min(k, lp.shape[-1]))
-            top = [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist())]
+            top = [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist())
+                   if math.isfinite(v)]  # a grammar's mask leaves fewer than k
         value = float(lp[token])
         return cls(token, value if math.isfinite(value) else -9999.0, top)
 
@@ -172,6 +180,7 @@ class Seq:
         self.cached_tokens = 0  # prompt tokens found in the prefix cache at admission
         self.generator = torch.Generator().manual_seed(seed)
         self.decoder = decoder
+        self.constraint = params.grammar.start() if params.grammar is not None else None
         self.text = ""  # decoded output so far (cut at a stop string)
         self.sent = 0  # chars of text already sent
         self.arrival = time.monotonic()
@@ -225,11 +234,20 @@ class Seq:
         return piece
 
     def push_token(self, tok: int) -> bool:
-        """Record a generated token and its text; True if the text hit a stop string."""
+        """Record a generated token and its text; True if the sequence must end here: the
+        text hit a stop string, or completed its grammar (raises GrammarError for a token
+        the grammar refuses)."""
+        if self.constraint is not None:
+            self.constraint.consume(tok)
         self.output_ids.append(tok)
         self.counts[tok] = self.counts.get(tok, 0) + 1
         piece = self.decoder.push(tok) if self.decoder is not None else ""
-        return self.add_text(piece)
+        if self.add_text(piece):
+            return True
+        if self.constraint is not None and self.constraint.done:
+            self.flush_text()
+            return True
+        return False
 
     def flush_text(self) -> bool:
         """At the end: decode what the decoder held back; True if it completed a stop."""

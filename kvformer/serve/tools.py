@@ -1,0 +1,392 @@
+"""Tool calling: a request's ``tools`` into the prompt, the model's tool calls out of its
+text, and the grammar that makes a call happen.
+
+Models are trained on one of a few tool-call syntaxes (``ToolSyntax``):
+
+- JSON in tags, one call per pair (Hermes, Qwen 2.5/3 templates)::
+
+      <tool_call>
+      {"name": "get_weather", "arguments": {"city": "Paris"}}
+      </tool_call>
+
+- one pair of tags around a JSON list of calls (SmolLM2)::
+
+      <tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</tool_call>
+
+- the whole answer one JSON object, ``parameters`` for the arguments (Llama 3.1+)::
+
+      {"name": "get_weather", "parameters": {"city": "Paris"}}
+
+A template that renders ``tools`` itself gets them as its ``tools`` variable, and the
+conversation as OpenAI sends it (assistant ``tool_calls`` with their arguments as objects,
+``role: "tool"`` results); its syntax is read from the template (``<tool_call>`` tags, or
+Llama 3's ``<|python_tag|>`` / ``ipython`` role). A template that ignores ``tools``
+(SmolLM2-135M's GGUF, or ChatML when a model ships none) gets them as a system message in
+SmolLM2's trained form, and the history rewritten into it (calls as ``<tool_call>`` text,
+results as user turns in ``<tool_response>`` tags).
+
+The answer is parsed in any of the three forms (``ToolCallParser``, which also serves the
+stream): text outside the calls is the message's ``content``. ``tool_choice: "required"``
+or a named function make the grammar (``call_grammar``) force the syntax with arguments
+valid under the function's JSON schema.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from ..tokenizer import CHATML_TEMPLATE, template_variables
+from .grammar import JSON_LAYOUT
+from .schemas import APIError, ChatRequest
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+PYTHON_TAG = "<|python_tag|>"
+NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+
+
+@dataclass(frozen=True)
+class ToolSyntax:
+    name: str
+    tagged: bool  # calls inside <tool_call> ... </tool_call>
+    as_list: bool  # one pair of tags around a JSON list of calls
+    arguments: str  # the key of the arguments: "arguments" or "parameters"
+
+
+HERMES = ToolSyntax("hermes", True, False, "arguments")
+SMOLLM2 = ToolSyntax("smollm2", True, True, "arguments")
+LLAMA3 = ToolSyntax("llama3", False, False, "parameters")
+
+
+def template_syntax(template: str | None) -> ToolSyntax | None:
+    """The tool-call syntax of a chat template that renders ``tools``; None if it does not."""
+    template = template or CHATML_TEMPLATE
+    if "tools" not in template_variables(template):
+        return None
+    if OPEN in template:
+        return HERMES
+    if PYTHON_TAG in template or "ipython" in template:
+        return LLAMA3
+    return HERMES
+
+
+@dataclass
+class ToolPlan:
+    """What a request asks of tools: the functions, and whether (and which) one must be
+    called: ``choice`` is "auto", "required" or a function's name."""
+
+    functions: list[dict]
+    choice: str
+    parallel: bool
+    syntax: ToolSyntax
+    in_template: bool
+
+    @property
+    def names(self) -> set[str]:
+        return {f["name"] for f in self.functions}
+
+
+def tool_plan(req: ChatRequest, template: str | None) -> ToolPlan | None:
+    """The request's ``tools`` / ``tool_choice`` checked; None when no tool may be called
+    (no tools, or ``tool_choice: "none"``)."""
+    choice = req.tool_choice
+    if not req.tools:
+        if choice not in (None, "none", "auto"):
+            raise APIError(400, "tool_choice needs tools: give the functions in tools",
+                           param="tool_choice", code="invalid_value")
+        return None
+    functions = []
+    for i, tool in enumerate(req.tools):
+        if tool.type != "function":
+            raise APIError(400, f"tools[{i}] has type {tool.type!r}; only 'function' tools "
+                                "are supported", param=f"tools[{i}].type",
+                           code="unsupported_value")
+        f = tool.function
+        if not NAME.fullmatch(f.name):
+            raise APIError(400, f"tools[{i}].function.name {f.name!r} must be 1-64 letters, "
+                                "digits, '_' or '-'", param=f"tools[{i}].function.name",
+                           code="invalid_value")
+        spec = {"name": f.name}
+        if f.description:
+            spec["description"] = f.description
+        spec["parameters"] = f.parameters if f.parameters is not None else {
+            "type": "object", "properties": {}}
+        functions.append(spec)
+    if len({f["name"] for f in functions}) != len(functions):
+        raise APIError(400, "two tools have the same name", param="tools",
+                       code="invalid_value")
+    if choice is None or choice in ("auto", "required", "none"):
+        choice = choice or "auto"
+    elif isinstance(choice, dict) and choice.get("type") == "function" \
+            and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        if name not in {f["name"] for f in functions}:
+            raise APIError(400, f"tool_choice names {name!r}, which is not in tools",
+                           param="tool_choice", code="invalid_value")
+        choice = name
+    else:
+        raise APIError(400, "tool_choice must be 'none', 'auto', 'required' or "
+                            "{'type': 'function', 'function': {'name': ...}}",
+                       param="tool_choice", code="invalid_value")
+    if choice == "none":
+        return None
+    syntax = template_syntax(template)
+    return ToolPlan(functions, choice, req.parallel_tool_calls is not False,
+                    syntax or SMOLLM2, syntax is not None)
+
+
+# ---------------------------------------------------------------------------- the prompt
+def prompt_inputs(messages: list[dict], plan: ToolPlan | None,
+                  template: str | None) -> tuple[list[dict], dict]:
+    """The messages (and the template's extra variables) that carry the tools and the
+    conversation's earlier calls and results into this template."""
+    if template_syntax(template) is not None:
+        return [_for_template(m) for m in messages], (
+            {"tools": [{"type": "function", "function": f} for f in plan.functions]}
+            if plan is not None else {})
+    out = [_written_out(m) for m in messages]
+    if plan is not None:
+        text = _tools_system_text(plan.functions)
+        if out and out[0]["role"] == "system":
+            out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{text}"}
+        else:
+            out.insert(0, {"role": "system", "content": text})
+    return out, {}
+
+
+def _arguments(text: Any) -> Any:
+    """A call's arguments as the templates take them: the object, not its JSON text."""
+    if isinstance(text, str):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    return text
+
+
+def _for_template(m: dict) -> dict:
+    if not m.get("tool_calls"):
+        return m
+    calls = [{"id": c.get("id"), "type": "function",
+              "function": {"name": c["function"]["name"],
+                           "arguments": _arguments(c["function"]["arguments"])}}
+             for c in m["tool_calls"]]
+    return {**m, "tool_calls": calls}
+
+
+def _written_out(m: dict) -> dict:
+    """A message for a template that knows nothing of tools, in SmolLM2's trained form."""
+    if m["role"] == "tool":
+        return {"role": "user", "content": f"<tool_response>\n{m['content']}\n</tool_response>"}
+    if m.get("tool_calls"):
+        calls = [{"name": c["function"]["name"],
+                  "arguments": _arguments(c["function"]["arguments"])} for c in m["tool_calls"]]
+        text = f"{OPEN}{json.dumps(calls, ensure_ascii=False)}{CLOSE}"
+        content = m.get("content") or ""
+        return {"role": "assistant", "content": f"{content}\n{text}" if content else text}
+    return {k: v for k, v in m.items() if k not in ("tool_call_id", "name")}
+
+
+def _tools_system_text(functions: list[dict]) -> str:
+    listed = json.dumps(functions, ensure_ascii=False)
+    return ("You can call functions. Each one's name, purpose and JSON Schema of arguments "
+            f"is in this list:\n<tools>{listed}</tools>\n"
+            "To call one or more of them, answer with nothing but\n"
+            f'{OPEN}[{{"name": "function name", "arguments": {{"argument": "value"}}}}]'
+            f"{CLOSE}\nwith the real names and values. To answer without calling a "
+            "function, write your answer as usual.")
+
+
+# ---------------------------------------------------------------------------- the grammar
+def call_grammar(plan: ToolPlan) -> str | None:
+    """For ``tool_choice`` "required" or a named function, a Lark grammar (llguidance's
+    dialect) of an answer made of calls only, in the plan's syntax; None for "auto"."""
+    if plan.choice == "auto":
+        return None
+    functions = plan.functions if plan.choice == "required" else [
+        f for f in plan.functions if f["name"] == plan.choice]
+    call = json.dumps(_call_schema(functions, plan.syntax.arguments))
+    syntax = plan.syntax
+    if not syntax.tagged:
+        return f"start: call\ncall: %json {call}\n"
+    if syntax.as_list:
+        more = ' (", " call)*' if plan.parallel else ""
+        return f'start: "{OPEN}[" call{more} "]{CLOSE}"\ncall: %json {call}\n'
+    more = ' ("\\n" block)*' if plan.parallel else ""
+    return (f"start: block{more}\n"
+            f'block: "{OPEN}\\n" call "\\n{CLOSE}"\n'
+            f"call: %json {call}\n")
+
+
+def _call_schema(functions: list[dict], key: str) -> dict:
+    """One call's JSON: {"name": one of the functions, key: its arguments}. The functions'
+    ``$defs`` move to the root, where their ``$ref``s point."""
+    defs: dict[str, Any] = {}
+    options = []
+    for f in functions:
+        params = dict(f["parameters"])
+        for section in ("$defs", "definitions"):
+            for name, value in (params.pop(section, None) or {}).items():
+                if defs.get(name, value) != value:
+                    raise APIError(400, f"two tools define {section}/{name} differently; "
+                                        "rename one", param="tools", code="invalid_value")
+                defs[name] = value
+        options.append({"type": "object", "additionalProperties": False,
+                        "properties": {"name": {"const": f["name"]}, key: params},
+                        "required": ["name", key]})
+    schema: dict[str, Any] = options[0] if len(options) == 1 else {"anyOf": options}
+    if defs:
+        schema["$defs"] = defs
+    schema["x-guidance"] = JSON_LAYOUT
+    return schema
+
+
+# ---------------------------------------------------------------------------- the answer
+def _calls_in(body: str, names: set[str] | None) -> list[dict] | None:
+    """The calls a JSON text holds (an object or a list of them), in OpenAI's form; None if
+    it is not calls (or, with ``names``, calls a function not among them)."""
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    items = value if isinstance(value, list) else [value]
+    calls = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            return None
+        if names is not None and item["name"] not in names:
+            return None
+        args = item.get("arguments", item.get("parameters", {}))
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                return None
+        if not isinstance(args, dict):
+            return None
+        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                      "function": {"name": item["name"],
+                                   "arguments": json.dumps(args, ensure_ascii=False)}})
+    return calls
+
+
+class ToolCallParser:
+    """Splits a model's answer, as it streams, into content and tool calls.
+
+    ``feed(text)`` and ``close()`` return (content to send, calls completed). Text that
+    could be the start of a ``<tool_call>`` tag is held back until it is known; a tagged
+    call is sent whole when its closing tag arrives; an answer that opens with ``{`` (or
+    ``<|python_tag|>``) is held to the end and is a call if it parses as one of the
+    functions (Llama 3's form), content otherwise. Whitespace next to calls is dropped. A
+    tag whose inside is not a call (or is never closed) stays in the content as text."""
+
+    def __init__(self, names: set[str], parallel: bool = True):
+        self.names, self.parallel = names, parallel
+        self.buf, self.mode = "", "start"  # start | text | call | json
+        self.space = ""  # whitespace held back: dropped if a call follows
+        self.calls: list[dict] = []
+        self.content = ""  # everything sent as content so far
+
+    def feed(self, text: str) -> tuple[str, list[dict]]:
+        self.buf += text
+        out: list[str] = []
+        calls: list[dict] = []
+        while True:
+            if self.mode == "start":
+                head = self.buf.lstrip()
+                if not head or _could_start(head, (PYTHON_TAG, OPEN)):
+                    break
+                if head.startswith(("{", PYTHON_TAG)):
+                    self.mode = "json"
+                    break
+                self.mode = "text"
+            elif self.mode == "text":
+                i = self.buf.find(OPEN)
+                if i < 0:
+                    keep = _held_tail(self.buf, OPEN)
+                    self._text(self.buf[:len(self.buf) - keep], out)
+                    self.buf = self.buf[len(self.buf) - keep:]
+                    break
+                self._text(self.buf[:i], out)
+                self.buf, self.mode = self.buf[i:], "call"
+            elif self.mode == "call":
+                j = self.buf.find(CLOSE)
+                if j < 0:
+                    break
+                block, self.buf = self.buf[:j + len(CLOSE)], self.buf[j + len(CLOSE):]
+                found = _calls_in(block[len(OPEN):-len(CLOSE)], None)
+                if found is None:
+                    self._text(block, out)
+                else:
+                    calls += self._take(found)
+                    self.space = ""
+                self.mode = "text"
+            else:  # json: the whole answer decides
+                break
+        return "".join(out), calls
+
+    def close(self) -> tuple[str, list[dict]]:
+        out: list[str] = []
+        calls: list[dict] = []
+        if self.mode == "json":
+            body = self.buf.strip()
+            body = body[len(PYTHON_TAG):] if body.startswith(PYTHON_TAG) else body
+            found = _calls_in(body, self.names)
+            if found:
+                calls = self._take(found)
+            else:
+                self._text(self.buf, out)
+        elif self.buf:
+            self._text(self.buf, out)
+        self.buf = ""
+        if not self.calls and self.space:  # no call after all: the text as it was
+            out.append(self.space)
+            self.content += self.space
+        self.space = ""
+        return "".join(out), calls
+
+    def _text(self, text: str, out: list[str]) -> None:
+        """Send text, holding back its trailing whitespace until more text follows (it
+        is dropped if a call does); after a call, leading whitespace is dropped too."""
+        if self.calls and not self.content:
+            text = text.lstrip()
+        body = text.rstrip()
+        if not body:
+            self.space += text
+            return
+        piece = self.space + body
+        out.append(piece)
+        self.content += piece
+        self.space = text[len(body):]
+
+    def _take(self, found: list[dict]) -> list[dict]:
+        if not self.parallel:
+            found = found[:max(0, 1 - len(self.calls))]
+        self.calls += found
+        return found
+
+
+def _could_start(text: str, markers: tuple[str, ...]) -> bool:
+    """``text`` is a proper beginning of one of the markers (more may complete it)."""
+    return any(len(text) < len(m) and m.startswith(text) for m in markers)
+
+
+def _held_tail(text: str, marker: str) -> int:
+    """How many trailing characters of ``text`` could begin ``marker``."""
+    for k in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:k]):
+            return k
+    return 0
+
+
+def parse_answer(text: str, plan: ToolPlan) -> tuple[str | None, list[dict]]:
+    """A whole answer as (content, tool calls): what the stream would have sent."""
+    parser = ToolCallParser(plan.names, plan.parallel)
+    content, calls = parser.feed(text)
+    more, last = parser.close()
+    content += more
+    calls += last
+    return (content or None) if calls else text, calls
