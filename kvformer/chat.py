@@ -90,8 +90,8 @@ class ChatSession:
 
     def _ids(self, messages: list[dict]) -> list[int]:
         plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-        prompt = self.tokenizer.apply_chat_template(plain, add_generation_prompt=True)
-        return self.tokenizer.encode(prompt, add_special_tokens=False)
+        # what was typed is text: only the template's own markup becomes control tokens
+        return self.tokenizer.encode_chat(plain, add_generation_prompt=True)
 
     # -- one turn --------------------------------------------------------------------------
     def send(self, text: str, max_new_tokens: int = 256,

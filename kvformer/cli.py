@@ -198,8 +198,7 @@ def cmd_generate(args) -> int:
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": prompt})
-        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True),
-                         add_special_tokens=False)
+        ids = tok.encode_chat(messages, add_generation_prompt=True)
     else:
         ids = tok.encode(prompt)
     ctx = context_size(args, model)
