@@ -298,10 +298,11 @@ def cmd_models(args) -> int:
 def cmd_info(args) -> int:
     import torch
 
-    from .loading import load_config
+    from .loading import check_model, load_config
     from .pictures import human_bytes
 
     cfg, arch, path = load_config(_model_arg(args))
+    checked = check_model(_model_arg(args))  # fails, in one line, where generate would
     per_token = cfg.kv_cache_bytes(1, 1, torch.float32)
     full = cfg.kv_cache_bytes(cfg.max_seq_len, 1, torch.float32)
     kind_line = {"MHA": "multi-head (MHA)", "GQA": "grouped-query (GQA)",
@@ -321,6 +322,7 @@ def cmd_info(args) -> int:
          f"{full:,} bytes ({human_bytes(full)})"),
         ("  the same model as MHA", human_bytes(full * cfg.n_head // cfg.n_kv_head)),
         ("kernels on this CPU", _kernels_line()),
+        ("file", checked),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

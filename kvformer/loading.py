@@ -235,6 +235,59 @@ def _has_tokenizer(path: Path) -> bool:
     return (path / "tokenizer.json").is_file()
 
 
+def check_model(name_or_path: str | os.PathLike | None = DEFAULT_MODEL) -> str:
+    """What `load` would refuse, found without reading any weight: the header, every
+    tensor's place, shape, type and bytes (inside the file), and the tokenizer. Raises
+    CheckpointError (or another KvformerError) like `load`; returns a line saying what was
+    checked."""
+    from .config import PRESETS
+
+    if name_or_path is not None and str(name_or_path) in PRESETS:
+        return "a preset: shapes only, no file"
+    kind, path = resolve(name_or_path)
+    if kind == "gguf":
+        from collections import Counter
+
+        from .checkpoints.gguf import check_tensors, config_from_gguf, open_reader, read_metadata
+        from .tokenizer import Tokenizer
+
+        with open_reader(path) as reader:
+            meta = read_metadata(reader)
+            cfg = config_from_gguf(meta, reader)
+            vocab = "tokenizer.ggml.model" in meta
+            if vocab:
+                Tokenizer.from_gguf(meta)
+            plan = check_tensors(reader, cfg)
+            types = Counter(reader.tensors[g].type_name for g, _ in plan)
+        kinds = ", ".join(f"{n} {t}" for t, n in types.most_common())
+        return (f"{len(plan)} tensors ({kinds}), each in its place with its shape and its "
+                "bytes inside the file; " + ("tokenizer readable" if vocab else
+                                             "no tokenizer in the file"))
+    from safetensors import SafetensorError, safe_open
+
+    from .tokenizer import Tokenizer
+
+    if kind == "hf":
+        from .checkpoints.hf import _shard_plan, read_hf_config
+
+        read_hf_config(path)
+        files = [f for f, _ in _shard_plan(path)]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    n = 0
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                n += len(list(handle.keys()))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"{file} could not be read as safetensors ({exc}); the "
+                                  "file is truncated or corrupt, re-download it") from exc
+    if _has_tokenizer(path):
+        Tokenizer.from_dir(path)
+    return (f"{n} tensors in {len(files)} safetensors file(s), headers and sizes consistent"
+            + ("; tokenizer readable" if _has_tokenizer(path) else ""))
+
+
 def load_config(name_or_path: str | os.PathLike | None = DEFAULT_MODEL):
     """(ModelConfig, architecture name, path) without loading any weights. A preset name
     (e.g. 'llama-2-70b') gives that preset's shapes."""

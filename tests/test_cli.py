@@ -370,3 +370,45 @@ def test_a_listed_name_is_a_model(model_dir, default):
                          timeout=600, env=env)
     assert res.returncode == 0, res.stderr
     assert res.stdout == expected + "\n"
+
+
+def _patch_tensor_info(data: bytearray, name: str, type_id=None, offset=None) -> None:
+    """Rewrite one GGUF tensor info in place: after the name come n_dims (u32), the dims
+    (u64 each), the type (u32) and the data offset (u64)."""
+    import struct
+
+    key = struct.pack("<Q", len(name)) + name.encode()
+    at = data.index(key) + len(key)
+    (n_dims,) = struct.unpack_from("<I", data, at)
+    at += 4 + 8 * n_dims
+    if type_id is not None:
+        struct.pack_into("<I", data, at, type_id)
+    if offset is not None:
+        struct.pack_into("<Q", data, at + 4, offset)
+
+
+@needs_default
+@pytest.mark.parametrize("damage", ["cut at 18/20", "offset past the end", "unknown type"])
+def test_info_fails_like_generate_on_a_damaged_file(damage, tmp_path):
+    """`info` checks what it prints against the file: one line naming the problem, exit 2,
+    as `generate` does on the same file."""
+    from kvformer.loading import resolve
+
+    data = bytearray(resolve("default")[1].read_bytes())
+    if damage == "cut at 18/20":
+        data = data[:len(data) * 18 // 20]
+        expect = "truncated"
+    elif damage == "offset past the end":
+        _patch_tensor_info(data, "blk.29.ffn_down.weight", offset=len(data) * 2 // 32 * 32)
+        expect = "file ends at"
+    else:
+        _patch_tensor_info(data, "blk.3.attn_q.weight", type_id=250)
+        expect = "cannot"
+    bad = tmp_path / "damaged.gguf"
+    bad.write_bytes(bytes(data))
+    for argv in (["info", str(bad)], ["generate", "-m", str(bad), "-n", "1", "hi"]):
+        res = run_cli(*argv)
+        assert res.returncode == 2, (argv, res.stdout, res.stderr)
+        err = res.stderr.strip()
+        assert err.startswith("kvformer: error: ") and "\n" not in err, err
+        assert expect in err and "Traceback" not in err, err

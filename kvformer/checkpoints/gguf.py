@@ -1151,10 +1151,12 @@ def iter_gguf_tensors(path_or_reader, cfg: ModelConfig, dtype: torch.dtype = tor
             f.close()
 
 
-def _iter_tensors(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
-                  int4_blocks: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+def check_tensors(f: GGUFFile, cfg: ModelConfig) -> list[tuple[str, tuple[str, ...]]]:
+    """Everything about the file's tensors that loading would refuse, found without reading
+    their data: each has a place in a ``cfg`` model and that place's shape, none is missing,
+    each type is one kvformer decodes, and each one's bytes lie inside the file. Returns
+    the plan: (GGUF name, kvformer names) in file order."""
     arch = f.metadata.get("general.architecture")
-    permute = GGUF_ARCHITECTURES.get(arch, {}).get("permute_qk", False)
     if cfg.n_layer > len(f.tensors):
         raise CheckpointError(f"{f.path}: the config has {cfg.n_layer} layers but the file holds "
                               f"only {len(f.tensors)} tensors")
@@ -1195,10 +1197,13 @@ def _iter_tensors(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
         raise CheckpointError(f"{f.path}: missing tensor(s) {listed}{more}; the file is "
                               "incomplete or not a complete model")
-    f.check_tensor_data([g for g, _ in plan])
-
     for gname, targets in plan:
         info = f.tensors[gname]
+        if info.type_name not in SUPPORTED_TENSOR_TYPES:
+            raise CheckpointError(
+                f"{f.path}: tensor {gname!r} is stored as {info.type_name}, a ggml type "
+                f"kvformer cannot decode (it reads {', '.join(SUPPORTED_TENSOR_TYPES)}); "
+                "convert the model to one of those")
         if len(targets) == 1:
             want = expected[targets[0]]
             if info.shape != want:
@@ -1213,6 +1218,18 @@ def _iter_tensors(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
                 raise CheckpointError(
                     f"{f.path}: fused tensor {gname!r} has shape {list(info.shape)} but the "
                     f"config expects {list(want)} ({parts} stacked)")
+    f.check_tensor_data([g for g, _ in plan])
+    return plan
+
+
+def _iter_tensors(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
+                  int4_blocks: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    arch = f.metadata.get("general.architecture")
+    permute = GGUF_ARCHITECTURES.get(arch, {}).get("permute_qk", False)
+    plan = check_tensors(f, cfg)
+    expected = expected_shapes(cfg)
+    for gname, targets in plan:
+        info = f.tensors[gname]
         with _torch_threads(DEQUANT_THREADS):
             blocks = (int4_blocks and info.type_id in _INT4_BLOCKS and len(info.shape) == 2
                       and targets[0].startswith("layers.") and targets[0].endswith(".weight"))
