@@ -1202,8 +1202,8 @@ def check_tensors(f: GGUFFile, cfg: ModelConfig) -> list[tuple[str, tuple[str, .
         if info.type_name not in SUPPORTED_TENSOR_TYPES:
             raise CheckpointError(
                 f"{f.path}: tensor {gname!r} is stored as {info.type_name}, a ggml type "
-                f"kvformer cannot decode (it reads {', '.join(SUPPORTED_TENSOR_TYPES)}); "
-                "convert the model to one of those")
+                f"kvformer cannot decode (supported types: {', '.join(SUPPORTED_TENSOR_TYPES)});"
+                " convert the model to one of those")
         if len(targets) == 1:
             want = expected[targets[0]]
             if info.shape != want:
