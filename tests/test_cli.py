@@ -412,3 +412,27 @@ def test_info_fails_like_generate_on_a_damaged_file(damage, tmp_path):
         err = res.stderr.strip()
         assert err.startswith("kvformer: error: ") and "\n" not in err, err
         assert expect in err and "Traceback" not in err, err
+
+
+def test_a_hostile_chat_template_is_one_line_in_the_cli(tmp_path):
+    """A model directory whose chat template loops forever: `generate --chat` stops it after
+    the time limit and says so in one line, exit 2."""
+    import time
+
+    import torch
+
+    from kvformer import ModelConfig, Transformer
+    from kvformer.tokenizer import ByteTokenizer
+
+    torch.manual_seed(0)
+    loop = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    tok = ByteTokenizer(["<|im_start|>", "<|im_end|>"], chat_template=loop)
+    cfg = ModelConfig(vocab_size=258, d_model=32, n_layer=1, n_head=2, n_kv_head=1)
+    Transformer(cfg).eval().save(tmp_path / "m", tokenizer=tok)
+    t0 = time.monotonic()
+    res = run_cli("generate", "--chat", "-m", str(tmp_path / "m"), "-n", "2", "hi")
+    assert res.returncode == 2, res.stderr
+    err = res.stderr.strip().splitlines()[-1]
+    assert err.startswith("kvformer: error: ") and "ran for more than 1 s" in err, res.stderr
+    assert "Traceback" not in res.stderr
+    assert time.monotonic() - t0 < 60
