@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import KvformerError
+from .fileio import write_atomic
 from .generate import continue_stream
 
 CHAT_FORMAT = "kvformer-chat"
@@ -171,18 +171,7 @@ class ChatSession:
         data = {"format": CHAT_FORMAT, "version": 1, "model": model,
                 "messages": self.messages}
         text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
-                                   dir=path.parent if str(path.parent) else ".")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_atomic(path, lambda fh: fh.write(text.encode("utf-8")))
 
     def load(self, path: str | os.PathLike) -> int:
         """Replace the conversation with one saved by ``save`` (the number of messages).

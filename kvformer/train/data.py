@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import KvformerError
+from ..fileio import write_atomic
 
 META = "meta.json"
 DATA_VERSION = 1
@@ -150,19 +151,6 @@ class TokenData:
         return self.meta["vocab_size"]
 
 
-def _write_atomic(path: Path, writer) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            writer(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _copy(fh, array: np.ndarray, pieces, chunk: int = 1 << 24) -> None:
     """Write array[lo:hi] for each (lo, hi) piece, a bounded chunk at a time."""
     for lo, hi in pieces:
@@ -246,15 +234,15 @@ def prepare_data(paths, tokenizer, data_dir: str | os.PathLike, val_fraction: fl
         # the old description goes first and the new one is written last, after both token
         # files: a crash in between leaves no meta.json, so the next run rebuilds everything
         (data_dir / META).unlink(missing_ok=True)
-        _write_atomic(data_dir / "train.bin", lambda fh: _copy(fh, stream, train_pieces))
-        _write_atomic(data_dir / "val.bin", lambda fh: _copy(fh, stream, ranges))
+        write_atomic(data_dir / "train.bin", lambda fh: _copy(fh, stream, train_pieces))
+        write_atomic(data_dir / "val.bin", lambda fh: _copy(fh, stream, ranges))
         meta = {
             "version": DATA_VERSION, "dtype": dtype.name, "vocab_size": vocab,
             "tokenizer": tok_id, "train_tokens": total - n_val, "val_tokens": n_val,
             "val_fraction": val_fraction, "val_ranges": ranges, "text_bytes": n_bytes,
             "files": [str(f) for f in files], "fingerprint": fingerprint,
         }
-        _write_atomic(data_dir / META, lambda fh: fh.write(json.dumps(meta, indent=1).encode()))
+        write_atomic(data_dir / META, lambda fh: fh.write(json.dumps(meta, indent=1).encode()))
     finally:
         all_tmp.unlink(missing_ok=True)
     return open_data(data_dir)
