@@ -85,7 +85,7 @@ def cmd_generate(args) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
         raise KvformerError("empty prompt: give it as an argument or on stdin")
-    model, tok = load(args.model, dtype=args.dtype)
+    model, tok = load(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype)
     if tok is None:
         raise KvformerError(f"{args.model}: no tokenizer found beside the model; "
                             "generate needs tokenizer.json or a GGUF with a vocabulary")
@@ -126,7 +126,7 @@ def cmd_chat(args) -> int:
     from .sampling import validate_sampling
 
     validate_sampling(args.temperature, args.top_k, args.top_p)
-    model, tok = load(args.model, dtype=args.dtype)
+    model, tok = load(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype)
     session = ChatSession(model, tok, system=args.system, max_len=args.context,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           seed=args.seed)
