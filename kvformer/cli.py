@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("models", nargs="*", default=["default"], metavar="PRESET|MODEL")
     k.add_argument("--context", type=int, default=4096)
     k.add_argument("--batch", type=int, default=1)
-    k.add_argument("--dtype", default="fp16", help="fp32, fp16, bf16 or int8")
+    k.add_argument("--dtype", "--kv-dtype", default="fp16,int8,int4",
+                   help="comma-separated KV dtypes: fp32, fp16, bf16, int8, int4 (int8 and "
+                        "int4 with their scales; default fp16,int8,int4)")
     k.add_argument("--plot", default=None, metavar="OUT.png")
 
     a = sub.add_parser("attention", help="heatmaps of a model's attention weights")
@@ -150,14 +152,18 @@ def cmd_chat(args) -> int:
 
 
 def cmd_info(args) -> int:
-    import torch
-
+    from .kvquant import INT4_GROUP
     from .loading import load_config
     from .pictures import human_bytes
 
     cfg, arch, path = load_config(args.model)
-    per_token = cfg.kv_cache_bytes(1, 1, torch.float32)
-    full = cfg.kv_cache_bytes(cfg.max_seq_len, 1, torch.float32)
+    kv_dtypes = [d for d in ("fp32", "bf16", "int8", "int4")
+                 if d != "int4" or cfg.head_dim % INT4_GROUP == 0]
+
+    def per_dtype(c, tokens: int) -> str:  # int8 and int4 with their scales
+        return " · ".join(f"{d} {c.kv_cache_bytes(tokens, 1, d):,} B" if tokens == 1 else
+                          f"{d} {human_bytes(c.kv_cache_bytes(tokens, 1, d))}"
+                          for d in kv_dtypes)
     kind_line = {"MHA": "multi-head (MHA)", "GQA": "grouped-query (GQA)",
                  "MQA": "multi-query (MQA)"}[cfg.attention_kind]
     rows = [
@@ -168,10 +174,10 @@ def cmd_info(args) -> int:
         ("attention", f"{kind_line}: {cfg.n_head} query heads, {cfg.n_kv_head} KV heads, "
                       f"group size {cfg.group_size}, head_dim {cfg.head_dim}"),
         ("norm / positions / mlp", f"{cfg.norm} / {cfg.pos} / {cfg.mlp}"),
-        ("KV cache per token (fp32)", f"{per_token:,} bytes ({human_bytes(per_token)})"),
-        (f"KV cache, full context {cfg.max_seq_len} (fp32)",
-         f"{full:,} bytes ({human_bytes(full)})"),
-        ("  the same model as MHA", human_bytes(full * cfg.n_head // cfg.n_kv_head)),
+        ("KV cache per token", per_dtype(cfg, 1)),
+        (f"KV cache, full context {cfg.max_seq_len}", per_dtype(cfg, cfg.max_seq_len)),
+        ("  the same model as MHA",
+         per_dtype(cfg.replace(n_kv_head=cfg.n_head), cfg.max_seq_len)),
         ("kernels on this CPU", _kernels_line()),
     ]
     width = max(len(k) for k, _ in rows)
@@ -208,17 +214,19 @@ def cmd_kv_size(args) -> int:
     from .loading import load_config
     from .pictures import DTYPE_NAMES, format_kv_table, kv_size_rows, plot_kv_sizes
 
-    if args.dtype not in DTYPE_NAMES:
-        raise ValueError(f"--dtype {args.dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    for d in dtypes or [""]:
+        if d not in DTYPE_NAMES:
+            raise ValueError(f"--dtype {d!r} is not one of {', '.join(DTYPE_NAMES)}")
     if args.context < 1 or args.batch < 1:
         raise ValueError("--context and --batch must be >= 1")
     rows = []
     for name in args.models:
         cfg = load_config(name)[0]
-        rows += kv_size_rows(name, cfg, args.context, args.batch, DTYPE_NAMES[args.dtype])
-    print(format_kv_table(rows, args.context, args.batch, args.dtype))
+        rows += kv_size_rows(name, cfg, args.context, args.batch, dtypes)
+    print(format_kv_table(rows, args.context, args.batch))
     if args.plot:
-        print(f"wrote {plot_kv_sizes(rows, args.plot, args.context, args.batch, args.dtype)}")
+        print(f"wrote {plot_kv_sizes(rows, args.plot, args.context, args.batch)}")
     return 0
 
 
