@@ -118,7 +118,8 @@ def cmd_generate(args) -> int:
             "torch (KVFORMER_NATIVE=0)" if native.disabled() else "torch (no native build)")
         print(f"[{len(ids)} prompt tokens, {n} new tokens in {elapsed:.2f} s, "
               f"{n / elapsed:.1f} tokens/s; {getattr(model, 'mode', '?')}, kernels {kernels}, "
-              f"activations {str(model.dtype).split('.')[-1]}]", file=sys.stderr)
+              f"activations {str(model.dtype).split('.')[-1]}, KV {model.kv_format().name}]",
+              file=sys.stderr)
     return 0
 
 

@@ -12,15 +12,18 @@ with as few tensor operations as it can:
 * attention written as the seed's formula, softmax(Q K^T / sqrt(d_k)) V, for the one new
   query over the filled part of the cache only (no mask at all without padding);
 * the norms as single fused kernels, the residual stream updated in place, and the K/V
-  of the new token written straight into the ``KVCache`` buffers.
+  of the new token written straight into the ``KVCache`` buffers (a ``QuantizedKVCache``
+  quantizes them through its ``update``; the C++ step writes and reads the int8 / int4 rows
+  itself, dequantizing inside its attention kernel).
 
 Both this step and ``NativeDecodeStep``, the C++ one (much faster once matmuls are
 quantized; the library is ``kvformer.native``'s), read the same named description of the
 step, ``kvformer.plan.StepPlan``;
 ``decode_step(model)`` picks the C++ step when the native library is built and this one
 otherwise. ``accelerate(model)`` routes a model's decode steps through it: every other call
-(prefill, gradients, any cache other than the contiguous ``KVCache``, e.g. the server's
-paged one) goes through ``Transformer.forward`` as before. Checked against
+(prefill, gradients, any cache other than the contiguous ``KVCache`` and
+``QuantizedKVCache``, e.g. the server's paged one) goes through ``Transformer.forward`` as
+before. Checked against
 ``Transformer.forward`` in ``tests/test_fast.py``.
 """
 

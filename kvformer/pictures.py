@@ -142,10 +142,12 @@ def plot_kv_sizes(rows: Sequence[KVRow], out: str | Path, context: int, batch: i
         ax.set_yscale("log")
         ax.set_ylabel("KV cache (MiB, log scale)")
         ax.set_title(f"{m}: {sub[0].n_head} query heads", fontsize=10)
-    axes[0][0].legend(fontsize=7, loc="lower left")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(dtypes), fontsize=8,
+               frameon=False)
     fig.suptitle(f"KV-cache size at context {context}, batch {batch}, per KV dtype "
                  "(* the model's own attention kind)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return _save(fig, out)
 
 
