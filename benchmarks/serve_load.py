@@ -16,7 +16,13 @@ The reference, in the same run: what ``kvformer generate`` does in a process of 
 greedy tokens with no stop token, prefill included), as tokens/s; "vs generate" is each
 level's throughput over it.
 
+With ``--kv-dtype bf16,int8`` (a list), the whole run is repeated with a server of each KV
+dtype, and a last table sets their KV pools side by side as /metrics reports them: with
+the default pool size (the bytes of --max-batch x 2,048 tokens in the activations' dtype),
+the same memory holds ~1.9x the tokens as int8 rows.
+
     python benchmarks/serve_load.py                      # SmolLM2-135M, C = 1, 4, 16
+    python benchmarks/serve_load.py --kv-dtype bf16,int8 # the KV pool in bf16, then int8
     python benchmarks/serve_load.py --url http://127.0.0.1:8000   # a server already up
 """
 
@@ -119,7 +125,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+def pool_info(url: str) -> dict:
+    """The KV pool as /metrics reports it: dtype, bytes, token slots, bytes per token."""
+    out = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        for key in ("kvformer_kv_cache_bytes", "kvformer_kv_cache_tokens",
+                    "kvformer_kv_bytes_per_token"):
+            if line.startswith(key + "{"):
+                out["dtype"] = line.split('dtype="', 1)[1].split('"', 1)[0]
+                out[key.removeprefix("kvformer_kv_")] = int(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
+def start_server(args, kv_dtype: str | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-c",
            "import sys; from kvformer.serve.cli import main; sys.exit(main())",
@@ -129,6 +147,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         cmd += ["--threads", str(args.threads)]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
+    if kv_dtype:
+        cmd += ["--kv-dtype", kv_dtype]
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -204,34 +224,19 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="default")
-    p.add_argument("--url", default=None, help="benchmark a running server instead")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--requests", type=int, default=8,
-                   help="requests per level, at least one per stream (default 8)")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--dtype", default=None, help="the server's --dtype (default: its own)")
-    p.add_argument("--json", type=Path, default=None, help="write the results here")
-    p.add_argument("--chart", type=Path, default=None, help="write a PNG chart here")
-    p.add_argument("--no-reference", action="store_true",
-                   help="skip measuring kvformer generate alone")
-    args = p.parse_args(argv)
-
-    load_before = os.getloadavg()[0]
-    ref = None
-    if not args.no_reference and args.url is None:
-        ref = reference_rate(args)
-        print(f"kvformer generate alone: {ref:.1f} tok/s", flush=True)
+def run_levels(args, kv_dtype: str | None) -> tuple[str, dict, list[dict]]:
+    """Start a server (KV dtype ``kv_dtype``) unless --url names one, run every concurrency
+    level against it: (model id, its KV pool, a row per level)."""
     proc = None
     url = args.url
     if url is None:
-        proc, url = start_server(args)
+        proc, url = start_server(args, kv_dtype)
     try:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        pool = pool_info(url)
+        print(f"KV pool: {pool.get('dtype')}, {pool.get('cache_tokens', 0):,} token slots in "
+              f"{pool.get('cache_bytes', 0) / 2**20:.0f} MiB "
+              f"({pool.get('bytes_per_token', 0):,} bytes per token)", flush=True)
         rows, offset = [], 0
         for c in args.concurrency:
             per_stream = max(1, -(-args.requests // c))
@@ -247,6 +252,50 @@ def main(argv: list[str] | None = None) -> int:
         if proc is not None:
             proc.terminate()
             proc.wait(30)
+    return model, pool, rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="default")
+    p.add_argument("--url", default=None, help="benchmark a running server instead")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--requests", type=int, default=8,
+                   help="requests per level, at least one per stream (default 8)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dtype", default=None, help="the server's --dtype (default: its own)")
+    p.add_argument("--kv-dtype", default=None,
+                   help="the server's --kv-dtype, or a comma-separated list to run with each "
+                        "and compare their KV pools (default: the server's own)")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--chart", type=Path, default=None, help="write a PNG chart here")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip measuring kvformer generate alone")
+    args = p.parse_args(argv)
+
+    load_before = os.getloadavg()[0]
+    ref = None
+    if not args.no_reference and args.url is None:
+        ref = reference_rate(args)
+        print(f"kvformer generate alone: {ref:.1f} tok/s", flush=True)
+    kvs = [k.strip() for k in (args.kv_dtype or "").split(",") if k.strip()] or [None]
+    runs = []
+    for kv in kvs:
+        runs.append(run_levels(args, kv))
+    model, pool, rows = runs[0]
+    if len(runs) > 1:
+        first = runs[0][1]
+        print("\n| KV dtype | KV pool (MiB) | token slots | bytes / token | tokens vs "
+              f"{first.get('dtype')} | " + " | ".join(f"tok/s at C={c}"
+                                                      for c in args.concurrency) + " |")
+        print("|---|---:|---:|---:|---:|" + "---:|" * len(args.concurrency))
+        for _, pl, rs in runs:
+            print(f"| {pl.get('dtype')} | {pl['cache_bytes'] / 2**20:.0f} | "
+                  f"{pl['cache_tokens']:,} | {pl['bytes_per_token']:,} | "
+                  f"{pl['cache_tokens'] / first['cache_tokens']:.2f}x | "
+                  + " | ".join(f"{r['tokens_per_s']:.1f}" for r in rs) + " |")
 
     base = rows[0]["tokens_per_s"]
     vs = " vs generate |" if ref else ""
@@ -262,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                f"the run and {os.getloadavg()[0]:.1f} after")
     print(f"\n{machine}")
     info = {"model": model, "max_tokens": args.max_tokens, "machine": machine, "rows": rows,
+            "kv_pools": [{**pl, "rows": rs} for _, pl, rs in runs],
             "generate_tokens_per_s": ref,
             "command": " ".join(["python", "benchmarks/serve_load.py", *(argv or sys.argv[1:])])}
     if args.json:

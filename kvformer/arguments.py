@@ -66,6 +66,11 @@ COMMON_FLAGS: dict[str, tuple[tuple[str, ...], dict]] = {
         default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8", "int4"],
         help="weights: auto (default: int4 for a 4-bit GGUF, else int8 — the fastest that "
              "keeps quality), fp32 (exact), bf16, fp16, int8, int4")),
+    "kv_dtype": (("--kv-dtype",), dict(
+        default="auto", choices=["auto", "fp32", "bf16", "int8", "int4"],
+        help="KV cache: auto (default: the activations' dtype), fp32, bf16, int8 (a scale "
+             "per token and head: half of bf16's bytes, perplexity within 1 %%), int4 (a "
+             "scale pair per 32 numbers; costs quality: see docs/kv-cache.md)")),
     "threads": (("-t", "--threads"), dict(
         type=_threads, default=None, metavar="N",
         help="torch threads (default: the physical cores this process may use)")),
@@ -109,5 +114,6 @@ def add_flags(p: argparse.ArgumentParser, *names: str, max_new_tokens: int = 128
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """-m/--model, --dtype and -t/--threads, as every verb that loads a model takes them."""
-    add_flags(p, "model", "dtype", "threads")
+    """-m/--model, --dtype, --kv-dtype and -t/--threads, as every verb that loads a model
+    takes them."""
+    add_flags(p, "model", "dtype", "kv_dtype", "threads")

@@ -146,6 +146,8 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, start)
+            if k.dtype != q.dtype:  # a cache kept in another float dtype than the model's
+                k, v = k.to(q.dtype), v.to(q.dtype)
         if self.weights_sink is not None:
             weights = attention_weights(q, k, causal, mask, self.scale, self.softcap)
             self.weights_sink.append(weights.detach())

@@ -44,57 +44,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from .texts import ENGLISH
+
 DTYPES = ("fp32", "bf16", "int8", "int4")
 PROMPT_TOKENS, SHORT_TOKENS, NEW_TOKENS, BATCH, NOCACHE_TOKENS = 512, 16, 128, 8, 32
 CONTEXTS = {"ctx1k": 1000, "ctx4k": 4000}
 
 # A fixed text: the prompts are cut from it and the perplexity is measured on it.
-TEXT = """\
-The history of the printing press begins in the middle of the fifteenth century, when \
-Johannes Gutenberg, a goldsmith from Mainz, combined several existing technologies into a \
-single practical system. Movable type had been used in East Asia for centuries, but the \
-large number of characters in Chinese writing made it difficult to scale. In Europe, the \
-Latin alphabet required only a few dozen letters, numerals and marks of punctuation, so a \
-printer could cast thousands of small metal pieces and arrange them again and again. \
-Gutenberg developed an alloy of lead, tin and antimony that melted at a low temperature and \
-cooled quickly into durable letters. He adapted the screw press that farmers used to make \
-wine and olive oil, and he mixed an oil-based ink that stuck to metal better than the \
-water-based inks used by scribes.
-
-The results spread with remarkable speed. Within fifty years of the first printed Bible, \
-presses were operating in more than two hundred cities across the continent, and millions \
-of books had been produced. The price of a book fell sharply, and reading ceased to be a \
-privilege of monasteries, universities and wealthy households. Merchants printed price lists \
-and calendars; governments printed laws and proclamations; scholars exchanged corrected \
-editions of ancient texts and argued about them in pamphlets. Historians still debate how \
-much the press caused the great changes of the following centuries and how much it simply \
-accelerated them, but few doubt that the reformation of the church, the growth of modern \
-science and the rise of newspapers would have looked very different without it.
-
-Printing also changed the way people thought about language itself. Because a printer \
-wanted to sell the same book in many towns, spelling and grammar slowly became more uniform, \
-and regional dialects gave way to standard written forms. Dictionaries and grammars \
-appeared, teachers used the same textbooks in different schools, and the idea of a correct \
-way to write became widespread. At the same time, the sheer quantity of printed material \
-created new problems. Readers complained that there were too many books to read, and \
-librarians invented catalogues, indexes and systems of classification to help them find \
-what they needed.
-
-Today the digital screen has replaced paper for many purposes, yet the basic questions \
-raised by the printing press remain familiar. Who controls what is published? How can \
-readers tell reliable information from rumor? What happens to a culture when the cost of \
-copying a text falls almost to zero? The answers are still being worked out, and they will \
-shape the way the next generation learns, argues and remembers.
-
-The workshops themselves were noisy, crowded places. An apprentice might spend years \
-learning to set type by hand, picking each letter from a wooden case and placing it upside \
-down and backwards in a small frame, line after line, until a page was complete. Another \
-worker inked the forme with leather balls stuffed with wool, a third pulled the heavy bar \
-of the press, and the damp sheets were hung on lines across the room to dry. Mistakes were \
-common, and careful printers hired correctors who read every proof against the manuscript. \
-A busy shop could print more than a thousand sheets in a day, a number that no monastery \
-full of scribes could have matched in a month.
-"""
+TEXT = ENGLISH
 
 
 METRICS = (  # key, column title, unit, higher is better
@@ -147,6 +104,14 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="docs/benchmarks.md",
                    help="markdown file to write (its chart goes to img/ beside it)")
     p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument("--kv-dtype", default=None,
+                   help="the KV cache of kvformer's rows: auto (default), fp32, bf16, int8, "
+                        "int4; with --kv, the comma-separated KV dtypes to compare (default "
+                        "fp32,bf16,int8,int4)")
+    p.add_argument("--kv", action="store_true",
+                   help="instead: each KV dtype's bytes, perplexity (1,000+ tokens), greedy "
+                        "agreement with the bf16 cache and decode speed at 2,048 tokens "
+                        "cached (kvformer.kvbench; writes docs/kv-cache.md)")
     p.add_argument("--profile", action="store_true",
                    help="also profile one int4 decode step and time torch.compile of a "
                         "piece of it (adds about a minute)")
@@ -154,6 +119,15 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    if args.kv:
+        from . import kvbench
+
+        return kvbench.run(args)
+    kv_dtype = args.kv_dtype or "auto"
+    if kv_dtype not in ("auto", "fp32", "bf16", "int8", "int4"):
+        raise ValueError(f"--kv-dtype {kv_dtype!r} is not one of auto, fp32, bf16, int8, "
+                         "int4 (a list is for --kv)")
+    args.kv_dtype = kv_dtype
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     for d in dtypes:
         if d not in DTYPES:
@@ -220,7 +194,7 @@ def make_configs(args, model: str, dtypes: list[str], paths: list[str],
                 if path != _best_path() and path in PATH_CAPABILITY:  # a lower CPU's path
                     env["ATEN_CPU_CAPABILITY"] = PATH_CAPABILITY[path]
             configs.append({"engine": "kvformer", "dtype": d, "path": path, "env": env,
-                            "model": model})
+                            "model": model, "kv_dtype": getattr(args, "kv_dtype", "auto")})
     kind, file = resolve(model)
     if kind == "gguf" and not args.no_llama_cpp:
         from .bench_workers import llama_cpp_info
@@ -496,6 +470,7 @@ def report(summary: dict, info: dict, args, big: dict | None = None) -> str:
              *(["--big"] if args.big else []),
              *([f"--dtype {args.dtype}"] if args.dtype != ",".join(DTYPES) else []),
              *([f"--paths {args.paths}"] if args.paths else []),
+             *([f"--kv-dtype {args.kv_dtype}"] if args.kv_dtype != "auto" else []),
              *(["--llama-cpp-avx2 DIR"] if args.llama_cpp_avx2 else []),
              *([f"--model {args.model}"] if args.model != "default" else [])]
     command = " ".join(["kvformer bench", *flags])

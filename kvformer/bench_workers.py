@@ -66,11 +66,13 @@ def _kvformer(spec: dict) -> dict:
 
     ids, n = spec["ids"], spec["new_tokens"]
     if spec["task"] == "memory":
-        model, _ = load(spec["model"], dtype=spec["dtype"], progress=False)
+        model, _ = load(spec["model"], dtype=spec["dtype"], progress=False,
+                        kv_dtype=spec.get("kv_dtype", "auto"))
         _stamps(generate_stream(model, ids["short"], n), n)
         return {}
     if spec["task"] == "quality":
-        model, _ = load(spec["model"], dtype=spec["dtype"], progress=False)
+        model, _ = load(spec["model"], dtype=spec["dtype"], progress=False,
+                        kv_dtype=spec.get("kv_dtype", "auto"))
         out = {"ppl": perplexity(model, ids["text"]),
                "ppl_decode": decode_perplexity(model, ids["text"])}
         if spec.get("profile"):
@@ -81,7 +83,8 @@ def _kvformer(spec: dict) -> dict:
     out: dict = {"native": native.available(),  # built (once) before the clock starts
                  "kernels": native.kernel_path(), "act": str(act_dtype()).split(".")[-1]}
     t = time.perf_counter()
-    model, _ = load(spec["model"], dtype=spec["dtype"], progress=False)
+    model, _ = load(spec["model"], dtype=spec["dtype"], progress=False,
+                        kv_dtype=spec.get("kv_dtype", "auto"))
     out["load"] = time.perf_counter() - t
     long = torch.tensor([ids["long"]])
 

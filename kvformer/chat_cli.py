@@ -37,11 +37,6 @@ COMMANDS = {  # name: (argument, what it does)
 EXITS = ("/exit", "/quit", "/bye")
 
 
-def dtype_name(dtype) -> str:
-    """fp32, bf16, fp16: the short names the flags use."""
-    name = str(dtype).removeprefix("torch.")
-    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(name, name)
-
 
 def say(text: str = "") -> None:
     """Everything that is not an answer goes to stderr."""
@@ -283,7 +278,7 @@ def stats_lines(session: ChatSession) -> list[str]:
              f"{session.total_new_tokens} tokens generated",
              f"KV cache: {cache.length} of {cache.max_len} tokens "
              f"({100 * cache.length / cache.max_len:.1f}%), {human_bytes(used)} of "
-             f"{human_bytes(cache.nbytes)} ({dtype_name(cache.k[0].dtype)})"]
+             f"{human_bytes(cache.nbytes)} ({cache.format.name})"]
     last = session.last
     if last is not None:
         rate = last.tokens_per_s

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="continue a prompt (argument or stdin), streaming")
     g.add_argument("prompt", nargs="?", help="the prompt; read from stdin when omitted")
-    add_flags(g, "model", "dtype", "threads", "ctx_size", *SAMPLING, "quiet")
+    add_flags(g, "model", "dtype", "kv_dtype", "threads", "ctx_size", *SAMPLING, "quiet")
     g.add_argument("--no-cache", action="store_true",
                    help="recompute the whole sequence for every token (the seed's comparison)")
     g.add_argument("--chat", action="store_true",
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("chat", help="interactive multi-turn chat (/help inside; Ctrl-C "
                                     "stops an answer, Ctrl-D exits)")
-    add_flags(c, "model", "dtype", "threads", "ctx_size", *SAMPLING, "quiet",
+    add_flags(c, "model", "dtype", "kv_dtype", "threads", "ctx_size", *SAMPLING, "quiet",
               max_new_tokens=256, ctx_size=4096)
     c.add_argument("--context", dest="ctx_size", type=at_least(0),
                    help=argparse.SUPPRESS)  # the old name of --ctx-size
@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("-c", "--ctx-size", "--context", dest="context", type=int, default=4096,
                    help="context length in tokens (default 4096)")
     k.add_argument("--batch", type=int, default=1)
-    k.add_argument("--dtype", default="fp16", help="fp32, fp16, bf16 or int8")
+    k.add_argument("--dtype", "--kv-dtype", default="fp16,int8,int4",
+                   help="comma-separated KV dtypes: fp32, fp16, bf16, int8, int4 (int8 and "
+                        "int4 with their scales; default fp16,int8,int4)")
     k.add_argument("--plot", default=None, metavar="OUT.png")
 
     a = sub.add_parser("attention", help="heatmaps of a model's attention weights")
@@ -161,6 +163,7 @@ def load_model(args, name: str | None = None, dtype: str | None = None):
     status.show(f"loading {display_name(resolve(name)[1])}")
     try:
         model, tok = load(name, dtype=dtype or getattr(args, "dtype", None),
+                          kv_dtype=getattr(args, "kv_dtype", None) or "auto",
                           progress=not quiet)
     finally:
         status.clear()
@@ -236,7 +239,7 @@ def cmd_generate(args) -> int:
             "torch (KVFORMER_NATIVE=0)" if native.disabled() else "torch (no native build)")
         print(f"[{len(ids)} prompt tokens, {n} new tokens in {elapsed:.2f} s, "
               f"{n / elapsed:.1f} tokens/s; {getattr(model, 'mode', '?')}, kernels {kernels}, "
-              f"activations {str(model.dtype).split('.')[-1]}, "
+              f"activations {str(model.dtype).split('.')[-1]}, KV {model.kv_format().name}, "
               f"{torch.get_num_threads()} threads]", file=sys.stderr)
     return 0
 
@@ -244,7 +247,7 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     from .catalog import attention_label
     from .chat import ChatSession
-    from .chat_cli import ChatLoop, dtype_name
+    from .chat_cli import ChatLoop
     from .sampling import validate_sampling
 
     validate_sampling(args.temperature, args.top_k, args.top_p)
@@ -261,7 +264,7 @@ def cmd_chat(args) -> int:
         from .pictures import human_bytes
 
         cache = session.cache
-        kv = dtype_name(cache.k[0].dtype)
+        kv = cache.format.name
         print(f"kvformer chat: {model.display_name} ({getattr(model, 'mode', '?')} weights)\n"
               f"  attention {attention_label(model.cfg, long=True)}\n"
               f"  KV cache {kv}, {cache.max_len} tokens ({human_bytes(cache.nbytes)})\n"
@@ -296,15 +299,19 @@ def cmd_models(args) -> int:
 
 
 def cmd_info(args) -> int:
-    import torch
-
+    from .kvquant import INT4_GROUP
     from .loading import check_model, load_config
     from .pictures import human_bytes
 
     cfg, arch, path = load_config(_model_arg(args))
     checked = check_model(_model_arg(args))  # fails, in one line, where generate would
-    per_token = cfg.kv_cache_bytes(1, 1, torch.float32)
-    full = cfg.kv_cache_bytes(cfg.max_seq_len, 1, torch.float32)
+    kv_dtypes = [d for d in ("fp32", "bf16", "int8", "int4")
+                 if d != "int4" or cfg.head_dim % INT4_GROUP == 0]
+
+    def per_dtype(c, tokens: int) -> str:  # int8 and int4 with their scales
+        return " · ".join(f"{d} {c.kv_cache_bytes(tokens, 1, d):,} B" if tokens == 1 else
+                          f"{d} {human_bytes(c.kv_cache_bytes(tokens, 1, d))}"
+                          for d in kv_dtypes)
     kind_line = {"MHA": "multi-head (MHA)", "GQA": "grouped-query (GQA)",
                  "MQA": "multi-query (MQA)"}[cfg.attention_kind]
     rows = [
@@ -317,10 +324,10 @@ def cmd_info(args) -> int:
         ("norm / positions / mlp", f"{cfg.norm} / {cfg.pos} / {cfg.mlp}"),
         *((("rotary positions", cfg.rope_summary()),) if cfg.rope_summary() else ()),
         *((("block", cfg.block_summary()),) if cfg.block_summary() else ()),
-        ("KV cache per token (fp32)", f"{per_token:,} bytes ({human_bytes(per_token)})"),
-        (f"KV cache, full context {cfg.max_seq_len} (fp32)",
-         f"{full:,} bytes ({human_bytes(full)})"),
-        ("  the same model as MHA", human_bytes(full * cfg.n_head // cfg.n_kv_head)),
+        ("KV cache per token", per_dtype(cfg, 1)),
+        (f"KV cache, full context {cfg.max_seq_len}", per_dtype(cfg, cfg.max_seq_len)),
+        ("  the same model as MHA",
+         per_dtype(cfg.replace(n_kv_head=cfg.n_head), cfg.max_seq_len)),
         ("kernels on this CPU", _kernels_line()),
         ("file", checked),
     ]
@@ -358,17 +365,19 @@ def cmd_kv_size(args) -> int:
     from .loading import load_config
     from .pictures import DTYPE_NAMES, format_kv_table, kv_size_rows, plot_kv_sizes
 
-    if args.dtype not in DTYPE_NAMES:
-        raise ValueError(f"--dtype {args.dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    for d in dtypes or [""]:
+        if d not in DTYPE_NAMES:
+            raise ValueError(f"--dtype {d!r} is not one of {', '.join(DTYPE_NAMES)}")
     if args.context < 1 or args.batch < 1:
         raise ValueError("--context and --batch must be >= 1")
     rows = []
     for name in args.models:
         cfg = load_config(name)[0]
-        rows += kv_size_rows(name, cfg, args.context, args.batch, DTYPE_NAMES[args.dtype])
-    print(format_kv_table(rows, args.context, args.batch, args.dtype))
+        rows += kv_size_rows(name, cfg, args.context, args.batch, dtypes)
+    print(format_kv_table(rows, args.context, args.batch))
     if args.plot:
-        print(f"wrote {plot_kv_sizes(rows, args.plot, args.context, args.batch, args.dtype)}")
+        print(f"wrote {plot_kv_sizes(rows, args.plot, args.context, args.batch)}")
     return 0
 
 

@@ -18,8 +18,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
+from .kvquant import kv_format
 from .positions import check_rope_scaling
 
 NORMS = ("layernorm", "rmsnorm", "batchnorm")
@@ -187,12 +186,13 @@ class ModelConfig:
             parts.append(f"sliding window {self.sliding_window} on {layers}")
         return "; ".join(parts) or None
 
-    def kv_cache_bytes(self, seq_len: int, batch_size: int = 1,
-                       dtype: torch.dtype = torch.float32) -> int:
-        """Bytes of a KV cache: 2 (K and V) * layers * KV heads * head_dim * positions * batch."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return (2 * self.n_layer * self.n_kv_head * self.head_dim * seq_len * batch_size
-                * itemsize)
+    def kv_cache_bytes(self, seq_len: int, batch_size: int = 1, kv_dtype="fp32") -> int:
+        """Bytes of a KV cache: 2 (K and V) * layers * KV heads * positions * batch * the
+        bytes of one head's row: head_dim numbers, plus their scales for int8 and int4
+        (``kvformer.kvquant``). kv_dtype: 'fp32', 'bf16', 'fp16', 'int8', 'int4' or a torch
+        float dtype."""
+        row = kv_format(kv_dtype).row_bytes(self.head_dim)
+        return 2 * self.n_layer * self.n_kv_head * seq_len * batch_size * row
 
     def num_params(self) -> int:
         """Parameter count of the model this config builds (tied embeddings counted once)."""

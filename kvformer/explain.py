@@ -11,6 +11,7 @@ import torch
 from . import pictures as P
 
 ATTENTION_TEXT = "The cat sat on the mat because it was warm."
+KV_SIZE_DTYPES = ("fp16", "int8", "int4")
 CACHE_LENGTHS = (16, 64, 128, 256, 512, 1024)
 
 
@@ -59,6 +60,40 @@ def run(topic: str, output: str | None, model_name: str = "default") -> int:
     return 0
 
 
+def kv_costs(model_name: str = "default"):
+    """What each KV dtype costs on the model as the CLI runs it (``dtype='auto'``):
+    (kvbench's result, its markdown table, a short note per dtype for the picture)."""
+    from . import kvbench
+    from .loading import load
+
+    model, tok = load(model_name, dtype="auto", progress=False)
+    result = kvbench.measure(model, tok, ("bf16", "int8", "int4"), decode_ppl=False,
+                             speed=False)
+    ref = result["rows"]["bf16"]
+    notes = {}
+    for kv, r in result["rows"].items():
+        notes[kv] = (f"perplexity {(r['ppl'] / ref['ppl'] - 1) * 100:+.1f} %, "
+                     f"greedy agreement {r['agree'] * 100:.0f} %")
+    del notes["bf16"]
+    notes["fp16"] = "2 bytes a number; measured as bf16: the reference"
+    result.update(source=getattr(model, "source", model_name),
+                  weights=getattr(model, "mode", "?"))
+    return result, kvbench.table(result), notes
+
+
+def kv_summary(result: dict) -> str:
+    """One sentence per quantized KV dtype, from the measured figures."""
+    rows, ref = result["rows"], result["rows"]["bf16"]
+    parts = []
+    for kv in ("int8", "int4"):
+        r = rows[kv]
+        parts.append(f"{kv} rows take {ref['bytes_per_token'] / r['bytes_per_token']:.2f}× "
+                     f"fewer bytes than bf16 ones and change perplexity by "
+                     f"{(r['ppl'] / ref['ppl'] - 1) * 100:+.2f} %; their greedy choice is "
+                     f"the bf16 cache's at {r['agree'] * 100:.1f} % of positions.")
+    return " ".join(parts)
+
+
 def write_docs(docs: Path, model_name: str = "default") -> Path:
     """Regenerate docs/how-it-decodes.md and every picture in it."""
     from .config import ModelConfig
@@ -69,9 +104,10 @@ def write_docs(docs: Path, model_name: str = "default") -> Path:
     cfg_default = load_config(model_name)[0]
     rows = []
     for name in ("smollm2-135m", "llama-2-7b", "llama-2-70b"):
-        rows += P.kv_size_rows(name, ModelConfig.preset(name), 4096, 1, torch.float16)
-    P.plot_kv_sizes(rows, img / "kv_size.png", 4096, 1, "fp16")
-    table = P.format_kv_table(rows, 4096, 1, "fp16")
+        rows += P.kv_size_rows(name, ModelConfig.preset(name), 4096, 1, KV_SIZE_DTYPES)
+    table = P.format_kv_table(rows, 4096, 1)
+    kv_quality, kv_lines, kv_notes = kv_costs(model_name)
+    P.plot_kv_sizes(rows, img / "kv_size.png", 4096, 1, quality=kv_notes)
 
     model, tok = _load(model_name)
     ids = tok.encode(ATTENTION_TEXT)
@@ -173,8 +209,26 @@ its multi-head form.
 
 ![kv size](img/kv_size.png)
 
-`kvformer kv-size llama-2-70b --context 4096 --batch 8 --dtype fp16 --plot out.png` prints
-and draws this for any preset or model file.
+`kvformer kv-size llama-2-70b --context 4096 --batch 8 --plot out.png` prints and draws
+this for any preset or model file (`--dtype fp32,fp16,int8,int4` picks the KV dtypes).
+
+### Fewer bytes per number: int8 and int4 keys and values
+
+Fewer KV heads is one way to shrink the cache; fewer bytes per stored number is the other,
+and they multiply. `--kv-dtype int8` (`kvformer.load(..., kv_dtype="int8")`) stores each
+token's key and value of each KV head as int8 numbers with one bf16 scale (max|x| / 127,
+rounded up): 66 bytes for a head_dim-64 row instead of bf16's 128. `--kv-dtype int4`
+stores groups of 32 numbers as 4-bit steps between a bf16 minimum and step size: 40 bytes.
+Prefill and the native decode step both read the stored rows, dequantized inside the
+attention kernel. The legend above and this table give what each costs on
+`{Path(kv_quality['source']).name}` ({kv_quality['weights']} weights, as `kvformer
+generate` runs it), measured by this command (`kvformer.kvbench`; `kvformer bench --kv` adds
+decode speed and perplexity through the decode step, docs/kv-cache.md):
+
+{chr(10).join(kv_lines)}
+
+{kv_summary(kv_quality)} The default (`--kv-dtype auto`) stays the activations' dtype;
+`kvformer serve --kv-dtype int8` fills the same memory with more tokens (docs/serving.md).
 
 ## 5. Positions
 

@@ -12,15 +12,18 @@ with as few tensor operations as it can:
 * attention written as the seed's formula, softmax(Q K^T / sqrt(d_k)) V, for the one new
   query over the filled part of the cache only (no mask at all without padding);
 * the norms as single fused kernels, the residual stream updated in place, and the K/V
-  of the new token written straight into the ``KVCache`` buffers.
+  of the new token written straight into the ``KVCache`` buffers (a ``QuantizedKVCache``
+  quantizes them through its ``update``; the C++ step writes and reads the int8 / int4 rows
+  itself, dequantizing inside its attention kernel).
 
 Both this step and ``NativeDecodeStep``, the C++ one (much faster once matmuls are
 quantized; the library is ``kvformer.native``'s), read the same named description of the
 step, ``kvformer.plan.StepPlan``;
 ``decode_step(model)`` picks the C++ step when the native library is built and this one
 otherwise. ``accelerate(model)`` routes a model's decode steps through it: every other call
-(prefill, gradients, any cache other than the contiguous ``KVCache``, e.g. the server's
-paged one) goes through ``Transformer.forward`` as before. Checked against
+(prefill, gradients, any cache other than the contiguous ``KVCache`` and
+``QuantizedKVCache``, e.g. the server's paged one) goes through ``Transformer.forward`` as
+before. Checked against
 ``Transformer.forward`` in ``tests/test_fast.py``.
 """
 
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native as native_lib
-from .cache import KVCache
+from .cache import KVCache, QuantizedKVCache
 from .plan import LinearPlan, NormPlan, StepPlan, Unsupported
 
 
@@ -122,8 +125,10 @@ class DecodeStep:
         return L
 
     def usable(self, tokens: torch.Tensor, cache) -> bool:
-        return (self.supported and tokens.shape[1] == 1 and type(cache) is KVCache
-                and tokens.shape[0] == cache.batch_size and cache.k[0].dtype == self.dtype
+        return (self.supported and tokens.shape[1] == 1
+                and (type(cache) is QuantizedKVCache
+                     or type(cache) is KVCache and cache.k[0].dtype == self.dtype)
+                and tokens.shape[0] == cache.batch_size
                 and all(b.attn.weights_sink is None for b in self.model.layers))
 
     def _norm_buf(self, b: int) -> torch.Tensor:
@@ -160,6 +165,7 @@ class DecodeStep:
                 cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # [B, 1, hd]
             cos, sin = cos * self.head_scale, sin * self.head_scale  # [(B,) H, hd]
             half = hd // 2
+        quantized = type(cache) is QuantizedKVCache
         bias = None
         if key_mask is not None:
             bias = torch.zeros(b, 1, 1, slot + 1, dtype=self.dtype)
@@ -180,10 +186,13 @@ class DecodeStep:
             else:
                 qk = qk * self.head_scale
             q = qk[:, :n_q].view(b, n_kv, g, hd)
-            kc, vc = cache.k[L.idx], cache.v[L.idx]
-            kc.select(2, slot).copy_(qk[:, n_q:])
-            vc.select(2, slot).copy_(v)
-            keys, values = kc[:, :, :slot + 1], vc[:, :, :slot + 1]
+            if quantized:  # its rows are integers: it writes them and gives back numbers
+                keys, values = cache.update(L.idx, qk[:, n_q:, None], v[:, :, None], slot)
+            else:
+                kc, vc = cache.k[L.idx], cache.v[L.idx]
+                kc.select(2, slot).copy_(qk[:, n_q:])
+                vc.select(2, slot).copy_(v)
+                keys, values = kc[:, :, :slot + 1], vc[:, :, :slot + 1]
             # softmax(Q K^T / sqrt(d_k)) V for the one new query (1/sqrt(d_k) is in q)
             scores = torch.matmul(q, keys.transpose(-1, -2))  # [B, Hkv, G, S]
             if bias is not None:
@@ -208,6 +217,8 @@ class DecodeStep:
         return self.head(self.final_norm(x, buf)).unsqueeze(1)
 
 
+# what the C++ step's caches may hold: numbers, or int8 / int4 (uint8) rows with scales
+_CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.int8, torch.uint8)
 _EMPTY_LONG = torch.empty(0, dtype=torch.long)
 _EMPTY_BOOL = torch.empty(0, dtype=torch.bool)
 
@@ -242,9 +253,10 @@ class NativeDecodeStep:
                 pass
 
     def usable(self, tokens: torch.Tensor, cache) -> bool:
-        return (self.supported and tokens.shape[1] == 1 and type(cache) is KVCache
+        return (self.supported and tokens.shape[1] == 1
+                and type(cache) in (KVCache, QuantizedKVCache)
                 and tokens.shape[0] == cache.batch_size and tokens.dtype == torch.long
-                and cache.k[0].dtype in (torch.float32, torch.bfloat16)
+                and cache.k[0].dtype in _CACHE_DTYPES
                 and all(b.attn.weights_sink is None for b in self.model.layers))
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache,
@@ -267,7 +279,8 @@ class NativeDecodeStep:
                 return None  # past the rotary table: the model computes it afresh
         mask = _EMPTY_BOOL if key_mask is None else key_mask
         logits = torch.ops.kvformer_native.plan_step(self.handle, tokens, cache.k, cache.v,
-                                                      slot, pos0, pos, mask)
+                                                      cache.k_scale, cache.v_scale, slot, pos0,
+                                                      pos, mask)
         cache.advance(1)
         return logits
 
@@ -278,10 +291,10 @@ class NativeDecodeStep:
         ``lengths[i]`` tokens cached in the blocks ``tables[i]`` (int64, padded with 0), and
         its new token is at position and slot ``lengths[i]``, which its table must already
         hold. Reads and writes the pool in place (no gathered copy); returns logits
-        ``[B, 1, V]``, or None when this step cannot run it (the caller uses the forward)."""
+        ``[B, 1, V]``, or None when this step cannot run it (the caller uses the forward).
+        A quantized pool's rows are read and written with their scales (``pool.k_scale``)."""
         if not (self.supported and tokens.dim() == 2 and tokens.shape[1] == 1
-                and tokens.dtype == torch.long and pool.k[0].dtype in (torch.float32,
-                                                                       torch.bfloat16)
+                and tokens.dtype == torch.long and pool.k[0].dtype in _CACHE_DTYPES
                 and all(b.attn.weights_sink is None for b in self.model.layers)):
             return None
         if self.rope_len is not None and int(lengths.max()) >= self.rope_len:
@@ -289,7 +302,8 @@ class NativeDecodeStep:
         if self.window is not None and int(lengths.max()) >= self.window:
             return None  # the window hides the oldest keys: the model computes it
         return torch.ops.kvformer_native.plan_step_paged(self.handle, tokens, pool.k, pool.v,
-                                                         tables, lengths)
+                                                         pool.k_scale, pool.v_scale, tables,
+                                                         lengths)
 
 
 

@@ -139,7 +139,7 @@ def resolve(name_or_path: str | os.PathLike | None) -> tuple[str, Path]:
 
 
 def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
-         progress: bool = True):
+         progress: bool = True, kv_dtype: str = "auto"):
     """Load (model, tokenizer).
 
     dtype: None or 'fp32' (exact; the default of the Python API), 'bf16', 'fp16', 'int8'
@@ -147,9 +147,18 @@ def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
     4-bit GGUF, whose grid it keeps; int8 otherwise: the fastest that keeps quality).
     Weights are converted one tensor at a time as they arrive, so a quantized model never
     holds a full fp32 copy. Decode steps go through the lean step of ``kvformer.fast``.
+
+    kv_dtype: what the model's KV caches store (``model.new_cache``, ``generate``, the
+    server's pool): 'auto' (the activations' dtype, as before), 'fp32', 'bf16', 'int8' (a
+    scale per token and head: half of bf16's bytes) or 'int4' (a (d, m) pair per 32
+    numbers); ``kvformer.kvquant`` has the layouts, docs/how-it-decodes.md what each costs.
     """
     from .fast import accelerate
+    from .kvquant import KV_DTYPES
     from .quantize import build_model, check_mode, default_mode, loader_dtype
+
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype={kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
 
     def mode_for(weight_types) -> str:
         return default_mode(weight_types) if dtype == "auto" else check_mode(dtype or "fp32")
@@ -212,6 +221,8 @@ def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
         tokenizer = Tokenizer.from_dir(path) if _has_tokenizer(path) else None
     model.source = str(path)
     model.mode = mode
+    model.kv_dtype = kv_dtype
+    model.kv_format()  # a form this model cannot use (int4 with head_dim 48) fails here
     return accelerate(model), tokenizer
 
 

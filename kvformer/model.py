@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import ATTENTION_IMPLS, Attention, causal_mask
-from .cache import KVCache
+from .cache import KVCache, QuantizedKVCache
 from .config import ModelConfig
 from .errors import ContextOverflowError
+from .kvquant import KVFormat, kv_format
 from .norms import make_norm
 from .positions import LearnedPositions, Rotary, SinusoidalPositions
 
@@ -78,6 +79,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.kv_dtype = "auto"  # what new_cache stores K/V as by default (kvformer.kvquant)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.pos == "learned":
             self.pos_emb = LearnedPositions(cfg.max_seq_len, cfg.d_model)
@@ -112,16 +114,34 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.norm.weight.device
 
+    def kv_format(self, kv_dtype=None) -> KVFormat:
+        """The form a new KV cache stores K and V in. kv_dtype: 'fp32', 'bf16', 'int8',
+        'int4', a torch float dtype, or None / 'auto': the model's ``kv_dtype`` (set by
+        ``kvformer.load(..., kv_dtype=...)``), whose 'auto' is the activations' dtype."""
+        if kv_dtype is None:
+            kv_dtype = getattr(self, "kv_dtype", "auto")
+        if kv_dtype == "auto":
+            kv_dtype = self.dtype
+        fmt = kv_format(kv_dtype)
+        fmt.check(self.cfg.head_dim)
+        return fmt
+
     def new_cache(self, batch_size: int = 1, max_len: int | None = None,
-                  dtype: torch.dtype | None = None) -> KVCache:
+                  dtype=None) -> KVCache:
         """A preallocated KV cache for this model: [batch, n_kv_head, max_len, head_dim]
-        per layer for K and for V."""
+        per layer for K and for V, in the form ``dtype`` names (``kv_format``): a
+        ``KVCache`` of floats, or a ``QuantizedKVCache`` for 'int8' and 'int4'."""
         cfg = self.cfg
+        max_len = max_len or cfg.max_seq_len
         for rotary in (self.rotary, self._modules.get("rotary_local")):
             if rotary is not None:  # the positions this cache can hold, tabulated now
-                rotary.ensure(max_len or cfg.max_seq_len)
-        return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len or cfg.max_seq_len,
-                       cfg.head_dim, dtype=dtype or self.dtype, device=self.device)
+                rotary.ensure(max_len)
+        fmt = self.kv_format(dtype)
+        if fmt.quantized:
+            return QuantizedKVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len,
+                                    cfg.head_dim, fmt, device=self.device)
+        return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim,
+                       dtype=fmt.float_dtype, device=self.device)
 
     def set_attention(self, impl: str) -> Transformer:
         """'fused' (torch's kernel, the default) or 'reference' (the seed's formula)."""

@@ -14,9 +14,12 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .kvquant import INT4_GROUP, kv_format
 
-DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-               "int8": torch.int8}
+# KV dtypes kv-size shows (int8 and int4 with their scales: kvformer.kvquant)
+DTYPE_NAMES = ("fp32", "fp16", "bf16", "int8", "int4")
+DTYPE_COLORS = {"fp32": "#7f7f7f", "fp16": "#c44", "bf16": "#c44", "int8": "#4a4",
+                "int4": "#48c"}
 
 
 def _plt():
@@ -46,11 +49,20 @@ class KVRow:
     per_token: int
     total: int
     own: bool  # the model's own attention kind
+    dtype: str = "fp16"  # what the cache stores: fp32, fp16, bf16, int8, int4
+
+
+def _dtype_names(dtypes) -> list[str]:
+    if isinstance(dtypes, (str, torch.dtype)):
+        dtypes = [dtypes]
+    return [kv_format(d).name for d in dtypes]
 
 
 def kv_size_rows(name: str, cfg: ModelConfig, context: int, batch: int = 1,
-                 dtype: torch.dtype = torch.float16) -> list[KVRow]:
-    """The model as MHA, GQA and MQA side by side: only the number of KV heads changes."""
+                 dtypes=("fp16",)) -> list[KVRow]:
+    """The model as MHA, GQA and MQA side by side (only the number of KV heads changes),
+    each in every KV dtype of ``dtypes`` (names or torch dtypes; int4 only where head_dim
+    is a multiple of 32)."""
     kv_options = [cfg.n_head]
     gqa = cfg.n_kv_head if 1 < cfg.n_kv_head < cfg.n_head else None
     if gqa is None and cfg.n_head % 8 == 0 and cfg.n_head > 8:
@@ -63,48 +75,79 @@ def kv_size_rows(name: str, cfg: ModelConfig, context: int, batch: int = 1,
         variant = cfg.replace(n_kv_head=kv)
         kind = variant.attention_kind
         label = f"GQA ({kv} KV heads)" if kind == "GQA" else kind
-        rows.append(KVRow(name, label, cfg.n_head, kv, variant.kv_cache_bytes(1, 1, dtype),
-                          variant.kv_cache_bytes(context, batch, dtype),
-                          kv == cfg.n_kv_head))
+        for dt in _dtype_names(dtypes):
+            if dt == "int4" and cfg.head_dim % INT4_GROUP:
+                continue
+            rows.append(KVRow(name, label, cfg.n_head, kv, variant.kv_cache_bytes(1, 1, dt),
+                              variant.kv_cache_bytes(context, batch, dt),
+                              kv == cfg.n_kv_head, dt))
     return rows
 
 
-def format_kv_table(rows: Sequence[KVRow], context: int, batch: int, dtype_name: str) -> str:
-    lines = [f"KV cache, context {context}, batch {batch}, {dtype_name} "
-             "(2 · n_layer · n_kv_head · head_dim · tokens · batch · bytes)",
-             f"{'model':<16} {'attention':<20} {'per token':>22} {'total':>28} {'vs MHA':>7}"]
-    mha = {}
+def format_kv_table(rows: Sequence[KVRow], context: int, batch: int,
+                    dtype_name: str | None = None) -> str:
+    dtypes = list(dict.fromkeys(r.dtype for r in rows))
+    first = dtypes[0] if dtypes else "fp16"
+    lines = [f"KV cache, context {context}, batch {batch}, {', '.join(dtypes)} "
+             "(2 · n_layer · n_kv_head · tokens · batch · bytes of a head's row: head_dim "
+             "numbers, plus the scales of int8 and int4)",
+             f"{'model':<16} {'attention':<20} {'KV':<5} {'per token':>22} {'total':>28} "
+             f"{'vs MHA ' + first:>12}"]
+    mha: dict[str, int] = {}
     for r in rows:
-        mha.setdefault(r.model, r.total if r.variant == "MHA" else None)
-        ratio = mha[r.model] / r.total if mha[r.model] else float("nan")
+        if r.variant == "MHA" and r.dtype == first:
+            mha.setdefault(r.model, r.total)
+    for r in rows:
+        ratio = mha[r.model] / r.total if r.model in mha else float("nan")
         mark = " *" if r.own else ""
-        lines.append(f"{r.model:<16} {r.variant + mark:<20} "
+        lines.append(f"{r.model:<16} {r.variant + mark:<20} {r.dtype:<5} "
                      f"{r.per_token:>10,} B {human_bytes(r.per_token):>10} "
-                     f"{r.total:>16,} B {human_bytes(r.total):>10} {ratio:>6.0f}×")
+                     f"{r.total:>16,} B {human_bytes(r.total):>10} {ratio:>11.1f}×")
     lines.append("* the model's own attention kind")
     return "\n".join(lines)
 
 
 def plot_kv_sizes(rows: Sequence[KVRow], out: str | Path, context: int, batch: int,
-                  dtype_name: str) -> Path:
+                  dtype_name: str | None = None, quality: dict[str, str] | None = None) -> Path:
+    """Bars per attention kind, one per KV dtype, per model. ``quality``: a note per KV
+    dtype (what it costs), shown in the legend."""
     plt = _plt()
     models = list(dict.fromkeys(r.model for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.8), squeeze=False)
+    dtypes = list(dict.fromkeys(r.dtype for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(4.6 * len(models), 4.2), squeeze=False)
+    width = 0.8 / len(dtypes)
     for ax, m in zip(axes[0], models):
         sub = [r for r in rows if r.model == m]
-        colors = ["#c44" if r.variant == "MHA" else "#48c" if r.variant == "MQA" else "#4a4"
-                  for r in sub]
-        bars = ax.bar([r.variant.replace(" (", "\n(") for r in sub],
-                      [r.total / 2**20 for r in sub], color=colors)
-        for bar, r in zip(bars, sub):
-            ax.annotate(human_bytes(r.total), (bar.get_x() + bar.get_width() / 2,
-                                               bar.get_height()),
-                        ha="center", va="bottom", fontsize=8)
+        variants = list(dict.fromkeys(r.variant for r in sub))
+        for j, dt in enumerate(dtypes):
+            xs, ys, rs = [], [], []
+            for i, v in enumerate(variants):
+                r = next((r for r in sub if r.variant == v and r.dtype == dt), None)
+                if r is not None:
+                    xs.append(i + (j - (len(dtypes) - 1) / 2) * width)
+                    ys.append(r.total / 2**20)
+                    rs.append(r)
+            label = dt + (f" ({quality[dt]})" if quality and dt in quality else "")
+            bars = ax.bar(xs, ys, width, color=DTYPE_COLORS.get(dt, "#999"),
+                          alpha=1.0 - 0.22 * (j % 2 if dt in ("fp16", "bf16") else 0),
+                          label=label)
+            for bar, r in zip(bars, rs):
+                ax.annotate(human_bytes(r.total).replace(" ", "\n"),
+                            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=6)
+        ax.set_xticks(range(len(variants)),
+                      [v.replace(" (", "\n(") + (" *" if any(r.own for r in sub
+                                                              if r.variant == v) else "")
+                       for v in variants])
         ax.set_yscale("log")
         ax.set_ylabel("KV cache (MiB, log scale)")
         ax.set_title(f"{m}: {sub[0].n_head} query heads", fontsize=10)
-    fig.suptitle(f"KV-cache size at context {context}, batch {batch}, {dtype_name}")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(dtypes), fontsize=8,
+               frameon=False)
+    fig.suptitle(f"KV-cache size at context {context}, batch {batch}, per KV dtype "
+                 "(* the model's own attention kind)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return _save(fig, out)
 
 

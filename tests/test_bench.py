@@ -28,3 +28,35 @@ def test_workers_report_their_results_and_the_kernels_peak_rss(tmp_path):
     quality = run_worker({**spec, "task": "quality"})
     assert math.isclose(quality["ppl"], perplexity(model, text), rel_tol=1e-4)
     assert quality["peak_rss"] > 50
+
+
+def test_kv_comparison_measures_each_kv_dtype_against_bf16():
+    """kvformer.kvbench on a small model: bf16 agrees with itself everywhere, and the
+    figures of the other dtypes are what the functions they come from give (the text's
+    1,000+ tokens of SmolLM2's tokenizer: tests/test_kvquant.py)."""
+    from kvformer import kvbench
+    from kvformer.tokenizer import ByteTokenizer
+
+    assert kvbench.agreement([1, 2, 3, 4], [1, 2, 9, 4]) == (0.75, 2)
+    assert kvbench.agreement([1, 2], [1, 2]) == (1.0, 2)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=256, d_model=64, n_layer=2, n_head=2, n_kv_head=1,
+                      max_seq_len=8192)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(10)
+    tok = ByteTokenizer()
+    result = kvbench.measure(model, tok, ["int8", "int4"], decode_ppl=False, speed=False,
+                             new_tokens=6)
+    rows = result["rows"]
+    assert list(rows) == ["bf16", "int8", "int4"] and result["prompts"] == 2
+    assert rows["bf16"]["agree"] == 1.0 and rows["bf16"]["first_diff"] == [6, 6]
+    ids = kvbench.text_ids(tok)
+    assert rows["int8"]["ppl"] == kvbench.prefill_perplexity(model, ids, "int8")
+    assert rows["int8"]["bytes_per_token"] == 2 * 2 * 1 * (32 + 2)
+    prompt = kvbench.prompts(tok)[0]
+    ref = kvbench.greedy(model, prompt, 6, "bf16")
+    assert kvbench.forced_argmax(model, prompt, ref, "bf16") == ref  # fed back: itself
+    table = "\n".join(kvbench.table(result))
+    assert "| `int8` | 136 | 1.88× |" in table

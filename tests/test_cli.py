@@ -81,6 +81,18 @@ def test_generate_from_stdin_equals_argument_and_library(default, capsys):
 
 
 @needs_default
+def test_generate_with_an_int8_kv_cache_equals_the_library():
+    from kvformer import generate
+    from kvformer.loading import load
+    model, tok = load("default", dtype="auto", kv_dtype="int8")
+    prompt = "The three primary colors are"
+    expected = tok.decode(generate(model, tok.encode(prompt), 12, stop_ids=tok.stop_ids))
+    res = run_cli("generate", prompt, "-n", "12", "--kv-dtype", "int8")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == expected + "\n"
+
+
+@needs_default
 def test_chat_keeps_the_cache_across_turns(default):
     from kvformer import generate
     from kvformer.chat import ChatSession
@@ -111,8 +123,11 @@ def test_info_reports_gqa_and_cache_bytes():
     res = run_cli("info")
     assert res.returncode == 0, res.stderr
     assert "grouped-query (GQA): 9 query heads, 3 KV heads, group size 3" in res.stdout
-    per_token = 2 * 30 * 3 * 64 * 4
-    assert f"{per_token:,} bytes" in res.stdout
+    # per token: 2 · 30 layers · 3 KV heads · a head's row (64 numbers; + int8's one bf16
+    # scale, int4's two per 32 numbers)
+    rows = {"fp32": 64 * 4, "bf16": 64 * 2, "int8": 64 + 2, "int4": 32 + 8}
+    line = " · ".join(f"{d} {2 * 30 * 3 * row:,} B" for d, row in rows.items())
+    assert line in res.stdout
     assert "134,515,008" in res.stdout
 
 
@@ -149,6 +164,8 @@ def test_corrupt_gguf_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("args, prog, words", [
     (["generate", "hi", "--dtype", "int9"], "kvformer generate", ["--dtype", "'int9'"]),
+    (["chat", "--kv-dtype", "int9"], "kvformer chat", ["--kv-dtype", "'int9'"]),
+    (["serve", "--kv-dtype", "fp8"], "kvformer serve", ["--kv-dtype", "'fp8'"]),
     (["nosuchverb"], "kvformer", ["invalid choice", "'nosuchverb'"]),
     (["serve", "--port", "x"], "kvformer serve", ["--port", "'x'"]),
     (["train", "--steps", "many"], "kvformer train", ["--steps", "'many'"]),

@@ -131,6 +131,24 @@ def test_attention_is_the_formula(driver):
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kv,hd", [("int8", 64), ("int8", 48), ("int4", 64), ("int4", 128)])
+def test_attention_over_quantized_rows_is_the_formula(driver, kv, hd):
+    """attend_q over int8 / int4 K/V rows and their bf16 scales (kvformer.kvquant's
+    layouts) against softmax(q kᵀ) v of the rows as kvformer.kvquant dequantizes them."""
+    from kvformer.kvquant import kv_format
+
+    torch.manual_seed(4)
+    fmt = kv_format(kv)
+    q = torch.randn(3, hd) / hd ** 0.5
+    (kq, ks), (vq, vs) = fmt.encode(torch.randn(70, hd)), fmt.encode(torch.randn(70, hd))
+    y = driver("attend_q", [3, hd, 70, 8 if kv == "int8" else 4], q=q.numpy(),
+               k=kq.view(torch.uint8).numpy(), v=vq.view(torch.uint8).numpy(),
+               ks=ks.view(torch.int16).numpy(), vs=vs.view(torch.int16).numpy()).view(3, hd)
+    ref = (torch.softmax(q.double() @ fmt.decode((kq, ks), torch.float64).t(), -1)
+           @ fmt.decode((vq, vs), torch.float64))
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_exp(driver):
     x = torch.linspace(-100, 80, 1001)
     y = driver("exp", [x.numel()], x=x.numpy())

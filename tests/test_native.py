@@ -152,6 +152,25 @@ def test_kernels_refuse_a_foreign_layout():
                                          torch.zeros(2, 64, 2, dtype=torch.bfloat16), "scalar")
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kv,hd", [("int8", 64), ("int8", 128), ("int8", 32), ("int8", 48),
+                                   ("int4", 64), ("int4", 32), ("int4", 128)])
+def test_attention_over_quantized_rows_is_the_formula(path, kv, hd):
+    """attend_q, the kernel that reads int8 / int4 K/V rows with their scales (dequantized
+    inside, row by row), against softmax(q kᵀ) v over the rows kvformer.kvquant dequantizes;
+    a masked-out-free call over 70 rows, 3 query heads sharing one KV head."""
+    from kvformer.kvquant import kv_format
+
+    torch.manual_seed(hd)
+    fmt = kv_format(kv)
+    q = torch.randn(3, hd) / hd ** 0.5
+    (kq, ks), (vq, vs) = fmt.encode(torch.randn(70, hd)), fmt.encode(torch.randn(70, hd))
+    ref = (torch.softmax(q.double() @ fmt.decode((kq, ks), torch.float64).t(), -1)
+           @ fmt.decode((vq, vs), torch.float64))
+    out = torch.ops.kvformer_native.attend(q, kq, vq, [ks, vs], use(path))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- the whole step
 def model_for(head_dim, n_head, n_kv, dtype, mode=None, max_len=640):
     torch.manual_seed(0)
@@ -196,6 +215,36 @@ def test_long_cache_with_padding_matches_the_forward(path, head_dim, dtype):
                                    atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kv,head_dim", [("int8", 64), ("int8", 48), ("int4", 64)])
+def test_quantized_cache_step_matches_the_forward(path, kv, head_dim):
+    """The step over an int8 / int4 cache (past 256 slots, a left-padded row): its logits
+    equal those of Transformer.forward over the same cache, and the row it writes is the
+    one kvformer.kvquant makes of the same K/V (the integers and scales, bit for bit)."""
+    from kvformer.fast import NativeDecodeStep
+
+    model = model_for(head_dim, 6, 2, torch.float32)
+    b, t = 2, 300
+    tokens = torch.randint(0, 256, (b, t + 1))
+    mask = torch.ones(b, t + 1, dtype=torch.bool)
+    mask[1, :37] = False
+    pos = torch.tensor([[t], [t - 37]])
+    with torch.inference_mode():
+        c1, c2 = model.new_cache(b, t + 1, kv), model.new_cache(b, t + 1, kv)
+        step = NativeDecodeStep(model, isa=use(path))
+        model(tokens[:, :t], cache=c1, key_mask=mask[:, :t])
+        for mine, ref in zip(c2.k + c2.v + c2.k_scale + c2.v_scale,
+                             c1.k + c1.v + c1.k_scale + c1.v_scale):
+            mine.copy_(ref)
+        c2.length = t
+        ref = model(tokens[:, t:], input_pos=pos, cache=c1, key_mask=mask)
+        out = step(tokens[:, t:], c2, pos, mask)
+    torch.testing.assert_close(out, ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
+    for mine, theirs in zip(c2.k + c2.v + c2.k_scale + c2.v_scale,
+                            c1.k + c1.v + c1.k_scale + c1.v_scale):
+        assert torch.equal(mine[:, :, t], theirs[:, :, t])
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_every_path_decodes_the_same_tokens(mode):
     """Greedy decoding through each path of the C++ step gives the tokens of the plain
@@ -205,6 +254,10 @@ def test_every_path_decodes_the_same_tokens(mode):
 
     model = model_for(32, 4, 2, torch.float32, mode, max_len=128)
     prompt = list(range(5, 17))
+    expected = generate(model, prompt, 20)
+    for path in native.isas():
+        assert generate(accelerate(copy.deepcopy(model), native=path), prompt, 20) == expected
+    model.kv_dtype = "int8"  # and over an int8 cache: the same tokens as its forward
     expected = generate(model, prompt, 20)
     for path in native.isas():
         assert generate(accelerate(copy.deepcopy(model), native=path), prompt, 20) == expected
@@ -234,12 +287,15 @@ def test_the_plan_names_are_checked_on_both_sides():
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("head_dim,dtype,mode", [(64, torch.float32, None),
-                                                 (48, torch.float32, None),
-                                                 (64, torch.bfloat16, None),
-                                                 (64, torch.float32, "int4")])
+@pytest.mark.parametrize("head_dim,dtype,mode,kv", [(64, torch.float32, None, None),
+                                                    (48, torch.float32, None, None),
+                                                    (64, torch.bfloat16, None, None),
+                                                    (64, torch.float32, "int4", None),
+                                                    (64, torch.float32, None, "int8"),
+                                                    (48, torch.bfloat16, None, "int8"),
+                                                    (64, torch.float32, "int4", "int4")])
 def test_paged_step_reads_and_writes_the_pool_as_the_paged_forward_does(path, head_dim,
-                                                                        dtype, mode):
+                                                                        dtype, mode, kv):
     """The step over a paged pool: rows of different lengths (one past 256 slots, so its
     attention is split and combined), blocks scattered through the pool, a first block that
     two rows share. Its logits, and the whole pool after it, equal those of
@@ -252,7 +308,8 @@ def test_paged_step_reads_and_writes_the_pool_as_the_paged_forward_does(path, he
     gen = torch.Generator().manual_seed(1)
     rows = [torch.randint(0, 256, (n + 1,), generator=gen).tolist() for n in lengths]
     rows[3][:bs] = rows[1][:bs]  # rows 1 and 3 share their first block
-    ref = BlockPool.for_model(model, n_blocks=64, block_size=bs, prefix_caching=False)
+    ref = BlockPool.for_model(model, n_blocks=64, block_size=bs, dtype=kv,
+                              prefix_caching=False)
     order = torch.randperm(64, generator=gen).add(1).tolist()  # blocks out of order
     tables = []
     for i, n in enumerate(lengths):
@@ -266,8 +323,9 @@ def test_paged_step_reads_and_writes_the_pool_as_the_paged_forward_does(path, he
             lo = bs if i == 3 else 0
             model(torch.tensor([rows[i][lo:n]]), input_pos=torch.arange(lo, n)[None],
                   cache=ref.batch([tables[i]], [lo]))
-        pool = BlockPool.for_model(model, n_blocks=64, block_size=bs, prefix_caching=False)
-        for a, b in zip(pool.k + pool.v, ref.k + ref.v):
+        pool = BlockPool.for_model(model, n_blocks=64, block_size=bs, dtype=kv,
+                                   prefix_caching=False)
+        for a, b in zip(pool.tensors, ref.tensors):
             a.copy_(b)
         tokens = torch.tensor([[r[n]] for r, n in zip(rows, lengths)])
         expected = model(tokens, input_pos=torch.tensor(lengths)[:, None],
@@ -282,14 +340,24 @@ def test_paged_step_reads_and_writes_the_pool_as_the_paged_forward_does(path, he
                                atol=tol * expected.abs().max().item(), rtol=0)
     used = sorted({b for t in tables for b in t})
     unused = [b for b in range(65) if b not in used]
-    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
-    for a, b in zip(pool.k + pool.v, ref.k + ref.v):
+    if kv:  # the rows as numbers: an int8 level may differ where the two K/V do
+        tol = 3e-2 if kv == "int8" else 0.15
+        num = [pool.format.decode(parts, torch.float32) for parts in
+               [(pool.k[i], pool.k_scale[i]) for i in range(2)]
+               + [(pool.v[i], pool.v_scale[i]) for i in range(2)]]
+        ref_num = [ref.format.decode(parts, torch.float32) for parts in
+                   [(ref.k[i], ref.k_scale[i]) for i in range(2)]
+                   + [(ref.v[i], ref.v_scale[i]) for i in range(2)]]
+    else:
+        num, ref_num = pool.k + pool.v, ref.k + ref.v
+    for a, b in zip(num, ref_num):
         for table, n in zip(tables, lengths):  # every slot of every row, the new one too
             ia = pool.slot_index(table, 0, n + 1)
             h, d = a.shape[0], a.shape[-1]
             torch.testing.assert_close(a.view(h, -1, d)[:, ia].float(),
                                        b.view(h, -1, d)[:, ia].float(), atol=tol, rtol=tol)
-        assert torch.equal(a[:, unused].view(bits), b[:, unused].view(bits))  # untouched
+    for a, b in zip(pool.tensors, ref.tensors):  # untouched blocks keep their bytes
+        assert torch.equal(a[:, unused].view(torch.uint8), b[:, unused].view(torch.uint8))
 
 
 def test_paged_step_refuses_a_table_without_room():

@@ -162,11 +162,13 @@ def test_forward_without_room_in_the_table_refuses():
         model(torch.tensor([[1, 2, 3, 4, 5]]), cache=batch)  # 5 tokens, 4 slots
 
 
-@pytest.mark.parametrize("fast", [False, "python", "native"])  # forward; accelerate(model)
-def test_engine_preempts_when_blocks_run_out_and_still_matches_generate(fast, monkeypatch):
+@pytest.mark.parametrize("fast,kv", [(False, None), ("python", None), ("native", None),
+                                     (False, "int8"), ("python", "int8"), ("native", "int8")])
+def test_engine_preempts_when_blocks_run_out_and_still_matches_generate(fast, kv, monkeypatch):
     """With preemptions (and the prefix cache bringing blocks back), the engine's greedy
     tokens equal generate's: through the model's forward, through the Python decode step on
-    a gathered step cache, and through the C++ step reading the pool in place."""
+    a gathered step cache, and through the C++ step reading the pool in place; with the
+    model's own KV dtype and with int8 rows (a pool of int8 against generate's int8 cache)."""
     if fast == "native":
         native_or_skip(None)
     model = tiny(seed=1)
@@ -174,6 +176,8 @@ def test_engine_preempts_when_blocks_run_out_and_still_matches_generate(fast, mo
         for p in model.parameters():
             p.mul_(8)  # decisive logits: no near-ties for batching noise to flip
     prompts = [[i % 60 + 1 for i in range(k, k + 6 + 3 * k)] for k in range(6)]
+    if kv:
+        model.kv_dtype = kv  # generate's cache and the engine's pool alike
     expected = [generate(model, p, 24) for p in prompts]
     gathers, steps, paged = [], [], []
 
@@ -212,6 +216,7 @@ def test_engine_preempts_when_blocks_run_out_and_still_matches_generate(fast, mo
             assert done.acquire(timeout=60)
         assert engine.metrics.preemptions > 0
         assert engine.pool.num_used == 0
+        assert engine.pool.kv_dtype == (kv or "fp32")
     for outs, exp in zip(sinks, expected):
         assert [t for o in outs for t in o.token_ids] == exp
         assert outs[-1].finish_reason == "length" and outs[-1].completion_tokens == 24
@@ -232,3 +237,23 @@ def test_a_sequence_larger_than_the_pool_ends_with_length():
         assert engine.pool.num_used == 0
         with pytest.raises(ContextOverflowError):  # a prompt that cannot fit at all
             engine.submit(list(range(1, 14)), SamplingParams(max_tokens=1), print)
+
+
+def test_the_default_pool_holds_more_tokens_of_int8_in_the_same_memory():
+    """Without --kv-blocks the pool takes the bytes of max_batch x 2,048 tokens in the
+    activations' dtype; int8 rows (head_dim 64: 66 bytes against bf16's 128) fill the same
+    bytes with 1.9x the tokens, int4 (40 bytes) with 3.2x."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=256, n_layer=2, n_head=4, n_kv_head=2,
+                      max_seq_len=4096)
+    model = Transformer(cfg).eval().to(torch.bfloat16)
+    pools = {kv: Engine(model, None, max_batch=4, kv_dtype=kv).pool
+             for kv in ("bf16", "int8", "int4")}
+    bf16 = pools["bf16"]
+    assert bf16.capacity == 4 * 2048 and bf16.kv_dtype == "bf16"
+    for kv, ratio in (("int8", 1.9), ("int4", 3.1)):
+        pool = pools[kv]
+        assert pool.nbytes <= bf16.nbytes + pool.block_size * pool.bytes_per_token
+        assert pool.capacity >= ratio * bf16.capacity
+        budget = 4 * 2048 * bf16.bytes_per_token  # the bf16 pool's blocks, block 0 aside
+        assert pool.n_blocks == -(-budget // (pool.block_size * pool.bytes_per_token))

@@ -31,13 +31,30 @@ def test_kv_size_rows_equal_the_closed_form():
     assert by["GQA (8 KV heads)"].own and not by["MHA"].own
 
 
+def test_kv_size_rows_add_int8_and_int4_with_their_scales():
+    """Llama-2-70B at 4,096 tokens: MHA fp16 down to MQA int4, the scales counted."""
+    cfg = ModelConfig.preset("llama-2-70b")
+    rows = P.kv_size_rows("llama-2-70b", cfg, 4096, 1, ["fp16", "int8", "int4"])
+    by = {(r.variant, r.dtype): r.total for r in rows}
+    head_row = {"fp16": 128 * 2, "int8": 128 + 2, "int4": 64 + 8 * 2}  # bytes, by hand
+    for (variant, dt), total in by.items():
+        kv = {"MHA": 64, "GQA (8 KV heads)": 8, "MQA": 1}[variant]
+        assert total == 2 * 80 * kv * 4096 * head_row[dt]
+    assert len(by) == 9 and by[("MHA", "fp16")] / by[("GQA (8 KV heads)", "int8")] > 15
+
+
 def test_kv_size_cli_prints_exact_bytes_and_plots(tmp_path, capsys):
     out = tmp_path / "kv.png"
     assert main(["kv-size", "llama-2-70b", "smollm2-135m", "--context", "1000",
                  "--dtype", "fp32", "--plot", str(out)]) == 0
     text = capsys.readouterr().out
     mqa_70b = 2 * 80 * 1 * 128 * 1000 * 4
-    assert f"{mqa_70b:,} B" in text and "MiB" in text and "64×" in text and "8×" in text
+    assert f"{mqa_70b:,} B" in text and "MiB" in text and "64.0×" in text and "8.0×" in text
+    assert_png(out)
+    assert main(["kv-size", "llama-2-70b", "--context", "4096", "--plot", str(out)]) == 0
+    text = capsys.readouterr().out  # the default: fp16, int8 and int4 side by side
+    gqa_int8 = 2 * 80 * 8 * 4096 * (128 + 2)
+    assert f"{gqa_int8:,} B" in text and " int4 " in text and "15.8×" in text
     assert_png(out)
 
 

@@ -2,6 +2,7 @@
 on free loopback ports. Most tests use a tiny random model and the byte tokenizer."""
 
 import asyncio
+import copy
 import importlib.util
 import json
 import threading
@@ -398,6 +399,31 @@ def test_api_key(model, tok):
 
 
 # ---------------------------------------------------------------------------- the command
+def test_int8_kv_server_reports_its_pool_and_matches_generate(model, tok):
+    """A server whose pool holds int8 K/V rows: /metrics gives the pool's exact bytes, tokens
+    and bytes per token (scales included) under its dtype, and a greedy completion is what
+    generate gives with an int8 cache."""
+    srv = start(model, tok, max_batch=4, kv_blocks=64, block_size=8, kv_dtype="int8")
+    try:
+        m = metrics(srv.url)
+        per_token = 2 * 2 * 2 * (16 + 2)  # K, V x 2 layers x 2 KV heads x (16 int8 + a bf16)
+        assert per_token == model.cfg.kv_cache_bytes(1, 1, "int8")
+        of = '{dtype="int8"}'
+        assert m["kvformer_kv_bytes_per_token" + of] == per_token
+        assert m["kvformer_kv_cache_tokens" + of] == 64 * 8
+        assert m["kvformer_kv_cache_bytes" + of] == (64 + 1) * 8 * per_token  # + block 0
+        cached = copy.copy(model)
+        cached.kv_dtype = "int8"
+        ids = tok.encode("The quick brown fox")
+        expected = tok.decode(generate(cached, ids, 12))
+        out = httpx.post(srv.url + "/v1/completions", json={
+            "model": MODEL, "prompt": "The quick brown fox", "max_tokens": 12,
+            "temperature": 0}).json()
+        assert out["choices"][0]["text"] == expected
+    finally:
+        srv.stop()
+
+
 def test_serve_verb_reports_user_errors_in_one_line(capsys):
     from kvformer.serve.app import bind_socket
     from kvformer.serve.cli import main

@@ -16,6 +16,13 @@
 //       32-bit lane per row, the shape of an integer dot-product instruction.
 //   dm: fp16 [N/16][K/32][2][16]: d of the tile's 16 rows, then their m.
 // int8 weights [N, K]: row-major int8 in -127..127, one fp32 scale per row.
+//
+// Quantized KV-cache rows (kvformer/kvquant.py), one row per (token, KV head), read by
+// attend_q; scales are bf16:
+//   int8: hd int8 numbers q and one scale s, x = s q.
+//   int4: hd / 2 bytes, groups of 32 numbers (16 bytes: byte i holds number i in its low
+//         nibble and number i + 16 in its high one), and a (d, m) pair per group,
+//         x = d q + m with q in 0..15; the row's scales are d0, m0, d1, m1, ...
 #pragma once
 
 #include <cmath>
@@ -72,6 +79,11 @@ struct AttendArgs {
   float* max = nullptr;         // out [group]
   float* sum = nullptr;         // out [group]
   float* out = nullptr;         // out [group, hd], not yet divided by sum
+  // attend_q only: k and v are quantized rows of `bits` (8 or 4) per number, row s at
+  // s * hd (int8) or s * hd / 2 (int4) bytes, its scales at s * (1 or hd / 16)
+  int bits = 0;
+  const uint16_t* k_scale = nullptr;
+  const uint16_t* v_scale = nullptr;
 };
 
 struct Kernels {
@@ -90,11 +102,14 @@ struct Kernels {
   void (*dequant_q4)(const uint8_t* q, const uint16_t* dm, int64_t k, int64_t n0,
                      int64_t n1, float* out_f32, uint16_t* out_bf16, int64_t ldo);
   void (*attend)(const AttendArgs& a);
+  // the same over int8 or int4 K/V rows (a.bits), dequantized inside: no fp copy of the cache
+  void (*attend_q)(const AttendArgs& a);
   void (*exp)(float* v, int64_t n);  // v = exp(v) in place, exp(-inf) = 0
 };
 
 const Kernels& scalar_kernels();
-void attend_generic(const AttendArgs& a);  // the portable attention, for any head_dim
+void attend_generic(const AttendArgs& a);    // the portable attention, for any head_dim
+void attend_q_generic(const AttendArgs& a);  // the same over quantized rows
 #if defined(__x86_64__) || defined(_M_X64)
 const Kernels& avx2_kernels();
 const Kernels& avxvnni_kernels();       // kernels_avx2.cpp with VEX vpdpbusd (AVX-VNNI)

@@ -348,21 +348,153 @@ void attend(const AttendArgs& a) {
   }
 }
 
+// ---------------------------------------------------------------- quantized K/V rows
+// 8 int8 numbers as fp32 lanes
+inline __m256 load_i8x8(const int8_t* p) {
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+}
+
+// The 32 numbers of an int4 group (16 bytes) as their q in 0..15, 8 per vector in order:
+// v[0] = numbers 0..7, v[1] = 8..15 (low nibbles), v[2] = 16..23, v[3] = 24..31 (high)
+inline void load_i4x32(const uint8_t* p, __m256* v) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i low = _mm_set1_epi8(0x0f);
+  const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+  v[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+  v[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+  v[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+  v[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+}
+
+// q . k for one quantized K row (NV vectors of 8 numbers); qsum[j]: the sum of the query
+// over int4 group j (the m of each group multiplies it)
+template <int NV, int BITS>
+inline float dot_row(const __m256* qv, const float* qsum, const uint8_t* r,
+                     const uint16_t* sc) {
+  if constexpr (BITS == 8) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(r);
+    __m256 acc = _mm256_mul_ps(qv[0], load_i8x8(q));
+    for (int i = 1; i < NV; ++i) acc = _mm256_fmadd_ps(qv[i], load_i8x8(q + 8 * i), acc);
+    return hsum(acc) * bf16_to_f32(sc[0]);
+  } else {
+    __m256 acc = _mm256_setzero_ps();
+    float m = 0.f;
+    for (int j = 0; j < NV / 4; ++j) {
+      __m256 v[4];
+      load_i4x32(r + 16 * j, v);
+      __m256 part = _mm256_mul_ps(qv[4 * j], v[0]);
+      for (int i = 1; i < 4; ++i) part = _mm256_fmadd_ps(qv[4 * j + i], v[i], part);
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(bf16_to_f32(sc[2 * j])), part, acc);
+      m += bf16_to_f32(sc[2 * j + 1]) * qsum[j];
+    }
+    return hsum(acc) + m;
+  }
+}
+
+// o += w * (one quantized V row)
+template <int NV, int BITS>
+inline void add_row(__m256* o, float w, const uint8_t* r, const uint16_t* sc) {
+  if constexpr (BITS == 8) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(r);
+    const __m256 ws = _mm256_set1_ps(w * bf16_to_f32(sc[0]));
+    for (int i = 0; i < NV; ++i) o[i] = _mm256_fmadd_ps(ws, load_i8x8(q + 8 * i), o[i]);
+  } else {
+    for (int j = 0; j < NV / 4; ++j) {
+      __m256 v[4];
+      load_i4x32(r + 16 * j, v);
+      const __m256 wd = _mm256_set1_ps(w * bf16_to_f32(sc[2 * j]));
+      const __m256 wm = _mm256_set1_ps(w * bf16_to_f32(sc[2 * j + 1]));
+      for (int i = 0; i < 4; ++i)
+        o[4 * j + i] = _mm256_fmadd_ps(wd, v[i], _mm256_add_ps(o[4 * j + i], wm));
+    }
+  }
+}
+
+// attend_t over quantized rows of BITS (8 or 4), NV vectors of 8 per row
+template <int NV, int BITS>
+void attend_qt(const AttendArgs& a) {
+  const uint8_t* K = static_cast<const uint8_t*>(a.k);
+  const uint8_t* V = static_cast<const uint8_t*>(a.v);
+  const int64_t len = a.s1 - a.s0, hd = a.hd;
+  const int64_t rb = BITS == 8 ? hd : hd / 2, ns = BITS == 8 ? 1 : hd / 16;
+  for (int64_t g = 0; g < a.group; ++g) {
+    __m256 qv[NV];
+    float qsum[NV / 4 + 1];
+    for (int i = 0; i < NV; ++i) qv[i] = _mm256_loadu_ps(a.q + g * hd + i * 8);
+    for (int j = 0; j < NV / 4; ++j)
+      qsum[j] = hsum(_mm256_add_ps(_mm256_add_ps(qv[4 * j], qv[4 * j + 1]),
+                                   _mm256_add_ps(qv[4 * j + 2], qv[4 * j + 3])));
+    float* sc = a.scores + g * len;
+    float mx = -INFINITY;
+    for (int64_t s = a.s0; s < a.s1; ++s) {
+      if (a.allowed && s != a.own && !a.allowed[s * a.allowed_stride]) {
+        sc[s - a.s0] = -INFINITY;
+        continue;
+      }
+      const float dot = dot_row<NV, BITS>(qv, qsum, K + s * rb, a.k_scale + s * ns);
+      sc[s - a.s0] = dot;
+      mx = std::max(mx, dot);
+    }
+    a.max[g] = mx;
+    float* og = a.out + g * hd;
+    if (mx == -INFINITY) {
+      std::fill(og, og + hd, 0.f);
+      a.sum[g] = 0.f;
+      continue;
+    }
+    for (int64_t s = 0; s < len; ++s) sc[s] -= mx;
+    vexp(sc, len);
+    float total = 0.f;
+    for (int64_t s = 0; s < len; ++s) total += sc[s];
+    a.sum[g] = total;
+    __m256 o[NV];
+    for (int i = 0; i < NV; ++i) o[i] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < len; ++s) {
+      if (sc[s] == 0.f) continue;
+      const int64_t row = a.s0 + s;
+      add_row<NV, BITS>(o, sc[s], V + row * rb, a.v_scale + row * ns);
+    }
+    for (int i = 0; i < NV; ++i) _mm256_storeu_ps(og + i * 8, o[i]);
+  }
+}
+
+template <int BITS>
+void attend_qb(const AttendArgs& a) {
+  switch (a.hd) {
+    case 32: return attend_qt<4, BITS>(a);
+    case 64: return attend_qt<8, BITS>(a);
+    case 128: return attend_qt<16, BITS>(a);
+    default: return attend_q_generic(a);
+  }
+}
+
+void attend_q(const AttendArgs& a) {
+  if (a.bits == 8) {
+    attend_qb<8>(a);
+  } else {
+    attend_qb<4>(a);
+  }
+}
+
 }  // namespace
 
 #if !defined(KVF_VNNI)
 const Kernels& avx2_kernels() {
-  static const Kernels k{"avx2", quantize, gemm_q4, gemm_q8, dequant_q4, attend, vexp};
+  static const Kernels k{"avx2", quantize, gemm_q4, gemm_q8, dequant_q4, attend, attend_q,
+                         vexp};
   return k;
 }
 #elif KVF_VNNI == 1
 const Kernels& avxvnni_kernels() {
-  static const Kernels k{"avxvnni", quantize, gemm_q4, gemm_q8, dequant_q4, attend, vexp};
+  static const Kernels k{"avxvnni", quantize, gemm_q4, gemm_q8, dequant_q4, attend, attend_q,
+                         vexp};
   return k;
 }
 #else
 const Kernels& avxvnni_evex_kernels() {
-  static const Kernels k{"avxvnni", quantize, gemm_q4, gemm_q8, dequant_q4, attend, vexp};
+  static const Kernels k{"avxvnni", quantize, gemm_q4, gemm_q8, dequant_q4, attend, attend_q,
+                         vexp};
   return k;
 }
 #endif

@@ -394,10 +394,136 @@ void attend(const AttendArgs& a) {
   }
 }
 
+// ---------------------------------------------------------------- quantized K/V rows
+// 16 int8 numbers as fp32 lanes
+inline __m512 load_i8x16(const int8_t* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+}
+
+// The 32 numbers of an int4 group (16 bytes) as their q in 0..15: lo = numbers 0..15,
+// hi = numbers 16..31
+inline void load_i4x32(const uint8_t* p, __m512& lo, __m512& hi) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i low = _mm_set1_epi8(0x0f);
+  lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low)));
+  hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low)));
+}
+
+// q . k for one quantized K row (NV vectors of 16 numbers); qsum[j]: the sum of the query
+// over int4 group j (the m of each group multiplies it)
+template <int NV, int BITS>
+inline float dot_row(const __m512* qv, const float* qsum, const uint8_t* r,
+                     const uint16_t* sc) {
+  if constexpr (BITS == 8) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(r);
+    __m512 acc = _mm512_mul_ps(qv[0], load_i8x16(q));
+    for (int i = 1; i < NV; ++i) acc = _mm512_fmadd_ps(qv[i], load_i8x16(q + 16 * i), acc);
+    return _mm512_reduce_add_ps(acc) * bf16_to_f32(sc[0]);
+  } else {
+    __m512 acc = _mm512_setzero_ps();
+    float m = 0.f;
+    for (int j = 0; j < NV / 2; ++j) {
+      __m512 lo, hi;
+      load_i4x32(r + 16 * j, lo, hi);
+      const __m512 part = _mm512_fmadd_ps(qv[2 * j + 1], hi, _mm512_mul_ps(qv[2 * j], lo));
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(bf16_to_f32(sc[2 * j])), part, acc);
+      m += bf16_to_f32(sc[2 * j + 1]) * qsum[j];
+    }
+    return _mm512_reduce_add_ps(acc) + m;
+  }
+}
+
+// o += w * (one quantized V row)
+template <int NV, int BITS>
+inline void add_row(__m512* o, float w, const uint8_t* r, const uint16_t* sc) {
+  if constexpr (BITS == 8) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(r);
+    const __m512 ws = _mm512_set1_ps(w * bf16_to_f32(sc[0]));
+    for (int i = 0; i < NV; ++i) o[i] = _mm512_fmadd_ps(ws, load_i8x16(q + 16 * i), o[i]);
+  } else {
+    for (int j = 0; j < NV / 2; ++j) {
+      __m512 lo, hi;
+      load_i4x32(r + 16 * j, lo, hi);
+      const __m512 wd = _mm512_set1_ps(w * bf16_to_f32(sc[2 * j]));
+      const __m512 wm = _mm512_set1_ps(w * bf16_to_f32(sc[2 * j + 1]));
+      o[2 * j] = _mm512_fmadd_ps(wd, lo, _mm512_add_ps(o[2 * j], wm));
+      o[2 * j + 1] = _mm512_fmadd_ps(wd, hi, _mm512_add_ps(o[2 * j + 1], wm));
+    }
+  }
+}
+
+// attend_t over quantized rows of BITS (8 or 4), NV vectors of 16 per row
+template <int NV, int BITS>
+void attend_qt(const AttendArgs& a) {
+  const uint8_t* K = static_cast<const uint8_t*>(a.k);
+  const uint8_t* V = static_cast<const uint8_t*>(a.v);
+  const int64_t len = a.s1 - a.s0, hd = a.hd;
+  const int64_t rb = BITS == 8 ? hd : hd / 2, ns = BITS == 8 ? 1 : hd / 16;
+  for (int64_t g = 0; g < a.group; ++g) {
+    __m512 qv[NV];
+    float qsum[NV / 2 + 1];
+    for (int i = 0; i < NV; ++i) qv[i] = _mm512_loadu_ps(a.q + g * hd + i * 16);
+    for (int j = 0; j < NV / 2; ++j)
+      qsum[j] = _mm512_reduce_add_ps(_mm512_add_ps(qv[2 * j], qv[2 * j + 1]));
+    float* sc = a.scores + g * len;
+    float mx = -INFINITY;
+    for (int64_t s = a.s0; s < a.s1; ++s) {
+      if (a.allowed && s != a.own && !a.allowed[s * a.allowed_stride]) {
+        sc[s - a.s0] = -INFINITY;
+        continue;
+      }
+      const float dot = dot_row<NV, BITS>(qv, qsum, K + s * rb, a.k_scale + s * ns);
+      sc[s - a.s0] = dot;
+      mx = std::max(mx, dot);
+    }
+    a.max[g] = mx;
+    float* og = a.out + g * hd;
+    if (mx == -INFINITY) {
+      std::fill(og, og + hd, 0.f);
+      a.sum[g] = 0.f;
+      continue;
+    }
+    for (int64_t s = 0; s < len; ++s) sc[s] -= mx;
+    vexp(sc, len);
+    float total = 0.f;
+    for (int64_t s = 0; s < len; ++s) total += sc[s];
+    a.sum[g] = total;
+    __m512 o[NV];
+    for (int i = 0; i < NV; ++i) o[i] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < len; ++s) {
+      if (sc[s] == 0.f) continue;
+      const int64_t row = a.s0 + s;
+      add_row<NV, BITS>(o, sc[s], V + row * rb, a.v_scale + row * ns);
+    }
+    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(og + i * 16, o[i]);
+  }
+}
+
+template <int BITS>
+void attend_qb(const AttendArgs& a) {
+  switch (a.hd) {
+    case 32: return attend_qt<2, BITS>(a);
+    case 64: return attend_qt<4, BITS>(a);
+    case 128: return attend_qt<8, BITS>(a);
+    case 256: return attend_qt<16, BITS>(a);
+    default: return attend_q_generic(a);
+  }
+}
+
+void attend_q(const AttendArgs& a) {
+  if (a.bits == 8) {
+    attend_qb<8>(a);
+  } else {
+    attend_qb<4>(a);
+  }
+}
+
 }  // namespace
 
 const Kernels& avx512_kernels() {
-  static const Kernels k{"avx512", quantize, gemm_q4, gemm_q8, dequant_q4, attend, vexp};
+  static const Kernels k{"avx512", quantize, gemm_q4, gemm_q8, dequant_q4, attend, attend_q,
+                         vexp};
   return k;
 }
 

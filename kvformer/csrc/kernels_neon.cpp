@@ -170,12 +170,128 @@ void attend(const AttendArgs& a) {
   }
 }
 
+// ---------------------------------------------------------------- quantized K/V rows
+// 16 int8 numbers as four vectors of fp32 lanes
+inline void load_i8x16(const int8_t* p, float32x4_t* v) {
+  const int8x16_t b = vld1q_s8(p);
+  const int16x8_t lo = vmovl_s8(vget_low_s8(b)), hi = vmovl_high_s8(b);
+  v[0] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo)));
+  v[1] = vcvtq_f32_s32(vmovl_high_s16(lo));
+  v[2] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi)));
+  v[3] = vcvtq_f32_s32(vmovl_high_s16(hi));
+}
+
+// 16 bytes of 0..15 values as four vectors of fp32 lanes
+inline void widen_u8x16(uint8x16_t b, float32x4_t* v) {
+  const uint16x8_t lo = vmovl_u8(vget_low_u8(b)), hi = vmovl_high_u8(b);
+  v[0] = vcvtq_f32_u32(vmovl_u16(vget_low_u16(lo)));
+  v[1] = vcvtq_f32_u32(vmovl_high_u16(lo));
+  v[2] = vcvtq_f32_u32(vmovl_u16(vget_low_u16(hi)));
+  v[3] = vcvtq_f32_u32(vmovl_high_u16(hi));
+}
+
+// The 32 numbers of an int4 group (16 bytes) as their q in 0..15, in order, 4 per vector
+inline void load_i4x32(const uint8_t* p, float32x4_t* v) {
+  const uint8x16_t b = vld1q_u8(p);
+  widen_u8x16(vandq_u8(b, vdupq_n_u8(0x0f)), v);  // numbers 0..15
+  widen_u8x16(vshrq_n_u8(b, 4), v + 4);           // numbers 16..31
+}
+
+// q . k for one quantized K row of `bits`; hd % 16 == 0 (int8) or % 32 == 0 (int4)
+float dot_row(const float* q, int64_t hd, int bits, const uint8_t* r, const uint16_t* sc) {
+  float32x4_t acc = vdupq_n_f32(0.f), v[8];
+  if (bits == 8) {
+    for (int64_t i = 0; i < hd; i += 16) {
+      load_i8x16(reinterpret_cast<const int8_t*>(r) + i, v);
+      for (int j = 0; j < 4; ++j) acc = vfmaq_f32(acc, vld1q_f32(q + i + 4 * j), v[j]);
+    }
+    return vaddvq_f32(acc) * bf16_to_f32(sc[0]);
+  }
+  float m = 0.f;
+  for (int64_t g = 0; g < hd / 32; ++g) {
+    load_i4x32(r + 16 * g, v);
+    float32x4_t part = vdupq_n_f32(0.f), qs = vdupq_n_f32(0.f);
+    for (int j = 0; j < 8; ++j) {
+      const float32x4_t qj = vld1q_f32(q + 32 * g + 4 * j);
+      part = vfmaq_f32(part, qj, v[j]);
+      qs = vaddq_f32(qs, qj);
+    }
+    acc = vfmaq_n_f32(acc, part, bf16_to_f32(sc[2 * g]));
+    m += bf16_to_f32(sc[2 * g + 1]) * vaddvq_f32(qs);
+  }
+  return vaddvq_f32(acc) + m;
+}
+
+// o += w * (one quantized V row)
+void add_row(float* o, int64_t hd, int bits, float w, const uint8_t* r, const uint16_t* sc) {
+  float32x4_t v[8];
+  if (bits == 8) {
+    const float ws = w * bf16_to_f32(sc[0]);
+    for (int64_t i = 0; i < hd; i += 16) {
+      load_i8x16(reinterpret_cast<const int8_t*>(r) + i, v);
+      for (int j = 0; j < 4; ++j)
+        vst1q_f32(o + i + 4 * j, vfmaq_n_f32(vld1q_f32(o + i + 4 * j), v[j], ws));
+    }
+    return;
+  }
+  for (int64_t g = 0; g < hd / 32; ++g) {
+    load_i4x32(r + 16 * g, v);
+    const float wd = w * bf16_to_f32(sc[2 * g]);
+    const float32x4_t wm = vdupq_n_f32(w * bf16_to_f32(sc[2 * g + 1]));
+    for (int j = 0; j < 8; ++j) {
+      float* oj = o + 32 * g + 4 * j;
+      vst1q_f32(oj, vfmaq_n_f32(vaddq_f32(vld1q_f32(oj), wm), v[j], wd));
+    }
+  }
+}
+
+// attend_t over quantized rows (a.bits 8 or 4)
+void attend_q(const AttendArgs& a) {
+  if (a.hd % 16) return attend_q_generic(a);
+  const uint8_t* K = static_cast<const uint8_t*>(a.k);
+  const uint8_t* V = static_cast<const uint8_t*>(a.v);
+  const int64_t len = a.s1 - a.s0, hd = a.hd;
+  const int64_t rb = a.bits == 8 ? hd : hd / 2, ns = a.bits == 8 ? 1 : hd / 16;
+  for (int64_t g = 0; g < a.group; ++g) {
+    const float* qg = a.q + g * hd;
+    float* sc = a.scores + g * len;
+    float mx = -INFINITY;
+    for (int64_t s = a.s0; s < a.s1; ++s) {
+      if (a.allowed && s != a.own && !a.allowed[s * a.allowed_stride]) {
+        sc[s - a.s0] = -INFINITY;
+        continue;
+      }
+      const float dot = dot_row(qg, hd, a.bits, K + s * rb, a.k_scale + s * ns);
+      sc[s - a.s0] = dot;
+      mx = std::max(mx, dot);
+    }
+    float* og = a.out + g * hd;
+    std::fill(og, og + hd, 0.f);
+    a.max[g] = mx;
+    if (mx == -INFINITY) {  // every slot of this part is masked
+      a.sum[g] = 0.f;
+      continue;
+    }
+    float total = 0.f;
+    for (int64_t s = 0; s < len; ++s) {
+      sc[s] = std::exp(sc[s] - mx);
+      total += sc[s];
+    }
+    a.sum[g] = total;
+    for (int64_t s = 0; s < len; ++s) {
+      if (sc[s] == 0.f) continue;
+      const int64_t row = a.s0 + s;
+      add_row(og, hd, a.bits, sc[s], V + row * rb, a.v_scale + row * ns);
+    }
+  }
+}
+
 }  // namespace
 
 const Kernels& neon_kernels() {
   const Kernels& portable = scalar_kernels();
   static const Kernels k{"neon", portable.quantize, gemm_q4, gemm_q8, portable.dequant_q4,
-                         attend, portable.exp};
+                         attend, attend_q, portable.exp};
   return k;
 }
 

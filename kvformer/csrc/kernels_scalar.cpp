@@ -3,6 +3,7 @@
 // vectorise the inner loops on its own.
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "kernels.h"
 
@@ -161,13 +162,78 @@ void attend(const AttendArgs& a) {
   }
 }
 
+// Row s of quantized K or V rows as numbers (the layouts: kernels.h).
+void dequant_row(const AttendArgs& a, const void* rows, const uint16_t* scales, int64_t s,
+                 float* out) {
+  const int64_t hd = a.hd;
+  if (a.bits == 8) {
+    const int8_t* q = static_cast<const int8_t*>(rows) + s * hd;
+    const float sc = bf16_to_f32(scales[s]);
+    for (int64_t i = 0; i < hd; ++i) out[i] = sc * float(q[i]);
+    return;
+  }
+  const uint8_t* q = static_cast<const uint8_t*>(rows) + s * hd / 2;
+  const uint16_t* dm = scales + s * (hd / 16);
+  for (int64_t g = 0; g < hd / 32; ++g) {
+    const float d = bf16_to_f32(dm[2 * g]), m = bf16_to_f32(dm[2 * g + 1]);
+    for (int64_t i = 0; i < 16; ++i) {
+      const int byte = q[g * 16 + i];
+      out[g * 32 + i] = d * float(byte & 15) + m;
+      out[g * 32 + 16 + i] = d * float(byte >> 4) + m;
+    }
+  }
+}
+
+// attend over quantized rows: each K and V row is dequantized once, for the whole group.
+void attend_q(const AttendArgs& a) {
+  const int64_t len = a.s1 - a.s0, hd = a.hd;
+  std::vector<float> row(hd);
+  std::fill(a.max, a.max + a.group, -INFINITY);
+  for (int64_t s = a.s0; s < a.s1; ++s) {
+    if (a.allowed && s != a.own && !a.allowed[s * a.allowed_stride]) {
+      for (int64_t g = 0; g < a.group; ++g) a.scores[g * len + s - a.s0] = -INFINITY;
+      continue;
+    }
+    dequant_row(a, a.k, a.k_scale, s, row.data());
+    for (int64_t g = 0; g < a.group; ++g) {
+      float dot = 0.f;
+      for (int64_t i = 0; i < hd; ++i) dot += a.q[g * hd + i] * row[i];
+      a.scores[g * len + s - a.s0] = dot;
+      a.max[g] = std::max(a.max[g], dot);
+    }
+  }
+  for (int64_t g = 0; g < a.group; ++g) {
+    float* sc = a.scores + g * len;
+    std::fill(a.out + g * hd, a.out + (g + 1) * hd, 0.f);
+    a.sum[g] = 0.f;
+    if (a.max[g] == -INFINITY) continue;  // every slot of this part is masked
+    for (int64_t s = 0; s < len; ++s) {
+      sc[s] = std::exp(sc[s] - a.max[g]);
+      a.sum[g] += sc[s];
+    }
+  }
+  for (int64_t s = 0; s < len; ++s) {
+    bool any = false;
+    for (int64_t g = 0; g < a.group; ++g) any = any || a.scores[g * len + s] != 0.f;
+    if (!any) continue;
+    dequant_row(a, a.v, a.v_scale, a.s0 + s, row.data());
+    for (int64_t g = 0; g < a.group; ++g) {
+      const float w = a.scores[g * len + s];
+      float* og = a.out + g * hd;
+      for (int64_t i = 0; i < hd; ++i) og[i] += w * row[i];
+    }
+  }
+}
+
 }  // namespace
 
 // Shared with the SIMD paths for shapes they do not specialise.
 void attend_generic(const AttendArgs& a) { attend(a); }
+void attend_q_generic(const AttendArgs& a) { attend_q(a); }
 
 const Kernels& scalar_kernels() {
-  static const Kernels k{"scalar", quantize, gemm_q4, gemm_q8, dequant_q4, attend, vexp};
+  static const Kernels k{"scalar", quantize, gemm_q4, gemm_q8, dequant_q4, attend, attend_q,
+                         vexp};
   return k;
 }
 

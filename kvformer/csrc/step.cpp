@@ -478,17 +478,125 @@ void fold(float* mx, float* sum, float* out, const float* mx2, const float* sum2
   }
 }
 
+// ------------------------------------------------------------------ the cache's rows
+// What a K/V row is stored as (kvformer/kvquant.py): fp32, bf16, or int8 / int4 numbers
+// with bf16 scales in a tensor beside them.
+struct Rows {
+  int bits = 32;           // 32 (fp32), 16 (bf16), 8 (int8), 4 (int4)
+  int64_t bytes = 0;       // of one row's numbers
+  int64_t n_scales = 0;    // bf16 scales per row
+  char* k = nullptr;
+  char* v = nullptr;
+  uint16_t* ks = nullptr;
+  uint16_t* vs = nullptr;
+};
+
+// The form of a layer's K/V, read off its tensors: numbers [..., hd] fp32 / bf16, or
+// int8 [..., hd] / uint8 [..., hd / 2] with bf16 scales [..., 1] / [..., hd / 16].
+Rows rows_of(const Tensor& kc, const Tensor& vc, const Tensor& ks, const Tensor& vs,
+             int64_t hd) {
+  Rows r;
+  const auto t = kc.scalar_type();
+  TORCH_CHECK(vc.scalar_type() == t && vc.sizes() == kc.sizes(),
+              "kvformer_native: K and V of a layer differ in form");
+  if (t == at::kFloat || t == at::kBFloat16) {
+    TORCH_CHECK(!ks.defined() && kc.size(-1) == hd,
+                "kvformer_native: a float cache has no scales and rows of head_dim numbers");
+    r.bits = t == at::kFloat ? 32 : 16;
+    r.bytes = hd * (r.bits / 8);
+  } else {
+    TORCH_CHECK(t == at::kChar || t == at::kByte, "kvformer_native: a KV cache holds fp32, "
+                "bf16, int8 or int4 (uint8) rows, not ", t);
+    r.bits = t == at::kChar ? 8 : 4;
+    r.bytes = r.bits == 8 ? hd : hd / 2;
+    r.n_scales = r.bits == 8 ? 1 : hd / 16;
+    TORCH_CHECK(r.bits == 8 || hd % 32 == 0, "kvformer_native: int4 rows need head_dim % 32");
+    TORCH_CHECK(kc.size(-1) == r.bytes && ks.defined() && vs.defined() &&
+                    ks.scalar_type() == at::kBFloat16 && vs.scalar_type() == at::kBFloat16 &&
+                    ks.is_contiguous() && vs.is_contiguous() && ks.size(-1) == r.n_scales &&
+                    vs.sizes() == ks.sizes() && ks.numel() / r.n_scales == kc.numel() / r.bytes,
+                "kvformer_native: int", r.bits, " rows need bf16 scales [..., ", r.n_scales,
+                "] beside them, one row each");
+    r.ks = reinterpret_cast<uint16_t*>(ks.data_ptr());
+    r.vs = reinterpret_cast<uint16_t*>(vs.data_ptr());
+  }
+  r.k = static_cast<char*>(kc.data_ptr());
+  r.v = static_cast<char*>(vc.data_ptr());
+  return r;
+}
+
+// kvformer/kvquant.py's rounding of scales: the bf16 at or above x >= 0, at or below x
+uint16_t bf16_up(float x) {
+  uint16_t b = kvf::f32_to_bf16(x);
+  if (kvf::bf16_to_f32(b) < x) ++b;
+  return b;
+}
+uint16_t bf16_down(float x) {
+  uint16_t b = kvf::f32_to_bf16(x);
+  if (kvf::bf16_to_f32(b) > x) b = (b & 0x8000u) ? uint16_t(b + 1) : uint16_t(b - 1);
+  return b;
+}
+
+// Row `row` of r's K (or V) := x [hd], in r's form: the numbers kvformer/kvquant.py gives
+void store_row(const Rows& r, bool value, int64_t row, const float* x, int64_t hd) {
+  char* base = (value ? r.v : r.k) + row * r.bytes;
+  uint16_t* sc = r.n_scales ? (value ? r.vs : r.ks) + row * r.n_scales : nullptr;
+  if (r.bits == 32) {
+    std::memcpy(base, x, hd * 4);
+  } else if (r.bits == 16) {
+    uint16_t* d = reinterpret_cast<uint16_t*>(base);
+    for (int64_t i = 0; i < hd; ++i) d[i] = kvf::f32_to_bf16(x[i]);
+  } else if (r.bits == 8) {  // x = s q, s = max|x| / 127 rounded up
+    float amax = 0.f;
+    for (int64_t i = 0; i < hd; ++i) amax = std::max(amax, std::fabs(x[i]));
+    sc[0] = bf16_up(amax / 127.f);
+    const float s = kvf::bf16_to_f32(sc[0]);
+    int8_t* q = reinterpret_cast<int8_t*>(base);
+    for (int64_t i = 0; i < hd; ++i)
+      q[i] = s > 0.f ? int8_t(std::min(127.f, std::max(-127.f, std::nearbyint(x[i] / s)))) : 0;
+  } else {  // per group of 32: x = d q + m, m = min rounded down, d = range / 15 rounded up
+    uint8_t* q = reinterpret_cast<uint8_t*>(base);
+    for (int64_t g = 0; g < hd / 32; ++g) {
+      const float* xg = x + 32 * g;
+      float lo = xg[0], hi = xg[0];
+      for (int i = 1; i < 32; ++i) lo = std::min(lo, xg[i]), hi = std::max(hi, xg[i]);
+      sc[2 * g + 1] = bf16_down(lo);
+      const float m = kvf::bf16_to_f32(sc[2 * g + 1]);
+      sc[2 * g] = bf16_up((hi - m) / 15.f);
+      const float d = kvf::bf16_to_f32(sc[2 * g]);
+      auto level = [&](float v) {
+        return d > 0.f ? int(std::min(15.f, std::max(0.f, std::nearbyint((v - m) / d)))) : 0;
+      };
+      for (int i = 0; i < 16; ++i) q[16 * g + i] = uint8_t(level(xg[i]) | level(xg[i + 16]) << 4);
+    }
+  }
+}
+
+// Point a kernel's arguments at r's rows from `row` on.
+void point_at(kvf::AttendArgs& at, const Rows& r, int64_t row) {
+  at.k = r.k + row * r.bytes;
+  at.v = r.v + row * r.bytes;
+  at.bf16 = r.bits == 16;
+  at.bits = r.bits;
+  at.k_scale = r.n_scales ? r.ks + row * r.n_scales : nullptr;
+  at.v_scale = r.n_scales ? r.vs + row * r.n_scales : nullptr;
+}
+
+void attend_rows(const Kernels& K, const kvf::AttendArgs& at) {
+  if (at.bits <= 8) {
+    K.attend_q(at);
+  } else {
+    K.attend(at);
+  }
+}
+
 // RoPE the new token's q and k, write k and v into the cache (contiguous or paged: see
-// StepArgs), attend: q/k/v rows of the B tokens at row strides sq/sk/sv -> out [B, nq * hd]
-void attention(const Plan& p, const StepArgs& a, const Tensor& kc, const Tensor& vc,
+// StepArgs) in the cache's form, attend: q/k/v rows of the B tokens at row strides
+// sq/sk/sv -> out [B, nq * hd]
+void attention(const Plan& p, const StepArgs& a, const Rows& r, int64_t max_len,
                const float* qs, const float* ks, const float* vs, int64_t sq, int64_t sk,
                int64_t sv, float* out, std::vector<float>& qf) {
   const int64_t hd = p.hd, nq = p.nq, nkv = p.nkv, group = nq / nkv;
-  const int64_t max_len = a.paged() ? 0 : kc.size(2);
-  const bool bf = kc.scalar_type() == at::kBFloat16;
-  const size_t esz = bf ? 2 : 4;
-  char* K = static_cast<char*>(kc.data_ptr());
-  char* V = static_cast<char*>(vc.data_ptr());
   qf.resize(a.B * nq * hd);
   std::vector<float> rot(hd);
   for (int64_t b = 0; b < a.B; ++b) {
@@ -508,24 +616,14 @@ void attention(const Plan& p, const StepArgs& a, const Tensor& kc, const Tensor&
       }
     }
     for (int64_t j = 0; j < nkv; ++j) {
-      const int64_t row = a.at(b, j, a.new_slot(b), nkv, max_len, hd);
+      const int64_t row = a.at(b, j, a.new_slot(b), nkv, max_len, hd) / hd;
       const float* kx = ks + b * sk + j * hd;
-      const float* vx = vs + b * sv + j * hd;
       if (p.rope) {
         rotate(kx, c, s, hd, 1.0f, rot.data());
         kx = rot.data();
       }
-      if (bf) {
-        uint16_t* kd = reinterpret_cast<uint16_t*>(K) + row;
-        uint16_t* vd = reinterpret_cast<uint16_t*>(V) + row;
-        for (int64_t i = 0; i < hd; ++i) {
-          kd[i] = kvf::f32_to_bf16(kx[i]);
-          vd[i] = kvf::f32_to_bf16(vx[i]);
-        }
-      } else {
-        std::memcpy(reinterpret_cast<float*>(K) + row, kx, hd * 4);
-        std::memcpy(reinterpret_cast<float*>(V) + row, vx, hd * 4);
-      }
+      store_row(r, false, row, kx, hd);
+      store_row(r, true, row, vs + b * sv + j * hd, hd);
     }
   }
   // tasks: (row and KV head, a range of at most kChunk slots), each a partial softmax; then
@@ -561,11 +659,9 @@ void attention(const Plan& p, const StepArgs& a, const Tensor& kc, const Tensor&
       at_.q = qf.data() + task.h * group * hd;  // heads of KV head j: j*group .. j*group+group-1
       at_.group = group;
       at_.hd = hd;
-      at_.bf16 = bf;
       at_.scores = scores.data();
       if (!a.paged()) {
-        at_.k = K + a.at(b, j, 0, nkv, max_len, hd) * esz;
-        at_.v = V + a.at(b, j, 0, nkv, max_len, hd) * esz;
+        point_at(at_, r, a.at(b, j, 0, nkv, max_len, hd) / hd);
         at_.s0 = task.s0;
         at_.s1 = task.s1;
         at_.allowed = a.mask ? a.mask + b * a.ms0 : nullptr;
@@ -574,21 +670,19 @@ void attention(const Plan& p, const StepArgs& a, const Tensor& kc, const Tensor&
         at_.max = pt;
         at_.sum = pt + group;
         at_.out = pt + 2 * group;
-        Kn.attend(at_);
+        attend_rows(Kn, at_);
         continue;
       }
       std::fill(pt, pt + part, 0.f);  // sum 0: nothing yet
       for (int64_t s0 = task.s0; s0 < task.s1; s0 = (s0 / a.bs + 1) * a.bs) {
         const int64_t s1 = std::min(task.s1, (s0 / a.bs + 1) * a.bs);
-        const int64_t base = a.at(b, j, s0, nkv, max_len, hd);  // slot s0 of its block
-        at_.k = K + base * esz;
-        at_.v = V + base * esz;
+        point_at(at_, r, a.at(b, j, s0, nkv, max_len, hd) / hd);  // slot s0 of its block
         at_.s0 = 0;
         at_.s1 = s1 - s0;
         at_.max = blk.data();
         at_.sum = blk.data() + group;
         at_.out = blk.data() + 2 * group;
-        Kn.attend(at_);
+        attend_rows(Kn, at_);
         fold(pt, pt + group, pt + 2 * group, at_.max, at_.sum, at_.out, group, hd);
       }
     }
@@ -622,32 +716,43 @@ std::shared_ptr<Plan> plan_of(int64_t handle) {
 }
 
 Tensor run_step(const Plan& p, const Tensor& tokens, const std::vector<Tensor>& kcs,
-                const std::vector<Tensor>& vcs, const StepArgs& a);
+                const std::vector<Tensor>& vcs, const std::vector<Tensor>& kss,
+                const std::vector<Tensor>& vss, const StepArgs& a);
 
-// One token per row through a contiguous cache [B, nkv, max_len, hd] per layer: each row's
-// new K/V goes to `slot`; positions are pos (per row) or pos0; mask [B, slot + 1] or empty.
+void check_scales(const Plan& p, const std::vector<Tensor>& kss, const std::vector<Tensor>& vss) {
+  TORCH_CHECK(kss.size() == vss.size() && (kss.empty() || int64_t(kss.size()) == p.n_layer),
+              "kvformer_native: give the K and V scales of every layer, or none (a float "
+              "cache)");
+}
+
+// One token per row through a contiguous cache [B, nkv, max_len, hd] per layer (or its
+// quantized rows, with their scales kss/vss: see Rows): each row's new K/V goes to `slot`;
+// positions are pos (per row) or pos0; mask [B, slot + 1] or empty.
 Tensor plan_step(int64_t handle, Tensor tokens, std::vector<Tensor> kcs, std::vector<Tensor> vcs,
-                 int64_t slot, int64_t pos0, Tensor pos, Tensor mask) {
+                 std::vector<Tensor> kss, std::vector<Tensor> vss, int64_t slot, int64_t pos0,
+                 Tensor pos, Tensor mask) {
   std::shared_ptr<Plan> pp = plan_of(handle);
   const Plan& p = *pp;
   const int64_t B = tokens.size(0);
   TORCH_CHECK(int64_t(kcs.size()) == p.n_layer && int64_t(vcs.size()) == p.n_layer,
               "kvformer_native: the cache has the wrong number of layers");
+  check_scales(p, kss, vss);
   for (int64_t l = 0; l < p.n_layer; ++l)
-    TORCH_CHECK(kcs[l].is_contiguous() && vcs[l].is_contiguous() && kcs[l].size(0) == B &&
-                    kcs[l].size(1) == p.nkv && kcs[l].size(3) == p.hd && slot < kcs[l].size(2),
+    TORCH_CHECK(kcs[l].is_contiguous() && vcs[l].is_contiguous() && kcs[l].dim() == 4 &&
+                    kcs[l].size(0) == B && kcs[l].size(1) == p.nkv && slot < kcs[l].size(2),
                 "kvformer_native: the cache does not have the plan's shape");
   StepArgs a{B, slot, pos0, pos.numel() ? pos.stride(0) : 0, mask.numel() ? mask.stride(0) : 0,
              mask.numel() ? mask.stride(1) : 0, pos.numel() ? pos.data_ptr<int64_t>() : nullptr,
              mask.numel() ? mask.data_ptr<bool>() : nullptr};
-  return run_step(p, tokens, kcs, vcs, a);
+  return run_step(p, tokens, kcs, vcs, kss, vss, a);
 }
 
 // One token per row through a paged pool [nkv, nblk, bs, hd] per layer: row b has
 // lens[b] tokens cached, in the blocks tables[b, :]; its new token is at position and slot
 // lens[b]. The K/V are read and written in the pool, in place.
 Tensor plan_step_paged(int64_t handle, Tensor tokens, std::vector<Tensor> kcs,
-                       std::vector<Tensor> vcs, Tensor tables, Tensor lens) {
+                       std::vector<Tensor> vcs, std::vector<Tensor> kss,
+                       std::vector<Tensor> vss, Tensor tables, Tensor lens) {
   std::shared_ptr<Plan> pp = plan_of(handle);
   const Plan& p = *pp;
   const int64_t B = tokens.size(0);
@@ -657,12 +762,11 @@ Tensor plan_step_paged(int64_t handle, Tensor tokens, std::vector<Tensor> kcs,
                   tables.stride(1) == 1 && lens.dim() == 1 && lens.size(0) == B &&
                   lens.scalar_type() == at::kLong && lens.is_contiguous(),
               "kvformer_native: tables must be int64 [B, blocks] and lens int64 [B]");
+  check_scales(p, kss, vss);
   const int64_t nblk = kcs[0].size(1), bs = kcs[0].size(2);
   for (int64_t l = 0; l < p.n_layer; ++l)
     TORCH_CHECK(kcs[l].is_contiguous() && vcs[l].is_contiguous() && kcs[l].dim() == 4 &&
-                    kcs[l].size(0) == p.nkv && kcs[l].size(1) == nblk && kcs[l].size(2) == bs &&
-                    kcs[l].size(3) == p.hd && vcs[l].sizes() == kcs[l].sizes() &&
-                    vcs[l].scalar_type() == kcs[l].scalar_type(),
+                    kcs[l].size(0) == p.nkv && kcs[l].size(1) == nblk && kcs[l].size(2) == bs,
                 "kvformer_native: the pool does not have the plan's shape");
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
@@ -683,11 +787,12 @@ Tensor plan_step_paged(int64_t handle, Tensor tokens, std::vector<Tensor> kcs,
   a.nblk = nblk;
   a.bs = bs;
   a.lens = lp;
-  return run_step(p, tokens, kcs, vcs, a);
+  return run_step(p, tokens, kcs, vcs, kss, vss, a);
 }
 
 Tensor run_step(const Plan& p, const Tensor& tokens, const std::vector<Tensor>& kcs,
-                const std::vector<Tensor>& vcs, const StepArgs& a) {
+                const std::vector<Tensor>& vcs, const std::vector<Tensor>& kss,
+                const std::vector<Tensor>& vss, const StepArgs& a) {
   const Kernels& K = *p.K;
   const int64_t B = tokens.size(0), d = p.d, hd = p.hd, nq = p.nq, nkv = p.nkv, f = p.dff;
   const int64_t nqkv = (nq + 2 * nkv) * hd;
@@ -740,7 +845,10 @@ Tensor run_step(const Plan& p, const Tensor& tokens, const std::vector<Tensor>& 
       sk = sv = nkv * hd;
     }
     clock.lap(kMatmul);
-    attention(p, a, kcs[l], vcs[l], qs, ks, vs, sq, sk, sv, att.data(), qf);
+    const Rows rows = rows_of(kcs[l], vcs[l], kss.empty() ? Tensor() : kss[l],
+                              vss.empty() ? Tensor() : vss[l], hd);
+    attention(p, a, rows, a.paged() ? 0 : kcs[l].size(2), qs, ks, vs, sq, sk, sv, att.data(),
+              qf);
     clock.lap(kAttention);
     L.wo.run(K, att.data(), B, o.data(), wk, p.act);
     clock.lap(kMatmul);
@@ -834,6 +942,37 @@ Tensor dequant_int4(Tensor q, Tensor dm, bool bf16, std::string isa) {
   return out;
 }
 
+// softmax(q K^T) V of query heads q [group, hd] (already scaled) over every row of k, v
+// (fp32, bf16, or quantized rows with scales = [k_scale, v_scale]), through one path's
+// attention kernel: -> [group, hd]
+Tensor attend_op(Tensor q, Tensor k, Tensor v, std::vector<Tensor> scales, std::string isa) {
+  const Kernels& K = kernels_for(isa);
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kFloat && k.dim() == 2 &&
+                  k.is_contiguous() && v.is_contiguous() && (scales.empty() || scales.size() == 2),
+              "kvformer_native.attend: q fp32 [group, hd], k and v [rows, *], scales [] or "
+              "[k_scale, v_scale]");
+  q = q.contiguous();
+  const int64_t group = q.size(0), hd = q.size(1), len = k.size(0);
+  const Rows r = rows_of(k, v, scales.empty() ? Tensor() : scales[0],
+                         scales.empty() ? Tensor() : scales[1], hd);
+  std::vector<float> scores(group * len), mx(group), sum(group);
+  Tensor out = at::empty({group, hd}, q.options());
+  kvf::AttendArgs at_;
+  at_.q = q.data_ptr<float>();
+  at_.group = group;
+  at_.hd = hd;
+  point_at(at_, r, 0);
+  at_.s0 = 0;
+  at_.s1 = len;
+  at_.scores = scores.data();
+  at_.max = mx.data();
+  at_.sum = sum.data();
+  at_.out = out.data_ptr<float>();
+  attend_rows(K, at_);
+  for (int64_t g = 0; g < group; ++g) out[g].div_(sum[g]);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(kvformer_native, m) {
@@ -845,8 +984,10 @@ TORCH_LIBRARY(kvformer_native, m) {
         "str[] real_names, float[] reals, str isa) -> int", &plan_new);
   m.def("plan_free(int plan) -> ()", &plan_free);
   m.def("plan_isa(int plan) -> str", &plan_isa);
-  m.def("plan_step(int plan, Tensor tokens, Tensor[] k, Tensor[] v, int slot, int pos0, "
-        "Tensor pos, Tensor mask) -> Tensor", &plan_step);
-  m.def("plan_step_paged(int plan, Tensor tokens, Tensor[] k, Tensor[] v, Tensor tables, "
-        "Tensor lens) -> Tensor", &plan_step_paged);
+  m.def("attend(Tensor q, Tensor k, Tensor v, Tensor[] scales, str isa) -> Tensor",
+        &attend_op);
+  m.def("plan_step(int plan, Tensor tokens, Tensor[] k, Tensor[] v, Tensor[] k_scale, "
+        "Tensor[] v_scale, int slot, int pos0, Tensor pos, Tensor mask) -> Tensor", &plan_step);
+  m.def("plan_step_paged(int plan, Tensor tokens, Tensor[] k, Tensor[] v, Tensor[] k_scale, "
+        "Tensor[] v_scale, Tensor tables, Tensor lens) -> Tensor", &plan_step_paged);
 }

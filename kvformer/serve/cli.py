@@ -109,7 +109,7 @@ def cmd_serve(args) -> int:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            model, tokenizer = load(args.model, dtype=args.dtype)
+            model, tokenizer = load(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype)
         finally:
             torch.set_num_threads(threads)
         if tokenizer is None:
@@ -126,7 +126,8 @@ def cmd_serve(args) -> int:
         pool = engine.pool
         print(f"kvformer serve: {name} on http://{host}:{port}/v1 "
               f"(batch {args.max_batch}, {pool.n_blocks} KV blocks x {pool.block_size} "
-              f"tokens = {pool.capacity} tokens, {pool.nbytes / 2**20:.0f} MiB reserved)",
+              f"tokens = {pool.capacity} tokens, {pool.nbytes / 2**20:.0f} MiB of {pool.kv_dtype} "
+              "KV reserved)",
               file=sys.stderr)
         if not _is_loopback(args.host) and args.api_key is None:
             print("kvformer serve: warning: listening beyond this machine without --api-key",

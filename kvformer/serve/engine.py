@@ -70,7 +70,7 @@ class Engine:
     def __init__(self, model, tokenizer, *, max_batch: int = 16, kv_blocks: int | None = None,
                  block_size: int = 16, prefill_chunk: int = 128, max_queue: int = 64,
                  queue_timeout: float = 30.0, step_delay: float = 0.0,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, kv_dtype: str | None = None):
         for name, value in (("max_batch", max_batch), ("block_size", block_size),
                             ("prefill_chunk", prefill_chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -81,11 +81,12 @@ class Engine:
             raise ValueError(f"queue_timeout={queue_timeout!r} must be > 0 seconds")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_seq_len = model.cfg.max_seq_len
-        if kv_blocks is None:  # room for every batch slot at up to 2048 tokens
-            kv_blocks = -(-max_batch * min(self.max_seq_len, 2048) // block_size)
+        kv = model.kv_format(kv_dtype)  # None: the model's choice (load(kv_dtype=...))
+        if kv_blocks is None:
+            kv_blocks = default_kv_blocks(model, kv, max_batch, block_size)
         if isinstance(kv_blocks, bool) or not isinstance(kv_blocks, int) or kv_blocks < 1:
             raise ValueError(f"kv_blocks={kv_blocks!r} must be an integer >= 1")
-        self.pool = BlockPool.for_model(model, kv_blocks, block_size,
+        self.pool = BlockPool.for_model(model, kv_blocks, block_size, dtype=kv,
                                         prefix_caching=prefix_caching,
                                         model_key=model_key(model))
         self.metrics = Metrics()
@@ -290,6 +291,17 @@ class Engine:
         self.scheduler.release(seq)
         self.metrics.count("finished", reason)
         _deliver(seq, out)
+
+
+def default_kv_blocks(model, kv, max_batch: int, block_size: int) -> int:
+    """The pool's blocks when none are asked for: the bytes that every batch slot at up to
+    2,048 tokens takes in the activations' dtype (what the pool held before quantized KV
+    rows existed), filled with rows of ``kv``. So int8 rows hold ~1.9x the tokens, int4
+    ~3.2x, in the same memory."""
+    cfg = model.cfg
+    tokens = max_batch * min(cfg.max_seq_len, 2048)
+    budget = tokens * cfg.kv_cache_bytes(1, 1, model.kv_format("auto"))
+    return max(1, -(-budget // (block_size * cfg.kv_cache_bytes(1, 1, kv))))
 
 
 def model_key(model) -> bytes:

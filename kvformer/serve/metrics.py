@@ -132,4 +132,13 @@ def render_metrics(engine: Engine) -> str:
            [("", pool.n_blocks)])
     metric("kvformer_kv_block_size", "gauge", "Token slots per KV block.",
            [("", pool.block_size)])
+    of_dtype = label(dtype=pool.kv_dtype)
+    metric("kvformer_kv_cache_bytes", "gauge",
+           "Bytes the KV pool reserves (K and V of every layer, scales included).",
+           [(of_dtype, pool.nbytes)])
+    metric("kvformer_kv_cache_tokens", "gauge", "Token slots the KV pool holds.",
+           [(of_dtype, pool.capacity)])
+    metric("kvformer_kv_bytes_per_token", "gauge",
+           "KV bytes one token takes (every layer's K and V, scales included).",
+           [(of_dtype, pool.bytes_per_token)])
     return "\n".join(lines) + "\n"

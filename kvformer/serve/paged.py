@@ -15,6 +15,13 @@ Heads first, so that gathering a batch's slots (one ``index_select`` over the fl
 ``[slots, head_dim]``, which is what the attention matmul reads. Block 0 is never handed
 out: it stays zero and is where padding slots read from.
 
+A pool of ``int8`` or ``int4`` rows (``dtype='int8'``; ``kvformer.kvquant`` has the
+layouts) holds the integers in ``k``/``v`` (``[..., head_dim]`` int8 or ``[..., head_dim /
+2]`` uint8) and their bf16 scales in ``k_scale``/``v_scale`` (``[..., 1]`` or ``[...,
+head_dim / 16]``), with the same leading ``[n_kv_head, n_blocks, block_size]``: a slot
+index finds a row's integers and its scales alike. The same bytes then hold 1.9x (int8) or
+3.2x (int4) the tokens of bf16 at head_dim 64.
+
 ``PagedBatch`` lets the unchanged model run a batch of sequences of different lengths
 over the pool. It speaks the model's cache protocol (``length``, ``check_room``,
 ``key_mask``, ``update``, ``advance``) by presenting the rows *left-padded*: with row
@@ -45,8 +52,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cache import KVCache
+from ..cache import KVCache, QuantizedKVCache
 from ..errors import ContextOverflowError, KvformerError
+from ..kvquant import KVFormat, kv_format
 
 
 class OutOfBlocksError(KvformerError):
@@ -75,21 +83,31 @@ class BlockPool:
     unless ``prefix_caching=False``; ``model_key`` names the model in the block hashes)."""
 
     def __init__(self, n_layer: int, n_blocks: int, block_size: int, n_kv_head: int,
-                 head_dim: int, dtype: torch.dtype = torch.float32,
+                 head_dim: int, dtype: torch.dtype | str | KVFormat = torch.float32,
                  device: torch.device | str | None = None, *, prefix_caching: bool = True,
                  model_key: bytes = b""):
         if n_blocks < 1 or block_size < 1:
             raise ValueError(f"n_blocks={n_blocks} and block_size={block_size} must be >= 1")
+        fmt = kv_format(dtype)
+        fmt.check(head_dim)
+        self.format, self.kv_dtype = fmt, fmt.name
+        parts = fmt.parts(head_dim)
         self.n_layer, self.n_blocks, self.block_size = n_layer, n_blocks, block_size
-        self.n_kv_head, self.head_dim, self.dtype = n_kv_head, head_dim, dtype
+        self.n_kv_head, self.head_dim, self.dtype = n_kv_head, head_dim, parts[0][1]
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        shape = (n_kv_head, n_blocks + 1, block_size, head_dim)  # + the zero block 0
-        # empty, not zeros: pages are only touched once used; every slot attention reads
-        # is written first, except padding, which reads the zeroed block 0
-        self.k = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(n_layer)]
-        self.v = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(n_layer)]
-        for t in self.k + self.v:
-            t[:, 0].zero_()
+
+        def tensors(last: int, dt: torch.dtype) -> list[torch.Tensor]:
+            shape = (n_kv_head, n_blocks + 1, block_size, last)  # + the zero block 0
+            # empty, not zeros: pages are only touched once used; every slot attention reads
+            # is written first, except padding, which reads the zeroed block 0
+            out = [torch.empty(shape, dtype=dt, device=self.device) for _ in range(n_layer)]
+            for t in out:
+                t[:, 0].zero_()
+            return out
+
+        self.k, self.v = tensors(*parts[0]), tensors(*parts[0])
+        self.k_scale, self.v_scale = ((tensors(*parts[1]), tensors(*parts[1]))
+                                      if fmt.quantized else ([], []))
         # a stack of never-cached blocks: the most recently freed (warm) is reused first
         self._free = list(range(n_blocks, 0, -1))
         self._ref = [0] * (n_blocks + 1)
@@ -103,11 +121,29 @@ class BlockPool:
         self._tokens: dict[int, tuple[int, ...]] = {}  # cached block -> the tokens it holds
 
     @classmethod
-    def for_model(cls, model, n_blocks: int, block_size: int = 16,
-                  dtype: torch.dtype | None = None, **kw) -> BlockPool:
+    def for_model(cls, model, n_blocks: int, block_size: int = 16, dtype=None,
+                  **kw) -> BlockPool:
+        """A pool for ``model``'s K/V in the form ``dtype`` names (None: the model's own
+        choice, ``model.kv_format()``)."""
         cfg = model.cfg
         return cls(cfg.n_layer, n_blocks, block_size, cfg.n_kv_head, cfg.head_dim,
-                   dtype=dtype or model.dtype, device=model.device, **kw)
+                   dtype=model.kv_format(dtype), device=model.device, **kw)
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the pool: K and V of each layer, then their scales (if any)."""
+        return self.k + self.v + self.k_scale + self.v_scale
+
+    def layer_parts(self, layer: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """K's and V's tensors of one layer: [numbers] or [integers, scales]."""
+        if self.format.quantized:
+            return ([self.k[layer], self.k_scale[layer]], [self.v[layer], self.v_scale[layer]])
+        return [self.k[layer]], [self.v[layer]]
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V of every layer for one token, scales included."""
+        return 2 * self.n_layer * self.n_kv_head * self.format.row_bytes(self.head_dim)
 
     # ------------------------------------------------------------------ allocation
     @property
@@ -131,7 +167,7 @@ class BlockPool:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in self.tensors)
 
     def blocks_for(self, n_tokens: int) -> int:
         """Blocks needed to hold ``n_tokens`` slots."""
@@ -238,7 +274,7 @@ class BlockPool:
 
     def copy_block(self, src: int, dst: int, n_slots: int) -> None:
         """Copy the first ``n_slots`` slots of block ``src`` into ``dst`` (every layer)."""
-        for t in self.k + self.v:
+        for t in self.tensors:
             t[:, dst, :n_slots] = t[:, src, :n_slots]
 
     def remember_full(self, table: Sequence[int], tokens: Sequence[int], n_cached: int,
@@ -369,12 +405,16 @@ class PagedBatch:
                              f"{b} rows at {start}")
         self._prepare(t)
         width = start + t
-        out = []
-        for pool, new in ((self.pool.k[layer], k), (self.pool.v[layer], v)):
-            flat = pool.view(h, -1, d)  # [H, (n_blocks+1) * block_size, D]
-            flat.index_copy_(1, self._write, new.transpose(0, 1).reshape(h, b * t, d))
-            gathered = flat.index_select(1, self._read)  # [H, B * width, D]
-            out.append(gathered.view(h, b, width, d).transpose(0, 1))
+        fmt, out = self.pool.format, []
+        for tensors, new in zip(self.pool.layer_parts(layer), (k, v)):
+            gathered = []
+            for pool, part in zip(tensors, fmt.encode(new)):  # numbers, or integers + scales
+                n = pool.shape[-1]
+                flat = pool.view(h, -1, n)  # [H, (n_blocks+1) * block_size, n]
+                flat.index_copy_(1, self._write, part.transpose(0, 1).reshape(h, b * t, n))
+                got = flat.index_select(1, self._read)  # [H, B * width, n]
+                gathered.append(got.view(h, b, width, n).transpose(0, 1))
+            out.append(fmt.decode(gathered, k.dtype))
         return out[0], out[1]
 
     def advance(self, n_new: int) -> None:
@@ -384,9 +424,8 @@ class PagedBatch:
 
     # one-token steps through the contiguous layout ---------------------------------------
     def step_cache_bytes(self, room: int = 0) -> int:
-        """What ``step_cache(room)`` allocates: K and V of every layer."""
-        return (2 * self.pool.n_layer * self.batch_size * self.pool.n_kv_head
-                * (self.length + 1 + room) * self.pool.head_dim * self.pool.k[0].element_size())
+        """What ``step_cache(room)`` allocates: K and V of every layer (and their scales)."""
+        return self.batch_size * (self.length + 1 + room) * self.pool.bytes_per_token
 
     def step_cache(self, room: int = 0) -> KVCache:
         """For a one-token step: every row's cached K/V gathered, left-padded as ``update``
@@ -398,16 +437,21 @@ class PagedBatch:
         same rows (each adding one token) without gathering again."""
         self._prepare(1)
         pool, b, width = self.pool, self.batch_size, self.length + 1
-        h, d = pool.n_kv_head, pool.head_dim
+        h = pool.n_kv_head
         read = self._read.view(b, width)
         if room:  # spare columns read block 0 (zeros) until steps write them
             read = torch.cat([read, read.new_zeros(b, room)], dim=1)
         index = (read.unsqueeze(1) + self._head_offsets().view(1, h, 1)).reshape(-1)
-        shape = (b, h, width + room, d)
-        return KVCache.from_tensors(
-            [t.view(-1, d).index_select(0, index).view(shape) for t in pool.k],
-            [t.view(-1, d).index_select(0, index).view(shape) for t in pool.v],
-            self.length)
+
+        def gather(tensors):
+            return [t.view(-1, t.shape[-1]).index_select(0, index)
+                    .view(b, h, width + room, t.shape[-1]) for t in tensors]
+
+        if pool.format.quantized:
+            return QuantizedKVCache.from_parts(pool.format, gather(pool.k), gather(pool.v),
+                                               gather(pool.k_scale), gather(pool.v_scale),
+                                               self.length)
+        return KVCache.from_tensors(gather(pool.k), gather(pool.v), self.length)
 
     def _head_offsets(self) -> torch.Tensor:
         """Where each head's slots start in a flattened pool tensor."""
@@ -423,9 +467,11 @@ class PagedBatch:
                              f"{cache.length} slots, expected {self.batch_size} of "
                              f"{self.length + 1}: run exactly one token through it first")
         self._prepare(1)
-        b, h, d = self.batch_size, self.pool.n_kv_head, self.pool.head_dim
+        b, h = self.batch_size, self.pool.n_kv_head
         index = (self._write.view(b, 1) + self._head_offsets().view(1, h)).reshape(-1)
         col = self.length
-        for pool, new in zip(self.pool.k + self.pool.v, cache.k + cache.v):
-            pool.view(-1, d).index_copy_(0, index, new[:, :, col].reshape(b * h, d))
+        mine = cache.k + cache.v + cache.k_scale + cache.v_scale
+        for pool, new in zip(self.pool.tensors, mine, strict=True):
+            n = pool.shape[-1]
+            pool.view(-1, n).index_copy_(0, index, new[:, :, col].reshape(b * h, n))
         self.advance(1)

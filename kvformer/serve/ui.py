@@ -34,7 +34,8 @@ def engine_status(engine, model_name: str) -> dict:
     if per_token is None:  # K and V of every layer, in the pool's dtype
         itemsize = torch.empty((), dtype=pool.dtype).element_size()
         per_token = 2 * pool.n_layer * pool.n_kv_head * pool.head_dim * itemsize
-    kv_dtype = str(getattr(pool, "dtype", "")).removeprefix("torch.") or None
+    kv_dtype = (getattr(pool, "kv_dtype", None)
+                or str(getattr(pool, "dtype", "")).removeprefix("torch.") or None)
     status = {
         "model": model_name,
         "architecture": {

@@ -12,6 +12,10 @@
 //   unpack  meta: k n          q.bin, dm.bin                 -> y.bin f32 [n,k]
 //   attend  meta: group hd len q.bin f32 [group,hd] (scaled), k.bin, v.bin f32 [len,hd]
 //                              -> y.bin f32 [group,hd] = softmax(q k^T) v
+//   attend_q meta: group hd len bits   q.bin f32 [group,hd] (scaled); k.bin, v.bin: int8
+//                              [len,hd] (bits 8) or uint8 [len,hd/2] (bits 4) rows;
+//                              ks.bin, vs.bin: bf16 scales [len,1] or [len,hd/16]
+//                              -> y.bin f32 [group,hd] = softmax(q k^T) v (kernels.h layouts)
 //   exp     meta: n            x.bin f32 [n]                 -> y.bin f32 [n]
 #include <cstdio>
 #include <cstdlib>
@@ -61,7 +65,7 @@ struct Prepared {
 
 int main(int argc, char** argv) {
   if (argc != 3 && argc != 4) {
-    std::fprintf(stderr, "usage: kernels_check int4|int8|unpack|attend|exp DIR [PATH]\n");
+    std::fprintf(stderr, "usage: kernels_check int4|int8|unpack|attend|attend_q|exp DIR [PATH]\n");
     return 2;
   }
   const std::string op = argv[1], path = argc == 4 ? argv[3] : "scalar";
@@ -126,6 +130,34 @@ int main(int argc, char** argv) {
     a.sum = sum.data();
     a.out = out.data();
     K.attend(a);
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t i = 0; i < hd; ++i) out[g * hd + i] /= sum[g];
+    save(out);
+  } else if (op == "attend_q" && v.size() == 4 && (v[3] == 8 || v[3] == 4)) {
+    const int64_t group = v[0], hd = v[1], len = v[2], bits = v[3];
+    const int64_t row = bits == 8 ? hd : hd / 2, ns = bits == 8 ? 1 : hd / 16;
+    const auto q = load<float>("q.bin", group * hd);
+    const auto k = load<uint8_t>("k.bin", len * row);
+    const auto val = load<uint8_t>("v.bin", len * row);
+    const auto ks = load<uint16_t>("ks.bin", len * ns);
+    const auto vs = load<uint16_t>("vs.bin", len * ns);
+    std::vector<float> scores(group * len), mx(group), sum(group), out(group * hd);
+    kvf::AttendArgs a;
+    a.q = q.data();
+    a.group = group;
+    a.hd = hd;
+    a.k = k.data();
+    a.v = val.data();
+    a.bits = int(bits);
+    a.k_scale = ks.data();
+    a.v_scale = vs.data();
+    a.s0 = 0;
+    a.s1 = len;
+    a.scores = scores.data();
+    a.max = mx.data();
+    a.sum = sum.data();
+    a.out = out.data();
+    K.attend_q(a);
     for (int64_t g = 0; g < group; ++g)
       for (int64_t i = 0; i < hd; ++i) out[g * hd + i] /= sum[g];
     save(out);
