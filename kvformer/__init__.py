@@ -1,8 +1,12 @@
-"""kvformer: a decoder-only transformer engine you can read, run, serve and train."""
+"""kvformer: a decoder-only transformer engine you can read, run, serve and train.
 
-from .attention import attention_weights, scaled_dot_product_attention
-from .cache import KVCache
-from .config import ModelConfig
+The names below are imported on first use (PEP 562), so that `import kvformer` — and the
+`kvformer` command, which shows its status line before anything else — does not wait for
+torch until something needs it.
+"""
+
+from importlib import import_module
+
 from .errors import (
     ChatTemplateError,
     CheckpointError,
@@ -11,14 +15,18 @@ from .errors import (
     ModelNotFoundError,
     UnsupportedArchitectureError,
 )
-from .generate import generate, generate_stream, perplexity
-from .loading import load
-from .model import Transformer
-from .norms import BatchNorm, LayerNorm, RMSNorm
-from .sampling import sample
-from .tokenizer import ByteTokenizer, Tokenizer
 
 __version__ = "0.1.0"
+
+# name -> the module that defines it
+_LAZY = {
+    "attention_weights": ".attention", "scaled_dot_product_attention": ".attention",
+    "KVCache": ".cache", "ModelConfig": ".config",
+    "generate": ".generate", "generate_stream": ".generate", "perplexity": ".generate",
+    "load": ".loading", "Transformer": ".model",
+    "BatchNorm": ".norms", "LayerNorm": ".norms", "RMSNorm": ".norms",
+    "sample": ".sampling", "ByteTokenizer": ".tokenizer", "Tokenizer": ".tokenizer",
+}
 
 __all__ = [
     "BatchNorm", "ByteTokenizer", "ChatTemplateError", "CheckpointError",
@@ -28,3 +36,15 @@ __all__ = [
     "generate", "generate_stream", "load", "perplexity", "sample",
     "scaled_dot_product_attention",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'kvformer' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

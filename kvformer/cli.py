@@ -14,17 +14,27 @@ from .arguments import SAMPLING, add_flags, at_least, physical_cores
 from .errors import ArgumentParser, KvformerError
 
 
+class _Version(argparse.Action):
+    """--version, with torch's version read only when asked (importing torch takes ~2 s)."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, help="show the versions and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import platform
+
+        import torch
+
+        from . import __version__
+
+        print(f"kvformer {__version__} (torch {torch.__version__}, "
+              f"Python {platform.python_version()})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    import platform
-
-    import torch
-
-    from . import __version__
-
     parser = ArgumentParser(prog="kvformer", description=__doc__)
-    parser.add_argument("--version", action="version",
-                        version=f"kvformer {__version__} (torch {torch.__version__}, "
-                                f"Python {platform.python_version()})")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     g = sub.add_parser("generate", help="continue a prompt (argument or stdin), streaming")
@@ -157,8 +167,9 @@ def load_model(args, name: str | None = None, dtype: str | None = None):
 
     name = name or args.model
     quiet = getattr(args, "quiet", False)
+    status = getattr(args, "status", None) or StatusLine(enabled=not quiet)
+    status.show("starting (importing torch)")
     set_threads(args)
-    status = StatusLine(enabled=not quiet)
     _build_native(status, quiet)
     status.show(f"loading {display_name(resolve(name)[1])}")
     try:
@@ -419,9 +430,14 @@ COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "model
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A verb that loads a model says so at once: importing torch alone takes a second or two.
+    args.status = StatusLine(enabled=hasattr(args, "model") and hasattr(args, "quiet")
+                             and not args.quiet)
+    args.status.show("starting (importing torch)")
     try:
         return (COMMANDS.get(args.verb) or args.func)(args)
     except KeyboardInterrupt:
+        args.status.clear()
         print(file=sys.stderr)
         return 130
     except BrokenPipeError:
@@ -430,8 +446,11 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("KVFORMER_DEBUG"):
             raise
         message = " ".join(str(exc).split())
+        args.status.clear()
         print(f"kvformer: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        args.status.clear()
 
 
 if __name__ == "__main__":

@@ -5,15 +5,19 @@ same FastAPI app in-process. The web layer (FastAPI) needs ``pip install kvforme
 the engine and the paged cache need only torch.
 """
 
-from .engine import Engine, Output, SamplingParams
-from .paged import BlockPool, OutOfBlocksError, PagedBatch
+from importlib import import_module
 
 __all__ = ["BlockPool", "Engine", "OutOfBlocksError", "Output", "PagedBatch", "SamplingParams",
            "create_app"]
+# imported on first use: `kvformer serve` registers its verb without loading torch or FastAPI
+_LAZY = {"Engine": ".engine", "Output": ".engine", "SamplingParams": ".engine",
+         "BlockPool": ".paged", "OutOfBlocksError": ".paged", "PagedBatch": ".paged",
+         "create_app": ".app"}
 
 
-def create_app(*args, **kwargs):
-    """``kvformer.serve.app.create_app`` (imported lazily: it needs FastAPI)."""
-    from .app import create_app as _create_app
-
-    return _create_app(*args, **kwargs)
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'kvformer.serve' has no attribute {name!r}")

@@ -7,19 +7,7 @@ The same run from the shell: ``kvformer train --config tiny --data corpus.txt --
 --steps 300`` (or ``python -m kvformer.train ...``, or under ``torchrun``). See docs/training.md.
 """
 
-from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from .data import BatchSampler, TokenData, open_data, prepare_data
-from .loop import (
-    TrainConfig,
-    Trainer,
-    TrainResult,
-    load_tokenizer,
-    lr_at,
-    plot_metrics,
-    read_metrics,
-    resolve_model_config,
-    train,
-)
+from importlib import import_module
 
 __all__ = [
     "BatchSampler", "TokenData", "TrainConfig", "TrainResult", "Trainer", "latest_checkpoint",
@@ -27,3 +15,20 @@ __all__ = [
     "plot_metrics", "prepare_data", "read_metrics", "resolve_model_config", "save_checkpoint",
     "train",
 ]
+
+# imported on first use: `kvformer train --help` and the other verbs do not wait for torch
+_LAZY = {name: module for module, names in {
+    ".checkpoint": ("latest_checkpoint", "list_checkpoints", "load_checkpoint",
+                    "save_checkpoint"),
+    ".data": ("BatchSampler", "TokenData", "open_data", "prepare_data"),
+    ".loop": ("TrainConfig", "Trainer", "TrainResult", "load_tokenizer", "lr_at",
+              "plot_metrics", "read_metrics", "resolve_model_config", "train"),
+}.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'kvformer.train' has no attribute {name!r}")
