@@ -5,7 +5,9 @@ The names below are imported on first use (PEP 562), so that `import kvformer` â
 torch until something needs it.
 """
 
+import sys
 from importlib import import_module
+from types import ModuleType
 
 from .errors import (
     ChatTemplateError,
@@ -48,3 +50,16 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(ModuleType):
+    """`kvformer.generate` is the function, as it always was: importing the submodule
+    kvformer/generate.py would otherwise set the package's attribute to the module."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, ModuleType) and _LAZY.get(name) == "." + name:
+            return  # the submodule stays in sys.modules; the name keeps meaning the function
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
