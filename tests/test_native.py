@@ -371,3 +371,70 @@ def test_paged_step_refuses_a_table_without_room():
         step.paged(torch.tensor([[1]]), pool, torch.tensor([[1]]), torch.tensor([4]))
     with pytest.raises(RuntimeError, match="names block 9"):
         step.paged(torch.tensor([[1]]), pool, torch.tensor([[9]]), torch.tensor([2]))
+
+
+def _step_logits(step, model, tokens):
+    """One step of 16 rows over a copy of the 40-token cache model.filled: the logits."""
+    cache = copy.deepcopy(model.filled)
+    return step(tokens[:, 40:41], cache)
+
+
+def _child_step(conn, step, model, tokens):
+    # torch's own OpenMP threads do not survive a fork (a parallel copy hangs in the child):
+    # the cache is copied on one thread; the step then runs on two, through its own pool
+    torch.set_num_threads(1)
+    cache = copy.deepcopy(model.filled)
+    torch.set_num_threads(2)
+    with torch.inference_mode():
+        conn.send(step(tokens[:, 40:41], cache).numpy().tobytes())  # bytes: no shared memory
+
+
+def test_the_step_gives_the_same_bits_on_any_number_of_threads():
+    """The step's matmuls and attention are cut into pieces that whichever of its worker
+    threads is free takes (csrc/pool.h): the logits are the same bits on 1, 2 and 3 threads,
+    when two threads run steps at once (one of them then runs alone), and in a child process
+    forked after the workers started (which has none of them)."""
+    import multiprocessing
+    import threading
+
+    from kvformer.fast import NativeDecodeStep
+
+    # big enough that every matmul is cut into several pieces at 16 rows
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=512, d_model=384, n_layer=2, n_head=6, n_kv_head=2,
+                      d_ff=1024, max_seq_len=64)
+    model = quantize_model(Transformer(cfg).eval(), "int4", act=torch.float32)
+    tokens = torch.randint(0, 512, (16, 41))
+    step = NativeDecodeStep(model)
+    threads = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            torch.set_num_threads(1)  # the prefill's torch ops too depend on the threads
+            model.filled = model.new_cache(16, 48)
+            model(tokens[:, :40], cache=model.filled)
+            one = _step_logits(step, model, tokens)
+            for n in (2, 3):
+                torch.set_num_threads(n)
+                assert torch.equal(_step_logits(step, model, tokens), one)
+            outs = [None] * 4
+
+            def run(i):
+                with torch.inference_mode():
+                    outs[i] = _step_logits(step, model, tokens)
+
+            workers = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            assert all(torch.equal(o, one) for o in outs)
+        ctx = multiprocessing.get_context("fork")
+        mine, theirs = ctx.Pipe()
+        child = ctx.Process(target=_child_step, args=(theirs, step, model, tokens))
+        child.start()
+        assert mine.poll(120), "the forked child did not finish its step"
+        assert mine.recv() == one.numpy().tobytes()
+        child.join(30)
+        assert child.exitcode == 0
+    finally:
+        torch.set_num_threads(threads)

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -30,6 +31,7 @@
 #endif
 
 #include "kernels.h"
+#include "pool.h"
 
 namespace {
 
@@ -114,6 +116,28 @@ const Kernels& kernels_for(const std::string& isa) {
   if (want == "neon") return kvf::neon_kernels();
 #endif
   return kvf::scalar_kernels();
+}
+
+// ------------------------------------------------------------------ sharing work
+// [0, n) in pieces of `piece` (rounded up to a multiple of `align`), run by kvf::Pool: each
+// piece goes to whichever thread is free, and a thread the OS takes away for a while
+// holds back at most the piece it is in (pool.h says why not at::parallel_for).
+template <typename F>
+void parallel_pieces(int64_t n, int64_t piece, int64_t align, const F& fn) {
+  piece = std::max<int64_t>(align, (piece + align - 1) / align * align);
+  const int64_t pieces = (n + piece - 1) / piece;
+  kvf::Pool::get().run(pieces, at::get_num_threads(), [&](int64_t i) {
+    fn(i * piece, std::min(n, (i + 1) * piece));
+  });
+}
+
+// The piece for n items of `work` each (bytes of weight times rows of x, or any like
+// measure): about 8 pieces per thread, to even out a stolen time slice, but not below
+// 64 KB of work (handing a piece out costs a shared atomic) nor above an equal share.
+int64_t piece_of(int64_t n, int64_t work = 1 << 16) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t fine = n / (8 * threads), least = ((1 << 16) + work - 1) / work;
+  return std::min(std::max({int64_t(1), fine, least}), (n + threads - 1) / threads);
 }
 
 // ------------------------------------------------------------------ the named plan
@@ -251,13 +275,16 @@ struct Lin {
     if (kind == kInt4) {
       const uint8_t* q = w.data_ptr<uint8_t>();
       const uint16_t* dm = reinterpret_cast<const uint16_t*>(s.data_ptr());
-      at::parallel_for(0, n / kvf::kTile, 1, [&](int64_t t0, int64_t t1) {
+      // pieces of an even number of tiles: the kernel takes two tiles per pass
+      const int64_t tiles = n / kvf::kTile;
+      const int64_t tile_work = M * kvf::kTileBytes * (k / kvf::kBlock);
+      parallel_pieces(tiles, piece_of(tiles, tile_work), 2, [&](int64_t t0, int64_t t1) {
         K.gemm_q4(a, q, dm, t0 * kvf::kTile, t1 * kvf::kTile, y, n);
       });
     } else {
       const int8_t* q = w.data_ptr<int8_t>();
       const float* sc = s.data_ptr<float>();
-      at::parallel_for(0, n, 64, [&](int64_t n0, int64_t n1) {
+      parallel_pieces(n, piece_of(n, M * k), 64, [&](int64_t n0, int64_t n1) {
         K.gemm_q8(a, q, sc, rowsum.empty() ? nullptr : rowsum.data(), n0, n1, y, n);
       });
     }
@@ -647,9 +674,10 @@ void attention(const Plan& p, const StepArgs& a, const Rows& r, int64_t max_len,
   first[a.B * nkv] = int64_t(tasks.size());
   const int64_t n_tasks = int64_t(tasks.size()), part = group * (hd + 2);
   std::vector<float> parts(n_tasks * part);
-  const int64_t grain = work * nkv * group * hd > (1 << 15) ? 1 : n_tasks;
+  // a short cache is not worth a second thread
+  const int64_t piece = work * nkv * group * hd > (1 << 15) ? piece_of(n_tasks) : n_tasks;
   const Kernels& Kn = *p.K;
-  at::parallel_for(0, n_tasks, grain, [&](int64_t t0, int64_t t1) {
+  parallel_pieces(n_tasks, piece, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores(group * kChunk), blk(a.paged() ? part : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const Task& task = tasks[t];

@@ -1,0 +1,156 @@
+// The decode step's own worker threads: work split into pieces that whichever thread is
+// running takes, one at a time, and a caller that never waits for a thread that has not
+// started.
+//
+// Why not at::parallel_for (OpenMP): a decode step enters ~200 parallel regions, and each
+// OpenMP region ends in a barrier that waits for every thread of the team. When anything
+// else wants the same cores (the server's event loop and its HTTP clients, a compiler, a
+// browser) one of those threads is often not running; the barrier then waits for the OS to
+// schedule it again, up to a time slice (milliseconds) per region. On 2 cores with two
+// other busy processes a batch-1 step measured 10x slower, not the 2x its share of the CPU
+// would explain. Here the caller takes pieces too, and waits only for pieces that a worker
+// has already taken: if no worker wakes, the caller does all the work and returns.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <unistd.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+namespace kvf {
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(_M_X64)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+class Pool {
+ public:
+  // fn(i) for every i in [0, pieces), on the caller and on up to `threads - 1` workers
+  template <typename F>
+  void run(int64_t pieces, int threads, const F& fn) {
+    if (pieces <= 1 || threads <= 1 || in_piece()) {
+      for (int64_t i = 0; i < pieces; ++i) fn(i);
+      return;
+    }
+    std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
+    if (!busy.owns_lock()) {  // another thread's step holds the workers: run alone
+      for (int64_t i = 0; i < pieces; ++i) fn(i);
+      return;
+    }
+    ensure(threads - 1);
+    // publish the job, then its generation (with release: a worker that sees the new
+    // generation sees the job); the piece counter lives in the low 32 bits of `next_`
+    call_ = [](const void* f, int64_t i) { (*static_cast<const F*>(f))(i); };
+    fn_ = &fn;
+    pieces_.store(pieces, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t gen = ++gen_;  // 32 bits: consecutive jobs differ, which is all it takes
+    // seq_cst here and on sleepers_ (both sides): a worker going to sleep either sees this
+    // job or is seen as a sleeper and woken
+    next_.store(uint64_t(gen) << 32, std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> g(mu_);
+      cv_.notify_all();
+    }
+    work(gen);
+    // the pieces a worker has taken: it is running them (or was just preempted in one)
+    for (int spin = 0; done_.load(std::memory_order_acquire) < pieces; ++spin) {
+      if (spin < 4096) {
+        cpu_relax();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+  static Pool& get() {
+    // a forked child has none of its parent's threads: it starts a pool of its own (the
+    // parent's object is left as it is)
+    static Pool* pool = nullptr;
+    static pid_t owner = 0;
+    static std::mutex mu;
+    std::lock_guard<std::mutex> g(mu);
+    if (pool == nullptr || owner != getpid()) {
+      pool = new Pool();  // never deleted: its detached threads may outlive main()
+      owner = getpid();
+    }
+    return *pool;
+  }
+
+ private:
+  static bool& in_piece() {
+    thread_local bool flag = false;
+    return flag;
+  }
+
+  // take and run pieces of job `gen` until there are none left (or a newer job started)
+  void work(uint64_t gen) {
+    uint64_t v = next_.load(std::memory_order_acquire);
+    while ((v >> 32) == gen && int64_t(v & 0xffffffffu) < pieces_.load(std::memory_order_relaxed)) {
+      if (!next_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) continue;
+      // piece i of job gen is ours: the job cannot end before we count it done, so its
+      // function and piece count stay valid
+      in_piece() = true;
+      call_(fn_, int64_t(v & 0xffffffffu));
+      in_piece() = false;
+      done_.fetch_add(1, std::memory_order_release);
+      v = next_.load(std::memory_order_acquire);
+    }
+  }
+
+  void ensure(int workers) {
+    while (int(threads_) < workers) {
+      std::thread([this] { loop(); }).detach();
+      ++threads_;
+    }
+  }
+
+  void loop() {
+    uint64_t seen = next_.load(std::memory_order_acquire) >> 32;
+    for (;;) {
+      // spin ~50 us for the next job (the step's next matmul comes within microseconds),
+      // then sleep, so that the cores are free between steps
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
+      uint64_t gen = 0;
+      for (int spin = 0;; ++spin) {
+        gen = next_.load(std::memory_order_acquire) >> 32;
+        if (gen != seen) break;
+        cpu_relax();
+        if ((spin & 63) == 63 && std::chrono::steady_clock::now() > until) {
+          std::unique_lock<std::mutex> lk(mu_);
+          sleepers_.fetch_add(1, std::memory_order_seq_cst);
+          cv_.wait(lk, [&] { return (next_.load(std::memory_order_seq_cst) >> 32) != seen; });
+          sleepers_.fetch_sub(1, std::memory_order_relaxed);
+        }
+      }
+      seen = gen;
+      work(gen);
+    }
+  }
+
+  std::mutex run_mu_, mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> next_{0};
+  std::atomic<int64_t> done_{0};
+  std::atomic<int> sleepers_{0};
+  uint32_t gen_ = 0;  // written by the caller holding run_mu_
+  std::atomic<int64_t> pieces_{0};
+  const void* fn_ = nullptr;
+  void (*call_)(const void*, int64_t) = nullptr;
+  int threads_ = 0;
+};
+
+}  // namespace kvf
