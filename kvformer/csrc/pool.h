@@ -66,13 +66,18 @@ class Pool {
       cv_.notify_all();
     }
     work(gen);
-    // the pieces a worker has taken: it is running them (or was just preempted in one)
+    // the pieces a worker has taken: it is running them, or the OS has taken its core
+    // away meanwhile; then spinning here would only keep it waiting longer, so after a
+    // short spin the caller sleeps until the last piece is counted
     for (int spin = 0; done_.load(std::memory_order_acquire) < pieces; ++spin) {
-      if (spin < 4096) {
+      if (spin < 2048) {
         cpu_relax();
-      } else {
-        std::this_thread::yield();
+        continue;
       }
+      std::unique_lock<std::mutex> lk(mu_);
+      waiting_.store(true, std::memory_order_seq_cst);
+      done_cv_.wait(lk, [&] { return done_.load(std::memory_order_seq_cst) >= pieces; });
+      waiting_.store(false, std::memory_order_relaxed);
     }
   }
 
@@ -103,10 +108,17 @@ class Pool {
       if (!next_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) continue;
       // piece i of job gen is ours: the job cannot end before we count it done, so its
       // function and piece count stay valid
+      const int64_t total = pieces_.load(std::memory_order_relaxed);
       in_piece() = true;
       call_(fn_, int64_t(v & 0xffffffffu));
       in_piece() = false;
-      done_.fetch_add(1, std::memory_order_release);
+      // seq_cst with waiting_ (as sleepers_ with next_): the caller either sees the count
+      // or is seen asleep and woken
+      if (done_.fetch_add(1, std::memory_order_seq_cst) + 1 == total &&
+          waiting_.load(std::memory_order_seq_cst)) {
+        std::lock_guard<std::mutex> g(mu_);
+        done_cv_.notify_all();
+      }
       v = next_.load(std::memory_order_acquire);
     }
   }
@@ -142,7 +154,8 @@ class Pool {
   }
 
   std::mutex run_mu_, mu_;
-  std::condition_variable cv_;
+  std::condition_variable cv_, done_cv_;
+  std::atomic<bool> waiting_{false};  // the caller sleeps until the last piece is done
   std::atomic<uint64_t> next_{0};
   std::atomic<int64_t> done_{0};
   std::atomic<int> sleepers_{0};
