@@ -5,9 +5,18 @@ The names below are imported on first use (PEP 562), so that `import kvformer` â
 torch until something needs it.
 """
 
+import os
 import sys
 from importlib import import_module
 from types import ModuleType
+
+if "torch" not in sys.modules:
+    # Read once, when torch loads OpenMP: its threads then spin ~20,000 times (tens of
+    # microseconds) at a barrier before they sleep, instead of libgomp's ~300,000, so that
+    # between torch's ops they leave the cores to the native decode step's own threads,
+    # which then run (csrc/step.cpp, "sharing work"). A value set before is kept.
+    os.environ.setdefault("GOMP_SPINCOUNT", "20000")
+    os.environ.setdefault("KMP_BLOCKTIME", "0")  # the same for LLVM's OpenMP (macOS)
 
 from .errors import (
     ChatTemplateError,

@@ -240,6 +240,16 @@ def isas() -> list[str]:
     return list(torch.ops.kvformer_native.isas())
 
 
+def threads(mode: str = "") -> str:
+    """Who runs the native step's pieces of work: ``"pool"`` (kvformer's own threads, the
+    default when kvformer was imported before torch, see kvformer/__init__.py) or
+    ``"openmp"`` (torch's). Given a mode, switches to it; returns the mode now ("" without a
+    native build)."""
+    if not available():
+        return ""
+    return torch.ops.kvformer_native.threads(mode)
+
+
 def default_isa() -> str:
     """The path kvformer uses: the best this CPU runs, or ``KVFORMER_ISA`` if it names a lower
     one. Raises a KvformerError if KVFORMER_ISA names a path this CPU cannot run."""

@@ -4,6 +4,7 @@ matmul of the dequantized weight, the plain forward of the model. And the run-ti
 path."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -54,6 +55,36 @@ def test_paths_follow_what_the_cpu_reports():
     features = set(native.cpuinfo("Features").partition(":")[2].split())
     if features:  # Linux on ARM
         assert ("neon" in have) == ("asimddp" in features)
+
+
+def test_threads_mode_follows_the_environment_and_can_be_set():
+    """kvformer imported before torch makes OpenMP's threads sleep soon and the step use its
+    own pool; KVFORMER_THREADS overrides; an unknown mode is refused."""
+    import subprocess
+    import sys
+
+    code = "import {0}; from kvformer import native; print(native.threads())"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_WAIT_POLICY", "KVFORMER_THREADS")}
+
+    def mode(first, **extra):
+        out = subprocess.run([sys.executable, "-c", code.format(first)], env={**env, **extra},
+                             capture_output=True, text=True, check=True)
+        return out.stdout.split()[-1]
+
+    assert mode("kvformer") == "pool"
+    assert mode("torch") == "openmp"  # torch first: its threads spin as libgomp's default
+    assert mode("torch", OMP_WAIT_POLICY="passive") == "pool"
+    assert mode("kvformer", KVFORMER_THREADS="openmp") == "openmp"
+    assert mode("kvformer", GOMP_SPINCOUNT="300000") == "openmp"
+    before = native.threads()
+    try:
+        with pytest.raises(RuntimeError, match="pool.*openmp"):
+            native.threads("fibres")
+        assert native.threads("openmp") == "openmp"
+        assert native.threads("pool") == "pool"
+    finally:
+        native.threads(before)
 
 
 def test_kvformer_isa_forces_a_lower_path_and_refuses_a_missing_one(monkeypatch):
@@ -389,11 +420,13 @@ def _child_step(conn, step, model, tokens):
         conn.send(step(tokens[:, 40:41], cache).numpy().tobytes())  # bytes: no shared memory
 
 
-def test_the_step_gives_the_same_bits_on_any_number_of_threads():
-    """The step's matmuls and attention are cut into pieces that whichever of its worker
-    threads is free takes (csrc/pool.h): the logits are the same bits on 1, 2 and 3 threads,
-    when two threads run steps at once (one of them then runs alone), and in a child process
-    forked after the workers started (which has none of them)."""
+@pytest.mark.parametrize("mode", ["pool", "openmp"])
+def test_the_step_gives_the_same_bits_on_any_number_of_threads(mode):
+    """The step's matmuls and attention are cut into pieces that whichever thread is free
+    takes (kvformer's own pool, csrc/pool.h, or torch's OpenMP team): the logits are the same
+    bits on 1, 2 and 3 threads, when several threads run steps at once (on the pool, all but
+    one of them then run alone), and (on the pool) in a child process forked after the
+    workers started, which has none of them."""
     import multiprocessing
     import threading
 
@@ -406,7 +439,8 @@ def test_the_step_gives_the_same_bits_on_any_number_of_threads():
     model = quantize_model(Transformer(cfg).eval(), "int4", act=torch.float32)
     tokens = torch.randint(0, 512, (16, 41))
     step = NativeDecodeStep(model)
-    threads = torch.get_num_threads()
+    threads, before = torch.get_num_threads(), native.threads()
+    native.threads(mode)
     try:
         with torch.inference_mode():
             torch.set_num_threads(1)  # the prefill's torch ops too depend on the threads
@@ -428,6 +462,8 @@ def test_the_step_gives_the_same_bits_on_any_number_of_threads():
             for w in workers:
                 w.join()
             assert all(torch.equal(o, one) for o in outs)
+        if mode == "openmp":
+            return  # libgomp's threads do not survive a fork: a child's OpenMP region hangs
         ctx = multiprocessing.get_context("fork")
         mine, theirs = ctx.Pipe()
         child = ctx.Process(target=_child_step, args=(theirs, step, model, tokens))
@@ -438,3 +474,4 @@ def test_the_step_gives_the_same_bits_on_any_number_of_threads():
         assert child.exitcode == 0
     finally:
         torch.set_num_threads(threads)
+        native.threads(before)

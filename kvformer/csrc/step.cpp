@@ -11,6 +11,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cctype>
+#include <cstdlib>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -119,16 +121,73 @@ const Kernels& kernels_for(const std::string& isa) {
 }
 
 // ------------------------------------------------------------------ sharing work
-// [0, n) in pieces of `piece` (rounded up to a multiple of `align`), run by kvf::Pool: each
-// piece goes to whichever thread is free, and a thread the OS takes away for a while
-// holds back at most the piece it is in (pool.h says why not at::parallel_for).
+// Who runs the pieces of a matmul or of attention: kvformer's own pool (pool.h) or torch's
+// OpenMP team (at::parallel_for). The pool only pays when torch's OpenMP threads sleep soon
+// after their own work: with libgomp's default (spin ~300,000 times at every barrier) they
+// keep the cores for a while after each torch op, and two teams spinning on two cores made
+// a batch-1 step 1.6x slower. kvformer sets GOMP_SPINCOUNT=20000 (and KMP_BLOCKTIME=0) when
+// it is imported before torch (kvformer/__init__.py); then the pool runs. KVFORMER_THREADS=
+// pool|openmp overrides; the op `threads` reads or sets it.
+enum class Threads { kPool, kOpenMP };
+
+Threads default_threads() {
+  auto env = [](const char* name) -> std::string {
+    const char* v = std::getenv(name);
+    std::string s = v ? v : "";
+    for (char& c : s) c = char(std::tolower(static_cast<unsigned char>(c)));
+    return s;
+  };
+  const std::string mode = env("KVFORMER_THREADS");
+  if (mode == "pool") return Threads::kPool;
+  if (mode == "openmp") return Threads::kOpenMP;
+  if (env("OMP_WAIT_POLICY") == "passive") return Threads::kPool;
+  const std::string spin = env("GOMP_SPINCOUNT");
+  if (!spin.empty() && spin.find_first_not_of("0123456789") == std::string::npos &&
+      spin.size() <= 6 && std::stol(spin) <= 100000)
+    return Threads::kPool;
+  return Threads::kOpenMP;
+}
+
+std::atomic<Threads>& threads_mode() {
+  static std::atomic<Threads> mode{default_threads()};
+  return mode;
+}
+
+// [0, n) in pieces of `piece` (rounded up to a multiple of `align`). On the pool each piece
+// goes to whichever thread is free, and a thread the OS takes away for a while holds back
+// at most the piece it is in (pool.h); on OpenMP the same pieces are handed out inside one
+// parallel region, whose closing barrier still waits for every thread of the team.
 template <typename F>
 void parallel_pieces(int64_t n, int64_t piece, int64_t align, const F& fn) {
   piece = std::max<int64_t>(align, (piece + align - 1) / align * align);
   const int64_t pieces = (n + piece - 1) / piece;
-  kvf::Pool::get().run(pieces, at::get_num_threads(), [&](int64_t i) {
-    fn(i * piece, std::min(n, (i + 1) * piece));
+  const int threads = at::get_num_threads();
+  auto one = [&](int64_t i) { fn(i * piece, std::min(n, (i + 1) * piece)); };
+  if (threads_mode().load(std::memory_order_relaxed) == Threads::kPool) {
+    kvf::Pool::get().run(pieces, threads, one);
+    return;
+  }
+  if (pieces <= 1 || threads <= 1 || at::in_parallel_region()) {
+    for (int64_t i = 0; i < pieces; ++i) one(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(threads, pieces), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < pieces; i = next.fetch_add(1)) one(i);
   });
+}
+
+// "pool" or "openmp": set the step's threads to it; "": leave them. Returns the mode now.
+std::string threads_op(std::string mode) {
+  if (mode == "pool") {
+    threads_mode() = Threads::kPool;
+  } else if (mode == "openmp") {
+    threads_mode() = Threads::kOpenMP;
+  } else {
+    TORCH_CHECK(mode.empty(), "kvformer_native: threads must be 'pool' or 'openmp', not '",
+                mode, "'");
+  }
+  return threads_mode().load() == Threads::kPool ? "pool" : "openmp";
 }
 
 // The piece for n items of `work` each (bytes of weight times rows of x, or any like
@@ -1005,6 +1064,7 @@ Tensor attend_op(Tensor q, Tensor k, Tensor v, std::vector<Tensor> scales, std::
 
 TORCH_LIBRARY(kvformer_native, m) {
   m.def("isas() -> str[]", &isas);
+  m.def("threads(str mode) -> str", &threads_op);
   m.def("linear(Tensor x, str kind, Tensor w, Tensor s, str isa) -> Tensor", &linear);
   m.def("dequant_int4(Tensor q, Tensor dm, bool bf16, str isa) -> Tensor", &dequant_int4);
   m.def("profile(bool enable) -> float[]", &profile);
