@@ -188,6 +188,21 @@ def test_attention_over_quantized_rows_is_the_formula(path, kv, hd):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hd", [32, 64, 128, 256, 48])
+def test_attention_over_float_rows_is_the_formula(path, dtype, hd):
+    """attend over fp32 / bf16 rows, at lengths below, at and past the 16 slots the avx512
+    path scores at once (and its tails)."""
+    torch.manual_seed(hd)
+    q = torch.randn(3, hd) / hd ** 0.5
+    for n in (5, 16, 70):
+        k, v = torch.randn(n, hd).to(dtype), torch.randn(n, hd).to(dtype)
+        ref = torch.softmax(q.double() @ k.double().t(), -1) @ v.double()
+        out = torch.ops.kvformer_native.attend(q, k, v, [], use(path))
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- the whole step
 def model_for(head_dim, n_head, n_kv, dtype, mode=None, max_len=640):
     torch.manual_seed(0)
