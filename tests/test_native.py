@@ -137,6 +137,23 @@ def test_int8_kernel_matches_the_dequantized_matmul(path, n, k):
         assert ((out - ref).norm() / ref.norm()).item() < 1e-3
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("n, k", [(5, 1), (33, 70), (100, 576), (96, 1536)])
+def test_int8_kernel_gives_a_batch_the_bits_of_one_row(path, n, k):
+    """A batch of x rows (the LM head of a batched step) takes its own blocked code; the
+    integer sums are exact and the final expression the same, so each row's result has the
+    bits it has alone. (n and k with tails of the 16-row tiles and 4-byte lanes.)"""
+    torch.manual_seed(2)
+    layer = Int8Linear.from_float(torch.randn(n, k) * torch.rand(n, 1))
+    for rows in (2, 3, 4, 5, 16, 17):
+        x = torch.randn(rows, k) * 30  # large activations: the widest integer sums
+        out = torch.ops.kvformer_native.linear(x, "int8", layer.qweight, layer.scale, use(path))
+        for i in range(rows):
+            one = torch.ops.kvformer_native.linear(x[i:i + 1], "int8", layer.qweight,
+                                                   layer.scale, path)
+            assert torch.equal(out[i:i + 1], one), (rows, i)
+
+
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_every_path_computes_the_same_numbers(kind):
     """The paths quantize x the same way and differ only in the order of float additions."""
@@ -200,6 +217,21 @@ def test_attention_over_quantized_rows_is_the_formula(path, kv, hd):
            @ fmt.decode((vq, vs), torch.float64))
     out = torch.ops.kvformer_native.attend(q, kq, vq, [ks, vs], use(path))
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hd", [32, 64, 128, 256, 48])
+def test_attention_over_float_rows_is_the_formula(path, dtype, hd):
+    """attend over fp32 / bf16 rows, at lengths below, at and past the 16 slots the avx512
+    path scores at once (and its tails)."""
+    torch.manual_seed(hd)
+    q = torch.randn(3, hd) / hd ** 0.5
+    for n in (5, 16, 70):
+        k, v = torch.randn(n, hd).to(dtype), torch.randn(n, hd).to(dtype)
+        ref = torch.softmax(q.double() @ k.double().t(), -1) @ v.double()
+        out = torch.ops.kvformer_native.attend(q, k, v, [], use(path))
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- the whole step

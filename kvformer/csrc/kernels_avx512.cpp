@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -159,23 +160,6 @@ void gemm_q4(const Acts& a, const uint8_t* q, const uint16_t* dm, int64_t n0, in
   for (; t < t1; ++t) q4_rows<1>(a, q, dm, t, y, ldy);
 }
 
-// The 16-lane sums of 8 vectors at once (instead of 8 horizontal sums of ~8 steps each).
-inline void sum8_epi32(const __m512i* v, int32_t* out) {
-  __m512i t[4], u[2];
-  for (int i = 0; i < 4; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
-    t[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]),
-                            _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 2; ++i)  // per 128-bit lane: that lane's sum of 4 vectors
-    u[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * i], t[2 * i + 1]),
-                            _mm512_unpackhi_epi64(t[2 * i], t[2 * i + 1]));
-  // add the four 128-bit lanes: vectors 0-3 end in lane 0, vectors 4-7 in lane 2
-  __m512i x = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], 0x88),
-                               _mm512_shuffle_i32x4(u[0], u[1], 0xdd));
-  x = _mm512_add_epi32(x, _mm512_shuffle_i32x4(x, x, 0xb1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_castsi512_si128(x));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 4), _mm512_extracti32x4_epi32(x, 2));
-}
-
 // One row of x: each weight row streamed once, with its two sums reduced at its end (at the
 // memory's speed; interleaving rows was measured slower here).
 void q8_one_row(const uint8_t* x1, const uint8_t* x2, float sx, int64_t k, const int8_t* q,
@@ -206,69 +190,171 @@ void q8_one_row(const uint8_t* x1, const uint8_t* x2, float sx, int64_t k, const
   }
 }
 
+// 16 rows of 64 bytes -> 16 vectors, o[j] holding 32-bit lane j of every row (lane i = row
+// i): a 16 x 16 transpose of 32-bit lanes in four rounds of 16 shuffles.
+inline void transpose16(const __m512i* r, __m512i* o) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane L: rows 2i, 2i+1 at lanes 4L..4L+3
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {  // u[4g + p], 128-bit lane L: rows 4g..4g+3 at lane 4L + p
+    u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+  for (int p = 0; p < 4; ++p) {  // then the 4 x 4 transpose of 128-bit lanes
+    const __m512i v0 = _mm512_shuffle_i32x4(u[p], u[4 + p], 0x44);
+    const __m512i v1 = _mm512_shuffle_i32x4(u[p], u[4 + p], 0xee);
+    const __m512i v2 = _mm512_shuffle_i32x4(u[8 + p], u[12 + p], 0x44);
+    const __m512i v3 = _mm512_shuffle_i32x4(u[8 + p], u[12 + p], 0xee);
+    o[p] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+    o[4 + p] = _mm512_shuffle_i32x4(v0, v2, 0xdd);
+    o[8 + p] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+    o[12 + p] = _mm512_shuffle_i32x4(v1, v3, 0xdd);
+  }
+}
+
+// The rows [n, n + 16 NT) of q (those below n1; the others zero) in the int4 kernels' lane
+// shape: lanes[(j * NT + u) * 16 + i] = columns 4j..4j+3 of row n + 16u + i (zero past k).
+template <int NT>
+void q8_lanes(const int8_t* q, int64_t k, int64_t n, int64_t n1, int32_t* lanes) {
+  const int64_t kq = (k + 3) / 4;
+  for (int u = 0; u < NT; ++u)
+    for (int64_t j = 0; j < k; j += 64) {
+      const __mmask64 m = j + 64 <= k ? ~0ULL : ~0ULL >> (64 - (k - j));
+      __m512i r[16], o[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t row = n + 16 * u + i;
+        r[i] = row < n1 ? _mm512_maskz_loadu_epi8(m, q + row * k + j) : _mm512_setzero_si512();
+      }
+      transpose16(r, o);
+      const int64_t nj = std::min<int64_t>(16, kq - j / 4);
+      for (int c = 0; c < nj; ++c)
+        _mm512_storeu_si512(lanes + ((j / 4 + c) * NT + u) * 16, o[c]);
+    }
+}
+
+// MR rows of x (+128, row stride ka) times the NT tiles of `lanes`: one broadcast of 4 bytes
+// of x serves NT tiles, one load of a tile MR rows, and each lane ends with its row's sum.
+// rsk: 16512 * rowsum per lane as int64 (8 + 8 per tile); the result is the one-row
+// kernel's expression float(s1 * 128 + s2) * sx * scale, in int64 and then in the same order.
+// pf (or null): the next tiles' rows, 64 NT bytes of them fetched into L2 per step of j, so
+// that reading them from memory overlaps this work (without it, a head too large for the
+// cache ran at the memory's latency: 2x slower at 4 rows of x).
+template <int MR, int NT>
+void q8_tiles(const uint8_t* u1, const uint8_t* u2, int64_t ka, const float* sx,
+              const int32_t* lanes, int64_t kq, const __m512i* rsk, const __m512* sw,
+              const __mmask16* keep, const int8_t* pf, int64_t pf_bytes, float* y, int64_t ldy) {
+  const int8_t* x1 = reinterpret_cast<const int8_t*>(u1);  // (load4's type: the same bytes)
+  const int8_t* x2 = reinterpret_cast<const int8_t*>(u2);
+  __m512i s1[MR][NT], s2[MR][NT];
+  for (int r = 0; r < MR; ++r)
+    for (int u = 0; u < NT; ++u) s1[r][u] = s2[r][u] = _mm512_setzero_si512();
+  for (int64_t j = 0; j < kq; ++j) {
+    __m512i w[NT];
+    for (int u = 0; u < NT; ++u) w[u] = _mm512_loadu_si512(lanes + (j * NT + u) * 16);
+    if (pf)
+      for (int64_t b = j * 64 * NT; b < (j + 1) * 64 * NT && b < pf_bytes; b += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(pf + b), _MM_HINT_T1);
+    for (int r = 0; r < MR; ++r) {
+      const __m512i b1 = _mm512_set1_epi32(load4(x1 + r * ka + 4 * j));
+      const __m512i b2 = _mm512_set1_epi32(load4(x2 + r * ka + 4 * j));
+      for (int u = 0; u < NT; ++u) {
+        s1[r][u] = _mm512_dpbusd_epi32(s1[r][u], b1, w[u]);
+        s2[r][u] = _mm512_dpbusd_epi32(s2[r][u], b2, w[u]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int u = 0; u < NT; ++u) {
+      __m256 f[2];
+      for (int h = 0; h < 2; ++h) {
+        const __m512i c1 = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(s1[r][u], h));
+        const __m512i c2 = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(s2[r][u], h));
+        const __m512i v = _mm512_sub_epi64(_mm512_add_epi64(_mm512_slli_epi64(c1, 7), c2),
+                                           rsk[2 * u + h]);
+        f[h] = _mm512_cvtepi64_ps(v);
+      }
+      const __m512 fv = _mm512_insertf32x8(_mm512_castps256_ps512(f[0]), f[1], 1);
+      _mm512_mask_storeu_ps(y + r * ldy + 16 * u, keep[u],
+                            _mm512_mul_ps(_mm512_mul_ps(fv, _mm512_set1_ps(sx[r])), sw[u]));
+    }
+}
+
+// A batch of x rows, NT tiles of 16 weight rows at a time: see q8_lanes and q8_tiles.
+template <int NT>
+void q8_batch(const Acts& a, const uint8_t* u1, const uint8_t* u2, int64_t ka, const int8_t* q,
+              const float* scale, const int32_t* rowsum, int64_t n0, int64_t n1, float* y,
+              int64_t ldy) {
+  const int64_t k = a.k, kq = ka / 4;
+  thread_local std::vector<int32_t> lbuf;
+  lbuf.resize(kq * NT * 16);
+  int32_t* lanes = lbuf.data();
+  const __m512i ones = _mm512_set1_epi8(1), k16512 = _mm512_set1_epi64(16512);
+  for (int64_t n = n0; n < n1; n += 16 * NT) {
+    q8_lanes<NT>(q, k, n, n1, lanes);
+    __m512i rsk[2 * NT];
+    __m512 sw[NT];
+    __mmask16 keep[NT];
+    for (int u = 0; u < NT; ++u) {
+      const int64_t left = std::clamp<int64_t>(n1 - n - 16 * u, 0, 16);
+      keep[u] = __mmask16((1u << left) - 1);
+      sw[u] = _mm512_maskz_loadu_ps(keep[u], scale + n + 16 * u);
+      __m512i rs;
+      if (rowsum) {
+        rs = _mm512_maskz_loadu_epi32(keep[u], rowsum + n + 16 * u);
+      } else {  // the rows' sums, from the lanes: a vpdpbusd with ones
+        rs = _mm512_setzero_si512();
+        for (int64_t j = 0; j < kq; ++j)
+          rs = _mm512_dpbusd_epi32(rs, ones, _mm512_loadu_si512(lanes + (j * NT + u) * 16));
+      }
+      for (int h = 0; h < 2; ++h)
+        rsk[2 * u + h] =
+            _mm512_mullo_epi64(_mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(rs, h)), k16512);
+    }
+    const int64_t next = std::min(n + 16 * NT, n1);
+    const int64_t pf_bytes = (std::min(next + 16 * NT, n1) - next) * k;
+    for (int64_t i = 0; i < a.m; i += 4) {
+      const int8_t* pf = i == 0 && pf_bytes > 0 ? q + next * k : nullptr;
+      const uint8_t *x1 = u1 + i * ka, *x2 = u2 + i * ka;
+      const float* sx = a.scale + i;
+      float* yi = y + i * ldy + n;
+      auto tiles = [&](auto mr) {
+        q8_tiles<decltype(mr)::value, NT>(x1, x2, ka, sx, lanes, kq, rsk, sw, keep, pf,
+                                          pf_bytes, yi, ldy);
+      };
+      switch (std::min<int64_t>(4, a.m - i)) {
+        case 1: tiles(std::integral_constant<int, 1>()); break;
+        case 2: tiles(std::integral_constant<int, 2>()); break;
+        case 3: tiles(std::integral_constant<int, 3>()); break;
+        default: tiles(std::integral_constant<int, 4>()); break;
+      }
+    }
+  }
+}
+
 // int8 rows. vpdpbusd wants its unsigned operand first, so x's two levels are shifted by
 // +128 and 128 * sum_k q[n, k] is taken off each sum afterwards; without a precomputed
-// rowsum that sum comes from a vpdpbusd of the row with ones, in the same pass. Several
-// rows of x (a batch) take four weight rows at a time, whose 8 sums are reduced together.
+// rowsum that sum comes from a vpdpbusd of the row with ones, in the same pass. A batch of
+// x rows goes through q8_batch (its integer sums are the one-row kernel's, so each row's
+// result has the same bits).
 void gemm_q8(const Acts& a, const int8_t* q, const float* scale, const int32_t* rowsum,
              int64_t n0, int64_t n1, float* y, int64_t ldy) {
   const int64_t k = a.k;
+  const int64_t ka = a.m == 1 ? k : (k + 3) / 4 * 4;  // q8_batch reads x 4 bytes at a time
   thread_local std::vector<uint8_t> ubuf;
-  ubuf.resize(2 * a.m * k);
+  ubuf.assign(2 * a.m * ka, 0);
   uint8_t* u1 = ubuf.data();
-  uint8_t* u2 = u1 + a.m * k;
-  for (int64_t j = 0; j < a.m * k; ++j) {
-    u1[j] = uint8_t(a.q1[j] + 128);
-    u2[j] = uint8_t(a.q2[j] + 128);
-  }
+  uint8_t* u2 = u1 + a.m * ka;
+  for (int64_t i = 0; i < a.m; ++i)
+    for (int64_t j = 0; j < k; ++j) {
+      u1[i * ka + j] = uint8_t(a.q1[i * k + j] + 128);
+      u2[i * ka + j] = uint8_t(a.q2[i * k + j] + 128);
+    }
   if (a.m == 1) return q8_one_row(u1, u2, a.scale[0], k, q, scale, rowsum, n0, n1, y);
-  const int64_t tail = k % 64;
-  const __mmask64 full = ~0ULL, tmask = tail ? (~0ULL >> (64 - tail)) : 0;
-  const __m512i ones = _mm512_set1_epi8(1);
-  for (int64_t n = n0; n < n1; n += 4) {
-    const int rows = int(std::min<int64_t>(4, n1 - n));
-    int32_t rs[4] = {0, 0, 0, 0};
-    if (rowsum) {
-      for (int r = 0; r < rows; ++r) rs[r] = rowsum[n + r];
-    } else {  // the rows' sums, once: a vpdpbusd with ones
-      __m512i c[8];
-      for (int r = 0; r < 8; ++r) c[r] = _mm512_setzero_si512();
-      for (int64_t j = 0; j < k; j += 64) {
-        const __mmask64 m = j + 64 <= k ? full : tmask;
-        for (int r = 0; r < rows; ++r)
-          c[r] = _mm512_dpbusd_epi32(c[r], ones, _mm512_maskz_loadu_epi8(m, q + (n + r) * k + j));
-      }
-      int32_t sums[8];
-      sum8_epi32(c, sums);
-      for (int r = 0; r < rows; ++r) rs[r] = sums[r];
-    }
-    for (int64_t i = 0; i < a.m; ++i) {
-      const uint8_t* x1 = u1 + i * k;
-      const uint8_t* x2 = u2 + i * k;
-      __m512i c[8];  // c[r]: row r, first level; c[4 + r]: second level
-      for (int r = 0; r < 8; ++r) c[r] = _mm512_setzero_si512();
-      for (int64_t j = 0; j < k; j += 64) {
-        // lanes past k: zero weights (and zero x), so they add nothing
-        const __mmask64 m = j + 64 <= k ? full : tmask;
-        const __m512i v1 = _mm512_maskz_loadu_epi8(m, x1 + j);
-        const __m512i v2 = _mm512_maskz_loadu_epi8(m, x2 + j);
-#pragma GCC unroll 4
-        for (int r = 0; r < 4; ++r) {
-          if (r >= rows) break;
-          const __m512i wv = _mm512_maskz_loadu_epi8(m, q + (n + r) * k + j);
-          c[r] = _mm512_dpbusd_epi32(c[r], v1, wv);
-          c[4 + r] = _mm512_dpbusd_epi32(c[4 + r], v2, wv);
-        }
-      }
-      int32_t sums[8];
-      sum8_epi32(c, sums);
-      for (int r = 0; r < rows; ++r) {
-        const int64_t s1 = int64_t(sums[r]) - 128 * int64_t(rs[r]);
-        const int64_t s2 = int64_t(sums[4 + r]) - 128 * int64_t(rs[r]);
-        y[i * ldy + n + r] = float(s1 * 128 + s2) * a.scale[i] * scale[n + r];
-      }
-    }
-  }
+  q8_batch<2>(a, u1, u2, ka, q, scale, rowsum, n0, n1, y, ldy);
 }
 
 void dequant_q4(const uint8_t* q, const uint16_t* dm, int64_t k, int64_t n0, int64_t n1,
@@ -334,6 +420,26 @@ void vexp(float* v, int64_t n) {
   for (; i < n; ++i) v[i] = std::exp(v[i]);
 }
 
+// The 16 lane sums of 16 vectors, as one vector (lane t: the sum of v[t]): three rounds of
+// pairwise shuffles and adds, ~3 instructions a sum where a horizontal sum each takes ~8.
+inline __m512 sum16_ps(const __m512* v) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: that lane's part of v[4i..4i+3]
+    const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // add the four 128-bit lanes of each u[i], into 128-bit lane i
+  const __m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88),
+                                 _mm512_shuffle_f32x4(u[0], u[1], 0xdd));
+  const __m512 y = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88),
+                                 _mm512_shuffle_f32x4(u[2], u[3], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xdd));
+}
+
 // NV vectors of 16 per head row (head_dim = 16 NV)
 template <typename T, int NV>
 void attend_t(const AttendArgs& a) {
@@ -345,7 +451,23 @@ void attend_t(const AttendArgs& a) {
     for (int i = 0; i < NV; ++i) qv[i] = _mm512_loadu_ps(a.q + g * hd + i * 16);
     float* sc = a.scores + g * len;
     float mx = -INFINITY;
-    for (int64_t s = a.s0; s < a.s1; ++s) {
+    int64_t s = a.s0;
+    if (!a.allowed && NV <= 8) {  // 16 slots at a time, their 16 sums in one vector
+      __m512 vmax = _mm512_set1_ps(-INFINITY);
+      for (; s + 16 <= a.s1; s += 16) {
+        __m512 acc[16];
+        for (int t = 0; t < 16; ++t) {
+          const T* kr = K + (s + t) * hd;
+          acc[t] = _mm512_mul_ps(qv[0], load16(kr));
+          for (int i = 1; i < NV; ++i) acc[t] = _mm512_fmadd_ps(qv[i], load16(kr + i * 16), acc[t]);
+        }
+        const __m512 dots = sum16_ps(acc);
+        _mm512_storeu_ps(sc + s - a.s0, dots);
+        vmax = _mm512_max_ps(vmax, dots);
+      }
+      mx = _mm512_reduce_max_ps(vmax);
+    }
+    for (; s < a.s1; ++s) {
       if (a.allowed && s != a.own && !a.allowed[s * a.allowed_stride]) {
         sc[s - a.s0] = -INFINITY;
         continue;

@@ -365,26 +365,37 @@ struct Norm {
     if (p.has(name + ".bias")) b = floats(p.tensor(name + ".bias"));
   }
 
-  void apply(const float* x, int64_t M, int64_t n, float* out) const {
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xm = x + m * n;
-      float* om = out + m * n;
-      if (rms) {
-        double sq = 0.0;
-        for (int64_t i = 0; i < n; ++i) sq += double(xm[i]) * xm[i];
-        const float inv = 1.0f / std::sqrt(float(sq / n) + eps);
-        for (int64_t i = 0; i < n; ++i) om[i] = xm[i] * inv * w[i];
-      } else {
-        double mean = 0.0, var = 0.0;
-        for (int64_t i = 0; i < n; ++i) mean += xm[i];
-        mean /= n;
-        for (int64_t i = 0; i < n; ++i) var += (xm[i] - mean) * (xm[i] - mean);
-        const float inv = 1.0f / std::sqrt(float(var / n) + eps), mu = float(mean);
-        for (int64_t i = 0; i < n; ++i) om[i] = (xm[i] - mu) * inv * w[i] + (b.empty() ? 0.f : b[i]);
-      }
+  // one row xm [n] -> om [n]
+  void apply(const float* xm, int64_t n, float* om) const {
+    if (rms) {
+      double sq = 0.0;
+      for (int64_t i = 0; i < n; ++i) sq += double(xm[i]) * xm[i];
+      const float inv = 1.0f / std::sqrt(float(sq / n) + eps);
+      for (int64_t i = 0; i < n; ++i) om[i] = xm[i] * inv * w[i];
+    } else {
+      double mean = 0.0, var = 0.0;
+      for (int64_t i = 0; i < n; ++i) mean += xm[i];
+      mean /= n;
+      for (int64_t i = 0; i < n; ++i) var += (xm[i] - mean) * (xm[i] - mean);
+      const float inv = 1.0f / std::sqrt(float(var / n) + eps), mu = float(mean);
+      for (int64_t i = 0; i < n; ++i) om[i] = (xm[i] - mu) * inv * w[i] + (b.empty() ? 0.f : b[i]);
     }
   }
 };
+
+// f(b) for each row b of a batch, the rows shared between threads (pieces of 2) from 5
+// rows up (a norm's serial sum of squares is ~1 us a row: below that, handing out the
+// pieces costs more than it saves). Each row's arithmetic is the same either way.
+template <typename F>
+void each_row(int64_t B, const F& f) {
+  if (B <= 4) {
+    for (int64_t b = 0; b < B; ++b) f(b);
+    return;
+  }
+  parallel_pieces(B, 2, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) f(b);
+  });
+}
 
 struct Layer {
   Norm attn_norm, mlp_norm;
@@ -684,8 +695,8 @@ void attention(const Plan& p, const StepArgs& a, const Rows& r, int64_t max_len,
                int64_t sv, float* out, std::vector<float>& qf) {
   const int64_t hd = p.hd, nq = p.nq, nkv = p.nkv, group = nq / nkv;
   qf.resize(a.B * nq * hd);
-  std::vector<float> rot(hd);
-  for (int64_t b = 0; b < a.B; ++b) {
+  each_row(a.B, [&](int64_t b) {  // rotary positions; the new K/V rows into the cache
+    std::vector<float> rot(p.rope ? hd : 0);
     const float *c = nullptr, *s = nullptr;
     if (p.rope) {
       const int64_t ps = a.position(b);
@@ -711,7 +722,7 @@ void attention(const Plan& p, const StepArgs& a, const Rows& r, int64_t max_len,
       store_row(r, false, row, kx, hd);
       store_row(r, true, row, vs + b * sv + j * hd, hd);
     }
-  }
+  });
   // tasks: (row and KV head, a range of at most kChunk slots), each a partial softmax; then
   // the parts of each (row, KV head) are combined. A contiguous row attends over each range
   // in one call; a paged one block by block (a block's slots are contiguous), folded.
@@ -907,10 +918,19 @@ Tensor run_step(const Plan& p, const Tensor& tokens, const std::vector<Tensor>& 
     }
   }
 
+  // x += o, then norm(x) -> h, row by row (o: the last layer's output, or nothing yet)
+  auto residual_norm = [&](const Norm& norm, bool add) {
+    each_row(B, [&](int64_t b) {
+      float* xb = x.data() + b * d;
+      if (add)
+        for (int64_t i = 0; i < d; ++i) xb[i] += o[b * d + i];
+      norm.apply(xb, d, h.data() + b * d);
+    });
+  };
   Clock clock;
   for (const Layer& L : p.layers) {
     const int64_t l = &L - p.layers.data();
-    L.attn_norm.apply(x.data(), B, d, h.data());
+    residual_norm(L.attn_norm, l > 0);  // the previous layer's MLP output is added here
     clock.lap(kOther);
     const float *qs, *ks, *vs;
     int64_t sq, sk, sv;
@@ -939,8 +959,7 @@ Tensor run_step(const Plan& p, const Tensor& tokens, const std::vector<Tensor>& 
     clock.lap(kAttention);
     L.wo.run(K, att.data(), B, o.data(), wk, p.act);
     clock.lap(kMatmul);
-    for (int64_t i = 0; i < B * d; ++i) x[i] += o[i];
-    L.mlp_norm.apply(x.data(), B, d, h.data());
+    residual_norm(L.mlp_norm, true);
     clock.lap(kOther);
     if (p.swiglu) {
       const float *g, *u;
@@ -958,27 +977,28 @@ Tensor run_step(const Plan& p, const Tensor& tokens, const std::vector<Tensor>& 
         gs = f;
       }
       clock.lap(kMatmul);
-      for (int64_t b = 0; b < B; ++b) {  // silu(g) * u = g / (1 + exp(-g)) * u
+      each_row(B, [&](int64_t b) {  // silu(g) * u = g / (1 + exp(-g)) * u
         float* ab = act.data() + b * f;
         for (int64_t i = 0; i < f; ++i) ab[i] = -g[b * gs + i];
         K.exp(ab, f);
         for (int64_t i = 0; i < f; ++i) ab[i] = g[b * gs + i] / (1.0f + ab[i]) * u[b * gs + i];
-      }
+      });
     } else {
       L.up.run(K, h.data(), B, gu.data(), wk, p.act);
       clock.lap(kMatmul);
       const float k0 = 0.7978845608028654f;  // sqrt(2 / pi): GELU, tanh approximation
-      for (int64_t i = 0; i < B * f; ++i) {
-        const float v = gu[i];
-        act[i] = 0.5f * v * (1.0f + std::tanh(k0 * (v + 0.044715f * v * v * v)));
-      }
+      each_row(B, [&](int64_t b) {
+        for (int64_t i = b * f; i < (b + 1) * f; ++i) {
+          const float v = gu[i];
+          act[i] = 0.5f * v * (1.0f + std::tanh(k0 * (v + 0.044715f * v * v * v)));
+        }
+      });
     }
     clock.lap(kOther);
     L.down.run(K, act.data(), B, o.data(), wk, p.act);
     clock.lap(kMatmul);
-    for (int64_t i = 0; i < B * d; ++i) x[i] += o[i];
   }
-  p.final_norm.apply(x.data(), B, d, h.data());
+  residual_norm(p.final_norm, !p.layers.empty());
   clock.lap(kOther);
   p.head.run(K, h.data(), B, logits.data(), wk, p.act);
   clock.lap(kHead);
