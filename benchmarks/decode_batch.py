@@ -17,7 +17,10 @@ import argparse
 import statistics
 import time
 
+# isort: off
+import kvformer  # noqa: F401  (before torch, as the CLI does: see kvformer/__init__.py)
 import torch
+# isort: on
 
 from kvformer.loading import load
 from kvformer.serve.paged import BlockPool

@@ -21,7 +21,10 @@ import subprocess
 import sys
 import time
 
+# isort: off
+import kvformer  # noqa: F401  (before torch, as the CLI does: see kvformer/__init__.py)
 import torch
+# isort: on
 
 BUSY = "while True: pass"
 
@@ -57,7 +60,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     path = default_model_path()
-    model, tok = load(str(path), progress=False)
+    model, tok = load(str(path), dtype="auto", progress=False)
     ids = tok.encode(tok.apply_chat_template(
         [{"role": "user", "content": "Write a short story about a lighthouse."}]),
         add_special_tokens=False)
