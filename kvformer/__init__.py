@@ -10,14 +10,6 @@ import sys
 from importlib import import_module
 from types import ModuleType
 
-if "torch" not in sys.modules:
-    # Read once, when torch loads OpenMP: its threads then spin ~20,000 times (tens of
-    # microseconds) at a barrier before they sleep, instead of libgomp's ~300,000, so that
-    # between torch's ops they leave the cores to the native decode step's own threads,
-    # which then run (csrc/step.cpp, "sharing work"). A value set before is kept.
-    os.environ.setdefault("GOMP_SPINCOUNT", "20000")
-    os.environ.setdefault("KMP_BLOCKTIME", "0")  # the same for LLVM's OpenMP (macOS)
-
 from .errors import (
     ChatTemplateError,
     CheckpointError,
@@ -26,6 +18,17 @@ from .errors import (
     ModelNotFoundError,
     UnsupportedArchitectureError,
 )
+
+# What the OpenMP settings below were before kvformer touched them (None: unset), so that
+# `kvformer bench` can run its reference engines as they run without kvformer.
+_OMP_ENV_BEFORE = {name: os.environ.get(name) for name in ("GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+if "torch" not in sys.modules and os.environ.get("KVFORMER_THREADS", "").lower() != "openmp":
+    # Read once, when torch loads OpenMP: its threads then spin ~20,000 times (tens of
+    # microseconds) at a barrier before they sleep, instead of libgomp's ~300,000, so that
+    # between torch's ops they leave the cores to the native decode step's own threads,
+    # which then run (csrc/step.cpp, "sharing work"). A value set before is kept.
+    os.environ.setdefault("GOMP_SPINCOUNT", "20000")
+    os.environ.setdefault("KMP_BLOCKTIME", "0")  # the same for LLVM's OpenMP (macOS)
 
 __version__ = "0.1.0"
 

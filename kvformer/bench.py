@@ -320,6 +320,17 @@ def run_worker(spec: dict, env: dict | None = None, timeout: float = 3600) -> di
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(spec["threads"]),
            **(env or {})}
+    if spec.get("engine") != "kvformer":
+        # llama.cpp (built with OpenMP) and transformers run with OpenMP as the user has it,
+        # not with the short spin kvformer sets for itself (kvformer/__init__.py)
+        import kvformer
+
+        env["KVFORMER_THREADS"] = "openmp"
+        for name, value in kvformer._OMP_ENV_BEFORE.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([sys.executable, "-m", "kvformer.bench_workers"],
                                 stdin=subprocess.PIPE, stdout=out, stderr=err, text=True,

@@ -60,3 +60,36 @@ def test_kv_comparison_measures_each_kv_dtype_against_bf16():
     assert kvbench.forced_argmax(model, prompt, ref, "bf16") == ref  # fed back: itself
     table = "\n".join(kvbench.table(result))
     assert "| `int8` | 136 | 1.88× |" in table
+
+
+def test_reference_engines_run_with_openmp_as_the_user_has_it(monkeypatch):
+    """kvformer shortens OpenMP's spin for itself (kvformer/__init__.py); the bench's
+    llama.cpp and transformers workers get the settings as they were before kvformer set
+    them, and kvformer's workers keep kvformer's."""
+    import subprocess
+
+    import kvformer
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_popen(cmd, env, **kw):
+        seen[env.get("KVFORMER_THREADS", "")] = env
+        raise Stop
+
+    monkeypatch.setattr(subprocess, "Popen", fake_popen)
+    monkeypatch.setitem(kvformer._OMP_ENV_BEFORE, "GOMP_SPINCOUNT", None)
+    monkeypatch.setitem(kvformer._OMP_ENV_BEFORE, "KMP_BLOCKTIME", "7")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "20000")
+    monkeypatch.setenv("KMP_BLOCKTIME", "0")
+    monkeypatch.delenv("KVFORMER_THREADS", raising=False)
+    for engine in ("llama.cpp", "kvformer"):
+        try:
+            run_worker({"engine": engine, "threads": 2})
+        except Stop:
+            pass
+    ref, ours = seen["openmp"], seen[""]
+    assert "GOMP_SPINCOUNT" not in ref and ref["KMP_BLOCKTIME"] == "7"
+    assert ours["GOMP_SPINCOUNT"] == "20000" and ours["KMP_BLOCKTIME"] == "0"
