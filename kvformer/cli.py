@@ -356,7 +356,10 @@ def _kernels_line() -> str:
     act = {"torch.bfloat16": "bf16", "torch.float32": "fp32"}.get(str(act_dtype()))
     if not native.available(build_if_missing=False):
         return f"torch ops (native kernels not built: run `kvformer build`); activations {act}"
-    return f"{native.kernel_path()}; activations {act}"
+    import torch
+
+    return (f"{native.kernel_path()}; activations {act}; {torch.get_num_threads()} threads "
+            f"({native.threads()})")
 
 
 def cmd_build(args) -> int:
