@@ -51,6 +51,7 @@ class Pool {
       return;
     }
     ensure(threads - 1);
+    active_.store(threads - 1, std::memory_order_relaxed);  // workers past it sit this out
     // publish the job, then its generation (with release: a worker that sees the new
     // generation sees the job); the piece counter lives in the low 32 bits of `next_`
     call_ = [](const void* f, int64_t i) { (*static_cast<const F*>(f))(i); };
@@ -125,12 +126,13 @@ class Pool {
 
   void ensure(int workers) {
     while (int(threads_) < workers) {
-      std::thread([this] { loop(); }).detach();
-      ++threads_;
+      const int index = threads_++;
+      std::thread([this, index] { loop(index); }).detach();
     }
   }
 
-  void loop() {
+  // worker `index` (0-based): it takes part in jobs that ask for more than `index` workers
+  void loop(int index) {
     uint64_t seen = next_.load(std::memory_order_acquire) >> 32;
     for (;;) {
       // spin ~50 us for the next job (the step's next matmul comes within microseconds),
@@ -149,7 +151,7 @@ class Pool {
         }
       }
       seen = gen;
-      work(gen);
+      if (index < active_.load(std::memory_order_relaxed)) work(gen);
     }
   }
 
@@ -164,6 +166,7 @@ class Pool {
   const void* fn_ = nullptr;
   void (*call_)(const void*, int64_t) = nullptr;
   int threads_ = 0;
+  std::atomic<int> active_{0};  // workers the current job may use (torch's threads - 1)
 };
 
 }  // namespace kvf
