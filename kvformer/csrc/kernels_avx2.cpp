@@ -92,16 +92,6 @@ inline __m256i dot(__m256i acc, __m256i u, __m256i s) {
 inline __m256i lanes32(__m256i acc) { return _mm256_madd_epi16(acc, _mm256_set1_epi16(1)); }
 #endif
 
-// acc + the int32 sums of fours of u * s: one vpdpbusd, or vpmaddubsw and vpmaddwd (whose
-// int16 pairs must stay below 32768: the caller's operands see to it)
-inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {
-#if defined(KVF_VNNI)
-  return dot(acc, u, s);
-#else
-  return _mm256_add_epi32(acc, lanes32(dot(_mm256_setzero_si256(), u, s)));
-#endif
-}
-
 void quantize(const float* x, Acts& a, int8_t* q1, int8_t* q2, float* scale, float* sum) {
   const int64_t nb = a.k / a.block, blk = a.block;
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -251,161 +241,128 @@ inline void transpose8(const __m256i* r, __m256i* o) {
   }
 }
 
-// The rows [n, n + 8 NT) of q (those below n1; the others zero) in the int4 kernel's lane
-// shape: lanes[(j * NT + u) * 8 + i] = columns 4j..4j+3 of row n + 8u + i (zero past k).
+// acc + the int32 sums of pairs of int16 products: vpmaddwd (which cannot overflow here:
+// no operand is -32768) or the VNNI vpdpwssd
+inline __m256i dot16(__m256i acc, __m256i a, __m256i b) {
+#if !defined(KVF_VNNI)
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#elif KVF_VNNI == 1
+  return _mm256_dpwssd_avx_epi32(acc, a, b);
+#else
+  return _mm256_dpwssd_epi32(acc, a, b);
+#endif
+}
+
+// The rows [n, n + 8 NT) of q (those below n1; the others zero) widened to int16, in lanes
+// of two columns: lanes[(j * NT + u) * 8 + i] = columns 2j, 2j + 1 of row n + 8u + i.
 template <int NT>
-void q8_lanes(const int8_t* q, int64_t k, int64_t n, int64_t n1, int32_t* lanes) {
-  const int64_t kq = (k + 3) / 4;
+void w16_lanes(const int8_t* q, int64_t k, int64_t n, int64_t n1, int32_t* lanes) {
+  const int64_t k2 = (k + 1) / 2;
   for (int u = 0; u < NT; ++u)
-    for (int64_t j = 0; j < k; j += 32) {
+    for (int64_t j = 0; j < k; j += 16) {
       __m256i r[8], o[8];
       for (int i = 0; i < 8; ++i) {
         const int64_t row = n + 8 * u + i;
+        __m128i b;
         if (row >= n1) {
-          r[i] = _mm256_setzero_si256();
-        } else if (j + 32 <= k) {
-          r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + row * k + j));
+          b = _mm_setzero_si128();
+        } else if (j + 16 <= k) {
+          b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + row * k + j));
         } else {  // the row's last bytes, zero after them
-          alignas(32) int8_t tail[32] = {};
+          alignas(16) int8_t tail[16] = {};
           std::memcpy(tail, q + row * k + j, k - j);
-          r[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+          b = _mm_load_si128(reinterpret_cast<const __m128i*>(tail));
         }
+        r[i] = _mm256_cvtepi8_epi16(b);
       }
       transpose8(r, o);
-      const int64_t nj = std::min<int64_t>(8, kq - j / 4);
+      const int64_t nj = std::min<int64_t>(8, k2 - j / 2);
       for (int c = 0; c < nj; ++c)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes + ((j / 4 + c) * NT + u) * 8), o[c]);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes + ((j / 2 + c) * NT + u) * 8), o[c]);
     }
 }
 
-// MR rows of x (row stride ka) times the NT tiles of `lanes`: one broadcast of 4 bytes of x
-// serves NT tiles, one load of a tile MR rows, and each lane ends with its row's two sums.
-// With vpdpbusd x comes shifted by +128 (unsigned) and 128 * rowsum is taken off at the
-// end (rs16512: 16512 * rowsum per lane, for both levels); vpmaddubsw takes the one-row
-// kernel's operands instead (|w| times x with w's sign), whose int16 pairs cannot saturate.
-// The sums are exact either way; 128 * s1 + s2 goes through double (exact below 2^53) to be
-// rounded to float once, as the one-row kernel's int64 is, then multiplied in its order.
-// pf (or null): the next tiles' rows, 64 NT bytes of them fetched into L2 per step of j, so
+// MR rows of x as one int16 level, 128 q1 + q2 (|.| <= 16512), times the NT tiles of
+// `lanes`: one vpmaddwd (or vpdpwssd) per tile and row of x takes both levels of two
+// columns, half the multiplies of vpmaddubsw + vpmaddwd per level. Its int32 lanes hold
+// 1024 columns at most (1024 * 127 * 16512 < 2^31), so they go into doubles (exact below
+// 2^53) every 512 steps; the total, 128 s1 + s2 of the one-row kernel, is rounded to float
+// once, as its int64 is, and multiplied in its order.
+// pf (or null): the next tiles' rows, 32 NT bytes of them fetched into L2 per step of j, so
 // that reading them from memory overlaps this work.
 template <int MR, int NT>
-void q8_tiles(const int8_t* x1, const int8_t* x2, int64_t ka, const float* sx,
-              const int32_t* lanes, int64_t kq, const __m256d* rs16512, const __m256* sw,
-              const __m256i* keep, const int8_t* pf, int64_t pf_bytes, float* y, int64_t ldy) {
-  __m256i s1[MR][NT], s2[MR][NT];
-  for (int r = 0; r < MR; ++r)
-    for (int u = 0; u < NT; ++u) s1[r][u] = s2[r][u] = _mm256_setzero_si256();
-  for (int64_t j = 0; j < kq; ++j) {
-    __m256i w[NT];
-    for (int u = 0; u < NT; ++u)
-      w[u] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + (j * NT + u) * 8));
-    if (pf)
-      for (int64_t b = j * 64 * NT; b < (j + 1) * 64 * NT && b < pf_bytes; b += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(pf + b), _MM_HINT_T1);
-#if !defined(KVF_VNNI)
-    __m256i aw[NT];
-    for (int u = 0; u < NT; ++u) aw[u] = _mm256_sign_epi8(w[u], w[u]);
-#endif
-    for (int r = 0; r < MR; ++r) {
-      const __m256i b1 = _mm256_set1_epi32(load4(x1 + r * ka + 4 * j));
-      const __m256i b2 = _mm256_set1_epi32(load4(x2 + r * ka + 4 * j));
-      for (int u = 0; u < NT; ++u) {
-#if defined(KVF_VNNI)
-        s1[r][u] = dot(s1[r][u], b1, w[u]);
-        s2[r][u] = dot(s2[r][u], b2, w[u]);
-#else
-        s1[r][u] = dot4(s1[r][u], aw[u], _mm256_sign_epi8(b1, w[u]));
-        s2[r][u] = dot4(s2[r][u], aw[u], _mm256_sign_epi8(b2, w[u]));
-#endif
+void w16_tiles(const int16_t* x, int64_t ka, const float* sx, const int32_t* lanes, int64_t k2,
+               const __m256* sw, const __m256i* keep, const int8_t* pf, int64_t pf_bytes,
+               float* y, int64_t ldy) {
+  __m256d d[MR][NT][2];
+  for (int64_t c0 = 0; c0 < k2; c0 += 512) {
+    __m256i s[MR][NT];
+    for (int r = 0; r < MR; ++r)
+      for (int u = 0; u < NT; ++u) s[r][u] = _mm256_setzero_si256();
+    for (int64_t j = c0; j < std::min(c0 + 512, k2); ++j) {
+      __m256i w[NT];
+      for (int u = 0; u < NT; ++u)
+        w[u] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + (j * NT + u) * 8));
+      if (pf && j % 2 == 0)
+        for (int64_t b = j * 32 * NT; b < (j + 2) * 32 * NT && b < pf_bytes; b += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(pf + b), _MM_HINT_T1);
+      for (int r = 0; r < MR; ++r) {
+        int32_t xj;
+        std::memcpy(&xj, x + r * ka + 2 * j, 4);
+        const __m256i b = _mm256_set1_epi32(xj);
+        for (int u = 0; u < NT; ++u) s[r][u] = dot16(s[r][u], b, w[u]);
       }
     }
+    for (int r = 0; r < MR; ++r)
+      for (int u = 0; u < NT; ++u) {
+        const __m256d lo = _mm256_cvtepi32_pd(_mm256_castsi256_si128(s[r][u]));
+        const __m256d hi = _mm256_cvtepi32_pd(_mm256_extracti128_si256(s[r][u], 1));
+        d[r][u][0] = c0 ? _mm256_add_pd(d[r][u][0], lo) : lo;
+        d[r][u][1] = c0 ? _mm256_add_pd(d[r][u][1], hi) : hi;
+      }
   }
-  const __m256d k128 = _mm256_set1_pd(128.0);
   for (int r = 0; r < MR; ++r)
     for (int u = 0; u < NT; ++u) {
-      __m128 f[2];
-      for (int h = 0; h < 2; ++h) {
-        const __m128i a1 = h ? _mm256_extracti128_si256(s1[r][u], 1) : _mm256_castsi256_si128(s1[r][u]);
-        const __m128i a2 = h ? _mm256_extracti128_si256(s2[r][u], 1) : _mm256_castsi256_si128(s2[r][u]);
-        __m256d v = _mm256_add_pd(_mm256_mul_pd(_mm256_cvtepi32_pd(a1), k128), _mm256_cvtepi32_pd(a2));
-        if (rs16512) v = _mm256_sub_pd(v, rs16512[2 * u + h]);
-        f[h] = _mm256_cvtpd_ps(v);
-      }
-      const __m256 fv = _mm256_set_m128(f[1], f[0]);
+      const __m256 fv = _mm256_set_m128(_mm256_cvtpd_ps(d[r][u][1]), _mm256_cvtpd_ps(d[r][u][0]));
       _mm256_maskstore_ps(y + r * ldy + 8 * u, keep[u],
                           _mm256_mul_ps(_mm256_mul_ps(fv, _mm256_set1_ps(sx[r])), sw[u]));
     }
 }
 
-// A batch of x rows, NT tiles of 8 weight rows at a time: see q8_lanes and q8_tiles.
+// A batch of x rows, NT tiles of 8 weight rows at a time: see w16_lanes and w16_tiles.
 template <int NT>
-void q8_batch(const Acts& a, const int8_t* q, const float* scale, const int32_t* rowsum,
-              int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  const int64_t k = a.k, ka = (k + 3) / 4 * 4, kq = ka / 4;
-#if defined(KVF_VNNI)
-  const int8_t pad = -128;  // x + 128 is 0 there
-#else
-  const int8_t pad = 0;
-#endif
-  thread_local std::vector<int8_t> xbuf;  // x with rows padded to whole lanes
-  xbuf.assign(2 * a.m * ka, pad);
-  int8_t* x1 = xbuf.data();
-  int8_t* x2 = x1 + a.m * ka;
-  for (int64_t i = 0; i < a.m; ++i) {
-    std::memcpy(x1 + i * ka, a.q1 + i * k, k);
-    std::memcpy(x2 + i * ka, a.q2 + i * k, k);
-  }
-#if defined(KVF_VNNI)
-  for (int64_t j = 0; j < 2 * a.m * ka; ++j) x1[j] = int8_t(uint8_t(x1[j]) ^ 0x80);  // + 128
-#endif
+void w16_batch(const Acts& a, const int8_t* q, const float* scale, int64_t n0, int64_t n1,
+               float* y, int64_t ldy) {
+  const int64_t k = a.k, k2 = (k + 1) / 2, ka = 2 * k2;
+  thread_local std::vector<int16_t> xbuf;  // 128 q1 + q2, rows padded to whole lanes
+  xbuf.assign(a.m * ka, 0);
+  int16_t* x = xbuf.data();
+  for (int64_t i = 0; i < a.m; ++i)
+    for (int64_t j = 0; j < k; ++j)
+      x[i * ka + j] = int16_t(128 * a.q1[i * k + j] + a.q2[i * k + j]);
   thread_local std::vector<int32_t> lbuf;
-  lbuf.resize(kq * NT * 8);
+  lbuf.resize(k2 * NT * 8);
   int32_t* lanes = lbuf.data();
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t n = n0; n < n1; n += 8 * NT) {
-    q8_lanes<NT>(q, k, n, n1, lanes);
+    w16_lanes<NT>(q, k, n, n1, lanes);
     __m256 sw[NT];
     __m256i keep[NT];
-    __m256d rsk[2 * NT];
     for (int u = 0; u < NT; ++u) {
       const int64_t left = std::clamp<int64_t>(n1 - n - 8 * u, 0, 8);
       keep[u] = _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(left)), iota);
       sw[u] = _mm256_maskload_ps(scale + n + 8 * u, keep[u]);
-#if defined(KVF_VNNI)
-      __m256i rs;
-      if (rowsum) {
-        rs = _mm256_maskload_epi32(rowsum + n + 8 * u, keep[u]);
-      } else {  // the rows' sums, from the lanes: vpdpbusd with ones, in 4 chains (not one)
-        const __m256i ones = _mm256_set1_epi8(1);
-        __m256i c[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-                        _mm256_setzero_si256()};
-        for (int64_t j = 0; j < kq; ++j)
-          c[j % 4] = dot(c[j % 4], ones, _mm256_loadu_si256(
-                                             reinterpret_cast<const __m256i*>(lanes + (j * NT + u) * 8)));
-        rs = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
-      }
-      const __m256d k16512 = _mm256_set1_pd(16512.0);
-      rsk[2 * u] = _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(rs)), k16512);
-      rsk[2 * u + 1] = _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(rs, 1)), k16512);
-#else
-      (void)rowsum;
-      rsk[2 * u] = rsk[2 * u + 1] = _mm256_setzero_pd();
-#endif
     }
-#if defined(KVF_VNNI)
-    const __m256d* rs16512 = rsk;
-#else
-    const __m256d* rs16512 = nullptr;
-#endif
     const int64_t next = std::min(n + 8 * NT, n1);
     const int64_t pf_bytes = (std::min(next + 8 * NT, n1) - next) * k;
     for (int64_t i = 0; i < a.m; i += 4) {
       const int8_t* pf = i == 0 && pf_bytes > 0 ? q + next * k : nullptr;
-      const int8_t *p1 = x1 + i * ka, *p2 = x2 + i * ka;
+      const int16_t* xi = x + i * ka;
       const float* sx = a.scale + i;
       float* yi = y + i * ldy + n;
       auto tiles = [&](auto mr) {
-        q8_tiles<decltype(mr)::value, NT>(p1, p2, ka, sx, lanes, kq, rs16512, sw, keep, pf,
-                                          pf_bytes, yi, ldy);
+        w16_tiles<decltype(mr)::value, NT>(xi, ka, sx, lanes, k2, sw, keep, pf, pf_bytes, yi,
+                                           ldy);
       };
       switch (std::min<int64_t>(4, a.m - i)) {
         case 1: tiles(std::integral_constant<int, 1>()); break;
@@ -417,12 +374,12 @@ void q8_batch(const Acts& a, const int8_t* q, const float* scale, const int32_t*
   }
 }
 
-// One row of x streams each weight row once; a batch goes through q8_batch, whose integer
+// One row of x streams each weight row once; a batch goes through w16_batch, whose integer
 // sums and final expression are the one-row kernel's, so each row keeps its bits.
-void gemm_q8(const Acts& a, const int8_t* q, const float* scale, const int32_t* rowsum,
-             int64_t n0, int64_t n1, float* y, int64_t ldy) {
+void gemm_q8(const Acts& a, const int8_t* q, const float* scale, const int32_t*, int64_t n0,
+             int64_t n1, float* y, int64_t ldy) {
   if (a.m == 1) return q8_one_row(a, q, scale, n0, n1, y);
-  q8_batch<1>(a, q, scale, rowsum, n0, n1, y, ldy);
+  w16_batch<2>(a, q, scale, n0, n1, y, ldy);
 }
 
 inline void store_bf16x8(uint16_t* dst, __m256 v) {
