@@ -253,64 +253,69 @@ inline __m256i dot16(__m256i acc, __m256i a, __m256i b) {
 #endif
 }
 
-// The rows [n, n + 8 NT) of q (those below n1; the others zero) widened to int16, in lanes
-// of two columns: lanes[(j * NT + u) * 8 + i] = columns 2j, 2j + 1 of row n + 8u + i.
+// The rows [n, n + 8 NT) of q (those below n1; the others zero) in the int4 kernel's lane
+// shape: lanes[(j * NT + u) * 8 + i] = columns 4j..4j+3 of row n + 8u + i (zero past k).
 template <int NT>
-void w16_lanes(const int8_t* q, int64_t k, int64_t n, int64_t n1, int32_t* lanes) {
-  const int64_t k2 = (k + 1) / 2;
+void q8_lanes(const int8_t* q, int64_t k, int64_t n, int64_t n1, int32_t* lanes) {
+  const int64_t kq = (k + 3) / 4;
   for (int u = 0; u < NT; ++u)
-    for (int64_t j = 0; j < k; j += 16) {
+    for (int64_t j = 0; j < k; j += 32) {
       __m256i r[8], o[8];
       for (int i = 0; i < 8; ++i) {
         const int64_t row = n + 8 * u + i;
-        __m128i b;
         if (row >= n1) {
-          b = _mm_setzero_si128();
-        } else if (j + 16 <= k) {
-          b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + row * k + j));
+          r[i] = _mm256_setzero_si256();
+        } else if (j + 32 <= k) {
+          r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + row * k + j));
         } else {  // the row's last bytes, zero after them
-          alignas(16) int8_t tail[16] = {};
+          alignas(32) int8_t tail[32] = {};
           std::memcpy(tail, q + row * k + j, k - j);
-          b = _mm_load_si128(reinterpret_cast<const __m128i*>(tail));
+          r[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
         }
-        r[i] = _mm256_cvtepi8_epi16(b);
       }
       transpose8(r, o);
-      const int64_t nj = std::min<int64_t>(8, k2 - j / 2);
+      const int64_t nj = std::min<int64_t>(8, kq - j / 4);
       for (int c = 0; c < nj; ++c)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes + ((j / 2 + c) * NT + u) * 8), o[c]);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes + ((j / 4 + c) * NT + u) * 8), o[c]);
     }
 }
 
 // MR rows of x as one int16 level, 128 q1 + q2 (|.| <= 16512), times the NT tiles of
-// `lanes`: one vpmaddwd (or vpdpwssd) per tile and row of x takes both levels of two
-// columns, half the multiplies of vpmaddubsw + vpmaddwd per level. Its int32 lanes hold
-// 1024 columns at most (1024 * 127 * 16512 < 2^31), so they go into doubles (exact below
-// 2^53) every 512 steps; the total, 128 s1 + s2 of the one-row kernel, is rounded to float
-// once, as its int64 is, and multiplied in its order.
-// pf (or null): the next tiles' rows, 32 NT bytes of them fetched into L2 per step of j, so
+// `lanes`: each tile's bytes are widened here (columns 0, 2 and 1, 3 of each lane: two
+// shifts), so that one vpmaddwd (or vpdpwssd) per pair of columns takes both levels - half
+// the multiplies of vpmaddubsw + vpmaddwd per level - while the lanes stay one transpose
+// per 32 columns. x comes in the same order (columns 0, 2, 1, 3 of each 4). The int32 lanes
+// hold 1024 columns at most (1024 * 127 * 16512 < 2^31), so they go into doubles (exact
+// below 2^53) every 256 steps; the total, 128 s1 + s2 of the one-row kernel, is rounded to
+// float once, as its int64 is, and multiplied in its order.
+// pf (or null): the next tiles' rows, 64 NT bytes of them fetched into L2 per step of j, so
 // that reading them from memory overlaps this work.
 template <int MR, int NT>
-void w16_tiles(const int16_t* x, int64_t ka, const float* sx, const int32_t* lanes, int64_t k2,
-               const __m256* sw, const __m256i* keep, const int8_t* pf, int64_t pf_bytes,
-               float* y, int64_t ldy) {
+void q8_tiles(const int16_t* x, int64_t ka, const float* sx, const int32_t* lanes, int64_t kq,
+              const __m256* sw, const __m256i* keep, const int8_t* pf, int64_t pf_bytes,
+              float* y, int64_t ldy) {
   __m256d d[MR][NT][2];
-  for (int64_t c0 = 0; c0 < k2; c0 += 512) {
+  for (int64_t c0 = 0; c0 < kq; c0 += 256) {
     __m256i s[MR][NT];
     for (int r = 0; r < MR; ++r)
       for (int u = 0; u < NT; ++u) s[r][u] = _mm256_setzero_si256();
-    for (int64_t j = c0; j < std::min(c0 + 512, k2); ++j) {
-      __m256i w[NT];
-      for (int u = 0; u < NT; ++u)
-        w[u] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + (j * NT + u) * 8));
-      if (pf && j % 2 == 0)
-        for (int64_t b = j * 32 * NT; b < (j + 2) * 32 * NT && b < pf_bytes; b += 64)
+    for (int64_t j = c0; j < std::min(c0 + 256, kq); ++j) {
+      __m256i we[NT], wo[NT];
+      for (int u = 0; u < NT; ++u) {
+        const __m256i w =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + (j * NT + u) * 8));
+        we[u] = _mm256_srai_epi16(_mm256_slli_epi16(w, 8), 8);
+        wo[u] = _mm256_srai_epi16(w, 8);
+      }
+      if (pf)
+        for (int64_t b = j * 64 * NT; b < (j + 1) * 64 * NT && b < pf_bytes; b += 64)
           _mm_prefetch(reinterpret_cast<const char*>(pf + b), _MM_HINT_T1);
       for (int r = 0; r < MR; ++r) {
-        int32_t xj;
-        std::memcpy(&xj, x + r * ka + 2 * j, 4);
-        const __m256i b = _mm256_set1_epi32(xj);
-        for (int u = 0; u < NT; ++u) s[r][u] = dot16(s[r][u], b, w[u]);
+        int32_t xe, xo;
+        std::memcpy(&xe, x + r * ka + 4 * j, 4);
+        std::memcpy(&xo, x + r * ka + 4 * j + 2, 4);
+        const __m256i be = _mm256_set1_epi32(xe), bo = _mm256_set1_epi32(xo);
+        for (int u = 0; u < NT; ++u) s[r][u] = dot16(dot16(s[r][u], be, we[u]), bo, wo[u]);
       }
     }
     for (int r = 0; r < MR; ++r)
@@ -329,23 +334,25 @@ void w16_tiles(const int16_t* x, int64_t ka, const float* sx, const int32_t* lan
     }
 }
 
-// A batch of x rows, NT tiles of 8 weight rows at a time: see w16_lanes and w16_tiles.
+// A batch of x rows, NT tiles of 8 weight rows at a time: see q8_lanes and q8_tiles.
 template <int NT>
-void w16_batch(const Acts& a, const int8_t* q, const float* scale, int64_t n0, int64_t n1,
-               float* y, int64_t ldy) {
-  const int64_t k = a.k, k2 = (k + 1) / 2, ka = 2 * k2;
+void q8_batch(const Acts& a, const int8_t* q, const float* scale, int64_t n0, int64_t n1,
+              float* y, int64_t ldy) {
+  const int64_t k = a.k, kq = (k + 3) / 4, ka = 4 * kq;
   thread_local std::vector<int16_t> xbuf;  // 128 q1 + q2, rows padded to whole lanes
   xbuf.assign(a.m * ka, 0);
   int16_t* x = xbuf.data();
   for (int64_t i = 0; i < a.m; ++i)
-    for (int64_t j = 0; j < k; ++j)
-      x[i * ka + j] = int16_t(128 * a.q1[i * k + j] + a.q2[i * k + j]);
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t c = j % 4, at = j - c + (c == 1 ? 2 : c == 2 ? 1 : c);  // 0, 2, 1, 3
+      x[i * ka + at] = int16_t(128 * a.q1[i * k + j] + a.q2[i * k + j]);
+    }
   thread_local std::vector<int32_t> lbuf;
-  lbuf.resize(k2 * NT * 8);
+  lbuf.resize(kq * NT * 8);
   int32_t* lanes = lbuf.data();
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t n = n0; n < n1; n += 8 * NT) {
-    w16_lanes<NT>(q, k, n, n1, lanes);
+    q8_lanes<NT>(q, k, n, n1, lanes);
     __m256 sw[NT];
     __m256i keep[NT];
     for (int u = 0; u < NT; ++u) {
@@ -361,8 +368,8 @@ void w16_batch(const Acts& a, const int8_t* q, const float* scale, int64_t n0, i
       const float* sx = a.scale + i;
       float* yi = y + i * ldy + n;
       auto tiles = [&](auto mr) {
-        w16_tiles<decltype(mr)::value, NT>(xi, ka, sx, lanes, k2, sw, keep, pf, pf_bytes, yi,
-                                           ldy);
+        q8_tiles<decltype(mr)::value, NT>(xi, ka, sx, lanes, kq, sw, keep, pf, pf_bytes, yi,
+                                          ldy);
       };
       switch (std::min<int64_t>(4, a.m - i)) {
         case 1: tiles(std::integral_constant<int, 1>()); break;
@@ -374,12 +381,12 @@ void w16_batch(const Acts& a, const int8_t* q, const float* scale, int64_t n0, i
   }
 }
 
-// One row of x streams each weight row once; a batch goes through w16_batch, whose integer
+// One row of x streams each weight row once; a batch goes through q8_batch, whose integer
 // sums and final expression are the one-row kernel's, so each row keeps its bits.
 void gemm_q8(const Acts& a, const int8_t* q, const float* scale, const int32_t*, int64_t n0,
              int64_t n1, float* y, int64_t ldy) {
   if (a.m == 1) return q8_one_row(a, q, scale, n0, n1, y);
-  w16_batch<2>(a, q, scale, n0, n1, y, ldy);
+  q8_batch<2>(a, q, scale, n0, n1, y, ldy);
 }
 
 inline void store_bf16x8(uint16_t* dst, __m256 v) {
