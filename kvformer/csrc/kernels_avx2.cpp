@@ -2,7 +2,7 @@
 // int8 dot products with vpmaddubsw (unsigned weights or |w| times signed activations,
 // pairs summed in int16) and vpmaddwd (pairs of int16 summed in int32), as llama.cpp does
 // on such CPUs; each 32-bit lane holds one weight row, so no horizontal sums are needed
-// for int4.
+// for int4 (nor for int8 at several rows of x, which takes vpmaddwd on int16: q8_tiles).
 //
 // The same file is compiled again with KVF_VNNI defined for the `avxvnni` path: 256-bit
 // registers and vpdpbusd (u8 x s8, four products summed into an int32 lane in one
