@@ -2,7 +2,7 @@
 // int8 dot products with vpmaddubsw (unsigned weights or |w| times signed activations,
 // pairs summed in int16) and vpmaddwd (pairs of int16 summed in int32), as llama.cpp does
 // on such CPUs; each 32-bit lane holds one weight row, so no horizontal sums are needed
-// for int4.
+// for int4 (nor for int8 at several rows of x, which takes vpmaddwd on int16: q8_tiles).
 //
 // The same file is compiled again with KVF_VNNI defined for the `avxvnni` path: 256-bit
 // registers and vpdpbusd (u8 x s8, four products summed into an int32 lane in one
@@ -15,6 +15,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
+#include <vector>
 
 #include "kernels.h"
 
@@ -193,33 +195,198 @@ void gemm_q4(const Acts& a, const uint8_t* q, const uint16_t* dm, int64_t n0, in
 
 // int8 rows: |w| (unsigned) times x with w's sign, so vpmaddubsw cannot saturate
 // (2 * 127 * 127 < 32768); each vector of products goes straight into int32 lanes.
-void gemm_q8(const Acts& a, const int8_t* q, const float* scale, const int32_t*, int64_t n0,
-             int64_t n1, float* y, int64_t ldy) {
+void q8_one_row(const Acts& a, const int8_t* q, const float* scale, int64_t n0, int64_t n1,
+                float* y) {
   const int64_t k = a.k;
   const __m256i zero = _mm256_setzero_si256();
+  const int8_t* x1 = a.q1;
+  const int8_t* x2 = a.q2;
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* w = q + n * k;
-    for (int64_t i = 0; i < a.m; ++i) {
-      const int8_t* x1 = a.q1 + i * k;
-      const int8_t* x2 = a.q2 + i * k;
-      __m256i c1 = _mm256_setzero_si256(), c2 = c1;
-      int64_t j = 0;
-      for (; j + 32 <= k; j += 32) {
-        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j));
-        const __m256i aw = _mm256_sign_epi8(wv, wv);
-        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x1 + j));
-        const __m256i v2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x2 + j));
-        c1 = _mm256_add_epi32(c1, lanes32(dot(zero, aw, _mm256_sign_epi8(v1, wv))));
-        c2 = _mm256_add_epi32(c2, lanes32(dot(zero, aw, _mm256_sign_epi8(v2, wv))));
+    __m256i c1 = _mm256_setzero_si256(), c2 = c1;
+    int64_t j = 0;
+    for (; j + 32 <= k; j += 32) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j));
+      const __m256i aw = _mm256_sign_epi8(wv, wv);
+      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x1 + j));
+      const __m256i v2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x2 + j));
+      c1 = _mm256_add_epi32(c1, lanes32(dot(zero, aw, _mm256_sign_epi8(v1, wv))));
+      c2 = _mm256_add_epi32(c2, lanes32(dot(zero, aw, _mm256_sign_epi8(v2, wv))));
+    }
+    int64_t s1 = hsum_i32(c1), s2 = hsum_i32(c2);
+    for (; j < k; ++j) {
+      s1 += int32_t(w[j]) * x1[j];
+      s2 += int32_t(w[j]) * x2[j];
+    }
+    y[n] = float(s1 * 128 + s2) * a.scale[0] * scale[n];
+  }
+}
+
+// 8 rows of 32 bytes -> 8 vectors, o[j] holding 32-bit lane j of every row (lane i = row i)
+inline void transpose8(const __m256i* r, __m256i* o) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 4; ++i) {  // per 128-bit half h: rows 2i, 2i+1 at lanes 4h..4h+3
+    t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int g = 0; g < 2; ++g) {  // u[4g + p], half h: rows 4g..4g+3 at lane 4h + p
+    u[4 * g] = _mm256_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 1] = _mm256_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 2] = _mm256_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    u[4 * g + 3] = _mm256_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+  for (int p = 0; p < 4; ++p) {  // then the halves: rows 0-3 low, rows 4-7 high
+    o[p] = _mm256_permute2x128_si256(u[p], u[4 + p], 0x20);
+    o[4 + p] = _mm256_permute2x128_si256(u[p], u[4 + p], 0x31);
+  }
+}
+
+// acc + the int32 sums of pairs of int16 products: vpmaddwd (which cannot overflow here:
+// no operand is -32768) or the VNNI vpdpwssd
+inline __m256i dot16(__m256i acc, __m256i a, __m256i b) {
+#if !defined(KVF_VNNI)
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#elif KVF_VNNI == 1
+  return _mm256_dpwssd_avx_epi32(acc, a, b);
+#else
+  return _mm256_dpwssd_epi32(acc, a, b);
+#endif
+}
+
+// The rows [n, n + 8 NT) of q (those below n1; the others zero) in the int4 kernel's lane
+// shape: lanes[(j * NT + u) * 8 + i] = columns 4j..4j+3 of row n + 8u + i (zero past k).
+template <int NT>
+void q8_lanes(const int8_t* q, int64_t k, int64_t n, int64_t n1, int32_t* lanes) {
+  const int64_t kq = (k + 3) / 4;
+  for (int u = 0; u < NT; ++u)
+    for (int64_t j = 0; j < k; j += 32) {
+      __m256i r[8], o[8];
+      for (int i = 0; i < 8; ++i) {
+        const int64_t row = n + 8 * u + i;
+        if (row >= n1) {
+          r[i] = _mm256_setzero_si256();
+        } else if (j + 32 <= k) {
+          r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + row * k + j));
+        } else {  // the row's last bytes, zero after them
+          alignas(32) int8_t tail[32] = {};
+          std::memcpy(tail, q + row * k + j, k - j);
+          r[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+        }
       }
-      int64_t s1 = hsum_i32(c1), s2 = hsum_i32(c2);
-      for (; j < k; ++j) {
-        s1 += int32_t(w[j]) * x1[j];
-        s2 += int32_t(w[j]) * x2[j];
+      transpose8(r, o);
+      const int64_t nj = std::min<int64_t>(8, kq - j / 4);
+      for (int c = 0; c < nj; ++c)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes + ((j / 4 + c) * NT + u) * 8), o[c]);
+    }
+}
+
+// MR rows of x as one int16 level, 128 q1 + q2 (|.| <= 16512), times the NT tiles of
+// `lanes`: each tile's bytes are widened here (columns 0, 2 and 1, 3 of each lane: two
+// shifts), so that one vpmaddwd (or vpdpwssd) per pair of columns takes both levels - half
+// the multiplies of vpmaddubsw + vpmaddwd per level - while the lanes stay one transpose
+// per 32 columns. x comes in the same order (columns 0, 2, 1, 3 of each 4). The int32 lanes
+// hold 1024 columns at most (1024 * 127 * 16512 < 2^31), so they go into doubles (exact
+// below 2^53) every 256 steps; the total, 128 s1 + s2 of the one-row kernel, is rounded to
+// float once, as its int64 is, and multiplied in its order.
+// pf (or null): the next tiles' rows, 64 NT bytes of them fetched into L2 per step of j, so
+// that reading them from memory overlaps this work.
+template <int MR, int NT>
+void q8_tiles(const int16_t* x, int64_t ka, const float* sx, const int32_t* lanes, int64_t kq,
+              const __m256* sw, const __m256i* keep, const int8_t* pf, int64_t pf_bytes,
+              float* y, int64_t ldy) {
+  __m256d d[MR][NT][2];
+  for (int64_t c0 = 0; c0 < kq; c0 += 256) {
+    __m256i s[MR][NT];
+    for (int r = 0; r < MR; ++r)
+      for (int u = 0; u < NT; ++u) s[r][u] = _mm256_setzero_si256();
+    for (int64_t j = c0; j < std::min(c0 + 256, kq); ++j) {
+      __m256i we[NT], wo[NT];
+      for (int u = 0; u < NT; ++u) {
+        const __m256i w =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + (j * NT + u) * 8));
+        we[u] = _mm256_srai_epi16(_mm256_slli_epi16(w, 8), 8);
+        wo[u] = _mm256_srai_epi16(w, 8);
       }
-      y[i * ldy + n] = float(s1 * 128 + s2) * a.scale[i] * scale[n];
+      if (pf)
+        for (int64_t b = j * 64 * NT; b < (j + 1) * 64 * NT && b < pf_bytes; b += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(pf + b), _MM_HINT_T1);
+      for (int r = 0; r < MR; ++r) {
+        int32_t xe, xo;
+        std::memcpy(&xe, x + r * ka + 4 * j, 4);
+        std::memcpy(&xo, x + r * ka + 4 * j + 2, 4);
+        const __m256i be = _mm256_set1_epi32(xe), bo = _mm256_set1_epi32(xo);
+        for (int u = 0; u < NT; ++u) s[r][u] = dot16(dot16(s[r][u], be, we[u]), bo, wo[u]);
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int u = 0; u < NT; ++u) {
+        const __m256d lo = _mm256_cvtepi32_pd(_mm256_castsi256_si128(s[r][u]));
+        const __m256d hi = _mm256_cvtepi32_pd(_mm256_extracti128_si256(s[r][u], 1));
+        d[r][u][0] = c0 ? _mm256_add_pd(d[r][u][0], lo) : lo;
+        d[r][u][1] = c0 ? _mm256_add_pd(d[r][u][1], hi) : hi;
+      }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int u = 0; u < NT; ++u) {
+      const __m256 fv = _mm256_set_m128(_mm256_cvtpd_ps(d[r][u][1]), _mm256_cvtpd_ps(d[r][u][0]));
+      _mm256_maskstore_ps(y + r * ldy + 8 * u, keep[u],
+                          _mm256_mul_ps(_mm256_mul_ps(fv, _mm256_set1_ps(sx[r])), sw[u]));
+    }
+}
+
+// A batch of x rows, NT tiles of 8 weight rows at a time: see q8_lanes and q8_tiles.
+template <int NT>
+void q8_batch(const Acts& a, const int8_t* q, const float* scale, int64_t n0, int64_t n1,
+              float* y, int64_t ldy) {
+  const int64_t k = a.k, kq = (k + 3) / 4, ka = 4 * kq;
+  thread_local std::vector<int16_t> xbuf;  // 128 q1 + q2, rows padded to whole lanes
+  xbuf.assign(a.m * ka, 0);
+  int16_t* x = xbuf.data();
+  for (int64_t i = 0; i < a.m; ++i)
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t c = j % 4, at = j - c + (c == 1 ? 2 : c == 2 ? 1 : c);  // 0, 2, 1, 3
+      x[i * ka + at] = int16_t(128 * a.q1[i * k + j] + a.q2[i * k + j]);
+    }
+  thread_local std::vector<int32_t> lbuf;
+  lbuf.resize(kq * NT * 8);
+  int32_t* lanes = lbuf.data();
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t n = n0; n < n1; n += 8 * NT) {
+    q8_lanes<NT>(q, k, n, n1, lanes);
+    __m256 sw[NT];
+    __m256i keep[NT];
+    for (int u = 0; u < NT; ++u) {
+      const int64_t left = std::clamp<int64_t>(n1 - n - 8 * u, 0, 8);
+      keep[u] = _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(left)), iota);
+      sw[u] = _mm256_maskload_ps(scale + n + 8 * u, keep[u]);
+    }
+    const int64_t next = std::min(n + 8 * NT, n1);
+    const int64_t pf_bytes = (std::min(next + 8 * NT, n1) - next) * k;
+    for (int64_t i = 0; i < a.m; i += 4) {
+      const int8_t* pf = i == 0 && pf_bytes > 0 ? q + next * k : nullptr;
+      const int16_t* xi = x + i * ka;
+      const float* sx = a.scale + i;
+      float* yi = y + i * ldy + n;
+      auto tiles = [&](auto mr) {
+        q8_tiles<decltype(mr)::value, NT>(xi, ka, sx, lanes, kq, sw, keep, pf, pf_bytes, yi,
+                                          ldy);
+      };
+      switch (std::min<int64_t>(4, a.m - i)) {
+        case 1: tiles(std::integral_constant<int, 1>()); break;
+        case 2: tiles(std::integral_constant<int, 2>()); break;
+        case 3: tiles(std::integral_constant<int, 3>()); break;
+        default: tiles(std::integral_constant<int, 4>()); break;
+      }
     }
   }
+}
+
+// One row of x streams each weight row once; a batch goes through q8_batch, whose integer
+// sums and final expression are the one-row kernel's, so each row keeps its bits.
+void gemm_q8(const Acts& a, const int8_t* q, const float* scale, const int32_t*, int64_t n0,
+             int64_t n1, float* y, int64_t ldy) {
+  if (a.m == 1) return q8_one_row(a, q, scale, n0, n1, y);
+  q8_batch<2>(a, q, scale, n0, n1, y, ldy);
 }
 
 inline void store_bf16x8(uint16_t* dst, __m256 v) {
