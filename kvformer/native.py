@@ -250,6 +250,17 @@ def threads(mode: str = "") -> str:
     return torch.ops.kvformer_native.threads(mode)
 
 
+def activations(mode: str = "") -> str:
+    """How activations enter the int4/int8 kernels: ``"int16"`` (two int8 levels per number,
+    x ~ s (128 q1 + q2): the default, x's error below bf16's rounding) or ``"int8"`` (one
+    level, llama.cpp's Q8 precision: half the integer work, faster for batches of rows;
+    docs/architecture.md has its perplexity). ``KVFORMER_ACTIVATIONS`` sets it for a
+    process. Given a mode, switches to it; returns the mode now ("" without a native build)."""
+    if not available():
+        return ""
+    return torch.ops.kvformer_native.activations(mode)
+
+
 def default_isa() -> str:
     """The path kvformer uses: the best this CPU runs, or ``KVFORMER_ISA`` if it names a lower
     one. Raises a KvformerError if KVFORMER_ISA names a path this CPU cannot run."""

@@ -103,6 +103,16 @@ def test_kvformer_isa_forces_a_lower_path_and_refuses_a_missing_one(monkeypatch)
 
 
 # --------------------------------------------------------------------------- single kernels
+@pytest.fixture(params=["int16", "int8"])
+def acts(request):
+    """The test runs with activations of two int8 levels, then of one (the default again
+    after it)."""
+    before = native.activations()
+    native.activations(request.param)
+    yield request.param
+    native.activations(before)
+
+
 def int4_layer(n, k, seed=0):
     torch.manual_seed(seed)
     layer = Int4Linear.from_float(torch.randn(n, k))
@@ -139,7 +149,7 @@ def test_int8_kernel_matches_the_dequantized_matmul(path, n, k):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("n, k", [(5, 1), (33, 70), (100, 576), (96, 1536)])
-def test_int8_kernel_gives_a_batch_the_bits_of_one_row(path, n, k):
+def test_int8_kernel_gives_a_batch_the_bits_of_one_row(path, n, k, acts):
     """A batch of x rows (the LM head of a batched step) takes its own blocked code; the
     integer sums are exact and the final expression the same, so each row's result has the
     bits it has alone. (n and k with tails of the 16-row tiles and 4-byte lanes.)"""
@@ -154,9 +164,83 @@ def test_int8_kernel_gives_a_batch_the_bits_of_one_row(path, n, k):
             assert torch.equal(out[i:i + 1], one), (rows, i)
 
 
+@pytest.fixture
+def int8_activations():
+    """The activations enter the kernels as one int8 level for the test, then as before."""
+    before = native.activations()
+    native.activations("int8")
+    yield
+    native.activations(before)
+
+
+def one_level(x, block):
+    """x as one int8 level per block, llama.cpp's Q8: round(x 127 / max|x|) max|x| / 127."""
+    rows, k = x.shape
+    xb = x.double().view(rows, k // block, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    q = torch.round(xb * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax)))
+    return (q * amax / 127).view(rows, k)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_every_path_computes_the_same_numbers(kind):
-    """The paths quantize x the same way and differ only in the order of float additions."""
+def test_int8_activations_are_one_level_of_the_formula(path, kind, int8_activations):
+    """int4 layers: x enters as one int8 level per block of 32, and the kernels skip the
+    second; the integer sums are exact, so the result is the formula (x rounded to one
+    level, times the weight; the offsets m too multiply the rounded x, as llama.cpp's Q8_1
+    does) to fp32 rounding. int8 layers keep two levels (their x has one scale per row,
+    too coarse for one level): the same bits as in the default mode."""
+    n, k = 96, 576
+    if kind == "int4":
+        layer, w = int4_layer(n, k, seed=4)
+        a, b = layer.qweight, layer.scales
+    else:
+        torch.manual_seed(4)
+        layer = Int8Linear.from_float(torch.randn(n, k) * torch.rand(n, 1))
+        w = layer.qweight.float() * layer.scale[:, None]
+        a, b = layer.qweight, layer.scale
+    xs = [torch.randn(rows, k) * 30 for rows in (1, 2, 3, 4, 5, 8, 16, 17)]  # every tail
+    outs = [torch.ops.kvformer_native.linear(x, kind, a, b, use(path)) for x in xs]
+    native.activations("int16")
+    twos = [torch.ops.kvformer_native.linear(x, kind, a, b, path) for x in xs]
+    for x, out, two in zip(xs, outs, twos):
+        if kind == "int8":
+            assert torch.equal(out, two)
+            continue
+        ref = one_level(x, 32) @ w.double().t()
+        err, err_two = (((y.double() - ref).abs().max() / ref.abs().max()).item()
+                        for y in (out, two))
+        assert err < 1e-6 and err_two > 1e-4, x.shape  # two levels: not this formula
+
+
+def test_activations_follow_the_environment_and_can_be_set():
+    import subprocess
+    import sys
+
+    code = "from kvformer import native; print(native.activations())"
+    env = {k: v for k, v in os.environ.items() if k != "KVFORMER_ACTIVATIONS"}
+
+    def mode(**extra):
+        out = subprocess.run([sys.executable, "-c", code], env={**env, **extra},
+                             capture_output=True, text=True, check=True)
+        return out.stdout.split()[-1]
+
+    assert mode() == "int16"
+    assert mode(KVFORMER_ACTIVATIONS="int8") == "int8"
+    before = native.activations()
+    try:
+        with pytest.raises(RuntimeError, match="'int8' or 'int16', not 'int4'"):
+            native.activations("int4")
+        assert native.activations("int8") == "int8"
+        assert native.activations("int16") == "int16"
+    finally:
+        native.activations(before)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_every_path_computes_the_same_numbers(kind, acts):
+    """The paths quantize x the same way and differ only in the order of float additions
+    (with one level too: some skip the zero second level, the scalar one multiplies it)."""
     torch.manual_seed(0)
     w = torch.randn(96, 576)
     layer = (Int8Linear if kind == "int8" else Int4Linear).from_float(w)
@@ -309,9 +393,9 @@ def test_quantized_cache_step_matches_the_forward(path, kv, head_dim):
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_every_path_decodes_the_same_tokens(mode):
+def test_every_path_decodes_the_same_tokens(mode, acts):
     """Greedy decoding through each path of the C++ step gives the tokens of the plain
-    forward on a small quantized model."""
+    forward on a small quantized model (activations of two int8 levels, and of one)."""
     from kvformer.fast import accelerate
     from kvformer.generate import generate
 

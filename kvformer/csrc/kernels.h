@@ -37,10 +37,16 @@ constexpr int64_t kTileBytes = kTile * kBlock / 2;  // 256
 
 // Activations made ready for integer dot products: two int8 levels per element,
 // x ~= scale * (128 q1 + q2) per block of `block` columns (scale already holds the 1/128),
-// and the exact sum of each block (for the m of int4 weights). One int8 level would lose
-// 2-4 % perplexity on SmolLM2; the second brings x's error below bf16's rounding.
+// and the exact sum of each block (for the m of int4 weights): the second level brings x's
+// error below bf16's rounding.
+//
+// levels = 1 ("int8" activations, for int4 layers: llama.cpp's Q8_1 precision,
+// docs/architecture.md): q2 is all zero and `sum` is the sum of q1's x (the caller sets
+// both); gemm_q4 may skip q2, and its result is the two-level computation with q2 = 0 bit
+// for bit, so a path that does not skip is right too.
 struct Acts {
   int64_t m = 0, k = 0, block = 0;
+  int levels = 2;
   const int8_t* q1 = nullptr;   // [m, k]
   const int8_t* q2 = nullptr;   // [m, k]
   const float* scale = nullptr; // [m, k / block]

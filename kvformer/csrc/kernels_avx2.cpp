@@ -126,8 +126,9 @@ void quantize(const float* x, Acts& a, int8_t* q1, int8_t* q2, float* scale, flo
   a.point_at(q1, q2, scale, sum);
 }
 
-// One tile of 16 rows for MR rows of x: two 8-lane halves (rows 0-7 and 8-15).
-template <int MR>
+// One tile of 16 rows for MR rows of x: two 8-lane halves (rows 0-7 and 8-15). L = 1: x's
+// second level is zero (Acts::levels) and its products are skipped.
+template <int MR, int L>
 void q4_tile(const Acts& a, int64_t i0, const uint8_t* q, const uint16_t* dm, int64_t t,
              float* y, int64_t ldy) {
   const int64_t kb = a.k / kBlock;
@@ -151,12 +152,14 @@ void q4_tile(const Acts& a, int64_t i0, const uint8_t* q, const uint16_t* dm, in
         const int64_t o = (i0 + r) * a.k + b * kBlock + 8 * s;
         const __m256i xl1 = _mm256_set1_epi32(load4(a.q1 + o));
         const __m256i xh1 = _mm256_set1_epi32(load4(a.q1 + o + 4));
-        const __m256i xl2 = _mm256_set1_epi32(load4(a.q2 + o));
-        const __m256i xh2 = _mm256_set1_epi32(load4(a.q2 + o + 4));
         s1[r][0] = dot(dot(s1[r][0], lo0, xl1), hi0, xh1);
         s1[r][1] = dot(dot(s1[r][1], lo1, xl1), hi1, xh1);
-        s2[r][0] = dot(dot(s2[r][0], lo0, xl2), hi0, xh2);
-        s2[r][1] = dot(dot(s2[r][1], lo1, xl2), hi1, xh2);
+        if constexpr (L == 2) {
+          const __m256i xl2 = _mm256_set1_epi32(load4(a.q2 + o));
+          const __m256i xh2 = _mm256_set1_epi32(load4(a.q2 + o + 4));
+          s2[r][0] = dot(dot(s2[r][0], lo0, xl2), hi0, xh2);
+          s2[r][1] = dot(dot(s2[r][1], lo1, xl2), hi1, xh2);
+        }
       }
     }
     const __m256 dv[2] = {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d))),
@@ -168,8 +171,8 @@ void q4_tile(const Acts& a, int64_t i0, const uint8_t* q, const uint16_t* dm, in
       const __m256 sx = _mm256_set1_ps(a.scale[(i0 + r) * kb + b]);
       const __m256 xs = _mm256_set1_ps(a.sum[(i0 + r) * kb + b]);
       for (int h = 0; h < 2; ++h) {
-        const __m256i n = _mm256_add_epi32(_mm256_slli_epi32(lanes32(s1[r][h]), 7),
-                                           lanes32(s2[r][h]));
+        const __m256i n1 = _mm256_slli_epi32(lanes32(s1[r][h]), 7);
+        const __m256i n = L == 2 ? _mm256_add_epi32(n1, lanes32(s2[r][h])) : n1;
         acc[r][h] = _mm256_fmadd_ps(_mm256_mul_ps(dv[h], sx), _mm256_cvtepi32_ps(n), acc[r][h]);
         acc[r][h] = _mm256_fmadd_ps(mv[h], xs, acc[r][h]);
       }
@@ -181,16 +184,23 @@ void q4_tile(const Acts& a, int64_t i0, const uint8_t* q, const uint16_t* dm, in
   }
 }
 
-void gemm_q4(const Acts& a, const uint8_t* q, const uint16_t* dm, int64_t n0, int64_t n1,
-             float* y, int64_t ldy) {
+template <int L>
+void q4_range(const Acts& a, const uint8_t* q, const uint16_t* dm, int64_t n0, int64_t n1,
+              float* y, int64_t ldy) {
   for (int64_t t = n0 / kTile; t < n1 / kTile; ++t)
     for (int64_t i = 0; i < a.m; i += 2) {
       if (a.m - i >= 2) {
-        q4_tile<2>(a, i, q, dm, t, y, ldy);
+        q4_tile<2, L>(a, i, q, dm, t, y, ldy);
       } else {
-        q4_tile<1>(a, i, q, dm, t, y, ldy);
+        q4_tile<1, L>(a, i, q, dm, t, y, ldy);
       }
     }
+}
+
+void gemm_q4(const Acts& a, const uint8_t* q, const uint16_t* dm, int64_t n0, int64_t n1,
+             float* y, int64_t ldy) {
+  if (a.levels == 1) return q4_range<1>(a, q, dm, n0, n1, y, ldy);
+  q4_range<2>(a, q, dm, n0, n1, y, ldy);
 }
 
 // int8 rows: |w| (unsigned) times x with w's sign, so vpmaddubsw cannot saturate

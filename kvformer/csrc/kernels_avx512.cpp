@@ -76,10 +76,11 @@ void quantize(const float* x, Acts& a, int8_t* q1, int8_t* q2, float* scale, flo
 // level has C accumulators, so that enough vpdpbusd chains run side by side (one chain per
 // tile and level ran at the instruction's latency, a third of its rate): C = 2 for a
 // single row, 1 when MR * NT rows and tiles already make 4 or more chains per level.
-template <int MR, int NT>
+// L = 1: x's second level is zero (Acts::levels) and its products are skipped.
+template <int MR, int NT, int L>
 void q4_tiles(const Acts& a, int64_t i0, const uint8_t* q, const uint16_t* dm, int64_t t0,
               float* y, int64_t ldy) {
-  constexpr int C = MR * NT >= 4 ? 1 : 2;
+  constexpr int C = MR * NT * L >= 4 ? 1 : 2;
   const int64_t kb = a.k / kBlock;
   const __m512i low = _mm512_set1_epi8(0x0f);
   __m512 acc[MR][NT];
@@ -103,14 +104,18 @@ void q4_tiles(const Acts& a, int64_t i0, const uint8_t* q, const uint16_t* dm, i
         const int64_t o = (i0 + r) * a.k + b * kBlock + 8 * s;
         const __m512i xl1 = _mm512_set1_epi32(load4(a.q1 + o));
         const __m512i xh1 = _mm512_set1_epi32(load4(a.q1 + o + 4));
-        const __m512i xl2 = _mm512_set1_epi32(load4(a.q2 + o));
-        const __m512i xh2 = _mm512_set1_epi32(load4(a.q2 + o + 4));
         const int c = s % C;  // alternate the accumulators of a level
         for (int u = 0; u < NT; ++u) {
           s1[r][u][c] = _mm512_dpbusd_epi32(s1[r][u][c], lo[u], xl1);
           s1[r][u][c] = _mm512_dpbusd_epi32(s1[r][u][c], hi[u], xh1);
-          s2[r][u][c] = _mm512_dpbusd_epi32(s2[r][u][c], lo[u], xl2);
-          s2[r][u][c] = _mm512_dpbusd_epi32(s2[r][u][c], hi[u], xh2);
+        }
+        if constexpr (L == 2) {
+          const __m512i xl2 = _mm512_set1_epi32(load4(a.q2 + o));
+          const __m512i xh2 = _mm512_set1_epi32(load4(a.q2 + o + 4));
+          for (int u = 0; u < NT; ++u) {
+            s2[r][u][c] = _mm512_dpbusd_epi32(s2[r][u][c], lo[u], xl2);
+            s2[r][u][c] = _mm512_dpbusd_epi32(s2[r][u][c], hi[u], xh2);
+          }
         }
       }
     }
@@ -125,7 +130,8 @@ void q4_tiles(const Acts& a, int64_t i0, const uint8_t* q, const uint16_t* dm, i
           n1 = _mm512_add_epi32(n1, s1[r][u][1]);
           n2 = _mm512_add_epi32(n2, s2[r][u][1]);
         }
-        const __m512i n = _mm512_add_epi32(_mm512_slli_epi32(n1, 7), n2);
+        const __m512i n =
+            L == 2 ? _mm512_add_epi32(_mm512_slli_epi32(n1, 7), n2) : _mm512_slli_epi32(n1, 7);
         const __m512 sx = _mm512_set1_ps(a.scale[(i0 + r) * kb + b]);
         acc[r][u] = _mm512_fmadd_ps(_mm512_mul_ps(dv, sx), _mm512_cvtepi32_ps(n), acc[r][u]);
         acc[r][u] = _mm512_fmadd_ps(mv, _mm512_set1_ps(a.sum[(i0 + r) * kb + b]), acc[r][u]);
@@ -137,27 +143,34 @@ void q4_tiles(const Acts& a, int64_t i0, const uint8_t* q, const uint16_t* dm, i
       _mm512_storeu_ps(y + (i0 + r) * ldy + (t0 + u) * kTile, acc[r][u]);
 }
 
-template <int NT>
+template <int NT, int L>
 void q4_rows(const Acts& a, const uint8_t* q, const uint16_t* dm, int64_t t, float* y,
              int64_t ldy) {
   for (int64_t i = 0; i < a.m; i += 4) {
     switch (std::min<int64_t>(4, a.m - i)) {
-      case 1: q4_tiles<1, NT>(a, i, q, dm, t, y, ldy); break;
-      case 2: q4_tiles<2, NT>(a, i, q, dm, t, y, ldy); break;
-      case 3: q4_tiles<3, NT>(a, i, q, dm, t, y, ldy); break;
-      default: q4_tiles<4, NT>(a, i, q, dm, t, y, ldy); break;
+      case 1: q4_tiles<1, NT, L>(a, i, q, dm, t, y, ldy); break;
+      case 2: q4_tiles<2, NT, L>(a, i, q, dm, t, y, ldy); break;
+      case 3: q4_tiles<3, NT, L>(a, i, q, dm, t, y, ldy); break;
+      default: q4_tiles<4, NT, L>(a, i, q, dm, t, y, ldy); break;
     }
   }
 }
 
-void gemm_q4(const Acts& a, const uint8_t* q, const uint16_t* dm, int64_t n0, int64_t n1,
-             float* y, int64_t ldy) {
+template <int L>
+void q4_range(const Acts& a, const uint8_t* q, const uint16_t* dm, int64_t n0, int64_t n1,
+              float* y, int64_t ldy) {
   // two tiles at a time: for one row of x, more independent work; for several, each
   // broadcast of x serves two tiles (measured 13 % faster at 16 rows than one tile)
   int64_t t = n0 / kTile;
   const int64_t t1 = n1 / kTile;
-  for (; t + 2 <= t1; t += 2) q4_rows<2>(a, q, dm, t, y, ldy);
-  for (; t < t1; ++t) q4_rows<1>(a, q, dm, t, y, ldy);
+  for (; t + 2 <= t1; t += 2) q4_rows<2, L>(a, q, dm, t, y, ldy);
+  for (; t < t1; ++t) q4_rows<1, L>(a, q, dm, t, y, ldy);
+}
+
+void gemm_q4(const Acts& a, const uint8_t* q, const uint16_t* dm, int64_t n0, int64_t n1,
+             float* y, int64_t ldy) {
+  if (a.levels == 1) return q4_range<1>(a, q, dm, n0, n1, y, ldy);
+  q4_range<2>(a, q, dm, n0, n1, y, ldy);
 }
 
 // One row of x: each weight row streamed once, with its two sums reduced at its end (at the
