@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="continue a prompt (argument or stdin), streaming")
     g.add_argument("prompt", nargs="?", help="the prompt; read from stdin when omitted")
-    add_flags(g, "model", "dtype", "kv_dtype", "threads", "ctx_size", *SAMPLING, "quiet")
+    add_flags(g, "model", "dtype", "kv_dtype", "activations", "threads", "ctx_size",
+              *SAMPLING, "quiet")
     g.add_argument("--no-cache", action="store_true",
                    help="recompute the whole sequence for every token (the seed's comparison)")
     g.add_argument("--chat", action="store_true",
@@ -49,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("chat", help="interactive multi-turn chat (/help inside; Ctrl-C "
                                     "stops an answer, Ctrl-D exits)")
-    add_flags(c, "model", "dtype", "kv_dtype", "threads", "ctx_size", *SAMPLING, "quiet",
-              max_new_tokens=256, ctx_size=4096)
+    add_flags(c, "model", "dtype", "kv_dtype", "activations", "threads", "ctx_size",
+              *SAMPLING, "quiet", max_new_tokens=256, ctx_size=4096)
     c.add_argument("--context", dest="ctx_size", type=at_least(0),
                    help=argparse.SUPPRESS)  # the old name of --ctx-size
     c.add_argument("--system", default=None, help="system message")
@@ -159,6 +160,15 @@ def _build_native(status: StatusLine, quiet: bool) -> None:
         print(lines[-1], file=sys.stderr)  # "native kernels unavailable (why); torch ops"
 
 
+def _set_activations(args) -> None:
+    """--activations for the int4 kernels (without the native kernels there are none: torch's
+    int4 matmul takes the activations as they are)."""
+    from . import native
+
+    if getattr(args, "activations", None) and native.available(build_if_missing=False):
+        native.activations(args.activations)
+
+
 def load_model(args, name: str | None = None, dtype: str | None = None):
     """(model, tokenizer) for a verb: threads set, the kernels built and the model loaded
     under the status line. Every verb that runs a model comes through here."""
@@ -171,6 +181,7 @@ def load_model(args, name: str | None = None, dtype: str | None = None):
     status.show("starting (importing torch)")
     set_threads(args)
     _build_native(status, quiet)
+    _set_activations(args)
     status.show(f"loading {display_name(resolve(name)[1])}")
     try:
         model, tok = load(name, dtype=dtype or getattr(args, "dtype", None),
@@ -250,7 +261,9 @@ def cmd_generate(args) -> int:
             "torch (KVFORMER_NATIVE=0)" if native.disabled() else "torch (no native build)")
         print(f"[{len(ids)} prompt tokens, {n} new tokens in {elapsed:.2f} s, "
               f"{n / elapsed:.1f} tokens/s; {getattr(model, 'mode', '?')}, kernels {kernels}, "
-              f"activations {str(model.dtype).split('.')[-1]}, KV {model.kv_format().name}, "
+              f"activations {str(model.dtype).split('.')[-1]}"
+              f"{' (int8 into int4)' if native.activations() == 'int8' else ''}, "
+              f"KV {model.kv_format().name}, "
               f"{torch.get_num_threads()} threads]", file=sys.stderr)
     return 0
 
@@ -358,8 +371,8 @@ def _kernels_line() -> str:
         return f"torch ops (native kernels not built: run `kvformer build`); activations {act}"
     import torch
 
-    return (f"{native.kernel_path()}; activations {act}; {torch.get_num_threads()} threads "
-            f"({native.threads()})")
+    return (f"{native.kernel_path()}; activations {act} ({native.activations()} into int4); "
+            f"{torch.get_num_threads()} threads ({native.threads()})")
 
 
 def cmd_build(args) -> int:

@@ -192,6 +192,29 @@ def _options(parser, verb):
     return found
 
 
+@needs_default
+def test_int8_activations_reach_the_kernels_and_equal_the_library():
+    """--activations int8: the int4 kernels take one level of x, and the CLI's tokens are
+    the library's in that mode (which are not always the default mode's)."""
+    from kvformer import generate, native
+    from kvformer.loading import load
+
+    if not native.available():
+        pytest.skip("no native kernels: torch's int4 matmul has no activation levels")
+    model, tok = load("default", dtype="auto")
+    prompt = "The three primary colors are"
+    before = native.activations()
+    native.activations("int8")
+    try:
+        expected = tok.decode(generate(model, tok.encode(prompt), 12, stop_ids=tok.stop_ids))
+    finally:
+        native.activations(before)
+    res = run_cli("generate", prompt, "-n", "12", "--activations", "int8", "--stats")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == expected + "\n"
+    assert "(int8 into int4)" in res.stderr
+
+
 MODEL_VERBS = ["generate", "chat", "attention", "explain", "serve", "info"]
 
 
