@@ -24,6 +24,7 @@ the same memory holds ~1.9x the tokens as int8 rows.
     python benchmarks/serve_load.py                      # SmolLM2-135M, C = 1, 4, 16
     python benchmarks/serve_load.py --kv-dtype bf16,int8 # the KV pool in bf16, then int8
     python benchmarks/serve_load.py --url http://127.0.0.1:8000   # a server already up
+    python benchmarks/serve_load.py --activations int8   # server and generate: int8 into int4
 """
 
 from __future__ import annotations
@@ -149,6 +150,8 @@ def start_server(args, kv_dtype: str | None = None) -> tuple[subprocess.Popen, s
         cmd += ["--dtype", args.dtype]
     if kv_dtype:
         cmd += ["--kv-dtype", kv_dtype]
+    if args.activations:
+        cmd += ["--activations", args.activations]
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -187,8 +190,11 @@ print(best)
 def reference_rate(args) -> float:
     """Tokens/s of kvformer.generate alone, as `kvformer generate` runs it (best of 3)."""
     dtype = args.dtype or "auto"
+    env = {**os.environ, **({"KVFORMER_ACTIVATIONS": args.activations}
+                            if args.activations else {})}
     done = subprocess.run([sys.executable, "-c", REFERENCE, args.model, dtype, prompt(0),
-                           str(args.max_tokens)], capture_output=True, text=True, check=True)
+                           str(args.max_tokens)], capture_output=True, text=True, check=True,
+                          env=env)
     return float(done.stdout.strip().splitlines()[-1])
 
 
@@ -266,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--dtype", default=None, help="the server's --dtype (default: its own)")
+    p.add_argument("--activations", default=None, choices=["int16", "int8"],
+                   help="the server's --activations, and generate's alike (default: theirs)")
     p.add_argument("--kv-dtype", default=None,
                    help="the server's --kv-dtype, or a comma-separated list to run with each "
                         "and compare their KV pools (default: the server's own)")

@@ -122,3 +122,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """-m/--model, --dtype, --kv-dtype, --activations and -t/--threads, as every verb that
     loads a model takes them."""
     add_flags(p, "model", "dtype", "kv_dtype", "activations", "threads")
+
+
+def apply_activations(args) -> None:
+    """--activations for the int4 kernels (without the native kernels there are none: torch's
+    int4 matmul takes the activations as they are)."""
+    from . import native
+
+    if getattr(args, "activations", None) and native.available(build_if_missing=False):
+        native.activations(args.activations)

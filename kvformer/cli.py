@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .arguments import SAMPLING, add_flags, at_least, physical_cores
+from .arguments import SAMPLING, add_flags, apply_activations, at_least, physical_cores
 from .errors import ArgumentParser, KvformerError
 
 
@@ -160,15 +160,6 @@ def _build_native(status: StatusLine, quiet: bool) -> None:
         print(lines[-1], file=sys.stderr)  # "native kernels unavailable (why); torch ops"
 
 
-def _set_activations(args) -> None:
-    """--activations for the int4 kernels (without the native kernels there are none: torch's
-    int4 matmul takes the activations as they are)."""
-    from . import native
-
-    if getattr(args, "activations", None) and native.available(build_if_missing=False):
-        native.activations(args.activations)
-
-
 def load_model(args, name: str | None = None, dtype: str | None = None):
     """(model, tokenizer) for a verb: threads set, the kernels built and the model loaded
     under the status line. Every verb that runs a model comes through here."""
@@ -181,7 +172,7 @@ def load_model(args, name: str | None = None, dtype: str | None = None):
     status.show("starting (importing torch)")
     set_threads(args)
     _build_native(status, quiet)
-    _set_activations(args)
+    apply_activations(args)
     status.show(f"loading {display_name(resolve(name)[1])}")
     try:
         model, tok = load(name, dtype=dtype or getattr(args, "dtype", None),

@@ -7,7 +7,7 @@ import ipaddress
 import os
 import sys
 
-from ..arguments import add_model_arguments, physical_cores
+from ..arguments import add_model_arguments, apply_activations, physical_cores
 from ..errors import ArgumentParser, KvformerError
 
 
@@ -112,6 +112,7 @@ def cmd_serve(args) -> int:
             model, tokenizer = load(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype)
         finally:
             torch.set_num_threads(threads)
+        apply_activations(args)  # after the load, which builds the kernels if need be
         if tokenizer is None:
             raise KvformerError(f"{args.model}: no tokenizer found beside the model; "
                                 "serving needs tokenizer.json or a GGUF with a vocabulary")
