@@ -9,6 +9,7 @@ tokens/s over batch 1's.
 
     python benchmarks/decode_batch.py                        # SmolLM2-135M int4, B = 1 4 16
     python benchmarks/decode_batch.py --batch 1 2 4 8 16 --threads 1
+    python benchmarks/decode_batch.py --activations int16 int8   # both modes, interleaved
 """
 
 from __future__ import annotations
@@ -68,7 +69,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="steps per measurement")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--activations", nargs="+", default=None, choices=["int16", "int8"],
+                   help="how x enters the int4 kernels; several: each, rounds interleaved "
+                        "(default: the process's, KVFORMER_ACTIVATIONS or int16)")
     args = p.parse_args()
+    from kvformer import native
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(1)  # load as kvformer serve does
     model, _ = load(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype, progress=False)
@@ -79,27 +84,33 @@ def main() -> None:
     bs = 16
     pool = BlockPool.for_model(model, max(args.batch) * (args.context // bs + 1) + 1, bs,
                                dtype=model.kv_format(None), prefix_caching=False)
-    runs: dict[int, list[dict[str, float]]] = {b: [] for b in args.batch}
+    modes = args.activations or [native.activations()]
+    runs: dict[tuple[str, int], list[dict[str, float]]] = {
+        (a, b): [] for a in modes for b in args.batch}
     with torch.inference_mode():
         for _ in range(args.rounds):
-            for b in args.batch:
-                runs[b].append(time_batch(step, pool, b, args.context, args.steps))
+            for a in modes:
+                native.activations(a)
+                for b in args.batch:
+                    runs[a, b].append(time_batch(step, pool, b, args.context, args.steps))
     isa = torch.ops.kvformer_native.plan_isa(step.handle)
     print(f"{args.model} ({args.dtype}, {isa} kernels, KV {pool.kv_dtype}), {args.context} "
           f"tokens cached per row, {threads} torch threads, median of {args.rounds} rounds "
           f"of {args.steps} steps (ms per step)\n")
-    print("| B | step | matmuls | LM head | attention | other | greedy pick | tok/s "
-          "(step + pick) | vs B=1 |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    med = {b: {k: statistics.median(r[k] for r in runs[b]) for k in runs[b][0]}
-           for b in args.batch}
-    base = args.batch[0] / (med[args.batch[0]]["step"] + med[args.batch[0]]["pick"])
-    for b in args.batch:
-        m = med[b]
-        rate = b / (m["step"] + m["pick"])
-        print(f"| {b} | {m['step']:.2f} | {m['matmul']:.2f} | {m['head']:.2f} | "
-              f"{m['attention']:.2f} | {m['other']:.2f} | {m['pick']:.2f} | {rate * 1e3:.1f} | "
-              f"{rate / base:.2f}x |")
+    print("| activations | B | step | matmuls | LM head | attention | other | greedy pick | "
+          "tok/s (step + pick) | vs B=1 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    med = {key: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+           for key, rs in runs.items()}
+    for a in modes:
+        first = med[a, args.batch[0]]
+        base = args.batch[0] / (first["step"] + first["pick"])
+        for b in args.batch:
+            m = med[a, b]
+            rate = b / (m["step"] + m["pick"])
+            print(f"| {a} | {b} | {m['step']:.2f} | {m['matmul']:.2f} | {m['head']:.2f} | "
+                  f"{m['attention']:.2f} | {m['other']:.2f} | {m['pick']:.2f} | "
+                  f"{rate * 1e3:.1f} | {rate / base:.2f}x |")
 
 
 if __name__ == "__main__":
