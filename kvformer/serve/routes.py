@@ -257,14 +257,10 @@ def sampling_params(srv: Server, req: _Common, max_tokens: int | None,
     return out
 
 
-def _plain_text(response_format: Any) -> bool:
-    return _empty(response_format) or response_format == {"type": "text"}
-
-
 def response_grammar(srv: Server, value: Any) -> Grammar | None:
     """``response_format`` as a grammar (None for plain text). Runs on a worker thread:
     the first call builds the vocabulary's table, a schema takes milliseconds to compile."""
-    if _plain_text(value):
+    if _empty(value) or value == {"type": "text"}:
         return None
     kind = value.get("type") if isinstance(value, dict) else None
     try:
@@ -336,9 +332,7 @@ async def completions(srv: Server, request: Request) -> dict | StreamingResponse
         raise APIError(400, "echo with logprobs is not supported (the prompt's "
                             "log-probabilities are not computed); drop one of them",
                        param="echo", code="unsupported_value")
-    grammar = None  # plain text needs no worker thread
-    if not _plain_text(req.response_format):
-        grammar = await asyncio.to_thread(response_grammar, srv, req.response_format)
+    grammar = await asyncio.to_thread(response_grammar, srv, req.response_format)
     params = sampling_params(srv, req, req.max_tokens, lp, grammar)
     _prepare(srv, params, ids, req.max_tokens, "prompt")
     echo = ""
@@ -452,9 +446,7 @@ async def chat(srv: Server, request: Request) -> dict | StreamingResponse:
     lp = (top or 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
         else req.max_tokens
-    grammar = None  # plain text and no tools: no worker thread
-    if plan is not None or not _plain_text(req.response_format):
-        grammar = await asyncio.to_thread(chat_grammar, srv, req.response_format, plan)
+    grammar = await asyncio.to_thread(chat_grammar, srv, req.response_format, plan)
     params = sampling_params(srv, req, max_tokens, lp, grammar)
     _prepare(srv, params, ids, max_tokens, "messages")
     stream, first = await srv.submit(request, ids, params)
