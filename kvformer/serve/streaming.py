@@ -47,7 +47,7 @@ class Mailbox:
     order it was posted."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = weakref.ref(loop)  # weak: the loop keys the mailbox in _mailboxes
+        self.loop = loop
         self.items: deque[tuple[RequestStream, int, Output]] = deque()
         self.lock = threading.Lock()
         self.woken = False  # a _drain is scheduled and has not started yet
@@ -59,10 +59,7 @@ class Mailbox:
                 return
             self.woken = True
         try:
-            loop = self.loop()
-            if loop is None:
-                raise RuntimeError("Event loop is closed")
-            loop.call_soon_threadsafe(self._drain)
+            self.loop.call_soon_threadsafe(self._drain)
         except BaseException:  # the loop is closed: nobody will read these
             with self.lock:
                 self.woken = False
@@ -77,15 +74,16 @@ class Mailbox:
             stream._put(index, out)
 
 
-_mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = \
-    weakref.WeakKeyDictionary()
+# id(loop) -> its mailbox while some stream holds it (a mailbox holds its loop, so the id
+# cannot be reused meanwhile; loops need not support weak references: uvloop's)
+_mailboxes: weakref.WeakValueDictionary[int, Mailbox] = weakref.WeakValueDictionary()
 
 
 def mailbox(loop: asyncio.AbstractEventLoop) -> Mailbox:
     """The loop's mailbox (call it on the loop's thread)."""
-    box = _mailboxes.get(loop)
-    if box is None:
-        box = _mailboxes[loop] = Mailbox(loop)
+    box = _mailboxes.get(id(loop))
+    if box is None or box.loop is not loop:
+        box = _mailboxes[id(loop)] = Mailbox(loop)
     return box
 
 
