@@ -75,7 +75,7 @@ class Mailbox:
 
 
 # id(loop) -> its mailbox while some stream holds it (a mailbox holds its loop, so the id
-# cannot be reused meanwhile; loops need not support weak references: uvloop's)
+# cannot be reused meanwhile; the loop itself needs no weak reference)
 _mailboxes: weakref.WeakValueDictionary[int, Mailbox] = weakref.WeakValueDictionary()
 
 
