@@ -7,6 +7,7 @@ requests one after another, and reports
     total output tokens/s = completion tokens of the level / wall time of the level
     TTFT p50 / p99        = request sent -> first content chunk received
     ITL p50               = gap between content chunks of one stream
+    SSE events            = "data:" lines received, [DONE] included
 
 Every request is a chat completion with ``temperature 0`` and ``ignore_eos`` (so each
 makes exactly --max-tokens tokens); prompts differ per request.
@@ -68,11 +69,15 @@ async def one_request(client: httpx.AsyncClient, model: str, i: int, max_tokens:
     first = None
     stamps: list[float] = []
     usage = None
+    events = 0
     async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
         async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+            if not line.startswith("data: "):
+                continue
+            events += 1
+            if line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
@@ -84,7 +89,8 @@ async def one_request(client: httpx.AsyncClient, model: str, i: int, max_tokens:
                     stamps.append(now)
     end = time.perf_counter()
     return {"ttft": (first or end) - start, "tokens": usage["completion_tokens"],
-            "itl": [b - a for a, b in zip(stamps, stamps[1:])], "seconds": end - start}
+            "itl": [b - a for a, b in zip(stamps, stamps[1:])], "seconds": end - start,
+            "events": events}
 
 
 async def level(url: str, model: str, concurrency: int, per_stream: int,
@@ -105,7 +111,8 @@ async def level(url: str, model: str, concurrency: int, per_stream: int,
     ttft = [r["ttft"] for r in results]
     itl = [x for r in results for x in r["itl"]]
     return {"concurrency": concurrency, "requests": len(results), "tokens": tokens,
-            "seconds": wall, "tokens_per_s": tokens / wall,
+            "events": sum(r["events"] for r in results), "seconds": wall,
+            "tokens_per_s": tokens / wall,
             "ttft_p50": percentile(ttft, 0.5), "ttft_p99": percentile(ttft, 0.99),
             "itl_p50": percentile(itl, 0.5), "itl_p99": percentile(itl, 0.99)}
 
@@ -253,7 +260,7 @@ def run_levels(args, kv_dtype: str | None) -> tuple[str, dict, list[dict]]:
             print(f"C={c:3d}: {row['requests']:3d} requests, {row['tokens']:5d} tokens in "
                   f"{row['seconds']:6.1f} s = {row['tokens_per_s']:7.1f} tok/s; TTFT p50 "
                   f"{row['ttft_p50']:.2f} s, p99 {row['ttft_p99']:.2f} s; ITL p50 "
-                  f"{row['itl_p50'] * 1000:.0f} ms", flush=True)
+                  f"{row['itl_p50'] * 1000:.0f} ms; {row['events']} SSE events", flush=True)
     finally:
         if proc is not None:
             proc.terminate()

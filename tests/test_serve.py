@@ -264,6 +264,191 @@ def test_client_disconnect_mid_stream_frees_blocks(model, tok):
         srv.stop()
 
 
+# ---------------------------------------------------------------------------- SSE events
+def _sse_payloads(raw: str) -> list[str]:
+    assert raw.endswith("\n\n")
+    events = raw[:-2].split("\n\n")
+    assert all(e.startswith("data: ") for e in events)
+    return [e[len("data: "):] for e in events]
+
+
+@pytest.mark.parametrize("path, extra", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Ünïcode \"q\" \\"}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 3,
+                              "logprobs": True, "top_logprobs": 2}),
+    ("/v1/completions", {"prompt": "tab\there \u00e9\u2603", "n": 2, "echo": True}),
+    ("/v1/completions", {"prompt": "abc", "logprobs": 1}),
+])
+@pytest.mark.parametrize("usage", [False, True])
+def test_stream_events_are_the_json_dumps_text_of_their_chunks(server, path, extra, usage):
+    """Chunks written from templates (not json.dumps) are still exactly json.dumps(chunk,
+    ensure_ascii=False): every event's JSON text equals that of its parsed value."""
+    body = {"model": MODEL, "max_tokens": 12, "temperature": 1.0, "seed": 3, "stream": True,
+            **extra}
+    if usage:
+        body["stream_options"] = {"include_usage": True}
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        raw = http.post(path, json=body).text
+    payloads = _sse_payloads(raw)
+    assert payloads[-1] == "[DONE]" and len(payloads) > 3
+    for text in payloads[:-1]:
+        chunk = json.loads(text)
+        assert json.dumps(chunk, ensure_ascii=False) == text
+        assert ("usage" in chunk) == usage
+    plain = httpx.post(server.url + path, json={**body, "stream": False}, timeout=60).json()
+    for c in plain["choices"]:
+        streamed = "".join(ch["delta"].get("content") or "" if "delta" in ch else ch["text"]
+                           for p in payloads[:-1] for ch in json.loads(p)["choices"]
+                           if ch["index"] == c["index"])
+        assert streamed == (c["message"]["content"] if "message" in c else c["text"])
+
+
+class _FakeEngine:
+    """What RequestStream needs of an Engine: submit hands out the sinks, abort notes."""
+
+    def __init__(self):
+        self.sinks, self.aborted = [], []
+
+    def submit(self, prompt_ids, params, sink):
+        self.sinks.append(sink)
+        return len(self.sinks)
+
+    def abort(self, rid):
+        self.aborted.append(rid)
+
+
+def test_mailbox_wakes_the_loop_once_for_what_piled_up_and_keeps_the_order(monkeypatch):
+    from kvformer.serve import streaming
+    from kvformer.serve.engine import Output
+
+    drains = []
+    plain_drain = streaming.Mailbox._drain
+    monkeypatch.setattr(streaming.Mailbox, "_drain",
+                        lambda self: (drains.append(len(self.items)), plain_drain(self)))
+
+    async def main():
+        engine = _FakeEngine()
+        streams = [streaming.RequestStream(engine, [1], [SamplingParams(max_tokens=50)] * 2)
+                   for _ in range(3)]
+
+        def engine_thread(steps):
+            for step in steps:
+                for sink in engine.sinks:
+                    sink(Output(text=str(step), finish_reason="length" if step == 49 else None))
+
+        # the loop is blocked while the engine thread posts 10 steps: one wake-up for all
+        worker = threading.Thread(target=engine_thread, args=(range(10),))
+        worker.start()
+        worker.join()
+        got = {(s, i): "" for s in range(3) for i in range(2)}
+        while any(len(v) < 10 for v in got.values()):
+            for s, stream in enumerate(streams):
+                while stream.pending:
+                    index, out = await stream.get()
+                    got[s, index] += out.text
+            await asyncio.sleep(0)
+        assert drains == [60] and set(got.values()) == {"0123456789"}
+        # and while the loop runs, every output still arrives once, in order
+        worker = threading.Thread(target=engine_thread, args=(range(10, 50),))
+        worker.start()
+        texts = {(s, i): [] for s in range(3) for i in range(2)}
+        for s, stream in enumerate(streams):
+            while not stream.done:
+                index, out = await stream.get()
+                texts[s, index].append(out.text)
+        worker.join()
+        assert {k: "".join(v) for k, v in texts.items()} == \
+            {k: "".join(map(str, range(10, 50))) for k in texts}
+        assert len(drains) <= 1 + 40 * 6 and sum(drains) == 300
+
+    asyncio.run(main())
+
+
+def test_sse_writes_queued_events_of_a_stream_together():
+    from kvformer.serve import streaming
+    from kvformer.serve.engine import Output
+
+    async def main():
+        engine = _FakeEngine()
+        stream = streaming.RequestStream(engine, [1], [SamplingParams(max_tokens=9)] * 3)
+        for index in range(3):
+            engine.sinks[index](Output(text="a"))
+        first = await stream.get()
+        seen = []
+
+        def chunks(index, out, last):
+            seen.append((index, out.text, last))
+            return [{"i": index, "t": out.text}, "{}"] if not last else \
+                [{"i": index, "t": out.text}, {"usage": "é"}]
+
+        body = streaming.sse_response(stream, first, chunks).body_iterator
+        writes = [await body.__anext__()]  # the three queued outputs: one write
+        for index in range(3):  # one step for every choice, then the last step
+            engine.sinks[index](Output(text="b"))
+        for index in range(3):
+            engine.sinks[index](Output(text="c", finish_reason="stop"))
+        writes += [w async for w in body]
+        return writes, seen
+
+    writes, seen = asyncio.run(main())
+    assert seen == [(0, "a", False), (1, "a", False), (2, "a", False), (0, "b", False),
+                    (1, "b", False), (2, "b", False), (0, "c", False), (1, "c", False),
+                    (2, "c", True)]
+    assert len(writes) == 2 and all(w.endswith("\n\n") for w in writes)
+    assert _sse_payloads(writes[0]) == ['{"i": 0, "t": "a"}', "{}", '{"i": 1, "t": "a"}', "{}",
+                                        '{"i": 2, "t": "a"}', "{}"]
+    assert _sse_payloads(writes[1]) == [
+        '{"i": 0, "t": "b"}', "{}", '{"i": 1, "t": "b"}', "{}", '{"i": 2, "t": "b"}', "{}",
+        '{"i": 0, "t": "c"}', "{}", '{"i": 1, "t": "c"}', "{}", '{"i": 2, "t": "c"}',
+        '{"usage": "é"}', "[DONE]"]
+
+
+def test_sse_sends_the_events_before_a_failing_chunk():
+    from kvformer.serve import streaming
+    from kvformer.serve.engine import Output
+
+    async def main():
+        engine = _FakeEngine()
+        stream = streaming.RequestStream(engine, [1], [SamplingParams(max_tokens=9)] * 2)
+        engine.sinks[0](Output(text="a"))
+        engine.sinks[1](Output(text="boom"))
+        first = await stream.get()
+
+        def chunks(index, out, last):
+            if out.text == "boom":
+                raise RuntimeError("boom")
+            return [{"t": out.text}]
+
+        body = streaming.sse_response(stream, first, chunks).body_iterator
+        writes = []
+        with pytest.raises(RuntimeError, match="boom"):
+            async for w in body:
+                writes.append(w)
+        return writes, engine.aborted
+
+    writes, aborted = asyncio.run(main())
+    assert writes == ['data: {"t": "a"}\n\n'] and aborted == [1, 2]
+
+
+def test_chunk_json_writes_what_json_dumps_writes():
+    from kvformer.serve.streaming import ChunkJSON, json_str
+
+    head = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+            "model": "m\u00fc\"\\", "system_fingerprint": None}
+    for usage in (False, True):
+        fmt = ChunkJSON(head, usage_null=usage)
+        for text in ("", "plain", "q\"uote\\ \n\t\x00\x1f", "é☃🙂", "\ud800", "\u2028"):
+            choice = {"index": 3, "delta": {"content": text}, "logprobs": None,
+                      "finish_reason": None}
+            want = dict(head, choices=[choice], **({"usage": None} if usage else {}))
+            want = json.dumps(want, ensure_ascii=False)
+            assert fmt(choice) == want
+            assert fmt('{"index": 3, "delta": {"content": ' + json_str(text) + '}, '
+                       '"logprobs": null, "finish_reason": null}') == want
+    with pytest.raises(ValueError):
+        ChunkJSON({"choices": []}, usage_null=False)
+
+
 # ---------------------------------------------------------------------------- bad input
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, client):
     url = server.url + "/v1/chat/completions"

@@ -33,7 +33,7 @@ from .schemas import (
     _Common,
     parse_body,
 )
-from .streaming import RequestStream, collect, engine_error, sse_response
+from .streaming import ChunkJSON, RequestStream, collect, engine_error, json_str, sse_response
 from .tools import ToolCallParser, ToolPlan, call_grammar, parse_answer, prompt_inputs, tool_plan
 
 MAX_STOP_STRINGS = 16
@@ -352,18 +352,20 @@ async def completions(srv: Server, request: Request) -> dict | StreamingResponse
         want_usage = bool(req.stream_options and req.stream_options.include_usage)
         offsets = [0] * len(params)
         totals = [Output() for _ in params]
+        chunk_json = ChunkJSON(head, usage_null=want_usage)
 
-        def chunks(index: int, out: Output, last: bool) -> list[dict]:
+        def chunks(index: int, out: Output, last: bool) -> list[dict | str]:
             totals[index].merge(out)
-            res = []
+            res: list[dict | str] = []
             if echo and offsets[index] == 0 and not out.text.startswith(echo):
                 out.text = echo + out.text
             if out.text or out.token_ids or out.finished:
-                c = dict(head, choices=[choice(index, out, offsets[index])])
+                if lp is None and not out.finished:  # the usual chunk, written directly
+                    res.append(chunk_json(f'{{"index": {index}, "text": {json_str(out.text)}, '
+                                          '"logprobs": null, "finish_reason": null}'))
+                else:
+                    res.append(chunk_json(choice(index, out, offsets[index])))
                 offsets[index] += len(out.text)
-                if want_usage:
-                    c["usage"] = None
-                res.append(c)
             if last and want_usage:
                 res.append(dict(head, choices=[], usage=_usage(totals)))
             return res
@@ -464,10 +466,11 @@ async def chat(srv: Server, request: Request) -> dict | StreamingResponse:
         parsers = [ToolCallParser(plan.names, plan.parallel) if plan else None
                    for _ in params]
         n_calls = [0] * len(params)
+        chunk_json = ChunkJSON(head, usage_null=want_usage)
 
-        def chunks(index: int, out: Output, last: bool) -> list[dict]:
+        def chunks(index: int, out: Output, last: bool) -> list[dict | str]:
             totals[index].merge(out)
-            res = []
+            res: list[dict | str] = []
             text, calls, parser = out.text, [], parsers[index]
             if parser is not None:
                 text, calls = parser.feed(text)
@@ -476,17 +479,18 @@ async def chat(srv: Server, request: Request) -> dict | StreamingResponse:
                     text, calls = text + more, calls + last_calls
 
             def add(delta: dict, finish: str | None, with_lp: bool) -> None:
-                c = dict(head, choices=[{"index": index, "delta": delta,
-                                         "logprobs": logprobs(out) if with_lp else None,
-                                         "finish_reason": finish}])
-                if want_usage:
-                    c["usage"] = None
-                res.append(c)
+                res.append(chunk_json({"index": index, "delta": delta,
+                                       "logprobs": logprobs(out) if with_lp else None,
+                                       "finish_reason": finish}))
 
             if index not in started:
                 started.add(index)
                 add({"role": "assistant", "content": ""}, None, False)
-            if text or out.logprobs:
+            if text and lp is None:  # the usual chunk, written directly
+                res.append(chunk_json(f'{{"index": {index}, "delta": {{"content": '
+                                      f'{json_str(text)}}}, "logprobs": null, '
+                                      '"finish_reason": null}'))
+            elif text or out.logprobs:
                 add({"content": text}, None, True)
             for call in calls:  # each call whole, in one chunk
                 add({"tool_calls": [{"index": n_calls[index], **call}]}, None, False)

@@ -1,10 +1,11 @@
 """A submitted request seen from the web side: its outputs as they come, as one JSON answer
 or as server-sent events.
 
-The engine thread pushes each ``Output`` onto the request's asyncio queue with
-``call_soon_threadsafe``; the handler awaits them. A client that goes away (mid-stream,
-or while it waits for a plain answer) aborts its request, which frees its blocks at the
-engine's next step.
+The engine thread posts each ``Output`` to the event loop's ``Mailbox``, which wakes the
+loop once for everything posted until the loop gets to it (one engine step's outputs of
+every stream, as a rule, rather than one wake-up per token per stream); the handler awaits
+its request's outputs. A client that goes away (mid-stream, or while it waits for a plain
+answer) aborts its request, which frees its blocks at the engine's next step.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import asyncio
 import functools
 import json
 import logging
+import threading
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
@@ -37,13 +40,60 @@ def engine_error(exc: Exception, retry_after: int) -> APIError:
                     code="internal_error")
 
 
+class Mailbox:
+    """Outputs on their way from the engine thread to one event loop. ``post`` (any
+    thread) queues an output for its stream and wakes the loop only if no wake-up is
+    pending yet; ``_drain`` (on the loop) hands everything queued to the streams, in the
+    order it was posted."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.items: deque[tuple[RequestStream, int, Output]] = deque()
+        self.lock = threading.Lock()
+        self.woken = False  # a _drain is scheduled and has not started yet
+
+    def post(self, stream: RequestStream, index: int, out: Output) -> None:
+        self.items.append((stream, index, out))
+        with self.lock:
+            if self.woken:
+                return
+            self.woken = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except BaseException:  # the loop is closed: nobody will read these
+            with self.lock:
+                self.woken = False
+            raise
+
+    def _drain(self) -> None:
+        with self.lock:
+            self.woken = False  # before taking items: a later post wakes the loop again
+        items = self.items
+        while items:
+            stream, index, out = items.popleft()
+            stream._put(index, out)
+
+
+# id(loop) -> its mailbox while some stream holds it (a mailbox holds its loop, so the id
+# cannot be reused meanwhile; the loop itself needs no weak reference)
+_mailboxes: weakref.WeakValueDictionary[int, Mailbox] = weakref.WeakValueDictionary()
+
+
+def mailbox(loop: asyncio.AbstractEventLoop) -> Mailbox:
+    """The loop's mailbox (call it on the loop's thread)."""
+    box = _mailboxes.get(id(loop))
+    if box is None or box.loop is not loop:
+        box = _mailboxes[id(loop)] = Mailbox(loop)
+    return box
+
+
 class RequestStream:
     """A submitted request of ``len(params)`` choices (one engine sequence each, on the
     same prompt): their outputs arrive, tagged with the choice's index, in one queue."""
 
     def __init__(self, engine: Engine, prompt_ids: list[int], params: list[SamplingParams]):
         self.engine = engine
-        self.loop = asyncio.get_running_loop()
+        self.mailbox = mailbox(asyncio.get_running_loop())
         self.pending: deque[tuple[int, Output]] = deque()
         self.ready = asyncio.Event()
         self.rids: list[int] = []
@@ -56,7 +106,7 @@ class RequestStream:
             raise
 
     def _sink(self, index: int, out: Output) -> None:  # engine thread
-        self.loop.call_soon_threadsafe(self._put, index, out)
+        self.mailbox.post(self, index, out)
 
     def _put(self, index: int, out: Output) -> None:
         self.pending.append((index, out))
@@ -122,24 +172,59 @@ async def collect(stream: RequestStream, first: tuple[int, Output], request: Req
     return merged
 
 
+_dumps = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(x, ensure_ascii=False)
+json_str = json.encoder.encode_basestring  # a str as _dumps writes it
+
+
+class ChunkJSON:
+    """The JSON text of a stream chunk ``dict(head, choices=[choice])``, followed by
+    ``"usage": None`` when ``usage_null``, exactly as ``json.dumps(chunk,
+    ensure_ascii=False)`` writes it, from the choice's JSON text: the head is written once
+    per request, not once per chunk."""
+
+    def __init__(self, head: dict, usage_null: bool):
+        if not head or {"choices", "usage"} & head.keys():
+            raise ValueError("head must be non-empty, without choices or usage")
+        self.prefix = _dumps(head)[:-1] + ', "choices": ['
+        self.suffix = '], "usage": null}' if usage_null else ']}'
+
+    def __call__(self, choice: dict | str) -> str:
+        """``choice``: a dict, or its JSON text as ``json.dumps`` writes it."""
+        return self.prefix + (choice if choice.__class__ is str else _dumps(choice)) \
+            + self.suffix
+
+
 def sse_response(stream: RequestStream, first: tuple[int, Output],
-                 chunks: Callable[[int, Output, bool], list[dict]]) -> StreamingResponse:
+                 chunks: Callable[[int, Output, bool], list[dict | str]]) -> StreamingResponse:
     """Server-sent events: ``chunks(index, output, last)`` gives the JSON chunks for each
-    output (``last``: every choice has finished), then ``data: [DONE]``."""
+    output (``last``: every choice has finished), each a dict or its JSON text as
+    ``json.dumps(chunk, ensure_ascii=False)`` writes it, then ``data: [DONE]``. The events
+    of every output already queued go out in one write."""
     async def events() -> AsyncIterator[str]:
         index, out = first
+        parts: list[str] = []
         try:
             while True:
                 if out.error is not None:
                     err = engine_error(out.error, 1)
-                    yield f"data: {json.dumps(err.body())}\n\n"
+                    parts.append(f"data: {json.dumps(err.body())}\n\n")
                     break
-                for chunk in chunks(index, out, stream.done):
-                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+                try:
+                    for chunk in chunks(index, out, stream.done):
+                        parts.append(f"data: "
+                                     f"{chunk if chunk.__class__ is str else _dumps(chunk)}\n\n")
+                except Exception:
+                    if parts:  # the events before the failure go out, as one by one
+                        yield "".join(parts)
+                    raise
                 if stream.done:
                     break
+                if parts and not stream.pending:
+                    yield "".join(parts)
+                    parts.clear()
                 index, out = await stream.get()
-            yield "data: [DONE]\n\n"
+            parts.append("data: [DONE]\n\n")
+            yield "".join(parts)
         finally:
             stream.abort()  # a client that went away frees its blocks here
 
