@@ -593,8 +593,9 @@ void weigh_rows(const AttendArgs& a, const std::vector<Run>& tiles, int64_t g0) 
 
 // NV vectors of 16 per head row (head_dim = 16 NV). The scores of every slot, 16 rows at a
 // time (their 16 dots with a head's query summed into one vector), each tile of K rows for
-// every head in turn while it is in L1, the next tile's K and this one's V asked for ahead
-// (a row's blocks lie anywhere: the hardware prefetcher does not see them coming); then per
+// every head in turn while it is in L1; K tiles asked for 8 tiles ahead (into L2) and 1
+// ahead (L1), this tile's V while its scores are computed (a row's blocks lie anywhere: the
+// hardware prefetcher does not see them coming, and a batch's cache is far past L2); then per
 // head exp and sum over all its scores at once; then the weighted V rows, each read once
 // for up to 4 heads.
 template <typename T, int NV>
@@ -613,8 +614,13 @@ void attend_t(const AttendArgs& a) {
     for (int i = 0; i < NV; ++i) _mm512_storeu_ps(qs.data() + g * hd + 16 * i, qv[i]);
   }
   const int64_t n_tiles = int64_t(tiles.size());
+  constexpr int64_t kAhead = 8;  // K tiles asked for into L2 ahead of use (16 KB of bf16 rows)
+  for (int64_t k = 0; k < std::min(kAhead, n_tiles); ++k)
+    prefetch(K + tiles[k].row * hd, tiles[k].n * row_bytes, 1);
   for (int64_t k = 0; k < n_tiles; ++k) {
     const int64_t s = tiles[k].s, m = tiles[k].n, row = tiles[k].row;
+    if (k + kAhead < n_tiles)
+      prefetch(K + tiles[k + kAhead].row * hd, tiles[k + kAhead].n * row_bytes, 1);
     if (k + 1 < n_tiles) prefetch(K + tiles[k + 1].row * hd, tiles[k + 1].n * row_bytes, 0);
     prefetch(V + row * hd, m * row_bytes, 1);
     const __mmask16 lanes = __mmask16((1u << m) - 1);
