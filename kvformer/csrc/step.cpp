@@ -708,11 +708,11 @@ void attention(const Plan& p, const StepArgs& a, const Rows& r, int64_t max_len,
   // its range (a paged row's blocks gathered by its table inside the kernel), giving a
   // partial softmax; a (row, KV head) of one task writes its output at once, those of
   // several are combined after. A range is at most `chunk` slots: kChunk, or more when the
-  // rows hold enough slots that ~8 tasks per thread are left anyway (fewer parts to combine).
+  // rows hold enough slots that ~64 tasks are left anyway (fewer parts to combine). Not
+  // a function of the thread count: the split, and so the bits, are the same on any.
   int64_t work = 0;
   for (int64_t b = 0; b < a.B; ++b) work += a.new_slot(b) + 1;
-  const int64_t threads = at::get_num_threads();
-  const int64_t chunk = std::max(kChunk, (work * nkv / (8 * threads) + 63) / 64 * 64);
+  const int64_t chunk = std::max(kChunk, (work * nkv / 64 + 63) / 64 * 64);
   struct Task {
     int64_t h, s0, s1;
   };
