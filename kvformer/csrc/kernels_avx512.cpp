@@ -724,65 +724,125 @@ inline float dot_row(const __m512* qv, const float* qsum, const uint8_t* r,
   }
 }
 
-// o += w * (one quantized V row)
+// A quantized row as NV vectors of 16 numbers in order: int8 s q, int4 d q + m per group
 template <int NV, int BITS>
-inline void add_row(__m512* o, float w, const uint8_t* r, const uint16_t* sc) {
+inline void dequant_row(const uint8_t* r, const uint16_t* sc, __m512* v) {
   if constexpr (BITS == 8) {
     const int8_t* q = reinterpret_cast<const int8_t*>(r);
-    const __m512 ws = _mm512_set1_ps(w * bf16_to_f32(sc[0]));
-    for (int i = 0; i < NV; ++i) o[i] = _mm512_fmadd_ps(ws, load_i8x16(q + 16 * i), o[i]);
+    const __m512 s = _mm512_set1_ps(bf16_to_f32(sc[0]));
+    for (int i = 0; i < NV; ++i) v[i] = _mm512_mul_ps(s, load_i8x16(q + 16 * i));
   } else {
     for (int j = 0; j < NV / 2; ++j) {
       __m512 lo, hi;
       load_i4x32(r + 16 * j, lo, hi);
-      const __m512 wd = _mm512_set1_ps(w * bf16_to_f32(sc[2 * j]));
-      const __m512 wm = _mm512_set1_ps(w * bf16_to_f32(sc[2 * j + 1]));
-      o[2 * j] = _mm512_fmadd_ps(wd, lo, _mm512_add_ps(o[2 * j], wm));
-      o[2 * j + 1] = _mm512_fmadd_ps(wd, hi, _mm512_add_ps(o[2 * j + 1], wm));
+      const __m512 d = _mm512_set1_ps(bf16_to_f32(sc[2 * j]));
+      const __m512 m = _mm512_set1_ps(bf16_to_f32(sc[2 * j + 1]));
+      v[2 * j] = _mm512_fmadd_ps(d, lo, m);
+      v[2 * j + 1] = _mm512_fmadd_ps(d, hi, m);
     }
   }
 }
 
-// attend_t over quantized rows of BITS (8 or 4), NV vectors of 16 per row
+// weigh_rows over quantized V rows: each row dequantized once for G heads
+template <int NV, int BITS, int G>
+void weigh_qrows(const AttendArgs& a, const std::vector<Run>& tiles, int64_t g0) {
+  const uint8_t* V = static_cast<const uint8_t*>(a.v);
+  const int64_t len = a.s1 - a.s0, hd = a.hd, n_tiles = int64_t(tiles.size());
+  const int64_t rb = BITS == 8 ? hd : hd / 2, ns = BITS == 8 ? 1 : hd / 16;
+  const float* w = a.scores + g0 * len - a.s0;  // head g0 + h, slot s: w[h * len + s]
+  __m512 o[G][NV];
+  for (int h = 0; h < G; ++h)
+    for (int i = 0; i < NV; ++i) o[h][i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n_tiles; ++k) {
+    const int64_t s0 = tiles[k].s, s1 = s0 + tiles[k].n;
+    int64_t row = tiles[k].row;
+    for (int64_t s = s0; s < s1; ++s, ++row) {
+      bool any = false;  // masked slots, and those exp took to 0: skip
+      for (int h = 0; h < G; ++h) any = any || w[h * len + s] != 0.f;
+      if (!any) continue;
+      __m512 v[NV];
+      dequant_row<NV, BITS>(V + row * rb, a.v_scale + row * ns, v);
+      for (int h = 0; h < G; ++h) {
+        const __m512 wh = _mm512_set1_ps(w[h * len + s]);
+        for (int i = 0; i < NV; ++i) o[h][i] = _mm512_fmadd_ps(wh, v[i], o[h][i]);
+      }
+    }
+  }
+  for (int h = 0; h < G; ++h)
+    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(a.out + (g0 + h) * hd + 16 * i, o[h][i]);
+}
+
+// attend_t over quantized rows of BITS (8 or 4), NV vectors of 16 per row: the same passes
+// (int8 scores 16 rows at a time, their scales applied to the 16 sums at once; int4 row by
+// row), K asked for 8 tiles ahead and this tile's V while its scores are computed
 template <int NV, int BITS>
 void attend_qt(const AttendArgs& a) {
   const uint8_t* K = static_cast<const uint8_t*>(a.k);
   const uint8_t* V = static_cast<const uint8_t*>(a.v);
-  const int64_t len = a.s1 - a.s0, hd = a.hd;
+  const int64_t len = a.s1 - a.s0, hd = a.hd, group = a.group;
   const int64_t rb = BITS == 8 ? hd : hd / 2, ns = BITS == 8 ? 1 : hd / 16;
-  for (int64_t g = 0; g < a.group; ++g) {
-    __m512 qv[NV];
-    float qsum[NV / 2 + 1];
-    for (int i = 0; i < NV; ++i) qv[i] = _mm512_loadu_ps(a.q + g * hd + i * 16);
-    for (int j = 0; j < NV / 2; ++j)
-      qsum[j] = _mm512_reduce_add_ps(_mm512_add_ps(qv[2 * j], qv[2 * j + 1]));
-    float* sc = a.scores + g * len;
-    float mx = -INFINITY;
-    each_slot(a, [&](int64_t s, int64_t row) {
-      if (a.allowed && s != a.own && !a.allowed[s * a.allowed_stride]) {
-        sc[s - a.s0] = -INFINITY;
-        return;
+  thread_local std::vector<Run> tiles;
+  runs_of(a, 16, tiles);
+  const int64_t n_tiles = int64_t(tiles.size());
+  constexpr int64_t kAhead = 8;
+  for (int64_t k = 0; k < std::min(kAhead, n_tiles); ++k)
+    prefetch(K + tiles[k].row * rb, tiles[k].n * rb, 1);
+  for (int64_t k = 0; k < n_tiles; ++k) {
+    const int64_t s = tiles[k].s, m = tiles[k].n, row = tiles[k].row;
+    if (k + kAhead < n_tiles) prefetch(K + tiles[k + kAhead].row * rb, tiles[k + kAhead].n * rb, 1);
+    prefetch(V + row * rb, m * rb, 1);
+    const __mmask16 lanes = __mmask16((1u << m) - 1);
+    __mmask16 keep = lanes;
+    if (a.allowed)
+      for (int64_t t = 0; t < m; ++t) {
+        const int64_t slot = s + t;
+        if (slot != a.own && !a.allowed[slot * a.allowed_stride]) keep &= ~(1u << t);
       }
-      const float dot = dot_row<NV, BITS>(qv, qsum, K + row * rb, a.k_scale + row * ns);
-      sc[s - a.s0] = dot;
-      mx = std::max(mx, dot);
-    });
-    a.max[g] = mx;
-    float* og = a.out + g * hd;
-    if (mx == -INFINITY) {
-      std::fill(og, og + hd, 0.f);
-      a.sum[g] = 0.f;
-      continue;
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 qv[NV];
+      for (int i = 0; i < NV; ++i) qv[i] = _mm512_loadu_ps(a.q + g * hd + 16 * i);
+      __m512 dots;
+      if (BITS == 8 && NV <= 8 && m == 16) {
+        __m512 acc[16];
+#pragma GCC unroll 16
+        for (int t = 0; t < 16; ++t) {
+          const int8_t* q = reinterpret_cast<const int8_t*>(K + (row + t) * rb);
+          acc[t] = _mm512_mul_ps(qv[0], load_i8x16(q));
+          for (int i = 1; i < NV; ++i) acc[t] = _mm512_fmadd_ps(qv[i], load_i8x16(q + 16 * i), acc[t]);
+        }
+        dots = _mm512_mul_ps(sum16_ps(acc), load_bf16x16(a.k_scale + row));
+      } else {
+        float qsum[NV / 2 + 1];
+        for (int j = 0; j < NV / 2; ++j)
+          qsum[j] = _mm512_reduce_add_ps(_mm512_add_ps(qv[2 * j], qv[2 * j + 1]));
+        alignas(64) float d[16] = {};
+        for (int64_t t = 0; t < m; ++t)
+          d[t] = dot_row<NV, BITS>(qv, qsum, K + (row + t) * rb, a.k_scale + (row + t) * ns);
+        dots = _mm512_load_ps(d);
+      }
+      dots = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), keep, dots);
+      _mm512_mask_storeu_ps(a.scores + g * len + s - a.s0, lanes, dots);
     }
-    a.sum[g] = exp_sum(sc, len, mx);
-    __m512 o[NV];
-    for (int i = 0; i < NV; ++i) o[i] = _mm512_setzero_ps();
-    each_slot(a, [&](int64_t s, int64_t row) {
-      const float w = sc[s - a.s0];
-      if (w == 0.f) return;
-      add_row<NV, BITS>(o, w, V + row * rb, a.v_scale + row * ns);
-    });
-    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(og + i * 16, o[i]);
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* sc = a.scores + g * len;
+    const float mx = max_of(sc, len);
+    a.max[g] = mx;
+    if (mx == -INFINITY) {  // every slot masked: weight 0 each
+      std::fill(sc, sc + len, 0.f);
+      a.sum[g] = 0.f;
+    } else {
+      a.sum[g] = exp_sum(sc, len, mx);
+    }
+  }
+  constexpr int G = NV >= 16 ? 1 : NV == 8 ? 2 : 4;
+  for (int64_t g0 = 0; g0 < group; g0 += G) {
+    switch (std::min<int64_t>(G, group - g0)) {
+      case 1: weigh_qrows<NV, BITS, 1>(a, tiles, g0); break;
+      case 2: weigh_qrows<NV, BITS, std::min(G, 2)>(a, tiles, g0); break;
+      case 3: weigh_qrows<NV, BITS, std::min(G, 3)>(a, tiles, g0); break;
+      default: weigh_qrows<NV, BITS, G>(a, tiles, g0); break;
+    }
   }
 }
 
