@@ -78,6 +78,9 @@ def main() -> None:
     torch.set_num_threads(1)  # load as kvformer serve does
     model, _ = load(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype, progress=False)
     torch.set_num_threads(threads)
+    rotary = model._modules.get("rotary")
+    if rotary is not None:  # tabulate the positions the step will use (it reads the table)
+        rotary.ensure(args.context + 1)
     step = model.forward.step()
     if not hasattr(step, "paged"):
         raise SystemExit("this model has no native decode step (see `kvformer doctor`)")

@@ -149,6 +149,34 @@ def test_attention_over_quantized_rows_is_the_formula(driver, kv, hd):
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kv", ["fp32", "int8", "int4"])
+def test_paged_attention_over_blocks_out_of_order_is_the_formula(driver, kv):
+    """One call over a paged row: slot s in block table[s // 16] of the rows, blocks out of
+    order (two consecutive ones among them), the last one partly filled."""
+    from kvformer.kvquant import kv_format
+
+    torch.manual_seed(5)
+    bs, rows, n = 16, 96, 70
+    table = torch.tensor([4, 1, 2, 5, 0])
+    slots = table[torch.arange(n) // bs] * bs + torch.arange(n) % bs
+    q = torch.randn(3, 64) / 8
+    if kv == "fp32":
+        k, v = torch.randn(rows, 64), torch.randn(rows, 64)
+        y = driver("attend", [3, 64, n, rows, bs, len(table)], q=q.numpy(), k=k.numpy(),
+                   v=v.numpy(), table=table.numpy()).view(3, 64)
+        kd, vd = k.double(), v.double()
+    else:
+        fmt = kv_format(kv)
+        (kq, ks), (vq, vs) = fmt.encode(torch.randn(rows, 64)), fmt.encode(torch.randn(rows, 64))
+        y = driver("attend_q", [3, 64, n, 8 if kv == "int8" else 4, rows, bs, len(table)],
+                   q=q.numpy(), k=kq.view(torch.uint8).numpy(), v=vq.view(torch.uint8).numpy(),
+                   ks=ks.view(torch.int16).numpy(), vs=vs.view(torch.int16).numpy(),
+                   table=table.numpy()).view(3, 64)
+        kd, vd = fmt.decode((kq, ks), torch.float64), fmt.decode((vq, vs), torch.float64)
+    ref = torch.softmax(q.double() @ kd[slots].t(), dim=-1) @ vd[slots]
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_exp(driver):
     x = torch.linspace(-100, 80, 1001)
     y = driver("exp", [x.numel()], x=x.numpy())

@@ -318,6 +318,35 @@ def test_attention_over_float_rows_is_the_formula(path, dtype, hd):
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kv,hd", [("fp32", 64), ("bf16", 64), ("bf16", 128), ("bf16", 48),
+                                   ("bf16", 256), ("int8", 64), ("int4", 64), ("int4", 128)])
+def test_paged_attention_over_blocks_out_of_order_is_the_formula(path, kv, hd):
+    """One kernel call over a paged row: slot s in block table[s // 16] (blocks out of order,
+    some consecutive ones, so a run may span blocks), lengths within a block, at a block's
+    end and past several; against softmax(q kᵀ) v over the rows gathered in slot order."""
+    from kvformer.kvquant import kv_format
+
+    torch.manual_seed(hd)
+    bs, n_blocks = 16, 12
+    q = torch.randn(3, hd) / hd ** 0.5
+    if kv in ("fp32", "bf16"):
+        dtype = torch.float32 if kv == "fp32" else torch.bfloat16
+        k, v = (torch.randn(n_blocks * bs, hd).to(dtype) for _ in range(2))
+        scales, kd, vd = [], k.double(), v.double()
+    else:
+        fmt = kv_format(kv)
+        (k, ks), (v, vs) = (fmt.encode(torch.randn(n_blocks * bs, hd)) for _ in range(2))
+        scales = [ks, vs]
+        kd, vd = fmt.decode((k, ks), torch.float64), fmt.decode((v, vs), torch.float64)
+    table = torch.tensor([7, 3, 4, 5, 0, 11, 9, 10, 1])  # 3, 4, 5 and 9, 10: consecutive
+    for n in (1, 5, 16, 17, 40, 64, 70, 9 * bs):
+        slots = table[torch.arange(n) // bs] * bs + torch.arange(n) % bs
+        ref = torch.softmax(q.double() @ kd[slots].t(), -1) @ vd[slots]
+        out = torch.ops.kvformer_native.attend_paged(q, k, v, scales, table, bs, n, use(path))
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- the whole step
 def model_for(head_dim, n_head, n_kv, dtype, mode=None, max_len=640):
     torch.manual_seed(0)

@@ -25,6 +25,7 @@
 //         x = d q + m with q in 0..15; the row's scales are d0, m0, d1, m1, ...
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -68,9 +69,11 @@ inline void quantize_one(float v, int8_t* q1, int8_t* q2) {
   *q2 = int8_t(std::nearbyint((v - r) * 128.f));
 }
 
-// softmax(q K^T) V of `group` query heads over the key/value rows [s0, s1) of one KV head,
-// as a partial result (running max, sum of exponentials, unnormalised output) so that a
-// long cache can be split between threads and the parts combined.
+// softmax(q K^T) V of `group` query heads over the slots [s0, s1) of one KV head, as a
+// partial result (running max, sum of exponentials, unnormalised output) so that a long
+// cache can be split between threads and the parts combined. Slot s is row s of k / v (and
+// of the scales), or, paged (table set), row table[s / block] * block + s % block: blocks of
+// `block` consecutive rows, anywhere, in the order the table lists them.
 struct AttendArgs {
   const float* q = nullptr;     // [group, hd], already scaled by 1/sqrt(d_k)
   int64_t group = 0, hd = 0;
@@ -90,7 +93,48 @@ struct AttendArgs {
   int bits = 0;
   const uint16_t* k_scale = nullptr;
   const uint16_t* v_scale = nullptr;
+  const int64_t* table = nullptr;  // paged: the block of each `block` slots, or null
+  int64_t block = 0;
 };
+
+// The slots [s0, s1) of a as runs of consecutive rows: f(s, n, row) for slots s .. s + n - 1
+// in rows row .. row + n - 1. A contiguous cache is one run; a paged one a run per block, or
+// per stretch of blocks that the table lists one after another.
+template <typename F>
+inline void for_runs(const AttendArgs& a, const F& f) {
+  if (!a.table) {
+    if (a.s1 > a.s0) f(a.s0, a.s1 - a.s0, a.s0);
+    return;
+  }
+  for (int64_t s = a.s0; s < a.s1;) {
+    int64_t b = s / a.block;
+    const int64_t row = a.table[b] * a.block + s % a.block;
+    int64_t e = std::min(a.s1, (b + 1) * a.block);
+    while (e < a.s1 && a.table[b + 1] == a.table[b] + 1) e = std::min(a.s1, (++b + 1) * a.block);
+    f(s, e - s, row);
+    s = e;
+  }
+}
+
+// for_runs's runs, each cut into pieces of at most `most` slots: out = (s, n, row) each
+struct Run {
+  int64_t s, n, row;
+};
+template <typename Vec>
+inline void runs_of(const AttendArgs& a, int64_t most, Vec& out) {
+  out.clear();
+  for_runs(a, [&](int64_t s, int64_t n, int64_t row) {
+    for (int64_t i = 0; i < n; i += most) out.push_back({s + i, std::min(most, n - i), row + i});
+  });
+}
+
+// Each slot of a with its row: f(s, row), in order.
+template <typename F>
+inline void each_slot(const AttendArgs& a, const F& f) {
+  for_runs(a, [&](int64_t s, int64_t n, int64_t row) {
+    for (int64_t i = 0; i < n; ++i) f(s + i, row + i);
+  });
+}
 
 struct Kernels {
   const char* name;

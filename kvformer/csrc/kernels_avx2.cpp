@@ -472,17 +472,18 @@ void attend_t(const AttendArgs& a) {
     for (int i = 0; i < NV; ++i) qv[i] = _mm256_loadu_ps(a.q + g * hd + i * 8);
     float* sc = a.scores + g * len;
     float mx = -INFINITY;
-    for (int64_t s = a.s0; s < a.s1; ++s) {
+    each_slot(a, [&](int64_t s, int64_t row) {
       if (a.allowed && s != a.own && !a.allowed[s * a.allowed_stride]) {
         sc[s - a.s0] = -INFINITY;
-        continue;
+        return;
       }
-      __m256 acc = _mm256_mul_ps(qv[0], load8(K + s * hd));
-      for (int i = 1; i < NV; ++i) acc = _mm256_fmadd_ps(qv[i], load8(K + s * hd + i * 8), acc);
+      const T* kr = K + row * hd;
+      __m256 acc = _mm256_mul_ps(qv[0], load8(kr));
+      for (int i = 1; i < NV; ++i) acc = _mm256_fmadd_ps(qv[i], load8(kr + i * 8), acc);
       const float dot = hsum(acc);
       sc[s - a.s0] = dot;
       mx = std::max(mx, dot);
-    }
+    });
     a.max[g] = mx;
     float* og = a.out + g * hd;
     if (mx == -INFINITY) {
@@ -497,12 +498,12 @@ void attend_t(const AttendArgs& a) {
     a.sum[g] = total;
     __m256 o[NV];
     for (int i = 0; i < NV; ++i) o[i] = _mm256_setzero_ps();
-    for (int64_t s = 0; s < len; ++s) {
-      if (sc[s] == 0.f) continue;
-      const __m256 w = _mm256_set1_ps(sc[s]);
-      const T* vr = V + (a.s0 + s) * hd;
+    each_slot(a, [&](int64_t s, int64_t row) {
+      if (sc[s - a.s0] == 0.f) return;
+      const __m256 w = _mm256_set1_ps(sc[s - a.s0]);
+      const T* vr = V + row * hd;
       for (int i = 0; i < NV; ++i) o[i] = _mm256_fmadd_ps(w, load8(vr + i * 8), o[i]);
-    }
+    });
     for (int i = 0; i < NV; ++i) _mm256_storeu_ps(og + i * 8, o[i]);
   }
 }
@@ -604,15 +605,15 @@ void attend_qt(const AttendArgs& a) {
                                    _mm256_add_ps(qv[4 * j + 2], qv[4 * j + 3])));
     float* sc = a.scores + g * len;
     float mx = -INFINITY;
-    for (int64_t s = a.s0; s < a.s1; ++s) {
+    each_slot(a, [&](int64_t s, int64_t row) {
       if (a.allowed && s != a.own && !a.allowed[s * a.allowed_stride]) {
         sc[s - a.s0] = -INFINITY;
-        continue;
+        return;
       }
-      const float dot = dot_row<NV, BITS>(qv, qsum, K + s * rb, a.k_scale + s * ns);
+      const float dot = dot_row<NV, BITS>(qv, qsum, K + row * rb, a.k_scale + row * ns);
       sc[s - a.s0] = dot;
       mx = std::max(mx, dot);
-    }
+    });
     a.max[g] = mx;
     float* og = a.out + g * hd;
     if (mx == -INFINITY) {
@@ -627,11 +628,10 @@ void attend_qt(const AttendArgs& a) {
     a.sum[g] = total;
     __m256 o[NV];
     for (int i = 0; i < NV; ++i) o[i] = _mm256_setzero_ps();
-    for (int64_t s = 0; s < len; ++s) {
-      if (sc[s] == 0.f) continue;
-      const int64_t row = a.s0 + s;
-      add_row<NV, BITS>(o, sc[s], V + row * rb, a.v_scale + row * ns);
-    }
+    each_slot(a, [&](int64_t s, int64_t row) {
+      if (sc[s - a.s0] == 0.f) return;
+      add_row<NV, BITS>(o, sc[s - a.s0], V + row * rb, a.v_scale + row * ns);
+    });
     for (int i = 0; i < NV; ++i) _mm256_storeu_ps(og + i * 8, o[i]);
   }
 }

@@ -411,26 +411,53 @@ void dequant_q4(const uint8_t* q, const uint16_t* dm, int64_t k, int64_t n0, int
     }
 }
 
-// exp on [-87, 88] as 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p of degree 6
+// exp on [-87, 88] as 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p of degree 6; 0 below
+inline __m512 exp16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.0f);
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.0f));
+  const __m512 kf = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), kRound);
+  __m512 r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(-2.12194440e-4f), r);
+  const float c[6] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f};
+  __m512 p = _mm512_set1_ps(c[0]);
+  for (int j = 1; j < 6; ++j) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c[j]));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps(p, kf));
+}
+
 void vexp(float* v, int64_t n) {
   int64_t i = 0;
-  const __m512 log2e = _mm512_set1_ps(1.44269504f), ln2_hi = _mm512_set1_ps(0.693359375f),
-               ln2_lo = _mm512_set1_ps(-2.12194440e-4f), lo = _mm512_set1_ps(-87.0f),
-               hi = _mm512_set1_ps(88.0f), one = _mm512_set1_ps(1.0f);
-  const float c[6] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f};
-  for (; i + 16 <= n; i += 16) {
-    __m512 x = _mm512_loadu_ps(v + i);
-    const __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-    x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
-    const __m512 kf = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), kRound);
-    __m512 r = _mm512_fnmadd_ps(kf, ln2_hi, x);
-    r = _mm512_fnmadd_ps(kf, ln2_lo, r);
-    __m512 p = _mm512_set1_ps(c[0]);
-    for (int j = 1; j < 6; ++j) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c[j]));
-    p = _mm512_fmadd_ps(p, r, one);
-    _mm512_storeu_ps(v + i, _mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps(p, kf)));
-  }
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(v + i, exp16(_mm512_loadu_ps(v + i)));
   for (; i < n; ++i) v[i] = std::exp(v[i]);
+}
+
+// v = exp(v - m) over n numbers (exp(-inf) = 0), in place; returns their sum
+float exp_sum(float* v, int64_t n, float m) {
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 total = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(v + i), mv));
+    _mm512_storeu_ps(v + i, e);
+    total = _mm512_add_ps(total, e);
+  }
+  if (i < n) {
+    const __mmask16 k = __mmask16((1u << (n - i)) - 1);
+    const __m512 e = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, v + i), mv)));
+    _mm512_mask_storeu_ps(v + i, k, e);
+    total = _mm512_add_ps(total, e);
+  }
+  return _mm512_reduce_add_ps(total);
+}
+
+// The largest of n numbers (-inf for none)
+float max_of(const float* v, int64_t n) {
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(v + i));
+  if (i < n) m = _mm512_mask_max_ps(m, __mmask16((1u << (n - i)) - 1), m, _mm512_maskz_loadu_ps(__mmask16((1u << (n - i)) - 1), v + i));
+  return _mm512_reduce_max_ps(m);
 }
 
 // The 16 lane sums of 16 vectors, as one vector (lane t: the sum of v[t]): three rounds of
@@ -453,65 +480,201 @@ inline __m512 sum16_ps(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xdd));
 }
 
-// NV vectors of 16 per head row (head_dim = 16 NV)
+// A K/V row of NV vectors of 16 numbers, in the order attend_t works in. fp32: as stored.
+// bf16: 32 numbers per 64-byte load, whose 32-bit lane i holds number 2i in its low half and
+// 2i + 1 in its high one: the lane shifted left by 16 is number 2i as fp32, the lane with its
+// low half cleared number 2i + 1. So vector 2c holds the even numbers of 32c .. 32c + 31 and
+// 2c + 1 the odd ones, one instruction per 16 numbers; the query is put in the same order,
+// and the output put back in the stored one.
+template <typename T, int NV>
+inline void load_row(const T* p, __m512* v) {
+  if constexpr (sizeof(T) == 2) {
+    const __m512i high = _mm512_set1_epi32(int(0xffff0000u));
+    for (int c = 0; c < NV / 2; ++c) {
+      const __m512i x = _mm512_loadu_si512(p + 32 * c);
+      v[2 * c] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+      v[2 * c + 1] = _mm512_castsi512_ps(_mm512_and_si512(x, high));
+    }
+  } else {
+    for (int i = 0; i < NV; ++i) v[i] = _mm512_loadu_ps(p + 16 * i);
+  }
+}
+
+// hd numbers x in load_row's order
+template <typename T, int NV>
+inline void to_row_order(const float* x, __m512* v) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int c = 0; c < NV / 2; ++c) {
+    const __m512 a = _mm512_loadu_ps(x + 32 * c), b = _mm512_loadu_ps(x + 32 * c + 16);
+    if constexpr (sizeof(T) == 2) {
+      v[2 * c] = _mm512_permutex2var_ps(a, even, b);
+      v[2 * c + 1] = _mm512_permutex2var_ps(a, odd, b);
+    } else {
+      v[2 * c] = a;
+      v[2 * c + 1] = b;
+    }
+  }
+}
+
+// v in load_row's order, stored as hd numbers in order
+template <typename T, int NV>
+inline void store_from_row_order(float* x, const __m512* v) {
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+  for (int c = 0; c < NV / 2; ++c) {
+    if constexpr (sizeof(T) == 2) {
+      _mm512_storeu_ps(x + 32 * c, _mm512_permutex2var_ps(v[2 * c], lo, v[2 * c + 1]));
+      _mm512_storeu_ps(x + 32 * c + 16, _mm512_permutex2var_ps(v[2 * c], hi, v[2 * c + 1]));
+    } else {
+      _mm512_storeu_ps(x + 32 * c, v[2 * c]);
+      _mm512_storeu_ps(x + 32 * c + 16, v[2 * c + 1]);
+    }
+  }
+}
+
+// The dots of qv with rows r .. r + 15, lane t for row r + t
+template <typename T, int NV>
+inline __m512 dots16(const __m512* qv, const T* r, int64_t hd) {
+  __m512 acc[16];
+#pragma GCC unroll 16
+  for (int t = 0; t < 16; ++t) {
+    __m512 v[NV];
+    load_row<T, NV>(r + t * hd, v);
+    acc[t] = _mm512_mul_ps(qv[0], v[0]);
+    for (int i = 1; i < NV; ++i) acc[t] = _mm512_fmadd_ps(qv[i], v[i], acc[t]);
+  }
+  return sum16_ps(acc);
+}
+
+// The same for rows r .. r + m - 1 (m < 16, or any m where 16 at once take too many
+// registers), one at a time; 0 past m
+template <typename T, int NV>
+inline __m512 dots_each(const __m512* qv, const T* r, int64_t hd, int64_t m) {
+  alignas(64) float d[16] = {};
+  for (int64_t t = 0; t < m; ++t) {
+    __m512 v[NV];
+    load_row<T, NV>(r + t * hd, v);
+    __m512 acc = _mm512_mul_ps(qv[0], v[0]);
+    for (int j = 1; j < NV; ++j) acc = _mm512_fmadd_ps(qv[j], v[j], acc);
+    d[t] = _mm512_reduce_add_ps(acc);
+  }
+  return _mm512_load_ps(d);
+}
+
+// Ask for the cache lines of `bytes` bytes from p
+inline void prefetch(const void* p, int64_t bytes, int hint) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) {
+    if (hint == 0) {
+      _mm_prefetch(c + i, _MM_HINT_T0);
+    } else {
+      _mm_prefetch(c + i, _MM_HINT_T1);
+    }
+  }
+}
+
+// out[g0 .. g0 + G) = sum over slots of weight * V row: each V row read once for G heads
+template <typename T, int NV, int G>
+void weigh_rows(const AttendArgs& a, const std::vector<Run>& tiles, int64_t g0) {
+  const T* V = static_cast<const T*>(a.v);
+  const int64_t len = a.s1 - a.s0, hd = a.hd, n_tiles = int64_t(tiles.size());
+  const float* w = a.scores + g0 * len - a.s0;  // head g0 + h, slot s: w[h * len + s]
+  __m512 o[G][NV];
+  for (int h = 0; h < G; ++h)
+    for (int i = 0; i < NV; ++i) o[h][i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n_tiles; ++k) {
+    if (k + 1 < n_tiles) prefetch(V + tiles[k + 1].row * hd, tiles[k + 1].n * hd * int64_t(sizeof(T)), 0);
+    const int64_t s0 = tiles[k].s, s1 = s0 + tiles[k].n;
+    const T* vr = V + tiles[k].row * hd;
+    for (int64_t s = s0; s < s1; ++s, vr += hd) {
+      if (a.allowed) {  // masked slots (weight 0) may hold anything: skip them
+        bool any = false;
+        for (int h = 0; h < G; ++h) any = any || w[h * len + s] != 0.f;
+        if (!any) continue;
+      }
+      __m512 v[NV];
+      load_row<T, NV>(vr, v);
+      for (int h = 0; h < G; ++h) {
+        const __m512 wh = _mm512_set1_ps(w[h * len + s]);
+        for (int i = 0; i < NV; ++i) o[h][i] = _mm512_fmadd_ps(wh, v[i], o[h][i]);
+      }
+    }
+  }
+  for (int h = 0; h < G; ++h) store_from_row_order<T, NV>(a.out + (g0 + h) * hd, o[h]);
+}
+
+// NV vectors of 16 per head row (head_dim = 16 NV). The scores of every slot, 16 rows at a
+// time (their 16 dots with a head's query summed into one vector), each tile of K rows for
+// every head in turn while it is in L1; K tiles asked for 8 tiles ahead (into L2) and 1
+// ahead (L1), this tile's V while its scores are computed (a row's blocks lie anywhere: the
+// hardware prefetcher does not see them coming, and a batch's cache is far past L2); then per
+// head exp and sum over all its scores at once; then the weighted V rows, each read once
+// for up to 4 heads.
 template <typename T, int NV>
 void attend_t(const AttendArgs& a) {
   const T* K = static_cast<const T*>(a.k);
   const T* V = static_cast<const T*>(a.v);
-  const int64_t len = a.s1 - a.s0, hd = a.hd;
-  for (int64_t g = 0; g < a.group; ++g) {
+  const int64_t len = a.s1 - a.s0, hd = a.hd, group = a.group;
+  const int64_t row_bytes = hd * int64_t(sizeof(T));
+  thread_local std::vector<Run> tiles;
+  thread_local std::vector<float> qs;  // the queries in load_row's order
+  runs_of(a, 16, tiles);
+  qs.resize(group * hd);
+  for (int64_t g = 0; g < group; ++g) {
     __m512 qv[NV];
-    for (int i = 0; i < NV; ++i) qv[i] = _mm512_loadu_ps(a.q + g * hd + i * 16);
+    to_row_order<T, NV>(a.q + g * hd, qv);
+    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(qs.data() + g * hd + 16 * i, qv[i]);
+  }
+  const int64_t n_tiles = int64_t(tiles.size());
+  constexpr int64_t kAhead = 8;  // K tiles asked for into L2 ahead of use (16 KB of bf16 rows)
+  for (int64_t k = 0; k < std::min(kAhead, n_tiles); ++k)
+    prefetch(K + tiles[k].row * hd, tiles[k].n * row_bytes, 1);
+  for (int64_t k = 0; k < n_tiles; ++k) {
+    const int64_t s = tiles[k].s, m = tiles[k].n, row = tiles[k].row;
+    if (k + kAhead < n_tiles)
+      prefetch(K + tiles[k + kAhead].row * hd, tiles[k + kAhead].n * row_bytes, 1);
+    if (k + 1 < n_tiles) prefetch(K + tiles[k + 1].row * hd, tiles[k + 1].n * row_bytes, 0);
+    prefetch(V + row * hd, m * row_bytes, 1);
+    const __mmask16 lanes = __mmask16((1u << m) - 1);
+    __mmask16 keep = lanes;
+    if (a.allowed)
+      for (int64_t t = 0; t < m; ++t) {
+        const int64_t slot = s + t;
+        if (slot != a.own && !a.allowed[slot * a.allowed_stride]) keep &= ~(1u << t);
+      }
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 qv[NV];
+      for (int i = 0; i < NV; ++i) qv[i] = _mm512_loadu_ps(qs.data() + g * hd + 16 * i);
+      __m512 dots;
+      if (NV <= 8 && m == 16) {
+        dots = dots16<T, NV>(qv, K + row * hd, hd);
+      } else {
+        dots = dots_each<T, NV>(qv, K + row * hd, hd, m);
+      }
+      dots = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), keep, dots);
+      _mm512_mask_storeu_ps(a.scores + g * len + s - a.s0, lanes, dots);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
     float* sc = a.scores + g * len;
-    float mx = -INFINITY;
-    int64_t s = a.s0;
-    if (!a.allowed && NV <= 8) {  // 16 slots at a time, their 16 sums in one vector
-      __m512 vmax = _mm512_set1_ps(-INFINITY);
-      for (; s + 16 <= a.s1; s += 16) {
-        __m512 acc[16];
-        for (int t = 0; t < 16; ++t) {
-          const T* kr = K + (s + t) * hd;
-          acc[t] = _mm512_mul_ps(qv[0], load16(kr));
-          for (int i = 1; i < NV; ++i) acc[t] = _mm512_fmadd_ps(qv[i], load16(kr + i * 16), acc[t]);
-        }
-        const __m512 dots = sum16_ps(acc);
-        _mm512_storeu_ps(sc + s - a.s0, dots);
-        vmax = _mm512_max_ps(vmax, dots);
-      }
-      mx = _mm512_reduce_max_ps(vmax);
-    }
-    for (; s < a.s1; ++s) {
-      if (a.allowed && s != a.own && !a.allowed[s * a.allowed_stride]) {
-        sc[s - a.s0] = -INFINITY;
-        continue;
-      }
-      __m512 acc = _mm512_mul_ps(qv[0], load16(K + s * hd));
-      for (int i = 1; i < NV; ++i) acc = _mm512_fmadd_ps(qv[i], load16(K + s * hd + i * 16), acc);
-      const float dot = _mm512_reduce_add_ps(acc);
-      sc[s - a.s0] = dot;
-      mx = std::max(mx, dot);
-    }
+    const float mx = max_of(sc, len);
     a.max[g] = mx;
-    float* og = a.out + g * hd;
-    if (mx == -INFINITY) {
-      std::fill(og, og + hd, 0.f);
+    if (mx == -INFINITY) {  // every slot masked: weight 0 each
+      std::fill(sc, sc + len, 0.f);
       a.sum[g] = 0.f;
-      continue;
+    } else {
+      a.sum[g] = exp_sum(sc, len, mx);
     }
-    for (int64_t s = 0; s < len; ++s) sc[s] -= mx;
-    vexp(sc, len);
-    float total = 0.f;
-    for (int64_t s = 0; s < len; ++s) total += sc[s];
-    a.sum[g] = total;
-    __m512 o[NV];
-    for (int i = 0; i < NV; ++i) o[i] = _mm512_setzero_ps();
-    for (int64_t s = 0; s < len; ++s) {
-      if (sc[s] == 0.f) continue;
-      const __m512 w = _mm512_set1_ps(sc[s]);
-      const T* vr = V + (a.s0 + s) * hd;
-      for (int i = 0; i < NV; ++i) o[i] = _mm512_fmadd_ps(w, load16(vr + i * 16), o[i]);
+  }
+  constexpr int G = NV >= 16 ? 1 : NV == 8 ? 2 : 4;  // heads per pass: G NV accumulators
+  for (int64_t g0 = 0; g0 < group; g0 += G) {
+    switch (std::min<int64_t>(G, group - g0)) {
+      case 1: weigh_rows<T, NV, 1>(a, tiles, g0); break;
+      case 2: weigh_rows<T, NV, std::min(G, 2)>(a, tiles, g0); break;
+      case 3: weigh_rows<T, NV, std::min(G, 3)>(a, tiles, g0); break;
+      default: weigh_rows<T, NV, G>(a, tiles, g0); break;
     }
-    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(og + i * 16, o[i]);
   }
 }
 
@@ -574,69 +737,125 @@ inline float dot_row(const __m512* qv, const float* qsum, const uint8_t* r,
   }
 }
 
-// o += w * (one quantized V row)
+// A quantized row as NV vectors of 16 numbers in order: int8 s q, int4 d q + m per group
 template <int NV, int BITS>
-inline void add_row(__m512* o, float w, const uint8_t* r, const uint16_t* sc) {
+inline void dequant_row(const uint8_t* r, const uint16_t* sc, __m512* v) {
   if constexpr (BITS == 8) {
     const int8_t* q = reinterpret_cast<const int8_t*>(r);
-    const __m512 ws = _mm512_set1_ps(w * bf16_to_f32(sc[0]));
-    for (int i = 0; i < NV; ++i) o[i] = _mm512_fmadd_ps(ws, load_i8x16(q + 16 * i), o[i]);
+    const __m512 s = _mm512_set1_ps(bf16_to_f32(sc[0]));
+    for (int i = 0; i < NV; ++i) v[i] = _mm512_mul_ps(s, load_i8x16(q + 16 * i));
   } else {
     for (int j = 0; j < NV / 2; ++j) {
       __m512 lo, hi;
       load_i4x32(r + 16 * j, lo, hi);
-      const __m512 wd = _mm512_set1_ps(w * bf16_to_f32(sc[2 * j]));
-      const __m512 wm = _mm512_set1_ps(w * bf16_to_f32(sc[2 * j + 1]));
-      o[2 * j] = _mm512_fmadd_ps(wd, lo, _mm512_add_ps(o[2 * j], wm));
-      o[2 * j + 1] = _mm512_fmadd_ps(wd, hi, _mm512_add_ps(o[2 * j + 1], wm));
+      const __m512 d = _mm512_set1_ps(bf16_to_f32(sc[2 * j]));
+      const __m512 m = _mm512_set1_ps(bf16_to_f32(sc[2 * j + 1]));
+      v[2 * j] = _mm512_fmadd_ps(d, lo, m);
+      v[2 * j + 1] = _mm512_fmadd_ps(d, hi, m);
     }
   }
 }
 
-// attend_t over quantized rows of BITS (8 or 4), NV vectors of 16 per row
+// weigh_rows over quantized V rows: each row dequantized once for G heads
+template <int NV, int BITS, int G>
+void weigh_qrows(const AttendArgs& a, const std::vector<Run>& tiles, int64_t g0) {
+  const uint8_t* V = static_cast<const uint8_t*>(a.v);
+  const int64_t len = a.s1 - a.s0, hd = a.hd, n_tiles = int64_t(tiles.size());
+  const int64_t rb = BITS == 8 ? hd : hd / 2, ns = BITS == 8 ? 1 : hd / 16;
+  const float* w = a.scores + g0 * len - a.s0;  // head g0 + h, slot s: w[h * len + s]
+  __m512 o[G][NV];
+  for (int h = 0; h < G; ++h)
+    for (int i = 0; i < NV; ++i) o[h][i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n_tiles; ++k) {
+    const int64_t s0 = tiles[k].s, s1 = s0 + tiles[k].n;
+    int64_t row = tiles[k].row;
+    for (int64_t s = s0; s < s1; ++s, ++row) {
+      bool any = false;  // masked slots, and those exp took to 0: skip
+      for (int h = 0; h < G; ++h) any = any || w[h * len + s] != 0.f;
+      if (!any) continue;
+      __m512 v[NV];
+      dequant_row<NV, BITS>(V + row * rb, a.v_scale + row * ns, v);
+      for (int h = 0; h < G; ++h) {
+        const __m512 wh = _mm512_set1_ps(w[h * len + s]);
+        for (int i = 0; i < NV; ++i) o[h][i] = _mm512_fmadd_ps(wh, v[i], o[h][i]);
+      }
+    }
+  }
+  for (int h = 0; h < G; ++h)
+    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(a.out + (g0 + h) * hd + 16 * i, o[h][i]);
+}
+
+// attend_t over quantized rows of BITS (8 or 4), NV vectors of 16 per row: the same passes
+// (int8 scores 16 rows at a time, their scales applied to the 16 sums at once; int4 row by
+// row), K asked for 8 tiles ahead and this tile's V while its scores are computed
 template <int NV, int BITS>
 void attend_qt(const AttendArgs& a) {
   const uint8_t* K = static_cast<const uint8_t*>(a.k);
   const uint8_t* V = static_cast<const uint8_t*>(a.v);
-  const int64_t len = a.s1 - a.s0, hd = a.hd;
+  const int64_t len = a.s1 - a.s0, hd = a.hd, group = a.group;
   const int64_t rb = BITS == 8 ? hd : hd / 2, ns = BITS == 8 ? 1 : hd / 16;
-  for (int64_t g = 0; g < a.group; ++g) {
-    __m512 qv[NV];
-    float qsum[NV / 2 + 1];
-    for (int i = 0; i < NV; ++i) qv[i] = _mm512_loadu_ps(a.q + g * hd + i * 16);
-    for (int j = 0; j < NV / 2; ++j)
-      qsum[j] = _mm512_reduce_add_ps(_mm512_add_ps(qv[2 * j], qv[2 * j + 1]));
-    float* sc = a.scores + g * len;
-    float mx = -INFINITY;
-    for (int64_t s = a.s0; s < a.s1; ++s) {
-      if (a.allowed && s != a.own && !a.allowed[s * a.allowed_stride]) {
-        sc[s - a.s0] = -INFINITY;
-        continue;
+  thread_local std::vector<Run> tiles;
+  runs_of(a, 16, tiles);
+  const int64_t n_tiles = int64_t(tiles.size());
+  constexpr int64_t kAhead = 8;
+  for (int64_t k = 0; k < std::min(kAhead, n_tiles); ++k)
+    prefetch(K + tiles[k].row * rb, tiles[k].n * rb, 1);
+  for (int64_t k = 0; k < n_tiles; ++k) {
+    const int64_t s = tiles[k].s, m = tiles[k].n, row = tiles[k].row;
+    if (k + kAhead < n_tiles) prefetch(K + tiles[k + kAhead].row * rb, tiles[k + kAhead].n * rb, 1);
+    prefetch(V + row * rb, m * rb, 1);
+    const __mmask16 lanes = __mmask16((1u << m) - 1);
+    __mmask16 keep = lanes;
+    if (a.allowed)
+      for (int64_t t = 0; t < m; ++t) {
+        const int64_t slot = s + t;
+        if (slot != a.own && !a.allowed[slot * a.allowed_stride]) keep &= ~(1u << t);
       }
-      const float dot = dot_row<NV, BITS>(qv, qsum, K + s * rb, a.k_scale + s * ns);
-      sc[s - a.s0] = dot;
-      mx = std::max(mx, dot);
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 qv[NV];
+      for (int i = 0; i < NV; ++i) qv[i] = _mm512_loadu_ps(a.q + g * hd + 16 * i);
+      __m512 dots;
+      if (BITS == 8 && NV <= 8 && m == 16) {
+        __m512 acc[16];
+#pragma GCC unroll 16
+        for (int t = 0; t < 16; ++t) {
+          const int8_t* q = reinterpret_cast<const int8_t*>(K + (row + t) * rb);
+          acc[t] = _mm512_mul_ps(qv[0], load_i8x16(q));
+          for (int i = 1; i < NV; ++i) acc[t] = _mm512_fmadd_ps(qv[i], load_i8x16(q + 16 * i), acc[t]);
+        }
+        dots = _mm512_mul_ps(sum16_ps(acc), load_bf16x16(a.k_scale + row));
+      } else {
+        float qsum[NV / 2 + 1];
+        for (int j = 0; j < NV / 2; ++j)
+          qsum[j] = _mm512_reduce_add_ps(_mm512_add_ps(qv[2 * j], qv[2 * j + 1]));
+        alignas(64) float d[16] = {};
+        for (int64_t t = 0; t < m; ++t)
+          d[t] = dot_row<NV, BITS>(qv, qsum, K + (row + t) * rb, a.k_scale + (row + t) * ns);
+        dots = _mm512_load_ps(d);
+      }
+      dots = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), keep, dots);
+      _mm512_mask_storeu_ps(a.scores + g * len + s - a.s0, lanes, dots);
     }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* sc = a.scores + g * len;
+    const float mx = max_of(sc, len);
     a.max[g] = mx;
-    float* og = a.out + g * hd;
-    if (mx == -INFINITY) {
-      std::fill(og, og + hd, 0.f);
+    if (mx == -INFINITY) {  // every slot masked: weight 0 each
+      std::fill(sc, sc + len, 0.f);
       a.sum[g] = 0.f;
-      continue;
+    } else {
+      a.sum[g] = exp_sum(sc, len, mx);
     }
-    for (int64_t s = 0; s < len; ++s) sc[s] -= mx;
-    vexp(sc, len);
-    float total = 0.f;
-    for (int64_t s = 0; s < len; ++s) total += sc[s];
-    a.sum[g] = total;
-    __m512 o[NV];
-    for (int i = 0; i < NV; ++i) o[i] = _mm512_setzero_ps();
-    for (int64_t s = 0; s < len; ++s) {
-      if (sc[s] == 0.f) continue;
-      const int64_t row = a.s0 + s;
-      add_row<NV, BITS>(o, sc[s], V + row * rb, a.v_scale + row * ns);
+  }
+  constexpr int G = NV >= 16 ? 1 : NV == 8 ? 2 : 4;
+  for (int64_t g0 = 0; g0 < group; g0 += G) {
+    switch (std::min<int64_t>(G, group - g0)) {
+      case 1: weigh_qrows<NV, BITS, 1>(a, tiles, g0); break;
+      case 2: weigh_qrows<NV, BITS, std::min(G, 2)>(a, tiles, g0); break;
+      case 3: weigh_qrows<NV, BITS, std::min(G, 3)>(a, tiles, g0); break;
+      default: weigh_qrows<NV, BITS, G>(a, tiles, g0); break;
     }
-    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(og + i * 16, o[i]);
   }
 }
 

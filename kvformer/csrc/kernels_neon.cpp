@@ -127,18 +127,18 @@ void attend_t(const AttendArgs& a) {
     const float* qg = a.q + g * hd;
     float* sc = a.scores + g * len;
     float mx = -INFINITY;
-    for (int64_t s = a.s0; s < a.s1; ++s) {
+    each_slot(a, [&](int64_t s, int64_t row) {
       if (a.allowed && s != a.own && !a.allowed[s * a.allowed_stride]) {
         sc[s - a.s0] = -INFINITY;
-        continue;
+        return;
       }
       float32x4_t acc = vdupq_n_f32(0.f);
       for (int64_t i = 0; i < hd; i += 4)
-        acc = vfmaq_f32(acc, vld1q_f32(qg + i), load4f(K + s * hd + i));
+        acc = vfmaq_f32(acc, vld1q_f32(qg + i), load4f(K + row * hd + i));
       const float dot = vaddvq_f32(acc);
       sc[s - a.s0] = dot;
       mx = std::max(mx, dot);
-    }
+    });
     float* og = a.out + g * hd;
     std::fill(og, og + hd, 0.f);
     a.max[g] = mx;
@@ -152,12 +152,13 @@ void attend_t(const AttendArgs& a) {
       total += sc[s];
     }
     a.sum[g] = total;
-    for (int64_t s = 0; s < len; ++s) {
-      if (sc[s] == 0.f) continue;
-      const T* vr = V + (a.s0 + s) * hd;
+    each_slot(a, [&](int64_t s, int64_t row) {
+      const float w = sc[s - a.s0];
+      if (w == 0.f) return;
+      const T* vr = V + row * hd;
       for (int64_t i = 0; i < hd; i += 4)
-        vst1q_f32(og + i, vfmaq_n_f32(vld1q_f32(og + i), load4f(vr + i), sc[s]));
-    }
+        vst1q_f32(og + i, vfmaq_n_f32(vld1q_f32(og + i), load4f(vr + i), w));
+    });
   }
 }
 
@@ -256,15 +257,15 @@ void attend_q(const AttendArgs& a) {
     const float* qg = a.q + g * hd;
     float* sc = a.scores + g * len;
     float mx = -INFINITY;
-    for (int64_t s = a.s0; s < a.s1; ++s) {
+    each_slot(a, [&](int64_t s, int64_t row) {
       if (a.allowed && s != a.own && !a.allowed[s * a.allowed_stride]) {
         sc[s - a.s0] = -INFINITY;
-        continue;
+        return;
       }
-      const float dot = dot_row(qg, hd, a.bits, K + s * rb, a.k_scale + s * ns);
+      const float dot = dot_row(qg, hd, a.bits, K + row * rb, a.k_scale + row * ns);
       sc[s - a.s0] = dot;
       mx = std::max(mx, dot);
-    }
+    });
     float* og = a.out + g * hd;
     std::fill(og, og + hd, 0.f);
     a.max[g] = mx;
@@ -278,11 +279,11 @@ void attend_q(const AttendArgs& a) {
       total += sc[s];
     }
     a.sum[g] = total;
-    for (int64_t s = 0; s < len; ++s) {
-      if (sc[s] == 0.f) continue;
-      const int64_t row = a.s0 + s;
-      add_row(og, hd, a.bits, sc[s], V + row * rb, a.v_scale + row * ns);
-    }
+    each_slot(a, [&](int64_t s, int64_t row) {
+      const float w = sc[s - a.s0];
+      if (w == 0.f) return;
+      add_row(og, hd, a.bits, w, V + row * rb, a.v_scale + row * ns);
+    });
   }
 }
 

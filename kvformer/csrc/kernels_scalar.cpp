@@ -124,16 +124,16 @@ void attend_t(const AttendArgs& a) {
     const float* qg = a.q + g * hd;
     float* sc = a.scores + g * len;
     float mx = -INFINITY;
-    for (int64_t s = a.s0; s < a.s1; ++s) {
+    each_slot(a, [&](int64_t s, int64_t row) {
       if (a.allowed && s != a.own && !a.allowed[s * a.allowed_stride]) {
         sc[s - a.s0] = -INFINITY;
-        continue;
+        return;
       }
       float dot = 0.f;
-      for (int64_t i = 0; i < hd; ++i) dot += qg[i] * at(K, s * hd + i);
+      for (int64_t i = 0; i < hd; ++i) dot += qg[i] * at(K, row * hd + i);
       sc[s - a.s0] = dot;
       mx = std::max(mx, dot);
-    }
+    });
     float* og = a.out + g * hd;
     std::fill(og, og + hd, 0.f);
     a.max[g] = mx;
@@ -147,10 +147,11 @@ void attend_t(const AttendArgs& a) {
       total += sc[s];
     }
     a.sum[g] = total;
-    for (int64_t s = 0; s < len; ++s) {
-      if (sc[s] == 0.f) continue;
-      for (int64_t i = 0; i < hd; ++i) og[i] += sc[s] * at(V, (a.s0 + s) * hd + i);
-    }
+    each_slot(a, [&](int64_t s, int64_t row) {
+      const float w = sc[s - a.s0];
+      if (w == 0.f) return;
+      for (int64_t i = 0; i < hd; ++i) og[i] += w * at(V, row * hd + i);
+    });
   }
 }
 
@@ -189,19 +190,19 @@ void attend_q(const AttendArgs& a) {
   const int64_t len = a.s1 - a.s0, hd = a.hd;
   std::vector<float> row(hd);
   std::fill(a.max, a.max + a.group, -INFINITY);
-  for (int64_t s = a.s0; s < a.s1; ++s) {
+  each_slot(a, [&](int64_t s, int64_t r) {
     if (a.allowed && s != a.own && !a.allowed[s * a.allowed_stride]) {
       for (int64_t g = 0; g < a.group; ++g) a.scores[g * len + s - a.s0] = -INFINITY;
-      continue;
+      return;
     }
-    dequant_row(a, a.k, a.k_scale, s, row.data());
+    dequant_row(a, a.k, a.k_scale, r, row.data());
     for (int64_t g = 0; g < a.group; ++g) {
       float dot = 0.f;
       for (int64_t i = 0; i < hd; ++i) dot += a.q[g * hd + i] * row[i];
       a.scores[g * len + s - a.s0] = dot;
       a.max[g] = std::max(a.max[g], dot);
     }
-  }
+  });
   for (int64_t g = 0; g < a.group; ++g) {
     float* sc = a.scores + g * len;
     std::fill(a.out + g * hd, a.out + (g + 1) * hd, 0.f);
@@ -212,17 +213,17 @@ void attend_q(const AttendArgs& a) {
       a.sum[g] += sc[s];
     }
   }
-  for (int64_t s = 0; s < len; ++s) {
+  each_slot(a, [&](int64_t s, int64_t r) {
     bool any = false;
-    for (int64_t g = 0; g < a.group; ++g) any = any || a.scores[g * len + s] != 0.f;
-    if (!any) continue;
-    dequant_row(a, a.v, a.v_scale, a.s0 + s, row.data());
+    for (int64_t g = 0; g < a.group; ++g) any = any || a.scores[g * len + s - a.s0] != 0.f;
+    if (!any) return;
+    dequant_row(a, a.v, a.v_scale, r, row.data());
     for (int64_t g = 0; g < a.group; ++g) {
-      const float w = a.scores[g * len + s];
+      const float w = a.scores[g * len + s - a.s0];
       float* og = a.out + g * hd;
       for (int64_t i = 0; i < hd; ++i) og[i] += w * row[i];
     }
-  }
+  });
 }
 
 }  // namespace

@@ -602,25 +602,6 @@ inline void rotate(const float* x, const float* c, const float* s, int64_t hd, f
 
 constexpr int64_t kChunk = 256;  // cached slots per attention task
 
-// One partial softmax (max, sum of exponentials, unnormalised output per query head) folded
-// into another: the online-softmax combination.
-void fold(float* mx, float* sum, float* out, const float* mx2, const float* sum2,
-          const float* out2, int64_t group, int64_t hd) {
-  for (int64_t g = 0; g < group; ++g) {
-    if (sum2[g] == 0.f) continue;
-    if (sum[g] == 0.f) {
-      mx[g] = mx2[g];
-      sum[g] = sum2[g];
-      std::memcpy(out + g * hd, out2 + g * hd, hd * sizeof(float));
-      continue;
-    }
-    const float m = std::max(mx[g], mx2[g]), w1 = std::exp(mx[g] - m), w2 = std::exp(mx2[g] - m);
-    mx[g] = m;
-    sum[g] = sum[g] * w1 + sum2[g] * w2;
-    for (int64_t i = 0; i < hd; ++i) out[g * hd + i] = out[g * hd + i] * w1 + out2[g * hd + i] * w2;
-  }
-}
-
 // ------------------------------------------------------------------ the cache's rows
 // What a K/V row is stored as (kvformer/kvquant.py): fp32, bf16, or int8 / int4 numbers
 // with bf16 scales in a tensor beside them.
@@ -769,22 +750,26 @@ void attention(const Plan& p, const StepArgs& a, const Rows& r, int64_t max_len,
       store_row(r, true, row, vs + b * sv + j * hd, hd);
     }
   });
-  // tasks: (row and KV head, a range of at most kChunk slots), each a partial softmax; then
-  // the parts of each (row, KV head) are combined. A contiguous row attends over each range
-  // in one call; a paged one block by block (a block's slots are contiguous), folded.
+  // tasks: (row and KV head, a range of slots), each one kernel call over every slot of
+  // its range (a paged row's blocks gathered by its table inside the kernel), giving a
+  // partial softmax; a (row, KV head) of one task writes its output at once, those of
+  // several are combined after. A range is at most `chunk` slots: kChunk, or more when the
+  // rows hold enough slots that ~64 tasks are left anyway (fewer parts to combine). Not
+  // a function of the thread count: the split, and so the bits, are the same on any.
+  int64_t work = 0;
+  for (int64_t b = 0; b < a.B; ++b) work += a.new_slot(b) + 1;
+  const int64_t chunk = std::max(kChunk, (work * nkv / 64 + 63) / 64 * 64);
   struct Task {
     int64_t h, s0, s1;
   };
   std::vector<Task> tasks;
   std::vector<int64_t> first(a.B * nkv + 1);  // tasks of (row, head) h: first[h] .. first[h+1]
-  int64_t work = 0;
   for (int64_t b = 0; b < a.B; ++b) {
     const int64_t len = a.new_slot(b) + 1;
-    work += len;
     for (int64_t j = 0; j < nkv; ++j) {
       first[b * nkv + j] = int64_t(tasks.size());
-      for (int64_t s0 = 0; s0 < len; s0 += kChunk)
-        tasks.push_back({b * nkv + j, s0, std::min(len, s0 + kChunk)});
+      for (int64_t s0 = 0; s0 < len; s0 += chunk)
+        tasks.push_back({b * nkv + j, s0, std::min(len, s0 + chunk)});
     }
   }
   first[a.B * nkv] = int64_t(tasks.size());
@@ -794,44 +779,42 @@ void attention(const Plan& p, const StepArgs& a, const Rows& r, int64_t max_len,
   const int64_t piece = work * nkv * group * hd > (1 << 15) ? piece_of(n_tasks) : n_tasks;
   const Kernels& Kn = *p.K;
   parallel_pieces(n_tasks, piece, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scores(group * kChunk), blk(a.paged() ? part : 0);
+    std::vector<float> scores(group * chunk);
     for (int64_t t = t0; t < t1; ++t) {
       const Task& task = tasks[t];
       const int64_t b = task.h / nkv, j = task.h % nkv;
+      const bool whole = first[task.h + 1] - first[task.h] == 1;
       float* pt = parts.data() + t * part;
       kvf::AttendArgs at_;
       at_.q = qf.data() + task.h * group * hd;  // heads of KV head j: j*group .. j*group+group-1
       at_.group = group;
       at_.hd = hd;
       at_.scores = scores.data();
-      if (!a.paged()) {
+      at_.s0 = task.s0;
+      at_.s1 = task.s1;
+      if (a.paged()) {  // slot s: row (j * nblk + table[s / bs]) * bs + s % bs of the pool
+        point_at(at_, r, j * a.nblk * a.bs);
+        at_.table = a.table + b * a.table_stride;
+        at_.block = a.bs;
+      } else {
         point_at(at_, r, a.at(b, j, 0, nkv, max_len, hd) / hd);
-        at_.s0 = task.s0;
-        at_.s1 = task.s1;
         at_.allowed = a.mask ? a.mask + b * a.ms0 : nullptr;
         at_.allowed_stride = a.ms1;
         at_.own = a.slot;
-        at_.max = pt;
-        at_.sum = pt + group;
-        at_.out = pt + 2 * group;
-        attend_rows(Kn, at_);
-        continue;
       }
-      std::fill(pt, pt + part, 0.f);  // sum 0: nothing yet
-      for (int64_t s0 = task.s0; s0 < task.s1; s0 = (s0 / a.bs + 1) * a.bs) {
-        const int64_t s1 = std::min(task.s1, (s0 / a.bs + 1) * a.bs);
-        point_at(at_, r, a.at(b, j, s0, nkv, max_len, hd) / hd);  // slot s0 of its block
-        at_.s0 = 0;
-        at_.s1 = s1 - s0;
-        at_.max = blk.data();
-        at_.sum = blk.data() + group;
-        at_.out = blk.data() + 2 * group;
-        attend_rows(Kn, at_);
-        fold(pt, pt + group, pt + 2 * group, at_.max, at_.sum, at_.out, group, hd);
-      }
+      at_.max = pt;
+      at_.sum = pt + group;
+      at_.out = whole ? out + task.h * group * hd : pt + 2 * group;
+      attend_rows(Kn, at_);
+      if (whole)  // the row's own slot is always attended to: sum > 0
+        for (int64_t g = 0; g < group; ++g) {
+          const float inv = 1.0f / at_.sum[g];
+          for (int64_t i = 0; i < hd; ++i) at_.out[g * hd + i] *= inv;
+        }
     }
   });
-  for (int64_t h = 0; h < a.B * nkv; ++h)
+  for (int64_t h = 0; h < a.B * nkv; ++h) {
+    if (first[h + 1] - first[h] == 1) continue;  // written by its task
     for (int64_t g = 0; g < group; ++g) {
       float mx = -INFINITY;
       for (int64_t t = first[h]; t < first[h + 1]; ++t)
@@ -850,6 +833,7 @@ void attention(const Plan& p, const StepArgs& a, const Rows& r, int64_t max_len,
       const float inv = 1.0f / den;
       for (int64_t i = 0; i < hd; ++i) o[i] *= inv;
     }
+  }
 }
 
 std::shared_ptr<Plan> plan_of(int64_t handle) {
@@ -1097,15 +1081,27 @@ Tensor dequant_int4(Tensor q, Tensor dm, bool bf16, std::string isa) {
 
 // softmax(q K^T) V of query heads q [group, hd] (already scaled) over every row of k, v
 // (fp32, bf16, or quantized rows with scales = [k_scale, v_scale]), through one path's
-// attention kernel: -> [group, hd]
-Tensor attend_op(Tensor q, Tensor k, Tensor v, std::vector<Tensor> scales, std::string isa) {
+// attention kernel: -> [group, hd]. Paged (table defined): over slots [0, length), slot s in
+// row table[s / block] * block + s % block of k, v.
+Tensor attend_paged_op(Tensor q, Tensor k, Tensor v, std::vector<Tensor> scales, Tensor table,
+                       int64_t block, int64_t length, std::string isa) {
   const Kernels& K = kernels_for(isa);
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kFloat && k.dim() == 2 &&
                   k.is_contiguous() && v.is_contiguous() && (scales.empty() || scales.size() == 2),
               "kvformer_native.attend: q fp32 [group, hd], k and v [rows, *], scales [] or "
               "[k_scale, v_scale]");
   q = q.contiguous();
-  const int64_t group = q.size(0), hd = q.size(1), len = k.size(0);
+  const int64_t group = q.size(0), hd = q.size(1);
+  const bool paged = table.defined();
+  const int64_t len = paged ? length : k.size(0);
+  if (paged) {
+    table = table.to(at::kLong).contiguous();
+    TORCH_CHECK(block > 0 && table.dim() == 1 && table.numel() * block >= len &&
+                    (table.numel() == 0 || (table.min().item<int64_t>() >= 0 &&
+                                            (table.max().item<int64_t>() + 1) * block <= k.size(0))),
+                "kvformer_native.attend_paged: a table [blocks] of blocks within k, covering "
+                "the length");
+  }
   const Rows r = rows_of(k, v, scales.empty() ? Tensor() : scales[0],
                          scales.empty() ? Tensor() : scales[1], hd);
   std::vector<float> scores(group * len), mx(group), sum(group);
@@ -1117,6 +1113,10 @@ Tensor attend_op(Tensor q, Tensor k, Tensor v, std::vector<Tensor> scales, std::
   point_at(at_, r, 0);
   at_.s0 = 0;
   at_.s1 = len;
+  if (paged) {
+    at_.table = table.data_ptr<int64_t>();
+    at_.block = block;
+  }
   at_.scores = scores.data();
   at_.max = mx.data();
   at_.sum = sum.data();
@@ -1124,6 +1124,10 @@ Tensor attend_op(Tensor q, Tensor k, Tensor v, std::vector<Tensor> scales, std::
   attend_rows(K, at_);
   for (int64_t g = 0; g < group; ++g) out[g].div_(sum[g]);
   return out;
+}
+
+Tensor attend_op(Tensor q, Tensor k, Tensor v, std::vector<Tensor> scales, std::string isa) {
+  return attend_paged_op(q, k, v, scales, Tensor(), 0, 0, isa);
 }
 
 }  // namespace
@@ -1141,6 +1145,8 @@ TORCH_LIBRARY(kvformer_native, m) {
   m.def("plan_isa(int plan) -> str", &plan_isa);
   m.def("attend(Tensor q, Tensor k, Tensor v, Tensor[] scales, str isa) -> Tensor",
         &attend_op);
+  m.def("attend_paged(Tensor q, Tensor k, Tensor v, Tensor[] scales, Tensor table, int block, "
+        "int length, str isa) -> Tensor", &attend_paged_op);
   m.def("plan_step(int plan, Tensor tokens, Tensor[] k, Tensor[] v, Tensor[] k_scale, "
         "Tensor[] v_scale, int slot, int pos0, Tensor pos, Tensor mask) -> Tensor", &plan_step);
   m.def("plan_step_paged(int plan, Tensor tokens, Tensor[] k, Tensor[] v, Tensor[] k_scale, "

@@ -17,6 +17,9 @@
 //                              ks.bin, vs.bin: bf16 scales [len,1] or [len,hd/16]
 //                              -> y.bin f32 [group,hd] = softmax(q k^T) v (kernels.h layouts)
 //   exp     meta: n            x.bin f32 [n]                 -> y.bin f32 [n]
+// attend and attend_q take three more integers for a paged row: rows block n_table, with
+// k, v (and the scales) of `rows` rows and table.bin int64 [n_table]: slot s of the len is
+// row table[s / block] * block + s % block
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -111,11 +114,12 @@ int main(int argc, char** argv) {
     std::vector<float> y(n * k);
     K.dequant_q4(q.data(), dm.data(), k, 0, n, y.data(), nullptr, k);
     save(y);
-  } else if (op == "attend" && v.size() == 3) {
-    const int64_t group = v[0], hd = v[1], len = v[2];
+  } else if (op == "attend" && (v.size() == 3 || v.size() == 6)) {
+    const int64_t group = v[0], hd = v[1], len = v[2], rows = v.size() == 6 ? v[3] : len;
     const auto q = load<float>("q.bin", group * hd);
-    const auto k = load<float>("k.bin", len * hd);
-    const auto val = load<float>("v.bin", len * hd);
+    const auto k = load<float>("k.bin", rows * hd);
+    const auto val = load<float>("v.bin", rows * hd);
+    const auto table = v.size() == 6 ? load<int64_t>("table.bin", v[5]) : std::vector<int64_t>();
     std::vector<float> scores(group * len), mx(group), sum(group), out(group * hd);
     kvf::AttendArgs a;
     a.q = q.data();
@@ -125,6 +129,10 @@ int main(int argc, char** argv) {
     a.v = val.data();
     a.s0 = 0;
     a.s1 = len;
+    if (!table.empty()) {
+      a.table = table.data();
+      a.block = v[4];
+    }
     a.scores = scores.data();
     a.max = mx.data();
     a.sum = sum.data();
@@ -133,14 +141,16 @@ int main(int argc, char** argv) {
     for (int64_t g = 0; g < group; ++g)
       for (int64_t i = 0; i < hd; ++i) out[g * hd + i] /= sum[g];
     save(out);
-  } else if (op == "attend_q" && v.size() == 4 && (v[3] == 8 || v[3] == 4)) {
+  } else if (op == "attend_q" && (v.size() == 4 || v.size() == 7) && (v[3] == 8 || v[3] == 4)) {
     const int64_t group = v[0], hd = v[1], len = v[2], bits = v[3];
+    const int64_t rows = v.size() == 7 ? v[4] : len;
     const int64_t row = bits == 8 ? hd : hd / 2, ns = bits == 8 ? 1 : hd / 16;
     const auto q = load<float>("q.bin", group * hd);
-    const auto k = load<uint8_t>("k.bin", len * row);
-    const auto val = load<uint8_t>("v.bin", len * row);
-    const auto ks = load<uint16_t>("ks.bin", len * ns);
-    const auto vs = load<uint16_t>("vs.bin", len * ns);
+    const auto k = load<uint8_t>("k.bin", rows * row);
+    const auto val = load<uint8_t>("v.bin", rows * row);
+    const auto ks = load<uint16_t>("ks.bin", rows * ns);
+    const auto vs = load<uint16_t>("vs.bin", rows * ns);
+    const auto table = v.size() == 7 ? load<int64_t>("table.bin", v[6]) : std::vector<int64_t>();
     std::vector<float> scores(group * len), mx(group), sum(group), out(group * hd);
     kvf::AttendArgs a;
     a.q = q.data();
@@ -153,6 +163,10 @@ int main(int argc, char** argv) {
     a.v_scale = vs.data();
     a.s0 = 0;
     a.s1 = len;
+    if (!table.empty()) {
+      a.table = table.data();
+      a.block = v[5];
+    }
     a.scores = scores.data();
     a.max = mx.data();
     a.sum = sum.data();
