@@ -80,7 +80,7 @@ void quantize(const float* x, Acts& a, int8_t* q1, int8_t* q2, float* scale, flo
 template <int MR, int NT, int L>
 void q4_tiles(const Acts& a, int64_t i0, const uint8_t* q, const uint16_t* dm, int64_t t0,
               float* y, int64_t ldy) {
-  constexpr int C = MR * NT * L >= 4 ? 1 : 2;
+  constexpr int C = MR * NT >= 4 ? 1 : 2;
   const int64_t kb = a.k / kBlock;
   const __m512i low = _mm512_set1_epi8(0x0f);
   __m512 acc[MR][NT];
