@@ -411,6 +411,17 @@ void dequant_q4(const uint8_t* q, const uint16_t* dm, int64_t k, int64_t n0, int
     }
 }
 
+// Of the m slots of a tile from slot s, those the row may attend (the new token's always).
+inline __mmask16 allowed_lanes(const AttendArgs& a, int64_t s, int64_t m) {
+  __mmask16 keep = __mmask16((1u << m) - 1);
+  if (a.allowed)
+    for (int64_t t = 0; t < m; ++t) {
+      const int64_t slot = s + t;
+      if (slot != a.own && !a.allowed[slot * a.allowed_stride]) keep &= ~(1u << t);
+    }
+  return keep;
+}
+
 // exp on [-87, 88] as 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p of degree 6; 0 below
 inline __m512 exp16(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-87.0f);
@@ -636,13 +647,7 @@ void attend_t(const AttendArgs& a) {
       prefetch(K + tiles[k + kAhead].row * hd, tiles[k + kAhead].n * row_bytes, 1);
     if (k + 1 < n_tiles) prefetch(K + tiles[k + 1].row * hd, tiles[k + 1].n * row_bytes, 0);
     prefetch(V + row * hd, m * row_bytes, 1);
-    const __mmask16 lanes = __mmask16((1u << m) - 1);
-    __mmask16 keep = lanes;
-    if (a.allowed)
-      for (int64_t t = 0; t < m; ++t) {
-        const int64_t slot = s + t;
-        if (slot != a.own && !a.allowed[slot * a.allowed_stride]) keep &= ~(1u << t);
-      }
+    const __mmask16 lanes = __mmask16((1u << m) - 1), keep = allowed_lanes(a, s, m);
     for (int64_t g = 0; g < group; ++g) {
       __m512 qv[NV];
       for (int i = 0; i < NV; ++i) qv[i] = _mm512_loadu_ps(qs.data() + g * hd + 16 * i);
@@ -804,13 +809,7 @@ void attend_qt(const AttendArgs& a) {
     const int64_t s = tiles[k].s, m = tiles[k].n, row = tiles[k].row;
     if (k + kAhead < n_tiles) prefetch(K + tiles[k + kAhead].row * rb, tiles[k + kAhead].n * rb, 1);
     prefetch(V + row * rb, m * rb, 1);
-    const __mmask16 lanes = __mmask16((1u << m) - 1);
-    __mmask16 keep = lanes;
-    if (a.allowed)
-      for (int64_t t = 0; t < m; ++t) {
-        const int64_t slot = s + t;
-        if (slot != a.own && !a.allowed[slot * a.allowed_stride]) keep &= ~(1u << t);
-      }
+    const __mmask16 lanes = __mmask16((1u << m) - 1), keep = allowed_lanes(a, s, m);
     for (int64_t g = 0; g < group; ++g) {
       __m512 qv[NV];
       for (int i = 0; i < NV; ++i) qv[i] = _mm512_loadu_ps(a.q + g * hd + 16 * i);
