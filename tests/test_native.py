@@ -536,6 +536,42 @@ def test_paged_step_reads_and_writes_the_pool_as_the_paged_forward_does(path, he
         assert torch.equal(a[:, unused].view(torch.uint8), b[:, unused].view(torch.uint8))
 
 
+@pytest.mark.parametrize("kv", [None, "int8"])
+def test_a_paged_row_has_the_same_bits_in_any_batch(kv):
+    """A long row (its attention split into parts) gives the same logits, bit for bit,
+    alone and beside fifteen other long rows: how a row's attention is split depends on its
+    own length only, never on the rest of the batch (nor on the thread count)."""
+    from kvformer.fast import NativeDecodeStep
+    from kvformer.serve.paged import BlockPool
+
+    # int4 layers: their kernels give a row the same bits in any batch (a dense fp32 matmul
+    # need not)
+    model = model_for(64, 6, 2, torch.float32, "int4", max_len=2048)
+    bs, lengths = 16, [1200] + [900] * 15
+    model.rotary.ensure(max(lengths) + 1)  # the step reads the positions from its table
+    per_row = [(n + 1 + bs - 1) // bs for n in lengths]
+    pool = BlockPool.for_model(model, n_blocks=sum(per_row), block_size=bs, dtype=kv,
+                               prefix_caching=False)
+    gen = torch.Generator().manual_seed(3)
+    for t in pool.tensors:  # random cached K/V (int8 rows: random bytes and small scales)
+        if t.is_floating_point():
+            t.copy_(torch.rand(t.shape, generator=gen) * 0.1 if kv else
+                    torch.randn(t.shape, generator=gen))
+        else:
+            t.copy_(torch.randint(-100, 100, t.shape, generator=gen).to(t.dtype))
+    order = torch.randperm(sum(per_row), generator=gen).add(1).tolist()
+    tables = torch.zeros(len(lengths), max(per_row), dtype=torch.long)
+    for i, k in enumerate(per_row):
+        tables[i, :k] = torch.tensor(order[:k])
+        del order[:k]
+    tokens = torch.randint(0, 256, (len(lengths), 1), generator=gen)
+    step = NativeDecodeStep(model, isa=native.isas()[0])
+    with torch.inference_mode():
+        alone = step.paged(tokens[:1], pool, tables[:1], torch.tensor(lengths[:1]))
+        batch = step.paged(tokens, pool, tables, torch.tensor(lengths))
+    assert alone is not None and torch.equal(batch[:1], alone)
+
+
 def test_paged_step_refuses_a_table_without_room():
     from kvformer.fast import NativeDecodeStep
     from kvformer.serve.paged import BlockPool
