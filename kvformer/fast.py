@@ -285,14 +285,22 @@ class NativeDecodeStep:
         return logits
 
     def paged(self, tokens: torch.Tensor, pool, tables: torch.Tensor,
-              lengths: torch.Tensor) -> torch.Tensor | None:
+              lengths: torch.Tensor, logit_rows: torch.Tensor | None = None
+              ) -> torch.Tensor | None:
         """One token per row straight through a paged pool (``kvformer.serve.paged.BlockPool``:
         per layer ``[n_kv_head, n_blocks + 1, block_size, head_dim]``): row i has
         ``lengths[i]`` tokens cached in the blocks ``tables[i]`` (int64, padded with 0), and
         its new token is at position and slot ``lengths[i]``, which its table must already
         hold. Reads and writes the pool in place (no gathered copy); returns logits
         ``[B, 1, V]``, or None when this step cannot run it (the caller uses the forward).
-        A quantized pool's rows are read and written with their scales (``pool.k_scale``)."""
+        A quantized pool's rows are read and written with their scales (``pool.k_scale``).
+
+        Every row's K/V is written before any row attends, so several rows may be
+        consecutive tokens of one sequence (the same table, lengths p, p+1, ...): a prompt's
+        prefill, causal through each row's own length, with the same bits as decoding those
+        tokens one by one. No two rows may write the same slot. ``logit_rows`` (int64
+        indices) asks for those rows' logits only, ``[len(logit_rows), 1, V]`` (empty: none):
+        the LM head runs on them alone."""
         if not (self.supported and tokens.dim() == 2 and tokens.shape[1] == 1
                 and tokens.dtype == torch.long and pool.k[0].dtype in _CACHE_DTYPES
                 and all(b.attn.weights_sink is None for b in self.model.layers)):
@@ -303,7 +311,7 @@ class NativeDecodeStep:
             return None  # the window hides the oldest keys: the model computes it
         return torch.ops.kvformer_native.plan_step_paged(self.handle, tokens, pool.k, pool.v,
                                                          pool.k_scale, pool.v_scale, tables,
-                                                         lengths)
+                                                         lengths, logit_rows)
 
 
 

@@ -572,6 +572,64 @@ def test_a_paged_row_has_the_same_bits_in_any_batch(kv):
     assert alone is not None and torch.equal(batch[:1], alone)
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kv", [None, "int8"])
+def test_a_prompt_as_rows_of_one_step_is_its_prefill(path, kv):
+    """A prompt's tokens as rows of one paged step (one table, lengths 0, 1, ...) are its
+    prefill: causal through each row's own length. Beside another sequence's decode row,
+    the K/V they write and the logits of the rows asked for equal, bit for bit, those of
+    decoding the prompt one token per step; and those logits match Transformer.forward
+    over the whole prompt (the independent reference)."""
+    from kvformer.fast import NativeDecodeStep
+    from kvformer.serve.paged import BlockPool
+
+    model = model_for(64, 6, 2, torch.float32, "int4")
+    bs, n = 16, 37
+    gen = torch.Generator().manual_seed(5)
+    prompt = torch.randint(0, 256, (n,), generator=gen)
+    other = torch.randint(0, 256, (21,), generator=gen)  # a sequence already decoding
+    pools = [BlockPool.for_model(model, n_blocks=12, block_size=bs, dtype=kv,
+                                 prefix_caching=False) for _ in range(2)]
+    table, table2 = [5, 2, 9], [7, 3]  # blocks out of order
+    step = NativeDecodeStep(model, isa=use(path))
+    with torch.inference_mode():
+        for pool in pools:  # the other sequence's 20 cached tokens, one step each
+            for i in range(20):
+                step.paged(other[i:i + 1, None], pool, torch.tensor([table2]),
+                           torch.tensor([i]))
+        one_by_one = []
+        for i in range(n):  # pool 0: the prompt one token per step
+            one_by_one.append(step.paged(prompt[i:i + 1, None], pools[0],
+                                         torch.tensor([table]), torch.tensor([i]))[0, 0])
+        decode = step.paged(other[20:, None], pools[0], torch.tensor([table2]),
+                            torch.tensor([20]))[0, 0]
+        # pool 1: the other sequence's decode row, then the prompt in two chunks of rows
+        tables = torch.tensor([table2 + [0]] + [table] * 30)  # padded with 0
+        tokens = torch.cat([other[20:], prompt[:30]])[:, None]
+        lens = torch.tensor([20] + list(range(30)))
+        first = step.paged(tokens, pools[1], tables, lens, torch.tensor([0, 13, 30]))
+        rest = step.paged(prompt[30:, None], pools[1], torch.tensor([table] * (n - 30)),
+                          torch.arange(30, n), torch.tensor([n - 31]))
+        full = model(prompt[None])[0]
+    assert first.shape == (3, 1, 256) and rest.shape == (1, 1, 256)
+    assert torch.equal(first[0, 0], decode)
+    assert torch.equal(first[1, 0], one_by_one[12]) and torch.equal(first[2, 0], one_by_one[29])
+    assert torch.equal(rest[0, 0], one_by_one[n - 1])
+    for a, b in zip(pools[0].tensors, pools[1].tensors):  # every slot the rows wrote
+        for t, m in ((table, n), (table2, 21)):
+            ia = pools[0].slot_index(t, 0, m)
+            h = a.shape[0]
+            assert torch.equal(a.view(h, -1, a.shape[-1])[:, ia].view(torch.uint8),
+                               b.view(h, -1, b.shape[-1])[:, ia].view(torch.uint8))
+    # int4 layers: the step's activations are int8 levels, the forward's are floats
+    for i in (12, 29, n - 1):
+        torch.testing.assert_close(one_by_one[i].float(), full[i].float(),
+                                   atol=2e-2 * full[i].abs().max().item(), rtol=0)
+    with pytest.raises(RuntimeError, match="no row 31"):
+        step.paged(prompt[30:, None], pools[1], torch.tensor([table] * (n - 30)),
+                   torch.arange(30, n), torch.tensor([31]))
+
+
 def test_paged_step_refuses_a_table_without_room():
     from kvformer.fast import NativeDecodeStep
     from kvformer.serve.paged import BlockPool

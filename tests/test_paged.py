@@ -257,3 +257,56 @@ def test_the_default_pool_holds_more_tokens_of_int8_in_the_same_memory():
         assert pool.capacity >= ratio * bf16.capacity
         budget = 4 * 2048 * bf16.bytes_per_token  # the bf16 pool's blocks, block 0 aside
         assert pool.n_blocks == -(-budget // (pool.block_size * pool.bytes_per_token))
+
+
+def test_native_engine_tokens_do_not_depend_on_chunks_batch_or_the_prefix_cache(monkeypatch):
+    """Through the C++ step a prompt's tokens are rows of the engine's one call per step,
+    beside the other sequences' decode rows. A row's bits depend on its own tokens only, so
+    a request's greedy tokens are the same whatever the prefill chunk, the other requests
+    in the batch, and whether its prefix came from the cache; and nothing goes through the
+    model's forward (no separate prefill or decode forward)."""
+    native_or_skip(None)
+    from kvformer.quantize import quantize_model
+    from kvformer.serve.runner import StepRunner
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=256, d_model=256, n_layer=2, n_head=4, n_kv_head=2,
+                      d_ff=128, max_seq_len=256)
+    model = accelerate(quantize_model(Transformer(cfg).eval(), "int4", act=torch.float32))
+    gen = torch.Generator().manual_seed(2)
+    shared = torch.randint(1, 256, (40,), generator=gen).tolist()
+    prompts = [shared + torch.randint(1, 256, (k,), generator=gen).tolist()
+               for k in (3, 17, 1, 30)]
+    apart = []
+    monkeypatch.setattr(StepRunner, "prefill", lambda *a: apart.append("prefill"))
+    monkeypatch.setattr(StepRunner, "decode", lambda *a: apart.append("decode"))
+
+    def run(chunk, caching, together):
+        engine = Engine(model, None, max_batch=4, kv_blocks=64, block_size=16,
+                        prefill_chunk=chunk, prefix_caching=caching)
+        params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+        with engine:
+            first = engine.generate(prompts[0], params, timeout=60)  # fills the cache
+            if not together:  # one request at a time
+                rest = [engine.generate(p, params, timeout=60) for p in prompts[1:]]
+            else:
+                import threading
+                rest = [None] * 3
+
+                def one(i):
+                    rest[i] = engine.generate(prompts[i + 1], params, timeout=60)
+
+                threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+        return [first] + rest
+
+    base = run(chunk=128, caching=False, together=False)
+    for chunk, caching, together in ((5, False, True), (7, True, True), (64, True, False)):
+        outs = run(chunk, caching, together)
+        assert [o.token_ids for o in outs] == [o.token_ids for o in base], (chunk, caching)
+        if caching:  # the shared 40 tokens: two full blocks and 8 slots of a partial one
+            assert [o.cached_tokens for o in outs[1:]] == [40] * 3
+    assert not apart

@@ -578,6 +578,11 @@ struct StepArgs {
   const int64_t* table = nullptr;
   int64_t table_stride = 0, nblk = 0, bs = 0;
   const int64_t* lens = nullptr;
+  // select: the step returns the logits of rows out_rows[0 .. n_out) only, in that order
+  // (none when n_out is 0); else every row's
+  bool select = false;
+  const int64_t* out_rows = nullptr;
+  int64_t n_out = 0;
 
   bool paged() const { return table != nullptr; }
   int64_t new_slot(int64_t b) const { return paged() ? lens[b] : slot; }
@@ -882,10 +887,16 @@ Tensor plan_step(int64_t handle, Tensor tokens, std::vector<Tensor> kcs, std::ve
 
 // One token per row through a paged pool [nkv, nblk, bs, hd] per layer: row b has
 // lens[b] tokens cached, in the blocks tables[b, :]; its new token is at position and slot
-// lens[b]. The K/V are read and written in the pool, in place.
+// lens[b]. The K/V are read and written in the pool, in place. Every row's K/V is written
+// before any row attends, so rows may be consecutive tokens of one sequence (the same
+// table, lens p, p+1, ...: a prompt's prefill, causal by each row's length), as long as no
+// two rows write the same slot. `logit_rows` picks the rows whose logits come back (int64
+// indices, in that order; empty: none; not given: every row): the LM head runs on those
+// rows only.
 Tensor plan_step_paged(int64_t handle, Tensor tokens, std::vector<Tensor> kcs,
                        std::vector<Tensor> vcs, std::vector<Tensor> kss,
-                       std::vector<Tensor> vss, Tensor tables, Tensor lens) {
+                       std::vector<Tensor> vss, Tensor tables, Tensor lens,
+                       std::optional<Tensor> logit_rows) {
   std::shared_ptr<Plan> pp = plan_of(handle);
   const Plan& p = *pp;
   const int64_t B = tokens.size(0);
@@ -915,6 +926,18 @@ Tensor plan_step_paged(int64_t handle, Tensor tokens, std::vector<Tensor> kcs,
                   " is past the rotary table");
   }
   StepArgs a{B, 0, 0, 0, 0, 0, nullptr, nullptr};
+  if (logit_rows.has_value()) {
+    const Tensor& logits = *logit_rows;
+    TORCH_CHECK(logits.dim() == 1 && logits.scalar_type() == at::kLong &&
+                    logits.is_contiguous() && logits.numel() <= B,
+                "kvformer_native: the rows wanting logits must be int64 [n], n <= rows");
+    const int64_t* r = logits.data_ptr<int64_t>();
+    for (int64_t i = 0; i < logits.numel(); ++i)
+      TORCH_CHECK(r[i] >= 0 && r[i] < B, "kvformer_native: no row ", r[i], " in a step of ", B);
+    a.select = true;
+    a.out_rows = r;
+    a.n_out = logits.numel();
+  }
   a.table = tp;
   a.table_stride = tables.stride(0);
   a.nblk = nblk;
@@ -930,7 +953,7 @@ Tensor run_step(const Plan& p, const Tensor& tokens, const std::vector<Tensor>& 
   const int64_t B = tokens.size(0), d = p.d, hd = p.hd, nq = p.nq, nkv = p.nkv, f = p.dff;
   const int64_t nqkv = (nq + 2 * nkv) * hd;
   std::vector<float> x(B * d), h(B * d), o(B * d), qkv(B * nqkv), att(B * nq * hd),
-      gu(B * 2 * f), act(B * f), logits(B * p.vocab), qf;
+      gu(B * 2 * f), act(B * f), qf;
   Work wk;
 
   const int64_t* tok = tokens.data_ptr<int64_t>();
@@ -1034,11 +1057,21 @@ Tensor run_step(const Plan& p, const Tensor& tokens, const std::vector<Tensor>& 
     clock.lap(kMatmul);
   }
   residual_norm(p.final_norm, !p.layers.empty());
+  const float* hf = h.data();
+  int64_t R = B;
+  if (a.select) {  // the LM head on the rows that want logits only
+    R = a.n_out;
+    for (int64_t i = 0; i < R; ++i)
+      std::memcpy(o.data() + i * d, h.data() + a.out_rows[i] * d, d * sizeof(float));
+    hf = o.data();
+  }
   clock.lap(kOther);
-  p.head.run(K, h.data(), B, logits.data(), wk, p.act);
+  std::vector<float> logits(R * p.vocab);
+  if (R > 0) p.head.run(K, hf, R, logits.data(), wk, p.act);
   clock.lap(kHead);
   if (timing) ++timed_steps;
-  Tensor out = at::from_blob(logits.data(), {B, 1, p.vocab}, at::kFloat).to(p.act);
+  if (R == 0) return at::empty({0, 1, p.vocab}, at::TensorOptions().dtype(p.act));
+  Tensor out = at::from_blob(logits.data(), {R, 1, p.vocab}, at::kFloat).to(p.act);
   return p.act == at::kFloat ? out.clone() : out;
 }
 
@@ -1155,5 +1188,6 @@ TORCH_LIBRARY(kvformer_native, m) {
   m.def("plan_step(int plan, Tensor tokens, Tensor[] k, Tensor[] v, Tensor[] k_scale, "
         "Tensor[] v_scale, int slot, int pos0, Tensor pos, Tensor mask) -> Tensor", &plan_step);
   m.def("plan_step_paged(int plan, Tensor tokens, Tensor[] k, Tensor[] v, Tensor[] k_scale, "
-        "Tensor[] v_scale, Tensor tables, Tensor lens) -> Tensor", &plan_step_paged);
+        "Tensor[] v_scale, Tensor tables, Tensor lens, Tensor? logits=None) -> Tensor",
+        &plan_step_paged);
 }

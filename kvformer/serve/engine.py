@@ -8,11 +8,12 @@ loop, so all torch work stays off the web server's event loop:
 3. admit waiting sequences while fewer than ``max_batch`` run and the pool has blocks for
    the prompt less its cached prefix (plus one spare block per running sequence, so they
    can grow);
-4. one *decode* forward for every sequence with exactly one token not yet cached: T=1,
-   through the C++ step reading the pool by block tables for an accelerated model, else
-   as ``runner`` says;
-5. *prefill* of at most ``prefill_chunk`` prompt tokens (one forward per sequence, B=1),
-   so a long new prompt does not stall the running streams for more than a chunk.
+4. one *decode* row for every sequence with exactly one token not yet cached, and
+   *prefill* of at most ``prefill_chunk`` prompt tokens (so a long new prompt does not
+   stall the running streams for more than a chunk): for an accelerated model all of them
+   rows of one call of the C++ step, reading and writing the pool by block tables (a
+   prompt's tokens are rows too, see ``runner``); otherwise one decode forward of T=1 as
+   ``runner`` says, then one prefill forward per sequence (B=1).
 
 Sequences join at the next step and leave when finished, so the batch changes every step
 (continuous batching). A decode row that needs a new block when none is free preempts the
@@ -234,16 +235,27 @@ class Engine:
         ready, too_big = self.scheduler.decode_rows()
         for seq in too_big:
             self._finish(seq, "length")  # does not fit even alone
+        work = self.scheduler.prefill_work(self.prefill_chunk)
+        done = self.runner.step(ready, work) if ready or work else None
+        if done is not None:  # one call of the C++ step did it all
+            self._sample(*done)
+        else:
+            self._step_apart(ready, work)
+        for seq in self.scheduler.running:
+            self.scheduler.remember(seq)
+
+    def _step_apart(self, ready: list[Seq], work: list[tuple[Seq, int]]) -> None:
+        """A decode forward for the ready rows, then a prefill forward per sequence."""
         if ready:
             self._sample(ready, self.runner.decode(ready))
         else:
             self.runner.forget()
-        for seq, n in self.scheduler.prefill_work(self.prefill_chunk):
+        for seq, n in work:
+            if seq not in self.scheduler.running:
+                continue  # ended while the decode rows were sampled
             logits = self.runner.prefill(seq, n)
             if seq.num_cached == seq.num_tokens:
                 self._sample([seq], logits)
-        for seq in self.scheduler.running:
-            self.scheduler.remember(seq)
 
     def _sample(self, seqs: list[Seq], logits: torch.Tensor) -> None:
         for seq, (tok, lp) in zip(seqs, pick_tokens(seqs, logits)):

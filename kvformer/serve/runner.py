@@ -1,14 +1,24 @@
 """The step runner: the model's forwards over the paged KV cache, for decode and prefill.
 
+``step(decode, prefill)`` runs one engine step in one call of the C++ step when the model
+has it (``kvformer.fast.NativeDecodeStep``, an accelerated model of ``kvformer.load``): a row
+per decoding sequence and a row per prompt token to prefill, each row's K/V read and its new
+slot written through its sequence's block table, nothing copied. A prompt's tokens as rows
+of one call are its prefill (every row's K/V is written before any row attends; each row
+attends up to its own position), with the bits that decoding them one by one would give:
+so a sequence's tokens do not depend on how its prompt was cut into chunks, on the prefix
+cache, or on the other rows. The LM head runs only on the rows whose next token is wanted.
+It returns None when the model has no such step (or this step cannot run it: past the
+rotary table, a sliding window), and the engine then calls the two below.
+
 ``decode(seqs)`` runs one forward of T=1 for every row (each row's table already has room
 for its new slot) and returns the logits ``[B, V]``; ``prefill(seq, n)`` runs the next
 ``n`` prompt tokens of one sequence and returns its last position's logits.
 
 A decode step takes the fastest way there is:
 
-1. an accelerated model (``kvformer.load``'s) whose decode step is the C++ one
-   (``kvformer.fast.NativeDecodeStep``) runs it straight over the pool: each row's K/V is
-   read and its new slot written through the row's block table, nothing is copied;
+1. an accelerated model (``kvformer.load``'s) whose decode step is the C++ one runs it
+   straight over the pool, as ``step`` does;
 2. an accelerated model on the Python step (no native build) gathers the batch's K/V,
    left-padded, into a contiguous cache with ``STEP_ROOM`` spare slots, runs the step with
    the padding mask and copies each row's new slot back into the pool; while the same rows
@@ -43,12 +53,58 @@ class StepRunner:
         """Drop the gathered step cache (nothing decodes now: do not hold its memory)."""
         self._memo = None
 
-    def decode(self, seqs: list[Seq]) -> torch.Tensor:
-        logits = None
+    def native(self) -> NativeDecodeStep | None:
+        """The model's C++ step, if it has one."""
         if self.fast_decode:
             step = self.model.forward.step()
             if isinstance(step, NativeDecodeStep):
-                logits = self._decode_native(step, seqs)
+                return step
+        return None
+
+    def step(self, decode: list[Seq], prefill: list[tuple[Seq, int]]
+             ) -> tuple[list[Seq], torch.Tensor] | None:
+        """One call of the C++ step: every sequence of ``decode`` (one token not yet cached,
+        room for it in its table) and the next ``n`` prompt tokens of each (seq, n) of
+        ``prefill``. Returns (the sequences with a next token to pick: the decoding ones, then
+        those whose prompt is now all cached; their logits ``[len, V]``), or None when it
+        cannot run (nothing has changed then)."""
+        step = self.native()
+        if step is None:
+            return None
+        seqs = decode + [s for s, _ in prefill]
+        width = max(len(s.blocks) for s in seqs)
+        tables = torch.zeros(len(seqs), width, dtype=torch.long)
+        tokens: list[int] = []
+        lengths: list[int] = []
+        rows: list[int] = []  # how many rows each sequence has
+        wanted: list[int] = []
+        takers: list[Seq] = []
+        for i, s in enumerate(seqs):
+            tables[i, :len(s.blocks)] = torch.tensor(s.blocks)
+            n = 1 if i < len(decode) else prefill[i - len(decode)][1]
+            lo = s.num_cached
+            tokens += s.tokens(lo, lo + n)
+            lengths += range(lo, lo + n)
+            rows.append(n)
+            if lo + n == s.num_tokens:
+                wanted.append(len(tokens) - 1)
+                takers.append(s)
+        if len(tokens) > len(seqs):
+            tables = tables.repeat_interleave(torch.tensor(rows), dim=0)
+        out = step.paged(torch.tensor(tokens).unsqueeze(1), self.pool, tables,
+                         torch.tensor(lengths), torch.tensor(wanted, dtype=torch.long))
+        if out is None:
+            return None
+        self._memo = None
+        for s, n in zip(seqs, rows):
+            s.num_cached += n
+        return takers, out[:, -1]
+
+    def decode(self, seqs: list[Seq]) -> torch.Tensor:
+        logits = None
+        step = self.native()
+        if step is not None:
+            logits = self._decode_native(step, seqs)
         if logits is None:
             logits = self._decode_forward(seqs)
         for s in seqs:
