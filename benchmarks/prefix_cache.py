@@ -18,7 +18,10 @@ import platform
 import statistics
 import time
 
+# isort: off
+import kvformer  # noqa: F401  (before torch, as the CLI does: see kvformer/__init__.py)
 import torch
+# isort: on
 
 from kvformer.loading import load
 from kvformer.serve.engine import Engine, SamplingParams

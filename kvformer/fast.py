@@ -20,10 +20,12 @@ Both this step and ``NativeDecodeStep``, the C++ one (much faster once matmuls a
 quantized; the library is ``kvformer.native``'s), read the same named description of the
 step, ``kvformer.plan.StepPlan``;
 ``decode_step(model)`` picks the C++ step when the native library is built and this one
-otherwise. ``accelerate(model)`` routes a model's decode steps through it: every other call
-(prefill, gradients, any cache other than the contiguous ``KVCache`` and
-``QuantizedKVCache``, e.g. the server's paged one) goes through ``Transformer.forward`` as
-before. Checked against
+otherwise. ``accelerate(model)`` routes a model's decode steps through it, and with the C++
+step also the prefill of one row into its cache (the prompt's tokens as rows of one step:
+``NativeDecodeStep.prefill``); every other call (a batch's prefill, gradients, any cache
+other than the contiguous ``KVCache`` and ``QuantizedKVCache``) goes through
+``Transformer.forward`` as before. The server runs the C++ step over its paged pool itself
+(``NativeDecodeStep.paged``). Checked against
 ``Transformer.forward`` in ``tests/test_fast.py``.
 """
 
@@ -219,6 +221,19 @@ class DecodeStep:
 
 # what the C++ step's caches may hold: numbers, or int8 / int4 (uint8) rows with scales
 _CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.int8, torch.uint8)
+# Rows of one C++ step call in a prefill: its per-row cost is flat from ~16 rows on, and
+# its buffers grow with the rows (~34 KB a row for SmolLM2)
+PREFILL_ROWS = 256
+
+
+def rows_pay(n: int, cached: int) -> bool:
+    """Whether n new tokens after ``cached`` ones are prefilled faster as rows of the C++
+    step than by the forward. Measured on SmolLM2 int4 (docs/architecture.md): a row costs
+    the step about what a token costs the forward's matmuls, plus ~1 us per slot it attends
+    to (one query at a time), while the forward pays ~40 ms of per-operation overhead and
+    attends with matrix products. So rows win for short prompts (3.5x at 8 tokens, 1.5x at
+    128) and lose for long ones (0.84x at 1,024)."""
+    return cached + n / 2 < 400 + 40_000 / n
 _EMPTY_LONG = torch.empty(0, dtype=torch.long)
 _EMPTY_BOOL = torch.empty(0, dtype=torch.bool)
 
@@ -283,6 +298,48 @@ class NativeDecodeStep:
                                                       pos, mask)
         cache.advance(1)
         return logits
+
+    def prefill(self, tokens: torch.Tensor, cache: KVCache,
+                input_pos: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor | None:
+        """T > 1 tokens of one row into a contiguous cache of one row, as rows of the C++
+        step (its paged form, the cache seen as one block of max_len slots): every row's K/V
+        written, then each row attends up to its own position. The K/V and logits have the
+        bits that decoding the tokens one by one would give. Returns logits ``[1, T, V]``
+        (``[1, 1, V]`` with ``last_only``), or None when this step cannot run it (the caller
+        uses the forward): a batch, positions other than the cache's next slots, past the
+        rotary table or a sliding window, or a long prompt (``rows_pay``)."""
+        if not (self.supported and tokens.dim() == 2 and tokens.shape[0] == 1
+                and tokens.dtype == torch.long and type(cache) in (KVCache, QuantizedKVCache)
+                and cache.batch_size == 1 and cache.k[0].dtype in _CACHE_DTYPES
+                and all(b.attn.weights_sink is None for b in self.model.layers)):
+            return None
+        n, lo = tokens.shape[1], cache.length
+        if not rows_pay(n, lo):
+            return None
+        if self.window is not None and lo + n > self.window:
+            return None
+        if self.rope_len is not None and lo + n > self.rope_len:
+            return None
+        lens = torch.arange(lo, lo + n)
+        if input_pos is not None and not torch.equal(input_pos.reshape(-1).cpu(), lens):
+            return None
+        cache.check_room(n)
+
+        def one_block(ts: list[torch.Tensor]) -> list[torch.Tensor]:  # [1, h, L, x] -> [h, 1, L, x]
+            return [t.transpose(0, 1) for t in ts]
+
+        rows = torch.tensor([n - 1]) if last_only else None
+        logits = []
+        for c0 in range(0, n, PREFILL_ROWS):  # the step's buffers grow with its rows
+            c1 = min(n, c0 + PREFILL_ROWS)
+            want = None if rows is None else (rows - c0 if c1 == n else rows[:0])
+            logits.append(torch.ops.kvformer_native.plan_step_paged(
+                self.handle, tokens[0, c0:c1, None], one_block(cache.k), one_block(cache.v),
+                one_block(cache.k_scale), one_block(cache.v_scale),
+                torch.zeros(c1 - c0, 1, dtype=torch.long), lens[c0:c1], want))
+        cache.advance(n)
+        return torch.cat(logits).transpose(0, 1)
 
     def paged(self, tokens: torch.Tensor, pool, tables: torch.Tensor,
               lengths: torch.Tensor, logit_rows: torch.Tensor | None = None
@@ -367,10 +424,15 @@ class FastForward:
     def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
                  cache=None, key_mask: torch.Tensor | None = None, *,
                  last_only: bool = False) -> torch.Tensor:
-        if cache is not None and tokens.shape[1] == 1 and not torch.is_grad_enabled():
+        if cache is not None and not torch.is_grad_enabled():
             step = self.step()
-            if step.usable(tokens, cache):
-                out = step(tokens, cache, input_pos, key_mask)
+            if tokens.shape[1] == 1:
+                if step.usable(tokens, cache):
+                    out = step(tokens, cache, input_pos, key_mask)
+                    if out is not None:
+                        return out
+            elif key_mask is None and isinstance(step, NativeDecodeStep):
+                out = step.prefill(tokens, cache, input_pos, last_only)
                 if out is not None:
                     return out
         return self.original(tokens, input_pos, cache, key_mask, last_only=last_only)

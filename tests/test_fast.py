@@ -113,7 +113,10 @@ def test_low_precision_step_is_close_and_greedy_is_identical(tiny, kind, mode):
     tokens = torch.tensor([list(TEXT[:24])])
     pairs, _, _ = decode_both(model, step, tokens, prefix=8)
     for ref, out in pairs:
-        assert out.dtype == ref.dtype == model.dtype
+        # the C++ step's logits are fp32 whatever the activations' dtype (not rounded to
+        # bf16, where near-ties become ties); the Python step's are the model's dtype
+        assert ref.dtype == model.dtype
+        assert out.dtype == (model.dtype if kind == "python" else torch.float32)
         scale = ref.float().abs().max().item()
         torch.testing.assert_close(out.float(), ref.float(), atol=0.03 * scale, rtol=0)
         assert torch.equal(out.argmax(-1), ref.argmax(-1))

@@ -630,6 +630,45 @@ def test_a_prompt_as_rows_of_one_step_is_its_prefill(path, kv):
                    torch.arange(30, n), torch.tensor([31]))
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kv", [None, "int8", "int4"])
+def test_a_prompt_into_a_contiguous_cache_is_prefilled_by_the_step(path, kv, monkeypatch):
+    """An accelerated model prefills one row into its KVCache through the C++ step (the
+    cache seen as one block): the logits of every position and the K/V written have the
+    bits of decoding the prompt one token per step, in one call or in chunks, with the
+    last position only or all; nothing goes through Transformer.forward; and the logits
+    match the plain forward's (the independent reference)."""
+    from kvformer.fast import accelerate
+
+    plain = model_for(64, 6, 2, torch.float32, "int4")
+    model = accelerate(copy.deepcopy(plain), native=use(path))
+    prompt = torch.randint(0, 256, (1, 45), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        one = model.new_cache(1, 64, kv)
+        steps = torch.cat([model(prompt[:, i:i + 1], cache=one) for i in range(45)], dim=1)
+        forwards = []
+        monkeypatch.setattr(model.forward, "original", lambda *a, **k: forwards.append(1))
+        whole = model.new_cache(1, 64, kv)
+        rows = model(prompt, cache=whole)
+        chunked = model.new_cache(1, 64, kv)
+        first = model(prompt[:, :10], input_pos=torch.arange(10)[None], cache=chunked)
+        last = model(prompt[:, 10:], cache=chunked, last_only=True)
+        monkeypatch.undo()
+        full = plain(prompt)
+    assert not forwards
+    assert rows.shape == (1, 45, 256) and last.shape == (1, 1, 256)
+    assert torch.equal(rows, steps) and torch.equal(first, steps[:, :10])
+    assert torch.equal(last[0, 0], steps[0, -1])
+    assert one.length == whole.length == chunked.length == 45
+    parts = [c.k + c.v + c.k_scale + c.v_scale for c in (one, whole, chunked)]
+    for a, b, c in zip(*parts):
+        assert torch.equal(a[:, :, :45].view(torch.uint8), b[:, :, :45].view(torch.uint8))
+        assert torch.equal(a[:, :, :45].view(torch.uint8), c[:, :, :45].view(torch.uint8))
+    tol = 2e-2 if kv is None else 1e-1  # int8 levels of x; quantized K/V
+    torch.testing.assert_close(rows.float(), full.float(), atol=tol * full.abs().max().item(),
+                               rtol=0)
+
+
 def test_paged_step_refuses_a_table_without_room():
     from kvformer.fast import NativeDecodeStep
     from kvformer.serve.paged import BlockPool

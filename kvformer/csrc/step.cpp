@@ -917,8 +917,10 @@ Tensor plan_step_paged(int64_t handle, Tensor tokens, std::vector<Tensor> kcs,
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(lp[b] >= 0 && lp[b] / bs < tables.size(1), "kvformer_native: row ", b,
                 "'s block table has no room for slot ", lp[b]);
+    // block 0 is a pool's padding block, unless the pool is one block (a contiguous cache
+    // of one row, as NativeDecodeStep.prefill passes it)
     for (int64_t i = 0; i <= lp[b] / bs; ++i)
-      TORCH_CHECK(tp[b * tables.stride(0) + i] > 0 && tp[b * tables.stride(0) + i] < nblk,
+      TORCH_CHECK(tp[b * tables.stride(0) + i] >= (nblk > 1) && tp[b * tables.stride(0) + i] < nblk,
                   "kvformer_native: row ", b, " names block ", tp[b * tables.stride(0) + i],
                   ", not a block of this pool");
     if (p.rope)
@@ -1066,13 +1068,13 @@ Tensor run_step(const Plan& p, const Tensor& tokens, const std::vector<Tensor>& 
     hf = o.data();
   }
   clock.lap(kOther);
-  std::vector<float> logits(R * p.vocab);
-  if (R > 0) p.head.run(K, hf, R, logits.data(), wk, p.act);
+  // the logits stay fp32 whatever the activations' dtype: rounded to bf16 (a step of 0.125
+  // at 25) the best two tokens often tie, and greedy decoding then takes the lower id
+  Tensor out = at::empty({R, 1, p.vocab}, at::kFloat);
+  if (R > 0) p.head.run(K, hf, R, out.data_ptr<float>(), wk, p.act);
   clock.lap(kHead);
   if (timing) ++timed_steps;
-  if (R == 0) return at::empty({0, 1, p.vocab}, at::TensorOptions().dtype(p.act));
-  Tensor out = at::from_blob(logits.data(), {R, 1, p.vocab}, at::kFloat).to(p.act);
-  return p.act == at::kFloat ? out.clone() : out;
+  return out;
 }
 
 // ------------------------------------------------------------------ single kernels
