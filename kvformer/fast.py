@@ -90,6 +90,7 @@ class DecodeStep:
         except Unsupported:
             self.supported = False
             return
+        self.no_sinks = all(b.attn.weights_sink is None for b in model.layers)
         self.supported = True
         self.plan = plan
         self.dtype = plan.act_dtype
@@ -131,7 +132,7 @@ class DecodeStep:
                 and (type(cache) is QuantizedKVCache
                      or type(cache) is KVCache and cache.k[0].dtype == self.dtype)
                 and tokens.shape[0] == cache.batch_size
-                and all(b.attn.weights_sink is None for b in self.model.layers))
+                and self.no_sinks)
 
     def _norm_buf(self, b: int) -> torch.Tensor:
         buf = self._bufs.get(b)
@@ -257,6 +258,8 @@ class NativeDecodeStep:
             list(names.tensors), list(names.tensors.values()), list(names.ints),
             list(names.ints.values()), list(names.reals), list(names.reals.values()), self.isa)
         self.rope_len, self.window = plan.rope_len, plan.window
+        # attention sinks are not in the plan (the forward computes such a model)
+        self.no_sinks = all(b.attn.weights_sink is None for b in model.layers)
         self.supported = True
 
     def __del__(self):
@@ -272,7 +275,7 @@ class NativeDecodeStep:
                 and type(cache) in (KVCache, QuantizedKVCache)
                 and tokens.shape[0] == cache.batch_size and tokens.dtype == torch.long
                 and cache.k[0].dtype in _CACHE_DTYPES
-                and all(b.attn.weights_sink is None for b in self.model.layers))
+                and self.no_sinks)
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache,
                  input_pos: torch.Tensor | None = None,
@@ -312,7 +315,7 @@ class NativeDecodeStep:
         if not (self.supported and tokens.dim() == 2 and tokens.shape[0] == 1
                 and tokens.dtype == torch.long and type(cache) in (KVCache, QuantizedKVCache)
                 and cache.batch_size == 1 and cache.k[0].dtype in _CACHE_DTYPES
-                and all(b.attn.weights_sink is None for b in self.model.layers)):
+                and self.no_sinks):
             return None
         n, lo = tokens.shape[1], cache.length
         if not rows_pay(n, lo):
@@ -360,11 +363,12 @@ class NativeDecodeStep:
         the LM head runs on them alone."""
         if not (self.supported and tokens.dim() == 2 and tokens.shape[1] == 1
                 and tokens.dtype == torch.long and pool.k[0].dtype in _CACHE_DTYPES
-                and all(b.attn.weights_sink is None for b in self.model.layers)):
+                and self.no_sinks):
             return None
-        if self.rope_len is not None and int(lengths.max()) >= self.rope_len:
+        top = int(lengths.max())
+        if self.rope_len is not None and top >= self.rope_len:
             return None  # past the rotary table: the model computes it afresh
-        if self.window is not None and int(lengths.max()) >= self.window:
+        if self.window is not None and top >= self.window:
             return None  # the window hides the oldest keys: the model computes it
         return torch.ops.kvformer_native.plan_step_paged(self.handle, tokens, pool.k, pool.v,
                                                          pool.k_scale, pool.v_scale, tables,

