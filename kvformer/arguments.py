@@ -74,7 +74,7 @@ COMMON_FLAGS: dict[str, tuple[tuple[str, ...], dict]] = {
     "activations": (("--activations",), dict(
         default=None, choices=["int16", "int8"],
         help="how activations enter the int4 kernels: int16 (default: two int8 levels, "
-             "finer than bf16) or int8 (one level, as llama.cpp does: +0.4 %% perplexity on "
+             "finer than bf16) or int8 (one level, as llama.cpp does: +0.4-0.9 %% perplexity on "
              "SmolLM2, ~20 %% faster matmuls for a batch of rows, e.g. a busy server)")),
     "threads": (("-t", "--threads"), dict(
         type=_threads, default=None, metavar="N",
