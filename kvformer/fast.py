@@ -229,12 +229,15 @@ PREFILL_ROWS = 256
 
 def rows_pay(n: int, cached: int) -> bool:
     """Whether n new tokens after ``cached`` ones are prefilled faster as rows of the C++
-    step than by the forward. Measured on SmolLM2 int4 (docs/architecture.md): a row costs
-    the step about what a token costs the forward's matmuls, plus ~1 us per slot it attends
-    to (one query at a time), while the forward pays ~40 ms of per-operation overhead and
-    attends with matrix products. So rows win for short prompts (3.5x at 8 tokens, 1.5x at
-    128) and lose for long ones (0.84x at 1,024)."""
+    step than by the forward. Measured on SmolLM2 int4 (``benchmarks/prefill_rows.py``,
+    docs/serving.md): a row costs the step about what a token costs the forward's matmuls,
+    plus ~1 us per slot it attends to (one query at a time), while the forward pays ~40 ms
+    of per-operation overhead and attends with matrix products. So rows win for short
+    prompts (4.8x at 8 tokens, 1.3x at 128, even at 512) and lose for long ones (0.9x at
+    1,024)."""
     return cached + n / 2 < 400 + 40_000 / n
+
+
 _EMPTY_LONG = torch.empty(0, dtype=torch.long)
 _EMPTY_BOOL = torch.empty(0, dtype=torch.bool)
 
