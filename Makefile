@@ -35,7 +35,7 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q
-	@for cap in $$($(PY) -m kvformer.native lower-capabilities); do \
+	@for cap in $$($(PY) -m kvformer.runtime.native lower-capabilities); do \
 	  echo "== the CPU tests again with ATEN_CPU_CAPABILITY=$$cap"; \
 	  ATEN_CPU_CAPABILITY=$$cap $(PY) -m pytest -q -p no:cacheprovider $(CPU_TESTS) || exit 1; \
 	done

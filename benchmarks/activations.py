@@ -21,11 +21,12 @@ import kvformer  # noqa: F401  (before torch, as the CLI does: see kvformer/__in
 import torch
 # isort: on
 
-from kvformer import native, quantize
-from kvformer.bench import TEXT
-from kvformer.bench_workers import decode_perplexity
-from kvformer.generate import perplexity
-from kvformer.loading import load
+from kvformer.formats.load import load
+from kvformer.runtime import native
+from kvformer.runtime import quant as quantize
+from kvformer.runtime.generation import perplexity
+from kvformer.tools.bench.run import TEXT
+from kvformer.tools.bench.workers import decode_perplexity
 
 
 def main() -> None:

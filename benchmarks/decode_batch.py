@@ -23,8 +23,8 @@ import kvformer  # noqa: F401  (before torch, as the CLI does: see kvformer/__in
 import torch
 # isort: on
 
-from kvformer.loading import load
-from kvformer.serve.paged import BlockPool
+from kvformer.formats.load import load
+from kvformer.kv.paged import BlockPool
 from kvformer.serve.sampler import pick_tokens
 from kvformer.serve.sequence import SamplingParams, Seq
 
@@ -73,7 +73,7 @@ def main() -> None:
                    help="how x enters the int4 kernels; several: each, rounds interleaved "
                         "(default: the process's, KVFORMER_ACTIVATIONS or int16)")
     args = p.parse_args()
-    from kvformer import native
+    from kvformer.runtime import native
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(1)  # load as kvformer serve does
     model, _ = load(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype, progress=False)

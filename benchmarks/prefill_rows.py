@@ -1,7 +1,7 @@
 """Prefill of one prompt into a contiguous cache: as rows of the C++ step against the model's
 forward, for prompts of several lengths, in one process (interleaved, best of --rounds).
 
-``kvformer generate`` prefills through the C++ step when ``kvformer.fast.rows_pay`` says rows
+``kvformer generate`` prefills through the C++ step when ``kvformer.runtime.step.rows_pay`` says rows
 are faster (short prompts), and through ``Transformer.forward`` otherwise (long ones: the
 step attends one query at a time, the forward with matrix products). This prints both for
 each length so that the rule can be checked on a machine:
@@ -20,9 +20,9 @@ import kvformer  # noqa: F401  (before torch, as the CLI does: see kvformer/__in
 import torch
 # isort: on
 
-from kvformer import native
-from kvformer.fast import NativeDecodeStep, rows_pay
-from kvformer.loading import load
+from kvformer.formats.load import load
+from kvformer.runtime import native
+from kvformer.runtime.step import NativeDecodeStep, rows_pay
 
 
 def main() -> None:
@@ -73,8 +73,8 @@ def main() -> None:
 
 
 def swap_rows_pay(fn):
-    """Swap kvformer.fast.rows_pay (what NativeDecodeStep.prefill asks); returns the old."""
-    import kvformer.fast as fast
+    """Swap kvformer.runtime.step.rows_pay (what NativeDecodeStep.prefill asks); returns the old."""
+    import kvformer.runtime.step as fast
 
     old, fast.rows_pay = fast.rows_pay, fn
     return old

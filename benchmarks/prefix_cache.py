@@ -23,7 +23,7 @@ import kvformer  # noqa: F401  (before torch, as the CLI does: see kvformer/__in
 import torch
 # isort: on
 
-from kvformer.loading import load
+from kvformer.formats.load import load
 from kvformer.serve.engine import Engine, SamplingParams
 
 TEXT = ("The KV cache keeps the keys and values of every earlier token, so a decoder computes "

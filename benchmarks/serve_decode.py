@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from kvformer.generate import generate
-from kvformer.loading import load
+from kvformer.formats.load import load
+from kvformer.runtime.generation import generate
 from kvformer.serve.engine import Engine, SamplingParams
 from kvformer.serve.runner import StepRunner
 

@@ -148,7 +148,7 @@ def pool_info(url: str) -> dict:
 def start_server(args, kv_dtype: str | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-c",
-           "import sys; from kvformer.serve.cli import main; sys.exit(main())",
+           "import sys; from kvformer.cli.serve import main; sys.exit(main())",
            "--model", args.model, "--host", "127.0.0.1", "--port", str(port),
            "--max-batch", str(args.max_batch), "--log-level", "warning"]
     if args.threads:
@@ -178,8 +178,8 @@ def start_server(args, kv_dtype: str | None = None) -> tuple[subprocess.Popen, s
 
 REFERENCE = """
 import sys, time
-from kvformer.generate import generate
-from kvformer.loading import load
+from kvformer.runtime.generation import generate
+from kvformer.formats.load import load
 model, tok = load(sys.argv[1], dtype=None if sys.argv[2] == "-" else sys.argv[2], progress=False)
 ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": sys.argv[3]}]),
                  add_special_tokens=False)

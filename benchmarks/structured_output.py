@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from kvformer.loading import load
+from kvformer.formats.load import load
 from kvformer.serve import sampler
 from kvformer.serve.engine import Engine, SamplingParams
 from kvformer.serve.grammar import Grammars

@@ -30,7 +30,7 @@ BUSY = "while True: pass"
 
 
 def kvformer_rate(model, ids: list[int], n: int) -> float:
-    from kvformer.generate import generate
+    from kvformer.runtime.generation import generate
 
     start = time.perf_counter()
     out = generate(model, ids, n)
@@ -56,7 +56,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3, help="runs per engine and load (median)")
     args = p.parse_args()
 
-    from kvformer.loading import default_model_path, load
+    from kvformer.formats.load import default_model_path, load
 
     torch.set_num_threads(args.threads)
     path = default_model_path()
@@ -95,7 +95,7 @@ def main() -> None:
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), "?")
-    from kvformer import native
+    from kvformer.runtime import native
     print(f"\n{path.name}, {args.threads} threads, {args.tokens} greedy tokens, median of "
           f"{args.runs}; {cpu}, {torch.get_num_threads()} torch threads, kernels: "
           f"{native.kernel_path() if native.available() else 'torch ops'}\n")

@@ -8,9 +8,8 @@ torch until something needs it.
 import os
 import sys
 from importlib import import_module
-from types import ModuleType
 
-from .errors import (
+from kvformer.errors import (
     ChatTemplateError,
     CheckpointError,
     ContextOverflowError,
@@ -34,12 +33,16 @@ __version__ = "0.1.0"
 
 # name -> the module that defines it
 _LAZY = {
-    "attention_weights": ".attention", "scaled_dot_product_attention": ".attention",
-    "KVCache": ".cache", "ModelConfig": ".config",
-    "generate": ".generate", "generate_stream": ".generate", "perplexity": ".generate",
-    "load": ".loading", "Transformer": ".model",
-    "BatchNorm": ".norms", "LayerNorm": ".norms", "RMSNorm": ".norms",
-    "sample": ".sampling", "ByteTokenizer": ".tokenizer", "Tokenizer": ".tokenizer",
+    "attention_weights": "kvformer.model.attention",
+    "scaled_dot_product_attention": "kvformer.model.attention",
+    "KVCache": "kvformer.kv.cache", "ModelConfig": "kvformer.config",
+    "generate": "kvformer.runtime.generation", "generate_stream": "kvformer.runtime.generation",
+    "perplexity": "kvformer.runtime.generation",
+    "load": "kvformer.formats.load", "Transformer": "kvformer.model.transformer",
+    "BatchNorm": "kvformer.model.norms", "LayerNorm": "kvformer.model.norms",
+    "RMSNorm": "kvformer.model.norms", "sample": "kvformer.runtime.sampling",
+    "ByteTokenizer": "kvformer.formats.tokenizer.tokenizer",
+    "Tokenizer": "kvformer.formats.tokenizer.tokenizer",
 }
 
 __all__ = [
@@ -54,7 +57,7 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in _LAZY:
-        value = getattr(import_module(_LAZY[name], __name__), name)
+        value = getattr(import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'kvformer' has no attribute {name!r}")
@@ -62,16 +65,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
-
-
-class _Package(ModuleType):
-    """`kvformer.generate` is the function, as it always was: importing the submodule
-    kvformer/generate.py would otherwise set the package's attribute to the module."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if isinstance(value, ModuleType) and _LAZY.get(name) == "." + name:
-            return  # the submodule stays in sys.modules; the name keeps meaning the function
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from kvformer.cli.main import main
 
 sys.exit(main())

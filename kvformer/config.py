@@ -18,8 +18,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .kvquant import kv_format
-from .positions import check_rope_scaling
+from kvformer.kv.formats import kv_format
+from kvformer.model.positions import check_rope_scaling
 
 NORMS = ("layernorm", "rmsnorm", "batchnorm")
 POSITIONS = ("learned", "sinusoidal", "rope", "none")
@@ -189,7 +189,7 @@ class ModelConfig:
     def kv_cache_bytes(self, seq_len: int, batch_size: int = 1, kv_dtype="fp32") -> int:
         """Bytes of a KV cache: 2 (K and V) * layers * KV heads * positions * batch * the
         bytes of one head's row: head_dim numbers, plus their scales for int8 and int4
-        (``kvformer.kvquant``). kv_dtype: 'fp32', 'bf16', 'fp16', 'int8', 'int4' or a torch
+        (``kvformer.kv.formats``). kv_dtype: 'fp32', 'bf16', 'fp16', 'int8', 'int4' or a torch
         float dtype."""
         row = kv_format(kv_dtype).row_bytes(self.head_dim)
         return 2 * self.n_layer * self.n_kv_head * seq_len * batch_size * row

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from kvformer import ModelConfig, Transformer
-from kvformer.loading import default_model_path
+from kvformer.formats.load import default_model_path
 
 
 def _have_default() -> bool:

@@ -28,11 +28,11 @@ from hf_models import (  # noqa: E402
     hf_to_gguf,
 )
 
-from kvformer.checkpoints.gguf import config_from_gguf, load_gguf, read_metadata  # noqa: E402
-from kvformer.checkpoints.hf import model_from_hf_dir  # noqa: E402
-from kvformer.fast import accelerate  # noqa: E402
-from kvformer.model import Transformer  # noqa: E402
-from kvformer.positions import rope_frequencies  # noqa: E402
+from kvformer.formats.gguf.reader import config_from_gguf, load_gguf, read_metadata  # noqa: E402
+from kvformer.formats.hf import model_from_hf_dir  # noqa: E402
+from kvformer.model.positions import rope_frequencies  # noqa: E402
+from kvformer.model.transformer import Transformer  # noqa: E402
+from kvformer.runtime.step import accelerate  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -305,7 +305,7 @@ def _snap_to_int4(model) -> None:
     """Put the blocks' weights on an int4 grid (as a Q4 GGUF's are): random Gaussian
     weights lose more to 4 bits than trained ones, and that loss is not what the guard is
     about; what remains is what the int4 path itself computes differently."""
-    from kvformer.quantize import Int4Linear, int4_supported
+    from kvformer.runtime.quant import Int4Linear, int4_supported
 
     with torch.no_grad():
         for block in model.layers:
@@ -318,7 +318,7 @@ def _snap_to_int4(model) -> None:
 def sampled_text(saved):
     """Text each fp32 model writes itself (sampled, T = 1): perplexity on it means
     something, unlike on uniform noise."""
-    from kvformer import generate
+    from kvformer.runtime import generation as generate
 
     texts = {}
 
@@ -336,7 +336,7 @@ def test_quantized_forward_and_decode_step_keep_the_guard(case, mode, saved, sam
     """int8/int4 weights, through Transformer.forward and through the decode step the
     model gets from accelerate() (C++ or Python where the step computes the model, the
     forward where StepPlan refuses it), stay within the quality guard of fp32."""
-    from kvformer.quantize import quantize_model
+    from kvformer.runtime.quant import quantize_model
 
     path = saved(case)[0]
     ids = sampled_text(case)

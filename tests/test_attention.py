@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kvformer import attention_weights, scaled_dot_product_attention
-from kvformer.attention import fused_attention
+from kvformer.model.attention import fused_attention
 
 
 def loop_attention(q, k, v, causal=True):

@@ -6,8 +6,8 @@ import math
 import torch
 
 from kvformer import ModelConfig, Transformer
-from kvformer.bench import run_worker
-from kvformer.generate import perplexity
+from kvformer.runtime.generation import perplexity
+from kvformer.tools.bench.run import run_worker
 
 
 def test_workers_report_their_results_and_the_kernels_peak_rss(tmp_path):
@@ -31,11 +31,11 @@ def test_workers_report_their_results_and_the_kernels_peak_rss(tmp_path):
 
 
 def test_kv_comparison_measures_each_kv_dtype_against_bf16():
-    """kvformer.kvbench on a small model: bf16 agrees with itself everywhere, and the
+    """kvformer.tools.bench.kv on a small model: bf16 agrees with itself everywhere, and the
     figures of the other dtypes are what the functions they come from give (the text's
     1,000+ tokens of SmolLM2's tokenizer: tests/test_kvquant.py)."""
-    from kvformer import kvbench
-    from kvformer.tokenizer import ByteTokenizer
+    from kvformer.formats.tokenizer.tokenizer import ByteTokenizer
+    from kvformer.tools.bench import kv as kvbench
 
     assert kvbench.agreement([1, 2, 3, 4], [1, 2, 9, 4]) == (0.75, 2)
     assert kvbench.agreement([1, 2], [1, 2]) == (1.0, 2)

@@ -12,16 +12,16 @@ import pytest
 import torch
 
 import kvformer
-from kvformer.bench_models import (
+from kvformer.config import ModelConfig
+from kvformer.errors import ModelNotFoundError
+from kvformer.formats.gguf.reader import GGUFFile, load_gguf
+from kvformer.formats.load import default_model_path, load_config
+from kvformer.tools.bench.models import (
     LLAMA_32_1B,
     _tensor_plan,
     random_llama_gguf,
     write_random_gguf,
 )
-from kvformer.checkpoints.gguf import GGUFFile, load_gguf
-from kvformer.config import ModelConfig
-from kvformer.errors import ModelNotFoundError
-from kvformer.loading import default_model_path, load_config
 
 try:
     TOKENIZER_GGUF = default_model_path()

@@ -50,6 +50,6 @@ def test_cache_holds_exactly_the_projected_keys():
     h = layer0.attn_norm(model.tok_emb(x))
     k = layer0.attn.wk(h).view(1, 5, 2, cfg.head_dim).transpose(1, 2)
     cos, sin = model.rotary.cos_sin(torch.arange(5))
-    from kvformer.positions import apply_rotary
+    from kvformer.model.positions import apply_rotary
     torch.testing.assert_close(cache.k[0][:, :, :5], apply_rotary(k, cos, sin))
     assert torch.all(cache.k[0][:, :, 5:] == 0)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from helpers import needs_default
 
-from kvformer import generate
-from kvformer.chat import ChatSession
 from kvformer.errors import ContextOverflowError, KvformerError
+from kvformer.runtime import generation as generate
+from kvformer.runtime.session import ChatSession
 
 pytestmark = [needs_default, pytest.mark.usefixtures("one_thread")]
 
@@ -21,7 +21,7 @@ STORY = "Tell me a long story about a dragon."
 
 @pytest.fixture(scope="module")
 def default():
-    from kvformer.loading import load
+    from kvformer.formats.load import load
     return load("default")  # fp32: cached and uncached runs agree token for token
 
 

@@ -15,7 +15,7 @@ pexpect = pytest.importorskip("pexpect")
 
 from helpers import needs_default  # noqa: E402
 
-from kvformer import generate  # noqa: E402
+from kvformer.runtime import generation as generate  # noqa: E402
 
 pytestmark = [needs_default,
               pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX terminal"),
@@ -27,7 +27,7 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
 
 @pytest.fixture(scope="module")
 def default():
-    from kvformer.loading import load
+    from kvformer.formats.load import load
     return load("default")  # fp32, as the programs below are run
 
 
@@ -35,7 +35,7 @@ def default():
 def env(tmp_path):
     """The user's environment, but kvformer's cache (history, models) in tmp_path; the
     native build is shared so that nothing is compiled again."""
-    from kvformer import native
+    from kvformer.runtime import native
 
     cache = tmp_path / "cache"
     cache.mkdir()

@@ -7,8 +7,8 @@ import sys
 import pytest
 from helpers import HAVE_DEFAULT, needs_default
 
-from kvformer.cli import main
-from kvformer.loading import default_model_path
+from kvformer.cli.main import main
+from kvformer.formats.load import default_model_path
 
 
 def run_cli(*args, stdin=None):
@@ -18,7 +18,7 @@ def run_cli(*args, stdin=None):
 
 @pytest.fixture(scope="module")
 def default():
-    from kvformer.loading import load
+    from kvformer.formats.load import load
     return load("default")
 
 
@@ -35,7 +35,7 @@ LONG_PROMPT = ("Here is a paragraph: The lighthouse keeper climbed the spiral st
 
 
 def _kernel_paths():
-    from kvformer import native
+    from kvformer.runtime import native
 
     return native.isas() or ["torch"]
 
@@ -69,7 +69,7 @@ def test_a_long_prompt_is_answered_in_words_on_every_kernel_path(path):
 
 @needs_default
 def test_generate_from_stdin_equals_argument_and_library(default, capsys):
-    from kvformer import generate
+    from kvformer.runtime import generation as generate
     model, tok = default
     prompt = "The three primary colors are"
     expected = tok.decode(generate(model, tok.encode(prompt), 12, stop_ids=tok.stop_ids))
@@ -82,8 +82,8 @@ def test_generate_from_stdin_equals_argument_and_library(default, capsys):
 
 @needs_default
 def test_generate_with_an_int8_kv_cache_equals_the_library():
-    from kvformer import generate
-    from kvformer.loading import load
+    from kvformer.formats.load import load
+    from kvformer.runtime import generation as generate
     model, tok = load("default", dtype="auto", kv_dtype="int8")
     prompt = "The three primary colors are"
     expected = tok.decode(generate(model, tok.encode(prompt), 12, stop_ids=tok.stop_ids))
@@ -94,8 +94,8 @@ def test_generate_with_an_int8_kv_cache_equals_the_library():
 
 @needs_default
 def test_chat_keeps_the_cache_across_turns(default):
-    from kvformer import generate
-    from kvformer.chat import ChatSession
+    from kvformer.runtime import generation as generate
+    from kvformer.runtime.session import ChatSession
     model, tok = default
     session = ChatSession(model, tok, max_len=512)
     first = "".join(session.send("Hi! My name is Ada.", 16))
@@ -196,8 +196,9 @@ def _options(parser, verb):
 def test_int8_activations_reach_the_kernels_and_equal_the_library():
     """--activations int8: the int4 kernels take one level of x, and the CLI's tokens are
     the library's in that mode (which are not always the default mode's)."""
-    from kvformer import generate, native
-    from kvformer.loading import load
+    from kvformer.formats.load import load
+    from kvformer.runtime import generation as generate
+    from kvformer.runtime import native
 
     if not native.available():
         pytest.skip("no native kernels: torch's int4 matmul has no activation levels")
@@ -219,8 +220,8 @@ MODEL_VERBS = ["generate", "chat", "attention", "explain", "serve", "info"]
 
 
 def test_every_verb_that_loads_a_model_takes_the_same_flags():
-    from kvformer.arguments import COMMON_FLAGS
-    from kvformer.cli import build_parser
+    from kvformer.cli.arguments import COMMON_FLAGS
+    from kvformer.cli.main import build_parser
 
     parser = build_parser()
     for verb in MODEL_VERBS:
@@ -237,7 +238,7 @@ def test_every_verb_that_loads_a_model_takes_the_same_flags():
 
 
 def test_common_flags_parse_with_llama_cpp_names():
-    from kvformer.cli import _model_arg, build_parser
+    from kvformer.cli.main import _model_arg, build_parser
 
     parser = build_parser()
     args = parser.parse_args(["generate", "-m", "x.gguf", "-t", "3", "-c", "100", "-n", "5",
@@ -292,7 +293,7 @@ def test_physical_cores_against_lscpu():
     import os
     import shutil
 
-    from kvformer.arguments import physical_cores
+    from kvformer.cli.arguments import physical_cores
 
     if not shutil.which("lscpu") or not hasattr(os, "sched_getaffinity"):
         pytest.skip("needs lscpu and sched_getaffinity (Linux)")
@@ -305,7 +306,7 @@ def test_physical_cores_against_lscpu():
 
 @needs_default
 def test_threads_reach_torch():
-    from kvformer.arguments import physical_cores
+    from kvformer.cli.arguments import physical_cores
 
     for flags, n in ((["-t", "1"], 1), ([], physical_cores())):
         res = run_cli("generate", "hi", "-n", "2", "--dtype", "fp32", "--stats", *flags)
@@ -341,7 +342,7 @@ def model_dir(tmp_path_factory):
     transformers.LlamaForCausalLM(cfg).save_pretrained(root / "tiny-hf")
 
     from kvformer import ModelConfig, Transformer
-    from kvformer.quantize import quantize_model
+    from kvformer.runtime.quant import quantize_model
 
     model = Transformer(ModelConfig.preset("tiny"))  # 4 query heads, 2 KV heads
     quantize_model(model, "int8")
@@ -359,7 +360,7 @@ def _dir_size(path):
 def test_models_lists_what_it_finds(model_dir):
     import os
 
-    from kvformer.pictures import human_bytes
+    from kvformer.tools.pictures import human_bytes
 
     res = subprocess.run([sys.executable, "-m", "kvformer", "models"], capture_output=True,
                          text=True, timeout=600,
@@ -387,7 +388,7 @@ def test_models_lists_what_it_finds(model_dir):
 def test_a_listed_name_is_a_model(model_dir, default):
     import os
 
-    from kvformer import generate
+    from kvformer.runtime import generation as generate
 
     env = {**os.environ, "KVFORMER_MODELS": str(model_dir)}
     res = subprocess.run([sys.executable, "-m", "kvformer", "info", "-m", "tiny-hf"],
@@ -426,7 +427,7 @@ def _patch_tensor_info(data: bytearray, name: str, type_id=None, offset=None) ->
 def test_info_fails_like_generate_on_a_damaged_file(damage, tmp_path):
     """`info` checks what it prints against the file: one line naming the problem, exit 2,
     as `generate` does on the same file."""
-    from kvformer.loading import resolve
+    from kvformer.formats.load import resolve
 
     data = bytearray(resolve("default")[1].read_bytes())
     if damage == "cut at 18/20":
@@ -456,7 +457,7 @@ def test_a_hostile_chat_template_is_one_line_in_the_cli(tmp_path):
     import torch
 
     from kvformer import ModelConfig, Transformer
-    from kvformer.tokenizer import ByteTokenizer
+    from kvformer.formats.tokenizer.tokenizer import ByteTokenizer
 
     torch.manual_seed(0)
     loop = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"

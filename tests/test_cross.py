@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvformer.quantize import Int4Linear, Int8Linear, unpack_int4, unpack_scales
+from kvformer.runtime.quant import Int4Linear, Int8Linear, unpack_int4, unpack_scales
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "kvformer" / "csrc"
@@ -133,9 +133,9 @@ def test_attention_is_the_formula(driver):
 
 @pytest.mark.parametrize("kv,hd", [("int8", 64), ("int8", 48), ("int4", 64), ("int4", 128)])
 def test_attention_over_quantized_rows_is_the_formula(driver, kv, hd):
-    """attend_q over int8 / int4 K/V rows and their bf16 scales (kvformer.kvquant's
-    layouts) against softmax(q kᵀ) v of the rows as kvformer.kvquant dequantizes them."""
-    from kvformer.kvquant import kv_format
+    """attend_q over int8 / int4 K/V rows and their bf16 scales (kvformer.kv.formats's
+    layouts) against softmax(q kᵀ) v of the rows as kvformer.kv.formats dequantizes them."""
+    from kvformer.kv.formats import kv_format
 
     torch.manual_seed(4)
     fmt = kv_format(kv)
@@ -153,7 +153,7 @@ def test_attention_over_quantized_rows_is_the_formula(driver, kv, hd):
 def test_paged_attention_over_blocks_out_of_order_is_the_formula(driver, kv):
     """One call over a paged row: slot s in block table[s // 16] of the rows, blocks out of
     order (two consecutive ones among them), the last one partly filled."""
-    from kvformer.kvquant import kv_format
+    from kvformer.kv.formats import kv_format
 
     torch.manual_seed(5)
     bs, rows, n = 16, 96, 70

@@ -7,14 +7,15 @@ import pytest
 import torch
 from helpers import TEXT, trained_tiny
 
-from kvformer import ModelConfig, Transformer, generate
-from kvformer.cache import KVCache
-from kvformer.fast import DecodeStep, FastForward, accelerate, decode_step
-from kvformer.quantize import quantize_model, set_kernels
+from kvformer import ModelConfig, Transformer
+from kvformer.kv.cache import KVCache
+from kvformer.runtime import generation as generate
+from kvformer.runtime.quant import quantize_model, set_kernels
+from kvformer.runtime.step import DecodeStep, FastForward, accelerate, decode_step
 
 
 def native_available() -> bool:
-    from kvformer import native
+    from kvformer.runtime import native
 
     return native.available()  # builds once per machine (~20 s), then cached
 
@@ -26,11 +27,11 @@ STEPS = ["python", "avx512", "avxvnni", "avx2", "neon", "scalar"]
 def make_step(kind, model):
     if kind == "python":
         return DecodeStep(set_kernels(model, "torch"))
-    from kvformer import native
+    from kvformer.runtime import native
 
     if kind not in native.isas():
         pytest.skip(f"this CPU (or build) cannot run the {kind} kernels: {native.kernel_path()}")
-    from kvformer.fast import NativeDecodeStep
+    from kvformer.runtime.step import NativeDecodeStep
 
     step = NativeDecodeStep(model, isa=kind)
     assert torch.ops.kvformer_native.plan_isa(step.handle) == kind
@@ -169,7 +170,7 @@ def test_decode_across_a_growing_rotary_table(native):
     the plain forward."""
     if native is None and not native_available():
         pytest.skip("the native decode step is not available (no compiler, or KVFORMER_NATIVE=0)")
-    from kvformer.positions import Rotary
+    from kvformer.model.positions import Rotary
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=256, d_model=64, n_layer=2, n_head=4, n_kv_head=2,

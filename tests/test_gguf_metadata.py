@@ -14,14 +14,14 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from kvformer.checkpoints.gguf import (  # noqa: E402
+from kvformer.errors import CheckpointError, UnsupportedArchitectureError  # noqa: E402
+from kvformer.formats.gguf.reader import (  # noqa: E402
     GGUF_ARCH_KEYS,
     GGUF_NEUTRAL_KEYS,
     config_from_gguf,
     iter_gguf_tensors,
     read_metadata,
 )
-from kvformer.errors import CheckpointError, UnsupportedArchitectureError  # noqa: E402
 
 BASE = {
     "general.architecture": "llama", "general.name": "tiny", "general.file_type": 0,
@@ -219,7 +219,7 @@ def test_rope_freqs_become_the_config_and_must_match_it(tmp_path):
     with pytest.raises(CheckpointError, match="rope_freqs.weight"):
         list(iter_gguf_tensors(path, blind))
     # the factors divide the frequencies, as llama.cpp's rope with freq_factors does
-    from kvformer.positions import rope_frequencies
+    from kvformer.model.positions import rope_frequencies
     got, _ = rope_frequencies(16, 10000.0, cfg.rope_scaling)
     want = 1.0 / (10000.0 ** (torch.arange(0, 16, 2).float() / 16)) / torch.from_numpy(factors)
     torch.testing.assert_close(got, want)
@@ -231,7 +231,7 @@ def test_rope_freqs_become_the_config_and_must_match_it(tmp_path):
 
 
 def test_info_shows_the_rotary_scaling_and_refuses_in_one_line(tmp_path, capsys):
-    from kvformer.cli import main
+    from kvformer.cli.main import main
 
     factors = np.linspace(1.0, 8.0, 8).astype(np.float32)
     path = _write(tmp_path / "freqs.gguf", [("rope_freqs.weight", factors)],

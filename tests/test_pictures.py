@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from kvformer import ModelConfig, Transformer
-from kvformer import pictures as P
-from kvformer.cli import main
+from kvformer.cli.main import main
+from kvformer.tools import pictures as P
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -104,7 +104,7 @@ def test_recorded_weights_are_the_models_own_and_leave_output_unchanged():
         q = blk.attn.wq(h).view(1, 5, 4, 8).transpose(1, 2)
         k = blk.attn.wk(h).view(1, 5, 2, 8).transpose(1, 2)
         cos, sin = model.rotary.cos_sin(torch.arange(5))
-        from kvformer.positions import apply_rotary
+        from kvformer.model.positions import apply_rotary
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k = k.repeat_interleave(2, 1)
         s = (q @ k.transpose(-1, -2)) / math.sqrt(8)

@@ -3,7 +3,7 @@ import math
 import torch
 
 from kvformer import ModelConfig, Transformer
-from kvformer.positions import Rotary, apply_rotary, sinusoidal_table
+from kvformer.model.positions import Rotary, apply_rotary, sinusoidal_table
 
 
 def test_sinusoidal_equals_closed_form():

@@ -8,9 +8,10 @@ import pytest
 import torch
 from helpers import TEXT, trained_tiny
 
-from kvformer import ModelConfig, Transformer, native
-from kvformer.generate import perplexity
-from kvformer.quantize import (
+from kvformer import ModelConfig, Transformer
+from kvformer.runtime import native
+from kvformer.runtime.generation import perplexity
+from kvformer.runtime.quant import (
     Int4Linear,
     Int8Embedding,
     Int8Linear,
@@ -167,7 +168,7 @@ def test_parts_quantize_as_their_stack_without_building_it(chunk, monkeypatch):
     """A fused layer is quantized from its parts a few rows at a time (so a load never holds
     the stacked copy or full-size temporaries): the result is that of the stacked matrix,
     and the int8 rows are the closed form round(w / (max|w| / 127))."""
-    import kvformer.quantize as kq
+    import kvformer.runtime.quant as kq
 
     monkeypatch.setattr(kq, "_CHUNK", chunk)
     torch.manual_seed(0)
@@ -266,8 +267,8 @@ def test_modes_and_errors():
 def test_perplexity_guard(tiny, path):
     """Perplexity through prefill (the dense path) and token by token through the cache
     (the kernels of ``path``): int8 within 2 % and int4 within 10 % of fp32."""
-    from kvformer.bench_workers import decode_perplexity
-    from kvformer.fast import accelerate
+    from kvformer.runtime.step import accelerate
+    from kvformer.tools.bench.workers import decode_perplexity
 
     use_path(path)
     ids = list(TEXT[:400])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kvformer.sampling import filter_logits, sample, validate_sampling
+from kvformer.runtime.sampling import filter_logits, sample, validate_sampling
 
 
 def test_temperature_zero_is_argmax():
@@ -51,7 +51,7 @@ def test_invalid_values_name_the_valid_range(kw, text):
 def test_greedy_is_torchs_argmax_ties_and_nan_included():
     """``greedy`` (numpy's argmax on the CPU) picks what torch.argmax picks: the first of
     equal maxima, a NaN above every number, for one row, a batch and bf16 logits."""
-    from kvformer.sampling import greedy
+    from kvformer.runtime.sampling import greedy
 
     gen = torch.Generator().manual_seed(0)
     rows = torch.randn(16, 1000, generator=gen)

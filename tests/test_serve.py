@@ -13,10 +13,11 @@ import openai
 import pytest
 import torch
 
-from kvformer import ModelConfig, Transformer, generate
+from kvformer import ModelConfig, Transformer
+from kvformer.formats.tokenizer.tokenizer import ByteTokenizer
+from kvformer.runtime import generation as generate
 from kvformer.serve.app import BackgroundServer, create_app
 from kvformer.serve.engine import Engine, SamplingParams
-from kvformer.tokenizer import ByteTokenizer
 
 MODEL = "tiny"
 
@@ -610,8 +611,8 @@ def test_int8_kv_server_reports_its_pool_and_matches_generate(model, tok):
 
 
 def test_serve_verb_reports_user_errors_in_one_line(capsys):
+    from kvformer.cli.serve import main
     from kvformer.serve.app import bind_socket
-    from kvformer.serve.cli import main
 
     assert main(["--max-batch", "0"]) == 2
     assert "--max-batch" in capsys.readouterr().err
@@ -633,7 +634,7 @@ def test_default_model_chat_matches_generate(dtype):
     """The real model through the server answers as `generate` does, token for token: in
     int4 both prefill the prompt as rows of the C++ step and decode through it, and the
     answer to a near-tie (the first token: 'The' 25.28 against 'L' 25.23) is right."""
-    from kvformer.loading import load
+    from kvformer.formats.load import load
 
     model, tokenizer = load("default", dtype=dtype, progress=False)
     messages = [{"role": "user", "content": "What is the capital of France?"}]

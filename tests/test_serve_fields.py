@@ -10,10 +10,11 @@ import openai
 import pytest
 import torch
 
-from kvformer import ModelConfig, Transformer, generate
+from kvformer import ModelConfig, Transformer
+from kvformer.formats.tokenizer.tokenizer import ByteTokenizer
+from kvformer.runtime import generation as generate
 from kvformer.serve.app import BackgroundServer, create_app
 from kvformer.serve.engine import Engine
-from kvformer.tokenizer import ByteTokenizer
 
 MODEL = "tiny"
 pytestmark = pytest.mark.usefixtures("one_thread")

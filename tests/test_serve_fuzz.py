@@ -21,9 +21,9 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 )
 
 from kvformer import ModelConfig, Transformer  # noqa: E402
+from kvformer.formats.tokenizer.tokenizer import ByteTokenizer  # noqa: E402
 from kvformer.serve.app import BODIES, ERROR_SCHEMA, BackgroundServer, create_app  # noqa: E402
 from kvformer.serve.engine import Engine  # noqa: E402
-from kvformer.tokenizer import ByteTokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 JSON = {"Content-Type": "application/json"}

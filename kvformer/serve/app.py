@@ -25,20 +25,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
-from . import routes, ui
-from .engine import Engine
-from .http import BackgroundServer, CountRequests, Gate, bind_socket
-from .metrics import render_metrics
-from .routes import Server
-from .schemas import (
+from kvformer import __version__
+from kvformer.serve import routes, ui
+from kvformer.serve.engine import Engine
+from kvformer.serve.http import BackgroundServer, CountRequests, Gate, bind_socket
+from kvformer.serve.metrics import render_metrics
+from kvformer.serve.routes import Server
+from kvformer.serve.schemas import (
     APIError,
     ChatRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
 )
-from .streaming import ClientGone
+from kvformer.serve.streaming import ClientGone
 
 __all__ = ["BackgroundServer", "Server", "bind_socket", "create_app"]
 

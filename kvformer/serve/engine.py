@@ -46,13 +46,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .grammar import GrammarError
-from .metrics import Metrics
-from .paged import BlockPool
-from .runner import StepRunner
-from .sampler import pick_tokens
-from .scheduler import EngineClosedError, QueueFullError, QueueTimeoutError, Scheduler
-from .sequence import (
+from kvformer.kv.paged import BlockPool
+from kvformer.serve.grammar import GrammarError
+from kvformer.serve.metrics import Metrics
+from kvformer.serve.runner import StepRunner
+from kvformer.serve.sampler import pick_tokens
+from kvformer.serve.scheduler import EngineClosedError, QueueFullError, QueueTimeoutError, Scheduler
+from kvformer.serve.sequence import (
     Output,
     SamplingParams,
     Seq,

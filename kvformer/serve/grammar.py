@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import KvformerError
+from kvformer.errors import KvformerError
 
 # JSON layout options every schema gets unless it sets its own ("x-guidance")
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}

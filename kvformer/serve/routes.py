@@ -20,11 +20,11 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from ..errors import ChatTemplateError, ContextOverflowError
-from .engine import Engine, Output, SamplingParams, TokenLogprob
-from .grammar import Grammar, GrammarError, Grammars
-from .scheduler import EngineClosedError, QueueFullError
-from .schemas import (
+from kvformer.errors import ChatTemplateError, ContextOverflowError
+from kvformer.serve.engine import Engine, Output, SamplingParams, TokenLogprob
+from kvformer.serve.grammar import Grammar, GrammarError, Grammars
+from kvformer.serve.scheduler import EngineClosedError, QueueFullError
+from kvformer.serve.schemas import (
     APIError,
     ChatRequest,
     CompletionRequest,
@@ -33,8 +33,22 @@ from .schemas import (
     _Common,
     parse_body,
 )
-from .streaming import ChunkJSON, RequestStream, collect, engine_error, json_str, sse_response
-from .tools import ToolCallParser, ToolPlan, call_grammar, parse_answer, prompt_inputs, tool_plan
+from kvformer.serve.streaming import (
+    ChunkJSON,
+    RequestStream,
+    collect,
+    engine_error,
+    json_str,
+    sse_response,
+)
+from kvformer.serve.tools import (
+    ToolCallParser,
+    ToolPlan,
+    call_grammar,
+    parse_answer,
+    prompt_inputs,
+    tool_plan,
+)
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_K = 2**31 - 1
@@ -147,7 +161,7 @@ def _token_bytes(tok, token_id: int) -> list[int] | None:
     """The raw bytes of a byte-level BPE token (a partial character has no text)."""
     if tok is None or not hasattr(tok, "id_to_token"):
         return None
-    from ..tokenizer import byte_alphabet
+    from kvformer.formats.tokenizer.tokenizer import byte_alphabet
 
     spelling = tok.id_to_token(token_id)
     table = {c: b for b, c in enumerate(byte_alphabet())}

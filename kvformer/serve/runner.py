@@ -1,7 +1,7 @@
 """The step runner: the model's forwards over the paged KV cache, for decode and prefill.
 
 ``step(decode, prefill)`` runs one engine step in one call of the C++ step when the model
-has it (``kvformer.fast.NativeDecodeStep``, an accelerated model of ``kvformer.load``): a row
+has it (``kvformer.runtime.step.NativeDecodeStep``, an accelerated model of ``kvformer.load``): a row
 per decoding sequence and a row per prompt token to prefill, each row's K/V read and its new
 slot written through its sequence's block table, nothing copied. A prompt's tokens as rows
 of one call are its prefill (every row's K/V is written before any row attends; each row
@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import torch
 
-from ..fast import FastForward, NativeDecodeStep
-from .paged import BlockPool
-from .sequence import Seq
+from kvformer.kv.paged import BlockPool
+from kvformer.runtime.step import FastForward, NativeDecodeStep
+from kvformer.serve.sequence import Seq
 
 # Largest contiguous copy of the batch's K/V a decode step may gather to run the fast step
 # (beyond it, e.g. 16 rows of 2,000+ tokens, the step runs over the paged cache in place).
@@ -45,7 +45,7 @@ class StepRunner:
     def __init__(self, model, pool: BlockPool):
         self.model, self.pool = model, pool
         # an accelerated model (kvformer.load's) decodes through the lean step of
-        # kvformer.fast / the C++ one of kvformer.native, which need a contiguous cache
+        # kvformer.runtime.step / the C++ one of kvformer.runtime.native, which need a contiguous cache
         self.fast_decode = isinstance(model.__dict__.get("forward"), FastForward)
         self._memo = None  # (row ids, their lengths, step cache) after the last decode
 

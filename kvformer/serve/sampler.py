@@ -17,9 +17,9 @@ import math
 
 import torch
 
-from ..sampling import filter_logits, greedy
-from .grammar import apply_masks
-from .sequence import SamplingParams, Seq, TokenLogprob
+from kvformer.runtime.sampling import filter_logits, greedy
+from kvformer.serve.grammar import apply_masks
+from kvformer.serve.sequence import SamplingParams, Seq, TokenLogprob
 
 
 def adjust(logits: torch.Tensor, seq: Seq) -> torch.Tensor:

@@ -17,10 +17,10 @@ import threading
 import time
 from collections import deque
 
-from ..errors import KvformerError
-from .metrics import Metrics
-from .paged import BlockPool, OutOfBlocksError
-from .sequence import Seq
+from kvformer.errors import KvformerError
+from kvformer.kv.paged import BlockPool, OutOfBlocksError
+from kvformer.serve.metrics import Metrics
+from kvformer.serve.sequence import Seq
 
 
 class QueueFullError(KvformerError):

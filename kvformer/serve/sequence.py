@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import ContextOverflowError
-from ..sampling import validate_sampling
+from kvformer.errors import ContextOverflowError
+from kvformer.runtime.sampling import validate_sampling
 
 if TYPE_CHECKING:
-    from .grammar import Grammar
+    from kvformer.serve.grammar import Grammar
 
 
 @dataclass

@@ -22,9 +22,9 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from .engine import Engine, Output, SamplingParams
-from .scheduler import EngineClosedError, QueueFullError, QueueTimeoutError
-from .schemas import APIError
+from kvformer.serve.engine import Engine, Output, SamplingParams
+from kvformer.serve.scheduler import EngineClosedError, QueueFullError, QueueTimeoutError
+from kvformer.serve.schemas import APIError
 
 log = logging.getLogger("kvformer.serve")
 

@@ -39,9 +39,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from ..tokenizer import CHATML_TEMPLATE, template_variables
-from .grammar import JSON_LAYOUT
-from .schemas import APIError, ChatRequest
+from kvformer.formats.tokenizer.tokenizer import CHATML_TEMPLATE, template_variables
+from kvformer.serve.grammar import JSON_LAYOUT
+from kvformer.serve.schemas import APIError, ChatRequest
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"

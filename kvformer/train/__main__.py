@@ -3,6 +3,6 @@ this: ``torchrun --nproc_per_node 2 -m kvformer.train --data ... --out ...``).""
 
 import sys
 
-from .cli import main
+from kvformer.cli.train import main
 
 sys.exit(main())

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints.native import load_native, save_native
-from ..errors import CheckpointError
+from kvformer.errors import CheckpointError
+from kvformer.formats.native import load_native, save_native
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import KvformerError
-from ..fileio import write_atomic
+from kvformer.errors import KvformerError
+from kvformer.fileio import write_atomic
 
 META = "meta.json"
 DATA_VERSION = 1
@@ -101,7 +101,7 @@ def tokenizer_id(tokenizer) -> str:
 
 def _is_plain_bytes(tokenizer) -> bool:
     """A ByteTokenizer without special tokens: ids are exactly the UTF-8 bytes."""
-    from ..tokenizer import ByteTokenizer
+    from kvformer.formats.tokenizer.tokenizer import ByteTokenizer
 
     return isinstance(tokenizer, ByteTokenizer) and tokenizer.vocab_size == 256
 

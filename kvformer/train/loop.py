@@ -33,16 +33,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import ModelConfig
-from ..errors import KvformerError
-from .checkpoint import (
+from kvformer.config import ModelConfig
+from kvformer.errors import KvformerError
+from kvformer.train.checkpoint import (
     MODEL,
     latest_checkpoint,
     list_checkpoints,
     remove_stale_temporaries,
     save_checkpoint,
 )
-from .data import BatchSampler, eval_starts, open_data, prepare_data, windows_to_batch
+from kvformer.train.data import BatchSampler, eval_starts, open_data, prepare_data, windows_to_batch
 
 STATE_VERSION = 1
 
@@ -71,7 +71,7 @@ class TrainConfig:
     log_every: int = 10
     keep: int = 2  # checkpoints kept on disk (the newest ones)
     bf16: bool = False  # bfloat16 autocast (CPU or GPU); weights and optimizer stay fp32
-    init: str | None = None  # fine-tune this model (anything kvformer.loading.load opens)
+    init: str | None = None  # fine-tune this model (anything kvformer.formats.load.load opens)
     tokenizer: str | None = None  # 'byte' or a model whose tokenizer to use; None: see below
     val_fraction: float = 0.05
     sample_tokens: int = 64  # length of the text sample generated at each evaluation
@@ -144,11 +144,11 @@ def _config_from_dict(data: dict, where: str) -> ModelConfig:
 
 def load_tokenizer(spec: str | None):
     """'byte' (or None) -> ByteTokenizer; anything else names a model whose tokenizer to use."""
-    from ..tokenizer import ByteTokenizer, Tokenizer
+    from kvformer.formats.tokenizer.tokenizer import ByteTokenizer, Tokenizer
 
     if spec is None or spec == "byte":
         return ByteTokenizer()
-    from ..loading import resolve
+    from kvformer.formats.load import resolve
 
     kind, path = resolve(spec)
     if kind == "gguf":
@@ -358,8 +358,8 @@ class Trainer:
         if c.resume and ckpt is None:
             self.log(f"--resume: no checkpoint in {self.ckpt_root} yet; starting from step 0")
 
-        from ..model import Transformer
-        from ..tokenizer import Tokenizer
+        from kvformer.formats.tokenizer.tokenizer import Tokenizer
+        from kvformer.model.transformer import Transformer
 
         init_model = None
         if ckpt is not None:
@@ -369,7 +369,7 @@ class Trainer:
                               else load_tokenizer("byte"))
             self._note_changes(state.get("train_config", {}), model_cfg)
         elif c.init is not None:
-            from ..loading import load
+            from kvformer.formats.load import load
 
             init_model, tok = load(c.init, progress=c.verbose and d.main)
             if c.tokenizer is not None:
@@ -511,7 +511,7 @@ class Trainer:
 
     @torch.no_grad()
     def sample(self) -> str:
-        from ..generate import generate
+        from kvformer.runtime.generation import generate
 
         n_prompt = min(32, self.seq_len // 4, len(self.data.val) - 1)
         n_new = min(self.cfg.sample_tokens, self.model_cfg.max_seq_len - n_prompt)
@@ -701,7 +701,7 @@ class Trainer:
         model_dir = None
         if self.step >= c.steps:
             if d.main:
-                from ..checkpoints.native import save_native
+                from kvformer.formats.native import save_native
 
                 model_dir = save_native(self.out / "model", self.model_cfg,
                                         self.model.state_dict(), self.tokenizer,

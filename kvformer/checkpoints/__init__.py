@@ -1,1 +1,0 @@
-"""Translate outside checkpoint formats into (ModelConfig, state_dict in kvformer's names)."""

@@ -1,0 +1,133 @@
+"""Command-line arguments shared by several verbs (``kvformer``'s own and ``kvformer serve``,
+which registers itself from ``kvformer.cli.serve``). A module of its own so that the verb
+modules import it, never ``kvformer.cli.main``, which imports them.
+
+``COMMON_FLAGS`` defines each flag that the verbs loading a model share, once, with the
+names llama.cpp uses; a verb picks the ones that mean something for it with ``add_flags``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def physical_cores() -> int:
+    """CPU cores this process may run on, a core's hyper-threads counted once: the thread
+    count that is fastest for matrix work (a second thread on a core only competes)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(),
+                       (topology / "core_id").read_text().strip()))
+        except OSError:  # no topology (some containers): every CPU is a core
+            return max(1, len(cpus))
+    return max(1, len(cores))
+
+
+def _threads(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        hint = ("; -t is now --threads, as in llama.cpp: use --temp for the temperature"
+                if text.replace(".", "", 1).isdigit() else "")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of threads"
+                                         + hint) from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} threads: give 1 or more")
+    return n
+
+
+def at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"{n} is below {low}")
+        return n
+    parse.__name__ = "integer"
+    return parse
+
+
+COMMON_FLAGS: dict[str, tuple[tuple[str, ...], dict]] = {
+    "model": (("-m", "--model"), dict(
+        default="default", metavar="MODEL",
+        help="a .gguf file, a model directory, a name that `kvformer models` lists, or "
+             "'default' (SmolLM2-135M-Instruct)")),
+    "dtype": (("--dtype",), dict(
+        default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8", "int4"],
+        help="weights: auto (default: int4 for a 4-bit GGUF, else int8 — the fastest that "
+             "keeps quality), fp32 (exact), bf16, fp16, int8, int4")),
+    "kv_dtype": (("--kv-dtype",), dict(
+        default="auto", choices=["auto", "fp32", "bf16", "int8", "int4"],
+        help="KV cache: auto (default: the activations' dtype), fp32, bf16, int8 (a scale "
+             "per token and head: half of bf16's bytes, perplexity within 1 %%), int4 (a "
+             "scale pair per 32 numbers; costs quality: see docs/kv-cache.md)")),
+    "activations": (("--activations",), dict(
+        default=None, choices=["int16", "int8"],
+        help="how activations enter the int4 kernels: int16 (default: two int8 levels, "
+             "finer than bf16) or int8 (one level, as llama.cpp does: +0.4-0.9 %% perplexity on "
+             "SmolLM2, ~20 %% faster matmuls for a batch of rows, e.g. a busy server)")),
+    "threads": (("-t", "--threads"), dict(
+        type=_threads, default=None, metavar="N",
+        help="torch threads (default: the physical cores this process may use)")),
+    "ctx_size": (("-c", "--ctx-size"), dict(
+        type=at_least(0), default=None, metavar="TOKENS",
+        help="context size in tokens: the KV cache's length (default and 0: the "
+             "model's)")),
+    "max_new_tokens": (("-n", "--max-new-tokens"), dict(
+        type=at_least(0), metavar="N", help="most tokens per answer")),
+    "temperature": (("--temp", "--temperature"), dict(
+        type=float, default=0.0, dest="temperature", metavar="T",
+        help="sampling temperature (default 0: greedy, always the likeliest token)")),
+    "top_k": (("--top-k",), dict(type=int, default=None, metavar="K",
+                                 help="sample from the K likeliest tokens only")),
+    "top_p": (("--top-p",), dict(type=float, default=None, metavar="P",
+                                 help="sample from the likeliest tokens whose probabilities "
+                                      "add up to P")),
+    "seed": (("--seed",), dict(type=int, default=None, help="random seed for sampling")),
+    "quiet": (("-q", "--quiet"), dict(
+        action="store_true",
+        help="no status line on stderr while the model loads (and no banner in chat)")),
+}
+SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
+
+
+def add_flags(p: argparse.ArgumentParser, *names: str, max_new_tokens: int = 128,
+              ctx_size: int | None = None) -> None:
+    """Add the named common flags to a verb's parser, with the verb's defaults for the
+    answer length and the context (None: the model's; a larger one is capped to it)."""
+    for name in names:
+        flags, options = COMMON_FLAGS[name]
+        options = dict(options)
+        if name == "max_new_tokens":
+            options["default"] = max_new_tokens
+            options["help"] += f" (default {max_new_tokens})"
+        if name == "ctx_size" and ctx_size is not None:
+            options["help"] = (f"context size in tokens: the KV cache's length (default "
+                               f"{ctx_size}, or the model's if smaller; 0: the model's)")
+            p.set_defaults(ctx_default=ctx_size)
+        p.add_argument(*flags, **options)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """-m/--model, --dtype, --kv-dtype, --activations and -t/--threads, as every verb that
+    loads a model takes them."""
+    add_flags(p, "model", "dtype", "kv_dtype", "activations", "threads")
+
+
+def apply_activations(args) -> None:
+    """--activations for the int4 kernels (without the native kernels there are none: torch's
+    int4 matmul takes the activations as they are)."""
+    from kvformer.runtime import native
+
+    if getattr(args, "activations", None) and native.available(build_if_missing=False):
+        native.activations(args.activations)

@@ -1,0 +1,176 @@
+"""Autoregressive generation: prefill the prompt, then decode one token at a time.
+
+With the KV cache, each decode step feeds only the newest token; its keys and values are
+appended to the cache and every earlier one is read back, not recomputed. Without it
+(``use_cache=False``, the seed's comparison) every step runs the whole sequence again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+
+from kvformer.errors import ContextOverflowError
+from kvformer.runtime.sampling import sample, validate_sampling
+
+
+def _as_rows(prompt_ids) -> tuple[list[list[int]], bool]:
+    """Normalise a prompt (list of ints, 1-D tensor) or batch (list of lists, 2-D tensor)."""
+    if isinstance(prompt_ids, torch.Tensor):
+        if prompt_ids.dim() == 1:
+            return [prompt_ids.tolist()], True
+        if prompt_ids.dim() == 2:
+            return prompt_ids.tolist(), False
+        raise ValueError(f"prompt_ids tensor must be 1-D or 2-D, got {prompt_ids.dim()}-D")
+    prompt_ids = list(prompt_ids)
+    if prompt_ids and all(isinstance(t, int) for t in prompt_ids):
+        return [prompt_ids], True
+    rows = [list(r.tolist() if isinstance(r, torch.Tensor) else r) for r in prompt_ids]
+    if not rows:
+        raise ValueError("prompt_ids is empty: give at least one token")
+    return rows, False
+
+
+def generate_stream(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float | None = None,
+                    seed: int | None = None, stop_ids: Iterable[int] = (),
+                    use_cache: bool = True) -> Iterator:
+    """Yield tokens as they are made. For one prompt, yields ints; for a batch, yields one
+    list per step with an id for each row, or None for a row that has already stopped.
+    A stop id ends its row and is not yielded."""
+    rows, single = _as_rows(prompt_ids)
+    validate_sampling(temperature, top_k, top_p)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+    vocab = model.cfg.vocab_size
+    for i, row in enumerate(rows):
+        if not row:
+            raise ValueError(f"prompt {i} is empty: give at least one token")
+        bad = [t for t in row if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside [0, {vocab}): {bad[:5]}")
+    longest = max(len(r) for r in rows)
+    if longest + max_new_tokens > model.cfg.max_seq_len:
+        raise ContextOverflowError(
+            f"prompt of {longest} tokens + {max_new_tokens} new tokens = "
+            f"{longest + max_new_tokens} > the model's context of {model.cfg.max_seq_len}; "
+            "shorten the prompt or lower max_new_tokens")
+    if max_new_tokens == 0:
+        return
+    stops = set(stop_ids)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    for step in _decode_loop(model, rows, max_new_tokens, temperature, top_k, top_p, gen,
+                             stops, use_cache):
+        yield step[0] if single else step
+
+
+@torch.inference_mode()
+def _decode_loop(model, rows, max_new_tokens, temperature, top_k, top_p, gen, stops,
+                 use_cache):
+    device = model.device
+    b = len(rows)
+    lengths = torch.tensor([len(r) for r in rows], device=device)
+    p = int(lengths.max())
+    total = p + max_new_tokens
+    # Left-pad so every row's last prompt token is in the same column; padding slots are
+    # masked out of attention and each row's positions start at 0 at its first real token.
+    pad = p - lengths  # [B]
+    tokens = torch.zeros(b, total, dtype=torch.long, device=device)
+    for i, row in enumerate(rows):
+        tokens[i, p - len(row):p] = torch.tensor(row, dtype=torch.long)
+    slots = torch.arange(total, device=device)
+    valid = slots.unsqueeze(0) >= pad.unsqueeze(1)  # [B, total]
+    positions = (slots.unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)  # [B, total]
+    ragged = bool((pad > 0).any())
+
+    def run(lo: int, hi: int, cache):
+        pos = positions[:, lo:hi] if ragged else slots[lo:hi]
+        mask = valid[:, :hi] if ragged else None
+        return model(tokens[:, lo:hi], input_pos=pos, cache=cache, key_mask=mask,
+                     last_only=True)[:, -1]
+
+    cache = model.new_cache(b, total) if use_cache else None
+    logits = run(0, p, cache)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    for t in range(p, total):
+        nxt = sample(logits, temperature, top_k, top_p, gen)
+        tokens[:, t] = nxt
+        ids = nxt.tolist()
+        out = []
+        for i, tok in enumerate(ids):
+            if done[i]:
+                out.append(None)
+            elif tok in stops:
+                done[i] = True
+                out.append(None)
+            else:
+                out.append(tok)
+        if bool(done.all()):
+            return
+        yield out
+        if t + 1 < total:
+            logits = run(t, t + 1, cache) if use_cache else run(0, t + 1, None)
+
+
+def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             stop_ids: Iterable[int] = (), use_cache: bool = True):
+    """New token ids for a prompt (list of ints or 1-D tensor -> list of ints) or a batch
+    (list of lists or 2-D tensor -> list of lists, rows may differ in length). Greedy when
+    temperature is 0; each row of a batch gives what its prompt gives alone."""
+    rows, single = _as_rows(prompt_ids)
+    outs: list[list[int]] = [[] for _ in rows]
+    for step in generate_stream(model, rows, max_new_tokens, temperature, top_k, top_p, seed,
+                                stop_ids, use_cache):
+        for i, tok in enumerate(step):
+            if tok is not None:
+                outs[i].append(tok)
+    return outs[0] if single else outs
+
+
+def perplexity(model, ids: Sequence[int], window: int | None = None) -> float:
+    """exp(mean negative log-likelihood) of ids under the model, in windows of the context."""
+    window = window or model.cfg.max_seq_len
+    ids_t = torch.tensor(list(ids), dtype=torch.long, device=model.device)
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for lo in range(0, len(ids_t) - 1, window):
+            chunk = ids_t[lo:lo + window + 1]
+            if len(chunk) < 2:
+                break
+            logits = model(chunk[:-1].unsqueeze(0))[0].float()
+            nll += torch.nn.functional.cross_entropy(logits, chunk[1:], reduction="sum").item()
+            count += len(chunk) - 1
+    return float(torch.exp(torch.tensor(nll / count)))
+
+
+@torch.inference_mode()
+def continue_stream(model, cache, new_ids: Sequence[int], max_new_tokens: int,
+                    temperature: float = 0.0, top_k: int | None = None,
+                    top_p: float | None = None, generator: torch.Generator | None = None,
+                    stop_ids: Iterable[int] = ()) -> Iterator[int]:
+    """Feed ``new_ids`` after what a batch-1 cache already holds, then decode: the chat
+    loop uses this so earlier turns are never recomputed. Every yielded token except the
+    last is already in the cache when the next one is made; a stop id is not yielded and
+    not written."""
+    validate_sampling(temperature, top_k, top_p)
+    new_ids = list(new_ids)
+    if not new_ids:
+        raise ValueError("continue_stream needs at least one new token")
+    room = cache.max_len - cache.length - len(new_ids)
+    if room < 1:
+        raise ContextOverflowError(
+            f"{cache.length} cached + {len(new_ids)} new tokens leave no room in a context "
+            f"of {cache.max_len}; start a new conversation or raise the context size")
+    stops = set(stop_ids)
+    tokens = torch.tensor([new_ids], dtype=torch.long, device=model.device)
+    logits = model(tokens, cache=cache, last_only=True)[:, -1]
+    for i in range(min(max_new_tokens, room)):
+        nxt = int(sample(logits, temperature, top_k, top_p, generator)[0])
+        if nxt in stops:
+            return
+        yield nxt
+        if i + 1 < min(max_new_tokens, room):
+            logits = model(torch.tensor([[nxt]], device=model.device), cache=cache)[:, -1]

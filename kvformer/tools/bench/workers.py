@@ -1,0 +1,357 @@
+"""The worker side of `kvformer bench`: one task of one engine, in a fresh process.
+
+``python -m kvformer.tools.bench.workers`` reads a JSON spec on stdin and prints one JSON line:
+
+    engine  kvformer | llama.cpp | transformers
+    task    speed    load time; prefill of a 512-token prompt; decode at batch 1 after a
+                     16-token prompt and with 1,000 and 4,000 tokens already in the cache;
+                     decode at batch 8; decode without a cache (kvformer, transformers)
+            memory   load, then decode 128 tokens at batch 1 (what `kvformer generate` does):
+                     the parent reads this process's peak RSS from the kernel
+            quality  perplexity of the fixed text through prefill, and (kvformer) the same
+                     text fed one token at a time through the decode step
+
+Every workload is warmed up first; decode rates are taken between the first and the last
+new token, so the prompt's prefill is not counted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    engine = spec["engine"]
+    if engine == "kvformer":
+        return _kvformer(spec)
+    if engine == "llama.cpp":
+        return _llama_cpp(spec)
+    return _transformers(spec)
+
+
+def _stamps(stream, n: int) -> float:
+    """tokens/s between the first and the last of n streamed steps."""
+    first = last = None
+    count = 0
+    for _ in stream:
+        last = time.perf_counter()
+        if first is None:
+            first = last
+        count += 1
+        if count == n:
+            break
+    if count < 2 or count != n:
+        raise RuntimeError(f"expected {n} steps, got {count}")
+    return (count - 1) / (last - first)
+
+
+CONTEXT_NEW = 64  # tokens decoded after the long prompts
+
+
+# --------------------------------------------------------------------------- kvformer
+def _kvformer(spec: dict) -> dict:
+    import torch
+
+    from kvformer.formats.load import load
+    from kvformer.runtime import native
+    from kvformer.runtime.generation import generate_stream, perplexity
+    from kvformer.runtime.quant import act_dtype
+
+    ids, n = spec["ids"], spec["new_tokens"]
+    if spec["task"] == "memory":
+        model, _ = load(spec["model"], dtype=spec["dtype"], progress=False,
+                        kv_dtype=spec.get("kv_dtype", "auto"))
+        _stamps(generate_stream(model, ids["short"], n), n)
+        return {}
+    if spec["task"] == "quality":
+        model, _ = load(spec["model"], dtype=spec["dtype"], progress=False,
+                        kv_dtype=spec.get("kv_dtype", "auto"))
+        out = {"ppl": perplexity(model, ids["text"]),
+               "ppl_decode": decode_perplexity(model, ids["text"])}
+        if spec.get("profile"):
+            out["profile"] = profile_step(model, ids["short"])
+            out["compile"] = compile_experiment(model)
+        return out
+
+    out: dict = {"native": native.available(),  # built (once) before the clock starts
+                 "kernels": native.kernel_path(), "act": str(act_dtype()).split(".")[-1]}
+    t = time.perf_counter()
+    model, _ = load(spec["model"], dtype=spec["dtype"], progress=False,
+                        kv_dtype=spec.get("kv_dtype", "auto"))
+    out["load"] = time.perf_counter() - t
+    long = torch.tensor([ids["long"]])
+
+    def prefill(tokens):
+        with torch.inference_mode():
+            cache = model.new_cache(1, tokens.shape[1])
+            t0 = time.perf_counter()
+            model(tokens, cache=cache, last_only=True)
+            return tokens.shape[1] / (time.perf_counter() - t0)
+
+    prefill(long[:, :64])
+    out["prefill"] = prefill(long)
+    for _ in generate_stream(model, ids["short"], 8):
+        pass
+    out["decode"] = _stamps(generate_stream(model, ids["short"], n), n)
+    for key in ("ctx1k", "ctx4k"):
+        if key in ids:
+            out[key] = _stamps(generate_stream(model, ids[key], CONTEXT_NEW), CONTEXT_NEW)
+    if "batch" in ids:
+        for _ in generate_stream(model, ids["batch"], 8):
+            pass
+        out["batch"] = len(ids["batch"]) * _stamps(generate_stream(model, ids["batch"], n), n)
+    if spec.get("nocache"):
+        nc = spec["nocache"]
+        for _ in generate_stream(model, ids["short"], 4, use_cache=False):
+            pass
+        out["nocache"] = _stamps(generate_stream(model, ids["short"], nc, use_cache=False), nc)
+    out["decode_path"] = type(model.forward.step()).__name__
+    return out
+
+
+def decode_perplexity(model, ids: list[int]) -> float:
+    """Perplexity with the text fed one token at a time through the model's decode path."""
+    import torch
+    import torch.nn.functional as F
+
+    nll = 0.0
+    with torch.inference_mode():
+        cache = model.new_cache(1, len(ids))
+        for i in range(len(ids) - 1):
+            logits = model(torch.tensor([[ids[i]]]), cache=cache)
+            nll += F.cross_entropy(logits[0, -1:].float(), torch.tensor([ids[i + 1]])).item()
+    return math.exp(nll / (len(ids) - 1))
+
+
+def profile_step(model, prompt: list[int], steps: int = 32) -> dict:
+    """Per-token time of the native step by part, of Transformer.forward and of the Python
+    DecodeStep on the same cache, and torch.profiler's top operators of the forward."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from kvformer.runtime.step import DecodeStep, NativeDecodeStep
+
+    tok = torch.tensor([[prompt[-1]]])
+    fwd = type(model).forward.__get__(model)
+    with torch.inference_mode():
+        cache = model.new_cache(1, 512)
+        model(torch.tensor([prompt]), cache=cache)
+        start = cache.length + 100  # ~100 more tokens in the cache, as mid-generation
+        cache.length = start
+
+        def timed(f) -> float:
+            cache.length = start
+            f(tok, cache)
+            cache.length = start
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                f(tok, cache)
+            return (time.perf_counter() - t0) / steps * 1e3
+
+        step = NativeDecodeStep(model)
+        result = {"len": start}
+        if step.supported:
+            torch.ops.kvformer_native.profile(True)
+            result["native_ms"] = timed(step)
+            raw = torch.ops.kvformer_native.profile(False)
+            names = ("weight matmuls", "LM head", "attention (incl. RoPE, cache writes)",
+                     "norms, SiLU, residuals")
+            result["parts"] = {k: v / raw[-1] / 1e6 for k, v in zip(names, raw[:4])}
+            result["isa"] = step.isa
+        result["python_ms"] = timed(DecodeStep(model))
+        result["forward_ms"] = timed(lambda t, c: fwd(t, cache=c))
+        cache.length = start
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(8):
+                fwd(tok, cache=cache)
+        rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        result["forward_top"] = [(e.key, e.count // 8, e.self_cpu_time_total / 8 / 1e3)
+                                 for e in rows[:8]]
+    return result
+
+
+def compile_experiment(model) -> dict:
+    """torch.compile of one layer's MLP piece of the Python decode step, against eager."""
+    import statistics
+
+    import torch
+    import torch.nn.functional as F
+
+    from kvformer.runtime.step import DecodeStep
+
+    layer = DecodeStep(model).layers[0]
+    d = model.cfg.d_model
+    x = torch.randn(1, d, dtype=model.dtype)
+    buf = torch.empty(1, 2 * d, dtype=model.dtype)
+
+    def mlp(x, buf):
+        h = layer.mlp_norm(x, buf)
+        if layer.gate_up is not None:
+            gu = layer.gate_up(h)
+            f = gu.shape[1] // 2
+            return layer.down(F.silu(gu[:, :f]) * gu[:, f:])
+        return layer.down(F.silu(layer.gate(h)) * layer.up(h))
+
+    def per_call(f, n=300) -> float:
+        for _ in range(20):
+            f(x, buf)
+        best = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                f(x, buf)
+            best.append((time.perf_counter() - t0) / n * 1e6)
+        return statistics.median(best)
+
+    with torch.inference_mode():
+        compiled = torch.compile(mlp, dynamic=False)
+        t0 = time.perf_counter()
+        try:
+            compiled(x, buf)
+        except Exception as exc:  # no working compiler: report, do not fail the benchmark
+            return {"error": f"{type(exc).__name__}: {exc}"[:200]}
+        compile_s = time.perf_counter() - t0
+        return {"compile_s": compile_s, "eager_us": per_call(mlp),
+                "compiled_us": per_call(compiled)}
+
+
+# --------------------------------------------------------------------------- llama.cpp
+def llama_cpp_info() -> dict | None:
+    """llama-cpp-python's version and the SIMD its llama.cpp was built with, or None."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    info = llama_cpp.llama_print_system_info()
+    info = info.decode() if isinstance(info, bytes) else str(info)
+    return {"version": llama_cpp.__version__, "system_info": " ".join(info.split())}
+
+
+def _llama_cpp(spec: dict) -> dict:
+    from llama_cpp import Llama
+
+    ids, n, task = spec["ids"], spec["new_tokens"], spec["task"]
+    longest = max(len(ids.get(k, ())) for k in ("long", "ctx1k", "ctx4k", "text"))
+    n_ctx = {"memory": len(ids["short"]) + n, "quality": len(ids["text"])}.get(
+        task, longest + CONTEXT_NEW)
+    n_ctx = 256 * math.ceil((n_ctx + 8) / 256)
+    t = time.perf_counter()
+    llm = Llama(model_path=spec["model"], n_threads=spec["threads"],
+                n_threads_batch=spec["threads"], n_ctx=n_ctx, n_batch=512, verbose=False,
+                logits_all=task == "quality")
+    out: dict = {"load": time.perf_counter() - t}
+
+    def decode(prompt, count):
+        llm.reset()
+        return _stamps(llm.generate(prompt, temp=0.0, top_k=1, reset=True), count)
+
+    if task == "memory":
+        decode(ids["short"], n)
+        return {}
+    if task == "quality":
+        import numpy as np
+
+        text = ids["text"]
+        llm.reset()
+        llm.eval(text)
+        logits = np.asarray(llm.scores[:len(text) - 1], dtype=np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        nll = -logp[np.arange(len(text) - 1), text[1:]].mean()
+        return {"ppl": float(math.exp(nll))}
+
+    def prefill(tokens):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(tokens)
+        return len(tokens) / (time.perf_counter() - t0)
+
+    out["kernels"] = llama_cpp_info()["system_info"]
+    prefill(ids["long"][:64])
+    out["prefill"] = prefill(ids["long"])
+    decode(ids["short"], 8)
+    out["decode"] = decode(ids["short"], n)
+    for key in ("ctx1k", "ctx4k"):
+        if key in ids:
+            out[key] = decode(ids[key], CONTEXT_NEW)
+    return out
+
+
+# --------------------------------------------------------------------------- transformers
+def _transformers(spec: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+
+    hf, ids, n = spec["hf"], spec["ids"], spec["new_tokens"]
+    kwargs = {"gguf_file": hf["gguf_file"]} if "gguf_file" in hf else {}
+    t = time.perf_counter()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(hf["dir"], dtype=torch.float32, **kwargs)
+    except TypeError:
+        model = AutoModelForCausalLM.from_pretrained(hf["dir"], torch_dtype=torch.float32,
+                                                     **kwargs)
+    model.eval()
+    out: dict = {"load": time.perf_counter() - t}
+    if spec["task"] == "quality":
+        with torch.inference_mode():
+            text = torch.tensor([ids["text"]])
+            logits = model(text).logits[0, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits, text[0, 1:])
+        return {"ppl": math.exp(nll.item())}
+
+    class Stamp(LogitsProcessor):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
+
+    def gen(prompts, new, use_cache=True) -> float:
+        x = torch.tensor(prompts)
+        stamp = Stamp()
+        with torch.inference_mode():
+            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new,
+                           min_new_tokens=new, do_sample=False, use_cache=use_cache,
+                           logits_processor=LogitsProcessorList([stamp]),
+                           pad_token_id=model.config.eos_token_id)
+        if len(stamp.times) != new:
+            raise RuntimeError(f"expected {new} steps, got {len(stamp.times)}")
+        return (new - 1) / (stamp.times[-1] - stamp.times[0])
+
+    def prefill(tokens):
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            model(tokens, use_cache=True, logits_to_keep=1)
+            return tokens.shape[1] / (time.perf_counter() - t0)
+
+    if spec["task"] == "memory":
+        gen([ids["short"]], n)
+        return {}
+    long = torch.tensor([ids["long"]])
+    prefill(long[:, :64])
+    out["prefill"] = prefill(long)
+    gen([ids["short"]], 8)
+    out["decode"] = gen([ids["short"]], n)
+    for key in ("ctx1k", "ctx4k"):
+        if key in ids:
+            out[key] = gen([ids[key]], CONTEXT_NEW)
+    if "batch" in ids:
+        gen(ids["batch"], 8)
+        out["batch"] = len(ids["batch"]) * gen(ids["batch"], n)
+    if spec.get("nocache"):
+        gen([ids["short"]], 4, use_cache=False)
+        out["nocache"] = gen([ids["short"]], spec["nocache"], use_cache=False)
+    return out
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    print(json.dumps(worker(json.loads(sys.stdin.read()))))
