@@ -14,7 +14,8 @@ import torch
 import kvformer
 from kvformer.config import ModelConfig
 from kvformer.errors import ModelNotFoundError
-from kvformer.formats.gguf.reader import GGUFFile, load_gguf
+from kvformer.formats.gguf.reader import GGUFFile
+from kvformer.formats.gguf.tensors import load_gguf
 from kvformer.formats.load import default_model_path, load_config
 from kvformer.tools.bench.models import (
     LLAMA_32_1B,

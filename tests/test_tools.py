@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from kvformer import ModelConfig, Transformer
-from kvformer.formats.tokenizer.tokenizer import CHATML_TEMPLATE, ByteTokenizer
+from kvformer.formats.tokenizer.template import CHATML_TEMPLATE
+from kvformer.formats.tokenizer.tokenizer import ByteTokenizer
 from kvformer.serve.app import BackgroundServer, create_app
 from kvformer.serve.engine import Engine
 from kvformer.serve.grammar import GrammarError, Grammars

@@ -75,7 +75,8 @@ def describe(name: str, path: Path) -> ModelInfo:
 def _describe_gguf(info: ModelInfo, path: Path) -> None:
     from collections import Counter
 
-    from kvformer.formats.gguf.reader import config_from_gguf, open_reader, read_metadata
+    from kvformer.formats.gguf.config import config_from_gguf
+    from kvformer.formats.gguf.reader import open_reader, read_metadata
 
     with open_reader(path) as reader:
         meta = read_metadata(reader)

@@ -39,7 +39,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from kvformer.formats.tokenizer.tokenizer import CHATML_TEMPLATE, template_variables
+from kvformer.formats.tokenizer.template import CHATML_TEMPLATE, template_variables
 from kvformer.serve.grammar import JSON_LAYOUT
 from kvformer.serve.schemas import APIError, ChatRequest
 

@@ -1,13 +1,14 @@
-"""Text <-> token ids, streaming decode, and sandboxed chat templates.
+"""Text <-> token ids: `Tokenizer` and `ByteTokenizer`, read from GGUF or tokenizer.json.
 
 `Tokenizer` wraps a Hugging Face `tokenizers.Tokenizer` (the BPE itself runs in Rust: byte-level
 BPE as GPT-2, Llama 3, Qwen and SmolLM use, and SentencePiece BPE as Llama 2, Mistral, Phi-3
 and Gemma use) and adds
 what an inference engine needs around it: which token starts and ends a sequence, which tokens
-stop generation, a decoder that streams whole characters, and chat templates rendered in a sandbox
-(templates ship inside model files, so they are untrusted code).
+stop generation, a decoder that streams whole characters (`stream`), and chat templates rendered
+in a sandbox (`template`; templates ship inside model files, so they are untrusted code).
 
-Sources: a GGUF file's metadata (`Tokenizer.from_gguf`), a Hugging Face tokenizer directory
+Sources: a GGUF file's metadata (`Tokenizer.from_gguf`; SentencePiece vocabularies are built by
+`sentencepiece`), a Hugging Face tokenizer directory
 (`Tokenizer.from_dir`) or a bare `tokenizer.json` (`Tokenizer.from_file`). `ByteTokenizer` is the
 same interface over raw UTF-8 bytes, for models trained from scratch.
 """
@@ -17,26 +18,34 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
-import time
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
-from functools import lru_cache, wraps
+from functools import lru_cache
 from typing import Any
 
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
-from kvformer.errors import ChatTemplateError, CheckpointError
+from kvformer.errors import CheckpointError
+from kvformer.formats.gguf.reader import read_metadata
+from kvformer.formats.tokenizer.sentencepiece import (
+    _CONTROL,
+    _NORMAL,
+    _USER_DEFINED,
+    _sentencepiece_backend,
+)
+from kvformer.formats.tokenizer.stream import StreamDecoder
+from kvformer.formats.tokenizer.template import (
+    CHAT_ROLES,
+    CHATML_TEMPLATE,
+    TEMPLATE_TIME_LIMIT,
+    _check_messages,
+    _plain,
+    render_chat_template,
+)
 
 __all__ = [
-    "CHATML_TEMPLATE",
-    "CHAT_ROLES",
-    "TEMPLATE_TIME_LIMIT",
     "ByteTokenizer",
-    "StreamDecoder",
     "Tokenizer",
-    "render_chat_template",
 ]
 
 # Tokens that end a turn in common chat formats; any of them in a vocabulary stops generation.
@@ -45,24 +54,10 @@ END_MARKERS = (
     "<end_of_turn>", "<end_of_utterance>", "<EOT>", "<｜end▁of▁sentence｜>",
 )
 
-#: The message roles `Tokenizer.encode_chat` (and so the server) accepts by default.
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # encode_chat's placeholder for a special token's spelling inside a message: two Unicode
 # noncharacters around the index of the escaped text (a noncharacter in the text is escaped too)
 _ESC_OPEN, _ESC_CLOSE = "\ufdd0", "\ufdd1"
 _ESC_SPLIT = re.compile(f"{_ESC_OPEN}(\\d+){_ESC_CLOSE}")
-
-#: Used when a model ships no chat template: ChatML, the format most small chat models use.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-# GGUF token types (llama.cpp's llama_token_type) that matter here; unknown (2), unused (5) and
-# byte (6) tokens are ordinary vocabulary entries for byte-level BPE.
-_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,422 +138,6 @@ _GGUF_PRE_TOKENIZERS = {name: spec for names, *spec in _PRE_TOKENIZER_FAMILIES f
 
 
 # --------------------------------------------------------------------------------------------
-# Streaming decode
-# --------------------------------------------------------------------------------------------
-
-class StreamDecoder:
-    """Turns token ids into text one id at a time, emitting only whole characters.
-
-    A character can span several byte tokens (an emoji is often 2-4 of them). Each push decodes a
-    small window of recent ids; if the window's text ends in U+FFFD the character is unfinished
-    and is held back until a later token completes it. Decoding a window that starts at the last
-    emitted boundary, rather than the whole history, keeps each push cheap and lets decoders that
-    treat the first token specially (SentencePiece's leading space) agree with a full decode. The
-    concatenation of everything pushed out plus `flush()` equals `decode(all_ids)`.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
-        self._tokenizer = tokenizer
-        self._skip = skip_special_tokens
-        self._ids: list[int] = []
-        self._prefix = 0  # start of the window: the previous emission boundary
-        self._read = 0  # end of what has been emitted
-
-    def _pending(self) -> str:
-        decode = self._tokenizer.decode
-        done = decode(self._ids[self._prefix:self._read], skip_special_tokens=self._skip)
-        text = decode(self._ids[self._prefix:], skip_special_tokens=self._skip)
-        return text[len(done):]
-
-    def _advance(self) -> None:
-        del self._ids[:self._read]  # ids before the new window are never decoded again
-        self._prefix, self._read = 0, len(self._ids)
-
-    def push(self, token_id: int) -> str:
-        """Add one id; return the text it completes (often '', never half a character)."""
-        self._ids.append(int(token_id))
-        new = self._pending()
-        if new and not new.endswith("\ufffd"):
-            self._advance()
-            return new
-        return ""
-
-    def flush(self) -> str:
-        """End of stream: return what is held back (an unfinished character becomes U+FFFD)."""
-        new = self._pending()
-        self._advance()
-        return new
-
-
-# --------------------------------------------------------------------------------------------
-# Chat templates
-# --------------------------------------------------------------------------------------------
-
-# Rendering limits: a template ships inside a model file, so it is untrusted code; it must not
-# be able to exhaust memory or time. Every string or list it builds (by `~`, `+`, `*`, `%`,
-# a call or a filter) is checked against _MAX_RENDER_CHARS, the ones whose size can be known
-# beforehand before they are built; all it builds together against _MAX_BUILT_CHARS; every
-# loop iteration, block and call against a deadline (render_chat_template's time_limit).
-_MAX_RENDER_CHARS = 4_000_000
-_MAX_BUILT_CHARS = 64_000_000
-_MAX_REPEAT_ITEMS = 1_000_000
-_MAX_POWER_EXPONENT = 1_000
-_MAX_INDENT_CHARS = 64
-#: Seconds a chat template may take to render (the server and the CLI use it).
-TEMPLATE_TIME_LIMIT = 1.0
-# a width or precision of 7+ digits in a %-format or a str.format spec (builds >= 1e6 chars)
-_WIDE_FORMAT = re.compile(r"%[-#0 +]*(?:\*|\d{7,})|%[-#0 +]*\d*\.(?:\*|\d{7,})|"
-                          r"\{[^{}]*:[^{}]*?\d{7,}")
-
-
-class _Budget(threading.local):
-    """Per thread: the deadline and the characters built by the render running in it."""
-
-    deadline: float | None = None
-    time_limit: float = 0.0
-    built: int = 0
-
-
-_budget = _Budget()
-
-
-def _security_error(message: str):
-    from jinja2.exceptions import SecurityError
-
-    return SecurityError(message)
-
-
-def _tick() -> None:
-    deadline = _budget.deadline
-    if deadline is not None and time.monotonic() > deadline:
-        raise _security_error(f"the template ran for more than {_budget.time_limit:g} s")
-
-
-def _sized(value: Any) -> Any:
-    """Count what a template built against the limits; return it unchanged."""
-    if isinstance(value, (str, list, tuple, dict)):
-        n = len(value)
-        if n > _MAX_RENDER_CHARS:
-            raise _security_error(f"the template built a value of {n:,} items or characters "
-                                  f"(the limit is {_MAX_RENDER_CHARS:,})")
-        _budget.built += n
-        if _budget.built > _MAX_BUILT_CHARS:
-            raise _security_error(f"the template built more than {_MAX_BUILT_CHARS:,} "
-                                  "characters in all")
-    return value
-
-
-def _would_build(n: int) -> None:
-    """Refuse before building a value whose size is known to be too large."""
-    if n > _MAX_RENDER_CHARS:
-        raise _security_error(f"the template would build a value of {n:,} items or characters "
-                              f"(the limit is {_MAX_RENDER_CHARS:,})")
-
-
-def _check_numbers(args: Iterable[Any]) -> None:
-    """No call needs a number beyond the size limit (`'x'.ljust(10**9)`, `center(10**9)`)."""
-    for a in args:
-        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > _MAX_RENDER_CHARS:
-            raise _security_error(f"the template passes the number {a} to a call (the limit "
-                                  f"is {_MAX_RENDER_CHARS:,})")
-
-
-def _check_format(fmt: Any) -> None:
-    if isinstance(fmt, str) and _WIDE_FORMAT.search(fmt):
-        raise _security_error("the template formats with a width or precision of a million "
-                              "characters or more")
-
-
-def _joined_size(items: Any, sep: Any) -> int:
-    if not isinstance(items, (list, tuple)):
-        return 0
-    sep_len = len(sep) if isinstance(sep, str) else 0
-    return sum(len(x) if isinstance(x, str) else 24 for x in items) + sep_len * len(items)
-
-
-def _replaced_size(text: Any, old: Any, new: Any) -> int:
-    if not (isinstance(text, str) and isinstance(old, str) and isinstance(new, str)):
-        return 0
-    hits = text.count(old) if old else len(text) + 1
-    return len(text) + hits * (len(new) - len(old))
-
-
-def _guard_filter(name: str, func):
-    """A Jinja filter with the size checks above before and after it runs."""
-
-    @wraps(func)  # keeps jinja's pass_context / pass_eval_context marks
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        _tick()
-        _check_numbers([*args, *kwargs.values()])
-        plain = [a for a in args if not hasattr(a, "environment")]  # drop ctx / eval_ctx
-        value = plain[0] if plain else None
-        rest = plain[1:]
-        if name == "join":
-            _would_build(_joined_size(value, rest[0] if rest else kwargs.get("d", "")))
-        elif name == "replace" and len(rest) >= 2:
-            _would_build(_replaced_size(value, rest[0], rest[1]))
-        elif name in ("format", "indent") and isinstance(value, str):
-            if name == "format":
-                _check_format(value)
-            else:
-                width = rest[0] if rest else kwargs.get("width", 4)
-                per_line = len(width) if isinstance(width, str) else width
-                if isinstance(per_line, int):
-                    _would_build(len(value) + per_line * (value.count("\n") + 1))
-        return _sized(func(*args, **kwargs))
-
-    return guarded
-
-
-def _raise_exception(message: Any = "") -> None:
-    """`raise_exception('...')` in a template: the template rejects the conversation."""
-    raise ChatTemplateError(str(message))
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(str(fmt))
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
-    """Plain JSON (Jinja's own `tojson` HTML-escapes, which corrupts prompts)."""
-    if isinstance(indent, str) and len(indent) > _MAX_INDENT_CHARS:
-        raise _security_error(f"tojson's indent is longer than {_MAX_INDENT_CHARS} characters")
-    if isinstance(indent, int) and indent > _MAX_INDENT_CHARS:
-        raise _security_error(f"tojson's indent is more than {_MAX_INDENT_CHARS}")
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
-                      separators=separators, sort_keys=sort_keys)
-
-
-def _make_dict(*args: Any, **kwargs: Any) -> dict:
-    """`dict(...)` for templates, without handing them the `dict` type itself."""
-    return dict(*args, **kwargs)
-
-
-@lru_cache(maxsize=1)
-def _sandbox():
-    """The one Jinja environment chat templates run in (built lazily: jinja2 import is not free)."""
-    from jinja2.compiler import CodeGenerator
-    from jinja2.exceptions import SecurityError
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-    from jinja2.utils import Namespace
-
-    class GenerationTag(Extension):
-        """`{% generation %}` marks assistant text for training masks; render its body as is."""
-
-        tags = {"generation"}
-
-        def parse(self, parser):
-            next(parser.stream)
-            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
-    class SafeNamespace(Namespace):
-        """`namespace()` that refuses underscore names, so it cannot shadow Python internals."""
-
-        def __init__(*args: Any, **kwargs: Any):  # `self` travels in args, as in Namespace
-            self, rest = args[0], args[1:]
-            attrs = dict(*rest, **kwargs)
-            for name in attrs:
-                SafeNamespace._check(name)
-            Namespace.__init__(self, attrs)
-
-        def __setitem__(self, name: str, value: Any) -> None:
-            SafeNamespace._check(name)
-            Namespace.__setitem__(self, name, value)
-
-        @staticmethod
-        def _check(name: Any) -> None:
-            if isinstance(name, str) and name.startswith("_"):
-                raise SecurityError(f"namespace attribute {name!r} is not allowed")
-
-    class BudgetedCode(CodeGenerator):
-        """Jinja's compiler, with a deadline check at the start of every block (so every loop
-        iteration and macro call) and a size check on every `~` concatenation."""
-
-        def blockvisit(self, nodes, frame) -> None:
-            self.writeline("environment.kvf_tick()")
-            super().blockvisit(nodes, frame)
-
-        def visit_Concat(self, node, frame) -> None:
-            self.write("environment.kvf_sized(")
-            super().visit_Concat(node, frame)
-            self.write(")")
-
-    class ChatSandbox(ImmutableSandboxedEnvironment):
-        code_generator_class = BudgetedCode
-        kvf_tick = staticmethod(_tick)
-        kvf_sized = staticmethod(_sized)
-
-        # Jinja's sandbox turns a forbidden attribute into a silent Undefined (`{{ x.__class__ }}`
-        # renders as ''). A template that reaches for internals is hostile: stop it outright.
-        def unsafe_undefined(self, obj: Any, attribute: str):
-            raise SecurityError(
-                f"access to attribute {attribute!r} of a {type(obj).__name__} is not allowed")
-
-        intercepted_binops = frozenset({"*", "**", "+", "%"})
-
-        def call_binop(self, context, operator, left, right):
-            if operator == "*":
-                for seq, n in ((left, right), (right, left)):
-                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
-                        if len(seq) * n > _MAX_REPEAT_ITEMS:
-                            raise SecurityError("the template builds a value that is too large")
-            elif (operator == "**" and isinstance(right, (int, float))
-                  and abs(right) > _MAX_POWER_EXPONENT):
-                raise SecurityError("the template raises a number to a too large power")
-            elif operator == "+" and isinstance(left, (str, list, tuple)) \
-                    and isinstance(right, (str, list, tuple)):
-                _would_build(len(left) + len(right))
-            elif operator == "%" and isinstance(left, str):
-                _check_format(left)
-                _check_numbers(right if isinstance(right, tuple) else (right,))
-            return _sized(super().call_binop(context, operator, left, right))
-
-        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
-            _tick()
-            _check_numbers([*args, *kwargs.values()])
-            method = getattr(getattr(__obj, "__wrapped__", __obj), "__name__", "")
-            owner = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)
-            if isinstance(owner, str):
-                if method in ("format", "format_map"):
-                    _check_format(owner)
-                elif method == "join" and args:
-                    _would_build(_joined_size(list(args[0]) if isinstance(args[0], (
-                        list, tuple)) else args[0], owner))
-                elif method == "replace" and len(args) >= 2:
-                    _would_build(_replaced_size(owner, args[0], args[1]))
-            return _sized(super().call(__context, __obj, *args, **kwargs))
-
-    env = ChatSandbox(trim_blocks=True, lstrip_blocks=True,
-                      extensions=[GenerationTag, loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.filters = {name: _guard_filter(name, f) for name, f in env.filters.items()}
-    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now,
-                       namespace=SafeNamespace, dict=_make_dict)
-    return env
-
-
-@lru_cache(maxsize=16)
-def _compile(template: str):
-    from jinja2.exceptions import TemplateSyntaxError
-
-    try:
-        return _sandbox().from_string(template)
-    except TemplateSyntaxError as exc:
-        raise ChatTemplateError(
-            f"the chat template does not parse (line {exc.lineno}: {exc.message}); "
-            "fix the template or pass another one") from None
-
-
-@lru_cache(maxsize=16)
-def template_variables(template: str) -> frozenset[str]:
-    """The variables a chat template reads from outside (e.g. whether it renders `tools`),
-    found by parsing it: nothing of the template runs."""
-    from jinja2 import meta
-    from jinja2.exceptions import TemplateSyntaxError
-
-    try:
-        return frozenset(meta.find_undeclared_variables(_sandbox().parse(template)))
-    except TemplateSyntaxError as exc:
-        raise ChatTemplateError(
-            f"the chat template does not parse (line {exc.lineno}: {exc.message}); "
-            "fix the template or pass another one") from None
-
-
-def _plain(value: Any, where: str) -> Any:
-    """A fresh copy made of JSON types only, so a template sees no objects with methods to abuse."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, str):
-        return str.__str__(value)
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, Mapping):
-        return {_plain(k, where): _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    raise ValueError(f"{where} is a {type(value).__name__}; chat templates accept only "
-                     "str, int, float, bool, None, lists and dicts")
-
-
-def _check_messages(messages: Any) -> list[dict]:
-    if not isinstance(messages, (list, tuple)):
-        raise ValueError(f"messages must be a list of dicts, got a {type(messages).__name__}")
-    if not messages:
-        raise ValueError("messages is empty; a chat prompt needs at least one message")
-    checked = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', "
-                             f"got a {type(message).__name__}")
-        role = message.get("role")
-        if not isinstance(role, str) or not role:
-            raise ValueError(f"messages[{i}] needs a non-empty string 'role' "
-                             "(e.g. 'system', 'user', 'assistant')")
-        content = message.get("content")
-        if not isinstance(content, str) and not (content is None and message.get("tool_calls")):
-            raise ValueError(f"messages[{i}] ({role}) needs a string 'content', "
-                             f"got {type(content).__name__}")
-        # Drop None fields: templates test for a key's presence, and would print 'None'.
-        plain = {k: v for k, v in message.items() if v is not None}
-        checked.append(_plain(plain, f"messages[{i}]"))
-    return checked
-
-
-def render_chat_template(template: str, messages: Sequence[Mapping[str, Any]],
-                         add_generation_prompt: bool = True, *,
-                         time_limit: float | None = TEMPLATE_TIME_LIMIT,
-                         **variables: Any) -> str:
-    """Render a chat template in a sandbox; any failure or escape attempt is a ChatTemplateError.
-
-    Templates see `messages`, `add_generation_prompt`, `tools`/`documents` (None unless given),
-    whatever else is passed in `variables` (e.g. `bos_token`), the `raise_exception` and
-    `strftime_now` functions, and a JSON `tojson` filter. Everything they see is a plain copy.
-    A render that runs longer than `time_limit` seconds (None: no limit) or builds too much
-    (see _MAX_RENDER_CHARS, _MAX_BUILT_CHARS) is stopped with a ChatTemplateError.
-    """
-    from jinja2.exceptions import SecurityError
-
-    checked = _check_messages(messages)
-    context = {"tools": None, "documents": None}
-    context.update(_plain(variables, "chat template variables"))
-    context.update(messages=checked, add_generation_prompt=bool(add_generation_prompt))
-    compiled = _compile(template)
-    outer = (_budget.deadline, _budget.time_limit, _budget.built)
-    if time_limit is not None:
-        _budget.deadline, _budget.time_limit = time.monotonic() + time_limit, time_limit
-    _budget.built = 0
-    try:
-        parts, size = [], 0
-        for chunk in compiled.generate(context):
-            size += len(chunk)
-            if size > _MAX_RENDER_CHARS:
-                raise SecurityError(f"the rendered prompt exceeds {_MAX_RENDER_CHARS:,} "
-                                    "characters")
-            parts.append(chunk)
-    except ChatTemplateError:
-        raise
-    except SecurityError as exc:
-        raise ChatTemplateError(
-            f"the chat template was stopped ({exc}); the model file's template is untrusted: "
-            "pass a template you trust") from None
-    except (RecursionError, MemoryError) as exc:
-        raise ChatTemplateError(
-            f"the chat template was stopped ({type(exc).__name__}: it recursed or allocated "
-            "too much); pass a template you trust") from None
-    except Exception as exc:  # UndefinedError, TypeError... from inside the template
-        raise ChatTemplateError(
-            f"the chat template failed to render ({type(exc).__name__}: {exc}); check the "
-            "messages it expects or pass another template") from None
-    finally:
-        _budget.deadline, _budget.time_limit, _budget.built = outer
-    return "".join(parts)
-
-
-# --------------------------------------------------------------------------------------------
 # Tokenizer
 # --------------------------------------------------------------------------------------------
 
@@ -603,71 +182,6 @@ def _template_from_config(value: Any) -> str | None:
         chosen = named.get("default") or next(iter(named.values()), None)
         return chosen if isinstance(chosen, str) else None
     return None
-
-
-# SentencePiece token types (GGUF's tokenizer.ggml.token_type, llama.cpp's and the
-# sentencepiece model's): 2 unknown, 6 byte (<0xNN>, for byte fallback).
-_UNKNOWN, _BYTE = 2, 6
-
-
-def _sentencepiece_backend(meta: Mapping[str, Any], where: str) -> tokenizers.Tokenizer:
-    """A SentencePiece BPE vocabulary (tokenizer.ggml.model = 'llama': Llama 2, Mistral,
-    TinyLlama, Phi-3, Gemma) as a `tokenizers` BPE.
-
-    SentencePiece merges the adjacent pair whose merged piece scores highest; the merges
-    are therefore every split of a piece into two pieces of the vocabulary, ranked by the
-    merged piece's score (then its id, then the left part's length). Spaces are '▁'; with
-    tokenizer.ggml.add_space_prefix (the default, Gemma's files say false) a '▁' also
-    starts the text and every stretch of text after a special token, as llama.cpp and
-    transformers' legacy Llama tokenizer do. Characters outside the vocabulary become their
-    UTF-8 bytes (<0xNN> pieces). Control pieces are special tokens, user-defined ones
-    tokens matched as a whole in the text.
-    """
-    tokens = meta.get("tokenizer.ggml.tokens")
-    scores = meta.get("tokenizer.ggml.scores")
-    if not tokens or scores is None:
-        raise CheckpointError(f"{where}: the SentencePiece tokenizer has no "
-                              f"{'tokens' if not tokens else 'scores'}; the file is incomplete")
-    types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
-    if not len(tokens) == len(types) == len(scores):
-        raise CheckpointError(f"{where}: {len(tokens)} tokens, {len(types)} token types and "
-                              f"{len(scores)} scores; the file is corrupt")
-    if meta.get("tokenizer.ggml.remove_extra_whitespaces"):
-        raise CheckpointError(f"{where}: tokenizer.ggml.remove_extra_whitespaces is set, a "
-                              "SentencePiece normalization kvformer does not implement; load "
-                              "the model's tokenizer.json with Tokenizer.from_dir instead")
-    if meta.get("tokenizer.ggml.precompiled_charsmap"):
-        raise CheckpointError(f"{where}: tokenizer.ggml.precompiled_charsmap is set (a "
-                              "SentencePiece normalizer kvformer does not implement); load the "
-                              "model's tokenizer.json with Tokenizer.from_dir instead")
-    vocab = {token: i for i, token in enumerate(tokens)}
-    if len(vocab) != len(tokens):
-        raise CheckpointError(f"{where}: the vocabulary has duplicate tokens; the file is corrupt")
-    unk = next((t for t, kind in zip(tokens, types) if kind == _UNKNOWN), None)
-    ranked = []
-    for merged, score in zip(tokens, scores):
-        index = vocab[merged]
-        for cut in range(1, len(merged)):
-            left, right = merged[:cut], merged[cut:]
-            if left in vocab and right in vocab:
-                ranked.append((-score, index, cut, left, right))
-    ranked.sort()
-    backend = tokenizers.Tokenizer(models.BPE(
-        vocab=vocab, merges=[(left, right) for *_, left, right in ranked], unk_token=unk,
-        fuse_unk=True, byte_fallback=any(kind == _BYTE for kind in types)))
-    prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme="always" if prefix else "never", split=False)
-    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if prefix:
-        steps.append(decoders.Strip(" ", 1, 0))
-    backend.decoder = decoders.Sequence(steps)
-    added = [AddedToken(t, special=kind == _CONTROL, normalized=False)
-             for t, kind in zip(tokens, types) if kind in (_CONTROL, _USER_DEFINED)]
-    backend.add_special_tokens([t for t in added if t.special])
-    backend.add_tokens([t for t in added if not t.special])
-    return backend
-
 
 class Tokenizer:
     """A tokenizer plus the model's conventions around it (BOS/EOS, stop tokens, chat format).
@@ -719,8 +233,6 @@ class Tokenizer:
         if isinstance(path_or_metadata, Mapping):
             meta, where = path_or_metadata, "GGUF metadata"
         else:
-            from kvformer.formats.gguf.reader import read_metadata
-
             meta, where = read_metadata(path_or_metadata), os.fspath(path_or_metadata)
 
         model = meta.get("tokenizer.ggml.model")

@@ -1,0 +1,81 @@
+"""SentencePiece BPE from GGUF metadata (tokenizer.ggml.model 'llama') as a `tokenizers` backend.
+
+Also home to the GGUF token-type codes, which `tokenizer` reads for byte-level vocabularies too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+
+from kvformer.errors import CheckpointError
+
+# GGUF token types (llama.cpp's llama_token_type) that matter here; unknown (2), unused (5) and
+# byte (6) tokens are ordinary vocabulary entries for byte-level BPE.
+_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
+
+# SentencePiece token types (GGUF's tokenizer.ggml.token_type, llama.cpp's and the
+# sentencepiece model's): 2 unknown, 6 byte (<0xNN>, for byte fallback).
+_UNKNOWN, _BYTE = 2, 6
+
+
+def _sentencepiece_backend(meta: Mapping[str, Any], where: str) -> tokenizers.Tokenizer:
+    """A SentencePiece BPE vocabulary (tokenizer.ggml.model = 'llama': Llama 2, Mistral,
+    TinyLlama, Phi-3, Gemma) as a `tokenizers` BPE.
+
+    SentencePiece merges the adjacent pair whose merged piece scores highest; the merges
+    are therefore every split of a piece into two pieces of the vocabulary, ranked by the
+    merged piece's score (then its id, then the left part's length). Spaces are '▁'; with
+    tokenizer.ggml.add_space_prefix (the default, Gemma's files say false) a '▁' also
+    starts the text and every stretch of text after a special token, as llama.cpp and
+    transformers' legacy Llama tokenizer do. Characters outside the vocabulary become their
+    UTF-8 bytes (<0xNN> pieces). Control pieces are special tokens, user-defined ones
+    tokens matched as a whole in the text.
+    """
+    tokens = meta.get("tokenizer.ggml.tokens")
+    scores = meta.get("tokenizer.ggml.scores")
+    if not tokens or scores is None:
+        raise CheckpointError(f"{where}: the SentencePiece tokenizer has no "
+                              f"{'tokens' if not tokens else 'scores'}; the file is incomplete")
+    types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+    if not len(tokens) == len(types) == len(scores):
+        raise CheckpointError(f"{where}: {len(tokens)} tokens, {len(types)} token types and "
+                              f"{len(scores)} scores; the file is corrupt")
+    if meta.get("tokenizer.ggml.remove_extra_whitespaces"):
+        raise CheckpointError(f"{where}: tokenizer.ggml.remove_extra_whitespaces is set, a "
+                              "SentencePiece normalization kvformer does not implement; load "
+                              "the model's tokenizer.json with Tokenizer.from_dir instead")
+    if meta.get("tokenizer.ggml.precompiled_charsmap"):
+        raise CheckpointError(f"{where}: tokenizer.ggml.precompiled_charsmap is set (a "
+                              "SentencePiece normalizer kvformer does not implement); load the "
+                              "model's tokenizer.json with Tokenizer.from_dir instead")
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise CheckpointError(f"{where}: the vocabulary has duplicate tokens; the file is corrupt")
+    unk = next((t for t, kind in zip(tokens, types) if kind == _UNKNOWN), None)
+    ranked = []
+    for merged, score in zip(tokens, scores):
+        index = vocab[merged]
+        for cut in range(1, len(merged)):
+            left, right = merged[:cut], merged[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-score, index, cut, left, right))
+    ranked.sort()
+    backend = tokenizers.Tokenizer(models.BPE(
+        vocab=vocab, merges=[(left, right) for *_, left, right in ranked], unk_token=unk,
+        fuse_unk=True, byte_fallback=any(kind == _BYTE for kind in types)))
+    prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="always" if prefix else "never", split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix:
+        steps.append(decoders.Strip(" ", 1, 0))
+    backend.decoder = decoders.Sequence(steps)
+    added = [AddedToken(t, special=kind == _CONTROL, normalized=False)
+             for t, kind in zip(tokens, types) if kind in (_CONTROL, _USER_DEFINED)]
+    backend.add_special_tokens([t for t in added if t.special])
+    backend.add_tokens([t for t in added if not t.special])
+    return backend
