@@ -25,6 +25,7 @@ import torch
 
 from kvformer.formats.load import load
 from kvformer.kv.paged import BlockPool
+from kvformer.runtime.step import for_model
 from kvformer.serve.sampler import pick_tokens
 from kvformer.serve.sequence import SamplingParams, Seq
 
@@ -81,9 +82,10 @@ def main() -> None:
     rotary = model._modules.get("rotary")
     if rotary is not None:  # tabulate the positions the step will use (it reads the table)
         rotary.ensure(args.context + 1)
-    step = model.forward.step()
-    if not hasattr(step, "paged"):
-        raise SystemExit("this model has no native decode step (see `kvformer doctor`)")
+    executor = for_model(model)
+    step = executor.native
+    if step is None:
+        raise SystemExit(f"this model has no native decode step: it runs on {executor.why}")
     bs = 16
     pool = BlockPool.for_model(model, max(args.batch) * (args.context // bs + 1) + 1, bs,
                                dtype=model.kv_format(None), prefix_caching=False)

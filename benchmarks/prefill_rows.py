@@ -1,10 +1,10 @@
 """Prefill of one prompt into a contiguous cache: as rows of the C++ step against the model's
 forward, for prompts of several lengths, in one process (interleaved, best of --rounds).
 
-``kvformer generate`` prefills through the C++ step when ``kvformer.runtime.step.rows_pay`` says rows
-are faster (short prompts), and through ``Transformer.forward`` otherwise (long ones: the
-step attends one query at a time, the forward with matrix products). This prints both for
-each length so that the rule can be checked on a machine:
+``kvformer generate`` prefills through the C++ step when ``kvformer.runtime.step.rows_pay``
+says rows are faster (short prompts), and through ``Transformer.forward`` otherwise (long
+ones: the step attends one query at a time, the forward with matrix products). This prints
+both for each length so that the rule can be checked on a machine:
 
     python benchmarks/prefill_rows.py                 # SmolLM2-135M int4, 8 .. 2,048 tokens
     python benchmarks/prefill_rows.py --lengths 64 512 --cached 1000
@@ -22,7 +22,7 @@ import torch
 
 from kvformer.formats.load import load
 from kvformer.runtime import native
-from kvformer.runtime.step import NativeDecodeStep, rows_pay
+from kvformer.runtime.step import for_model, rows_pay
 
 
 def main() -> None:
@@ -37,15 +37,19 @@ def main() -> None:
     if not native.available():
         raise SystemExit("the native kernels are not built: there are no step rows to time")
     model, _ = load(args.model, dtype=args.dtype, progress=False)
-    original = NativeDecodeStep.prefill
-    forward_only = NativeDecodeStep.prefill = lambda *a, **k: None  # noqa: E731
+    executor = for_model(model)
+    if executor.native is None:
+        raise SystemExit(f"this model runs on {executor.why}: there are no step rows to time")
 
-    def rows(self, tokens, cache, input_pos=None, last_only=False):  # whatever rows_pay says
+    def rows(tokens, cache, last_only):  # the C++ step's rows, whatever rows_pay says
         saved = swap_rows_pay(lambda n, cached: True)
         try:
-            return original(self, tokens, cache, input_pos, last_only)
+            return executor(tokens, cache=cache, last_only=last_only)
         finally:
             swap_rows_pay(saved)
+
+    def forward_only(tokens, cache, last_only):
+        return model(tokens, cache=cache, last_only=last_only)
 
     gen = torch.Generator().manual_seed(0)
     print(f"{args.model} ({args.dtype}, {native.kernel_path()}), {args.cached} tokens cached "
@@ -58,22 +62,20 @@ def main() -> None:
         best = {"rows": float("inf"), "forward": float("inf")}
         for _ in range(args.rounds):
             for way, fn in (("rows", rows), ("forward", forward_only)):
-                NativeDecodeStep.prefill = fn
                 cache = model.new_cache(1, args.cached + n + 1)
                 with torch.inference_mode():
                     if args.cached:
                         model(ids[:, :args.cached], cache=cache, last_only=True)
                     start = time.perf_counter()
-                    model(ids[:, args.cached:], cache=cache, last_only=True)
+                    fn(ids[:, args.cached:], cache, True)
                     best[way] = min(best[way], time.perf_counter() - start)
-        NativeDecodeStep.prefill = original
         takes = "rows" if rows_pay(n, args.cached) else "forward"
         print(f"| {n} | {best['rows'] * 1e3:.1f} | {best['forward'] * 1e3:.1f} | "
               f"{best['forward'] / best['rows']:.2f}x | {takes} |", flush=True)
 
 
 def swap_rows_pay(fn):
-    """Swap kvformer.runtime.step.rows_pay (what NativeDecodeStep.prefill asks); returns the old."""
+    """Swap kvformer.runtime.step.rows_pay (what NativeStep.prefill asks); returns the old."""
     import kvformer.runtime.step as fast
 
     old, fast.rows_pay = fast.rows_pay, fn

@@ -60,11 +60,14 @@ def hf_cached_logits(hf, tokens: torch.Tensor, prefill: int) -> torch.Tensor:
     return torch.cat(steps, dim=1)
 
 
-def cached_logits(model, tokens: torch.Tensor, prefill: int) -> torch.Tensor:
+def cached_logits(model, tokens: torch.Tensor, prefill: int, run=None) -> torch.Tensor:
+    """Logits of a prefill of ``prefill`` tokens, then one cached step per token, through
+    ``run`` (an executor of the model) or the model's forward."""
+    run = run or model
     cache = model.new_cache(tokens.shape[0], tokens.shape[1])
-    steps = [model(tokens[:, :prefill], cache=cache)]
+    steps = [run(tokens[:, :prefill], cache=cache)]
     for s in range(prefill, tokens.shape[1]):
-        steps.append(model(tokens[:, s:s + 1], cache=cache))
+        steps.append(run(tokens[:, s:s + 1], cache=cache))
     return torch.cat(steps, dim=1)
 
 

@@ -5,8 +5,8 @@ from a config (nothing is downloaded), randomized, saved with ``save_pretrained`
 loaded by kvformer. Its fp32 logits must equal transformers' within 1e-4 on 320 positions
 (long enough for every window and rotary scaling here to matter) and on 16 cached decode
 steps after a 304-token prefill, compared with transformers' own cached decode. The same
-steps through kvformer's fast decode step (``accelerate``) must agree too, or the model
-must be one the step hands to ``Transformer.forward``.
+steps through the model's executor (``for_model``: the C++ step) must agree too, or the
+model must be one whose executor is ``Transformer.forward``.
 """
 
 from __future__ import annotations
@@ -28,11 +28,14 @@ from hf_models import (  # noqa: E402
     hf_to_gguf,
 )
 
-from kvformer.formats.gguf.reader import config_from_gguf, load_gguf, read_metadata  # noqa: E402
+from kvformer.formats.gguf.config import config_from_gguf  # noqa: E402
+from kvformer.formats.gguf.reader import read_metadata  # noqa: E402
+from kvformer.formats.gguf.tensors import load_gguf  # noqa: E402
 from kvformer.formats.hf import model_from_hf_dir  # noqa: E402
 from kvformer.model.positions import rope_frequencies  # noqa: E402
 from kvformer.model.transformer import Transformer  # noqa: E402
-from kvformer.runtime.step import accelerate  # noqa: E402
+from kvformer.runtime import native  # noqa: E402
+from kvformer.runtime.step import for_model  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -165,17 +168,18 @@ def test_logits_match_transformers(case, saved):
                                    atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("native", [None, False], ids=["native-if-built", "python"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_fast_decode_step_agrees_or_hands_over(case, native, saved):
-    """fp32 through accelerate(): the fast step (C++ if built, and the Python one) where
-    it computes the model, Transformer.forward where StepPlan refuses it; the same logits
-    either way, past windows and rotary switch lengths included."""
+def test_the_executor_agrees_or_is_the_forward(case, saved):
+    """fp32 through the model's executor: the C++ step (where it is built) for the models
+    it computes, Transformer.forward where StepPlan refuses them; the same logits either
+    way, past windows and rotary switch lengths included."""
     path, _, tokens, _, ref_cached = saved(case)
-    model = accelerate(model_from_hf_dir(path), native=native)
-    assert model.forward.step().supported == CASES[case][4]
+    model = model_from_hf_dir(path)
+    run = for_model(model)
+    if native.available():
+        assert (run.native is not None) == CASES[case][4], run.why
     with torch.no_grad():
-        torch.testing.assert_close(cached_logits(model, tokens, PREFILL), ref_cached,
+        torch.testing.assert_close(cached_logits(model, tokens, PREFILL, run), ref_cached,
                                    atol=ATOL, rtol=0)
 
 
@@ -289,14 +293,15 @@ QUANT_CASES = ["llama3", "llama_dynamic", "mistral_window", "qwen2_window", "qwe
 
 def _nll_per_token(model, ids: list[int], stepwise: bool) -> float:
     """Mean negative log-likelihood of ids[1:], through one forward or one cached decode
-    step per token (the decode step, when the model is accelerated)."""
+    step per token through the model's executor."""
     tokens = torch.tensor([ids])
     with torch.no_grad():
         if not stepwise:
             logits = model(tokens[:, :-1])[0].float()
         else:
             cache = model.new_cache(1, len(ids))
-            logits = torch.cat([model(tokens[:, i:i + 1], cache=cache)[0].float()
+            run = for_model(model)
+            logits = torch.cat([run(tokens[:, i:i + 1], cache=cache)[0].float()
                                 for i in range(len(ids) - 1)])
     return torch.nn.functional.cross_entropy(logits, tokens[0, 1:]).item()
 
@@ -318,7 +323,7 @@ def _snap_to_int4(model) -> None:
 def sampled_text(saved):
     """Text each fp32 model writes itself (sampled, T = 1): perplexity on it means
     something, unlike on uniform noise."""
-    from kvformer.runtime import generation as generate
+    from kvformer import generate
 
     texts = {}
 
@@ -333,9 +338,9 @@ def sampled_text(saved):
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("case", QUANT_CASES)
 def test_quantized_forward_and_decode_step_keep_the_guard(case, mode, saved, sampled_text):
-    """int8/int4 weights, through Transformer.forward and through the decode step the
-    model gets from accelerate() (C++ or Python where the step computes the model, the
-    forward where StepPlan refuses it), stay within the quality guard of fp32."""
+    """int8/int4 weights, through Transformer.forward and through the model's executor (the
+    C++ step where it computes the model, the forward where StepPlan refuses it), stay
+    within the quality guard of fp32."""
     from kvformer.runtime.quant import quantize_model
 
     path = saved(case)[0]
@@ -346,8 +351,8 @@ def test_quantized_forward_and_decode_step_keep_the_guard(case, mode, saved, sam
     base = math.exp(_nll_per_token(fp32, ids, stepwise=False))
     model = quantize_model(fp32, mode)
     forward = math.exp(_nll_per_token(model, ids, stepwise=False))
-    accelerate(model)
-    assert model.forward.step().supported == CASES[case][4]
+    if native.available():
+        assert (for_model(model).native is not None) == CASES[case][4]
     stepped = math.exp(_nll_per_token(model, ids, stepwise=True))
     for got in (forward, stepped):
         assert abs(got / base - 1) < GUARD[mode], (case, mode, base, forward, stepped)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from helpers import needs_default
 
+from kvformer import generate
 from kvformer.errors import ContextOverflowError, KvformerError
-from kvformer.runtime import generation as generate
 from kvformer.runtime.session import ChatSession
 
 pytestmark = [needs_default, pytest.mark.usefixtures("one_thread")]

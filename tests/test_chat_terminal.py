@@ -15,7 +15,7 @@ pexpect = pytest.importorskip("pexpect")
 
 from helpers import needs_default  # noqa: E402
 
-from kvformer.runtime import generation as generate  # noqa: E402
+from kvformer import generate  # noqa: E402
 
 pytestmark = [needs_default,
               pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX terminal"),

@@ -69,7 +69,7 @@ def test_a_long_prompt_is_answered_in_words_on_every_kernel_path(path):
 
 @needs_default
 def test_generate_from_stdin_equals_argument_and_library(default, capsys):
-    from kvformer.runtime import generation as generate
+    from kvformer import generate
     model, tok = default
     prompt = "The three primary colors are"
     expected = tok.decode(generate(model, tok.encode(prompt), 12, stop_ids=tok.stop_ids))
@@ -82,8 +82,8 @@ def test_generate_from_stdin_equals_argument_and_library(default, capsys):
 
 @needs_default
 def test_generate_with_an_int8_kv_cache_equals_the_library():
+    from kvformer import generate
     from kvformer.formats.load import load
-    from kvformer.runtime import generation as generate
     model, tok = load("default", dtype="auto", kv_dtype="int8")
     prompt = "The three primary colors are"
     expected = tok.decode(generate(model, tok.encode(prompt), 12, stop_ids=tok.stop_ids))
@@ -94,7 +94,7 @@ def test_generate_with_an_int8_kv_cache_equals_the_library():
 
 @needs_default
 def test_chat_keeps_the_cache_across_turns(default):
-    from kvformer.runtime import generation as generate
+    from kvformer import generate
     from kvformer.runtime.session import ChatSession
     model, tok = default
     session = ChatSession(model, tok, max_len=512)
@@ -196,8 +196,8 @@ def _options(parser, verb):
 def test_int8_activations_reach_the_kernels_and_equal_the_library():
     """--activations int8: the int4 kernels take one level of x, and the CLI's tokens are
     the library's in that mode (which are not always the default mode's)."""
+    from kvformer import generate
     from kvformer.formats.load import load
-    from kvformer.runtime import generation as generate
     from kvformer.runtime import native
 
     if not native.available():
@@ -388,7 +388,7 @@ def test_models_lists_what_it_finds(model_dir):
 def test_a_listed_name_is_a_model(model_dir, default):
     import os
 
-    from kvformer.runtime import generation as generate
+    from kvformer import generate
 
     env = {**os.environ, "KVFORMER_MODELS": str(model_dir)}
     res = subprocess.run([sys.executable, "-m", "kvformer", "info", "-m", "tiny-hf"],

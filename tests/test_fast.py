@@ -1,5 +1,5 @@
-"""The lean decode step (Python and native C++) against Transformer.forward: the same
-logits in fp32, close logits and the same greedy tokens in bf16/int8/int4."""
+"""The executor's C++ step against Transformer.forward (the spec): the same logits in fp32,
+close logits and the same greedy tokens in bf16/int8/int4, on every kernel path."""
 
 import copy
 
@@ -7,11 +7,10 @@ import pytest
 import torch
 from helpers import TEXT, trained_tiny
 
-from kvformer import ModelConfig, Transformer
+from kvformer import ModelConfig, Transformer, generate
 from kvformer.kv.cache import KVCache
-from kvformer.runtime import generation as generate
-from kvformer.runtime.quant import quantize_model, set_kernels
-from kvformer.runtime.step import DecodeStep, FastForward, accelerate, decode_step
+from kvformer.runtime.quant import quantize_model
+from kvformer.runtime.step import Executor, NativeStep, for_model
 
 
 def native_available() -> bool:
@@ -20,22 +19,19 @@ def native_available() -> bool:
     return native.available()  # builds once per machine (~20 s), then cached
 
 
-# The Python step on torch's ops, and the C++ step on each kernel path of this CPU.
-STEPS = ["python", "avx512", "avxvnni", "avx2", "neon", "scalar"]
+# The C++ step on each kernel path of this CPU.
+STEPS = ["avx512", "avxvnni", "avx2", "neon", "scalar"]
 
 
 def make_step(kind, model):
-    if kind == "python":
-        return DecodeStep(set_kernels(model, "torch"))
+    """The decode call of the C++ step on the ``kind`` kernels."""
     from kvformer.runtime import native
 
     if kind not in native.isas():
         pytest.skip(f"this CPU (or build) cannot run the {kind} kernels: {native.kernel_path()}")
-    from kvformer.runtime.step import NativeDecodeStep
-
-    step = NativeDecodeStep(model, isa=kind)
+    step = NativeStep(model, isa=kind)
     assert torch.ops.kvformer_native.plan_isa(step.handle) == kind
-    return step
+    return step.decode
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +75,6 @@ def decode_both(model, step, tokens, prefix=10, key_mask=None, input_pos=None):
 def test_decode_step_equals_forward_in_fp32(kind, arch):
     model = arch_model(arch)
     step = make_step(kind, model)
-    assert step.supported
     tokens = torch.randint(0, 256, (2, 20))
     pairs, c1, c2 = decode_both(model, step, tokens)
     for ref, out in pairs:
@@ -115,30 +110,33 @@ def test_low_precision_step_is_close_and_greedy_is_identical(tiny, kind, mode):
     pairs, _, _ = decode_both(model, step, tokens, prefix=8)
     for ref, out in pairs:
         # the C++ step's logits are fp32 whatever the activations' dtype (not rounded to
-        # bf16, where near-ties become ties); the Python step's are the model's dtype
+        # bf16, where near-ties become ties)
         assert ref.dtype == model.dtype
-        assert out.dtype == (model.dtype if kind == "python" else torch.float32)
+        assert out.dtype == torch.float32
         scale = ref.float().abs().max().item()
         torch.testing.assert_close(out.float(), ref.float(), atol=0.03 * scale, rtol=0)
         assert torch.equal(out.argmax(-1), ref.argmax(-1))
     prompt = list(TEXT[:12])
-    fast = accelerate(copy.deepcopy(model), native=False if kind == "python" else kind)
-    assert generate(fast, prompt, 24) == generate(model, prompt, 24)
+    fast = for_model(copy.deepcopy(model), native=kind)
+    assert fast.isa == kind
+    assert generate(fast, prompt, 24) == generate(for_model(model, native=False), prompt, 24)
 
 
-def test_accelerated_generation_is_the_same_in_fp32(tiny):
+def test_generation_through_the_executor_is_the_same_in_fp32(tiny):
     model = copy.deepcopy(tiny)
     prompts = [list(TEXT[:5]), list(TEXT[30:41]), list(TEXT[60:63])]  # ragged: padding
-    expected = generate(model, prompts, 16)
-    accelerate(model)
-    assert isinstance(model.forward, FastForward)
-    assert generate(model, prompts, 16) == expected
+    expected = generate(for_model(model, native=False), prompts, 16)
+    fast = for_model(model)
+    assert isinstance(fast, Executor)
+    assert "forward" not in type(model).__dict__ or "forward" not in model.__dict__
+    assert generate(fast, prompts, 16) == expected
+    assert generate(model, prompts, 16) == expected  # a model: its executor
     assert generate(model, prompts[0], 16, use_cache=False) == expected[0]
 
 
-def test_other_caches_and_gradients_go_through_forward():
+def test_other_caches_go_through_forward():
     model = arch_model("llama-gqa")
-    fast = accelerate(copy.deepcopy(model))
+    fast = for_model(copy.deepcopy(model))
 
     class OtherCache(KVCache):  # e.g. the server's paged cache: not the contiguous layout
         pass
@@ -149,25 +147,35 @@ def test_other_caches_and_gradients_go_through_forward():
         c2 = model.new_cache(1, 16)
         fast(tokens[:, :5], cache=c1), model(tokens[:, :5], cache=c2)
         torch.testing.assert_close(fast(tokens[:, 5:], cache=c1), model(tokens[:, 5:], cache=c2))
-    out = fast(tokens)  # gradients on: plain forward
-    assert out.requires_grad
 
 
-def test_step_is_rebuilt_when_the_weights_change():
-    model = accelerate(arch_model("llama-gqa"), native=False)
-    with torch.no_grad():
-        model(torch.zeros(1, 1, dtype=torch.long), cache=model.new_cache(1, 4))
-    first = model.forward.step()
+def test_the_executor_is_chosen_once_and_says_why():
+    """The model's forward is never replaced; the plan is made once per model and weights
+    (a model quantized since gets a new one); the choice names its reason."""
+    model = arch_model("llama-gqa")
+    assert "forward" not in model.__dict__
+    off = for_model(model, native=False)
+    assert off.native is None and "turned off" in off.why
+    if not native_available():
+        pytest.skip("the native decode step is not available (no compiler, or KVFORMER_NATIVE=0)")
+    first = for_model(model)
+    assert first.native is not None and first.native.isa in first.why
+    assert for_model(model).native is first.native  # decided once
+    assert for_model(first) is first
     quantize_model(model, "int8")
-    assert model.forward.step() is not first
-    assert isinstance(decode_step(model, native=False), DecodeStep)
+    assert for_model(model).native is not first.native
+    assert "forward" not in model.__dict__
+    learned = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layer=1, n_head=2,
+                                      pos="learned")).eval()
+    assert for_model(learned).native is None
+    assert "learned positions" in for_model(learned).why
 
 
 @pytest.mark.parametrize("native", [False, None])
 def test_decode_across_a_growing_rotary_table(native):
     """A cache made by hand (not new_cache) lets decoding pass the end of the rotary table:
-    the model grows the table, the decode step is rebuilt on it, and logits stay those of
-    the plain forward."""
+    the executor hands those steps to the forward, which grows the table; an executor made
+    after that has a plan on the new table; logits stay those of the plain forward."""
     if native is None and not native_available():
         pytest.skip("the native decode step is not available (no compiler, or KVFORMER_NATIVE=0)")
     from kvformer.model.positions import Rotary
@@ -176,17 +184,18 @@ def test_decode_across_a_growing_rotary_table(native):
     cfg = ModelConfig(vocab_size=256, d_model=64, n_layer=2, n_head=4, n_kv_head=2,
                       d_ff=128, max_seq_len=4 * Rotary.INITIAL)
     model = Transformer(cfg).eval()
-    fast = accelerate(copy.deepcopy(model), native=native)
+    copied = copy.deepcopy(model)
     n = Rotary.INITIAL
     tokens = torch.randint(0, 256, (1, n + 4))
     c1, c2 = (KVCache(2, 1, 2, n + 4, 16) for _ in range(2))
     with torch.inference_mode():
-        model(tokens[:, :n - 2], cache=c1), fast(tokens[:, :n - 2], cache=c2)
+        model(tokens[:, :n - 2], cache=c1), for_model(copied, native)(tokens[:, :n - 2], cache=c2)
         steps = set()
         for i in range(n - 2, n + 4):
+            fast = for_model(copied, native)
             ref = model(tokens[:, i:i + 1], cache=c1)
             out = fast(tokens[:, i:i + 1], cache=c2)
-            steps.add(id(fast.forward.step()))
+            steps.add(id(fast.native))
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    assert fast.rotary.cos.shape[0] == 2 * n
-    assert len(steps) == 2  # rebuilt once, when the table grew
+    assert copied.rotary.cos.shape[0] == 2 * n
+    assert len(steps) == (1 if native is False else 2)  # a new plan once, when the table grew

@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from kvformer import ContextOverflowError, ModelConfig, Transformer, generate_stream
-from kvformer.runtime import generation as generate
+from kvformer import ContextOverflowError, ModelConfig, Transformer, generate, generate_stream
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
+from kvformer import generate
 from kvformer.formats.load import default_model_path, load
-from kvformer.runtime import generation as generate
 
 transformers = pytest.importorskip("transformers")
 try:

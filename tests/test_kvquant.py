@@ -147,16 +147,17 @@ def test_int8_cache_holds_the_exact_rows_within_half_a_scale():
     """Layer 0's K and V depend on the tokens only, so the exact (fp32) cache and the int8
     one hold the same rows there, to within half of each row's scale, whether prefill or a
     decode step (the native one where it is built) wrote them."""
-    from kvformer.runtime.step import accelerate
+    from kvformer.runtime.step import for_model
 
-    model = accelerate(small())
+    model = small()
+    run = for_model(model)
     ids = torch.randint(0, 64, (1, 30))
     with torch.inference_mode():
         exact, q8 = model.new_cache(1, 30, "fp32"), model.new_cache(1, 30, "int8")
         for cache in (exact, q8):
             model(ids[:, :20], cache=cache)
             for i in range(20, 30):
-                model(ids[:, i:i + 1], cache=cache)
+                run(ids[:, i:i + 1], cache=cache)
     for rows8, scales, rows32 in ((q8.k[0], q8.k_scale[0], exact.k[0]),
                                   (q8.v[0], q8.v_scale[0], exact.v[0])):
         err = (dequantize_int8(rows8, scales) - rows32).abs()

@@ -64,7 +64,7 @@ def test_threads_mode_follows_the_environment_and_can_be_set():
     import subprocess
     import sys
 
-    code = "import {0}; from kvformer import native; print(native.threads())"
+    code = "import {0}; from kvformer.runtime import native; print(native.threads())"
     env = {k: v for k, v in os.environ.items()
            if k not in ("GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_WAIT_POLICY", "KVFORMER_THREADS")}
 
@@ -218,7 +218,7 @@ def test_activations_follow_the_environment_and_can_be_set():
     import subprocess
     import sys
 
-    code = "from kvformer import native; print(native.activations())"
+    code = "from kvformer.runtime import native; print(native.activations())"
     env = {k: v for k, v in os.environ.items() if k != "KVFORMER_ACTIVATIONS"}
 
     def mode(**extra):
@@ -366,7 +366,7 @@ def test_long_cache_with_padding_matches_the_forward(path, head_dim, dtype):
     """Past 256 cached slots attention is split into parts that run on different threads and
     are combined; a left-padded row masks its first slots. The step's logits and the K/V it
     writes equal those of Transformer.forward."""
-    from kvformer.runtime.step import NativeDecodeStep
+    from kvformer.runtime.step import NativeStep
 
     model = model_for(head_dim, 6, 2, dtype)
     b, t = 2, 600
@@ -376,14 +376,14 @@ def test_long_cache_with_padding_matches_the_forward(path, head_dim, dtype):
     pos = torch.tensor([[t], [t - 37]])
     with torch.inference_mode():
         c1, c2 = model.new_cache(b, t + 1), model.new_cache(b, t + 1)
-        step = NativeDecodeStep(model, isa=use(path))  # after the rotary table has grown
+        step = NativeStep(model, isa=use(path))  # after the rotary table has grown
         model(tokens[:, :t], cache=c1, key_mask=mask[:, :t])
         for i in range(2):
             c2.k[i][:, :, :t] = c1.k[i][:, :, :t]
             c2.v[i][:, :, :t] = c1.v[i][:, :, :t]
         c2.length = t
         ref = model(tokens[:, t:], input_pos=pos, cache=c1, key_mask=mask)
-        out = step(tokens[:, t:], c2, pos, mask)
+        out = step.decode(tokens[:, t:], c2, pos, mask)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out.float(), ref.float(), atol=tol * ref.abs().max().item(),
                                rtol=0)
@@ -398,7 +398,7 @@ def test_quantized_cache_step_matches_the_forward(path, kv, head_dim):
     """The step over an int8 / int4 cache (past 256 slots, a left-padded row): its logits
     equal those of Transformer.forward over the same cache, and the row it writes is the
     one kvformer.kv.formats makes of the same K/V (the integers and scales, bit for bit)."""
-    from kvformer.runtime.step import NativeDecodeStep
+    from kvformer.runtime.step import NativeStep
 
     model = model_for(head_dim, 6, 2, torch.float32)
     b, t = 2, 300
@@ -408,14 +408,14 @@ def test_quantized_cache_step_matches_the_forward(path, kv, head_dim):
     pos = torch.tensor([[t], [t - 37]])
     with torch.inference_mode():
         c1, c2 = model.new_cache(b, t + 1, kv), model.new_cache(b, t + 1, kv)
-        step = NativeDecodeStep(model, isa=use(path))
+        step = NativeStep(model, isa=use(path))
         model(tokens[:, :t], cache=c1, key_mask=mask[:, :t])
         for mine, ref in zip(c2.k + c2.v + c2.k_scale + c2.v_scale,
                              c1.k + c1.v + c1.k_scale + c1.v_scale):
             mine.copy_(ref)
         c2.length = t
         ref = model(tokens[:, t:], input_pos=pos, cache=c1, key_mask=mask)
-        out = step(tokens[:, t:], c2, pos, mask)
+        out = step.decode(tokens[:, t:], c2, pos, mask)
     torch.testing.assert_close(out, ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
     for mine, theirs in zip(c2.k + c2.v + c2.k_scale + c2.v_scale,
                             c1.k + c1.v + c1.k_scale + c1.v_scale):
@@ -427,17 +427,18 @@ def test_every_path_decodes_the_same_tokens(mode, acts):
     """Greedy decoding through each path of the C++ step gives the tokens of the plain
     forward on a small quantized model (activations of two int8 levels, and of one)."""
     from kvformer.runtime.generation import generate
-    from kvformer.runtime.step import accelerate
+    from kvformer.runtime.step import for_model
 
     model = model_for(32, 4, 2, torch.float32, mode, max_len=128)
     prompt = list(range(5, 17))
-    expected = generate(model, prompt, 20)
+    expected = generate(for_model(model, native=False), prompt, 20)
     for path in native.isas():
-        assert generate(accelerate(copy.deepcopy(model), native=path), prompt, 20) == expected
+        fast = for_model(copy.deepcopy(model), native=path)
+        assert fast.isa == path and generate(fast, prompt, 20) == expected
     model.kv_dtype = "int8"  # and over an int8 cache: the same tokens as its forward
-    expected = generate(model, prompt, 20)
+    expected = generate(for_model(model, native=False), prompt, 20)
     for path in native.isas():
-        assert generate(accelerate(copy.deepcopy(model), native=path), prompt, 20) == expected
+        assert generate(for_model(copy.deepcopy(model), native=path), prompt, 20) == expected
 
 
 def test_the_plan_names_are_checked_on_both_sides():
@@ -478,7 +479,7 @@ def test_paged_step_reads_and_writes_the_pool_as_the_paged_forward_does(path, he
     two rows share. Its logits, and the whole pool after it, equal those of
     Transformer.forward over the same pool (PagedBatch)."""
     from kvformer.kv.paged import BlockPool
-    from kvformer.runtime.step import NativeDecodeStep
+    from kvformer.runtime.step import NativeStep
 
     model = model_for(head_dim, 6, 2, dtype, mode)
     bs, lengths = 16, [3, 40, 300, 35]
@@ -495,7 +496,7 @@ def test_paged_step_reads_and_writes_the_pool_as_the_paged_forward_does(path, he
         del order[:k - 1 if i == 3 else k]
         tables.append(table)
     with torch.inference_mode():
-        step = NativeDecodeStep(model, isa=use(path))
+        step = NativeStep(model, isa=use(path))
         for i, n in enumerate(lengths):
             lo = bs if i == 3 else 0
             model(torch.tensor([rows[i][lo:n]]), input_pos=torch.arange(lo, n)[None],
@@ -543,7 +544,7 @@ def test_a_paged_row_has_the_same_bits_in_any_batch(kv):
     alone and beside fifteen other long rows: how a row's attention is split depends on its
     own length only, never on the rest of the batch (nor on the thread count)."""
     from kvformer.kv.paged import BlockPool
-    from kvformer.runtime.step import NativeDecodeStep
+    from kvformer.runtime.step import NativeStep
 
     # int4 layers: their kernels give a row the same bits in any batch (a dense fp32 matmul
     # need not)
@@ -566,7 +567,7 @@ def test_a_paged_row_has_the_same_bits_in_any_batch(kv):
         tables[i, :k] = torch.tensor(order[:k])
         del order[:k]
     tokens = torch.randint(0, 256, (len(lengths), 1), generator=gen)
-    step = NativeDecodeStep(model, isa=native.isas()[0])
+    step = NativeStep(model, isa=native.isas()[0])
     with torch.inference_mode():
         alone = step.paged(tokens[:1], pool, tables[:1], torch.tensor(lengths[:1]))
         batch = step.paged(tokens, pool, tables, torch.tensor(lengths))
@@ -582,7 +583,7 @@ def test_a_prompt_as_rows_of_one_step_is_its_prefill(path, kv):
     decoding the prompt one token per step; and those logits match Transformer.forward
     over the whole prompt (the independent reference)."""
     from kvformer.kv.paged import BlockPool
-    from kvformer.runtime.step import NativeDecodeStep
+    from kvformer.runtime.step import NativeStep
 
     model = model_for(64, 6, 2, torch.float32, "int4")
     bs, n = 16, 37
@@ -592,7 +593,7 @@ def test_a_prompt_as_rows_of_one_step_is_its_prefill(path, kv):
     pools = [BlockPool.for_model(model, n_blocks=12, block_size=bs, dtype=kv,
                                  prefix_caching=False) for _ in range(2)]
     table, table2 = [5, 2, 9], [7, 3]  # blocks out of order
-    step = NativeDecodeStep(model, isa=use(path))
+    step = NativeStep(model, isa=use(path))
     with torch.inference_mode():
         for pool in pools:  # the other sequence's 20 cached tokens, one step each
             for i in range(20):
@@ -636,24 +637,24 @@ def test_a_prompt_as_rows_of_one_step_is_its_prefill(path, kv):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kv", [None, "int8", "int4"])
 def test_a_prompt_into_a_contiguous_cache_is_prefilled_by_the_step(path, kv, monkeypatch):
-    """An accelerated model prefills one row into its KVCache through the C++ step (the
+    """The executor prefills one row into its KVCache through the C++ step (the
     cache seen as one block): the logits of every position and the K/V written have the
     bits of decoding the prompt one token per step, in one call or in chunks, with the
     last position only or all; nothing goes through Transformer.forward; and the logits
     match the plain forward's (the independent reference)."""
-    from kvformer.runtime.step import accelerate
+    from kvformer.runtime.step import for_model
 
     plain = model_for(64, 6, 2, torch.float32, "int4")
-    model = accelerate(copy.deepcopy(plain), native=use(path))
+    model = for_model(copy.deepcopy(plain), native=use(path))
     prompt = torch.randint(0, 256, (1, 45), generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
-        one = model.new_cache(1, 64, kv)
+        one = model.model.new_cache(1, 64, kv)
         steps = torch.cat([model(prompt[:, i:i + 1], cache=one) for i in range(45)], dim=1)
         forwards = []
-        monkeypatch.setattr(model.forward, "original", lambda *a, **k: forwards.append(1))
-        whole = model.new_cache(1, 64, kv)
+        monkeypatch.setattr(model.model, "forward", lambda *a, **k: forwards.append(1))
+        whole = model.model.new_cache(1, 64, kv)
         rows = model(prompt, cache=whole)
-        chunked = model.new_cache(1, 64, kv)
+        chunked = model.model.new_cache(1, 64, kv)
         first = model(prompt[:, :10], input_pos=torch.arange(10)[None], cache=chunked)
         last = model(prompt[:, 10:], cache=chunked, last_only=True)
         monkeypatch.undo()
@@ -674,11 +675,11 @@ def test_a_prompt_into_a_contiguous_cache_is_prefilled_by_the_step(path, kv, mon
 
 def test_paged_step_refuses_a_table_without_room():
     from kvformer.kv.paged import BlockPool
-    from kvformer.runtime.step import NativeDecodeStep
+    from kvformer.runtime.step import NativeStep
 
     model = model_for(64, 6, 2, torch.float32)
     pool = BlockPool.for_model(model, n_blocks=4, block_size=4)
-    step = NativeDecodeStep(model)
+    step = NativeStep(model)
     with pytest.raises(RuntimeError, match="has no room for slot 4"):
         step.paged(torch.tensor([[1]]), pool, torch.tensor([[1]]), torch.tensor([4]))
     with pytest.raises(RuntimeError, match="names block 9"):
@@ -688,7 +689,7 @@ def test_paged_step_refuses_a_table_without_room():
 def _step_logits(step, model, tokens):
     """One step of 16 rows over a copy of the 40-token cache model.filled: the logits."""
     cache = copy.deepcopy(model.filled)
-    return step(tokens[:, 40:41], cache)
+    return step.decode(tokens[:, 40:41], cache)
 
 
 def _child_step(conn, step, model, tokens):
@@ -698,7 +699,7 @@ def _child_step(conn, step, model, tokens):
     cache = copy.deepcopy(model.filled)
     torch.set_num_threads(2)
     with torch.inference_mode():
-        conn.send(step(tokens[:, 40:41], cache).numpy().tobytes())  # bytes: no shared memory
+        conn.send(step.decode(tokens[:, 40:41], cache).numpy().tobytes())  # bytes: no shared memory
 
 
 @pytest.mark.parametrize("mode", ["pool", "openmp"])
@@ -711,7 +712,7 @@ def test_the_step_gives_the_same_bits_on_any_number_of_threads(mode):
     import multiprocessing
     import threading
 
-    from kvformer.runtime.step import NativeDecodeStep
+    from kvformer.runtime.step import NativeStep
 
     # big enough that every matmul is cut into several pieces at 16 rows
     torch.manual_seed(0)
@@ -719,7 +720,7 @@ def test_the_step_gives_the_same_bits_on_any_number_of_threads(mode):
                       d_ff=1024, max_seq_len=64)
     model = quantize_model(Transformer(cfg).eval(), "int4", act=torch.float32)
     tokens = torch.randint(0, 512, (16, 41))
-    step = NativeDecodeStep(model)
+    step = NativeStep(model)
     threads, before = torch.get_num_threads(), native.threads()
     native.threads(mode)
     try:

@@ -1,14 +1,12 @@
 """The paged KV cache: same logits as the contiguous cache, block bookkeeping, running out."""
 
-import copy
 
 import pytest
 import torch
 
-from kvformer import ContextOverflowError, ModelConfig, Transformer
+from kvformer import ContextOverflowError, ModelConfig, Transformer, generate
 from kvformer.kv.paged import BlockPool, OutOfBlocksError
-from kvformer.runtime import generation as generate
-from kvformer.runtime.step import accelerate
+from kvformer.runtime.step import NativeStep, for_model
 from kvformer.serve.engine import Engine, SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,49 +72,6 @@ def native_or_skip(native):
                         "KVFORMER_NATIVE=0)")
 
 
-@pytest.mark.parametrize("native", [False, None])  # the Python fast step, the C++ one
-@torch.inference_mode()
-def test_fast_decode_through_a_step_cache_equals_the_paged_forward(native):
-    """A decode step of rows of different lengths: gathered into a contiguous step cache,
-    run by the fast decode step and written back, it gives the logits and leaves the pool
-    holding the K/V that the model's forward over the paged cache gives."""
-    native_or_skip(native)
-    model = tiny()
-    fast = accelerate(copy.deepcopy(model), native=native)
-    pools = [BlockPool.for_model(model, n_blocks=32, block_size=4) for _ in range(2)]
-    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12], [13], [14, 15, 16, 17, 18]]
-    tables = [[[] for _ in prompts] for _ in pools]
-    for pool, tabs in zip(pools, tables):
-        for tab, p in zip(tabs, prompts):
-            pool.grow(tab, len(p))
-            model(torch.tensor([p]), cache=pool.batch([tab], [0]))
-    lengths = [len(p) for p in prompts]
-    for step in range(3):
-        tokens = torch.tensor([[20 + step]] * len(prompts))
-        pos = torch.tensor([[n] for n in lengths])
-        for pool, tabs in zip(pools, tables):
-            for tab, n in zip(tabs, lengths):
-                pool.grow(tab, n + 1)
-        ref_batch = pools[0].batch(tables[0], lengths)
-        ref = model(tokens, input_pos=pos, cache=ref_batch)[:, -1]
-        batch = pools[1].batch(tables[1], lengths)
-        if step == 0:  # gathered once, with room for the two later steps of the same rows
-            cache = batch.step_cache(room=2)
-        assert cache.k[0].is_contiguous() and cache.length == max(lengths)
-        out = fast(tokens, input_pos=pos, cache=cache, key_mask=batch.key_mask(1))[:, -1]
-        batch.write_back(cache)
-        assert fast.forward.step().supported  # the fast step ran it, not the forward
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-        assert batch.lengths == ref_batch.lengths == [n + 1 for n in lengths]
-        lengths = batch.lengths
-    for ta, tb, n in zip(tables[0], tables[1], lengths):  # every slot each row has written
-        ia, ib = pools[0].slot_index(ta, 0, n), pools[1].slot_index(tb, 0, n)
-        for a, b in zip(pools[0].k + pools[0].v, pools[1].k + pools[1].v):
-            h, d = a.shape[0], a.shape[-1]
-            torch.testing.assert_close(b.view(h, -1, d)[:, ib], a.view(h, -1, d)[:, ia],
-                                       atol=1e-5, rtol=1e-5)
-
-
 def test_blocks_are_allocated_and_freed():
     pool = BlockPool(n_layer=1, n_blocks=8, block_size=4, n_kv_head=1, head_dim=2)
     assert (pool.num_free, pool.num_used, pool.capacity) == (8, 0, 32)
@@ -163,13 +118,13 @@ def test_forward_without_room_in_the_table_refuses():
         model(torch.tensor([[1, 2, 3, 4, 5]]), cache=batch)  # 5 tokens, 4 slots
 
 
-@pytest.mark.parametrize("fast,kv", [(False, None), ("python", None), ("native", None),
-                                     (False, "int8"), ("python", "int8"), ("native", "int8")])
+@pytest.mark.parametrize("fast,kv", [(False, None), ("native", None),
+                                     (False, "int8"), ("native", "int8")])
 def test_engine_preempts_when_blocks_run_out_and_still_matches_generate(fast, kv, monkeypatch):
     """With preemptions (and the prefix cache bringing blocks back), the engine's greedy
-    tokens equal generate's: through the model's forward, through the Python decode step on
-    a gathered step cache, and through the C++ step reading the pool in place; with the
-    model's own KV dtype and with int8 rows (a pool of int8 against generate's int8 cache)."""
+    tokens equal generate's (through the forward): through the model's forward over the
+    paged cache, and through the C++ step reading the pool in place; with the model's own
+    KV dtype and with int8 rows (a pool of int8 against generate's int8 cache)."""
     if fast == "native":
         native_or_skip(None)
     model = tiny(seed=1)
@@ -179,8 +134,8 @@ def test_engine_preempts_when_blocks_run_out_and_still_matches_generate(fast, kv
     prompts = [[i % 60 + 1 for i in range(k, k + 6 + 3 * k)] for k in range(6)]
     if kv:
         model.kv_dtype = kv  # generate's cache and the engine's pool alike
-    expected = [generate(model, p, 24) for p in prompts]
-    gathers, steps, paged = [], [], []
+    expected = [generate(for_model(model, native=False), p, 24) for p in prompts]
+    paged = []
 
     def counted(method, log):
         def spy(self, *a):
@@ -188,16 +143,10 @@ def test_engine_preempts_when_blocks_run_out_and_still_matches_generate(fast, kv
             return method(self, *a)
         return spy
 
-    if fast:
-        model = accelerate(copy.deepcopy(model), native=False if fast == "python" else None)
-        from kvformer.kv.paged import PagedBatch
-        from kvformer.runtime.step import NativeDecodeStep
-
-        monkeypatch.setattr(PagedBatch, "step_cache", counted(PagedBatch.step_cache, gathers))
-        monkeypatch.setattr(PagedBatch, "write_back", counted(PagedBatch.write_back, steps))
-        monkeypatch.setattr(NativeDecodeStep, "paged", counted(NativeDecodeStep.paged, paged))
+    run = for_model(model, native=None if fast else False)
+    monkeypatch.setattr(NativeStep, "paged", counted(NativeStep.paged, paged))
     # 6 sequences of up to 45 tokens in 20 blocks of 4 (80 slots): they cannot all fit
-    engine = Engine(model, None, max_batch=6, kv_blocks=20, block_size=4, prefill_chunk=8)
+    engine = Engine(run, None, max_batch=6, kv_blocks=20, block_size=4, prefill_chunk=8)
     with engine:
         sinks: list[list] = [[] for _ in prompts]
         import threading
@@ -221,10 +170,10 @@ def test_engine_preempts_when_blocks_run_out_and_still_matches_generate(fast, kv
     for outs, exp in zip(sinks, expected):
         assert [t for o in outs for t in o.token_ids] == exp
         assert outs[-1].finish_reason == "length" and outs[-1].completion_tokens == 24
-    if fast == "python":  # the same rows' next steps reuse the gathered cache
-        assert 0 < len(gathers) < len(steps) / 2 and not paged
-    if fast == "native":  # every decode step read the pool in place: nothing gathered
-        assert len(paged) > 20 and not gathers and not steps
+    if fast == "native":  # every decode step read the pool in place
+        assert len(paged) > 20
+    else:
+        assert not paged
 
 
 def test_a_sequence_larger_than_the_pool_ends_with_length():
@@ -273,7 +222,7 @@ def test_native_engine_tokens_do_not_depend_on_chunks_batch_or_the_prefix_cache(
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=256, d_model=256, n_layer=2, n_head=4, n_kv_head=2,
                       d_ff=128, max_seq_len=256)
-    model = accelerate(quantize_model(Transformer(cfg).eval(), "int4", act=torch.float32))
+    model = quantize_model(Transformer(cfg).eval(), "int4", act=torch.float32)
     gen = torch.Generator().manual_seed(2)
     shared = torch.randint(1, 256, (40,), generator=gen).tolist()
     prompts = [shared + torch.randint(1, 256, (k,), generator=gen).tolist()

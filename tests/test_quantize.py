@@ -267,7 +267,7 @@ def test_modes_and_errors():
 def test_perplexity_guard(tiny, path):
     """Perplexity through prefill (the dense path) and token by token through the cache
     (the kernels of ``path``): int8 within 2 % and int4 within 10 % of fp32."""
-    from kvformer.runtime.step import accelerate
+    from kvformer.runtime.step import for_model
     from kvformer.tools.bench.workers import decode_perplexity
 
     use_path(path)
@@ -277,5 +277,5 @@ def test_perplexity_guard(tiny, path):
     for mode, limit in (("bf16", 0.02), ("int8", 0.02), ("int4", 0.10)):
         q = set_kernels(quantize_model(copy.deepcopy(tiny), mode), path)
         assert perplexity(q, ids) / base - 1 < limit, mode
-        step = accelerate(q, native=path if path != "torch" else False)
+        step = for_model(q, native=path if path != "torch" else False)
         assert decode_perplexity(step, ids[:120]) / perplexity(tiny, ids[:120]) - 1 < limit, mode

@@ -10,9 +10,8 @@ import openai
 import pytest
 import torch
 
-from kvformer import ModelConfig, Transformer
+from kvformer import ModelConfig, Transformer, generate
 from kvformer.formats.tokenizer.tokenizer import ByteTokenizer
-from kvformer.runtime import generation as generate
 from kvformer.serve.app import BackgroundServer, create_app
 from kvformer.serve.engine import Engine
 

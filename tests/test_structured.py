@@ -14,9 +14,8 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from kvformer import ModelConfig, Transformer
+from kvformer import ModelConfig, Transformer, generate
 from kvformer.formats.tokenizer.tokenizer import ByteTokenizer, Tokenizer
-from kvformer.runtime import generation as generate
 from kvformer.serve.app import BackgroundServer, create_app
 from kvformer.serve.engine import Engine, SamplingParams
 from kvformer.serve.grammar import Grammars

@@ -246,8 +246,10 @@ def cmd_generate(args) -> int:
         from kvformer.runtime import native
 
         elapsed = time.perf_counter() - start
-        step = model.forward.step() if hasattr(model.forward, "step") else None
-        kernels = getattr(step, "isa", None) or (
+        from kvformer.runtime.step import for_model
+
+        executor = for_model(model)
+        kernels = executor.isa or (
             "torch" if native.loaded() else
             "torch (KVFORMER_NATIVE=0)" if native.disabled() else "torch (no native build)")
         print(f"[{len(ids)} prompt tokens, {n} new tokens in {elapsed:.2f} s, "
@@ -255,7 +257,7 @@ def cmd_generate(args) -> int:
               f"activations {str(model.dtype).split('.')[-1]}"
               f"{' (int8 into int4)' if native.activations() == 'int8' else ''}, "
               f"KV {model.kv_format().name}, "
-              f"{torch.get_num_threads()} threads]", file=sys.stderr)
+              f"{torch.get_num_threads()} threads; runs on {executor.why}]", file=sys.stderr)
     return 0
 
 
@@ -316,6 +318,7 @@ def cmd_models(args) -> int:
 def cmd_info(args) -> int:
     from kvformer.formats.load import check_model, load_config
     from kvformer.kv.formats import INT4_GROUP
+    from kvformer.runtime.step import describe
     from kvformer.tools.pictures import human_bytes
 
     cfg, arch, path = load_config(_model_arg(args))
@@ -344,6 +347,7 @@ def cmd_info(args) -> int:
         ("  the same model as MHA",
          per_dtype(cfg.replace(n_kv_head=cfg.n_head), cfg.max_seq_len)),
         ("kernels on this CPU", _kernels_line()),
+        ("runs on", describe(cfg)),
         ("file", checked),
     ]
     width = max(len(k) for k, _ in rows)

@@ -146,7 +146,8 @@ def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
     (weight-only, per row), 'int4' (weight-only, blocks of 32), or 'auto' (int4 for a
     4-bit GGUF, whose grid it keeps; int8 otherwise: the fastest that keeps quality).
     Weights are converted one tensor at a time as they arrive, so a quantized model never
-    holds a full fp32 copy. Decode steps go through the lean step of ``kvformer.runtime.step``.
+    holds a full fp32 copy. Its executor (``kvformer.runtime.step.for_model``: the C++
+    step or the forward) is chosen here.
 
     kv_dtype: what the model's KV caches store (``model.new_cache``, ``generate``, the
     server's pool): 'auto' (the activations' dtype, as before), 'fp32', 'bf16', 'int8' (a
@@ -155,7 +156,7 @@ def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
     """
     from kvformer.kv.formats import KV_DTYPES
     from kvformer.runtime.quant import build_model, check_mode, default_mode, loader_dtype
-    from kvformer.runtime.step import accelerate
+    from kvformer.runtime.step import for_model
 
     if kv_dtype not in KV_DTYPES:
         raise ValueError(f"kv_dtype={kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
@@ -166,12 +167,9 @@ def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
     kind, path = resolve(name_or_path)
     tokenizer = None
     if kind == "gguf":
-        from kvformer.formats.gguf.reader import (
-            config_from_gguf,
-            iter_gguf_tensors,
-            open_reader,
-            read_metadata,
-        )
+        from kvformer.formats.gguf.config import config_from_gguf
+        from kvformer.formats.gguf.reader import open_reader, read_metadata
+        from kvformer.formats.gguf.tensors import iter_gguf_tensors
         from kvformer.formats.tokenizer.tokenizer import Tokenizer
 
         reader = open_reader(path)
@@ -223,7 +221,8 @@ def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
     model.mode = mode
     model.kv_dtype = kv_dtype
     model.kv_format()  # a form this model cannot use (int4 with head_dim 48) fails here
-    return accelerate(model), tokenizer
+    for_model(model)  # its executor, chosen now: a first build of the kernels happens here
+    return model, tokenizer
 
 
 def _drain(state: dict):
@@ -259,12 +258,9 @@ def check_model(name_or_path: str | os.PathLike | None = DEFAULT_MODEL) -> str:
     if kind == "gguf":
         from collections import Counter
 
-        from kvformer.formats.gguf.reader import (
-            check_tensors,
-            config_from_gguf,
-            open_reader,
-            read_metadata,
-        )
+        from kvformer.formats.gguf.config import config_from_gguf
+        from kvformer.formats.gguf.reader import open_reader, read_metadata
+        from kvformer.formats.gguf.tensors import check_tensors
         from kvformer.formats.tokenizer.tokenizer import Tokenizer
 
         with open_reader(path) as reader:
@@ -313,7 +309,8 @@ def load_config(name_or_path: str | os.PathLike | None = DEFAULT_MODEL):
         return ModelConfig.preset(str(name_or_path)), "preset", None
     kind, path = resolve(name_or_path)
     if kind == "gguf":
-        from kvformer.formats.gguf.reader import config_from_gguf, read_metadata
+        from kvformer.formats.gguf.config import config_from_gguf
+        from kvformer.formats.gguf.reader import read_metadata
         meta = read_metadata(path)
         return config_from_gguf(meta, path), meta.get("general.architecture", "?"), path
     if kind == "hf":

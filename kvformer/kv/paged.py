@@ -53,7 +53,6 @@ from dataclasses import dataclass, field
 import torch
 
 from kvformer.errors import ContextOverflowError, KvformerError
-from kvformer.kv.cache import KVCache, QuantizedKVCache
 from kvformer.kv.formats import KVFormat, kv_format
 
 
@@ -421,57 +420,3 @@ class PagedBatch:
         self.lengths = [n + n_new for n in self.lengths]
         self.length += n_new
         self._n_new = None
-
-    # one-token steps through the contiguous layout ---------------------------------------
-    def step_cache_bytes(self, room: int = 0) -> int:
-        """What ``step_cache(room)`` allocates: K and V of every layer (and their scales)."""
-        return self.batch_size * (self.length + 1 + room) * self.pool.bytes_per_token
-
-    def step_cache(self, room: int = 0) -> KVCache:
-        """For a one-token step: every row's cached K/V gathered, left-padded as ``update``
-        presents them, into a contiguous ``KVCache`` of ``length + 1 + room`` slots (one
-        copy per layer: a single ``index_select`` lands in ``[B, n_kv_head, slots,
-        head_dim]`` order). The fast decode steps of ``kvformer.runtime.step``/``kvformer.runtime.native``
-        read only that layout. Run the step on it with ``key_mask(1)``, then
-        ``write_back`` it. With ``room``, the same cache can serve the next steps of the
-        same rows (each adding one token) without gathering again."""
-        self._prepare(1)
-        pool, b, width = self.pool, self.batch_size, self.length + 1
-        h = pool.n_kv_head
-        read = self._read.view(b, width)
-        if room:  # spare columns read block 0 (zeros) until steps write them
-            read = torch.cat([read, read.new_zeros(b, room)], dim=1)
-        index = (read.unsqueeze(1) + self._head_offsets().view(1, h, 1)).reshape(-1)
-
-        def gather(tensors):
-            return [t.view(-1, t.shape[-1]).index_select(0, index)
-                    .view(b, h, width + room, t.shape[-1]) for t in tensors]
-
-        if pool.format.quantized:
-            return QuantizedKVCache.from_parts(pool.format, gather(pool.k), gather(pool.v),
-                                               gather(pool.k_scale), gather(pool.v_scale),
-                                               self.length)
-        return KVCache.from_tensors(gather(pool.k), gather(pool.v), self.length)
-
-    def _head_offsets(self) -> torch.Tensor:
-        """Where each head's slots start in a flattened pool tensor."""
-        per_head = self.pool.k[0].shape[1] * self.pool.block_size
-        return torch.arange(self.pool.n_kv_head, device=self.pool.device) * per_head
-
-    def write_back(self, cache: KVCache) -> None:
-        """Copy the slot that a one-token step wrote into a step cache (this batch's, or
-        the previous step's for the same rows) to each row's place in the pool, and
-        advance, as ``update`` + ``advance`` would have."""
-        if cache.length != self.length + 1 or cache.batch_size != self.batch_size:
-            raise ValueError(f"the step cache holds {cache.batch_size} rows of "
-                             f"{cache.length} slots, expected {self.batch_size} of "
-                             f"{self.length + 1}: run exactly one token through it first")
-        self._prepare(1)
-        b, h = self.batch_size, self.pool.n_kv_head
-        index = (self._write.view(b, 1) + self._head_offsets().view(1, h)).reshape(-1)
-        col = self.length
-        mine = cache.k + cache.v + cache.k_scale + cache.v_scale
-        for pool, new in zip(self.pool.tensors, mine, strict=True):
-            n = pool.shape[-1]
-            pool.view(-1, n).index_copy_(0, index, new[:, :, col].reshape(b * h, n))
-        self.advance(1)

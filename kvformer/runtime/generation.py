@@ -13,6 +13,7 @@ import torch
 
 from kvformer.errors import ContextOverflowError
 from kvformer.runtime.sampling import sample, validate_sampling
+from kvformer.runtime.step import Executor, for_model
 
 
 def _as_rows(prompt_ids) -> tuple[list[list[int]], bool]:
@@ -38,7 +39,10 @@ def generate_stream(model, prompt_ids, max_new_tokens: int, temperature: float =
                     use_cache: bool = True) -> Iterator:
     """Yield tokens as they are made. For one prompt, yields ints; for a batch, yields one
     list per step with an id for each row, or None for a row that has already stopped.
-    A stop id ends its row and is not yielded."""
+    A stop id ends its row and is not yielded. ``model`` is a model (run by its executor,
+    ``kvformer.runtime.step.for_model``) or an ``Executor``."""
+    run = for_model(model)
+    model = run.model
     rows, single = _as_rows(prompt_ids)
     validate_sampling(temperature, top_k, top_p)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -61,14 +65,15 @@ def generate_stream(model, prompt_ids, max_new_tokens: int, temperature: float =
     stops = set(stop_ids)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
 
-    for step in _decode_loop(model, rows, max_new_tokens, temperature, top_k, top_p, gen,
+    for step in _decode_loop(run, rows, max_new_tokens, temperature, top_k, top_p, gen,
                              stops, use_cache):
         yield step[0] if single else step
 
 
 @torch.inference_mode()
-def _decode_loop(model, rows, max_new_tokens, temperature, top_k, top_p, gen, stops,
-                 use_cache):
+def _decode_loop(executor: Executor, rows, max_new_tokens, temperature, top_k, top_p, gen,
+                 stops, use_cache):
+    model = executor.model
     device = model.device
     b = len(rows)
     lengths = torch.tensor([len(r) for r in rows], device=device)
@@ -88,8 +93,8 @@ def _decode_loop(model, rows, max_new_tokens, temperature, top_k, top_p, gen, st
     def run(lo: int, hi: int, cache):
         pos = positions[:, lo:hi] if ragged else slots[lo:hi]
         mask = valid[:, :hi] if ragged else None
-        return model(tokens[:, lo:hi], input_pos=pos, cache=cache, key_mask=mask,
-                     last_only=True)[:, -1]
+        return executor(tokens[:, lo:hi], input_pos=pos, cache=cache, key_mask=mask,
+                        last_only=True)[:, -1]
 
     cache = model.new_cache(b, total) if use_cache else None
     logits = run(0, p, cache)
@@ -131,7 +136,10 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
 
 
 def perplexity(model, ids: Sequence[int], window: int | None = None) -> float:
-    """exp(mean negative log-likelihood) of ids under the model, in windows of the context."""
+    """exp(mean negative log-likelihood) of ids under the model, in windows of the context
+    (one forward per window: every token attends to the ones before it)."""
+    if isinstance(model, Executor):
+        model = model.model
     window = window or model.cfg.max_seq_len
     ids_t = torch.tensor(list(ids), dtype=torch.long, device=model.device)
     nll, count = 0.0, 0
@@ -154,7 +162,9 @@ def continue_stream(model, cache, new_ids: Sequence[int], max_new_tokens: int,
     """Feed ``new_ids`` after what a batch-1 cache already holds, then decode: the chat
     loop uses this so earlier turns are never recomputed. Every yielded token except the
     last is already in the cache when the next one is made; a stop id is not yielded and
-    not written."""
+    not written. ``model`` is a model or its ``Executor``."""
+    run = for_model(model)
+    model = run.model
     validate_sampling(temperature, top_k, top_p)
     new_ids = list(new_ids)
     if not new_ids:
@@ -166,11 +176,11 @@ def continue_stream(model, cache, new_ids: Sequence[int], max_new_tokens: int,
             f"of {cache.max_len}; start a new conversation or raise the context size")
     stops = set(stop_ids)
     tokens = torch.tensor([new_ids], dtype=torch.long, device=model.device)
-    logits = model(tokens, cache=cache, last_only=True)[:, -1]
+    logits = run(tokens, cache=cache, last_only=True)[:, -1]
     for i in range(min(max_new_tokens, room)):
         nxt = int(sample(logits, temperature, top_k, top_p, generator)[0])
         if nxt in stops:
             return
         yield nxt
         if i + 1 < min(max_new_tokens, room):
-            logits = model(torch.tensor([[nxt]], device=model.device), cache=cache)[:, -1]
+            logits = run(torch.tensor([[nxt]], device=model.device), cache=cache)[:, -1]

@@ -1,10 +1,9 @@
 """The named description of a decode step: which weights, norms and kernels, per layer.
 
-Both decode steps read it. The Python step (``kvformer.runtime.step.DecodeStep``) reads its fields;
-the C++ step (``kvformer.runtime.native``, ``csrc/step.cpp``) reads ``named()``, a flat table of
-names such as ``layers.3.qkv.weight`` or ``layers.3.attn_norm.eps``. The names are made
-here and nowhere else, and the C++ side refuses a plan that has an entry it does not read,
-so the two cannot drift apart silently.
+The C++ step (``kvformer.runtime.step.NativeStep``, ``csrc/step.cpp``) reads ``named()``, a
+flat table of names such as ``layers.3.qkv.weight`` or ``layers.3.attn_norm.eps``. The names
+are made here and nowhere else, and the C++ side refuses a plan that has an entry it does
+not read, so the two cannot drift apart silently.
 
     n_layer d_model head_dim n_head n_kv_head d_ff act_bf16 rope swiglu       integers
     q_scale                                                                    real
@@ -141,17 +140,23 @@ class StepPlan:
         """Positions the rotary tables cover (a later position needs a rebuilt plan)."""
         return self.cos.shape[0] if self.cos is not None else None
 
+    @staticmethod
+    def check_config(cfg) -> None:
+        """Raise Unsupported if a model of ``cfg`` has parts no C++ step implements,
+        whatever its weights' dtype."""
+        if cfg.pos not in ("rope", "none"):
+            raise Unsupported(f"no decode step for {cfg.pos} positions")
+        parts = unsupported_parts(cfg)
+        if parts:
+            raise Unsupported(f"no decode step for {', '.join(parts)}")
+
     @classmethod
     def from_model(cls, model: nn.Module) -> StepPlan:
         """The plan of ``model``'s decode step; raises Unsupported for what has none
         (learned/sinusoidal positions, BatchNorm, attention sinks, other dtypes, and the
         parts of Gemma and Qwen3 blocks listed in ``unsupported_parts``)."""
         cfg = model.cfg
-        if cfg.pos not in ("rope", "none"):
-            raise Unsupported(f"no decode step for {cfg.pos} positions")
-        parts = unsupported_parts(cfg)
-        if parts:
-            raise Unsupported(f"no decode step for {', '.join(parts)}")
+        cls.check_config(cfg)
         if model.dtype not in (torch.float32, torch.bfloat16):
             raise Unsupported(f"no decode step for {model.dtype} activations")
         if any(b.attn.weights_sink is not None for b in model.layers):

@@ -85,7 +85,8 @@ def act_dtype() -> torch.dtype:
 
 
 def _native():
-    """kvformer.runtime.native if its library is loaded in this process, else None (never builds)."""
+    """kvformer.runtime.native if its library is loaded in this process, else None (never
+    builds)."""
     from kvformer.runtime import native
 
     return native if native.loaded() else None

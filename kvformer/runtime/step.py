@@ -1,224 +1,39 @@
-"""The lean decode step: one new token per row, through the same weights, with less work.
+"""How a model's tokens are computed: the executor, chosen once per model.
 
-``Transformer.forward`` is written to be read; at decode (one token, batch 1..8) its
-cost is mostly per-op overhead, not arithmetic. ``DecodeStep`` computes the same thing
-with as few tensor operations as it can:
+``Transformer.forward`` (kvformer.model.transformer) is the spec: written to be read, and
+the fallback that runs everything. Where the native library is built (kvformer.runtime.native)
+and the model's parts are ones the C++ step implements (``StepPlan.from_model``), the C++
+step runs decode and short prefills instead: one call per step for every layer, reading the
+same named plan (kvformer.runtime.plan), with the bits tested against the forward in
+tests/test_fast.py and tests/test_native.py.
 
-* one matmul for Q, K and V and one for gate and up when the model's weights are fused
-  (``kvformer.runtime.quant`` fuses them when it quantizes);
-* rotary positions as ``x * cos + roll(x) * sin`` on Q and K together, with the
-  1/sqrt(d_k) of the attention folded into the query's cos/sin (a power of two for
-  head_dim 64 or 256, so exact);
-* attention written as the seed's formula, softmax(Q K^T / sqrt(d_k)) V, for the one new
-  query over the filled part of the cache only (no mask at all without padding);
-* the norms as single fused kernels, the residual stream updated in place, and the K/V
-  of the new token written straight into the ``KVCache`` buffers (a ``QuantizedKVCache``
-  quantizes them through its ``update``; the C++ step writes and reads the int8 / int4 rows
-  itself, dequantizing inside its attention kernel).
+``for_model(model)`` decides once which of the two a model gets and says why
+(``Executor.why``; ``kvformer info`` and ``kvformer generate --stats`` print it). The
+model's ``forward`` is never replaced: ``generate``, the chat session and the server's
+runner hold the executor and call it. An ``Executor`` call takes the forward's arguments;
+with the C++ step it runs
 
-Both this step and ``NativeDecodeStep``, the C++ one (much faster once matmuls are
-quantized; the library is ``kvformer.runtime.native``'s), read the same named description of the
-step, ``kvformer.runtime.plan.StepPlan``;
-``decode_step(model)`` picks the C++ step when the native library is built and this one
-otherwise. ``accelerate(model)`` routes a model's decode steps through it, and with the C++
-step also the prefill of one row into its cache (the prompt's tokens as rows of one step:
-``NativeDecodeStep.prefill``); every other call (a batch's prefill, gradients, any cache
-other than the contiguous ``KVCache`` and ``QuantizedKVCache``) goes through
-``Transformer.forward`` as before. The server runs the C++ step over its paged pool itself
-(``NativeDecodeStep.paged``). Checked against
-``Transformer.forward`` in ``tests/test_fast.py``.
+* a decode call (one token per row) through a contiguous ``KVCache`` or
+  ``QuantizedKVCache`` (``NativeStep.decode``),
+* the prefill of one row into such a cache while rows pay (``rows_pay``: short prompts;
+  ``NativeStep.prefill``),
+
+and hands the call to the forward where the C++ step has nothing to offer by construction:
+no cache (the seed's no-cache comparison, perplexity), a batch's prefill, a long prompt, or
+a position past the rotary table the plan was made with or inside a sliding window's
+wrap-around. The server runs ``NativeStep.paged`` over its block pool itself.
 """
 
 from __future__ import annotations
 
-import copy
+import weakref
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kvformer.kv.cache import KVCache, QuantizedKVCache
 from kvformer.runtime import native as native_lib
-from kvformer.runtime.plan import LinearPlan, NormPlan, StepPlan, Unsupported
-
-
-def _linear_fn(lp: LinearPlan):
-    """x [M, K] -> x W^T (+ b) through the cheapest call for this kind of layer."""
-    bias = lp.bias
-    if lp.kind == "dense":
-        weight = lp.weight
-        return lambda x: F.linear(x, weight, bias)
-    mm = lp.module.small_mm  # kvformer's kernels, or torch's without the native library
-    if bias is None:
-        return mm
-    return lambda x: mm(x).add_(bias)
-
-
-def _norm_fn(norm: NormPlan, dim: int, dtype: torch.dtype):
-    """x [B, D] -> norm(x) as one fused kernel.
-
-    RMSNorm has no fused CPU kernel in torch, but LayerNorm does, and the RMS norm of x is
-    the LayerNorm of [x, -x] (mean 0, variance mean(x^2)) restricted to its first half."""
-    if norm.rms:
-        weight = torch.cat([norm.weight, torch.zeros_like(norm.weight)]).to(dtype)
-        eps, shape = norm.eps, (2 * dim,)
-
-        def rms(x, buf):
-            buf[:, :dim] = x
-            torch.neg(x, out=buf[:, dim:])
-            return F.layer_norm(buf, shape, weight, None, eps)[:, :dim].contiguous()
-        return rms
-    weight = norm.weight.to(dtype)
-    bias = norm.bias.to(dtype) if norm.bias is not None else None
-    return lambda x, buf: F.layer_norm(x, (dim,), weight, bias, norm.eps)
-
-
-class _Layer:
-    __slots__ = ("attn_norm", "qkv", "q", "k", "v", "wo", "mlp_norm", "gate_up", "gate", "up",
-                 "down", "idx")
-
-
-class DecodeStep:
-    """``step(tokens [B, 1], cache, input_pos=None, key_mask=None) -> logits [B, 1, V]`` for
-    a model with rotary (or no) positions and RMS/LayerNorm, read from its ``StepPlan``;
-    ``supported`` says whether this model can use it."""
-
-    def __init__(self, model: nn.Module):
-        self.model, self.cfg = model, model.cfg
-        try:
-            plan = StepPlan.from_model(model)
-        except Unsupported:
-            self.supported = False
-            return
-        self.no_sinks = all(b.attn.weights_sink is None for b in model.layers)
-        self.supported = True
-        self.plan = plan
-        self.dtype = plan.act_dtype
-        d, hd = plan.d_model, plan.head_dim
-        self.n_q, self.n_kv, self.hd = plan.n_head, plan.n_kv_head, hd
-        self.group = plan.n_head // plan.n_kv_head
-        self.swiglu = plan.swiglu
-        self.layers = [self._layer(i, lp, d) for i, lp in enumerate(plan.layers)]
-        self.final_norm = _norm_fn(plan.final_norm, d, self.dtype)
-        self.head = _linear_fn(plan.head)
-        if plan.embed_kind == "dense":
-            table = plan.embed_weight
-            self.embed = lambda tokens: F.embedding(tokens, table)
-        else:
-            self.embed = model.tok_emb  # int8 rows: its own lookup
-        if plan.rope:
-            # rotate-half: x * cos + cat(-x2, x1) * sin == x * cos + roll(x, half) * sin_signed
-            half = hd // 2
-            sign = torch.cat([-torch.ones(half), torch.ones(half)])
-            self.cos, self.sin = plan.cos.to(self.dtype), (plan.sin * sign).to(self.dtype)
-        # 1/sqrt(d_k) folded into the query heads (their rotation, with rotary positions)
-        scale = torch.ones(self.n_q + self.n_kv, 1)
-        scale[:self.n_q] = plan.q_scale
-        self.head_scale = scale.to(self.dtype)
-        self._bufs: dict[int, torch.Tensor] = {}
-
-    def _layer(self, i: int, lp, d: int) -> _Layer:
-        L = _Layer()
-        L.idx = i
-        L.attn_norm = _norm_fn(lp.attn_norm, d, self.dtype)
-        L.mlp_norm = _norm_fn(lp.mlp_norm, d, self.dtype)
-        for name in ("qkv", "q", "k", "v", "wo", "gate_up", "gate", "up", "down"):
-            part = getattr(lp, name)
-            setattr(L, name, _linear_fn(part) if part is not None else None)
-        return L
-
-    def usable(self, tokens: torch.Tensor, cache) -> bool:
-        return (self.supported and tokens.shape[1] == 1
-                and (type(cache) is QuantizedKVCache
-                     or type(cache) is KVCache and cache.k[0].dtype == self.dtype)
-                and tokens.shape[0] == cache.batch_size
-                and self.no_sinks)
-
-    def _norm_buf(self, b: int) -> torch.Tensor:
-        buf = self._bufs.get(b)
-        if buf is None:
-            buf = self._bufs[b] = torch.empty(b, 2 * self.cfg.d_model, dtype=self.dtype)
-        return buf
-
-    def __call__(self, tokens: torch.Tensor, cache: KVCache,
-                 input_pos: torch.Tensor | None = None,
-                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        b = tokens.shape[0]
-        slot = cache.length
-        if self.plan.window is not None and slot >= self.plan.window:
-            return None  # the window now hides the oldest keys: the model computes it
-        cache.check_room(1)
-        n_q, n_kv, hd, g = self.n_q, self.n_kv, self.hd, self.group
-        n_qk = (n_q + n_kv) * hd
-        buf = self._norm_buf(b)
-        x = self.embed(tokens.view(b))  # [B, D], a fresh tensor: updated in place
-
-        rope = self.cfg.pos == "rope"
-        if rope:
-            pos = slot if input_pos is None else input_pos.reshape(-1, 1)[:, 0]
-            if isinstance(pos, torch.Tensor) and pos.numel() == 1:
-                pos = int(pos)
-            if isinstance(pos, int):
-                if pos >= self.cos.shape[0]:
-                    return None  # past the rotary table: the model computes it afresh
-                cos, sin = self.cos[pos], self.sin[pos]  # [hd]
-            else:
-                if int(pos.max()) >= self.cos.shape[0]:
-                    return None
-                cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # [B, 1, hd]
-            cos, sin = cos * self.head_scale, sin * self.head_scale  # [(B,) H, hd]
-            half = hd // 2
-        quantized = type(cache) is QuantizedKVCache
-        bias = None
-        if key_mask is not None:
-            bias = torch.zeros(b, 1, 1, slot + 1, dtype=self.dtype)
-            bias.masked_fill_(~key_mask.view(b, 1, 1, slot + 1), float("-inf"))
-            bias[..., slot] = 0  # a query always sees its own slot
-
-        for L in self.layers:
-            h = L.attn_norm(x, buf)
-            if L.qkv is not None:
-                qkv = L.qkv(h)
-                qk = qkv[:, :n_qk].view(b, n_q + n_kv, hd)
-                v = qkv[:, n_qk:].view(b, n_kv, hd)
-            else:
-                qk = torch.cat([L.q(h), L.k(h)], dim=1).view(b, n_q + n_kv, hd)
-                v = L.v(h).view(b, n_kv, hd)
-            if rope:
-                qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)
-            else:
-                qk = qk * self.head_scale
-            q = qk[:, :n_q].view(b, n_kv, g, hd)
-            if quantized:  # its rows are integers: it writes them and gives back numbers
-                keys, values = cache.update(L.idx, qk[:, n_q:, None], v[:, :, None], slot)
-            else:
-                kc, vc = cache.k[L.idx], cache.v[L.idx]
-                kc.select(2, slot).copy_(qk[:, n_q:])
-                vc.select(2, slot).copy_(v)
-                keys, values = kc[:, :, :slot + 1], vc[:, :, :slot + 1]
-            # softmax(Q K^T / sqrt(d_k)) V for the one new query (1/sqrt(d_k) is in q)
-            scores = torch.matmul(q, keys.transpose(-1, -2))  # [B, Hkv, G, S]
-            if bias is not None:
-                scores = scores + bias
-            weights = torch.softmax(scores, dim=-1, dtype=torch.float32)
-            if weights.dtype != values.dtype:
-                weights = weights.to(values.dtype)
-            out = torch.matmul(weights, values).view(b, n_q * hd)
-            x.add_(L.wo(out))
-            h = L.mlp_norm(x, buf)
-            if self.swiglu:
-                if L.gate_up is not None:
-                    gu = L.gate_up(h)
-                    f = gu.shape[1] // 2
-                    a = F.silu(gu[:, :f]).mul_(gu[:, f:])
-                else:
-                    a = F.silu(L.gate(h)).mul_(L.up(h))
-            else:
-                a = F.gelu(L.up(h), approximate="tanh")
-            x.add_(L.down(a))
-        cache.advance(1)
-        return self.head(self.final_norm(x, buf)).unsqueeze(1)
-
+from kvformer.runtime.plan import StepPlan, Unsupported
 
 # what the C++ step's caches may hold: numbers, or int8 / int4 (uint8) rows with scales
 _CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.int8, torch.uint8)
@@ -242,28 +57,20 @@ _EMPTY_LONG = torch.empty(0, dtype=torch.long)
 _EMPTY_BOOL = torch.empty(0, dtype=torch.bool)
 
 
-class NativeDecodeStep:
-    """The same contract as ``kvformer.runtime.step.DecodeStep``, computed by the C++ operator on the
-    kernels of ``isa`` (default: ``default_isa()``)."""
+class NativeStep:
+    """The model's C++ step on the kernels of ``isa`` (default: ``default_isa()``): one call
+    runs every layer for a batch of rows, through a contiguous cache (``decode``,
+    ``prefill``) or the server's paged pool (``paged``). Made by ``Executor``; raises
+    ``Unsupported`` (from ``StepPlan.from_model``) for a model it cannot run."""
 
     def __init__(self, model: nn.Module, isa: str | None = None):
-        self.model = model
-        self.supported = False
-        if not native_lib.available():
-            return
-        try:
-            plan = StepPlan.from_model(model)
-        except Unsupported:
-            return
+        plan = StepPlan.from_model(model)
         self.isa = isa or native_lib.default_isa()
         names = plan.named()
         self.handle = torch.ops.kvformer_native.plan_new(
             list(names.tensors), list(names.tensors.values()), list(names.ints),
             list(names.ints.values()), list(names.reals), list(names.reals.values()), self.isa)
         self.rope_len, self.window = plan.rope_len, plan.window
-        # attention sinks are not in the plan (the forward computes such a model)
-        self.no_sinks = all(b.attn.weights_sink is None for b in model.layers)
-        self.supported = True
 
     def __del__(self):
         handle = getattr(self, "handle", None)
@@ -273,14 +80,7 @@ class NativeDecodeStep:
             except Exception:  # interpreter shutdown
                 pass
 
-    def usable(self, tokens: torch.Tensor, cache) -> bool:
-        return (self.supported and tokens.shape[1] == 1
-                and type(cache) in (KVCache, QuantizedKVCache)
-                and tokens.shape[0] == cache.batch_size and tokens.dtype == torch.long
-                and cache.k[0].dtype in _CACHE_DTYPES
-                and self.no_sinks)
-
-    def __call__(self, tokens: torch.Tensor, cache: KVCache,
+    def decode(self, tokens: torch.Tensor, cache: KVCache,
                  input_pos: torch.Tensor | None = None,
                  key_mask: torch.Tensor | None = None) -> torch.Tensor | None:
         slot = cache.length
@@ -315,10 +115,7 @@ class NativeDecodeStep:
         (``[1, 1, V]`` with ``last_only``), or None when this step cannot run it (the caller
         uses the forward): a batch, positions other than the cache's next slots, past the
         rotary table or a sliding window, or a long prompt (``rows_pay``)."""
-        if not (self.supported and tokens.dim() == 2 and tokens.shape[0] == 1
-                and tokens.dtype == torch.long and type(cache) in (KVCache, QuantizedKVCache)
-                and cache.batch_size == 1 and cache.k[0].dtype in _CACHE_DTYPES
-                and self.no_sinks):
+        if tokens.shape[0] != 1 or cache.batch_size != 1:
             return None
         n, lo = tokens.shape[1], cache.length
         if not rows_pay(n, lo):
@@ -364,9 +161,7 @@ class NativeDecodeStep:
         tokens one by one. No two rows may write the same slot. ``logit_rows`` (int64
         indices) asks for those rows' logits only, ``[len(logit_rows), 1, V]`` (empty: none):
         the LM head runs on them alone."""
-        if not (self.supported and tokens.dim() == 2 and tokens.shape[1] == 1
-                and tokens.dtype == torch.long and pool.k[0].dtype in _CACHE_DTYPES
-                and self.no_sinks):
+        if pool.k[0].dtype not in _CACHE_DTYPES:
             return None
         top = int(lengths.max())
         if self.rope_len is not None and top >= self.rope_len:
@@ -378,82 +173,100 @@ class NativeDecodeStep:
                                                          lengths, logit_rows)
 
 
-
-def decode_step(model: nn.Module, native: bool | str | None = None):
-    """The fastest decode step this machine has for ``model``: the C++ operator of
-    ``kvformer.runtime.native`` (``native`` may name its kernel path, e.g. 'avx2'; ``False`` or
-    ``KVFORMER_NATIVE=0`` skips it), else the Python ``DecodeStep``. Check ``.supported``
-    before use."""
-    if native is not False:
-        step = NativeDecodeStep(model, isa=native if isinstance(native, str) else None)
-        if step.supported:
-            return step
-    return DecodeStep(model)
-
-
-class FastForward:
-    """Stands in for ``model.forward``: decode steps (one token per row, a ``KVCache``, no
-    gradients) go through ``decode_step(model)``; every other call goes to
-    ``Transformer.forward``."""
+class Executor:
+    """A model and the way its calls run: ``native`` is the model's ``NativeStep`` or None
+    (then every call is ``Transformer.forward``); ``why`` says which, and why not the other.
+    Call it as the model's forward. Made by ``for_model``."""
 
     def __init__(self, model: nn.Module, native: bool | str | None = None):
         self.model = model
-        self.native = native
-        self.original = type(model).forward.__get__(model)
-        self._step = None
-        self._key = None
+        self.native, self.why = _choose(model, native)
 
-    def step(self):
-        """The decode step for the model's current weights (rebuilt if they were swapped)."""
-        m = self.model
-        rotary = m._modules.get("rotary")
-        key = (m.dtype, id(m.tok_emb), tuple(id(mod) for mod in m.layers[0].modules()),
-               id(m._modules.get("lm_head")), id(rotary.cos) if rotary is not None else None)
-        if self._step is None or key != self._key:
-            self._step, self._key = decode_step(m, self.native), key
-        return self._step
+    @property
+    def name(self) -> str:
+        """'native:<isa>' or 'forward'."""
+        return f"native:{self.native.isa}" if self.native is not None else "forward"
 
-    def reset(self) -> None:
-        """Forget the decode step (it is rebuilt from the current weights on next use)."""
-        self._step = self._key = None
-
-    # A copy or a pickle of the model gets a FastForward of its own, never this one's step
-    # (which points at this model's tensors).
-    def __deepcopy__(self, memo):
-        return FastForward(copy.deepcopy(self.model, memo), self.native)
-
-    def __getstate__(self):
-        return {"model": self.model, "native": self.native}
-
-    def __setstate__(self, state):
-        self.__init__(state["model"], state["native"])
+    @property
+    def isa(self) -> str | None:
+        return self.native.isa if self.native is not None else None
 
     def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
                  cache=None, key_mask: torch.Tensor | None = None, *,
                  last_only: bool = False) -> torch.Tensor:
-        if cache is not None and not torch.is_grad_enabled():
-            step = self.step()
+        step = self.native
+        if (step is not None and type(cache) in _STEP_CACHES
+                and cache.k[0].dtype in _CACHE_DTYPES and tokens.dtype == torch.long
+                and tokens.shape[0] == cache.batch_size):
             if tokens.shape[1] == 1:
-                if step.usable(tokens, cache):
-                    out = step(tokens, cache, input_pos, key_mask)
-                    if out is not None:
-                        return out
-            elif key_mask is None and isinstance(step, NativeDecodeStep):
+                out = step.decode(tokens, cache, input_pos, key_mask)
+            elif key_mask is None:
                 out = step.prefill(tokens, cache, input_pos, last_only)
-                if out is not None:
-                    return out
-        return self.original(tokens, input_pos, cache, key_mask, last_only=last_only)
+            else:
+                out = None
+            if out is not None:
+                return out
+        return self.model(tokens, input_pos, cache, key_mask, last_only=last_only)
 
 
-def accelerate(model: nn.Module, native: bool | str | None = None) -> nn.Module:
-    """Route the model's decode steps through the fast decode step (in place; returns the
-    model). Call it once the weights are final (after ``quantize_model``); calling it again
-    rebuilds the step from the current weights. The step is made now, so a first build of
-    the native library happens here (with a message on stderr), never mid-generation."""
-    current = model.__dict__.get("forward")
-    if isinstance(current, FastForward) and current.native == native:
-        current.reset()
+_STEP_CACHES = (KVCache, QuantizedKVCache)
+# model -> {native: (weights key, NativeStep or None, why)}. A NativeStep holds the model's
+# tensors, not the model, so an entry goes when its model does.
+_CHOSEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _weights_key(model: nn.Module) -> tuple:
+    """What the C++ plan points at: a model whose layers were swapped since (quantized, its
+    dtype changed, its rotary table grown) gets a new plan."""
+    rotary = model._modules.get("rotary")
+    return (model.dtype, id(model.tok_emb), tuple(id(m) for m in model.layers[0].modules()),
+            id(model._modules.get("lm_head")), id(rotary.cos) if rotary is not None else None)
+
+
+def _choose(model: nn.Module, native: bool | str | None) -> tuple[NativeStep | None, str]:
+    """The C++ step of ``model`` (made once per model and weights), or None, and why."""
+    made = _CHOSEN.setdefault(model, {})
+    key = _weights_key(model)
+    known = made.get(native)
+    if known is not None and known[0] == key:
+        return known[1], known[2]
+    step = None
+    if native is False:
+        why = "Transformer.forward (the C++ step was turned off by the caller)"
+    elif not native_lib.available():
+        why = ("Transformer.forward (native kernels off: KVFORMER_NATIVE=0)"
+               if native_lib.disabled() else
+               f"Transformer.forward (no native kernels: {native_lib.build_error()})"
+               if native_lib.build_error() else "Transformer.forward (no native kernels)")
     else:
-        model.forward = FastForward(model, native)
-    model.forward.step()
-    return model
+        try:
+            step = NativeStep(model, isa=native if isinstance(native, str) else None)
+            why = f"the C++ step on the {step.isa} kernels"
+        except Unsupported as exc:
+            why = f"Transformer.forward ({exc})"
+    made[native] = (key, step, why)
+    return step, why
+
+
+def for_model(model, native: bool | str | None = None) -> Executor:
+    """The executor of ``model``: its C++ step where the native library is built and the
+    model's parts are ones it implements, else ``Transformer.forward``. Decided once per
+    model and its weights (a later call reuses the plan). ``native`` may name a kernel path
+    ('avx2'), or be False to run the forward only. An ``Executor`` passed in is returned as
+    it is. The first call builds the native library if it is missing (with a message on
+    stderr), so ``kvformer.load`` calls it before the first token."""
+    if isinstance(model, Executor):
+        return model
+    return Executor(model, native)
+
+
+def describe(cfg) -> str:
+    """What ``for_model`` would choose for a model of ``cfg`` with fp32 or bf16 activations
+    (any weights kvformer makes), without building it: for ``kvformer info``."""
+    try:
+        StepPlan.check_config(cfg)
+    except Unsupported as exc:
+        return f"Transformer.forward ({exc})"
+    if not native_lib.available(build_if_missing=False):
+        return "Transformer.forward (native kernels not built: run `kvformer build`)"
+    return f"the C++ step on the {native_lib.default_isa()} kernels"

@@ -10,10 +10,10 @@ loop, so all torch work stays off the web server's event loop:
    can grow);
 4. one *decode* row for every sequence with exactly one token not yet cached, and
    *prefill* of at most ``prefill_chunk`` prompt tokens (so a long new prompt does not
-   stall the running streams for more than a chunk): for an accelerated model all of them
-   rows of one call of the C++ step, reading and writing the pool by block tables (a
-   prompt's tokens are rows too, see ``runner``); otherwise one decode forward of T=1 as
-   ``runner`` says, then one prefill forward per sequence (B=1).
+   stall the running streams for more than a chunk): where the model's executor is the C++
+   step, all of them rows of one call of it, reading and writing the pool by block tables
+   (a prompt's tokens are rows too, see ``runner``); otherwise one decode forward of T=1
+   over the paged cache, then one prefill forward per sequence (B=1).
 
 Sequences join at the next step and leave when finished, so the batch changes every step
 (continuous batching). A decode row that needs a new block when none is free preempts the
@@ -47,11 +47,17 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kvformer.kv.paged import BlockPool
+from kvformer.runtime.step import for_model
 from kvformer.serve.grammar import GrammarError
 from kvformer.serve.metrics import Metrics
 from kvformer.serve.runner import StepRunner
 from kvformer.serve.sampler import pick_tokens
-from kvformer.serve.scheduler import EngineClosedError, QueueFullError, QueueTimeoutError, Scheduler
+from kvformer.serve.scheduler import (
+    EngineClosedError,
+    QueueFullError,
+    QueueTimeoutError,
+    Scheduler,
+)
 from kvformer.serve.sequence import (
     Output,
     SamplingParams,
@@ -80,6 +86,9 @@ class Engine:
             raise ValueError(f"max_queue={max_queue!r} must be an integer >= 0")
         if not queue_timeout > 0:
             raise ValueError(f"queue_timeout={queue_timeout!r} must be > 0 seconds")
+        # a model (its executor chosen here, once: the C++ step or the forward) or an Executor
+        self.executor = for_model(model)
+        model = self.executor.model
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_seq_len = model.cfg.max_seq_len
         kv = model.kv_format(kv_dtype)  # None: the model's choice (load(kv_dtype=...))
@@ -92,7 +101,7 @@ class Engine:
                                         model_key=model_key(model))
         self.metrics = Metrics()
         self.scheduler = Scheduler(self.pool, self.metrics, max_batch, max_queue, queue_timeout)
-        self.runner = StepRunner(self.model, self.pool)
+        self.runner = StepRunner(self.executor, self.pool)
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.max_queue, self.queue_timeout = max_queue, queue_timeout
         self.step_delay = step_delay  # tests: slow every step down
@@ -248,8 +257,6 @@ class Engine:
         """A decode forward for the ready rows, then a prefill forward per sequence."""
         if ready:
             self._sample(ready, self.runner.decode(ready))
-        else:
-            self.runner.forget()
         for seq, n in work:
             if seq not in self.scheduler.running:
                 continue  # ended while the decode rows were sampled

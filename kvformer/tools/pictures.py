@@ -15,6 +15,7 @@ import torch
 
 from kvformer.config import ModelConfig
 from kvformer.kv.formats import INT4_GROUP, kv_format
+from kvformer.runtime.step import for_model
 
 # KV dtypes kv-size shows (int8 and int4 with their scales: kvformer.kv.formats)
 DTYPE_NAMES = ("fp32", "fp16", "bf16", "int8", "int4")
@@ -308,16 +309,17 @@ def time_per_token(model, lengths: Sequence[int], repeats: int = 3, seed: int = 
     sequence through the model again). Medians of ``repeats``."""
     g = torch.Generator().manual_seed(seed)
     vocab = model.cfg.vocab_size
+    executor = for_model(model)  # decode through the model's executor, as generate does
     rows = []
     for n in lengths:
         ids = torch.randint(0, vocab, (1, n + 1), generator=g, device=model.device)
         cache = model.new_cache(1, n + 1)
-        model(ids[:, :n], cache=cache)
+        executor(ids[:, :n], cache=cache)
         cached, full = [], []
         for _ in range(repeats):
             cache.truncate(n)
             t0 = time.perf_counter()
-            model(ids[:, n:], cache=cache)
+            executor(ids[:, n:], cache=cache)
             cached.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             model(ids)

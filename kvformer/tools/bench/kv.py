@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kvformer.runtime.step import for_model
 from kvformer.tools.texts import ENGLISH, MORE_ENGLISH
 
 MEASURED = ("fp32", "bf16", "int8", "int4")
@@ -71,10 +72,11 @@ def prefill_perplexity(model, ids: list[int], kv: str) -> float:
 @torch.inference_mode()
 def decode_perplexity(model, ids: list[int], kv: str) -> float:
     """The text fed one token at a time through the decode step."""
+    executor = for_model(model)
     cache = model.new_cache(1, len(ids), kv)
     nll = 0.0
     for i in range(len(ids) - 1):
-        logits = model(torch.tensor([[ids[i]]], device=model.device), cache=cache)[0, -1]
+        logits = executor(torch.tensor([[ids[i]]], device=model.device), cache=cache)[0, -1]
         nll += F.cross_entropy(logits.float()[None], torch.tensor([ids[i + 1]])).item()
     return math.exp(nll / (len(ids) - 1))
 
@@ -84,25 +86,27 @@ def forced_argmax(model, prompt: list[int], tokens: list[int], kv: str) -> list[
     """Greedy choices at each position while ``tokens`` are fed after ``prompt``, one at a
     time through the decode step of a ``kv`` cache: [argmax after prompt, after tokens[0],
     ...] (len(tokens) of them)."""
+    executor = for_model(model)
     cache = model.new_cache(1, len(prompt) + len(tokens), kv)
-    logits = model(torch.tensor([prompt]), cache=cache, last_only=True)[0, -1]
+    logits = executor(torch.tensor([prompt]), cache=cache, last_only=True)[0, -1]
     out = []
     for t in tokens:
         out.append(int(logits.argmax()))
-        logits = model(torch.tensor([[t]]), cache=cache)[0, -1]
+        logits = executor(torch.tensor([[t]]), cache=cache)[0, -1]
     return out
 
 
 @torch.inference_mode()
 def greedy(model, prompt: list[int], n: int, kv: str) -> list[int]:
     """n greedy tokens after ``prompt`` through a ``kv`` cache (no stop tokens)."""
+    executor = for_model(model)
     cache = model.new_cache(1, len(prompt) + n, kv)
-    logits = model(torch.tensor([prompt]), cache=cache, last_only=True)[0, -1]
+    logits = executor(torch.tensor([prompt]), cache=cache, last_only=True)[0, -1]
     out: list[int] = []
     for i in range(n):
         out.append(int(logits.argmax()))
         if i + 1 < n:
-            logits = model(torch.tensor([[out[-1]]]), cache=cache)[0, -1]
+            logits = executor(torch.tensor([[out[-1]]]), cache=cache)[0, -1]
     return out
 
 
@@ -125,16 +129,17 @@ def decode_speed(model, kvs, context: int = SPEED_CONTEXT, steps: int = SPEED_ST
     faster steps are the ones that measure the code."""
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, model.cfg.vocab_size, (1, context), generator=gen)
+    executor = for_model(model)
     caches = {}
     for kv in kvs:
         caches[kv] = model.new_cache(1, context + steps + 8, kv)
-        model(prompt, cache=caches[kv], last_only=True)
+        executor(prompt, cache=caches[kv], last_only=True)
     token = torch.tensor([[int(prompt[0, -1])]])
     times: dict[str, list[float]] = {kv: [] for kv in kvs}
     for i in range(steps + 4):
         for kv in kvs:
             t = time.perf_counter()
-            model(token, cache=caches[kv])
+            executor(token, cache=caches[kv])
             if i >= 4:  # the first steps warm up
                 times[kv].append(time.perf_counter() - t)
     return {kv: 1.0 / statistics.quantiles(ts, n=100)[int(SPEED_QUANTILE * 100) - 1]
@@ -253,10 +258,9 @@ def run(args) -> int:
     model, tok = load(args.model, dtype=dtype, progress=False)
     result = measure(model, tok, kvs, decode_ppl=True, speed=True,
                      say=lambda text: print(text, file=sys.stderr, flush=True))
-    step = model.forward.step() if hasattr(model.forward, "step") else None
     cpu = native.cpuinfo("model name").partition(":")[2].strip() or platform.processor()
     info = {"weights": getattr(model, "mode", dtype), "act": str(model.dtype).split(".")[-1],
-            "kernels": getattr(step, "isa", "torch"), "threads": torch.get_num_threads(),
+            "kernels": for_model(model).isa or "torch", "threads": torch.get_num_threads(),
             "machine": f"{platform.machine()}, {cpu or '?'}",
             "load": (before[0], os.getloadavg()[0])}
     text = report(result, Path(getattr(model, "source", args.model)).name, info)

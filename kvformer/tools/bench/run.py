@@ -113,8 +113,7 @@ def register(subparsers) -> None:
                         "agreement with the bf16 cache and decode speed at 2,048 tokens "
                         "cached (kvformer.tools.bench.kv; writes docs/kv-cache.md)")
     p.add_argument("--profile", action="store_true",
-                   help="also profile one int4 decode step and time torch.compile of a "
-                        "piece of it (adds about a minute)")
+                   help="also profile one int4 decode step (adds about a minute)")
     p.set_defaults(func=run)
 
 
@@ -367,7 +366,7 @@ def summarize(runs: list[dict]) -> dict:
                   and not isinstance(r.get(key), bool)]
         if values:
             out[key] = statistics.median(values)
-    for key in ("ppl", "ppl_decode", "profile", "compile", "decode_path", "kernels", "act"):
+    for key in ("ppl", "ppl_decode", "profile", "decode_path", "kernels", "act"):
         for r in runs:
             if key in r:
                 out[key] = r[key]
@@ -523,8 +522,8 @@ def _quality(summary: dict) -> list[str]:
         return []
     lines = ["## Quality", "",
              f"Perplexity on a fixed English text ({len(TEXT.split())} words), through "
-             "prefill (`kvformer.runtime.generation.perplexity`) and, for kvformer, the same text fed "
-             "one token at a time through the decode step that generation uses (`decode "
+             "prefill (`kvformer.runtime.generation.perplexity`) and, for kvformer, the same "
+             "text fed one token at a time through the decode step that generation uses (`decode "
              "path`: the C++ step on the row's kernel path). Targets: int8 within 2 % and "
              "int4 within 10 % of fp32, both ways.", "",
              "| configuration | perplexity | vs kvformer fp32 | decode path | vs fp32 decode |",
@@ -567,23 +566,14 @@ def _profile_sections(summary: dict) -> list[str]:
         total = sum(prof["parts"].values())
         for part, ms in prof["parts"].items():
             lines.append(f"| {part} | {ms:.2f} | {ms / total * 100:.0f} % |")
-        lines += ["", f"For comparison, the same step in Python: `Transformer.forward` "
-                  f"{prof['forward_ms']:.2f} ms, the lean Python `DecodeStep` "
-                  f"{prof['python_ms']:.2f} ms. torch.profiler of `Transformer.forward` "
+        lines += ["", f"For comparison, the same step through `Transformer.forward` (what runs "
+                  f"without the native library): {prof['forward_ms']:.2f} ms. torch.profiler "
+                  "of `Transformer.forward` "
                   "(top operators by self CPU time, per token):", "",
                   "| operator | calls | ms |", "| --- | --- | --- |"]
         for name, calls, ms in prof["forward_top"]:
             lines.append(f"| `{name}` | {calls} | {ms:.2f} |")
         lines.append("")
-    comp = next((s["compile"] for s in summary.values() if "compile" in s), None)
-    if comp and "compile_s" in comp:
-        lines += ["## torch.compile", "",
-                  f"One layer's MLP piece of the Python decode step (norm, gate/up, SiLU, "
-                  f"down) compiled with `torch.compile(dynamic=False)`: compiled in "
-                  f"{comp['compile_s']:.1f} s; {comp['compiled_us']:.0f} µs per call against "
-                  f"{comp['eager_us']:.0f} µs eager. "
-                  + ("Compiling wins here." if comp["compiled_us"] < comp["eager_us"] else
-                     "Compiling loses here, so nothing is compiled by default."), ""]
     return lines
 
 

@@ -23,6 +23,8 @@ import os
 import sys
 import time
 
+from kvformer.runtime.step import for_model
+
 
 def worker(spec: dict) -> dict:
     import torch
@@ -77,7 +79,6 @@ def _kvformer(spec: dict) -> dict:
                "ppl_decode": decode_perplexity(model, ids["text"])}
         if spec.get("profile"):
             out["profile"] = profile_step(model, ids["short"])
-            out["compile"] = compile_experiment(model)
         return out
 
     out: dict = {"native": native.available(),  # built (once) before the clock starts
@@ -88,11 +89,13 @@ def _kvformer(spec: dict) -> dict:
     out["load"] = time.perf_counter() - t
     long = torch.tensor([ids["long"]])
 
+    executor = for_model(model)
+
     def prefill(tokens):
         with torch.inference_mode():
             cache = model.new_cache(1, tokens.shape[1])
             t0 = time.perf_counter()
-            model(tokens, cache=cache, last_only=True)
+            executor(tokens, cache=cache, last_only=True)
             return tokens.shape[1] / (time.perf_counter() - t0)
 
     prefill(long[:, :64])
@@ -112,7 +115,7 @@ def _kvformer(spec: dict) -> dict:
         for _ in generate_stream(model, ids["short"], 4, use_cache=False):
             pass
         out["nocache"] = _stamps(generate_stream(model, ids["short"], nc, use_cache=False), nc)
-    out["decode_path"] = type(model.forward.step()).__name__
+    out["decode_path"] = for_model(model).name
     return out
 
 
@@ -121,22 +124,22 @@ def decode_perplexity(model, ids: list[int]) -> float:
     import torch
     import torch.nn.functional as F
 
+    run = for_model(model)
+    model = run.model
     nll = 0.0
     with torch.inference_mode():
         cache = model.new_cache(1, len(ids))
         for i in range(len(ids) - 1):
-            logits = model(torch.tensor([[ids[i]]]), cache=cache)
+            logits = run(torch.tensor([[ids[i]]]), cache=cache)
             nll += F.cross_entropy(logits[0, -1:].float(), torch.tensor([ids[i + 1]])).item()
     return math.exp(nll / (len(ids) - 1))
 
 
 def profile_step(model, prompt: list[int], steps: int = 32) -> dict:
-    """Per-token time of the native step by part, of Transformer.forward and of the Python
-    DecodeStep on the same cache, and torch.profiler's top operators of the forward."""
+    """Per-token time of the native step by part and of Transformer.forward on the same
+    cache, and torch.profiler's top operators of the forward."""
     import torch
     from torch.profiler import ProfilerActivity, profile
-
-    from kvformer.runtime.step import DecodeStep, NativeDecodeStep
 
     tok = torch.tensor([[prompt[-1]]])
     fwd = type(model).forward.__get__(model)
@@ -155,17 +158,16 @@ def profile_step(model, prompt: list[int], steps: int = 32) -> dict:
                 f(tok, cache)
             return (time.perf_counter() - t0) / steps * 1e3
 
-        step = NativeDecodeStep(model)
+        step = for_model(model).native
         result = {"len": start}
-        if step.supported:
+        if step is not None:
             torch.ops.kvformer_native.profile(True)
-            result["native_ms"] = timed(step)
+            result["native_ms"] = timed(step.decode)
             raw = torch.ops.kvformer_native.profile(False)
             names = ("weight matmuls", "LM head", "attention (incl. RoPE, cache writes)",
                      "norms, SiLU, residuals")
             result["parts"] = {k: v / raw[-1] / 1e6 for k, v in zip(names, raw[:4])}
             result["isa"] = step.isa
-        result["python_ms"] = timed(DecodeStep(model))
         result["forward_ms"] = timed(lambda t, c: fwd(t, cache=c))
         cache.length = start
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -177,52 +179,6 @@ def profile_step(model, prompt: list[int], steps: int = 32) -> dict:
     return result
 
 
-def compile_experiment(model) -> dict:
-    """torch.compile of one layer's MLP piece of the Python decode step, against eager."""
-    import statistics
-
-    import torch
-    import torch.nn.functional as F
-
-    from kvformer.runtime.step import DecodeStep
-
-    layer = DecodeStep(model).layers[0]
-    d = model.cfg.d_model
-    x = torch.randn(1, d, dtype=model.dtype)
-    buf = torch.empty(1, 2 * d, dtype=model.dtype)
-
-    def mlp(x, buf):
-        h = layer.mlp_norm(x, buf)
-        if layer.gate_up is not None:
-            gu = layer.gate_up(h)
-            f = gu.shape[1] // 2
-            return layer.down(F.silu(gu[:, :f]) * gu[:, f:])
-        return layer.down(F.silu(layer.gate(h)) * layer.up(h))
-
-    def per_call(f, n=300) -> float:
-        for _ in range(20):
-            f(x, buf)
-        best = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            for _ in range(n):
-                f(x, buf)
-            best.append((time.perf_counter() - t0) / n * 1e6)
-        return statistics.median(best)
-
-    with torch.inference_mode():
-        compiled = torch.compile(mlp, dynamic=False)
-        t0 = time.perf_counter()
-        try:
-            compiled(x, buf)
-        except Exception as exc:  # no working compiler: report, do not fail the benchmark
-            return {"error": f"{type(exc).__name__}: {exc}"[:200]}
-        compile_s = time.perf_counter() - t0
-        return {"compile_s": compile_s, "eager_us": per_call(mlp),
-                "compiled_us": per_call(compiled)}
-
-
-# --------------------------------------------------------------------------- llama.cpp
 def llama_cpp_info() -> dict | None:
     """llama-cpp-python's version and the SIMD its llama.cpp was built with, or None."""
     try:
