@@ -18,7 +18,7 @@ import torch
 from kvformer.runtime.quant import Int4Linear, Int8Linear, unpack_int4, unpack_scales
 
 ROOT = Path(__file__).resolve().parent.parent
-CSRC = ROOT / "kvformer" / "csrc"
+CSRC = ROOT / "kvformer" / "runtime" / "csrc"
 DRIVER = ROOT / "tests" / "cross" / "kernels_check.cpp"
 # name: (C++ compiler, how to run its binaries, its kernel paths beyond the portable one)
 TARGETS = {"host": (os.environ.get("CXX") or shutil.which("g++") or "c++", [], []),
@@ -43,9 +43,9 @@ def build(arch, tmp_path_factory) -> Path:
     cxx, run, extra = TARGETS[arch]
     out = tmp_path_factory.mktemp(arch)
     units = [(DRIVER, ["-DKVF_CHECK_NEON"] if "neon" in extra else []),
-             (CSRC / "kernels_scalar.cpp", [])]
+             (CSRC / "kernels" / "scalar.cpp", [])]
     if "neon" in extra:
-        units.append((CSRC / "kernels_neon.cpp", ["-march=armv8.2-a+dotprod"]))
+        units.append((CSRC / "kernels" / "neon.cpp", ["-march=armv8.2-a+dotprod"]))
     objs = []
     for src, flags in units:
         obj = out / (src.stem + ".o")
@@ -184,14 +184,16 @@ def test_exp(driver):
 
 
 def test_the_decode_step_compiles_for_aarch64():
-    """step.cpp (the decode step as a torch operator) against torch's headers: its x86-only
-    parts (cpuid) are guarded, so the portable build compiles, warnings included."""
+    """cpu.cpp, plan.cpp, step.cpp and ops.cpp (the decode step as a torch operator) against
+    torch's headers: their x86-only parts (cpuid) are guarded, so the portable build compiles,
+    warnings included."""
     if missing("aarch64"):
         pytest.skip("no aarch64-linux-gnu-g++ (Debian: apt-get install g++-aarch64-linux-gnu)")
     from torch.utils.cpp_extension import include_paths
 
     cmd = [TARGETS["aarch64"][0], "-std=c++20", "-fopenmp", "-fsyntax-only", "-Wall",
            "-Wextra", "-Werror", "-Wno-unused-parameter",
-           *[f"-I{p}" for p in include_paths()], str(ROOT / "kvformer" / "csrc" / "step.cpp")]
+           *[f"-I{p}" for p in include_paths()],
+           *[str(CSRC / name) for name in ["cpu.cpp", "plan.cpp", "step.cpp", "ops.cpp"]]]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -54,29 +54,35 @@ CSRC = Path(__file__).with_name("csrc")
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 ARM64 = platform.machine().lower() in ("aarch64", "arm64")
 COMMON = ["-O3", "-fPIC", "-Wall", "-Wextra", "-fno-math-errno"]
-# (object name, source, its own flags, needs torch's headers); the SIMD files only where they
-# can compile. Linked in this order: the generic objects first, then from the lowest
-# instruction set to the highest, so that an inline function or template the compiler emits
-# in several objects (std::vector's, kernels.h's) resolves to the copy built for the lowest
-# CPU - never to an AVX-512 copy that step.cpp would then call on an AVX2 machine.
+# (object name, source under csrc/, its own flags, needs torch's headers); the SIMD files only
+# where they can compile. Linked in this order: the generic objects first (the portable
+# kernels, then the torch-facing units: CPU detection, the plan, the step, the operators),
+# then from the lowest instruction set to the highest, so that an inline function or
+# template the compiler emits in several objects (std::vector's, kernels.h's) resolves to the
+# copy built for the lowest CPU - never to an AVX-512 copy that step.cpp would then call on
+# an AVX2 machine.
 # GCC 12's intrinsics headers trip its own -W(maybe-)uninitialized (`__m512 __Y = __Y;`).
 SIMD = ["-std=c++17", "-Wno-maybe-uninitialized", "-Wno-uninitialized"]
 AVX2 = [*SIMD, "-mavx2", "-mfma", "-mf16c"]
-UNITS = [("kernels_scalar", "kernels_scalar.cpp", ["-std=c++17"], False),
-         ("step", "step.cpp", ["-std=c++20", "-fopenmp", "-Wno-unused-parameter"], True)]
+TORCH = ["-std=c++20", "-fopenmp", "-Wno-unused-parameter"]
+UNITS = [("kernels_scalar", "kernels/scalar.cpp", ["-std=c++17"], False),
+         ("cpu", "cpu.cpp", TORCH, True),
+         ("plan", "plan.cpp", TORCH, True),
+         ("step", "step.cpp", TORCH, True),
+         ("ops", "ops.cpp", TORCH, True)]
 if X86:
     UNITS += [
-        ("kernels_avx2", "kernels_avx2.cpp", AVX2, False),
-        ("kernels_avxvnni", "kernels_avx2.cpp", [*AVX2, "-mavxvnni", "-DKVF_VNNI=1"], False),
-        ("kernels_avxvnni_evex", "kernels_avx2.cpp",
+        ("kernels_avx2", "kernels/avx2.cpp", AVX2, False),
+        ("kernels_avxvnni", "kernels/avx2.cpp", [*AVX2, "-mavxvnni", "-DKVF_VNNI=1"], False),
+        ("kernels_avxvnni_evex", "kernels/avx2.cpp",
          [*AVX2, "-mavx512f", "-mavx512vl", "-mavx512vnni", "-DKVF_VNNI=2"], False),
-        ("kernels_avx512", "kernels_avx512.cpp", [*AVX2, "-mavx512f", "-mavx512bw",
+        ("kernels_avx512", "kernels/avx512.cpp", [*AVX2, "-mavx512f", "-mavx512bw",
                                                   "-mavx512vl", "-mavx512dq", "-mavx512vnni"],
          False),
     ]
 if ARM64:
     NEON = ["-std=c++17", "-march=armv8.2-a+dotprod"]
-    UNITS.append(("kernels_neon", "kernels_neon.cpp", NEON, False))
+    UNITS.append(("kernels_neon", "kernels/neon.cpp", NEON, False))
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -109,9 +115,9 @@ def _build_key(cxx: str) -> str:
     """Sources, flags, compiler and torch: a change to any of them builds anew. (Not the
     CPU: the kernels are chosen at run time, so one build serves every x86-64 CPU.)"""
     h = hashlib.sha256()
-    for f in sorted(CSRC.iterdir()):
-        if f.suffix in (".cpp", ".h"):
-            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    for f in sorted(CSRC.rglob("*")):  # kernels/ too
+        if f.is_file() and f.suffix in (".cpp", ".h"):
+            h.update(f.relative_to(CSRC).as_posix().encode() + b"\0" + f.read_bytes())
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
                                  timeout=30).stdout

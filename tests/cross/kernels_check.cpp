@@ -1,5 +1,5 @@
 // A stand-alone driver of kvformer's kernels with no torch: the portable ones
-// (kernels_scalar.cpp) and, built with -DKVF_CHECK_NEON, the NEON ones (kernels_neon.cpp),
+// (kernels/scalar.cpp) and, built with -DKVF_CHECK_NEON, the NEON ones (kernels/neon.cpp),
 // so that tests/test_cross.py can build them for another architecture (aarch64), run them
 // under user-mode emulation and compare what they compute with torch on this machine.
 //
@@ -26,7 +26,7 @@
 #include <string>
 #include <vector>
 
-#include "../../kvformer/csrc/kernels.h"
+#include "../../kvformer/runtime/csrc/kernels.h"
 
 namespace {
 

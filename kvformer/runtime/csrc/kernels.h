@@ -1,10 +1,11 @@
 // kvformer's CPU kernels: the interface every instruction-set path implements.
 //
 // The kernels see raw pointers only (no torch), so each path is one translation unit built
-// with its own compiler flags (kernels_scalar.cpp: none; kernels_avx2.cpp: -mavx2 -mfma
-// -mf16c, and again with vpdpbusd for the avxvnni path; kernels_avx512.cpp: AVX-512 with
-// VNNI; kernels_neon.cpp: armv8.2-a+dotprod) and step.cpp picks one at run time from what
-// the CPU reports. Every path computes the same thing; tests run each of them.
+// with its own compiler flags (kernels/scalar.cpp: none, the fallback every CPU runs;
+// kernels/avx2.cpp: -mavx2 -mfma -mf16c, and again with vpdpbusd for the avxvnni path;
+// kernels/avx512.cpp: AVX-512 with VNNI; kernels/neon.cpp: armv8.2-a+dotprod) and cpu.cpp
+// picks one at run time from what the CPU reports. Every path computes the same thing;
+// tests run each of them.
 //
 // The layouts are kvformer's own (docs/architecture.md, kvformer/quantize.py):
 //
@@ -162,7 +163,7 @@ void attend_generic(const AttendArgs& a);    // the portable attention, for any 
 void attend_q_generic(const AttendArgs& a);  // the same over quantized rows
 #if defined(__x86_64__) || defined(_M_X64)
 const Kernels& avx2_kernels();
-const Kernels& avxvnni_kernels();       // kernels_avx2.cpp with VEX vpdpbusd (AVX-VNNI)
+const Kernels& avxvnni_kernels();       // kernels/avx2.cpp with VEX vpdpbusd (AVX-VNNI)
 const Kernels& avxvnni_evex_kernels();  // the same code, EVEX vpdpbusd (AVX-512 VNNI + VL)
 const Kernels& avx512_kernels();
 #endif

@@ -9,7 +9,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "kernels.h"
+#include "../kernels.h"
 
 namespace kvf {
 namespace {

@@ -1,3 +1,6 @@
+// Sharing the decode step's work between threads: its own pool (Pool) or torch's OpenMP
+// team, as set (threads_mode), in pieces (parallel_pieces, piece_of).
+//
 // The decode step's own worker threads: work split into pieces that whichever thread is
 // running takes, one at a time, and a caller that never waits for a thread that has not
 // started.
@@ -12,11 +15,18 @@
 // has already taken: if no worker wakes, the caller does all the work and returns.
 #pragma once
 
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -168,5 +178,84 @@ class Pool {
   int threads_ = 0;
   std::atomic<int> active_{0};  // workers the current job may use (torch's threads - 1)
 };
+
+// ------------------------------------------------------------------ sharing work
+// Who runs the pieces of a matmul or of attention: kvformer's own pool (Pool, above) or
+// torch's OpenMP team (at::parallel_for). The pool only pays when torch's OpenMP threads sleep
+// soon after their own work: with libgomp's default (spin ~300,000 times at every barrier)
+// they keep the cores for a while after each torch op, and two teams spinning on two cores
+// made a batch-1 step 1.6x slower. kvformer sets GOMP_SPINCOUNT=20000 (and KMP_BLOCKTIME=0)
+// when it is imported before torch (kvformer/__init__.py); then the pool runs.
+// KVFORMER_THREADS=pool|openmp overrides; the op `threads` reads or sets it.
+enum class Threads { kPool, kOpenMP };
+
+inline Threads default_threads() {
+  auto env = [](const char* name) -> std::string {
+    const char* v = std::getenv(name);
+    std::string s = v ? v : "";
+    for (char& c : s) c = char(std::tolower(static_cast<unsigned char>(c)));
+    return s;
+  };
+  const std::string mode = env("KVFORMER_THREADS");
+  if (mode == "pool") return Threads::kPool;
+  if (mode == "openmp") return Threads::kOpenMP;
+  if (env("OMP_WAIT_POLICY") == "passive") return Threads::kPool;
+  const std::string spin = env("GOMP_SPINCOUNT");
+  if (!spin.empty() && spin.find_first_not_of("0123456789") == std::string::npos &&
+      spin.size() <= 6 && std::stol(spin) <= 100000)
+    return Threads::kPool;
+  return Threads::kOpenMP;
+}
+
+inline std::atomic<Threads>& threads_mode() {
+  static std::atomic<Threads> mode{default_threads()};
+  return mode;
+}
+
+// [0, n) in pieces of `piece` (rounded up to a multiple of `align`). On the pool each piece
+// goes to whichever thread is free, and a thread the OS takes away for a while holds back
+// at most the piece it is in (Pool); on OpenMP the same pieces are handed out inside one
+// parallel region, whose closing barrier still waits for every thread of the team.
+template <typename F>
+void parallel_pieces(int64_t n, int64_t piece, int64_t align, const F& fn) {
+  piece = std::max<int64_t>(align, (piece + align - 1) / align * align);
+  const int64_t pieces = (n + piece - 1) / piece;
+  const int threads = at::get_num_threads();
+  auto one = [&](int64_t i) { fn(i * piece, std::min(n, (i + 1) * piece)); };
+  if (threads_mode().load(std::memory_order_relaxed) == Threads::kPool) {
+    kvf::Pool::get().run(pieces, threads, one);
+    return;
+  }
+  if (pieces <= 1 || threads <= 1 || at::in_parallel_region()) {
+    for (int64_t i = 0; i < pieces; ++i) one(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(threads, pieces), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < pieces; i = next.fetch_add(1)) one(i);
+  });
+}
+
+// "pool" or "openmp": set the step's threads to it; "": leave them. Returns the mode now.
+inline std::string threads_op(std::string mode) {
+  if (mode == "pool") {
+    threads_mode() = Threads::kPool;
+  } else if (mode == "openmp") {
+    threads_mode() = Threads::kOpenMP;
+  } else {
+    TORCH_CHECK(mode.empty(), "kvformer_native: threads must be 'pool' or 'openmp', not '",
+                mode, "'");
+  }
+  return threads_mode().load() == Threads::kPool ? "pool" : "openmp";
+}
+
+// The piece for n items of `work` each (bytes of weight times rows of x, or any like
+// measure): about 8 pieces per thread, to even out a stolen time slice, but not below
+// 64 KB of work (handing a piece out costs a shared atomic) nor above an equal share.
+inline int64_t piece_of(int64_t n, int64_t work = 1 << 16) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t fine = n / (8 * threads), least = ((1 << 16) + work - 1) / work;
+  return std::min(std::max({int64_t(1), fine, least}), (n + threads - 1) / threads);
+}
 
 }  // namespace kvf

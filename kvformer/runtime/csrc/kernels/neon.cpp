@@ -10,7 +10,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "kernels.h"
+#include "../kernels.h"
 
 namespace kvf {
 namespace {

@@ -1,11 +1,13 @@
 // The portable path: plain C++ that compiles on any architecture (aarch64 included) and is
-// the reference the SIMD paths are tested against. Written so that the compiler can
-// vectorise the inner loops on its own.
+// the reference the SIMD paths are tested against. It is the fallback: every CPU runs it,
+// whatever cpu.cpp finds (the only path on a CPU without AVX2, or an ARM one without the
+// dot-product extension). Written so that the compiler can vectorise the inner loops on its
+// own.
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
-#include "kernels.h"
+#include "../kernels.h"
 
 namespace kvf {
 namespace {
