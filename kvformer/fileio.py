@@ -1,4 +1,5 @@
-"""Writing files so that a crash or Ctrl-C never leaves half of one behind."""
+"""Files: writing them so that a crash or Ctrl-C never leaves half of one behind, and
+saying their sizes."""
 
 from __future__ import annotations
 
@@ -25,3 +26,12 @@ def write_atomic(path: str | os.PathLike, writer: Callable[[BinaryIO], object]) 
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def human_bytes(n: float) -> str:
+    """A byte count for people: 512 B, 1.50 KiB, 2.25 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

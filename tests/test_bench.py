@@ -5,6 +5,7 @@ import math
 
 import torch
 
+import kvformer
 from kvformer import ModelConfig, Transformer
 from kvformer.runtime.generation import perplexity
 from kvformer.tools.bench.run import run_worker
@@ -15,7 +16,7 @@ def test_workers_report_their_results_and_the_kernels_peak_rss(tmp_path):
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layer=2, n_head=4, n_kv_head=2,
                       max_seq_len=64)
     model = Transformer(cfg).eval()
-    model.save(tmp_path / "m")
+    kvformer.save(model, tmp_path / "m")
     text = [int(t) for t in torch.randint(0, 64, (40,))]
     spec = {"engine": "kvformer", "dtype": "fp32", "model": str(tmp_path / "m"),
             "threads": 1, "new_tokens": 4, "ids": {"short": text[:5], "text": text}}

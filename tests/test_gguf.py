@@ -259,7 +259,8 @@ def test_q4_matrices_pass_into_int4_exactly(tmp_path):
     """Q4_0/Q4_1 matrices reach an int4 model as the file's own integers and fp16 scales
     (Int4Blocks: no float round trip, Q/K rows unpermuted like the floats), so the int4
     layers hold exactly the weights the file does."""
-    from kvformer.runtime.quant import Int4Blocks, Int4Linear, build_model
+    from kvformer.formats.build import build_model
+    from kvformer.runtime.quant import Int4Blocks, Int4Linear
 
     q4 = {"attn_q.weight": T.Q4_1, "attn_k.weight": T.Q4_0, "attn_v.weight": T.Q4_0,
           "attn_output.weight": T.Q4_1, "ffn_gate.weight": T.Q4_0, "ffn_up.weight": T.Q4_1,

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import kvformer
 from kvformer import ModelConfig, Transformer
 from kvformer.kv.cache import KVCache, QuantizedKVCache
 from kvformer.kv.formats import (
@@ -178,10 +179,9 @@ def test_int8_cache_logits_stay_close_to_the_exact_ones(n_kv_head):
 
 
 def test_load_and_new_cache_take_a_kv_dtype(tmp_path):
-    import kvformer
 
     model = small()
-    model.save(tmp_path / "m")
+    kvformer.save(model, tmp_path / "m")
     loaded, _ = kvformer.load(tmp_path / "m", kv_dtype="int8")
     assert loaded.kv_dtype == "int8" and type(loaded.new_cache(1, 8)) is QuantizedKVCache
     assert loaded.new_cache(1, 8, dtype="fp32").k[0].dtype == torch.float32

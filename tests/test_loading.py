@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+import kvformer
 from kvformer import CheckpointError, ModelConfig, ModelNotFoundError, Transformer
 from kvformer.formats import native
 from kvformer.formats.load import load, resolve
@@ -18,7 +19,7 @@ def tiny_model(**kw):
                                              mlp="gelu", tie_embeddings=True)])
 def test_native_round_trip(tmp_path, kw):
     model = tiny_model(**kw)
-    model.save(tmp_path / "m")
+    kvformer.save(model, tmp_path / "m")
     loaded, tok = load(tmp_path / "m")
     assert tok is None and loaded.cfg == model.cfg
     x = torch.randint(0, 40, (2, 7))
@@ -39,7 +40,7 @@ def test_quantized_model_saves_in_its_own_layout_and_loads_as_it_was(tmp_path, m
     cfg = ModelConfig(vocab_size=64, d_model=64, n_layer=2, n_head=4, n_kv_head=2, d_ff=128,
                       tie_embeddings=tie, bias=not tie)
     model = quantize_model(Transformer(cfg).eval(), mode)
-    model.save(tmp_path / "q")
+    kvformer.save(model, tmp_path / "q")
     meta = json.loads((tmp_path / "q" / "config.json").read_text())
     assert meta["quantization"] == {"mode": mode, "layout": "kvformer-1"}
     with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
@@ -61,7 +62,7 @@ def test_quantized_model_saves_in_its_own_layout_and_loads_as_it_was(tmp_path, m
 
 def test_crash_while_saving_keeps_the_old_model(tmp_path, monkeypatch):
     good = tiny_model()
-    good.save(tmp_path / "m")
+    kvformer.save(good, tmp_path / "m")
     before = (tmp_path / "m" / "model.safetensors").read_bytes()
 
     def boom(*a, **k):
@@ -69,13 +70,13 @@ def test_crash_while_saving_keeps_the_old_model(tmp_path, monkeypatch):
 
     monkeypatch.setattr(native, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
-        tiny_model(pos="sinusoidal").save(tmp_path / "m")
+        kvformer.save(tiny_model(pos="sinusoidal"), tmp_path / "m")
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary left behind
 
 
 def test_corrupt_native_files(tmp_path):
-    tiny_model().save(tmp_path / "m")
+    kvformer.save(tiny_model(), tmp_path / "m")
     weights = tmp_path / "m" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):

@@ -9,6 +9,7 @@ import torch
 from helpers import TEXT, trained_tiny
 
 from kvformer import ModelConfig, Transformer
+from kvformer.formats.build import build_model
 from kvformer.runtime import native
 from kvformer.runtime.generation import perplexity
 from kvformer.runtime.quant import (
@@ -16,7 +17,6 @@ from kvformer.runtime.quant import (
     Int8Embedding,
     Int8Linear,
     act_dtype,
-    build_model,
     check_mode,
     default_mode,
     pack_int4,
@@ -113,7 +113,7 @@ def test_int4_keeps_a_q4_1_grid_exactly():
 
 def test_int4_layout_is_the_documented_one():
     """The byte of tile t, block b, sub-block s, row r, lane j holds column 32b+8s+j in its
-    low nibble and 32b+8s+4+j in its high nibble of row 16t+r (kvformer/csrc/kernels.h)."""
+    low nibble and 32b+8s+4+j in its high nibble of row 16t+r (kvformer/runtime/csrc/kernels.h)."""
     torch.manual_seed(0)
     q = torch.randint(0, 16, (32, 64), dtype=torch.uint8)
     packed = pack_int4(q)

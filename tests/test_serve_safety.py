@@ -9,6 +9,7 @@ import httpx
 import pytest
 import torch
 
+import kvformer
 from kvformer import ModelConfig, Transformer
 from kvformer.formats.tokenizer.tokenizer import ByteTokenizer
 from kvformer.serve.app import BackgroundServer, create_app
@@ -143,7 +144,7 @@ def test_sigterm_drains_then_ends_streams_and_exits_0(tmp_path):
     # take well under it even on a busy one (one torch thread: no OpenMP team to starve)
     cfg = ModelConfig(vocab_size=258, d_model=256, n_layer=4, n_head=4, n_kv_head=2,
                       max_seq_len=32768)
-    Transformer(cfg).eval().save(tmp_path / "tiny", tokenizer=ByteTokenizer(SPECIALS))
+    kvformer.save(Transformer(cfg).eval(), tmp_path / "tiny", tokenizer=ByteTokenizer(SPECIALS))
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvformer", "serve", "--model", str(tmp_path / "tiny"),
          "--port", "0", "--dtype", "fp32", "--shutdown-grace", "6", "--max-batch", "8",

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+import kvformer
 from kvformer import CheckpointError, KvformerError, ModelConfig, Transformer
 from kvformer.formats.tokenizer.tokenizer import ByteTokenizer
 from kvformer.train import (
@@ -242,7 +243,7 @@ def test_fine_tune_a_pretrained_model_then_save_and_reload(tmp_path, corpus):
     cfg = ModelConfig(**{**MICRO, "norm": "layernorm", "pos": "learned", "mlp": "gelu",
                          "bias": True, "tie_embeddings": True})
     pretrained = Transformer(cfg)
-    pretrained.save(tmp_path / "pretrained", ByteTokenizer())
+    kvformer.save(pretrained, tmp_path / "pretrained", ByteTokenizer())
     before = {k: v.clone() for k, v in pretrained.state_dict().items()}
 
     res = train(micro_config(tmp_path / "ft", corpus, config="gpt2", init=str(

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from kvformer.config import ModelConfig
 from kvformer.errors import CheckpointError
+from kvformer.formats.build import saveable_state
 
 FORMAT = "kvformer"
 FORMAT_VERSION = 1
@@ -56,6 +57,14 @@ def save_native(path: str | os.PathLike, cfg: ModelConfig, state_dict: dict[str,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def save_model(model, path: str | os.PathLike, tokenizer=None) -> Path:
+    """Write ``model`` in kvformer's own format: config.json + model.safetensors (+ the
+    tokenizer). A quantized model is saved in kvformer's int8/int4 layout, the same bytes on
+    every CPU, and loads back as it was (``kvformer.load``). ``kvformer.save`` is this."""
+    state, extra = saveable_state(model)
+    return save_native(path, model.cfg, state, tokenizer, extra)
 
 
 def load_native(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:

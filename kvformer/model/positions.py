@@ -9,7 +9,7 @@
 
 Rotary scaling stretches a model past the context it was trained for by changing the
 frequencies (and, for YaRN and LongRoPE, scaling cos and sin by an attention factor). It
-is data, ``ModelConfig.rope_scaling``: a dict whose "type" is one of ``ROPE_SCALINGS``
+is data, ``ModelConfig.rope_scaling``: a dict whose "type" is one of ``config.ROPE_SCALINGS``
 and whose other keys are that type's parameters (``ROPE_SCALING_KEYS``), the same
 numbers Hugging Face's ``rope_parameters`` and a GGUF's ``rope.scaling.*`` hold:
 
@@ -75,54 +75,6 @@ class LearnedPositions(nn.Module):
                 f"position {int(positions.max())} is past the {limit} learned positions of "
                 f"this model; keep prompt + new tokens within {limit}")
         return self.weight[positions]
-
-
-ROPE_SCALINGS = ("linear", "dynamic", "llama3", "yarn", "longrope", "factors")
-ROPE_SCALING_KEYS: dict[str, tuple[str, ...]] = {
-    "linear": ("factor",),
-    "dynamic": ("factor", "original_max_position_embeddings"),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-               "original_max_position_embeddings"),
-    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
-             "attention_factor", "truncate"),
-    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings",
-                 "attention_factor"),
-    "factors": ("factors",),
-}
-_PER_FREQUENCY = ("short_factor", "long_factor", "factors")  # lists of head_dim/2 numbers
-
-
-def check_rope_scaling(scaling: dict | None, head_dim: int) -> None:
-    """Raise ValueError unless ``scaling`` is None or a complete, valid scaling dict."""
-    if scaling is None:
-        return
-    if not isinstance(scaling, dict):
-        raise ValueError(f"rope_scaling={scaling!r} must be a dict with a 'type'")
-    kind = scaling.get("type")
-    if kind not in ROPE_SCALINGS:
-        raise ValueError(f"rope scaling type {kind!r} is not one of {', '.join(ROPE_SCALINGS)}")
-    want = set(ROPE_SCALING_KEYS[kind])
-    have = set(scaling) - {"type"}
-    if have != want:
-        missing, extra = sorted(want - have), sorted(have - want)
-        raise ValueError(f"{kind} rope scaling needs exactly {', '.join(sorted(want))}"
-                         + (f"; missing {', '.join(missing)}" if missing else "")
-                         + (f"; unknown {', '.join(extra)}" if extra else ""))
-    for key in want:
-        value = scaling[key]
-        if key in _PER_FREQUENCY:
-            if (not isinstance(value, (list, tuple)) or len(value) != head_dim // 2
-                    or not all(isinstance(v, (int, float)) and v > 0 for v in value)):
-                raise ValueError(f"{kind} rope scaling: {key} must be {head_dim // 2} positive "
-                                 f"numbers (one per frequency of head_dim {head_dim})")
-        elif key == "truncate":
-            if not isinstance(value, bool):
-                raise ValueError(f"yarn rope scaling: truncate={value!r} must be true or false")
-        elif (not isinstance(value, (int, float)) or isinstance(value, bool)
-              or not value > 0 or not math.isfinite(value)):
-            raise ValueError(f"{kind} rope scaling: {key}={value!r} must be a positive number")
-    if kind == "llama3" and scaling["low_freq_factor"] == scaling["high_freq_factor"]:
-        raise ValueError("llama3 rope scaling: low_freq_factor and high_freq_factor must differ")
 
 
 def rope_switch_length(scaling: dict | None) -> int | None:

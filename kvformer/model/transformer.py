@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvformer.config import ModelConfig
-from kvformer.errors import ContextOverflowError
+from kvformer.errors import CheckpointError, ContextOverflowError
 from kvformer.kv.cache import KVCache, QuantizedKVCache
 from kvformer.kv.formats import KVFormat, kv_format
 from kvformer.model.attention import ATTENTION_IMPLS, Attention, causal_mask
@@ -240,7 +240,6 @@ class Transformer(nn.Module):
         (built on the meta device, then the tensors are assigned)."""
         with torch.device("meta"):
             model = cls(cfg)
-        from kvformer.errors import CheckpointError
         try:
             missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
         except RuntimeError as exc:  # shape mismatches
@@ -254,15 +253,6 @@ class Transformer(nn.Module):
             model.rotary_local = local
         return model.eval()
 
-    def save(self, path, tokenizer=None) -> None:
-        """Write kvformer's own format: config.json + model.safetensors (+ tokenizer). A
-        quantized model is saved in kvformer's int8/int4 layout, the same bytes on every
-        CPU, and loads back as it was."""
-        from kvformer.formats.native import save_native
-        from kvformer.runtime.quant import saveable_state
-
-        state, extra = saveable_state(self)
-        save_native(path, self.cfg, state, tokenizer, extra)
 
 
 def _rotaries(cfg: ModelConfig) -> tuple[Rotary | None, Rotary | None]:
