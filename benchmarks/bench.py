@@ -8,7 +8,7 @@ See kvformer/bench.py for what is measured and how.
 
 import sys
 
-from kvformer.tools.bench.run import main
+from kvformer.cli.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,6 +7,7 @@ import sys
 import pytest
 from helpers import HAVE_DEFAULT, needs_default
 
+import kvformer
 from kvformer.cli.main import main
 from kvformer.formats.load import default_model_path
 
@@ -238,7 +239,8 @@ def test_every_verb_that_loads_a_model_takes_the_same_flags():
 
 
 def test_common_flags_parse_with_llama_cpp_names():
-    from kvformer.cli.main import _model_arg, build_parser
+    from kvformer.cli.common import model_arg as _model_arg
+    from kvformer.cli.main import build_parser
 
     parser = build_parser()
     args = parser.parse_args(["generate", "-m", "x.gguf", "-t", "3", "-c", "100", "-n", "5",
@@ -346,7 +348,7 @@ def model_dir(tmp_path_factory):
 
     model = Transformer(ModelConfig.preset("tiny"))  # 4 query heads, 2 KV heads
     quantize_model(model, "int8")
-    model.save(root / "tiny-int8")
+    kvformer.save(model, root / "tiny-int8")
     (root / "broken.gguf").write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 20)
     (root / "notes.txt").write_text("not a model")
     os.makedirs(root / "empty-folder")
@@ -360,7 +362,7 @@ def _dir_size(path):
 def test_models_lists_what_it_finds(model_dir):
     import os
 
-    from kvformer.tools.pictures import human_bytes
+    from kvformer.fileio import human_bytes
 
     res = subprocess.run([sys.executable, "-m", "kvformer", "models"], capture_output=True,
                          text=True, timeout=600,
@@ -463,7 +465,7 @@ def test_a_hostile_chat_template_is_one_line_in_the_cli(tmp_path):
     loop = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
     tok = ByteTokenizer(["<|im_start|>", "<|im_end|>"], chat_template=loop)
     cfg = ModelConfig(vocab_size=258, d_model=32, n_layer=1, n_head=2, n_kv_head=1)
-    Transformer(cfg).eval().save(tmp_path / "m", tokenizer=tok)
+    kvformer.save(Transformer(cfg).eval(), tmp_path / "m", tokenizer=tok)
     t0 = time.monotonic()
     res = run_cli("generate", "--chat", "-m", str(tmp_path / "m"), "-n", "2", "hi")
     assert res.returncode == 2, res.stderr

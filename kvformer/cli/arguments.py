@@ -1,6 +1,5 @@
-"""Command-line arguments shared by several verbs (``kvformer``'s own and ``kvformer serve``,
-which registers itself from ``kvformer.cli.serve``). A module of its own so that the verb
-modules import it, never ``kvformer.cli.main``, which imports them.
+"""Command-line flags shared by several verbs, each defined once: light (argparse and os
+alone), as ``kvformer.cli.flags``, which defines every verb's flags with them.
 
 ``COMMON_FLAGS`` defines each flag that the verbs loading a model share, once, with the
 names llama.cpp uses; a verb picks the ones that mean something for it with ``add_flags``.
@@ -123,11 +122,3 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     loads a model takes them."""
     add_flags(p, "model", "dtype", "kv_dtype", "activations", "threads")
 
-
-def apply_activations(args) -> None:
-    """--activations for the int4 kernels (without the native kernels there are none: torch's
-    int4 matmul takes the activations as they are)."""
-    from kvformer.runtime import native
-
-    if getattr(args, "activations", None) and native.available(build_if_missing=False):
-        native.activations(args.activations)

@@ -1,4 +1,4 @@
-"""`kvformer chat`: the prompt loop around a ChatSession, as people who use llama.cpp or
+"""``kvformer chat``: the prompt loop around a ChatSession, as people who use llama.cpp or
 Ollama expect it at a terminal.
 
 - Ctrl-C during an answer stops it after the current token (a second Ctrl-C stops even a
@@ -21,8 +21,12 @@ import contextlib
 import signal
 import sys
 
+from kvformer.cli.common import context_size, load_model
 from kvformer.errors import ContextOverflowError, KvformerError
+from kvformer.fileio import human_bytes
+from kvformer.formats.catalog import attention_label
 from kvformer.formats.load import cache_dir
+from kvformer.runtime.sampling import validate_sampling
 from kvformer.runtime.session import ChatSession
 
 COMMANDS = {  # name: (argument, what it does)
@@ -36,6 +40,27 @@ COMMANDS = {  # name: (argument, what it does)
 }
 EXITS = ("/exit", "/quit", "/bye")
 
+
+def run(args) -> int:
+    validate_sampling(args.temperature, args.top_k, args.top_p)
+    model, tok = load_model(args)
+    if tok is None:
+        raise KvformerError(f"{args.model}: no tokenizer found beside the model; "
+                            "chat needs tokenizer.json or a GGUF with a vocabulary")
+    session = ChatSession(model, tok, system=args.system,
+                          max_len=context_size(args, model),
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          seed=args.seed)
+    interactive = sys.stdin.isatty()
+    if interactive and not args.quiet:
+        cache = session.cache
+        kv = cache.format.name
+        print(f"kvformer chat: {model.display_name} ({getattr(model, 'mode', '?')} weights)\n"
+              f"  attention {attention_label(model.cfg, long=True)}\n"
+              f"  KV cache {kv}, {cache.max_len} tokens ({human_bytes(cache.nbytes)})\n"
+              "/help lists the commands; Ctrl-C stops an answer; Ctrl-D leaves.",
+              file=sys.stderr, flush=True)
+    return ChatLoop(session, args.max_new_tokens, model.display_name, interactive).run()
 
 
 def say(text: str = "") -> None:
@@ -268,8 +293,6 @@ class ChatLoop:
 
 
 def stats_lines(session: ChatSession) -> list[str]:
-    from kvformer.tools.pictures import human_bytes
-
     cache = session.cache
     answers = sum(m["role"] == "assistant" for m in session.messages)
     used = cache.nbytes * cache.length // cache.max_len

@@ -1,57 +1,28 @@
-"""The ``kvformer serve`` verb."""
+"""The ``kvformer serve`` verb: an OpenAI-compatible HTTP server. Its flags are in
+``kvformer.cli.flags``; FastAPI and uvicorn come with the ``serve`` extra."""
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
-import os
 import sys
 
-from kvformer.cli.arguments import add_model_arguments, apply_activations, physical_cores
+import torch
+
+from kvformer.cli.common import apply_activations, set_threads
+from kvformer.cli.flags import add_serve
 from kvformer.errors import ArgumentParser, KvformerError
+from kvformer.formats.load import load
+from kvformer.serve.engine import Engine
 
+try:  # the serve extra (pip install 'kvformer[serve]'); without it, run() says so
+    import uvicorn
 
-def register(subparsers) -> argparse.ArgumentParser:
-    """Add the ``serve`` verb to the ``kvformer`` command's subparsers."""
-    p = subparsers.add_parser(
-        "serve", help="an OpenAI-compatible HTTP server (continuous batching, paged KV cache)",
-        description="Serve a model over an OpenAI-compatible HTTP API: /v1/models, "
-                    "/v1/completions, /v1/chat/completions, /health, /metrics.")
-    add_model_arguments(p)
-    p.add_argument("--served-model-name", default=None,
-                   help="the model id clients send (default: the --model argument)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("KVFORMER_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $KVFORMER_API_KEY)")
-    p.add_argument("--max-batch", type=int, default=16,
-                   help="sequences decoded together in one step (default 16)")
-    p.add_argument("--kv-blocks", type=int, default=None,
-                   help="KV cache blocks in the pool (default: max-batch x min(context, "
-                        "2048) tokens' worth)")
-    p.add_argument("--block-size", type=int, default=16, help="token slots per KV block")
-    p.add_argument("--prefill-chunk", type=int, default=128,
-                   help="prompt tokens prefilled per engine step (default 128)")
-    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
-                   help="recompute every prompt in full (default: reuse the KV blocks of "
-                        "prompt prefixes seen before)")
-    p.add_argument("--max-queue", type=int, default=64,
-                   help="requests that may wait for a slot; more get 429 (default 64)")
-    p.add_argument("--queue-timeout", type=float, default=30.0,
-                   help="seconds a request may wait before it gets 429 (default 30)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
-                   help="largest request body accepted; larger gets 413 (default 1 MiB)")
-    p.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
-                   help="on SIGTERM or Ctrl-C, refuse new requests (503) and let the ones "
-                        "in progress finish for up to this long, then end them (default 30)")
-    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                   help="let web pages from ORIGIN (e.g. http://localhost:5173; '*' for "
-                        "any) call the API from a browser; repeatable (default: none)")
-    p.add_argument("--log-level", default="info",
-                   choices=["critical", "error", "warning", "info", "debug"])
-    p.set_defaults(func=cmd_serve)
-    return p
+    from kvformer.serve.app import bind_socket, create_app
+    from kvformer.serve.http import draining_server_class
+except ImportError as exc:
+    if (exc.name or "").split(".")[0] not in ("fastapi", "starlette", "pydantic", "uvicorn"):
+        raise
+    uvicorn = None
 
 
 def _check(args) -> None:
@@ -85,21 +56,12 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def cmd_serve(args) -> int:
+def run(args) -> int:
     _check(args)
-    try:
-        import uvicorn
-    except ImportError:
+    if uvicorn is None:
         raise KvformerError("kvformer serve needs FastAPI and uvicorn: "
-                            "pip install 'kvformer[serve]'") from None
-    import torch
-
-    from kvformer.formats.load import load
-    from kvformer.serve.app import bind_socket, create_app
-    from kvformer.serve.engine import Engine
-    from kvformer.serve.http import draining_server_class
-
-    torch.set_num_threads(args.threads or physical_cores())  # -t/--threads, as every verb
+                            "pip install 'kvformer[serve]'")
+    set_threads(args)  # -t/--threads, as every verb
     sock = bind_socket(args.host, args.port)  # fail fast (port taken) before loading
     try:
         # Load on one torch thread: the model then runs on the engine's thread, and once
@@ -146,10 +108,10 @@ def cmd_serve(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run ``serve`` on its own: ``python -c 'from kvformer.cli.serve import main; main()'``."""
     parser = ArgumentParser(prog="kvformer")
-    register(parser.add_subparsers(dest="verb", required=True))
+    add_serve(parser.add_subparsers(dest="verb", required=True))
     args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
     try:
-        return args.func(args)
+        return run(args)
     except KeyboardInterrupt:
         return 130
     except (KvformerError, ValueError, OSError) as exc:

@@ -42,11 +42,24 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+import kvformer
+from kvformer.formats.gguf.reader import open_reader, read_metadata
+from kvformer.formats.load import resolve
+from kvformer.formats.tokenizer.tokenizer import Tokenizer
+from kvformer.runtime import native
+from kvformer.tools.bench import kv as kvbench
+from kvformer.tools.bench.models import LLAMA_32_1B, random_llama_gguf
+from kvformer.tools.bench.workers import llama_cpp_info
 from kvformer.tools.texts import ENGLISH
 
-DTYPES = ("fp32", "bf16", "int8", "int4")
+DTYPES = ("fp32", "bf16", "int8", "int4")  # kvformer.cli.flags writes these and NEW_TOKENS out
 PROMPT_TOKENS, SHORT_TOKENS, NEW_TOKENS, BATCH, NOCACHE_TOKENS = 512, 16, 128, 8, 32
 CONTEXTS = {"ctx1k": 1000, "ctx4k": 4000}
 
@@ -72,55 +85,8 @@ RSS_TARGET_MB = 400
 PATH_CAPABILITY = {"avxvnni": "avx2", "avx2": "avx2", "scalar": "default"}
 
 
-# --------------------------------------------------------------------------- CLI
-def register(subparsers) -> None:
-    """Add the `bench` verb to kvformer's CLI."""
-    p = subparsers.add_parser(
-        "bench", help="speed, memory and quality against llama.cpp and transformers, per "
-                      "kernel path (writes docs/benchmarks.md)",
-        description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", "-m", default="default",
-                   help="a .gguf file, a model directory, or 'default' (SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default=",".join(DTYPES),
-                   help=f"comma-separated kvformer dtypes to measure (default {','.join(DTYPES)})")
-    p.add_argument("--paths", default=None,
-                   help="comma-separated kernel paths for the int8/int4 rows (default: the "
-                        "SIMD paths this CPU runs; 'all' adds scalar)")
-    p.add_argument("--runs", type=int, default=3, help="fresh processes per configuration "
-                   "(the figures are their medians; default 3)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="threads for every engine (default: all cores)")
-    p.add_argument("--no-transformers", action="store_true",
-                   help="skip the transformers reference")
-    p.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp reference")
-    p.add_argument("--llama-cpp-avx2", default=None, metavar="DIR",
-                   help="a second llama-cpp-python built for AVX2 only (CMAKE_ARGS='-DGGML_NATIVE="
-                        "OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF ...', pip install --target DIR): "
-                        "the reference for the avx2 rows")
-    p.add_argument("--big", action="store_true",
-                   help="also a random model in the shape of Llama-3.2-1B (Q4_0 GGUF, ~0.8 GB, "
-                        "written once to ~/.cache/kvformer/bench)")
-    p.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
-    p.add_argument("--out", default="docs/benchmarks.md",
-                   help="markdown file to write (its chart goes to img/ beside it)")
-    p.add_argument("--no-write", action="store_true", help="print only")
-    p.add_argument("--kv-dtype", default=None,
-                   help="the KV cache of kvformer's rows: auto (default), fp32, bf16, int8, "
-                        "int4; with --kv, the comma-separated KV dtypes to compare (default "
-                        "fp32,bf16,int8,int4)")
-    p.add_argument("--kv", action="store_true",
-                   help="instead: each KV dtype's bytes, perplexity (1,000+ tokens), greedy "
-                        "agreement with the bf16 cache and decode speed at 2,048 tokens "
-                        "cached (kvformer.tools.bench.kv; writes docs/kv-cache.md)")
-    p.add_argument("--profile", action="store_true",
-                   help="also profile one int4 decode step (adds about a minute)")
-    p.set_defaults(func=run)
-
-
 def run(args) -> int:
     if args.kv:
-        from kvformer.tools.bench import kv as kvbench
-
         return kvbench.run(args)
     kv_dtype = args.kv_dtype or "auto"
     if kv_dtype not in ("auto", "fp32", "bf16", "int8", "int4"):
@@ -140,8 +106,6 @@ def run(args) -> int:
     summary, results = measure(configs, args, ids)
     big = None
     if args.big:
-        from kvformer.tools.bench.models import random_llama_gguf
-
         big_path = str(random_llama_gguf())
         big_ids = token_ids(big_path, contexts=False, batch=False)
         big_configs = make_configs(args, big_path, [d for d in dtypes if d in ("int8", "int4")]
@@ -163,8 +127,6 @@ def run(args) -> int:
 
 def kernel_paths(arg: str | None) -> list[str]:
     """The kernel paths to measure the quantized rows on ('torch' without native kernels)."""
-    from kvformer.runtime import native
-
     have = native.isas()
     if not have:
         return ["torch"]
@@ -182,8 +144,6 @@ def kernel_paths(arg: str | None) -> list[str]:
 def make_configs(args, model: str, dtypes: list[str], paths: list[str],
                  transformers: bool = True) -> list[dict]:
     """kvformer per dtype (the quantized ones per kernel path), then the references."""
-    from kvformer.formats.load import resolve
-
     configs = []
     for d in dtypes:
         for path in (paths if d in ("int8", "int4") else paths[:1]):
@@ -196,8 +156,6 @@ def make_configs(args, model: str, dtypes: list[str], paths: list[str],
                             "model": model, "kv_dtype": getattr(args, "kv_dtype", "auto")})
     kind, file = resolve(model)
     if kind == "gguf" and not args.no_llama_cpp:
-        from kvformer.tools.bench.workers import llama_cpp_info
-
         if llama_cpp_info() is None:
             print("llama-cpp-python is not installed (pip install 'kvformer[bench]'): no "
                   "llama.cpp reference", file=sys.stderr)
@@ -218,18 +176,12 @@ def make_configs(args, model: str, dtypes: list[str], paths: list[str],
 
 
 def _best_path() -> str:
-    from kvformer.runtime import native
-
     have = native.isas()
     return have[0] if have else "torch"
 
 
 def gguf_type(path) -> str:
     """The GGUF's predominant quantization of its matrices (e.g. Q4_1)."""
-    from collections import Counter
-
-    from kvformer.formats.gguf.reader import open_reader
-
     reader = open_reader(path)
     try:
         kinds = Counter(t.type_name for t in reader.tensors.values()
@@ -270,17 +222,10 @@ def measure(configs: list[dict], args, ids: dict, quality: bool = True):
 # --------------------------------------------------------------------------- parent side
 def token_ids(model: str, contexts: bool = True, batch: bool = True) -> dict:
     """The prompts as token ids, cut from TEXT with the model's own tokenizer."""
-    from kvformer.formats.load import resolve
-
     kind, path = resolve(model)
     if kind == "gguf":
-        from kvformer.formats.gguf.reader import read_metadata
-        from kvformer.formats.tokenizer.tokenizer import Tokenizer
-
         tok = Tokenizer.from_gguf(read_metadata(path))
     else:
-        from kvformer.formats.tokenizer.tokenizer import Tokenizer
-
         tok = Tokenizer.from_dir(path)
     text_ids = tok.encode(TEXT)
 
@@ -301,8 +246,6 @@ def hf_source(model: str) -> dict | None:
         import transformers  # noqa: F401
     except ImportError:
         return None
-    from kvformer.formats.load import resolve
-
     kind, path = resolve(model)
     if kind == "gguf":
         return {"dir": str(path.parent), "gguf_file": path.name}
@@ -322,8 +265,6 @@ def run_worker(spec: dict, env: dict | None = None, timeout: float = 3600) -> di
     if spec.get("engine") != "kvformer":
         # llama.cpp (built with OpenMP) and transformers run with OpenMP as the user has it,
         # not with the short spin kvformer sets for itself (kvformer/__init__.py)
-        import kvformer
-
         env["KVFORMER_THREADS"] = "openmp"
         for name, value in kvformer._OMP_ENV_BEFORE.items():
             if value is None:
@@ -375,15 +316,10 @@ def summarize(runs: list[dict]) -> dict:
 
 def machine_info(threads: int, paths: list[str], load_before, load_after,
                  seconds: float) -> dict:
-    from kvformer.runtime import native
-    from kvformer.tools.bench.workers import llama_cpp_info
-
     cpu = native.cpuinfo("model name").partition(":")[2].strip() or "unknown CPU"
     flags = native.cpuinfo("flags").split()
     isa = [f for f in ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16",
                        "amx_tile", "asimd") if f in flags]
-    import torch
-
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     try:
         import transformers
@@ -539,8 +475,7 @@ def _quality(summary: dict) -> list[str]:
 
 
 def _big_section(big: dict) -> list[str]:
-    from kvformer.tools.bench.models import LLAMA_32_1B as shape
-
+    shape = LLAMA_32_1B
     llama = next((n for n in big if n.startswith("llama.cpp")), None)
     keys = [m for m in METRICS if m[0] in ("decode", "prefill", "load", "rss", "rss_all")]
     lines = ["## A model ten times larger", "",
@@ -619,15 +554,12 @@ def _how(summary: dict, info: dict) -> list[str]:
 
 
 def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(summary)
     keys = [("decode", "decode, batch 1"), ("ctx4k", "decode, 4k tokens cached"),
             ("prefill", f"prefill, {PROMPT_TOKENS}-token prompt")]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 0.9 + 0.32 * len(names)))
+    fig = Figure(figsize=(4.4 * len(keys), 0.9 + 0.32 * len(names)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(keys))
     colors = ["#c44e52" if n.startswith("llama.cpp") else "#8c8c8c"
               if n.startswith("transformers") else "#4c72b0" for n in names]
     for ax, (k, title) in zip(axes, keys):
@@ -641,18 +573,4 @@ def plot(summary: dict, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`kvformer bench` on its own (benchmarks/bench.py), outside the kvformer command."""
-    from kvformer.errors import ArgumentParser
-
-    parser = ArgumentParser(prog="kvformer")
-    register(parser.add_subparsers(dest="verb", required=True))
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
