@@ -705,7 +705,7 @@ def _child_step(conn, step, model, tokens):
 @pytest.mark.parametrize("mode", ["pool", "openmp"])
 def test_the_step_gives_the_same_bits_on_any_number_of_threads(mode):
     """The step's matmuls and attention are cut into pieces that whichever thread is free
-    takes (kvformer's own pool, csrc/pool.h, or torch's OpenMP team): the logits are the same
+    takes (kvformer's own pool, csrc/threads.h, or torch's OpenMP team): the logits are the same
     bits on 1, 2 and 3 threads, when several threads run steps at once (on the pool, all but
     one of them then run alone), and (on the pool) in a child process forked after the
     workers started, which has none of them."""

@@ -12,10 +12,21 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from gguf import LlamaFileType
+from safetensors import safe_open
+
+from kvformer.config import ModelConfig
 from kvformer.errors import KvformerError
+from kvformer.fileio import human_bytes
+from kvformer.formats.gguf.config import config_from_gguf
+from kvformer.formats.gguf.reader import open_reader, read_metadata
+from kvformer.formats.hf import config_from_hf
+from kvformer.formats.load import default_model_path, named_models
+from kvformer.formats.native import is_native_dir
 
 
 @dataclass
@@ -47,8 +58,6 @@ def display_name(path: str | os.PathLike) -> str:
 
 
 def list_models() -> list[ModelInfo]:
-    from kvformer.formats.load import default_model_path, named_models
-
     infos = []
     try:
         infos.append(describe("default", default_model_path()))
@@ -73,11 +82,6 @@ def describe(name: str, path: Path) -> ModelInfo:
 
 
 def _describe_gguf(info: ModelInfo, path: Path) -> None:
-    from collections import Counter
-
-    from kvformer.formats.gguf.config import config_from_gguf
-    from kvformer.formats.gguf.reader import open_reader, read_metadata
-
     with open_reader(path) as reader:
         meta = read_metadata(reader)
         info.architecture = str(meta.get("general.architecture", "?"))
@@ -93,17 +97,12 @@ def _gguf_file_type(value) -> str | None:
     if value is None:
         return None
     try:
-        from gguf import LlamaFileType
-
         return LlamaFileType(int(value)).name.removeprefix("MOSTLY_")
-    except (ImportError, ValueError):
+    except ValueError:
         return None
 
 
 def _describe_dir(info: ModelInfo, path: Path) -> None:
-    from kvformer.config import ModelConfig
-    from kvformer.formats.native import is_native_dir
-
     raw = json.loads((path / "config.json").read_text())
     if is_native_dir(path):
         info.architecture = "kvformer"
@@ -111,8 +110,6 @@ def _describe_dir(info: ModelInfo, path: Path) -> None:
         saved = raw.get("quantization") or {}
         info.quantization = saved.get("mode") or _safetensors_dtype(path)
     else:
-        from kvformer.formats.hf import config_from_hf
-
         info.architecture = (raw.get("architectures") or [raw.get("model_type", "?")])[0]
         cfg = config_from_hf(raw, path)
         quant = raw.get("quantization_config") or {}
@@ -125,10 +122,6 @@ _SAFETENSORS_NAMES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16", "I8": "int8"
 
 def _safetensors_dtype(path: Path) -> str:
     """The dtype of a directory's largest-count tensor type, read from the header only."""
-    from collections import Counter
-
-    from safetensors import safe_open
-
     counts: Counter = Counter()
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
@@ -141,8 +134,6 @@ def _safetensors_dtype(path: Path) -> str:
 
 
 def format_table(infos: list[ModelInfo]) -> str:
-    from kvformer.tools.pictures import human_bytes
-
     header = ("NAME", "SIZE", "ARCHITECTURE", "ATTENTION", "QUANTIZATION", "PATH")
     rows = [header]
     for i in infos:

@@ -32,9 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from kvformer.config import ModelConfig
 from kvformer.errors import CheckpointError, ModelNotFoundError, UnsupportedArchitectureError
+from kvformer.model.transformer import Transformer
 
 __all__ = [
     "NAME_TABLES",
@@ -649,8 +651,6 @@ def _shard_plan(p: Path) -> list[tuple[Path, list[str] | None]]:
 
 def _read_safetensors(plan: list[tuple[Path, list[str] | None]]
                       ) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import SafetensorError, safe_open
-
     for file, names in plan:
         try:
             with safe_open(str(file), framework="pt", device="cpu") as handle:
@@ -674,8 +674,6 @@ def _read_safetensors(plan: list[tuple[Path, list[str] | None]]
 def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """kvformer's state-dict names and shapes for cfg, from a model on the meta device (no
     memory, no init)."""
-    from kvformer.model.transformer import Transformer
-
     with torch.device("meta"):
         model = Transformer(cfg)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -800,8 +798,6 @@ def load_hf_dir(path: PathLike, dtype: torch.dtype = torch.float32
 def model_from_hf_dir(path: PathLike, dtype: torch.dtype = torch.float32):
     """A ``kvformer.Transformer`` with every weight from the checkpoint (strictly: no
     parameter is left at a random initial value), in eval mode."""
-    from kvformer.model.transformer import Transformer
-
     cfg, state = load_hf_dir(path, dtype)
     try:  # built on the meta device around the loaded tensors: no init, no second copy
         model = Transformer.from_state_dict(cfg, state, strict=True)

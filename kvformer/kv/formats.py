@@ -2,7 +2,8 @@
 
 Every cache (the contiguous ``KVCache``, the server's paged pool) stores each ``(token,
 KV head)`` row of ``head_dim`` numbers in one of these forms; the native decode step reads
-the same bytes (``kvformer/csrc/kernels.h``, ``attend_q``) and dequantizes inside attention.
+the same bytes (``kvformer/runtime/csrc/kernels.h``, ``attend_q``) and dequantizes inside
+attention.
 
     fp32   4 bytes a number
     bf16   2 bytes a number

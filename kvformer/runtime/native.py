@@ -1,16 +1,16 @@
-"""kvformer's native code: the C++ in ``kvformer/csrc``, built once per machine, and the decode
-step that runs as one C++ operator.
+"""kvformer's native code: the C++ in ``kvformer/runtime/csrc``, built once per machine, and
+the decode step that runs as one C++ operator.
 
 At batch 1 a quantized decode step is ~120 small matmuls plus ~20 tiny tensor ops per
 layer; in eager PyTorch each op costs a few microseconds of Python and dispatch, more than
-the matmuls themselves. ``kvformer.runtime.step.NativeDecodeStep`` runs the whole step in C++
-(``csrc/step.cpp``) from the same named description the Python step reads
-(``kvformer.runtime.plan.StepPlan``). This module builds, loads and describes the library; it
-imports nothing of the model's (``kvformer.runtime.quant`` calls it for its kernels).
+the matmuls themselves. ``kvformer.runtime.step.NativeStep`` runs the whole step in C++
+(``csrc/step.cpp``) from a named description of the model (``kvformer.runtime.plan.StepPlan``,
+read by ``csrc/plan.cpp``). This module builds, loads and describes the library; it imports
+nothing of the model's (``kvformer.runtime.quant`` calls it for its kernels).
 
-The kernels (``csrc/kernels_*.cpp``) are one translation unit per instruction set, each
+The kernels (``csrc/kernels/*.cpp``) are one translation unit per instruction set, each
 compiled with its own flags, and the path is chosen at run time from what the CPU reports
-(cpuid), not from the machine that built it:
+(cpuid, in ``csrc/cpu.cpp``), not from the machine that built it:
 
     avx512   AVX-512 F/BW/VL/DQ + VNNI (Ice Lake, Zen 4 and later): vpdpbusd
     avxvnni  AVX2 + AVX-VNNI (Alder Lake and later client CPUs, Sapphire Rapids, Zen 5):
@@ -19,17 +19,18 @@ compiled with its own flags, and the path is chosen at run time from what the CP
     avx2     AVX2 + FMA + F16C (Haswell, Zen 1-3 and later): vpmaddubsw / vpmaddwd
     neon     64-bit ARM with the dot-product extension (Apple silicon, Graviton 2 and later,
              Cortex-A76 and later): vdotq_s32
-    scalar   portable C++, any architecture (aarch64 included)
+    scalar   portable C++, any architecture (aarch64 included): the fallback
 
-``KVFORMER_ISA=avx2`` (or ``avxvnni``, ``scalar``) forces a lower path, so any machine can run every
-path it can execute; ``isas()`` lists them, best first.
+``KVFORMER_ISA=avx2`` (or ``avxvnni``, ``scalar``) forces a lower path, so any machine can run
+every path it can execute; ``isas()`` lists them, best first.
 
 The library is built by ``kvformer build`` (which ``make`` runs during setup), or else the
 first time a model is loaded, with a message on stderr before any output. Built files go
 to ``~/.cache/kvformer/native/<key>`` (``KVFORMER_CACHE`` moves it); the key covers the
 sources, flags, compiler and torch. Without a compiler (or with ``KVFORMER_NATIVE=0``),
-``available()`` is False and everything runs on torch ops: the Python ``DecodeStep`` of
-``kvformer.runtime.step`` and the torch fallbacks of ``kvformer.runtime.quant``.
+``available()`` is False and everything runs on torch ops: ``Transformer.forward`` (the
+executor ``kvformer.runtime.step.for_model`` chooses then) with the torch fallbacks of
+``kvformer.runtime.quant``.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def library_path() -> Path | None:
 
 
 def build(force: bool = False, echo=None) -> Path:
-    """Compile ``kvformer/csrc`` into the cached library (if it is not built yet, or with
+    """Compile ``kvformer/runtime/csrc`` into the cached library (if it is not built yet, or with
     ``force``) and return its path. The compiler's warnings are passed to ``echo``
     (default: stderr). Raises NativeBuildError with the compiler's output on failure."""
     echo = echo or (lambda text: print(text, file=sys.stderr, flush=True))

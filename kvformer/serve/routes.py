@@ -21,6 +21,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from kvformer.errors import ChatTemplateError, ContextOverflowError
+from kvformer.formats.tokenizer.tokenizer import byte_alphabet
 from kvformer.serve.engine import Engine, Output, SamplingParams, TokenLogprob
 from kvformer.serve.grammar import Grammar, GrammarError, Grammars
 from kvformer.serve.scheduler import EngineClosedError, QueueFullError
@@ -161,8 +162,6 @@ def _token_bytes(tok, token_id: int) -> list[int] | None:
     """The raw bytes of a byte-level BPE token (a partial character has no text)."""
     if tok is None or not hasattr(tok, "id_to_token"):
         return None
-    from kvformer.formats.tokenizer.tokenizer import byte_alphabet
-
     spelling = tok.id_to_token(token_id)
     table = {c: b for b, c in enumerate(byte_alphabet())}
     if spelling is None or not all(c in table for c in spelling):

@@ -37,9 +37,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from kvformer.config import ModelConfig
 from kvformer.errors import ContextOverflowError
+from kvformer.formats.native import load_native
+from kvformer.model.transformer import Transformer
+from kvformer.train.data import eval_starts, open_data, windows_to_batch
+from kvformer.train.loop import TrainConfig, read_metrics, train
 
 GROUPS = ("norms", "positions", "attention")
 IMG_PREFIX = "exp_"
@@ -118,8 +124,6 @@ def stdlib_corpus(max_mb: float = 3.0) -> list[Path]:
 def position_losses(model, tokens: np.ndarray, length: int, n_windows: int) -> np.ndarray | None:
     """Per-window, per-position cross-entropy [windows, length] on evenly spaced windows of
     the validation tokens; None when the model cannot run that long (learned positions)."""
-    from kvformer.train.data import eval_starts, windows_to_batch
-
     starts = eval_starts(len(tokens), length, n_windows)
     model.eval()
     rows = []
@@ -143,8 +147,6 @@ def mean_and_se(per_window: np.ndarray) -> tuple[float, float]:
 def throughput(configs: dict[str, ModelConfig], s: Settings, log) -> dict[str, float]:
     """Training tokens/s of each config: forward + backward + AdamW on one fixed batch, timed
     in interleaved rounds; the best round of each counts (least disturbed by other load)."""
-    from kvformer.model.transformer import Transformer
-
     best = {k: float("inf") for k in configs}
     g = torch.Generator().manual_seed(s.seed)
     batch = torch.randint(0, 256, (s.batch_size, s.seq_len + 1), generator=g)
@@ -189,8 +191,6 @@ def run_experiments(which: str = "all", out: str | os.PathLike = "docs", steps: 
                     threads: int | None = None, settings: Settings | None = None) -> dict:
     """Train every model the chosen comparison needs, measure, and write
     OUT/experiments.md and OUT/img/exp_*.png. Returns the results as a dict."""
-    from kvformer.train.loop import TrainConfig, read_metrics, train
-
     groups = list(GROUPS) if which == "all" else [which]
     for g in groups:
         if g not in GROUPS:
@@ -248,10 +248,6 @@ def run_experiments(which: str = "all", out: str | os.PathLike = "docs", steps: 
                 progress=verbose and sys.stderr.isatty(), device="cpu"))
             train_s = time.perf_counter() - t0
             metrics = read_metrics(result.metrics)
-            from kvformer.formats.native import load_native
-            from kvformer.model.transformer import Transformer
-            from kvformer.train.data import open_data
-
             mcfg, state, _ = load_native(result.model_dir)
             model = Transformer.from_state_dict(mcfg, state)
             val = open_data(work / "data").val
@@ -361,9 +357,6 @@ def _load_average() -> list[float] | None:
 
 # ---------------------------------------------------------------------------------- plots
 def _plot_group(group: str, results: dict, png: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     runs, entries = results["runs"], results["groups"][group]
     s = results["settings"]
     ncols = 3 if group == "attention" else 2

@@ -8,24 +8,21 @@ from pathlib import Path
 
 import torch
 
+from kvformer.config import ModelConfig
+from kvformer.formats.load import load, load_config
 from kvformer.tools import pictures as P
+from kvformer.tools.bench import kv as kvbench
 
 ATTENTION_TEXT = "The cat sat on the mat because it was warm."
 KV_SIZE_DTYPES = ("fp16", "int8", "int4")
 CACHE_LENGTHS = (16, 64, 128, 256, 512, 1024)
 
 
-def _load(model_name):
-    from kvformer.formats.load import load
-
-    return load(model_name)
-
-
 def scaling(out: str | Path, model_name: str | None = "default"):
     stats = P.random_scaling_stats()
     model_entropy, label = None, ""
     if model_name:
-        model, tok = _load(model_name)
+        model, tok = load(model_name)
         ids = tok.encode(ATTENTION_TEXT * 3) if tok is not None else list(range(48))
         layers = P.record_attention(model, ids)
         model_entropy = P.model_entropy_per_head(layers, model.cfg.head_dim)
@@ -35,7 +32,7 @@ def scaling(out: str | Path, model_name: str | None = "default"):
 
 
 def cache(out: str | Path, model_name: str = "default", lengths=CACHE_LENGTHS):
-    model, _ = _load(model_name)
+    model, _ = load(model_name)
     lengths = [n for n in lengths if n < model.cfg.max_seq_len]
     rows = P.time_per_token(model, lengths)
     path = P.plot_cache_timing(rows, out, Path(getattr(model, "source", model_name)).name)
@@ -63,9 +60,6 @@ def run(topic: str, output: str | None, model_name: str = "default") -> int:
 def kv_costs(model_name: str = "default"):
     """What each KV dtype costs on the model as the CLI runs it (``dtype='auto'``):
     (kvbench's result, its markdown table, a short note per dtype for the picture)."""
-    from kvformer.formats.load import load
-    from kvformer.tools.bench import kv as kvbench
-
     model, tok = load(model_name, dtype="auto", progress=False)
     result = kvbench.measure(model, tok, ("bf16", "int8", "int4"), decode_ppl=False,
                              speed=False)
@@ -96,9 +90,6 @@ def kv_summary(result: dict) -> str:
 
 def write_docs(docs: Path, model_name: str = "default") -> Path:
     """Regenerate docs/how-it-decodes.md and every picture in it."""
-    from kvformer.config import ModelConfig
-    from kvformer.formats.load import load_config
-
     img = docs / "img"
     started = time.time()
     cfg_default = load_config(model_name)[0]
@@ -109,7 +100,7 @@ def write_docs(docs: Path, model_name: str = "default") -> Path:
     kv_quality, kv_lines, kv_notes = kv_costs(model_name)
     P.plot_kv_sizes(rows, img / "kv_size.png", 4096, 1, quality=kv_notes)
 
-    model, tok = _load(model_name)
+    model, tok = load(model_name)
     ids = tok.encode(ATTENTION_TEXT)
     layers = P.record_attention(model, ids)
     labels = P.token_labels(tok, ids)

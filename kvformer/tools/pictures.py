@@ -11,33 +11,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
 import torch
 
 from kvformer.config import ModelConfig
+from kvformer.fileio import human_bytes
 from kvformer.kv.formats import INT4_GROUP, kv_format
 from kvformer.runtime.step import for_model
+
+matplotlib.use("Agg")  # files only, no display: chosen before pyplot is imported
+import matplotlib.pyplot as plt  # noqa: E402
 
 # KV dtypes kv-size shows (int8 and int4 with their scales: kvformer.kv.formats)
 DTYPE_NAMES = ("fp32", "fp16", "bf16", "int8", "int4")
 DTYPE_COLORS = {"fp32": "#7f7f7f", "fp16": "#c44", "bf16": "#c44", "int8": "#4a4",
                 "int4": "#48c"}
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------------------- KV-cache size
@@ -112,7 +100,6 @@ def plot_kv_sizes(rows: Sequence[KVRow], out: str | Path, context: int, batch: i
                   dtype_name: str | None = None, quality: dict[str, str] | None = None) -> Path:
     """Bars per attention kind, one per KV dtype, per model. ``quality``: a note per KV
     dtype (what it costs), shown in the legend."""
-    plt = _plt()
     models = list(dict.fromkeys(r.model for r in rows))
     dtypes = list(dict.fromkeys(r.dtype for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(4.6 * len(models), 4.2), squeeze=False)
@@ -156,7 +143,7 @@ def _save(fig, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
-    _plt().close(fig)
+    plt.close(fig)
     return out
 
 
@@ -181,7 +168,6 @@ def record_attention(model, ids: Sequence[int]) -> list[torch.Tensor]:
 def plot_attention(weights: torch.Tensor, labels: Sequence[str], out: str | Path,
                    title: str, head: int | None = None) -> Path:
     """weights [n_head, T, T]; one head, or a grid of all heads."""
-    plt = _plt()
     heads = [head] if head is not None else list(range(weights.shape[0]))
     cols = min(len(heads), 3)
     rows = math.ceil(len(heads) / cols)
@@ -266,7 +252,6 @@ def model_entropy_per_head(layers: list[torch.Tensor], d_k: int, skip: int = 8):
 
 def plot_scaling(stats: list[dict], out: str | Path, model_entropy=None,
                  model_name: str = "") -> Path:
-    plt = _plt()
     n = 3 if model_entropy is not None else 2
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.2))
     dims = [s["d_k"] for s in stats]
@@ -330,7 +315,6 @@ def time_per_token(model, lengths: Sequence[int], repeats: int = 3, seed: int = 
 
 
 def plot_cache_timing(rows: list[dict], out: str | Path, model_name: str) -> Path:
-    plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     lengths = [r["length"] for r in rows]
     ax.plot(lengths, [1000 * r["without_cache_s"] for r in rows], "o-", color="#c44",

@@ -33,6 +33,7 @@ import torch
 
 from kvformer.errors import KvformerError
 from kvformer.fileio import write_atomic
+from kvformer.formats.tokenizer.tokenizer import ByteTokenizer
 
 META = "meta.json"
 DATA_VERSION = 1
@@ -101,8 +102,6 @@ def tokenizer_id(tokenizer) -> str:
 
 def _is_plain_bytes(tokenizer) -> bool:
     """A ByteTokenizer without special tokens: ids are exactly the UTF-8 bytes."""
-    from kvformer.formats.tokenizer.tokenizer import ByteTokenizer
-
     return isinstance(tokenizer, ByteTokenizer) and tokenizer.vocab_size == 256
 
 

@@ -26,15 +26,26 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from kvformer.config import ModelConfig
 from kvformer.errors import KvformerError
+from kvformer.formats.load import load, resolve
+from kvformer.formats.native import save_native
+from kvformer.formats.tokenizer.tokenizer import ByteTokenizer, Tokenizer
+from kvformer.model.transformer import Transformer
+from kvformer.runtime.generation import generate
 from kvformer.train.checkpoint import (
     MODEL,
     latest_checkpoint,
@@ -144,12 +155,8 @@ def _config_from_dict(data: dict, where: str) -> ModelConfig:
 
 def load_tokenizer(spec: str | None):
     """'byte' (or None) -> ByteTokenizer; anything else names a model whose tokenizer to use."""
-    from kvformer.formats.tokenizer.tokenizer import ByteTokenizer, Tokenizer
-
     if spec is None or spec == "byte":
         return ByteTokenizer()
-    from kvformer.formats.load import resolve
-
     kind, path = resolve(spec)
     if kind == "gguf":
         return Tokenizer.from_gguf(path)
@@ -218,9 +225,6 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 def plot_metrics(metrics, png: str | os.PathLike, title: str = "training loss") -> Path:
     """Train and validation loss against step, as a PNG (no display needed)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if not isinstance(metrics, list):
         metrics = read_metrics(metrics)
     train = [(m["step"], m["loss"]) for m in metrics if m.get("type") == "train"]
@@ -276,8 +280,6 @@ class Dist:
 def setup_distributed(device: str = "auto") -> Dist:
     """One process, or one of the processes torchrun started (RANK / WORLD_SIZE / LOCAL_RANK /
     MASTER_ADDR / MASTER_PORT in the environment): gloo on CPU, nccl on GPUs."""
-    import torch.distributed as dist
-
     want_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if want_cuda and not torch.cuda.is_available():
         raise KvformerError(f"--device {device}: no CUDA device is available")
@@ -290,8 +292,6 @@ def setup_distributed(device: str = "auto") -> Dist:
     if not dist.is_initialized():
         if want_cuda:
             torch.cuda.set_device(local)
-        from datetime import timedelta
-
         dist.init_process_group("nccl" if want_cuda else "gloo", timeout=timedelta(minutes=30))
         owns = True
     dev = torch.device(f"cuda:{local}") if want_cuda else torch.device("cpu")
@@ -358,9 +358,6 @@ class Trainer:
         if c.resume and ckpt is None:
             self.log(f"--resume: no checkpoint in {self.ckpt_root} yet; starting from step 0")
 
-        from kvformer.formats.tokenizer.tokenizer import Tokenizer
-        from kvformer.model.transformer import Transformer
-
         init_model = None
         if ckpt is not None:
             path, model_cfg, model_state, state = ckpt
@@ -369,8 +366,6 @@ class Trainer:
                               else load_tokenizer("byte"))
             self._note_changes(state.get("train_config", {}), model_cfg)
         elif c.init is not None:
-            from kvformer.formats.load import load
-
             init_model, tok = load(c.init, progress=c.verbose and d.main)
             if c.tokenizer is not None:
                 tok = load_tokenizer(c.tokenizer)
@@ -448,8 +443,6 @@ class Trainer:
             self._trim_metrics(self.step if ckpt is not None else 0)
         d.barrier()
         if d.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
             ids = [d.device.index] if d.device.type == "cuda" else None
             self.ddp = DDP(self.model, device_ids=ids)
         else:
@@ -511,8 +504,6 @@ class Trainer:
 
     @torch.no_grad()
     def sample(self) -> str:
-        from kvformer.runtime.generation import generate
-
         n_prompt = min(32, self.seq_len // 4, len(self.data.val) - 1)
         n_new = min(self.cfg.sample_tokens, self.model_cfg.max_seq_len - n_prompt)
         if n_prompt < 1 or n_new < 1:
@@ -608,8 +599,6 @@ class Trainer:
                                     "val_ppl": math.exp(min(last_val, 50))})
                 self.log(f"step 0: validation loss {last_val:.4f}")
         if progress and d.main and c.verbose:
-            from tqdm import tqdm
-
             self._bar = tqdm(total=c.steps, initial=self.step, unit="step", dynamic_ncols=True,
                              file=sys.stderr)
         interval_time, interval_tokens, tps = 0.0, 0, None
@@ -701,8 +690,6 @@ class Trainer:
         model_dir = None
         if self.step >= c.steps:
             if d.main:
-                from kvformer.formats.native import save_native
-
                 model_dir = save_native(self.out / "model", self.model_cfg,
                                         self.model.state_dict(), self.tokenizer,
                                         extra={"trained_by": "kvformer.train",

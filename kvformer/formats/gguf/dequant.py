@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as np_dequantize
 
 __all__ = ["SUPPORTED_TENSOR_TYPES", "dequantize"]
 
@@ -129,9 +131,6 @@ def _dq_q6_k(b: torch.Tensor) -> torch.Tensor:
 
 def _numpy_fallback(type_id: int) -> Callable[[torch.Tensor], torch.Tensor]:
     def run(b: torch.Tensor) -> torch.Tensor:
-        from gguf import GGMLQuantizationType
-        from gguf.quants import dequantize as np_dequantize
-
         arr = np_dequantize(b.numpy(), GGMLQuantizationType(type_id))
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     return run

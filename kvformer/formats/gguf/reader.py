@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from kvformer.errors import CheckpointError
 from kvformer.formats.gguf.dequant import (
@@ -163,10 +164,8 @@ class GGUFTensorInfo:
 
 def _type_name(type_id: int) -> str:
     known = _BLOCK_TYPES.get(type_id) or _FLOAT_TYPES.get(type_id)
-    if known is not None:  # the types kvformer reads: no need to import the gguf package
+    if known is not None:  # the types kvformer reads
         return known[0]
-    from gguf import GGMLQuantizationType
-
     try:
         return GGMLQuantizationType(type_id).name
     except ValueError:
@@ -180,8 +179,6 @@ def _block_sizes(type_id: int) -> tuple[int, int] | None:
         return block, size
     if type_id in _FLOAT_TYPES:
         return 1, _FLOAT_TYPES[type_id][1].itemsize
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
     try:
         return GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
     except (ValueError, KeyError):

@@ -16,6 +16,13 @@ from datetime import datetime
 from functools import lru_cache, wraps
 from typing import Any
 
+from jinja2 import meta
+from jinja2.compiler import CodeGenerator
+from jinja2.exceptions import SecurityError, TemplateSyntaxError
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import Namespace
+
 from kvformer.errors import ChatTemplateError
 
 __all__ = [
@@ -65,16 +72,10 @@ class _Budget(threading.local):
 _budget = _Budget()
 
 
-def _security_error(message: str):
-    from jinja2.exceptions import SecurityError
-
-    return SecurityError(message)
-
-
 def _tick() -> None:
     deadline = _budget.deadline
     if deadline is not None and time.monotonic() > deadline:
-        raise _security_error(f"the template ran for more than {_budget.time_limit:g} s")
+        raise SecurityError(f"the template ran for more than {_budget.time_limit:g} s")
 
 
 def _sized(value: Any) -> Any:
@@ -82,11 +83,11 @@ def _sized(value: Any) -> Any:
     if isinstance(value, (str, list, tuple, dict)):
         n = len(value)
         if n > _MAX_RENDER_CHARS:
-            raise _security_error(f"the template built a value of {n:,} items or characters "
+            raise SecurityError(f"the template built a value of {n:,} items or characters "
                                   f"(the limit is {_MAX_RENDER_CHARS:,})")
         _budget.built += n
         if _budget.built > _MAX_BUILT_CHARS:
-            raise _security_error(f"the template built more than {_MAX_BUILT_CHARS:,} "
+            raise SecurityError(f"the template built more than {_MAX_BUILT_CHARS:,} "
                                   "characters in all")
     return value
 
@@ -94,7 +95,7 @@ def _sized(value: Any) -> Any:
 def _would_build(n: int) -> None:
     """Refuse before building a value whose size is known to be too large."""
     if n > _MAX_RENDER_CHARS:
-        raise _security_error(f"the template would build a value of {n:,} items or characters "
+        raise SecurityError(f"the template would build a value of {n:,} items or characters "
                               f"(the limit is {_MAX_RENDER_CHARS:,})")
 
 
@@ -102,13 +103,13 @@ def _check_numbers(args: Iterable[Any]) -> None:
     """No call needs a number beyond the size limit (`'x'.ljust(10**9)`, `center(10**9)`)."""
     for a in args:
         if isinstance(a, int) and not isinstance(a, bool) and abs(a) > _MAX_RENDER_CHARS:
-            raise _security_error(f"the template passes the number {a} to a call (the limit "
+            raise SecurityError(f"the template passes the number {a} to a call (the limit "
                                   f"is {_MAX_RENDER_CHARS:,})")
 
 
 def _check_format(fmt: Any) -> None:
     if isinstance(fmt, str) and _WIDE_FORMAT.search(fmt):
-        raise _security_error("the template formats with a width or precision of a million "
+        raise SecurityError("the template formats with a width or precision of a million "
                               "characters or more")
 
 
@@ -166,9 +167,9 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: Any = None, separato
             sort_keys: bool = False) -> str:
     """Plain JSON (Jinja's own `tojson` HTML-escapes, which corrupts prompts)."""
     if isinstance(indent, str) and len(indent) > _MAX_INDENT_CHARS:
-        raise _security_error(f"tojson's indent is longer than {_MAX_INDENT_CHARS} characters")
+        raise SecurityError(f"tojson's indent is longer than {_MAX_INDENT_CHARS} characters")
     if isinstance(indent, int) and indent > _MAX_INDENT_CHARS:
-        raise _security_error(f"tojson's indent is more than {_MAX_INDENT_CHARS}")
+        raise SecurityError(f"tojson's indent is more than {_MAX_INDENT_CHARS}")
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
                       separators=separators, sort_keys=sort_keys)
 
@@ -178,101 +179,99 @@ def _make_dict(*args: Any, **kwargs: Any) -> dict:
     return dict(*args, **kwargs)
 
 
+class GenerationTag(Extension):
+    """`{% generation %}` marks assistant text for training masks; render its body as is."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
+class SafeNamespace(Namespace):
+    """`namespace()` that refuses underscore names, so it cannot shadow Python internals."""
+
+    def __init__(*args: Any, **kwargs: Any):  # `self` travels in args, as in Namespace
+        self, rest = args[0], args[1:]
+        attrs = dict(*rest, **kwargs)
+        for name in attrs:
+            SafeNamespace._check(name)
+        Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        SafeNamespace._check(name)
+        Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise SecurityError(f"namespace attribute {name!r} is not allowed")
+
+
+class BudgetedCode(CodeGenerator):
+    """Jinja's compiler, with a deadline check at the start of every block (so every loop
+    iteration and macro call) and a size check on every `~` concatenation."""
+
+    def blockvisit(self, nodes, frame) -> None:
+        self.writeline("environment.kvf_tick()")
+        super().blockvisit(nodes, frame)
+
+    def visit_Concat(self, node, frame) -> None:
+        self.write("environment.kvf_sized(")
+        super().visit_Concat(node, frame)
+        self.write(")")
+
+
+class ChatSandbox(ImmutableSandboxedEnvironment):
+    code_generator_class = BudgetedCode
+    kvf_tick = staticmethod(_tick)
+    kvf_sized = staticmethod(_sized)
+
+    # Jinja's sandbox turns a forbidden attribute into a silent Undefined (`{{ x.__class__ }}`
+    # renders as ''). A template that reaches for internals is hostile: stop it outright.
+    def unsafe_undefined(self, obj: Any, attribute: str):
+        raise SecurityError(
+            f"access to attribute {attribute!r} of a {type(obj).__name__} is not allowed")
+
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                    if len(seq) * n > _MAX_REPEAT_ITEMS:
+                        raise SecurityError("the template builds a value that is too large")
+        elif (operator == "**" and isinstance(right, (int, float))
+              and abs(right) > _MAX_POWER_EXPONENT):
+            raise SecurityError("the template raises a number to a too large power")
+        elif operator == "+" and isinstance(left, (str, list, tuple)) \
+                and isinstance(right, (str, list, tuple)):
+            _would_build(len(left) + len(right))
+        elif operator == "%" and isinstance(left, str):
+            _check_format(left)
+            _check_numbers(right if isinstance(right, tuple) else (right,))
+        return _sized(super().call_binop(context, operator, left, right))
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
+        _tick()
+        _check_numbers([*args, *kwargs.values()])
+        method = getattr(getattr(__obj, "__wrapped__", __obj), "__name__", "")
+        owner = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)
+        if isinstance(owner, str):
+            if method in ("format", "format_map"):
+                _check_format(owner)
+            elif method == "join" and args:
+                _would_build(_joined_size(list(args[0]) if isinstance(args[0], (
+                    list, tuple)) else args[0], owner))
+            elif method == "replace" and len(args) >= 2:
+                _would_build(_replaced_size(owner, args[0], args[1]))
+        return _sized(super().call(__context, __obj, *args, **kwargs))
+
+
 @lru_cache(maxsize=1)
 def _sandbox():
-    """The one Jinja environment chat templates run in (built lazily: jinja2 import is not free)."""
-    from jinja2.compiler import CodeGenerator
-    from jinja2.exceptions import SecurityError
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-    from jinja2.utils import Namespace
-
-    class GenerationTag(Extension):
-        """`{% generation %}` marks assistant text for training masks; render its body as is."""
-
-        tags = {"generation"}
-
-        def parse(self, parser):
-            next(parser.stream)
-            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
-    class SafeNamespace(Namespace):
-        """`namespace()` that refuses underscore names, so it cannot shadow Python internals."""
-
-        def __init__(*args: Any, **kwargs: Any):  # `self` travels in args, as in Namespace
-            self, rest = args[0], args[1:]
-            attrs = dict(*rest, **kwargs)
-            for name in attrs:
-                SafeNamespace._check(name)
-            Namespace.__init__(self, attrs)
-
-        def __setitem__(self, name: str, value: Any) -> None:
-            SafeNamespace._check(name)
-            Namespace.__setitem__(self, name, value)
-
-        @staticmethod
-        def _check(name: Any) -> None:
-            if isinstance(name, str) and name.startswith("_"):
-                raise SecurityError(f"namespace attribute {name!r} is not allowed")
-
-    class BudgetedCode(CodeGenerator):
-        """Jinja's compiler, with a deadline check at the start of every block (so every loop
-        iteration and macro call) and a size check on every `~` concatenation."""
-
-        def blockvisit(self, nodes, frame) -> None:
-            self.writeline("environment.kvf_tick()")
-            super().blockvisit(nodes, frame)
-
-        def visit_Concat(self, node, frame) -> None:
-            self.write("environment.kvf_sized(")
-            super().visit_Concat(node, frame)
-            self.write(")")
-
-    class ChatSandbox(ImmutableSandboxedEnvironment):
-        code_generator_class = BudgetedCode
-        kvf_tick = staticmethod(_tick)
-        kvf_sized = staticmethod(_sized)
-
-        # Jinja's sandbox turns a forbidden attribute into a silent Undefined (`{{ x.__class__ }}`
-        # renders as ''). A template that reaches for internals is hostile: stop it outright.
-        def unsafe_undefined(self, obj: Any, attribute: str):
-            raise SecurityError(
-                f"access to attribute {attribute!r} of a {type(obj).__name__} is not allowed")
-
-        intercepted_binops = frozenset({"*", "**", "+", "%"})
-
-        def call_binop(self, context, operator, left, right):
-            if operator == "*":
-                for seq, n in ((left, right), (right, left)):
-                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
-                        if len(seq) * n > _MAX_REPEAT_ITEMS:
-                            raise SecurityError("the template builds a value that is too large")
-            elif (operator == "**" and isinstance(right, (int, float))
-                  and abs(right) > _MAX_POWER_EXPONENT):
-                raise SecurityError("the template raises a number to a too large power")
-            elif operator == "+" and isinstance(left, (str, list, tuple)) \
-                    and isinstance(right, (str, list, tuple)):
-                _would_build(len(left) + len(right))
-            elif operator == "%" and isinstance(left, str):
-                _check_format(left)
-                _check_numbers(right if isinstance(right, tuple) else (right,))
-            return _sized(super().call_binop(context, operator, left, right))
-
-        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
-            _tick()
-            _check_numbers([*args, *kwargs.values()])
-            method = getattr(getattr(__obj, "__wrapped__", __obj), "__name__", "")
-            owner = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)
-            if isinstance(owner, str):
-                if method in ("format", "format_map"):
-                    _check_format(owner)
-                elif method == "join" and args:
-                    _would_build(_joined_size(list(args[0]) if isinstance(args[0], (
-                        list, tuple)) else args[0], owner))
-                elif method == "replace" and len(args) >= 2:
-                    _would_build(_replaced_size(owner, args[0], args[1]))
-            return _sized(super().call(__context, __obj, *args, **kwargs))
-
+    """The one Jinja environment chat templates run in."""
     env = ChatSandbox(trim_blocks=True, lstrip_blocks=True,
                       extensions=[GenerationTag, loopcontrols])
     env.filters["tojson"] = _tojson
@@ -284,8 +283,6 @@ def _sandbox():
 
 @lru_cache(maxsize=16)
 def _compile(template: str):
-    from jinja2.exceptions import TemplateSyntaxError
-
     try:
         return _sandbox().from_string(template)
     except TemplateSyntaxError as exc:
@@ -298,9 +295,6 @@ def _compile(template: str):
 def template_variables(template: str) -> frozenset[str]:
     """The variables a chat template reads from outside (e.g. whether it renders `tools`),
     found by parsing it: nothing of the template runs."""
-    from jinja2 import meta
-    from jinja2.exceptions import TemplateSyntaxError
-
     try:
         return frozenset(meta.find_undeclared_variables(_sandbox().parse(template)))
     except TemplateSyntaxError as exc:
@@ -363,8 +357,6 @@ def render_chat_template(template: str, messages: Sequence[Mapping[str, Any]],
     A render that runs longer than `time_limit` seconds (None: no limit) or builds too much
     (see _MAX_RENDER_CHARS, _MAX_BUILT_CHARS) is stopped with a ChatTemplateError.
     """
-    from jinja2.exceptions import SecurityError
-
     checked = _check_messages(messages)
     context = {"tools": None, "documents": None}
     context.update(_plain(variables, "chat template variables"))

@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kvformer.formats.load import load
+from kvformer.runtime import native
 from kvformer.runtime.step import for_model
 from kvformer.tools.texts import ENGLISH, MORE_ENGLISH
 
@@ -244,9 +246,6 @@ def report(result: dict, model_name: str, info: dict) -> str:
 
 def run(args) -> int:
     """``kvformer bench --kv``: measure, print, write ``args.out`` (docs/kv-cache.md)."""
-    from kvformer.formats.load import load
-    from kvformer.runtime import native
-
     kvs = [k.strip() for k in (args.kv_dtype or ",".join(MEASURED)).split(",") if k.strip()]
     for kv in kvs:
         if kv not in MEASURED:

@@ -19,7 +19,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
+from gguf import TokenType
+
+from kvformer.errors import CheckpointError
+from kvformer.formats.gguf.reader import GGUFFile, read_metadata
+from kvformer.formats.load import default_model_path
 
 __all__ = ["LLAMA_32_1B", "random_llama_gguf", "write_random_gguf"]
 
@@ -108,10 +114,6 @@ def _add_shape_metadata(writer, shape: dict, linear_type: str) -> None:
 
 def _add_tokenizer(writer, tokenizer_gguf, vocab_size: int) -> None:
     """Copy the tokenizer of another GGUF file, its token list padded to ``vocab_size``."""
-    from gguf import TokenType
-
-    from kvformer.formats.gguf.reader import read_metadata
-
     meta = read_metadata(tokenizer_gguf)
     tokens = list(meta.get("tokenizer.ggml.tokens") or [])
     if not tokens:
@@ -154,8 +156,6 @@ def write_random_gguf(path, tokenizer_gguf, shape: dict = LLAMA_32_1B,
     given ``seed``. Only one tensor is in memory at a time (the embedding, ~280 MB, is the
     largest). Writes ``path`` in place: see :func:`random_llama_gguf` for an atomic write.
     """
-    import gguf
-
     if linear_type not in _FILE_TYPES:
         raise ValueError(f"linear_type={linear_type!r} must be one of {', '.join(_FILE_TYPES)}")
     path = Path(path)
@@ -203,9 +203,6 @@ def _cache_name(shape: dict, linear_type: str, tokenizer_gguf: Path) -> str:
 
 def _is_complete(path: Path, shape: dict, linear_type: str) -> bool:
     """Whether ``path`` holds every tensor of the shape, all its bytes present."""
-    from kvformer.errors import CheckpointError
-    from kvformer.formats.gguf.reader import GGUFFile
-
     if not path.is_file():
         return False
     try:
@@ -235,8 +232,6 @@ def random_llama_gguf(cache_dir=None, linear_type: str = "Q4_0",
     name and renamed into place, so a crash or a concurrent run never leaves a partial
     file under the final name. Needs the default model installed, for its tokenizer.
     """
-    from kvformer.formats.load import default_model_path
-
     tokenizer_gguf = default_model_path()
     folder = Path(cache_dir) if cache_dir is not None else _cache_root()
     path = folder / _cache_name(shape, linear_type, tokenizer_gguf)

@@ -23,12 +23,19 @@ import os
 import sys
 import time
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from kvformer.formats.load import load
+from kvformer.runtime import native
+from kvformer.runtime.generation import generate_stream, perplexity
+from kvformer.runtime.quant import act_dtype
 from kvformer.runtime.step import for_model
 
 
 def worker(spec: dict) -> dict:
-    import torch
-
     torch.set_num_threads(spec["threads"])
     engine = spec["engine"]
     if engine == "kvformer":
@@ -59,13 +66,6 @@ CONTEXT_NEW = 64  # tokens decoded after the long prompts
 
 # --------------------------------------------------------------------------- kvformer
 def _kvformer(spec: dict) -> dict:
-    import torch
-
-    from kvformer.formats.load import load
-    from kvformer.runtime import native
-    from kvformer.runtime.generation import generate_stream, perplexity
-    from kvformer.runtime.quant import act_dtype
-
     ids, n = spec["ids"], spec["new_tokens"]
     if spec["task"] == "memory":
         model, _ = load(spec["model"], dtype=spec["dtype"], progress=False,
@@ -121,9 +121,6 @@ def _kvformer(spec: dict) -> dict:
 
 def decode_perplexity(model, ids: list[int]) -> float:
     """Perplexity with the text fed one token at a time through the model's decode path."""
-    import torch
-    import torch.nn.functional as F
-
     run = for_model(model)
     model = run.model
     nll = 0.0
@@ -138,9 +135,6 @@ def decode_perplexity(model, ids: list[int]) -> float:
 def profile_step(model, prompt: list[int], steps: int = 32) -> dict:
     """Per-token time of the native step by part and of Transformer.forward on the same
     cache, and torch.profiler's top operators of the forward."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
     tok = torch.tensor([[prompt[-1]]])
     fwd = type(model).forward.__get__(model)
     with torch.inference_mode():
@@ -212,8 +206,6 @@ def _llama_cpp(spec: dict) -> dict:
         decode(ids["short"], n)
         return {}
     if task == "quality":
-        import numpy as np
-
         text = ids["text"]
         llm.reset()
         llm.eval(text)
@@ -242,7 +234,6 @@ def _llama_cpp(spec: dict) -> dict:
 
 # --------------------------------------------------------------------------- transformers
 def _transformers(spec: dict) -> dict:
-    import torch
     from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
     hf, ids, n = spec["hf"], spec["ids"], spec["new_tokens"]
