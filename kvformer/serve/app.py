@@ -88,7 +88,7 @@ def create_app(engine: Engine, model_name: str = "default", *, api_key: str | No
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics(request: Request):
         srv.check_auth(request)
-        return Response(render_metrics(engine),
+        return Response(render_metrics(engine.metrics, engine.gauges()),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")

@@ -147,6 +147,19 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
+    def gauges(self) -> dict[str, int | str]:
+        """What the engine holds now, as plain numbers: the batch, the queue and the KV
+        pool (``/metrics`` and the chat page's panel read these, not the engine)."""
+        pool = self.pool
+        return {
+            "active_sequences": self.num_running, "queue_length": self.num_waiting,
+            "kv_blocks_used": pool.num_used, "kv_blocks_free": pool.num_free,
+            "kv_blocks_cached": pool.num_cached, "kv_blocks_total": pool.n_blocks,
+            "kv_block_size": pool.block_size, "kv_dtype": pool.kv_dtype,
+            "kv_cache_bytes": pool.nbytes, "kv_cache_tokens": pool.capacity,
+            "kv_bytes_per_token": pool.bytes_per_token,
+        }
+
     def check_prompt(self, prompt_ids: Sequence[int], max_tokens: int | None) -> int:
         """Raise ValueError/ContextOverflowError for a request that can never run; returns
         max_tokens (None: the rest of the context). See ``sequence.check_prompt``."""

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from kvformer.serve.engine import Engine
+from collections.abc import Mapping, Sequence
 
 
 class Histogram:
@@ -71,9 +67,9 @@ def _histogram(lines: list[str], name: str, help_: str, h: Histogram) -> None:
     lines.append(f"{name}_count {h.count}")
 
 
-def render_metrics(engine: Engine) -> str:
-    """The Prometheus text exposition format (version 0.0.4)."""
-    m = engine.metrics
+def render_metrics(m: Metrics, gauges: Mapping[str, int | str]) -> str:
+    """The Prometheus text exposition format (version 0.0.4) of the counters ``m`` and the
+    engine's ``gauges()``."""
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
@@ -118,27 +114,29 @@ def render_metrics(engine: Engine) -> str:
                    "From arrival to the first generated token.", m.ttft)
         _histogram(lines, "kvformer_inter_token_latency_seconds",
                    "Between consecutive tokens of one request.", m.itl)
-    pool = engine.pool
+    g = gauges
     metric("kvformer_active_sequences", "gauge", "Sequences in the running batch.",
-           [("", engine.num_running)])
+           [("", g["active_sequences"])])
     metric("kvformer_queue_length", "gauge", "Requests waiting to be admitted.",
-           [("", engine.num_waiting)])
-    metric("kvformer_kv_blocks_used", "gauge", "KV cache blocks in use.", [("", pool.num_used)])
-    metric("kvformer_kv_blocks_free", "gauge", "KV cache blocks free.", [("", pool.num_free)])
+           [("", g["queue_length"])])
+    metric("kvformer_kv_blocks_used", "gauge", "KV cache blocks in use.",
+           [("", g["kv_blocks_used"])])
+    metric("kvformer_kv_blocks_free", "gauge", "KV cache blocks free.",
+           [("", g["kv_blocks_free"])])
     metric("kvformer_kv_blocks_cached", "gauge",
            "Free KV blocks that still hold a cached prefix (counted in _free).",
-           [("", pool.num_cached)])
+           [("", g["kv_blocks_cached"])])
     metric("kvformer_kv_blocks_total", "gauge", "KV cache blocks in the pool.",
-           [("", pool.n_blocks)])
+           [("", g["kv_blocks_total"])])
     metric("kvformer_kv_block_size", "gauge", "Token slots per KV block.",
-           [("", pool.block_size)])
-    of_dtype = label(dtype=pool.kv_dtype)
+           [("", g["kv_block_size"])])
+    of_dtype = label(dtype=g["kv_dtype"])
     metric("kvformer_kv_cache_bytes", "gauge",
            "Bytes the KV pool reserves (K and V of every layer, scales included).",
-           [(of_dtype, pool.nbytes)])
+           [(of_dtype, g["kv_cache_bytes"])])
     metric("kvformer_kv_cache_tokens", "gauge", "Token slots the KV pool holds.",
-           [(of_dtype, pool.capacity)])
+           [(of_dtype, g["kv_cache_tokens"])])
     metric("kvformer_kv_bytes_per_token", "gauge",
            "KV bytes one token takes (every layer's K and V, scales included).",
-           [(of_dtype, pool.bytes_per_token)])
+           [(of_dtype, g["kv_bytes_per_token"])])
     return "\n".join(lines) + "\n"

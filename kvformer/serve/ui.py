@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 
@@ -26,34 +25,26 @@ HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
 
 
 def engine_status(engine, model_name: str) -> dict:
-    """What the page's engine panel shows: the batch, the queue, the KV pool and the model's
-    attention layout (a plain dict, also for tests and scripts)."""
+    """What the page's engine panel shows: the batch, the queue, the KV pool (the engine's
+    ``gauges()``) and the model's attention layout (a plain dict, also for tests and
+    scripts)."""
     cfg = engine.model.cfg
-    pool = engine.pool
-    per_token = getattr(pool, "bytes_per_token", None)
-    if per_token is None:  # K and V of every layer, in the pool's dtype
-        itemsize = torch.empty((), dtype=pool.dtype).element_size()
-        per_token = 2 * pool.n_layer * pool.n_kv_head * pool.head_dim * itemsize
-    kv_dtype = (getattr(pool, "kv_dtype", None)
-                or str(getattr(pool, "dtype", "")).removeprefix("torch.") or None)
-    status = {
+    g = engine.gauges()
+    return {
         "model": model_name,
         "architecture": {
             "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_kv_head": cfg.n_kv_head,
             "head_dim": cfg.head_dim, "attention": cfg.attention_kind,
             "group_size": cfg.group_size, "max_seq_len": cfg.max_seq_len,
         },
-        "kv_bytes_per_token": per_token,
-        "kv_dtype": kv_dtype,
-        "active_sequences": engine.num_running,
-        "queued": engine.num_waiting,
-        "kv_blocks": {"used": pool.num_used, "free": pool.num_free, "total": pool.n_blocks,
-                      "block_size": pool.block_size},
+        "kv_bytes_per_token": g["kv_bytes_per_token"],
+        "kv_dtype": g["kv_dtype"],
+        "active_sequences": g["active_sequences"],
+        "queued": g["queue_length"],
+        "kv_blocks": {"used": g["kv_blocks_used"], "free": g["kv_blocks_free"],
+                      "total": g["kv_blocks_total"], "block_size": g["kv_block_size"],
+                      "cached": g["kv_blocks_cached"]},
     }
-    cached = getattr(pool, "num_cached", None)  # prefix caching, where the pool has it
-    if cached is not None:
-        status["kv_blocks"]["cached"] = cached
-    return status
 
 
 def mount(app: FastAPI, engine, model_name: str, check_auth) -> None:
