@@ -26,7 +26,6 @@ from kvformer.runtime import native
 from kvformer.runtime import quant as quantize
 from kvformer.runtime.generation import perplexity
 from kvformer.tools.bench.run import TEXT
-from kvformer.tools.bench.workers import decode_perplexity
 
 
 def main() -> None:
@@ -46,7 +45,7 @@ def main() -> None:
             pre = perplexity(model, ids)
         finally:
             quantize.DENSE_ROWS = dense
-        rows[mode] = (decode_perplexity(model, ids), pre)
+        rows[mode] = (perplexity(model, ids, token_by_token=True), pre)
     print(f"{args.model} ({args.dtype}, {native.kernel_path()}), {len(ids)} tokens, "
           f"{torch.get_num_threads()} threads\n")
     print("| activations into int4 | perplexity, decode | vs int16 | perplexity, prefill on "

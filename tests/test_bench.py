@@ -54,7 +54,7 @@ def test_kv_comparison_measures_each_kv_dtype_against_bf16():
     assert list(rows) == ["bf16", "int8", "int4"] and result["prompts"] == 2
     assert rows["bf16"]["agree"] == 1.0 and rows["bf16"]["first_diff"] == [6, 6]
     ids = kvbench.text_ids(tok)
-    assert rows["int8"]["ppl"] == kvbench.prefill_perplexity(model, ids, "int8")
+    assert rows["int8"]["ppl"] == perplexity(model, ids, kv_dtype="int8")
     assert rows["int8"]["bytes_per_token"] == 2 * 2 * 1 * (32 + 2)
     prompt = kvbench.prompts(tok)[0]
     ref = kvbench.greedy(model, prompt, 6, "bf16")

@@ -16,6 +16,7 @@ from kvformer.kv.formats import (
     quantize_int4,
     quantize_int8,
 )
+from kvformer.runtime.generation import perplexity
 
 DTYPES = ["fp32", "bf16", "int8", "int4"]
 
@@ -208,6 +209,6 @@ def test_default_model_int8_kv_keeps_perplexity_within_1_percent():
     model, tok = load("default", dtype="auto", progress=False)
     ids = kvbench.text_ids(tok)
     assert len(ids) >= 1000
-    bf16 = kvbench.prefill_perplexity(model, ids, "bf16")
-    int8 = kvbench.prefill_perplexity(model, ids, "int8")
+    bf16 = perplexity(model, ids, kv_dtype="bf16")
+    int8 = perplexity(model, ids, kv_dtype="int8")
     assert abs(int8 / bf16 - 1) < 0.01

@@ -7,9 +7,11 @@ appended to the cache and every earlier one is read back, not recomputed. Withou
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from kvformer.errors import ContextOverflowError
 from kvformer.runtime.sampling import sample, validate_sampling
@@ -135,23 +137,42 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
     return outs[0] if single else outs
 
 
-def perplexity(model, ids: Sequence[int], window: int | None = None) -> float:
-    """exp(mean negative log-likelihood) of ids under the model, in windows of the context
-    (one forward per window: every token attends to the ones before it)."""
-    if isinstance(model, Executor):
-        model = model.model
-    window = window or model.cfg.max_seq_len
+def perplexity(model, ids: Sequence[int], window: int | None = None, *,
+               kv_dtype: str | None = None, token_by_token: bool = False) -> float:
+    """exp(mean negative log-likelihood of ``ids[1:]``, each given the ids before it): the one
+    perplexity of kvformer, in the three ways worth comparing.
+
+    By default, one forward per ``window`` (the context) with no cache: every token attends to
+    the exact K/V of the ones before it. With ``kv_dtype``, the text in one forward through a
+    cache of that dtype: attention reads the K/V as the cache stores them (int8, int4), what a
+    prefill sees. With ``token_by_token``, one token at a time through the model's executor
+    (the C++ step where it runs) and a cache of ``kv_dtype`` (None: the model's), as decoding
+    sees it. ``model`` may be an ``Executor``."""
+    run = for_model(model)
+    model = run.model
     ids_t = torch.tensor(list(ids), dtype=torch.long, device=model.device)
-    nll, count = 0.0, 0
+    if len(ids_t) < 2:
+        raise ValueError("perplexity needs at least two token ids")
+    nll = 0.0
     with torch.inference_mode():
-        for lo in range(0, len(ids_t) - 1, window):
-            chunk = ids_t[lo:lo + window + 1]
-            if len(chunk) < 2:
-                break
-            logits = model(chunk[:-1].unsqueeze(0))[0].float()
-            nll += torch.nn.functional.cross_entropy(logits, chunk[1:], reduction="sum").item()
-            count += len(chunk) - 1
-    return float(torch.exp(torch.tensor(nll / count)))
+        if token_by_token:
+            cache = model.new_cache(1, len(ids_t), kv_dtype)
+            for i in range(len(ids_t) - 1):
+                logits = run(ids_t[i:i + 1].view(1, 1), cache=cache)[0, -1].float()
+                nll += F.cross_entropy(logits[None], ids_t[i + 1:i + 2], reduction="sum").item()
+        elif kv_dtype is not None:
+            cache = model.new_cache(1, len(ids_t), kv_dtype)
+            logits = model(ids_t[None, :-1], cache=cache)[0].float()
+            nll = F.cross_entropy(logits, ids_t[1:], reduction="sum").item()
+        else:
+            window = window or model.cfg.max_seq_len
+            for lo in range(0, len(ids_t) - 1, window):
+                chunk = ids_t[lo:lo + window + 1]
+                if len(chunk) < 2:
+                    break
+                logits = model(chunk[:-1].unsqueeze(0))[0].float()
+                nll += F.cross_entropy(logits, chunk[1:], reduction="sum").item()
+    return math.exp(nll / (len(ids_t) - 1))
 
 
 @torch.inference_mode()

@@ -6,7 +6,6 @@ the model's own code (the attention weights are recorded by the attention layer 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from kvformer.config import ModelConfig
 from kvformer.fileio import human_bytes
 from kvformer.kv.formats import INT4_GROUP, kv_format
 from kvformer.runtime.step import for_model
+from kvformer.tools.timing import seconds
 
 matplotlib.use("Agg")  # files only, no display: chosen before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
@@ -301,14 +301,10 @@ def time_per_token(model, lengths: Sequence[int], repeats: int = 3, seed: int = 
         cache = model.new_cache(1, n + 1)
         executor(ids[:, :n], cache=cache)
         cached, full = [], []
-        for _ in range(repeats):
-            cache.truncate(n)
-            t0 = time.perf_counter()
-            executor(ids[:, n:], cache=cache)
-            cached.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            model(ids)
-            full.append(time.perf_counter() - t0)
+        for _ in range(repeats):  # interleaved, so that a busy machine slows both alike
+            cached += seconds(lambda: executor(ids[:, n:], cache=cache),  # noqa: B023
+                              before=lambda: cache.truncate(n))  # noqa: B023
+            full += seconds(lambda: model(ids))  # noqa: B023
         rows.append({"length": n, "with_cache_s": sorted(cached)[len(cached) // 2],
                      "without_cache_s": sorted(full)[len(full) // 2]})
     return rows

@@ -21,21 +21,20 @@ docs`` draws the bytes beside the quality in docs/how-it-decodes.md.
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from kvformer.formats.load import load
 from kvformer.runtime import native
+from kvformer.runtime.generation import perplexity
 from kvformer.runtime.step import for_model
 from kvformer.tools.texts import ENGLISH, MORE_ENGLISH
+from kvformer.tools.timing import seconds
 
 MEASURED = ("fp32", "bf16", "int8", "int4")
 REFERENCE = "bf16"
@@ -62,25 +61,6 @@ def prompts(tok) -> list[list[int]]:
     except Exception:  # no chat template: the continuation alone
         pass
     return out
-
-
-@torch.inference_mode()
-def prefill_perplexity(model, ids: list[int], kv: str) -> float:
-    cache = model.new_cache(1, len(ids), kv)
-    logits = model(torch.tensor([ids[:-1]], device=model.device), cache=cache)[0].float()
-    return math.exp(F.cross_entropy(logits, torch.tensor(ids[1:], device=model.device)).item())
-
-
-@torch.inference_mode()
-def decode_perplexity(model, ids: list[int], kv: str) -> float:
-    """The text fed one token at a time through the decode step."""
-    executor = for_model(model)
-    cache = model.new_cache(1, len(ids), kv)
-    nll = 0.0
-    for i in range(len(ids) - 1):
-        logits = executor(torch.tensor([[ids[i]]], device=model.device), cache=cache)[0, -1]
-        nll += F.cross_entropy(logits.float()[None], torch.tensor([ids[i + 1]])).item()
-    return math.exp(nll / (len(ids) - 1))
 
 
 @torch.inference_mode()
@@ -140,10 +120,9 @@ def decode_speed(model, kvs, context: int = SPEED_CONTEXT, steps: int = SPEED_ST
     times: dict[str, list[float]] = {kv: [] for kv in kvs}
     for i in range(steps + 4):
         for kv in kvs:
-            t = time.perf_counter()
-            executor(token, cache=caches[kv])
+            took = seconds(lambda kv=kv: executor(token, cache=caches[kv]))[0]
             if i >= 4:  # the first steps warm up
-                times[kv].append(time.perf_counter() - t)
+                times[kv].append(took)
     return {kv: 1.0 / statistics.quantiles(ts, n=100)[int(SPEED_QUANTILE * 100) - 1]
             for kv, ts in times.items()}
 
@@ -161,9 +140,9 @@ def measure(model, tok, kvs=MEASURED, decode_ppl: bool = True, speed: bool = Tru
     rows: dict[str, dict] = {}
     for kv in kvs:
         row = {"bytes_per_token": cfg.kv_cache_bytes(1, 1, model.kv_format(kv)),
-               "ppl": prefill_perplexity(model, ids, kv)}
+               "ppl": perplexity(model, ids, kv_dtype=kv)}
         if decode_ppl:
-            row["ppl_decode"] = decode_perplexity(model, ids, kv)
+            row["ppl_decode"] = perplexity(model, ids, kv_dtype=kv, token_by_token=True)
         agree, firsts = [], []
         for p, ref in zip(starts, refs):
             a, first = agreement(ref, forced_argmax(model, p, ref, kv))

@@ -526,9 +526,10 @@ def _how(summary: dict, info: dict) -> list[str]:
              "`int8`: rows with one fp32 scale each. The embedding and the LM head are one "
              "shared int8 table; Q/K/V and gate/up are fused into one matrix each.",
              "- **Decode** (one token per row): one C++ operator per token "
-             "(`kvformer/csrc/step.cpp`) runs every layer on the kernels of the row's path "
-             "(`csrc/kernels_avx512.cpp`: vpdpbusd; `kernels_avx2.cpp`: vpmaddubsw/vpmaddwd; "
-             "`kernels_scalar.cpp`: portable C++), chosen at run time from cpuid. Activations "
+             "(`kvformer/runtime/csrc/step.cpp`) runs every layer on the kernels of the row's "
+             "path (`csrc/kernels/avx512.cpp`: vpdpbusd; `kernels/avx2.cpp`: vpmaddubsw/"
+             "vpmaddwd; `kernels/scalar.cpp`: portable C++), chosen at run time from cpuid "
+             "(`csrc/cpu.cpp`). Activations "
              "enter the integer kernels as two int8 levels per block, so they lose less than "
              "bf16 would; attention over a long cache is split between threads.",
              "- **Prefill**: each weight is unpacked once (in pieces of ~1 M values) to the "

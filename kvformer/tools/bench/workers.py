@@ -25,7 +25,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from kvformer.formats.load import load
@@ -33,6 +32,7 @@ from kvformer.runtime import native
 from kvformer.runtime.generation import generate_stream, perplexity
 from kvformer.runtime.quant import act_dtype
 from kvformer.runtime.step import for_model
+from kvformer.tools.timing import seconds, stream_rate
 
 
 def worker(spec: dict) -> dict:
@@ -45,22 +45,6 @@ def worker(spec: dict) -> dict:
     return _transformers(spec)
 
 
-def _stamps(stream, n: int) -> float:
-    """tokens/s between the first and the last of n streamed steps."""
-    first = last = None
-    count = 0
-    for _ in stream:
-        last = time.perf_counter()
-        if first is None:
-            first = last
-        count += 1
-        if count == n:
-            break
-    if count < 2 or count != n:
-        raise RuntimeError(f"expected {n} steps, got {count}")
-    return (count - 1) / (last - first)
-
-
 CONTEXT_NEW = 64  # tokens decoded after the long prompts
 
 
@@ -70,13 +54,13 @@ def _kvformer(spec: dict) -> dict:
     if spec["task"] == "memory":
         model, _ = load(spec["model"], dtype=spec["dtype"], progress=False,
                         kv_dtype=spec.get("kv_dtype", "auto"))
-        _stamps(generate_stream(model, ids["short"], n), n)
+        stream_rate(generate_stream(model, ids["short"], n), n)
         return {}
     if spec["task"] == "quality":
         model, _ = load(spec["model"], dtype=spec["dtype"], progress=False,
                         kv_dtype=spec.get("kv_dtype", "auto"))
         out = {"ppl": perplexity(model, ids["text"]),
-               "ppl_decode": decode_perplexity(model, ids["text"])}
+               "ppl_decode": perplexity(model, ids["text"], token_by_token=True)}
         if spec.get("profile"):
             out["profile"] = profile_step(model, ids["short"])
         return out
@@ -94,42 +78,28 @@ def _kvformer(spec: dict) -> dict:
     def prefill(tokens):
         with torch.inference_mode():
             cache = model.new_cache(1, tokens.shape[1])
-            t0 = time.perf_counter()
-            executor(tokens, cache=cache, last_only=True)
-            return tokens.shape[1] / (time.perf_counter() - t0)
+            took = seconds(lambda: executor(tokens, cache=cache, last_only=True))[0]
+            return tokens.shape[1] / took
 
     prefill(long[:, :64])
     out["prefill"] = prefill(long)
     for _ in generate_stream(model, ids["short"], 8):
         pass
-    out["decode"] = _stamps(generate_stream(model, ids["short"], n), n)
+    out["decode"] = stream_rate(generate_stream(model, ids["short"], n), n)
     for key in ("ctx1k", "ctx4k"):
         if key in ids:
-            out[key] = _stamps(generate_stream(model, ids[key], CONTEXT_NEW), CONTEXT_NEW)
+            out[key] = stream_rate(generate_stream(model, ids[key], CONTEXT_NEW), CONTEXT_NEW)
     if "batch" in ids:
         for _ in generate_stream(model, ids["batch"], 8):
             pass
-        out["batch"] = len(ids["batch"]) * _stamps(generate_stream(model, ids["batch"], n), n)
+        out["batch"] = len(ids["batch"]) * stream_rate(generate_stream(model, ids["batch"], n), n)
     if spec.get("nocache"):
         nc = spec["nocache"]
         for _ in generate_stream(model, ids["short"], 4, use_cache=False):
             pass
-        out["nocache"] = _stamps(generate_stream(model, ids["short"], nc, use_cache=False), nc)
+        out["nocache"] = stream_rate(generate_stream(model, ids["short"], nc, use_cache=False), nc)
     out["decode_path"] = for_model(model).name
     return out
-
-
-def decode_perplexity(model, ids: list[int]) -> float:
-    """Perplexity with the text fed one token at a time through the model's decode path."""
-    run = for_model(model)
-    model = run.model
-    nll = 0.0
-    with torch.inference_mode():
-        cache = model.new_cache(1, len(ids))
-        for i in range(len(ids) - 1):
-            logits = run(torch.tensor([[ids[i]]]), cache=cache)
-            nll += F.cross_entropy(logits[0, -1:].float(), torch.tensor([ids[i + 1]])).item()
-    return math.exp(nll / (len(ids) - 1))
 
 
 def profile_step(model, prompt: list[int], steps: int = 32) -> dict:
@@ -143,14 +113,11 @@ def profile_step(model, prompt: list[int], steps: int = 32) -> dict:
         start = cache.length + 100  # ~100 more tokens in the cache, as mid-generation
         cache.length = start
 
-        def timed(f) -> float:
+        def timed(f) -> float:  # ms per step, from `start` cached tokens on
             cache.length = start
             f(tok, cache)
             cache.length = start
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                f(tok, cache)
-            return (time.perf_counter() - t0) / steps * 1e3
+            return sum(seconds(lambda: f(tok, cache), repeats=steps)) / steps * 1e3
 
         step = for_model(model).native
         result = {"len": start}
@@ -200,7 +167,7 @@ def _llama_cpp(spec: dict) -> dict:
 
     def decode(prompt, count):
         llm.reset()
-        return _stamps(llm.generate(prompt, temp=0.0, top_k=1, reset=True), count)
+        return stream_rate(llm.generate(prompt, temp=0.0, top_k=1, reset=True), count)
 
     if task == "memory":
         decode(ids["short"], n)
@@ -217,9 +184,7 @@ def _llama_cpp(spec: dict) -> dict:
 
     def prefill(tokens):
         llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(tokens)
-        return len(tokens) / (time.perf_counter() - t0)
+        return len(tokens) / seconds(lambda: llm.eval(tokens))[0]
 
     out["kernels"] = llama_cpp_info()["system_info"]
     prefill(ids["long"][:64])
@@ -275,9 +240,8 @@ def _transformers(spec: dict) -> dict:
 
     def prefill(tokens):
         with torch.inference_mode():
-            t0 = time.perf_counter()
-            model(tokens, use_cache=True, logits_to_keep=1)
-            return tokens.shape[1] / (time.perf_counter() - t0)
+            took = seconds(lambda: model(tokens, use_cache=True, logits_to_keep=1))[0]
+            return tokens.shape[1] / took
 
     if spec["task"] == "memory":
         gen([ids["short"]], n)
