@@ -272,6 +272,17 @@ def _sse_payloads(raw: str) -> list[str]:
     return [e[len("data: "):] for e in events]
 
 
+@pytest.fixture(scope="module")
+def slow_server(model, tok):
+    """A server whose steps take 10 ms at least: its tokens reach the event loop apart, so a
+    stream has several chunks (the C++ step makes a tiny model's 12 tokens faster than the
+    loop writes them, and their chunks are then coalesced into one event)."""
+    srv = start(model, tok, max_batch=8, kv_blocks=256, block_size=8, prefill_chunk=24,
+                step_delay=0.01)
+    yield srv
+    srv.stop()
+
+
 @pytest.mark.parametrize("path, extra", [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Ünïcode \"q\" \\"}]}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 3,
@@ -280,9 +291,11 @@ def _sse_payloads(raw: str) -> list[str]:
     ("/v1/completions", {"prompt": "abc", "logprobs": 1}),
 ])
 @pytest.mark.parametrize("usage", [False, True])
-def test_stream_events_are_the_json_dumps_text_of_their_chunks(server, path, extra, usage):
+def test_stream_events_are_the_json_dumps_text_of_their_chunks(slow_server, path, extra,
+                                                               usage):
     """Chunks written from templates (not json.dumps) are still exactly json.dumps(chunk,
     ensure_ascii=False): every event's JSON text equals that of its parsed value."""
+    server = slow_server
     body = {"model": MODEL, "max_tokens": 12, "temperature": 1.0, "seed": 3, "stream": True,
             **extra}
     if usage:
