@@ -15,11 +15,14 @@ and k (Qwen3, Gemma 3).
 
 from __future__ import annotations
 
+import functools
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvformer.config import ModelConfig
 from kvformer.model.norms import RMSNorm
@@ -97,6 +100,32 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     The kernel cannot soft-cap scores: with ``softcap`` the formula runs instead."""
     if softcap is not None:
         return scaled_dot_product_attention(q, k, v, causal, mask, scale, softcap)
+    if q.dtype in _HALF and q.device.type == "cpu" and _half_flash_refused():
+        with sdpa_kernel(SDPBackend.MATH):
+            return _fused(q, k, v, causal, mask, scale)
+    return _fused(q, k, v, causal, mask, scale)
+
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _half_flash_refused() -> bool:
+    """Whether torch's CPU flash attention refuses bf16/fp16 here. On a CPU with AMX, torch
+    2.13 takes its AMX path for them whatever ``ATEN_CPU_CAPABILITY`` says, and that path
+    fails below AVX-512 ("pack_vnni2 is only supported when avx512 is supported"): such a
+    machine made to dispatch as a lower CPU (``make test`` does) runs torch's math kernel
+    for them instead, the same computation."""
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "amx_fp16" in flags
+
+
+def _fused(q, k, v, causal, mask, scale) -> torch.Tensor:
     t_q, t_k = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if causal and mask is None and t_q == t_k:
