@@ -31,7 +31,7 @@ from hf_models import (  # noqa: E402
 from kvformer.formats.gguf.config import config_from_gguf  # noqa: E402
 from kvformer.formats.gguf.reader import read_metadata  # noqa: E402
 from kvformer.formats.gguf.tensors import load_gguf  # noqa: E402
-from kvformer.formats.hf import model_from_hf_dir  # noqa: E402
+from kvformer.formats.hf.tensors import model_from_hf_dir  # noqa: E402
 from kvformer.model.positions import rope_frequencies  # noqa: E402
 from kvformer.model.transformer import Transformer  # noqa: E402
 from kvformer.runtime import native  # noqa: E402

@@ -31,9 +31,8 @@ from kvformer import (  # noqa: E402
     Transformer,
     UnsupportedArchitectureError,
 )
-from kvformer.formats.hf import (  # noqa: E402
-    SUPPORTED_ARCHITECTURES,
-    config_from_hf,
+from kvformer.formats.hf.config import SUPPORTED_ARCHITECTURES, config_from_hf  # noqa: E402
+from kvformer.formats.hf.tensors import (  # noqa: E402
     iter_hf_tensors,
     load_hf_dir,
     model_from_hf_dir,

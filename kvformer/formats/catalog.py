@@ -24,7 +24,7 @@ from kvformer.errors import KvformerError
 from kvformer.fileio import human_bytes
 from kvformer.formats.gguf.config import config_from_gguf
 from kvformer.formats.gguf.reader import open_reader, read_metadata
-from kvformer.formats.hf import config_from_hf
+from kvformer.formats.hf.config import config_from_hf
 from kvformer.formats.load import default_model_path, named_models
 from kvformer.formats.native import is_native_dir
 

@@ -22,7 +22,8 @@ from kvformer.formats.build import build_model, load_quantized
 from kvformer.formats.gguf.config import config_from_gguf
 from kvformer.formats.gguf.reader import open_reader, read_metadata
 from kvformer.formats.gguf.tensors import check_tensors, iter_gguf_tensors
-from kvformer.formats.hf import _shard_plan, config_from_hf, load_hf_dir, read_hf_config
+from kvformer.formats.hf.config import config_from_hf, read_hf_config
+from kvformer.formats.hf.tensors import _shard_plan, load_hf_dir
 from kvformer.formats.native import is_native_dir, load_native
 from kvformer.formats.tokenizer.tokenizer import Tokenizer
 from kvformer.kv.formats import KV_DTYPES
