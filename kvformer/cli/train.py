@@ -10,7 +10,8 @@ import sys
 from kvformer.cli import experiment
 from kvformer.cli.flags import add_experiment, add_train, add_train_arguments
 from kvformer.errors import ArgumentParser, KvformerError
-from kvformer.train.loop import TrainConfig, train
+from kvformer.train.config import TrainConfig
+from kvformer.train.loop import train
 
 INTERRUPTED = 130  # the conventional status of a program stopped by Ctrl-C
 

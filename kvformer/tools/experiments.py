@@ -44,8 +44,10 @@ from kvformer.config import ModelConfig
 from kvformer.errors import ContextOverflowError
 from kvformer.formats.native import load_native
 from kvformer.model.transformer import Transformer
+from kvformer.train.config import TrainConfig
 from kvformer.train.data import eval_starts, open_data, windows_to_batch
-from kvformer.train.loop import TrainConfig, read_metrics, train
+from kvformer.train.loop import train
+from kvformer.train.metrics import read_metrics
 
 GROUPS = ("norms", "positions", "attention")
 IMG_PREFIX = "exp_"

@@ -21,8 +21,9 @@ _LAZY = {name: module for module, names in {
     ".checkpoint": ("latest_checkpoint", "list_checkpoints", "load_checkpoint",
                     "save_checkpoint"),
     ".data": ("BatchSampler", "TokenData", "open_data", "prepare_data"),
-    ".loop": ("TrainConfig", "Trainer", "TrainResult", "load_tokenizer", "lr_at",
-              "plot_metrics", "read_metrics", "resolve_model_config", "train"),
+    ".config": ("TrainConfig", "TrainResult", "load_tokenizer", "resolve_model_config"),
+    ".loop": ("Trainer", "lr_at", "train"),
+    ".metrics": ("plot_metrics", "read_metrics"),
 }.items() for name in names}
 
 

@@ -1,4 +1,5 @@
-"""The training loop: AdamW, warmup + cosine schedule, clipping, accumulation, DDP, checkpoints.
+"""The training loop: ``Trainer`` and ``train()``; AdamW, the warmup + cosine schedule,
+clipping, accumulation, evaluation, DDP, checkpoints.
 
     train(TrainConfig(config="tiny", data=["corpus.txt"], out="runs/tiny", steps=300))
 
@@ -25,25 +26,19 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from kvformer.config import ModelConfig
 from kvformer.errors import KvformerError
-from kvformer.formats.load import load, resolve
+from kvformer.formats.load import load
 from kvformer.formats.native import save_native
-from kvformer.formats.tokenizer.tokenizer import ByteTokenizer, Tokenizer
+from kvformer.formats.tokenizer.tokenizer import Tokenizer
 from kvformer.model.transformer import Transformer
 from kvformer.runtime.generation import generate
 from kvformer.train.checkpoint import (
@@ -53,116 +48,12 @@ from kvformer.train.checkpoint import (
     remove_stale_temporaries,
     save_checkpoint,
 )
+from kvformer.train.config import TrainConfig, TrainResult, load_tokenizer, resolve_model_config
 from kvformer.train.data import BatchSampler, eval_starts, open_data, prepare_data, windows_to_batch
+from kvformer.train.dist import Dist, setup_distributed
+from kvformer.train.metrics import plot_metrics, read_metrics
 
 STATE_VERSION = 1
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (the CLI flags map one to one)."""
-    data: list[str] = field(default_factory=list)  # text files, directories, glob patterns
-    out: str = "runs/train"
-    config: Any = "tiny"  # preset name, path to a config JSON, ModelConfig or dict
-    steps: int = 300
-    resume: bool = False
-    seed: int = 1337
-    batch_size: int = 16  # windows per micro-batch, over all processes together
-    seq_len: int | None = None  # None: min(128, the model's max_seq_len)
-    lr: float | None = None  # None: 1e-3 from scratch, 5e-5 when fine-tuning (--init)
-    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
-    warmup: int | None = None  # None: 10% of the steps, at most 100
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_accum: int = 1
-    grad_clip: float = 1.0  # 0 turns clipping off
-    eval_every: int = 100  # 0: evaluate only at the end
-    eval_tokens: int = 16384
-    save_every: int = 250  # 0: checkpoint only at the end (and on Ctrl-C)
-    log_every: int = 10
-    keep: int = 2  # checkpoints kept on disk (the newest ones)
-    bf16: bool = False  # bfloat16 autocast (CPU or GPU); weights and optimizer stay fp32
-    init: str | None = None  # fine-tune this model (anything kvformer.formats.load.load opens)
-    tokenizer: str | None = None  # 'byte' or a model whose tokenizer to use; None: see below
-    val_fraction: float = 0.05
-    sample_tokens: int = 64  # length of the text sample generated at each evaluation
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
-    threads: int | None = None  # torch CPU threads per process; None: torch's default
-    data_dir: str | None = None  # where token files go; default OUT/data
-    progress: bool | None = None  # tqdm bar; None: only when stderr is a terminal
-    verbose: bool = True
-    plot: bool = True
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        if isinstance(self.config, ModelConfig):
-            d["config"] = self.config.to_dict()
-        d["data"] = [str(p) for p in self.data]
-        d["betas"] = list(self.betas)
-        return d
-
-
-@dataclass
-class TrainResult:
-    out: Path
-    step: int
-    steps: int
-    interrupted: bool
-    loss: float | None
-    val_loss: float | None
-    model_dir: Path | None  # OUT/model once the run has finished
-    checkpoint: Path | None
-    metrics: Path
-    tokens_per_s: float | None = None
-
-
-# ---------------------------------------------------------------------------------- helpers
-def resolve_model_config(spec) -> ModelConfig:
-    """A preset name, a JSON file (a ModelConfig dict, a kvformer config.json, or
-    {"preset": name, ...overrides}), a dict, or a ModelConfig."""
-    if isinstance(spec, ModelConfig):
-        return spec
-    if isinstance(spec, dict):
-        return _config_from_dict(spec, "config")
-    spec = str(spec)
-    if spec in ModelConfig.presets():
-        return ModelConfig.preset(spec)
-    path = Path(spec).expanduser()
-    if path.is_dir() and (path / "config.json").is_file():
-        path = path / "config.json"
-    if not path.is_file():
-        raise KvformerError(f"--config {spec}: neither a preset "
-                            f"({', '.join(ModelConfig.presets())}) nor a config file")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise KvformerError(f"{path}: not a readable JSON config ({exc})") from exc
-    return _config_from_dict(data, str(path))
-
-
-def _config_from_dict(data: dict, where: str) -> ModelConfig:
-    try:
-        if "model" in data and isinstance(data["model"], dict):  # a kvformer config.json
-            data = data["model"]
-        data = dict(data)
-        preset = data.pop("preset", None)
-        if preset is not None:
-            return ModelConfig.preset(preset, **data)
-        return ModelConfig.from_dict(data)
-    except (TypeError, ValueError) as exc:
-        raise KvformerError(f"{where}: invalid model config ({exc})") from exc
-
-
-def load_tokenizer(spec: str | None):
-    """'byte' (or None) -> ByteTokenizer; anything else names a model whose tokenizer to use."""
-    if spec is None or spec == "byte":
-        return ByteTokenizer()
-    kind, path = resolve(spec)
-    if kind == "gguf":
-        return Tokenizer.from_gguf(path)
-    if (path / "tokenizer.json").is_file():
-        return Tokenizer.from_dir(path)
-    raise KvformerError(f"--tokenizer {spec}: no tokenizer.json in {path}")
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -208,94 +99,10 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue  # a line cut short by a crash
-    return out
-
-
-def plot_metrics(metrics, png: str | os.PathLike, title: str = "training loss") -> Path:
-    """Train and validation loss against step, as a PNG (no display needed)."""
-    if not isinstance(metrics, list):
-        metrics = read_metrics(metrics)
-    train = [(m["step"], m["loss"]) for m in metrics if m.get("type") == "train"]
-    val = [(m["step"], m["val_loss"]) for m in metrics if m.get("type") == "eval"]
-    fig = Figure(figsize=(7, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    if train:
-        ax.plot(*zip(*train), label="train loss", color="tab:blue", lw=1, alpha=0.8)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss", color="tab:orange", lw=1.5, ms=4)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats / token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    png = Path(png)
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, png)
-    return png
-
-
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------------- distributed
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    owns_group: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    def barrier(self) -> None:
-        if self.enabled:
-            torch.distributed.barrier()
-
-
-def setup_distributed(device: str = "auto") -> Dist:
-    """One process, or one of the processes torchrun started (RANK / WORLD_SIZE / LOCAL_RANK /
-    MASTER_ADDR / MASTER_PORT in the environment): gloo on CPU, nccl on GPUs."""
-    want_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if want_cuda and not torch.cuda.is_available():
-        raise KvformerError(f"--device {device}: no CUDA device is available")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 and not dist.is_initialized():
-        dev = torch.device(device if device not in ("auto",) else ("cuda" if want_cuda else "cpu"))
-        return Dist(device=dev)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    owns = False
-    if not dist.is_initialized():
-        if want_cuda:
-            torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if want_cuda else "gloo", timeout=timedelta(minutes=30))
-        owns = True
-    dev = torch.device(f"cuda:{local}") if want_cuda else torch.device("cpu")
-    return Dist(dist.get_rank(), dist.get_world_size(), local, dev, owns)
 
 
 # ---------------------------------------------------------------------------------- trainer
