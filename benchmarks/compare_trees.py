@@ -2,8 +2,9 @@
 
 Runs each workload through the public API and the command line of each tree (the tree comes
 first on PYTHONPATH; the venv and the native build cache are shared, each tree builds its own
-kernels from its own sources), in alternating order for ``--rounds`` rounds, so that a busy
-shared machine slows both alike. Prints each figure's median per tree and the ratio
+kernels from its own sources): in each of ``--rounds`` rounds every workload runs on both
+trees back to back, which one first alternating, so that a busy shared machine slows both
+alike. Prints each figure's median per tree and the ratio
 (this tree / the other).
 
     git worktree add /tmp/before <commit>
@@ -132,11 +133,14 @@ def main() -> None:
     trees = {"this": HERE, "before": args.before.resolve()}
     runs: dict[str, dict[str, list[float]]] = {name: {} for name in trees}
     for r in range(args.rounds):
-        order = list(trees) if r % 2 == 0 else list(trees)[::-1]
-        for name in order:
-            for work in (api, cli, serve):
+        for w, work in enumerate((api, cli, serve)):
+            # each workload on both trees back to back, the first one alternating, so that
+            # what ran just before (and a machine that gets busier) falls on both alike
+            order = list(trees) if (r + w) % 2 == 0 else list(trees)[::-1]
+            for name in order:
                 for key, value in work(trees[name]).items():
                     runs[name].setdefault(key, []).append(value)
+        for name in trees:
             print(f"round {r + 1}, {name}: " + ", ".join(
                 f"{k} {v[-1]:.1f}" for k, v in runs[name].items()), file=sys.stderr, flush=True)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
