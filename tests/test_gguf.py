@@ -48,7 +48,8 @@ RNG = np.random.default_rng(1234)
 QUANTIZABLE = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
 # Where each block keeps its float16 scales (byte offsets), so random blocks can get finite ones.
 F16_FIELDS = {T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0],
-              T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208]}
+              T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208],
+              T.IQ4_NL: [0], T.IQ4_XS: [0]}
 
 
 def _random_blocks(qtype: T, rows: int, cols: int) -> np.ndarray:
@@ -85,7 +86,52 @@ def test_dequantize_matches_gguf_on_random_blocks(qtype):
     np.testing.assert_array_equal(got.numpy(), ref)
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0, T.Q5_K, T.Q6_K, T.Q4_K],
+# IQ4_NL's and IQ4_XS's 16 levels (ggml's kvalues_iq4nl): a non-linear 4-bit grid
+IQ4_LEVELS = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
+
+
+def _iq4_nl_by_hand(block: bytes) -> list[float]:
+    """One IQ4_NL block as its format says: an fp16 d, then 16 bytes; number j of 32 is
+    d * level[low nibble of byte j] for j < 16, d * level[high nibble of byte j - 16] after."""
+    d = float(np.frombuffer(block[:2], np.float16)[0])
+    qs = block[2:18]
+    return [d * IQ4_LEVELS[qs[j] & 15] for j in range(16)] + \
+           [d * IQ4_LEVELS[qs[j] >> 4] for j in range(16)]
+
+
+def _iq4_xs_by_hand(block: bytes) -> list[float]:
+    """One IQ4_XS block of 256: an fp16 d, a u16 of high scale bits, 4 bytes of low scale
+    bits, 128 bytes of nibbles; sub-block i of 32 has the 6-bit scale
+    ls = low nibble i | (2 high bits i) << 4 and the step d * (ls - 32)."""
+    d = float(np.frombuffer(block[:2], np.float16)[0])
+    high = int.from_bytes(block[2:4], "little")
+    low, qs = block[4:8], block[8:136]
+    out = []
+    for i in range(8):
+        ls = ((low[i // 2] >> (4 * (i % 2))) & 15) | (((high >> (2 * i)) & 3) << 4)
+        step = d * (ls - 32)
+        sub = qs[16 * i:16 * i + 16]
+        out += [step * IQ4_LEVELS[sub[j] & 15] for j in range(16)]
+        out += [step * IQ4_LEVELS[sub[j] >> 4] for j in range(16)]
+    return out
+
+
+@pytest.mark.parametrize("qtype, by_hand", [(T.IQ4_NL, _iq4_nl_by_hand),
+                                            (T.IQ4_XS, _iq4_xs_by_hand)],
+                         ids=["IQ4_NL", "IQ4_XS"])
+def test_iq4_blocks_decode_as_their_format_says(qtype, by_hand):
+    """IQ4_NL and IQ4_XS (what hubs ship as IQ4_XS files) decode to the numbers their block
+    layout defines, computed here by hand from the bytes, not by the gguf package."""
+    raw = _random_blocks(qtype, 4, 512)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    flat = raw.reshape(-1, size)
+    want = np.array([v for b in flat for v in by_hand(b.tobytes())], np.float32)
+    got = dequantize(_raw(raw), int(qtype), (4, 512))
+    np.testing.assert_allclose(got.numpy().reshape(-1), want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0, T.Q5_K, T.Q6_K, T.Q4_K,
+                                   T.IQ4_XS],
                          ids=lambda t: t.name)
 def test_dequantize_in_chunks_and_to_other_dtypes(qtype, monkeypatch):
     raw = _random_blocks(qtype, 6, 1024)
@@ -112,7 +158,7 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
-K_QUANTS = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
+K_QUANTS = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS)
 
 
 def _encode(qtype, x: np.ndarray) -> tuple[np.ndarray, T | None, np.ndarray]:
@@ -253,6 +299,29 @@ def test_llama_quantized_qk_and_untied_head(tmp_path):
     cfg, state, _ = load_gguf(path)
     assert cfg.tie_embeddings is False and "lm_head.weight" in state
     _assert_state_equal(state, hf)
+
+
+def test_an_iq4_xs_file_loads_and_generates(tmp_path):
+    """A file of IQ4_XS matrices (IQ4_NL where a row is not a multiple of 256, as llama.cpp's
+    quantizer falls back) is read into the numbers its blocks hold (Q/K unpermuted), and
+    built in its default form (int8: these are not Q4_0/Q4_1 grids) it generates."""
+    import kvformer
+    from kvformer.formats.build import build_model
+    from kvformer.runtime.quant import default_mode, loader_dtype
+
+    iq4 = {name: T.IQ4_XS for name in ("attn_q.weight", "attn_k.weight", "attn_v.weight",
+                                       "attn_output.weight", "ffn_gate.weight",
+                                       "ffn_up.weight")}
+    iq4["ffn_down.weight"] = T.IQ4_NL  # 96 columns: blocks of 32
+    path, hf = _llama_file(tmp_path, types=iq4)
+    cfg, state, _ = load_gguf(path)
+    _assert_state_equal(state, hf)
+    with open_reader(path) as reader:
+        mode = default_mode([info.type_name for info in reader.tensors.values()])
+        assert mode == "int8"
+        model = build_model(cfg, iter_gguf_tensors(reader, cfg, dtype=loader_dtype(mode)), mode)
+    out = kvformer.generate(model, [1, 2, 3], 5)
+    assert len(out) == 5 and all(0 <= i < cfg.vocab_size for i in out)
 
 
 def test_q4_matrices_pass_into_int4_exactly(tmp_path):

@@ -1,9 +1,10 @@
 """Block dequantizers for the ggml tensor types kvformer reads: stored bytes -> floats.
 
 Quantized tensors are stored as rows of blocks along ne0 (the torch last dim); each block
-dequantizer maps uint8 ``[n_blocks, bytes]`` to float32 ``[n_blocks, elements]``. Q2_K and
-Q3_K fall back to the `gguf` package's numpy dequantizer. The type table here (name, block
-size, bytes per block) is also what the container parser sizes tensors by.
+dequantizer maps uint8 ``[n_blocks, bytes]`` to float32 ``[n_blocks, elements]``. Q2_K, Q3_K,
+IQ4_NL and IQ4_XS fall back to the `gguf` package's numpy dequantizer.
+The type table here (name, block size, bytes per block) is also what the container parser
+sizes tensors by.
 """
 
 from __future__ import annotations
@@ -149,6 +150,10 @@ _BLOCK_TYPES: dict[int, tuple[str, int, int, Callable[[torch.Tensor], torch.Tens
     12: ("Q4_K", 256, 144, _dq_q4_k),
     13: ("Q5_K", 256, 176, _dq_q5_k),
     14: ("Q6_K", 256, 210, _dq_q6_k),
+    # IQ4_NL and IQ4_XS (a non-linear 16-level grid), through the gguf package's numpy
+    # decoders; the rarer i-quants (IQ1-IQ3) stay refused rather than rounded again
+    20: ("IQ4_NL", 32, 18, _numpy_fallback(20)),
+    23: ("IQ4_XS", 256, 136, _numpy_fallback(23)),
 }
 _FLOAT_TYPES: dict[int, tuple[str, torch.dtype]] = {
     0: ("F32", torch.float32),
