@@ -473,3 +473,29 @@ def test_a_hostile_chat_template_is_one_line_in_the_cli(tmp_path):
     assert err.startswith("kvformer: error: ") and "ran for more than 1 s" in err, res.stderr
     assert "Traceback" not in res.stderr
     assert time.monotonic() - t0 < 60
+
+
+def _with_closed(fd: int, *args):
+    """The command with standard stream ``fd`` closed, as a shell's ``<&-`` / ``>&-`` does."""
+    import os
+
+    out = subprocess.PIPE if fd != 1 else None
+    return subprocess.run([sys.executable, "-m", "kvformer", *args], stdout=out,
+                          stderr=subprocess.PIPE, stdin=subprocess.DEVNULL if fd else None,
+                          preexec_fn=lambda: os.close(fd), text=True, timeout=600)
+
+
+@needs_default
+def test_closed_standard_streams_are_one_line_errors():
+    """`kvformer generate <&-` (no prompt to read), `chat <&-` and `generate hi >&-` (nowhere
+    to write) say so in one line and exit 2, with no traceback; with stderr closed the
+    answer still comes out."""
+    for fd, args, words in ((0, ("generate", "-n", "4"), "stdin (which is closed)"),
+                            (0, ("chat", "-n", "4"), "standard input is closed"),
+                            (1, ("generate", "-n", "4", "hi"), "standard output is closed")):
+        res = _with_closed(fd, *args)
+        assert res.returncode == 2, (args, res.stderr)
+        assert words in res.stderr and "Traceback" not in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    res = _with_closed(2, "generate", "-n", "4", "hi")
+    assert res.returncode == 0 and res.stdout.strip()

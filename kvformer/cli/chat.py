@@ -43,6 +43,9 @@ EXITS = ("/exit", "/quit", "/bye")
 
 def run(args) -> int:
     validate_sampling(args.temperature, args.top_k, args.top_p)
+    if sys.stdin is None:  # started with `<&-`: no messages can come
+        raise KvformerError("standard input is closed: chat reads its messages there; run "
+                            "it at a terminal or pipe the messages in")
     model, tok = load_model(args)
     if tok is None:
         raise KvformerError(f"{args.model}: no tokenizer found beside the model; "

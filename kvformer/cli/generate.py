@@ -17,6 +17,8 @@ from kvformer.runtime.step import for_model
 
 
 def run(args) -> int:
+    if args.prompt is None and sys.stdin is None:  # started with `<&-`
+        raise KvformerError("no prompt: give it as an argument, or on stdin (which is closed)")
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
         raise KvformerError("empty prompt: give it as an argument or on stdin")

@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if sys.stderr is None:  # started with `2>&-`: messages go nowhere, answers still out
+        sys.stderr = open(os.devnull, "w")  # kept open for the life of the process
+    if sys.stdout is None:  # started with `>&-`
+        print("kvformer: error: standard output is closed, so there is nowhere to write; "
+              "send it to a file or a pipe (e.g. > answer.txt)", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     # A verb that loads a model says so at once: importing torch alone takes a second or two.
     args.status = StatusLine(enabled=hasattr(args, "model") and hasattr(args, "quiet")
