@@ -237,3 +237,55 @@ def test_sigterm_drains_then_ends_streams_and_exits_0(tmp_path):
     text = "".join(log)
     assert "Traceback" not in text and "CancelledError" not in text, text
     assert "shutting down" in text
+
+
+def test_four_requests_that_were_500s_are_400s_or_answers():
+    """Each of these once ended in a 500: a logit_bias key that str.isdigit() accepts but
+    int() does not; an earlier tool call whose arguments nest ~980 deep (chat and
+    /tokenize); a JSON schema whose required property is itself (no finite JSON has it);
+    a penalty that drives the one token the grammar allows to -inf. And a model whose
+    vocab_size is padded past its tokenizer's never picks an id without text."""
+    from kvformer.formats.tokenizer.template import CHATML_TEMPLATE
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=300, d_model=32, n_layer=1, n_head=2, max_seq_len=4096)
+    tok = ByteTokenizer(SPECIALS, chat_template=CHATML_TEMPLATE)  # 258 tokens
+    engine = Engine(Transformer(cfg).eval(), tok, max_batch=4, kv_blocks=256)
+    srv = BackgroundServer(create_app(engine, "tiny")).start()
+    url = srv.url
+    try:
+        r = httpx.post(url + "/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": "ab", "max_tokens": 2, "logit_bias": {"²": 1}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"
+        deep = "[" * 980 + "]" * 980
+        msgs = [{"role": "user", "content": "x"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function",
+                     "function": {"name": "f", "arguments": deep}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
+        r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": msgs, "max_tokens": 8, "temperature": 1.0,
+            "seed": 1})
+        assert r.status_code == 200, r.text
+        r = httpx.post(url + "/v1/completions", timeout=60, json={  # 299 has no text
+            "model": "tiny", "prompt": "ab", "max_tokens": 3, "logit_bias": {"299": 100}})
+        assert r.status_code == 200, r.text
+        assert httpx.post(url + "/tokenize", timeout=60,
+                          json={"model": "tiny", "messages": msgs}).status_code == 200
+        selfish = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}
+        r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4,
+            "response_format": {"type": "json_schema",
+                                "json_schema": {"name": "s", "schema": selfish}}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+        only_a = {"type": "string", "enum": ["a"]}
+        r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4,
+            "repetition_penalty": 1e308, "logit_bias": {str(ord('"')): -100},
+            "response_format": {"type": "json_schema",
+                                "json_schema": {"name": "s", "schema": only_a}}})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == '"a"'
+        assert httpx.get(url + "/health", timeout=10).status_code == 200
+    finally:
+        srv.stop()

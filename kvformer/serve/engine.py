@@ -106,6 +106,10 @@ class Engine:
         self.max_queue, self.queue_timeout = max_queue, queue_timeout
         self.step_delay = step_delay  # tests: slow every step down
         self.stop_ids = frozenset(getattr(tokenizer, "stop_ids", ()) or ())
+        # ids a token can be picked from: a model's vocab_size may be padded past its
+        # tokenizer's (Qwen2: 151,936 rows for 151,665 tokens); the rest have no text
+        self.pickable = min(model.cfg.vocab_size,
+                            getattr(tokenizer, "vocab_size", None) or model.cfg.vocab_size)
         self._ids = itertools.count(1)
         self._seed_source = torch.Generator().manual_seed(int(time.time_ns() % 2**63))
         self._thread: threading.Thread | None = None
@@ -278,6 +282,9 @@ class Engine:
                 self._sample([seq], logits)
 
     def _sample(self, seqs: list[Seq], logits: torch.Tensor) -> None:
+        if logits.shape[-1] > self.pickable:  # out of reach, whatever a bias adds
+            logits = logits.float().clone()
+            logits[:, self.pickable:] = float("-inf")
         for seq, (tok, lp) in zip(seqs, pick_tokens(seqs, logits)):
             try:
                 self._on_token(seq, tok, lp)

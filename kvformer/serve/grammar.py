@@ -38,7 +38,12 @@ CACHED_GRAMMARS = 64
 
 
 class GrammarError(KvformerError, ValueError):
-    """A grammar that cannot be compiled, or a token it does not accept."""
+    """A grammar that cannot be compiled, or a token it does not accept. ``param`` names the
+    request's parameter the grammar came from ("response_format", "tools"), where known."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 def _llguidance():
@@ -102,9 +107,9 @@ class _Source:
 class Grammar:
     """A compiled grammar; ``start()`` gives one sequence its own state."""
 
-    def __init__(self, vocab: Vocabulary, source: str, what: str):
+    def __init__(self, vocab: Vocabulary, source: str, what: str, param: str | None = None):
         llg = _llguidance()
-        self.vocab, self.what = vocab, what
+        self.vocab, self.what, self.param = vocab, what, param
         matcher = llg.LLMatcher(vocab.ll, source, log_level=0,
                                 limits=llg.LLParserLimits(verbose_errors=False))
         if matcher.is_error():
@@ -112,19 +117,20 @@ class Grammar:
         self._first = matcher
 
     def start(self) -> Constraint:
-        return Constraint(self._first.deep_copy(), self.vocab)
+        return Constraint(self._first.deep_copy(), self.vocab, self.param)
 
 
 class Constraint:
     """One sequence's place in its grammar."""
 
-    def __init__(self, matcher, vocab: Vocabulary):
-        self.matcher, self.vocab = matcher, vocab
+    def __init__(self, matcher, vocab: Vocabulary, param: str | None = None):
+        self.matcher, self.vocab, self.param = matcher, vocab, param
 
     def consume(self, token: int) -> None:
         if not self.matcher.consume_token(token):
             raise GrammarError(f"the grammar refused token {token}: "
-                               f"{_first_line(self.matcher.get_error()) or 'not allowed'}")
+                               f"{_first_line(self.matcher.get_error()) or 'not allowed'}",
+                               self.param)
 
     @property
     def done(self) -> bool:
@@ -211,23 +217,23 @@ class Grammars:
             source = llg.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
         except ValueError as exc:
             raise GrammarError(f"the JSON schema is not usable: {exc}") from None
-        return self._compiled(source, "the JSON schema")
+        return self._compiled(source, "the JSON schema", "response_format")
 
     def json_object(self) -> Grammar:
         """Any JSON object."""
         return self.json_schema({"type": "object"})
 
-    def lark(self, text: str, what: str = "the grammar") -> Grammar:
+    def lark(self, text: str, what: str = "the grammar", param: str | None = None) -> Grammar:
         """A grammar in llguidance's Lark dialect (``%json {...}`` embeds a JSON schema)."""
-        return self._compiled(_llguidance().LLMatcher.grammar_from_lark(text), what)
+        return self._compiled(_llguidance().LLMatcher.grammar_from_lark(text), what, param)
 
-    def _compiled(self, source: str, what: str) -> Grammar:
-        key = json.dumps([source, what])
+    def _compiled(self, source: str, what: str, param: str | None = None) -> Grammar:
+        key = json.dumps([source, what, param])
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        grammar = Grammar(self.vocab, source, what)
+        grammar = Grammar(self.vocab, source, what, param)
         with self._lock:
             self._cache[key] = grammar
             while len(self._cache) > CACHED_GRAMMARS:

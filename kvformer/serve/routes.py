@@ -300,7 +300,8 @@ def _logit_bias(given: dict[str, float] | None, vocab: int) -> dict[int, float] 
         return None
     bias = {}
     for key, value in given.items():
-        if not (key.strip().isdigit() and int(key) < vocab):
+        digits = key.strip()
+        if not (digits.isascii() and digits.isdigit() and int(digits) < vocab):
             raise _invalid("logit_bias", {key: value},
                            f"token ids from 0 to {vocab - 1} as keys")
         if not (math.isfinite(value) and -100 <= value <= 100):
@@ -554,7 +555,7 @@ def chat_grammar(srv: Server, response_format: Any, plan: ToolPlan | None) -> Gr
     if source is None:
         return None
     try:
-        return srv.grammars.lark(source, "the tools' parameters")
+        return srv.grammars.lark(source, "the tools' parameters", "tools")
     except GrammarError as exc:
         raise APIError(400, f"tools: {exc}", param="tools", code="invalid_value") from None
 

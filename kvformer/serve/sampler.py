@@ -26,6 +26,7 @@ def adjust(logits: torch.Tensor, seq: Seq) -> torch.Tensor:
     """One row's logits [V] after the sequence's bias and penalties (a new tensor)."""
     p = seq.params
     logits = logits.float().clone()
+    masked = torch.isneginf(logits)  # the grammar's mask: out of reach whatever is added
     if p.logit_bias:
         ids = torch.tensor(list(p.logit_bias), dtype=torch.long)
         logits.index_add_(0, ids, torch.tensor(list(p.logit_bias.values())))
@@ -38,8 +39,10 @@ def adjust(logits: torch.Tensor, seq: Seq) -> torch.Tensor:
         ids = torch.tensor(list(seq.counts), dtype=torch.long)
         counts = torch.tensor(list(seq.counts.values()), dtype=torch.float32)
         logits.index_add_(0, ids, -(counts * p.frequency_penalty + p.presence_penalty))
-    # an extreme (legal) penalty can overflow: keep every logit a number
-    return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+    # an extreme (legal) penalty can overflow: keep every allowed logit a number (the lowest
+    # finite one at worst), so that a token the grammar allows still beats those it does not
+    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+    return logits.masked_fill_(masked, float("-inf"))
 
 
 def draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:

@@ -23,6 +23,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from kvformer.serve.engine import Engine, Output, SamplingParams
+from kvformer.serve.grammar import GrammarError
 from kvformer.serve.scheduler import EngineClosedError, QueueFullError, QueueTimeoutError
 from kvformer.serve.schemas import APIError
 
@@ -35,6 +36,10 @@ def engine_error(exc: Exception, retry_after: int) -> APIError:
                         headers={"Retry-After": str(retry_after)})
     if isinstance(exc, EngineClosedError):
         return APIError(503, str(exc), "server_error", code="service_unavailable")
+    if isinstance(exc, GrammarError):  # the request's schema or tools cannot be followed
+        what = exc.param or "the grammar"
+        return APIError(400, f"the answer cannot follow {what}: {exc}", param=exc.param,
+                        code="invalid_value")
     log.error("request failed: %r", exc)
     return APIError(500, f"the model failed on this request: {exc}", "server_error",
                     code="internal_error")

@@ -158,11 +158,12 @@ def prompt_inputs(messages: list[dict], plan: ToolPlan | None,
 
 
 def _arguments(text: Any) -> Any:
-    """A call's arguments as the templates take them: the object, not its JSON text."""
+    """A call's arguments as the templates take them: the object, not its JSON text (the
+    text itself when it is not JSON, or nests too deep to parse)."""
     if isinstance(text, str):
         try:
             return json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             return text
     return text
 
@@ -250,7 +251,7 @@ def _calls_in(body: str, names: set[str] | None) -> list[dict] | None:
     it is not calls (or, with ``names``, calls a function not among them)."""
     try:
         value = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     items = value if isinstance(value, list) else [value]
     calls = []
@@ -263,7 +264,7 @@ def _calls_in(body: str, names: set[str] | None) -> list[dict] | None:
         if isinstance(args, str):
             try:
                 args = json.loads(args)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return None
         if not isinstance(args, dict):
             return None
