@@ -203,7 +203,8 @@ def _write(path: Path, arch: str, kv: dict, tensors: dict[str, tuple[np.ndarray,
 
 
 def _llama_file(tmp_path: Path, tied: bool = True, arch: str = "llama", drop: tuple = (),
-                types: dict | None = None, name: str = "tiny.gguf", alignment: int | None = None):
+                types: dict | None = None, name: str = "tiny.gguf", alignment: int | None = None,
+                kv_extra: dict | None = None):
     """A tiny llama/qwen2 GGUF written the way llama.cpp's converter does (Q/K rows permuted
     for llama). Returns (path, the HF-layout tensors a reader must produce, in kvformer names)."""
     d, n_head, n_kv, hd, ff, vocab, n_layer = 256, 4, 2, 64, 96, 40, 2
@@ -219,6 +220,7 @@ def _llama_file(tmp_path: Path, tied: bool = True, arch: str = "llama", drop: tu
     if not qwen:
         kv[f"{arch}.vocab_size"] = vocab
         kv[f"{arch}.rope.dimension_count"] = hd
+    kv.update(kv_extra or {})
     hf: dict[str, np.ndarray] = {}  # kvformer name -> HF-layout tensor
     tensors: dict[str, tuple[np.ndarray, T | None]] = {}
 
@@ -645,3 +647,45 @@ def test_gguf_file_repr_and_close(tmp_path):
         f.raw("token_embd.weight")
     shutil.copy(path, tmp_path / "copy.gguf")
     assert read_metadata(tmp_path / "copy.gguf")["llama.block_count"] == 2
+
+
+SPM_VOCAB = {"tokenizer.ggml.model": "llama",
+             "tokenizer.ggml.tokens": ["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(37)],
+             "tokenizer.ggml.scores": [0.0] * 40,
+             "tokenizer.ggml.token_type": [2, 3, 3] + [1] * 37,
+             "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+             "tokenizer.ggml.unknown_token_id": 0}
+
+
+@pytest.mark.parametrize("key", ["llama.feed_forward_length", "llama.vocab_size"])
+def test_absurd_sizes_in_the_header_are_one_line_errors(tmp_path, key):
+    """A header whose sizes its tensors do not have (2^31 rows: terabytes) is refused in one
+    line naming a tensor and both shapes, before any model is allocated; the same file with
+    a true header loads and generates."""
+    import subprocess
+    import sys
+
+    path, _ = _llama_file(tmp_path, kv_extra={**SPM_VOCAB, key: 2**31}, name="absurd.gguf")
+    res = subprocess.run([sys.executable, "-m", "kvformer", "generate", "-m", str(path),
+                          "-n", "2", "hi"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert "2147483648" in res.stderr and "the metadata and tensors disagree" in res.stderr
+    good, _ = _llama_file(tmp_path, kv_extra=SPM_VOCAB, name="good.gguf")
+    res = subprocess.run([sys.executable, "-m", "kvformer", "generate", "-m", str(good),
+                          "-n", "2", "hi"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+
+
+def test_a_config_too_large_to_allocate_is_a_checkpoint_error():
+    from kvformer import ModelConfig
+    from kvformer.errors import CheckpointError
+    from kvformer.formats.build import build_model
+
+    overcommit = Path("/proc/sys/vm/overcommit_memory")
+    if overcommit.exists() and overcommit.read_text().strip() == "1":
+        pytest.skip("this kernel grants any allocation (vm.overcommit_memory = 1)")
+    cfg = ModelConfig(vocab_size=2**31, d_model=4096, n_layer=1, n_head=32)
+    with pytest.raises(CheckpointError, match="more than this machine can allocate"):
+        build_model(cfg, iter([]), "fp32")
+

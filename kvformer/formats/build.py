@@ -53,9 +53,18 @@ class _SkipInit(TorchFunctionMode):
 
 
 def empty_model(cfg: ModelConfig) -> nn.Module:
-    """A ``Transformer`` skeleton to receive weights: its parameters are uninitialised."""
-    with _SkipInit():
-        return Transformer(cfg)
+    """A ``Transformer`` skeleton to receive weights: its parameters are uninitialised. A
+    config too large to allocate (a wrong header) is a CheckpointError in one line."""
+    try:
+        with _SkipInit():
+            return Transformer(cfg)
+    except RuntimeError as exc:
+        if "allocate" not in str(exc):
+            raise
+        raise CheckpointError(
+            f"the config asks for {cfg.num_params():,} parameters, more than this machine "
+            "can allocate; the checkpoint's config is wrong (compare its sizes with its "
+            "tensors) or the model is too large for this machine") from None
 
 
 def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],
