@@ -244,3 +244,39 @@ def test_info_shows_the_rotary_scaling_and_refuses_in_one_line(tmp_path, capsys)
     assert main(["info", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert "'mrope'" in err and len(err.splitlines()) == 1
+
+
+def test_a_long_unread_metadata_array_costs_no_memory(tmp_path):
+    """A 256 MiB u8 array under a key nothing reads is left in the file (``LongArray``), not
+    turned into 268 million Python ints (gigabytes): reading the header of such a file peaks
+    within 64 MB of reading it without the array."""
+    import struct
+    import subprocess
+    import sys
+
+    def write(path, junk: int):
+        def string(s: str) -> bytes:
+            return struct.pack("<Q", len(s)) + s.encode()
+        kvs = [string("general.architecture") + struct.pack("<I", 8) + string("llama")]
+        if junk:
+            kvs.append(string("general.junk") + struct.pack("<IIQ", 9, 0, junk))
+        with open(path, "wb") as f:
+            f.write(b"GGUF" + struct.pack("<IQQ", 3, 0, len(kvs)) + b"".join(kvs))
+            if junk:
+                f.truncate(f.tell() + junk)  # the array's bytes (zeros), without writing them
+    code = ("import resource, sys\n"
+            "from kvformer.formats.gguf.reader import GGUFFile, LongArray\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "with GGUFFile(sys.argv[1]) as f:\n"
+            "    junk = f.metadata.get('general.junk')\n"
+            "    assert junk is None or isinstance(junk, LongArray), type(junk)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
+    grown = {}
+    for junk in (0, 256 << 20):
+        path = tmp_path / f"junk{junk}.gguf"
+        write(path, junk)
+        res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                             text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        grown[junk] = int(res.stdout) / 1024  # ru_maxrss is in KiB on Linux
+    assert grown[256 << 20] - grown[0] < 64, grown

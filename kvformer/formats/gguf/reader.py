@@ -54,6 +54,21 @@ _NUMPY_OF: dict[int, str] = {
 _STRING, _ARRAY = 8, 9
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+# Arrays longer than this are no vocabulary and no per-layer list (the longest kvformer reads
+# is a vocabulary's scores: ~256 K): their values are not made into Python objects
+LONG_ARRAY = 1 << 20
+
+
+@dataclass(frozen=True)
+class LongArray:
+    """A metadata array of more than ``LONG_ARRAY`` numbers, left unread in the file: as
+    Python ints or floats a 256 MiB u8 array would take gigabytes, and kvformer reads none."""
+
+    dtype: str
+    count: int
+
+    def __repr__(self) -> str:
+        return f"<{self.count:,} values of {self.dtype}, not read>"
 
 
 class _Cursor:
@@ -109,6 +124,9 @@ class _Cursor:
         if itype in _NUMPY_OF:
             dt = np.dtype(_NUMPY_OF[itype])
             self.need(count * dt.itemsize, what)
+            if count > LONG_ARRAY:
+                self.pos += count * dt.itemsize
+                return LongArray(dt.str, count)
             arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=self.pos)
             self.pos += count * dt.itemsize
             return arr.tolist()
