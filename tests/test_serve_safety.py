@@ -289,3 +289,38 @@ def test_four_requests_that_were_500s_are_400s_or_answers():
         assert httpx.get(url + "/health", timeout=10).status_code == 200
     finally:
         srv.stop()
+
+
+def test_a_keyless_server_answers_only_for_its_own_host_names():
+    """Without an API key, a request whose Host header names another host gets 403 (a page
+    whose DNS name was rebound to 127.0.0.1 sends its own name); this machine's names and
+    the ones allowed are served; with a key every host is."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=258, d_model=32, n_layer=1, n_head=2)
+
+    def start(**kw):
+        engine = Engine(Transformer(cfg).eval(), ByteTokenizer(SPECIALS), max_batch=2,
+                        kv_blocks=16)
+        return BackgroundServer(create_app(engine, "tiny", **kw)).start()
+
+    srv = start(allowed_hosts=["kv.example"])
+    try:
+        def get(host):
+            return httpx.get(srv.url + "/health", headers={"Host": host}, timeout=10)
+        for host in ("localhost", f"localhost:{srv.port}", "127.0.0.1:1", "[::1]:8000",
+                     "kv.example", "KV.example:80"):
+            assert get(host).status_code == 200, host
+        for host in ("evil.example", "evil.example:8000", "localhost.evil.example"):
+            r = get(host)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+        r = httpx.post(srv.url + "/v1/completions", headers={"Host": "rebound.example"},
+                       json={"model": "tiny", "prompt": "a", "max_tokens": 1}, timeout=10)
+        assert r.status_code == 403
+    finally:
+        srv.stop()
+    keyed = start(allowed_hosts=[], api_key="k")
+    try:
+        assert httpx.get(keyed.url + "/health", headers={"Host": "any.example"},
+                         timeout=10).status_code == 200
+    finally:
+        keyed.stop()

@@ -125,6 +125,10 @@ def add_serve(sub) -> argparse.ArgumentParser:
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. http://localhost:5173; '*' for "
                         "any) call the API from a browser; repeatable (default: none)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="without --api-key, also answer requests whose Host header is NAME "
+                        "(besides localhost, 127.0.0.1, ::1, the --host address and the "
+                        "--cors-origin hosts; others get 403); repeatable")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     return p

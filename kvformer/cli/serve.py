@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import sys
+from urllib.parse import urlsplit
 
 import torch
 
@@ -47,6 +48,17 @@ def _check(args) -> None:
                              "http://localhost:5173 (scheme://host[:port]) or '*'")
 
 
+def _allowed_hosts(args) -> list[str]:
+    """The Host header names served without --api-key, besides this machine's: the --host
+    address (unless it is every address), the --cors-origin hosts, and --allowed-host."""
+    names = list(args.allowed_host)
+    if args.host not in ("0.0.0.0", "::", ""):
+        names.append(args.host)
+    names += [urlsplit(o).hostname for o in args.cors_origin if o != "*" and
+              urlsplit(o).hostname]
+    return names
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -84,7 +96,8 @@ def run(args) -> int:
                         prefix_caching=args.prefix_cache)
         name = args.served_model_name or args.model
         app = create_app(engine, name, api_key=args.api_key,
-                         max_body_bytes=args.max_body_bytes, cors_origins=args.cors_origin)
+                         max_body_bytes=args.max_body_bytes, cors_origins=args.cors_origin,
+                         allowed_hosts=_allowed_hosts(args))
         host, port = sock.getsockname()[:2]
         pool = engine.pool
         print(f"kvformer serve: {name} on http://{host}:{port}/v1 "

@@ -28,7 +28,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kvformer import __version__
 from kvformer.serve import routes, ui
 from kvformer.serve.engine import Engine
-from kvformer.serve.http import BackgroundServer, CountRequests, Gate, bind_socket
+from kvformer.serve.http import (
+    LOOPBACK_HOSTS,
+    BackgroundServer,
+    CountRequests,
+    Gate,
+    bind_socket,
+)
 from kvformer.serve.metrics import render_metrics
 from kvformer.serve.routes import Server
 from kvformer.serve.schemas import (
@@ -49,10 +55,13 @@ DEFAULT_MAX_BODY = 1 << 20  # 1 MiB of JSON is a very long prompt
 
 def create_app(engine: Engine, model_name: str = "default", *, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY, retry_after: int = 1,
-               manage_engine: bool = True, cors_origins: Sequence[str] = ()) -> FastAPI:
+               manage_engine: bool = True, cors_origins: Sequence[str] = (),
+               allowed_hosts: Sequence[str] | None = None) -> FastAPI:
     """The FastAPI app. With ``manage_engine`` the app starts the engine thread when it
     starts up and stops it when it shuts down. Browsers on other origins may call the API
-    only from ``cors_origins`` (none by default; ``["*"]`` for any)."""
+    only from ``cors_origins`` (none by default; ``["*"]`` for any). With ``allowed_hosts``
+    and no ``api_key``, only requests whose Host header names one of them (or this machine:
+    ``LOOPBACK_HOSTS``) are answered (403 otherwise)."""
     srv = Server(engine, model_name, api_key, max_body_bytes, retry_after)
 
     @asynccontextmanager
@@ -66,7 +75,10 @@ def create_app(engine: Engine, model_name: str = "default", *, api_key: str | No
     # /openapi.json for clients and API testers; no /docs pages (they load scripts from a CDN)
     app = FastAPI(title="kvformer", version=__version__, lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url="/openapi.json")
-    app.state.server, app.state.engine, app.state.gate = srv, engine, Gate()
+    hosts = (None if allowed_hosts is None or api_key is not None
+             else [*LOOPBACK_HOSTS, *allowed_hosts])
+    app.state.server, app.state.engine = srv, engine
+    app.state.gate = Gate(allowed_hosts=hosts)
     _add_error_handlers(app)
     app.add_middleware(CountRequests, metrics=engine.metrics)
     if cors_origins:

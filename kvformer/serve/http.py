@@ -44,13 +44,18 @@ class Gate:
     """What is let in: while the server drains (a SIGTERM or Ctrl-C came), new generation
     requests get 503 with Retry-After and /health says so; every POST must be JSON (415
     otherwise: a web page can then not drive a key-less local server with a plain
-    cross-site form or `text/plain` fetch, which would skip the CORS preflight). Counts the
-    requests in flight, so that a drain knows when every response has been written."""
+    cross-site form or `text/plain` fetch, which would skip the CORS preflight). With
+    ``allowed_hosts``, a request whose Host header names another host gets 403: a web page
+    whose DNS name is rebound to 127.0.0.1 then cannot drive a key-less local server (its
+    requests carry its own name). Counts the requests in flight, so that a drain knows when
+    every response has been written."""
 
-    def __init__(self, retry_after: int = 5):
+    def __init__(self, retry_after: int = 5, allowed_hosts=None):
         self.draining = False
         self.inflight = 0
         self.retry_after = retry_after
+        self.allowed_hosts = (None if allowed_hosts is None
+                              else frozenset(h.lower().strip("[]") for h in allowed_hosts))
 
     def middleware(self, app):
         async def gate(scope, receive, send):
@@ -58,7 +63,13 @@ class Gate:
                 return await app(scope, receive, send)
             method, path = scope.get("method", ""), scope.get("path", "")
             refusal = None
-            if self.draining and path == "/health":
+            host = _host_of(scope) if self.allowed_hosts is not None else None
+            if host is not None and host not in self.allowed_hosts:
+                refusal = _error(403, f"this server does not answer for host {host!r}: start "
+                                      "it with --api-key, or name the host with "
+                                      "--allowed-host", "invalid_request_error",
+                                 "host_not_allowed")
+            elif self.draining and path == "/health":
                 refusal = JSONResponse({"status": "draining"}, status_code=503,
                                        headers={"Retry-After": str(self.retry_after)})
             elif self.draining and method == "POST":
@@ -78,6 +89,22 @@ class Gate:
                 self.inflight -= 1
 
         return gate
+
+
+# the names of this machine that every server answers for
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def _host_of(scope) -> str | None:
+    """The host name of a request's Host header, lower case, without port or brackets
+    (None without the header: not a browser's request)."""
+    for key, value in scope.get("headers", ()):
+        if key == b"host":
+            host = value.decode("latin-1").strip().lower()
+            if host.startswith("["):  # [::1]:8000
+                return host[1:host.find("]")] if "]" in host else host[1:]
+            return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return None
 
 
 def _is_json(scope) -> bool:
