@@ -469,6 +469,29 @@ GREEDY = {
     "indent": "{% set s = '\n' * 1000000 %}{{ s|indent(1000) }}",
     "tojson indent": "{{ messages|tojson(indent='x' * 100000) }}",
 }
+# A list of a million references to one string of a million characters is within every
+# per-value limit, but printing, sorting or hashing it costs 10^12: such values are weighed
+# with every reference counted in full (once took `kvformer serve` to 3.6 GB, or ran for ever)
+SHARED = "{% set a = ['a' * 1000000] * 1000000 %}"
+GREEDY.update({
+    "shared refs printed": SHARED + "{{ a }}",
+    "shared refs tojson": SHARED + "{{ a|tojson }}",
+    "shared refs string": SHARED + "{{ a|string }}",
+    "shared refs sort": SHARED + "{{ a|sort|length }}",
+    "shared refs groupby": SHARED + "{{ a|groupby(0)|list|length }}",
+    "shared refs unique": "{{ (['a' * 1000000] * 1000000)|unique|list|length }}",
+    "shared refs min": SHARED + "{{ a|min }}",
+    "shared refs max": SHARED + "{{ a|max }}",
+    "shared refs sum": SHARED + "{{ a|sum(start='') }}",
+    "shared refs join": SHARED + "{{ a|join }}",
+    "shared refs map": SHARED + "{{ a|map('upper')|list|length }}",
+    "shared refs dictsort": "{% set d = {'k': 'x' * 1000000} %}{% set a = [d] * 1000000 %}"
+                            "{{ a|map('dictsort')|list|length }}",
+    "shared refs macro": "{% macro m(x) %}{{ x }}{% endmacro %}" + SHARED + "{{ m(a) }}",
+    "shared refs doubled": "{% set s = 'x' * 1000000 %}{% set ns = namespace(l=[s]) %}"
+                           "{% for i in range(30) %}{% set ns.l = ns.l + ns.l %}{% endfor %}"
+                           "{{ ns.l|sort|length }}",
+})
 
 
 def test_greedy_templates_stop_in_time_and_memory():
@@ -480,6 +503,7 @@ def test_greedy_templates_stop_in_time_and_memory():
 
     script = """
 import json, resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # a regression fails, not the host
 from kvformer.errors import ChatTemplateError
 from kvformer.formats.tokenizer.template import render_chat_template
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

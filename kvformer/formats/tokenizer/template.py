@@ -78,6 +78,27 @@ def _tick() -> None:
         raise SecurityError(f"the template ran for more than {_budget.time_limit:g} s")
 
 
+def _weight(value: Any, limit: int) -> int:
+    """The items and characters a container holds, every reference counted at its full size
+    (a list of a million references to one string of a million characters weighs 10^12: what
+    printing, sorting or hashing it would cost); stops counting once past ``limit``."""
+    total, todo = 0, [value]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, str):
+            total += len(v)
+        elif isinstance(v, (list, tuple)):
+            total += len(v)
+            todo.extend(v)
+        elif isinstance(v, dict):
+            total += len(v)
+            todo.extend(v.keys())
+            todo.extend(v.values())
+        if total > limit:
+            break
+    return total
+
+
 def _sized(value: Any) -> Any:
     """Count what a template built against the limits; return it unchanged."""
     if isinstance(value, (str, list, tuple, dict)):
@@ -85,6 +106,10 @@ def _sized(value: Any) -> Any:
         if n > _MAX_RENDER_CHARS:
             raise SecurityError(f"the template built a value of {n:,} items or characters "
                                   f"(the limit is {_MAX_RENDER_CHARS:,})")
+        if not isinstance(value, str) and _weight(value, _MAX_RENDER_CHARS) > _MAX_RENDER_CHARS:
+            raise SecurityError(f"the template built a value that holds more than "
+                                f"{_MAX_RENDER_CHARS:,} items and characters (counting each "
+                                "reference in full)")
         _budget.built += n
         if _budget.built > _MAX_BUILT_CHARS:
             raise SecurityError(f"the template built more than {_MAX_BUILT_CHARS:,} "
