@@ -67,6 +67,28 @@ def test_a_hostile_template_is_a_400_and_the_server_keeps_answering(template):
         srv.stop()
 
 
+def test_a_hundred_requests_with_a_template_of_shared_references():
+    """A template that builds a list of a million references to a million-character string
+    and prints it (10^12 characters; once 3.6 GB and a blocked /health): each of 100
+    requests is a 400 in well under a second, and the server answers /health and a request
+    with another template after them."""
+    srv = server("{% set a = ['a' * 1000000] * 1000000 %}{{ a }}")
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30) as http:
+            for _ in range(100):
+                res = http.post("/v1/chat/completions", json={
+                    "model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 1})
+                assert res.status_code == 400, res.text
+                assert "the chat template was stopped" in res.json()["error"]["message"]
+            assert http.get("/health").status_code == 200
+            res = http.post("/v1/completions", json={"model": "tiny", "prompt": "hi",
+                                                     "max_tokens": 2})
+            assert res.status_code == 200, res.text
+    finally:
+        srv.stop()
+
+
 def test_kept_alive_connections_have_tcp_nodelay():
     """Every accepted connection has TCP_NODELAY (asyncio sets it only for sockets made with
     IPPROTO_TCP): without it each request after the first on a kept-alive connection waited
