@@ -18,6 +18,28 @@
 //   dm: fp16 [N/16][K/32][2][16]: d of the tile's 16 rows, then their m.
 // int8 weights [N, K]: row-major int8 in -127..127, one fp32 scale per row.
 //
+// kb ("blocks") weights [N, K], N % 16 == 0, K % 32 == 0 (K % 256 for the kSuper kinds): a
+// GGUF file's own block types repacked without rounding (kvformer/formats/gguf/blocks.py
+// maps each type). Every weight is an unsigned integer u of `bits` bits (4, 5, 6 or 8),
+// or, with a lut, a 4-bit index i whose u is lut[i]; row r's weight in column c is
+//     w = D * u + M,
+// D and M constant over each block of 32 columns (kPair, kSuper) or, for kSuper16, D over
+// each 16 columns and M = -32 D.
+//   q: one record per (tile t, block b) at (t * K/32 + b) * kb_record(bits) bytes:
+//     bits 4, 5, 6: the int4 layout's 256 bytes of low nibbles (u & 15), then bits - 4
+//       planes of 64 bytes: plane p is 8 uint64 words, word 2s + h for sub-block s (0..3)
+//       and half h (0: columns 8s .. 8s+3, the low nibbles; 1: columns 8s+4 .. 8s+7, the
+//       high ones); bit 4r + j of that word is bit 4 + p of u at row 16t + r, column
+//       32b + 8s + 4h + j.
+//     bits 8: 512 bytes, u itself: byte 128s + 64h + 4r + j is u at row 16t + r, column
+//       32b + 8s + 4h + j (the nibbles' order, unpacked).
+//   s: the scales, by kind:
+//     kPair: per (tile, block) fp16 D[16], then fp16 M[16] (64 bytes: the int4 layout's dm)
+//     kSuper: per (tile, 256 columns) 320 bytes: fp16 d[16], fp16 dmin[16], then per block
+//       of the 8: int8 sc[16], int8 mn[16]; D = d sc, M = -dmin mn (fp32 products: exact)
+//     kSuper16: per (tile, 256 columns) 288 bytes: fp16 d[16], then per block of the 8:
+//       int8 sc[2][16] (its two halves of 16 columns); D = d sc, M = -32 D
+//
 // Quantized KV-cache rows (kvformer/kvquant.py), one row per (token, KV head), read by
 // attend_q; scales are bf16:
 //   int8: hd int8 numbers q and one scale s, x = s q.
@@ -53,6 +75,9 @@ struct Acts {
   const int8_t* q2 = nullptr;   // [m, k]
   const float* scale = nullptr; // [m, k / block]
   const float* sum = nullptr;   // [m, k / block]
+  // the same sums per 16 columns [m, k / 16]: set for kSuper16 weights (their M changes
+  // every 16 columns), null otherwise
+  const float* hsum = nullptr;
 
   void point_at(const int8_t* q1_, const int8_t* q2_, const float* scale_, const float* sum_) {
     q1 = q1_;
@@ -137,6 +162,23 @@ inline void each_slot(const AttendArgs& a, const F& f) {
   });
 }
 
+// kb weights (the layout above) as the kernels see them
+enum KbScales : int { kPair = 0, kSuper = 1, kSuper16 = 2 };
+struct KbWeights {
+  const uint8_t* q = nullptr;
+  const uint8_t* s = nullptr;
+  int bits = 4;                   // 4, 5, 6 or 8
+  int scales = kPair;             // KbScales
+  const uint8_t* lut = nullptr;   // 16 entries (bits 4 only), or null: u is the integer
+  int64_t k = 0;                  // columns
+};
+
+constexpr int64_t kb_record(int bits) { return bits == 8 ? 512 : 256 + 64 * (bits - 4); }
+// bytes of scales per (tile, block of 32 columns), on average
+constexpr int64_t kb_scale_bytes(int scales) {
+  return scales == kPair ? 64 : scales == kSuper ? 40 : 36;
+}
+
 struct Kernels {
   const char* name;
   // a's arrays from x [m, k] (the caller owns them; a.m, a.k, a.block are set)
@@ -152,6 +194,10 @@ struct Kernels {
   // out_f32 or (if it is null) out_bf16
   void (*dequant_q4)(const uint8_t* q, const uint16_t* dm, int64_t k, int64_t n0,
                      int64_t n1, float* out_f32, uint16_t* out_bf16, int64_t ldo);
+  // y[i * ldy + n] = sum_k x[i, k] w[n, k] for n in [n0, n1) (multiples of kTile), kb
+  // weights (a.block is 32; a.hsum is set for kSuper16)
+  void (*gemm_kb)(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* y,
+                  int64_t ldy);
   void (*attend)(const AttendArgs& a);
   // the same over int8 or int4 K/V rows (a.bits), dequantized inside: no fp copy of the cache
   void (*attend_q)(const AttendArgs& a);
@@ -161,6 +207,8 @@ struct Kernels {
 const Kernels& scalar_kernels();
 void attend_generic(const AttendArgs& a);    // the portable attention, for any head_dim
 void attend_q_generic(const AttendArgs& a);  // the same over quantized rows
+void gemm_kb_generic(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* y,
+                     int64_t ldy);  // the portable kb matmul
 #if defined(__x86_64__) || defined(_M_X64)
 const Kernels& avx2_kernels();
 const Kernels& avxvnni_kernels();       // kernels/avx2.cpp with VEX vpdpbusd (AVX-VNNI)
@@ -210,5 +258,59 @@ inline float f16_to_f32(uint16_t h) {
   std::memcpy(&f, &bits, 4);
   return f;
 }
+
+// ---------------------------------------------------------------- kb weights
+// D and M of the 16 rows of tile t, block b (for kSuper16, M of each half): the portable
+// decoding every path may use (its float work is per block, not per weight).
+inline void kb_scales(const KbWeights& w, int64_t t, int64_t b, float D[2][16],
+                      float M[2][16]) {
+  const int64_t kb = w.k / 32;
+  if (w.scales == kPair) {
+    const uint16_t* p = reinterpret_cast<const uint16_t*>(w.s) + (t * kb + b) * 32;
+    for (int r = 0; r < 16; ++r) {
+      D[0][r] = D[1][r] = f16_to_f32(p[r]);
+      M[0][r] = M[1][r] = f16_to_f32(p[16 + r]);
+    }
+    return;
+  }
+  const int64_t nsup = w.k / 256, sup = b / 8, j = b % 8;
+  if (w.scales == kSuper) {
+    const uint8_t* rec = w.s + (t * nsup + sup) * 320;
+    const uint16_t* d = reinterpret_cast<const uint16_t*>(rec);
+    const int8_t* sc = reinterpret_cast<const int8_t*>(rec + 64 + 32 * j);
+    for (int r = 0; r < 16; ++r) {
+      D[0][r] = D[1][r] = f16_to_f32(d[r]) * float(sc[r]);
+      M[0][r] = M[1][r] = -(f16_to_f32(d[16 + r]) * float(sc[16 + r]));
+    }
+    return;
+  }
+  const uint8_t* rec = w.s + (t * nsup + sup) * 288;
+  const uint16_t* d = reinterpret_cast<const uint16_t*>(rec);
+  const int8_t* sc = reinterpret_cast<const int8_t*>(rec + 32 + 32 * j);
+  for (int h = 0; h < 2; ++h)
+    for (int r = 0; r < 16; ++r) {
+      D[h][r] = f16_to_f32(d[r]) * float(sc[16 * h + r]);
+      M[h][r] = -32.f * D[h][r];
+    }
+}
+
+// u of row r (0..15), column c (0..31) of one record (the layout above)
+inline int kb_u(const KbWeights& w, const uint8_t* rec, int r, int c) {
+  const int s = c / 8, h = (c % 8) / 4, j = c % 4;
+  if (w.bits == 8) return rec[128 * s + 64 * h + 4 * r + j];
+  int u = (rec[64 * s + 4 * r + j] >> (4 * h)) & 15;
+  if (w.lut) return w.lut[u];
+  for (int p = 0; p < w.bits - 4; ++p) {
+    uint64_t word;
+    std::memcpy(&word, rec + 256 + 64 * p + 8 * (2 * s + h), 8);
+    u |= int((word >> (4 * r + j)) & 1u) << (4 + p);
+  }
+  return u;
+}
+
+// rows [n0, n1) (any rows) of kb weights as numbers, row-major with row stride ldo, into
+// out_f32 or (if it is null) out_bf16: portable (kernels/scalar.cpp)
+void dequant_kb(const KbWeights& w, int64_t n0, int64_t n1, float* out_f32, uint16_t* out_bf16,
+                int64_t ldo);
 
 }  // namespace kvf

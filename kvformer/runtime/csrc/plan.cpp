@@ -110,8 +110,52 @@ void Lin::set(int64_t kind_, Tensor w_, Tensor s_, Tensor bias_, at::ScalarType 
   }
 }
 
+void Lin::set_kb(Tensor w_, Tensor s_, int64_t bits, int64_t scales, Tensor lut, Tensor bias_,
+                 at::ScalarType act) {
+  kind = kKb;
+  TORCH_CHECK(bits == 4 || bits == 5 || bits == 6 || bits == 8,
+              "kvformer_native: kb weights have 4, 5, 6 or 8 bits, not ", bits);
+  TORCH_CHECK(scales == kPair || scales == kSuper || scales == kSuper16,
+              "kvformer_native: kb scales kind must be 0, 1 or 2, not ", scales);
+  w = w_.contiguous();
+  s = s_.contiguous();
+  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kByte && w.size(2) == kb_record(int(bits)),
+              "kvformer_native: kb weights of ", bits, " bits must be uint8 [N/16, K/32, ",
+              kb_record(int(bits)), "]");
+  n = w.size(0) * kvf::kTile;
+  k = w.size(1) * kvf::kBlock;
+  TORCH_CHECK(scales == kPair || k % 256 == 0,
+              "kvformer_native: kb weights with super-block scales need K % 256 == 0");
+  TORCH_CHECK(s.scalar_type() == at::kByte &&
+                  s.numel() == w.size(0) * w.size(1) * kb_scale_bytes(int(scales)),
+              "kvformer_native: kb scales must be ", w.size(0) * w.size(1) *
+              kb_scale_bytes(int(scales)), " bytes for this shape, got ", s.numel());
+  if (lut.defined() && lut.numel()) {
+    TORCH_CHECK(bits == 4 && lut.scalar_type() == at::kByte && lut.numel() == 16,
+                "kvformer_native: a kb lut is uint8 [16], for 4-bit indices");
+    lut_t = lut.contiguous();
+  }
+  kb.q = w.data_ptr<uint8_t>();
+  kb.s = s.data_ptr<uint8_t>();
+  kb.bits = int(bits);
+  kb.scales = int(scales);
+  kb.lut = lut_t.defined() ? lut_t.data_ptr<uint8_t>() : nullptr;
+  kb.k = k;
+  if (bias_.defined() && bias_.numel()) {
+    bias_t = bias_.to(act);
+    bias = floats(bias_);
+  }
+}
+
 void Lin::read(Named& p, const std::string& name, at::ScalarType act) {
   const int64_t kd = p.integer(name + ".kind");
+  if (kd == kKb) {
+    Tensor b = p.has(name + ".bias") ? p.tensor(name + ".bias") : Tensor();
+    Tensor lut = p.has(name + ".lut") ? p.tensor(name + ".lut") : Tensor();
+    set_kb(p.tensor(name + ".weight"), p.tensor(name + ".scales"), p.integer(name + ".bits"),
+           p.integer(name + ".layout"), lut, b, act);
+    return;
+  }
   Tensor sc = kd == kDense ? Tensor() : p.tensor(name + ".scales");
   Tensor b = p.has(name + ".bias") ? p.tensor(name + ".bias") : Tensor();
   set(kd, p.tensor(name + ".weight"), sc, b, act);
@@ -156,8 +200,13 @@ int64_t plan_new(std::vector<std::string> tnames, std::vector<Tensor> ts,
   P.swiglu = p.integer("swiglu") != 0;
   P.q_scale = float(p.real("q_scale"));
   P.embed_kind = p.integer("embed.kind");
-  P.embed_w = p.tensor("embed.weight").contiguous();
-  if (P.embed_kind == kInt8) P.embed_s = p.tensor("embed.scales").to(at::kFloat).contiguous();
+  if (P.embed_kind == kKb) {
+    P.embed.read(p, "embed", P.act);
+    P.embed_w = P.embed.w;
+  } else {
+    P.embed_w = p.tensor("embed.weight").contiguous();
+    if (P.embed_kind == kInt8) P.embed_s = p.tensor("embed.scales").to(at::kFloat).contiguous();
+  }
   if (P.rope) {
     P.cos = p.tensor("rope.cos").to(at::kFloat).contiguous();
     P.sin = p.tensor("rope.sin").to(at::kFloat).contiguous();

@@ -21,11 +21,14 @@ using at::Tensor;
 struct Named;  // a plan's tables by name (plan.cpp)
 struct Work;   // a matmul's scratch (step.h)
 
-enum Kind : int64_t { kDense = 0, kInt8 = 1, kInt4 = 2 };
+enum Kind : int64_t { kDense = 0, kInt8 = 1, kInt4 = 2, kKb = 3 };
 
 struct Lin {
   int64_t kind = kDense, n = 0, k = 0;
-  Tensor w, s;  // dense: weight [n, k] in the activations' dtype; int8: q, scale; int4: q, dm
+  Tensor w, s;  // dense: weight [n, k] in the activations' dtype; int8: q, scale; int4: q, dm;
+                // kb: records, scales (kernels.h)
+  Tensor lut_t;  // kb: the 16 u of a 4-bit index, or undefined
+  KbWeights kb;  // kb: the pointers and form the kernels see
   Tensor bias_t;
   std::vector<float> bias;
   std::vector<int32_t> rowsum;
@@ -34,6 +37,10 @@ struct Lin {
   // single call does not: it would read the weight twice)
   void set(int64_t kind_, Tensor w_, Tensor s_, Tensor bias_, at::ScalarType act,
            bool rowsums = true);
+  // kb weights: w uint8 [N/16, K/32, kb_record(bits)], s uint8 (the scales of `scales`),
+  // lut uint8 [16] or undefined
+  void set_kb(Tensor w_, Tensor s_, int64_t bits, int64_t scales, Tensor lut, Tensor bias_,
+              at::ScalarType act);
   void read(Named& p, const std::string& name, at::ScalarType act);  // plan.cpp
 
   // y [M, n] = x [M, k] W^T (+ bias), fp32  (step.cpp)
@@ -64,6 +71,7 @@ struct Plan {
   at::ScalarType act = at::kFloat;
   int64_t embed_kind = kDense;
   Tensor embed_w, embed_s, cos, sin;
+  Lin embed;  // embed_kind kKb: the table as kb weights (a row is dequantized per token)
   float q_scale = 1.0f;
   std::vector<Layer> layers;
   Norm final_norm;

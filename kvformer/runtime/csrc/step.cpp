@@ -69,8 +69,15 @@ void Lin::run(const Kernels& K, const float* x, int64_t M, float* y, Work& wk,
     std::memcpy(y, yt.data_ptr<float>(), M * n * sizeof(float));
     return;
   }
-  const kvf::Acts a = wk.prepare(K, x, M, k, kind == kInt4 ? kvf::kBlock : k);
-  if (kind == kInt4) {
+  const kvf::Acts a = wk.prepare(K, x, M, k, kind == kInt8 ? k : kvf::kBlock, kind == kKb,
+                                 kind == kKb && kb.scales == kvf::kSuper16);
+  if (kind == kKb) {
+    const int64_t tiles = n / kvf::kTile;
+    const int64_t tile_work = M * kvf::kb_record(kb.bits) * (k / kvf::kBlock);
+    parallel_pieces(tiles, piece_of(tiles, tile_work), 2, [&](int64_t t0, int64_t t1) {
+      K.gemm_kb(a, kb, t0 * kvf::kTile, t1 * kvf::kTile, y, n);
+    });
+  } else if (kind == kInt4) {
     const uint8_t* q = w.data_ptr<uint8_t>();
     const uint16_t* dm = reinterpret_cast<const uint16_t*>(s.data_ptr());
     // pieces of an even number of tiles: the kernel takes two tiles per pass
@@ -412,10 +419,13 @@ Tensor run_step(const Plan& p, const Tensor& tokens, const std::vector<Tensor>& 
   const int64_t* tok = tokens.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
     const int64_t t = tok[b * tokens.stride(0)];
-    TORCH_CHECK(t >= 0 && t < p.embed_w.size(0), "kvformer_native: token id ", t,
+    const int64_t vocab = p.embed_kind == kKb ? p.embed.n : p.embed_w.size(0);
+    TORCH_CHECK(t >= 0 && t < vocab, "kvformer_native: token id ", t,
                 " is outside the vocabulary");
     float* xb = x.data() + b * d;
-    if (p.embed_kind == kDense) {
+    if (p.embed_kind == kKb) {
+      kvf::dequant_kb(p.embed.kb, t, t + 1, xb, nullptr, d);
+    } else if (p.embed_kind == kDense) {
       if (p.embed_w.scalar_type() == at::kBFloat16) {
         const uint16_t* e = reinterpret_cast<const uint16_t*>(p.embed_w.data_ptr()) + t * d;
         for (int64_t i = 0; i < d; ++i) xb[i] = kvf::bf16_to_f32(e[i]);

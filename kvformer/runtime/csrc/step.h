@@ -22,8 +22,13 @@ std::string activations_op(std::string mode);
 // Reusable scratch for the quantized activations of one matmul.
 struct Work {
   std::vector<int8_t> q1, q2;
-  std::vector<float> scale, sum;
-  kvf::Acts prepare(const Kernels& K, const float* x, int64_t m, int64_t k, int64_t block) {
+  std::vector<float> scale, sum, hsum;
+  // kb: the sums are those of the x the products see (scale * (128 q1 + q2) summed: a
+  // weight's offset M then meets x's rounding only through D u + M, which is centred; with
+  // x's own sums, Q8_0's M = -128 D multiplied that rounding error ~2x), and with halves
+  // also per 16 columns (Acts::hsum)
+  kvf::Acts prepare(const Kernels& K, const float* x, int64_t m, int64_t k, int64_t block,
+                    bool kb = false, bool halves = false) {
     const size_t nb = size_t(m * (k / block));
     if (q1.size() < size_t(m * k)) q1.resize(m * k), q2.resize(m * k);
     if (scale.size() < nb) scale.resize(nb), sum.resize(nb);
@@ -40,14 +45,19 @@ struct Work {
       // x the products see): m * sum(x) would leave the weights' offset m, not centred,
       // multiplying x's rounding error (+1.6 % perplexity on SmolLM2 against +0.4 %)
       std::memset(q2.data(), 0, size_t(m * k));
-      const int64_t nb = k / block;
+    }
+    if (a.levels == 1 || kb) {
+      const int64_t per = halves ? 16 : block, np_ = k / per;
+      if (halves && hsum.size() < size_t(m * np_)) hsum.resize(m * np_);
+      float* out = halves ? hsum.data() : sum.data();
       for (int64_t i = 0; i < m; ++i)
-        for (int64_t b = 0; b < nb; ++b) {
-          const int8_t* p = q1.data() + i * k + b * block;
+        for (int64_t g = 0; g < np_; ++g) {
+          const int64_t o = i * k + g * per;
           int32_t t = 0;
-          for (int64_t j = 0; j < block; ++j) t += p[j];
-          sum[i * nb + b] = float(t) * (scale[i * nb + b] * 128.f);
+          for (int64_t j = 0; j < per; ++j) t += 128 * q1[o + j] + q2[o + j];
+          out[i * np_ + g] = float(t) * scale[i * (k / block) + g * per / block];
         }
+      if (halves) a.hsum = hsum.data();
     }
     return a;
   }

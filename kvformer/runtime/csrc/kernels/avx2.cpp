@@ -658,19 +658,19 @@ void attend_q(const AttendArgs& a) {
 
 #if !defined(KVF_VNNI)
 const Kernels& avx2_kernels() {
-  static const Kernels k{"avx2", quantize, gemm_q4, gemm_q8, dequant_q4, attend, attend_q,
+  static const Kernels k{"avx2", quantize, gemm_q4, gemm_q8, dequant_q4, gemm_kb_generic, attend, attend_q,
                          vexp};
   return k;
 }
 #elif KVF_VNNI == 1
 const Kernels& avxvnni_kernels() {
-  static const Kernels k{"avxvnni", quantize, gemm_q4, gemm_q8, dequant_q4, attend, attend_q,
+  static const Kernels k{"avxvnni", quantize, gemm_q4, gemm_q8, dequant_q4, gemm_kb_generic, attend, attend_q,
                          vexp};
   return k;
 }
 #else
 const Kernels& avxvnni_evex_kernels() {
-  static const Kernels k{"avxvnni", quantize, gemm_q4, gemm_q8, dequant_q4, attend, attend_q,
+  static const Kernels k{"avxvnni", quantize, gemm_q4, gemm_q8, dequant_q4, gemm_kb_generic, attend, attend_q,
                          vexp};
   return k;
 }

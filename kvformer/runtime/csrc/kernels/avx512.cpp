@@ -880,7 +880,7 @@ void attend_q(const AttendArgs& a) {
 }  // namespace
 
 const Kernels& avx512_kernels() {
-  static const Kernels k{"avx512", quantize, gemm_q4, gemm_q8, dequant_q4, attend, attend_q,
+  static const Kernels k{"avx512", quantize, gemm_q4, gemm_q8, dequant_q4, gemm_kb_generic, attend, attend_q,
                          vexp};
   return k;
 }

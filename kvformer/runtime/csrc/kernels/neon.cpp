@@ -291,7 +291,7 @@ void attend_q(const AttendArgs& a) {
 
 const Kernels& neon_kernels() {
   const Kernels& portable = scalar_kernels();
-  static const Kernels k{"neon", portable.quantize, gemm_q4, gemm_q8, portable.dequant_q4,
+  static const Kernels k{"neon", portable.quantize, gemm_q4, gemm_q8, portable.dequant_q4, gemm_kb_generic,
                          attend, attend_q, portable.exp};
   return k;
 }

@@ -104,6 +104,44 @@ void dequant_q4(const uint8_t* q, const uint16_t* dm, int64_t k, int64_t n0, int
     }
 }
 
+// kb weights (kernels.h): per block, each row's integer dot products with x's two levels
+// over each half of 16 columns, then D, M of the block (M against x's sums: per block, or
+// per half for kSuper16).
+void gemm_kb(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* y,
+             int64_t ldy) {
+  const int64_t kb = a.k / kBlock, rec = kb_record(w.bits);
+  const bool halves = w.scales == kSuper16;
+  for (int64_t t = n0 / kTile; t < n1 / kTile; ++t)
+    for (int64_t i = 0; i < a.m; ++i) {
+      float acc[kTile] = {};
+      for (int64_t b = 0; b < kb; ++b) {
+        const uint8_t* p = w.q + (t * kb + b) * rec;
+        const int8_t* x1 = a.q1 + i * a.k + b * kBlock;
+        const int8_t* x2 = a.q2 + i * a.k + b * kBlock;
+        float D[2][16], M[2][16];
+        kb_scales(w, t, b, D, M);
+        const float sx = a.scale[i * kb + b];
+        for (int r = 0; r < kTile; ++r) {
+          int32_t s1[2] = {0, 0}, s2[2] = {0, 0};
+          for (int c = 0; c < 32; ++c) {
+            const int u = kb_u(w, p, r, c);
+            s1[c / 16] += u * x1[c];
+            s2[c / 16] += u * x2[c];
+          }
+          if (halves) {
+            for (int h = 0; h < 2; ++h)
+              acc[r] += D[h][r] * sx * float(s1[h] * 128 + s2[h]) +
+                        M[h][r] * a.hsum[i * (a.k / 16) + 2 * b + h];
+          } else {
+            acc[r] += D[0][r] * sx * float((s1[0] + s1[1]) * 128 + s2[0] + s2[1]) +
+                      M[0][r] * a.sum[i * kb + b];
+          }
+        }
+      }
+      for (int r = 0; r < kTile; ++r) y[i * ldy + t * kTile + r] = acc[r];
+    }
+}
+
 void vexp(float* v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) v[i] = std::exp(v[i]);
 }
@@ -230,13 +268,40 @@ void attend_q(const AttendArgs& a) {
 
 }  // namespace
 
+void dequant_kb(const KbWeights& w, int64_t n0, int64_t n1, float* out_f32, uint16_t* out_bf16,
+                int64_t ldo) {
+  const int64_t kb = w.k / kBlock, rec = kb_record(w.bits);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t t = n / kTile;
+    const int r = int(n % kTile);
+    for (int64_t b = 0; b < kb; ++b) {
+      const uint8_t* p = w.q + (t * kb + b) * rec;
+      float D[2][16], M[2][16];
+      kb_scales(w, t, b, D, M);
+      for (int c = 0; c < 32; ++c) {
+        const float v = D[c / 16][r] * float(kb_u(w, p, r, c)) + M[c / 16][r];
+        const int64_t o = (n - n0) * ldo + b * kBlock + c;
+        if (out_f32) {
+          out_f32[o] = v;
+        } else {
+          out_bf16[o] = f32_to_bf16(v);
+        }
+      }
+    }
+  }
+}
+
 // Shared with the SIMD paths for shapes they do not specialise.
 void attend_generic(const AttendArgs& a) { attend(a); }
 void attend_q_generic(const AttendArgs& a) { attend_q(a); }
+void gemm_kb_generic(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* y,
+                     int64_t ldy) {
+  gemm_kb(a, w, n0, n1, y, ldy);
+}
 
 const Kernels& scalar_kernels() {
-  static const Kernels k{"scalar", quantize, gemm_q4, gemm_q8, dequant_q4, attend, attend_q,
-                         vexp};
+  static const Kernels k{"scalar", quantize, gemm_q4, gemm_q8, dequant_q4, gemm_kb, attend,
+                         attend_q, vexp};
   return k;
 }
 

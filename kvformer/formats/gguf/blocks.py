@@ -1,0 +1,231 @@
+"""GGUF block types as kb weights (``kvformer.runtime.kb``): the file's integers and scales,
+moved, never rounded.
+
+Each type's weight, as ggml defines it, and the kb form it takes (u: the unsigned integer
+the kernels multiply; D, M: the scale and offset of its block):
+
+    Q4_0    w = d (q - 8)                 u = q            D = d, M = -8 d          pair
+    Q4_1    w = d q + m                   u = q            D = d, M = m             pair
+    Q5_0    w = d (q - 16), q 5 bits      u = q            D = d, M = -16 d         pair
+    Q5_1    w = d q + m, q 5 bits         u = q            D = d, M = m             pair
+    Q8_0    w = d q, q int8               u = q + 128      D = d, M = -128 d        pair
+    IQ4_NL  w = d v[q], v the int8 grid   u = lut[q] = v[q] + 128, M = -128 d       pair
+    Q4_K    w = d sc q - dmin mn          u = q            super (d, dmin; sc, mn)
+    Q5_K    the same, q 5 bits            u = q            super
+    IQ4_XS  w = d (ls - 32) v[q]          u = lut[q]       super: sc = mn = ls - 32, dmin = 128 d
+    Q6_K    w = d sc (q - 32), sc per 16  u = q            super16 (M = -32 D)
+
+fp16 products such as -8 d, -16 d, -128 d are exact (a power of two times an fp16), unless
+they overflow fp16, which a file would need |d| > 511 for: such a matrix is refused. The
+products d sc of the super-block types are made in fp32 by the kernels, as ggml does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kvformer.errors import CheckpointError
+from kvformer.runtime.kb import PAIR, SUPER, SUPER16, KbBlocks
+
+__all__ = ["KB_TYPES", "to_kb"]
+
+IQ4_GRID = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+_LUT = torch.tensor([v + 128 for v in IQ4_GRID], dtype=torch.uint8)
+
+# ggml type id -> (name, values per block, bytes per block)
+KB_TYPES: dict[int, tuple[str, int, int]] = {
+    2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210), 20: ("IQ4_NL", 32, 18), 23: ("IQ4_XS", 256, 136),
+}
+
+# rows repacked at a time: a few MB of temporaries whatever the matrix
+_ROWS = 256
+
+
+def kb_shape_ok(type_id: int, n: int, k: int) -> bool:
+    """Whether an [n, k] matrix of this type fits the kb layout (tiles of 16 rows)."""
+    return type_id in KB_TYPES and n % 16 == 0 and k % KB_TYPES[type_id][1] == 0
+
+
+def to_kb(raw: torch.Tensor, type_id: int, shape: tuple[int, int], where: str = "") -> KbBlocks:
+    """The stored bytes of a GGUF matrix [n, k] (rows of blocks) as kb weights."""
+    name, per, size = KB_TYPES[type_id]
+    n, k = shape
+    if not kb_shape_ok(type_id, n, k) or raw.numel() != n * k // per * size:
+        raise CheckpointError(f"{where}{name} matrix {list(shape)} does not fit kvformer's "
+                              "kb layout (rows in tiles of 16)")
+    t, kb = n // 16, k // 32
+    bits, scales, lut = _FORM[name]
+    q = torch.empty(t, kb, 512 if bits == 8 else 256 + 64 * (bits - 4), dtype=torch.uint8)
+    s = torch.empty(t, kb * {PAIR: 64, SUPER: 40, SUPER16: 36}[scales], dtype=torch.uint8)
+    blocks = raw.numpy().reshape(n, k // per, size)
+    qn, sn = q.numpy(), s.numpy()
+    for r0 in range(0, n, _ROWS):
+        r1 = min(n, r0 + _ROWS)
+        with np.errstate(over="ignore"):
+            u, sc = _SPLIT[name](blocks[r0:r1])
+        if not all(np.isfinite(a.astype(np.float32)).all() for a in sc
+                   if a.dtype == np.float16):
+            raise CheckpointError(f"{where}{name} matrix {list(shape)} has scales that are "
+                                  "not finite (or too large for fp16); the file is corrupt")
+        qn[r0 // 16:r1 // 16] = _records(u, bits)
+        sn[r0 // 16:r1 // 16] = _scales(sc, scales)
+    return KbBlocks(q, s, bits, scales, _LUT.clone() if lut else None, name)
+
+
+# ------------------------------------------------------------------ u and scales per type
+def _f16(b: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(b).view(np.float16)[..., 0]
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """[.., 16] bytes -> [.., 32]: the low nibbles, then the high ones (ggml's order)."""
+    return np.concatenate([qs & 15, qs >> 4], axis=-1)
+
+
+def _bits32(qh: np.ndarray) -> np.ndarray:
+    """[.., 4] bytes (a little-endian u32) -> [.., 32]: bit j at j."""
+    return np.unpackbits(qh, axis=-1, bitorder="little")
+
+
+def _split_q4_0(b):
+    d = _f16(b[..., 0:2])
+    return _nibbles(b[..., 2:18]), (d, d * np.float16(-8))
+
+
+def _split_q4_1(b):
+    return _nibbles(b[..., 4:20]), (_f16(b[..., 0:2]), _f16(b[..., 2:4]))
+
+
+def _split_q5_0(b):
+    d = _f16(b[..., 0:2])
+    return _nibbles(b[..., 6:22]) | (_bits32(b[..., 2:6]) << 4), (d, d * np.float16(-16))
+
+
+def _split_q5_1(b):
+    u = _nibbles(b[..., 8:24]) | (_bits32(b[..., 4:8]) << 4)
+    return u, (_f16(b[..., 0:2]), _f16(b[..., 2:4]))
+
+
+def _split_q8_0(b):
+    d = _f16(b[..., 0:2])
+    return b[..., 2:34] ^ np.uint8(0x80), (d, d * np.float16(-128))
+
+
+def _split_iq4_nl(b):
+    d = _f16(b[..., 0:2])
+    return _nibbles(b[..., 2:18]), (d, d * np.float16(-128))
+
+
+def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K's 12 bytes -> 8 six-bit scales and 8 six-bit mins."""
+    a, b, c = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = np.concatenate([a & 63, (c & 15) | ((a >> 2) & 48)], axis=-1)
+    mn = np.concatenate([b & 63, (c >> 4) | ((b >> 2) & 48)], axis=-1)
+    return sc.astype(np.int8), mn.astype(np.int8)
+
+
+def _split_q4_k(b):
+    n, ns = b.shape[:2]
+    d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+    sc, mn = _k_scales(b[..., 4:16])
+    qs = b[..., 16:144].reshape(n, ns, 4, 32)
+    u = np.stack([qs & 15, qs >> 4], axis=3).reshape(n, ns * 256)  # sub-block 2j, 2j+1
+    return u, (d, dmin, sc, mn)
+
+
+def _split_q5_k(b):
+    n, ns = b.shape[:2]
+    d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+    sc, mn = _k_scales(b[..., 4:16])
+    qh = b[..., 16:48]  # [n, ns, 32]: bit i of byte c -> sub-block i, column c
+    qs = b[..., 48:176].reshape(n, ns, 4, 32)
+    lo = np.stack([qs & 15, qs >> 4], axis=3).reshape(n, ns, 8, 32)
+    hi = (qh[:, :, None, :] >> np.arange(8, dtype=np.uint8)[None, None, :, None]) & 1
+    return (lo | (hi << 4)).reshape(n, ns * 256), (d, dmin, sc, mn)
+
+
+def _split_q6_k(b):
+    n, ns = b.shape[:2]
+    ql = b[..., 0:128].reshape(n, ns, 2, 1, 64)
+    qh = b[..., 128:192].reshape(n, ns, 2, 1, 32)
+    lo = (ql >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 1, 2, 1)) & 15
+    hi = (qh >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 1, 4, 1)) & 3
+    u = lo.reshape(n, ns, 8, 32) | (hi.reshape(n, ns, 8, 32) << 4)
+    sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8)  # [n, ns, 16]
+    return u.reshape(n, ns * 256), (_f16(b[..., 208:210]), sc)
+
+
+def _split_iq4_xs(b):
+    n, ns = b.shape[:2]
+    d = _f16(b[..., 0:2])
+    sh = np.ascontiguousarray(b[..., 2:4]).view(np.uint16)  # [n, ns, 1]
+    sl = b[..., 4:8]
+    lo = np.stack([sl & 15, sl >> 4], axis=-1).reshape(n, ns, 8)
+    hi = (sh >> (2 * np.arange(8, dtype=np.uint16))) & 3
+    ls = (lo | (hi.astype(np.uint8) << 4)).astype(np.int16) - 32
+    qs = b[..., 8:136].reshape(n, ns, 8, 16)
+    u = np.concatenate([qs & 15, qs >> 4], axis=-1)  # [n, ns, 8, 32]
+    sc = ls.astype(np.int8)
+    return u.reshape(n, ns * 256), (d, d * np.float16(128), sc, sc)
+
+
+_SPLIT = {"Q4_0": _split_q4_0, "Q4_1": _split_q4_1, "Q5_0": _split_q5_0, "Q5_1": _split_q5_1,
+          "Q8_0": _split_q8_0, "IQ4_NL": _split_iq4_nl, "Q4_K": _split_q4_k,
+          "Q5_K": _split_q5_k, "Q6_K": _split_q6_k, "IQ4_XS": _split_iq4_xs}
+
+# name -> (bits, scales kind, lut)
+_FORM = {"Q4_0": (4, PAIR, False), "Q4_1": (4, PAIR, False), "Q5_0": (5, PAIR, False),
+         "Q5_1": (5, PAIR, False), "Q8_0": (8, PAIR, False), "IQ4_NL": (4, PAIR, True),
+         "Q4_K": (4, SUPER, False), "Q5_K": (5, SUPER, False), "Q6_K": (6, SUPER16, False),
+         "IQ4_XS": (4, SUPER, True)}
+
+
+# ------------------------------------------------------------------ the kb arrangement
+def _records(u: np.ndarray, bits: int) -> np.ndarray:
+    """u [n, k] (n % 16 == 0) -> records [n/16, k/32, bytes] (kernels.h's order)."""
+    n = u.shape[0]
+    k = u.size // n
+    u = u.reshape(n // 16, 16, k // 32, 4, 2, 4)  # [t, r, b, s, h, j]
+    if bits == 8:
+        return np.ascontiguousarray(u.transpose(0, 2, 3, 4, 1, 5)).reshape(n // 16, k // 32, 512)
+    lo = u & 15
+    nib = (lo[:, :, :, :, 0] | (lo[:, :, :, :, 1] << 4)).transpose(0, 2, 3, 1, 4)  # t b s r j
+    parts = [nib.reshape(n // 16, k // 32, 256)]
+    for p in range(bits - 4):
+        bit = ((u >> (4 + p)) & 1).transpose(0, 2, 3, 4, 1, 5)  # [t, b, s, h, r, j]
+        parts.append(np.packbits(bit.reshape(n // 16, k // 32, 8, 64), axis=-1,
+                                 bitorder="little").reshape(n // 16, k // 32, 64))
+    return np.concatenate(parts, axis=-1)
+
+
+def _tiles(a: np.ndarray) -> np.ndarray:
+    """[n, x, ...] per row -> [n/16, x, ..., 16]: each tile's 16 rows last."""
+    n = a.shape[0]
+    a = a.reshape(n // 16, 16, *a.shape[1:])
+    return np.moveaxis(a, 1, -1)
+
+
+def _bytes(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    return a.view(np.uint8).reshape(a.shape[0], -1)
+
+
+def _scales(sc: tuple, kind: int) -> np.ndarray:
+    if kind == PAIR:
+        d, m = sc  # [n, kb] fp16
+        return _bytes(np.stack([_tiles(d), _tiles(m)], axis=2))  # [t, kb, 2, 16]
+    if kind == SUPER:
+        d, dmin, s, mn = sc  # [n, ns] fp16; [n, ns, 8] int8
+        head = _bytes(np.stack([_tiles(d), _tiles(dmin)], axis=2))  # [t, ns, 2, 16]
+        body = _bytes(np.stack([_tiles(s), _tiles(mn)], axis=3))  # [t, ns, 8, 2, 16]
+        t, ns = head.shape[0], d.shape[1]
+        return np.concatenate([head.reshape(t, ns, 64), body.reshape(t, ns, 256)],
+                              axis=-1).reshape(t, -1)
+    d, s = sc  # [n, ns] fp16; [n, ns, 16] int8 (halves in column order)
+    t, ns = d.shape[0] // 16, d.shape[1]
+    head = _bytes(_tiles(d)).reshape(t, ns, 32)
+    body = _bytes(_tiles(s.reshape(-1, ns, 8, 2))).reshape(t, ns, 256)  # [t, ns, 8, 2, 16]
+    return np.concatenate([head, body], axis=-1).reshape(t, -1)
