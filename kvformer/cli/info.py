@@ -3,11 +3,27 @@ and the kernels it runs on here."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 from kvformer.cli.common import kernels_line, model_arg
 from kvformer.fileio import human_bytes
+from kvformer.formats.gguf.blocks import what_runs
+from kvformer.formats.gguf.reader import open_reader
 from kvformer.formats.load import check_model, load_config
 from kvformer.kv.formats import INT4_GROUP
 from kvformer.runtime.step import describe
+
+
+def weight_rows(path) -> list[tuple[str, str]]:
+    """For a GGUF file: each tensor type, how many, and what runs it with --dtype auto."""
+    if path is None or path.suffix.lower() != ".gguf":
+        return []
+    seen: Counter = Counter()
+    with open_reader(path) as reader:
+        for info in reader.tensors.values():
+            seen[(info.type_name, what_runs(info.type_id, info.type_name, info.shape))] += 1
+    return [("weights (--dtype auto)" if i == 0 else "", f"{n:>4} {t:<7} {how}")
+            for i, ((t, how), n) in enumerate(sorted(seen.items(), key=lambda kv: -kv[1]))]
 
 
 def run(args) -> int:
@@ -37,6 +53,7 @@ def run(args) -> int:
         ("  the same model as MHA",
          per_dtype(cfg.replace(n_kv_head=cfg.n_head), cfg.max_seq_len)),
         ("kernels on this CPU", kernels_line()),
+        *weight_rows(path),
         ("runs on", describe(cfg)),
         ("file", checked),
     ]

@@ -21,6 +21,7 @@ from torch.overrides import TorchFunctionMode
 from kvformer.config import ModelConfig
 from kvformer.errors import CheckpointError
 from kvformer.model.transformer import Transformer
+from kvformer.runtime.kb import KbBlocks, KbEmbedding, KbLinear, kb_layer
 from kvformer.runtime.quant import (
     DENSE,
     FUSED,
@@ -68,15 +69,22 @@ def empty_model(cfg: ModelConfig) -> nn.Module:
 
 
 def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],
-                mode: str = "fp32", act: torch.dtype | None = None) -> nn.Module:
+                mode: str = "fp32", act: torch.dtype | None = None,
+                weight_types: dict[str, str] | None = None) -> nn.Module:
     """Build a ``Transformer`` in ``mode`` from ``(kvformer name, tensor)`` pairs that arrive
     one at a time (e.g. ``iter_gguf_tensors``), never holding the whole model in full
     precision: the model starts as an untouched skeleton, each linear weight is quantized
     when it arrives (the parts of a fused matrix wait for each other: one layer's worth at
     most) and every other tensor is assigned in place. The result is the model that
-    ``quantize_model`` makes from the same weights."""
+    ``quantize_model`` makes from the same weights.
+
+    mode "gguf" takes a GGUF file's matrices as they arrive from ``iter_gguf_tensors(...,
+    kb=True)`` (``KbBlocks``: the file's own blocks) and keeps them so: ``KbLinear`` layers
+    (``Int4Linear`` for Q4_0/Q4_1), a ``KbEmbedding``, the tied head on the same storage;
+    ``weight_types`` (kvformer name -> the file's type) says which parts share a type and
+    so can be fused."""
     mode = check_mode(mode)
-    quantized = mode in ("int8", "int4")
+    quantized = mode in ("int8", "int4", "gguf")
     act = act or act_dtype()
     dense = act if quantized else DENSE[mode]
     model = empty_model(cfg)
@@ -95,10 +103,13 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],
             for owner_name, (_, parts) in FUSED.items():
                 owner = getattr(block, owner_name)
                 lins = [getattr(owner, p, None) for p in parts]
+                prefix = f"layers.{i}.{owner_name}"
                 if any(lin is None for lin in lins) or not _fusable(
                         mode, [lin.out_features for lin in lins], lins[0].in_features):
                     continue
-                prefix = f"layers.{i}.{owner_name}"
+                if mode == "gguf" and not _same_kb_type(
+                        weight_types or {}, [f"{prefix}.{p}" for p in parts], lins):
+                    continue
                 names = [n for p, lin in zip(parts, lins)
                          for n in _linear_names(f"{prefix}.{p}", lin)]
                 for p in parts:
@@ -119,8 +130,11 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],
                 _install(model, owner_name, parts, [got.pop(n) for n in names], mode, act)
                 _release_freed_memory()
             continue
+        if mode == "gguf" and name == "tok_emb.weight" and isinstance(tensor, KbBlocks):
+            _kb_embedding(model, tensor, act)
+            continue
         tensor = _floats(tensor)  # only linear layers take int4 blocks as they are
-        if quantized and name == "tok_emb.weight":
+        if quantized and mode != "gguf" and name == "tok_emb.weight":
             _quantize_embedding(model, tensor.detach(), mode, act)
             del tensor
             _release_freed_memory()
@@ -151,6 +165,10 @@ def saveable_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     it: a quantized model's state_dict also holds the row slices of its fused matrices and,
     with tied embeddings, the LM head's table twice; those are left out (``load_quantized``
     makes them again)."""
+    if any(isinstance(m, (KbLinear, KbEmbedding)) for m in model.modules()):
+        raise CheckpointError(
+            "this model runs a GGUF file's own blocks (dtype 'auto'), which kvformer's "
+            "format does not store yet; load it with dtype 'int4' or 'int8' to save it")
     state = model.state_dict()
     mode = quantized_mode(model)
     if mode is None:
@@ -249,6 +267,35 @@ def _release_freed_memory() -> None:
 _malloc_trim = None
 
 
+def _same_kb_type(types: dict[str, str], prefixes: list[str], lins: list[nn.Module]) -> bool:
+    """Whether the parts of a fused matrix come as kb blocks of one type (a Q4_K_M file's
+    V rows are often Q6_K where Q and K are Q4_K: those stay three layers)."""
+    got = {types.get(f"{p}.weight") for p in prefixes}
+    return len(got) == 1 and None not in got and all(lin.out_features % 16 == 0 for lin in lins)
+
+
+def _kb_embedding(model: nn.Module, blocks: KbBlocks, act: torch.dtype) -> None:
+    """The embedding from the file's blocks; with tied embeddings the head is a layer on the
+    same storage."""
+    model.tok_emb = KbEmbedding(blocks, act)
+    if model.cfg.tie_embeddings:
+        model.lm_head = kb_layer([blocks], None, act)
+
+
+def _gguf_layer(w: list, bias: torch.Tensor | None, act: torch.dtype) -> nn.Module:
+    """A GGUF matrix as the file stores it: kb blocks as a kb layer; a float matrix (F16,
+    F32, or rows that are not tiles of 16) as a dense layer in the activations' dtype."""
+    if all(isinstance(p, KbBlocks) for p in w):
+        return kb_layer(w, bias, act)
+    if len(w) != 1:
+        raise CheckpointError("a fused matrix mixes block types")  # _same_kb_type prevents it
+    layer = nn.Linear(w[0].shape[1], w[0].shape[0], bias=bias is not None)
+    layer.weight = nn.Parameter(_floats(w[0]).to(act), requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.to(act), requires_grad=False)
+    return layer
+
+
 def _linear_names(name: str, linear: nn.Linear) -> list[str]:
     return [f"{name}.weight"] + ([f"{name}.bias"] if linear.bias is not None else [])
 
@@ -264,12 +311,16 @@ def _install(model: nn.Module, owner_name: str, parts: tuple[str, ...],
     b = (torch.cat(tensors[1::step]) if len(parts) > 1 else tensors[1]) if has_bias else None
     if b is not None:
         b = _floats(b)
+    if mode == "gguf":
+        layer = _gguf_layer(w, b, act)
+    else:
+        head = (owner_name, parts) == ("", ("lm_head",))
+        layer = _make(head_mode(mode) if head else mode, w, b, act)
     if len(parts) == 1:
-        layer_mode = head_mode(mode) if (owner_name, parts[0]) == ("", "lm_head") else mode
-        owner.add_module(parts[0], _make(layer_mode, w, b, act))
+        owner.add_module(parts[0], layer)
     else:
         fused_name = next(f for f, ps in FUSED.values() if ps == parts)
-        _fuse_into(owner, fused_name, parts, _make(mode, w, b, act))
+        _fuse_into(owner, fused_name, parts, layer)
 
 
 def _assign(module: nn.Module, attr: str, tensor: torch.Tensor,

@@ -179,7 +179,10 @@ def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
         try:
             meta = read_metadata(reader)
             cfg = config_from_gguf(meta, reader)
-            mode = mode_for([t.type_name for t in reader.tensors.values()])
+            types = [t.type_name for t in reader.tensors.values()]
+            # auto: the file's own blocks where it has any (kvformer.runtime.kb)
+            mode = ("gguf" if dtype == "auto" and any(t.upper().startswith(("Q", "IQ"))
+                                                       for t in types) else mode_for(types))
             # The tokenizer first (a bad one fails before any weight is read), then its
             # vocabulary strings are forgotten so they are not held while the weights load.
             tokenizer = Tokenizer.from_gguf(meta)
@@ -189,9 +192,13 @@ def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
             # header whose sizes the tensors do not have (vocab_size 2^31) is a one-line
             # error, not an allocation of terabytes
             tensors = iter_gguf_tensors(reader, cfg, dtype=loader_dtype(mode),
-                                        int4_blocks=mode == "int4")
+                                        int4_blocks=mode == "int4", kb=mode == "gguf")
+            weight_types = ({t: reader.tensors[g].type_name
+                             for g, ts in check_tensors(reader, cfg) for t in ts}
+                            if mode == "gguf" else None)
             model = build_model(cfg, _progress(tensors, len(reader.tensors),
-                                               f"loading {path.name}", progress), mode)
+                                               f"loading {path.name}", progress), mode,
+                                weight_types=weight_types)
         finally:
             reader.close()
     elif kind == "hf":

@@ -7,14 +7,16 @@ not read, so the two cannot drift apart silently.
 
     n_layer d_model head_dim n_head n_kv_head d_ff act_bf16 rope swiglu       integers
     q_scale                                                                    real
-    embed.kind embed.weight [embed.scales]            kind 0 dense, 1 int8 rows + scales
+    embed.kind embed.weight [embed.scales]            kind 0 dense, 1 int8 rows + scales,
+                                                      3 kb (and embed.bits, .layout, [.lut])
     rope.cos rope.sin                                 [positions, head_dim] fp32 (if rope)
     layers.{i}.attn_norm / mlp_norm .rms .eps .weight [.bias]
     layers.{i}.qkv | (.q .k .v)    layers.{i}.wo
     layers.{i}.gate_up | (.gate .up) | (.up)     layers.{i}.down
     final_norm   head
-    a linear layer NAME: NAME.kind (0 dense, 1 int8, 2 int4), NAME.weight,
-                         NAME.scales (int8, int4), NAME.bias (if any)
+    a linear layer NAME: NAME.kind (0 dense, 1 int8, 2 int4, 3 kb), NAME.weight,
+                         NAME.scales (int8, int4, kb), NAME.bias (if any),
+                         kb: NAME.bits, NAME.layout (kernels.h's KbScales), [NAME.lut]
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ import torch
 from torch import nn
 
 from kvformer.model.norms import LayerNorm, RMSNorm
+from kvformer.runtime.kb import KbEmbedding, KbLinear
 from kvformer.runtime.quant import Int4Linear, Int8Embedding, Int8Linear
 
-KINDS = {"dense": 0, "int8": 1, "int4": 2}
+KINDS = {"dense": 0, "int8": 1, "int4": 2, "kb": 3}
 
 
 class Unsupported(Exception):
@@ -41,12 +44,16 @@ class LinearPlan:
     scales: torch.Tensor | None  # int8 fp32 [n]; int4 fp16 [n/16, k/32, 2, 16]
     bias: torch.Tensor | None
     module: nn.Module | None    # the layer itself (None: a tied head, the embedding table)
+    kb: tuple[int, int, torch.Tensor] | None = None  # kb: bits, scales kind, lut (or empty)
 
     @classmethod
     def of(cls, linear: nn.Module) -> LinearPlan:
         bias = linear.bias.detach() if linear.bias is not None else None
         if isinstance(linear, Int4Linear):
             return cls("int4", linear.qweight, linear.scales, bias, linear)
+        if isinstance(linear, KbLinear):
+            return cls("kb", linear.qweight, linear.scales, bias, linear,
+                       (linear.bits, linear.layout, linear.lut))
         if isinstance(linear, Int8Linear):
             return cls("int8", linear.qweight, linear.scale, bias, linear)
         if type(linear) is nn.Linear:
@@ -61,6 +68,16 @@ class LinearPlan:
             table.tensors[f"{name}.scales"] = self.scales
         if self.bias is not None:
             table.tensors[f"{name}.bias"] = self.bias
+        if self.kb is not None:
+            _kb_entries(name, self.kb, table)
+
+
+def _kb_entries(name: str, kb: tuple[int, int, torch.Tensor], table: Named) -> None:
+    bits, layout, lut = kb
+    table.ints[f"{name}.bits"] = bits
+    table.ints[f"{name}.layout"] = layout
+    if lut.numel():
+        table.tensors[f"{name}.lut"] = lut
 
 
 @dataclass
@@ -123,7 +140,7 @@ class StepPlan:
     rope: bool
     swiglu: bool
     q_scale: float                # 1/sqrt(d_k) (or the model's attn_scale), on the query
-    embed_kind: str               # 'dense' or 'int8'
+    embed_kind: str               # 'dense', 'int8' or 'kb'
     embed_weight: torch.Tensor
     embed_scales: torch.Tensor | None
     cos: torch.Tensor | None      # rotary tables [positions, head_dim], fp32
@@ -134,6 +151,7 @@ class StepPlan:
     # every layer's sliding window: a step whose cache already holds this many tokens is
     # left to Transformer.forward (the window would hide the oldest); None: no window
     window: int | None = None
+    embed_kb: tuple[int, int, torch.Tensor] | None = None  # kb: bits, scales kind, lut
 
     @property
     def rope_len(self) -> int | None:
@@ -162,8 +180,12 @@ class StepPlan:
         if any(b.attn.weights_sink is not None for b in model.layers):
             raise Unsupported("attention weights are being recorded")
         emb = model.tok_emb
+        embed_kb = None
         if isinstance(emb, Int8Embedding):
             embed = ("int8", emb.qweight, emb.scale)
+        elif isinstance(emb, KbEmbedding):
+            embed = ("kb", emb.qweight, emb.scales)
+            embed_kb = (emb.bits, emb.layout, emb.lut)
         else:
             embed = ("dense", emb.weight.detach(), None)
         head = model._modules.get("lm_head")
@@ -179,7 +201,8 @@ class StepPlan:
             embed_scales=embed[2],
             cos=model.rotary.cos if rope else None, sin=model.rotary.sin if rope else None,
             layers=[_layer_plan(block, cfg.mlp == "swiglu") for block in model.layers],
-            final_norm=NormPlan.of(model.norm), head=head_plan, window=cfg.sliding_window)
+            final_norm=NormPlan.of(model.norm), head=head_plan, window=cfg.sliding_window,
+            embed_kb=embed_kb)
 
     def named(self) -> Named:
         """The flat table the C++ step reads (the module docstring lists the names)."""
@@ -193,6 +216,8 @@ class StepPlan:
         t.tensors["embed.weight"] = self.embed_weight
         if self.embed_scales is not None:
             t.tensors["embed.scales"] = self.embed_scales
+        if self.embed_kb is not None:
+            _kb_entries("embed", self.embed_kb, t)
         if self.rope:
             t.tensors["rope.cos"], t.tensors["rope.sin"] = self.cos, self.sin
         for i, layer in enumerate(self.layers):

@@ -44,6 +44,7 @@ from torch import nn
 from kvformer.runtime import native
 
 MODES = ("fp32", "bf16", "fp16", "int8", "int4")
+# "gguf": a GGUF file's weights as it stores them (kvformer.runtime.kb), only from a file
 DENSE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 INT4_TILE = 16   # int4 rows per tile
 INT4_BLOCK = 32  # int4 columns per (d, m) pair
@@ -202,8 +203,8 @@ class Int4Blocks:
 
 
 def _floats(w):
-    """A matrix as a float tensor (Int4Blocks are dequantized)."""
-    return w.dequantize(torch.float32) if isinstance(w, Int4Blocks) else w
+    """A matrix as a float tensor (Int4Blocks and kb blocks are dequantized)."""
+    return w if isinstance(w, torch.Tensor) else w.dequantize(torch.float32)
 
 
 # --------------------------------------------------------------------------- modules
@@ -501,7 +502,7 @@ ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", torch.float
 def check_mode(mode) -> str:
     """'fp32', 'bf16', 'fp16', 'int8' or 'int4' (torch dtypes and long names accepted)."""
     mode = ALIASES.get(mode, mode)
-    if mode not in MODES:
+    if mode not in MODES and mode != "gguf":
         raise ValueError(f"dtype {mode!r} is not one of {', '.join(MODES)}")
     return mode
 
@@ -537,7 +538,7 @@ def _fuse_into(parent: nn.Module, fused_name: str, parts: tuple[str, ...],
 
 
 def _fusable(mode: str, sizes: list[int], k: int) -> bool:
-    if mode == "int8":
+    if mode in ("int8", "gguf"):  # gguf: when the parts' types agree (build_model checks)
         return True
     return all(int4_supported(n, k) for n in sizes)
 

@@ -28,7 +28,7 @@ import torch
 from kvformer.errors import CheckpointError
 from kvformer.runtime.kb import PAIR, SUPER, SUPER16, KbBlocks
 
-__all__ = ["KB_TYPES", "to_kb"]
+__all__ = ["KB_TYPES", "to_kb", "what_runs"]
 
 IQ4_GRID = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 _LUT = torch.tensor([v + 128 for v in IQ4_GRID], dtype=torch.uint8)
@@ -42,6 +42,24 @@ KB_TYPES: dict[int, tuple[str, int, int]] = {
 
 # rows repacked at a time: a few MB of temporaries whatever the matrix
 _ROWS = 256
+
+
+def what_runs(type_id: int, type_name: str, shape: tuple[int, ...]) -> str:
+    """How dtype 'auto' runs one of a file's tensors (what ``kvformer info`` lists)."""
+    if len(shape) != 2:
+        return "numbers (norms, biases), in the activations' dtype"
+    if type_id in (0, 1, 30):
+        return "a dense matmul in the activations' dtype"
+    if type_id not in KB_TYPES:
+        return "no kernel: refused (--dtype int8 or int4 re-quantizes it)"
+    if not kb_shape_ok(type_id, *shape):
+        return "dequantized to a dense matmul (rows not in tiles of 16)"
+    bits, scales, lut = _FORM[type_name]
+    if bits == 4 and scales == PAIR and not lut:
+        return "the int4 kernel, the file's blocks as they are"
+    kind = {PAIR: "a scale and offset per 32", SUPER: "super-block scales",
+            SUPER16: "a scale per 16"}[scales]
+    return f"the kb kernel: {bits}-bit{' grid' if lut else ''} integers, {kind}"
 
 
 def kb_shape_ok(type_id: int, n: int, k: int) -> bool:

@@ -30,7 +30,9 @@ from kvformer.formats.gguf.config import (
     _factor_values,
     config_from_gguf,
 )
+from kvformer.formats.gguf.blocks import KB_TYPES, kb_shape_ok, to_kb
 from kvformer.formats.gguf.dequant import SUPPORTED_TENSOR_TYPES
+from kvformer.formats.gguf.dequant import dequantize
 from kvformer.formats.gguf.reader import GGUFFile, GGUFTensorInfo, _load_one
 from kvformer.runtime.quant import Int4Blocks
 
@@ -163,12 +165,18 @@ def _unpermute_rows(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def iter_gguf_tensors(path_or_reader, cfg: ModelConfig, dtype: torch.dtype = torch.float32,
-                      int4_blocks: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+                      int4_blocks: bool = False, kb: bool = False
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(kvformer_name, tensor)`` one at a time, dequantized to ``dtype``.
 
     With ``int4_blocks``, the Q4_0/Q4_1 matrices of the layers come as
     :class:`kvformer.runtime.quant.Int4Blocks` instead (their integers and fp16 scales, not
     floats), for an int4 build that keeps the file's grid exactly.
+
+    With ``kb``, every block-quantized matrix (the layers', the embedding, the head) comes as
+    :class:`kvformer.runtime.kb.KbBlocks`: the file's integers and scales in kvformer's kb
+    layout (``kvformer.formats.gguf.blocks``); a matrix whose rows are not tiles of 16 comes
+    dequantized, and a type kb does not take (Q2_K, Q3_K, the 1-3 bit i-quants) is refused.
 
     Every tensor is checked against ``cfg`` (``check_tensors``: present, in its shape, its
     bytes inside the file) when this is called, before anything is yielded, so a caller can
@@ -188,7 +196,21 @@ def iter_gguf_tensors(path_or_reader, cfg: ModelConfig, dtype: torch.dtype = tor
         if own:
             f.close()
         raise
-    return _iter_tensors(f, cfg, plan, dtype, int4_blocks, own)
+    if kb:
+        for gname, _ in plan:
+            info = f.tensors[gname]
+            if len(info.shape) == 2 and info.type_id not in KB_TYPES \
+                    and info.type_id not in _FLOAT_IDS:
+                if own:
+                    f.close()
+                raise CheckpointError(
+                    f"{f.path}: tensor {gname!r} is {info.type_name}, a type kvformer has no "
+                    "kernel for; load it with --dtype int8 (or int4) to re-quantize it, or use "
+                    "a file quantized to Q4_K, Q5_K, Q6_K, Q8_0, Q4_0/Q4_1, Q5_0/Q5_1 or IQ4")
+    return _iter_tensors(f, cfg, plan, dtype, int4_blocks, own, kb)
+
+
+_FLOAT_IDS = {0, 1, 30}  # F32, F16, BF16
 
 
 def check_tensors(f: GGUFFile, cfg: ModelConfig) -> list[tuple[str, tuple[str, ...]]]:
@@ -263,10 +285,13 @@ def check_tensors(f: GGUFFile, cfg: ModelConfig) -> list[tuple[str, tuple[str, .
 
 
 def _iter_tensors(f: GGUFFile, cfg: ModelConfig, plan, dtype: torch.dtype,
-                  int4_blocks: bool = False, own: bool = False
+                  int4_blocks: bool = False, own: bool = False, kb: bool = False
                   ) -> Iterator[tuple[str, torch.Tensor]]:
     try:
-        yield from _plan_tensors(f, cfg, plan, dtype, int4_blocks)
+        if kb:
+            yield from _plan_kb(f, cfg, plan, dtype)
+        else:
+            yield from _plan_tensors(f, cfg, plan, dtype, int4_blocks)
     finally:
         if own:
             f.close()
@@ -300,6 +325,47 @@ def _plan_tensors(f: GGUFFile, cfg: ModelConfig, plan, dtype: torch.dtype,
                     out.append((t, _rows_of(tensor, lambda x, a=row, b=row + n: x[a:b].clone())))
                     row += n
             del tensor
+        yield from out
+        del out
+
+
+def _plan_kb(f: GGUFFile, cfg: ModelConfig, plan, dtype: torch.dtype
+             ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The plan's tensors with every block-quantized matrix as KbBlocks: the rows of the
+    stored bytes are permuted or split (llama's Q/K rows, fused Q/K/V) before the repack, so
+    no number is touched."""
+    arch = f.metadata.get("general.architecture")
+    permute = GGUF_ARCHITECTURES.get(arch, {}).get("permute_qk", False)
+    expected = expected_shapes(cfg)
+    for gname, targets in plan:
+        info = f.tensors[gname]
+        if len(info.shape) != 2 or info.type_id not in KB_TYPES:
+            yield from _plan_tensors(f, cfg, [(gname, targets)], dtype, False)
+            continue
+        n, k = info.shape
+        rows = f.raw(gname).view(n, -1)
+        where = f"{f.path}: tensor {gname!r}: "
+        parts = []
+        if len(targets) == 1:
+            suffix = targets[0].split(".", 2)[2] if targets[0].startswith("layers.") else ""
+            if permute and suffix in _PERMUTED_ROWS:
+                rows = _unpermute_rows(rows, getattr(cfg, _PERMUTED_ROWS[suffix]))
+            parts.append((targets[0], rows))
+        else:
+            at = 0
+            for t in targets:
+                parts.append((t, rows[at:at + expected[t][0]]))
+                at += expected[t][0]
+        out = []
+        for name, part in parts:
+            shape = (part.shape[0], k)
+            if kb_shape_ok(info.type_id, *shape):
+                out.append((name, to_kb(part.contiguous().view(-1), info.type_id, shape, where)))
+            else:  # rows that are not tiles of 16: the numbers, dequantized exactly
+                out.append((name, dequantize(part.contiguous().view(-1), info.type_id, shape,
+                                             dtype)))
+        f.drop_pages()
+        del rows, parts
         yield from out
         del out
 
