@@ -70,17 +70,20 @@ def driver(request, tmp_path_factory):
     exe = build(arch, tmp_path_factory)
     run = TARGETS[arch][1]
 
-    def call(op, meta, **arrays):
-        work = exe.parent / f"{path}-{op}"
+    def call(op, meta, via=None, **arrays):
+        """y of `op` through this case's kernel path (or the path `via` of the same build)"""
+        via = via or path
+        work = exe.parent / f"{via}-{op}"
         work.mkdir(exist_ok=True)
         (work / "meta.txt").write_text(" ".join(map(str, meta)))
         for name, a in arrays.items():
             np.ascontiguousarray(a).tofile(work / f"{name}.bin")
-        res = subprocess.run([*run, str(exe), op, str(work), path], capture_output=True,
+        res = subprocess.run([*run, str(exe), op, str(work), via], capture_output=True,
                              text=True, timeout=300)
         assert res.returncode == 0, res.stderr
         return torch.from_numpy(np.fromfile(work / "y.bin", dtype=np.float32))
 
+    call.path = path
     return call
 
 
@@ -175,6 +178,63 @@ def test_paged_attention_over_blocks_out_of_order_is_the_formula(driver, kv):
         kd, vd = fmt.decode((kq, ks), torch.float64), fmt.decode((vq, vs), torch.float64)
     ref = torch.softmax(q.double() @ kd[slots].t(), dim=-1) @ vd[slots]
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def _gguf_blocks(name, n, k, seed):
+    """[n, k / per, bytes] random blocks of GGUF type `name` (tests/test_kb.py's
+    random_blocks): random integer and scale bytes, fp16 scales of the size a real file holds
+    (1e-3 .. 2e-2; the mins of Q4_1 and Q5_1 of either sign)."""
+    from kvformer.formats.gguf.blocks import KB_TYPES
+
+    tid = next(t for t, (nm, _, _) in KB_TYPES.items() if nm == name)
+    _, per, size = KB_TYPES[tid]
+    rng = np.random.default_rng(seed)
+    b = rng.integers(0, 256, size=(n, k // per, size), dtype=np.uint8)
+    at = {"Q4_1": [0, 2], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+    for i, o in enumerate(at.get(name, [0])):
+        lo, hi = (-0.1, 0.1) if name in ("Q4_1", "Q5_1") and i == 1 else (1e-3, 2e-2)
+        b[..., o:o + 2] = rng.uniform(lo, hi, size=(n, k // per, 1)).astype(np.float16) \
+            .view(np.uint8)
+    return tid, b
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K",
+                                  "Q6_K", "IQ4_NL", "IQ4_XS"])
+def test_kb_matmul_is_x_times_the_gguf_matrix(driver, name):
+    """gemm_kb over random GGUF blocks of each type, repacked by to_kb (4, 5, 6 and 8 bits,
+    a lut, the three kinds of scales), against x times the gguf package's dequantized matrix
+    in float64 (3 rows of x: a pair and a single row; an outlier block), with two activation
+    levels (against x itself) and with one (against x rounded to that level); a SIMD path
+    also gives its build's scalar path's numbers up to fp32 summation order."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from kvformer.formats.gguf.blocks import to_kb
+
+    m, n, k = 3, 48, 512
+    tid, blocks = _gguf_blocks(name, n, k, seed=7)
+    kb = to_kb(torch.from_numpy(blocks.reshape(-1).copy()), tid, (n, k))
+    w = torch.from_numpy(dequantize(blocks.reshape(n, -1), GGMLQuantizationType(tid))
+                         .reshape(n, k)).double()
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(tid))
+    x[0, :7] *= 40
+    # one level: x as the products see it, round(x 127 / max|x|) max|x| / 127 per block of
+    # 32 (the kernels' quantize, in fp32), so that what is checked is the kernel, not that
+    # level's rounding (~1-3 % here)
+    xb = x.view(m, k // 32, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    x1 = (torch.round(xb * (127 / amax)) * (amax / 127)).view(m, k)
+    arrays = dict(x=x.numpy(), q=kb.q.numpy(), s=kb.s.numpy())
+    if kb.lut is not None:
+        arrays["lut"] = kb.lut.numpy()
+    for levels, xs in ((2, x), (1, x1)):
+        meta = [m, k, n, kb.bits, kb.scales, int(kb.lut is not None), levels]
+        y = driver("kb", meta, **arrays).view(m, n)
+        err = rel(y.double(), xs.double() @ w.T)
+        assert err < 2e-4, (levels, err)
+        if driver.path != "scalar":
+            ys = driver("kb", meta, via="scalar", **arrays).view(m, n)
+            torch.testing.assert_close(y, ys, rtol=1e-5, atol=1e-5 * ys.abs().max().item())
 
 
 def test_exp(driver):

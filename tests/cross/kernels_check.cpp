@@ -16,10 +16,16 @@
 //                              [len,hd] (bits 8) or uint8 [len,hd/2] (bits 4) rows;
 //                              ks.bin, vs.bin: bf16 scales [len,1] or [len,hd/16]
 //                              -> y.bin f32 [group,hd] = softmax(q k^T) v (kernels.h layouts)
+//   kb      meta: m k n bits scales has_lut [levels]   x.bin f32 [m,k], q.bin u8 records,
+//                              s.bin u8 scales, lut.bin u8 [16] (has_lut) (kernels.h's kb
+//                              layout) -> y.bin f32 [m,n]; x enters with `levels` (2, the
+//                              default, or 1) int8 levels, prepared as Work::prepare (step.h)
+//                              prepares it for kb weights
 //   exp     meta: n            x.bin f32 [n]                 -> y.bin f32 [n]
 // attend and attend_q take three more integers for a paged row: rows block n_table, with
 // k, v (and the scales) of `rows` rows and table.bin int64 [n_table]: slot s of the len is
 // row table[s / block] * block + s % block
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -62,13 +68,35 @@ struct Prepared {
     acts.block = block;
     K.quantize(x.data(), acts, q1.data(), q2.data(), scale.data(), sum.data());
   }
+
+  // What Work::prepare (step.h) does after quantizing for kb weights: with one level, q2 is
+  // zeroed; the sums become those of the x the products see, scale * (128 q1 + q2), per
+  // block of 32, or for kSuper16 (halves) per 16 columns into hsum.
+  std::vector<float> hsum;
+  void for_kb(int levels, bool halves) {
+    const int64_t m = acts.m, k = acts.k, block = acts.block;
+    acts.levels = levels;
+    if (levels == 1) std::fill(q2.begin(), q2.end(), int8_t(0));
+    const int64_t per = halves ? 16 : block, np_ = k / per;
+    if (halves) hsum.resize(m * np_);
+    float* out = halves ? hsum.data() : sum.data();
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t g = 0; g < np_; ++g) {
+        const int64_t o = i * k + g * per;
+        int32_t t = 0;
+        for (int64_t j = 0; j < per; ++j) t += 128 * q1[o + j] + q2[o + j];
+        out[i * np_ + g] = float(t) * scale[i * (k / block) + g * per / block];
+      }
+    if (halves) acts.hsum = hsum.data();
+  }
 };
 
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc != 3 && argc != 4) {
-    std::fprintf(stderr, "usage: kernels_check int4|int8|unpack|attend|attend_q|exp DIR [PATH]\n");
+    std::fprintf(stderr,
+                 "usage: kernels_check int4|int8|unpack|attend|attend_q|kb|exp DIR [PATH]\n");
     return 2;
   }
   const std::string op = argv[1], path = argc == 4 ? argv[3] : "scalar";
@@ -175,6 +203,28 @@ int main(int argc, char** argv) {
     for (int64_t g = 0; g < group; ++g)
       for (int64_t i = 0; i < hd; ++i) out[g * hd + i] /= sum[g];
     save(out);
+  } else if (op == "kb" && (v.size() == 6 || v.size() == 7) &&
+             (v[3] == 4 || v[3] == 5 || v[3] == 6 || v[3] == 8) && v[4] >= 0 && v[4] <= 2 &&
+             (v.size() == 6 || v[6] == 1 || v[6] == 2)) {
+    const int64_t m = v[0], k = v[1], n = v[2];
+    const int bits = int(v[3]), scales = int(v[4]), levels = v.size() == 7 ? int(v[6]) : 2;
+    const int64_t records = n / kvf::kTile * (k / kvf::kBlock);
+    const auto x = load<float>("x.bin", m * k);
+    const auto q = load<uint8_t>("q.bin", records * kvf::kb_record(bits));
+    const auto s = load<uint8_t>("s.bin", records * kvf::kb_scale_bytes(scales));
+    const auto lut = v[5] ? load<uint8_t>("lut.bin", 16) : std::vector<uint8_t>();
+    kvf::KbWeights w;
+    w.q = q.data();
+    w.s = s.data();
+    w.bits = bits;
+    w.scales = scales;
+    w.lut = lut.empty() ? nullptr : lut.data();
+    w.k = k;
+    Prepared p(K, x, m, k, kvf::kBlock);
+    p.for_kb(levels, scales == kvf::kSuper16);
+    std::vector<float> y(m * n);
+    K.gemm_kb(p.acts, w, 0, n, y.data(), n);
+    save(y);
   } else if (op == "exp" && v.size() == 1) {
     auto x = load<float>("x.bin", v[0]);
     K.exp(x.data(), v[0]);

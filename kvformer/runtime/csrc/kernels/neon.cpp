@@ -287,11 +287,207 @@ void attend_q(const AttendArgs& a) {
   }
 }
 
+// ---------------------------------------------------------------- kb weights
+// gemm_q4's scheme on kb records (kernels.h): each 16-byte vector is 4 rows x 4 columns of
+// one sub-block, so vdotq_s32 sums 4 products per row lane. vdotq_s32 is signed x signed
+// (u8 x s8 is i8mm's vusdotq_s32, which this path does not require), so the weights enter
+// as int8:
+//   - bits 4, 5, 6 with no lut: u <= 63, the same bits as an int8;
+//   - bits 8 and lut (u up to 255): u - 128 (u ^ 0x80, or a lut of v - 128), with the
+//     offset moved into the block's M: w = D u + M = D (u - 128) + (M + 128 D). The other
+//     way, adding 128 sum(x's levels) back per block, would need those sums per block and row
+//     in the inner loop; this one costs one fp32 op per block, and it is at least as exact:
+//     every GGUF type with such u has M = -128 D (Q8_0, IQ4_NL; IQ4_XS's dmin mn = 128 d sc),
+//     whose M + 128 D is exactly 0, so the result is D sx (128 n1 + n2) of the centred u
+//     alone instead of the difference of two large terms that the scalar path rounds
+//     separately (the two agree to fp32 rounding of those terms).
+// The 1 or 2 planes of bits 5 and 6 (64 bits per sub-block and half: bit 4r + j) are spread
+// to the bytes of the vector they belong to: a table lookup copies the word's byte holding
+// rows 4v, 4v + 1 into lanes 0..7 and the next into lanes 8..15, vtst against 1, 2, ..., 128
+// finds each lane's bit, and its value 16 << p is OR-ed into the nibble.
+
+// D and M of the 16 rows of tile t, block b, 4 rows a vector, per half of 16 columns (the
+// same for both but with kSuper16): kb_scales (kernels.h) in vectors, the same fp32 products.
+inline float32x4_t f16x4(const uint16_t* p) {
+  return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)));
+}
+
+void kb_scales_v(const KbWeights& w, int64_t t, int64_t b, float32x4_t D[2][4],
+                 float32x4_t M[2][4]) {
+  const int64_t kb = w.k / kBlock;
+  if (w.scales == kPair) {
+    const uint16_t* p = reinterpret_cast<const uint16_t*>(w.s) + (t * kb + b) * 32;
+    for (int v = 0; v < 4; ++v) {
+      D[0][v] = D[1][v] = f16x4(p + 4 * v);
+      M[0][v] = M[1][v] = f16x4(p + 16 + 4 * v);
+    }
+    return;
+  }
+  const int64_t nsup = w.k / 256, sup = b / 8, j = b % 8;
+  float32x4_t sc[4], mn[4];
+  if (w.scales == kSuper) {
+    const uint8_t* rec = w.s + (t * nsup + sup) * 320;
+    const uint16_t* d = reinterpret_cast<const uint16_t*>(rec);
+    load_i8x16(reinterpret_cast<const int8_t*>(rec + 64 + 32 * j), sc);
+    load_i8x16(reinterpret_cast<const int8_t*>(rec + 64 + 32 * j + 16), mn);
+    for (int v = 0; v < 4; ++v) {
+      D[0][v] = D[1][v] = vmulq_f32(f16x4(d + 4 * v), sc[v]);
+      M[0][v] = M[1][v] = vnegq_f32(vmulq_f32(f16x4(d + 16 + 4 * v), mn[v]));
+    }
+    return;
+  }
+  const uint8_t* rec = w.s + (t * nsup + sup) * 288;
+  const uint16_t* d = reinterpret_cast<const uint16_t*>(rec);
+  for (int h = 0; h < 2; ++h) {
+    load_i8x16(reinterpret_cast<const int8_t*>(rec + 32 + 32 * j + 16 * h), sc);
+    for (int v = 0; v < 4; ++v) {
+      D[h][v] = vmulq_f32(f16x4(d + 4 * v), sc[v]);
+      M[h][v] = vmulq_n_f32(D[h][v], -32.f);  // exact, as the scalar -32.f * D
+    }
+  }
+}
+
+// One tile of 16 rows for MR rows of x, L activation levels (1: q2 is zero and skipped).
+template <int MR, int L, int Bits, bool Lut>
+void kb_tile(const Acts& a, int64_t i0, const KbWeights& w, int64_t t, float* y,
+             int64_t ldy) {
+  constexpr bool centred = Bits == 8 || Lut;  // u - 128 enters the products
+  constexpr int planes = Bits == 8 || Lut ? 0 : Bits - 4;
+  static constexpr uint8_t kSel[16] = {1, 2, 4, 8, 16, 32, 64, 128,
+                                       1, 2, 4, 8, 16, 32, 64, 128};
+  static constexpr uint8_t kPick[16] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
+  const int64_t kb = a.k / kBlock, kh = a.k / 16, rec = kb_record(Bits);
+  const bool halves = w.scales == kSuper16;
+  const uint8x16_t low = vdupq_n_u8(0x0f), sel = vld1q_u8(kSel), pick = vld1q_u8(kPick);
+  const uint8x16_t table =
+      Lut ? veorq_u8(vld1q_u8(w.lut), vdupq_n_u8(0x80)) : vdupq_n_u8(0);  // lut - 128
+  float32x4_t acc[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < 4; ++v) acc[r][v] = vdupq_n_f32(0.f);
+  for (int64_t b = 0; b < kb; ++b) {
+    const uint8_t* p = w.q + (t * kb + b) * rec;
+    float32x4_t D[2][4], M[2][4];
+    kb_scales_v(w, t, b, D, M);
+    if constexpr (centred)
+      for (int h = 0; h < 2; ++h)
+        for (int v = 0; v < 4; ++v) M[h][v] = vfmaq_n_f32(M[h][v], D[h][v], 128.f);
+    int32x4_t s1[MR][4], s2[MR][4];
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < 4; ++v) s1[r][v] = s2[r][v] = vdupq_n_s32(0);
+    // the two halves of 16 columns (sub-blocks 0, 1 and 2, 3): kSuper16's D and M change
+    // between them, so its sums are finished (and restarted) per half; the others' once per
+    // block
+    for (int half = 0; half < 2; ++half) {
+      for (int s = 2 * half; s < 2 * half + 2; ++s) {
+        uint8x16_t plane[planes > 0 ? planes : 1];
+        for (int q = 0; q < planes; ++q) plane[q] = vld1q_u8(p + 256 + 64 * q + 16 * s);
+        int8x16_t xl1[MR], xh1[MR], xl2[MR], xh2[MR];
+        for (int r = 0; r < MR; ++r) {
+          const int64_t o = (i0 + r) * a.k + b * kBlock + 8 * s;
+          xl1[r] = splat4(a.q1 + o);
+          xh1[r] = splat4(a.q1 + o + 4);
+          if constexpr (L == 2) {
+            xl2[r] = splat4(a.q2 + o);
+            xh2[r] = splat4(a.q2 + o + 4);
+          }
+        }
+        for (int v = 0; v < 4; ++v) {
+          int8x16_t lo, hi;  // columns 8s .. 8s+3 and 8s+4 .. 8s+7 of rows 4v .. 4v+3
+          if constexpr (Bits == 8) {
+            const uint8x16_t flip = vdupq_n_u8(0x80);
+            lo = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p + 128 * s + 16 * v), flip));
+            hi = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p + 128 * s + 64 + 16 * v), flip));
+          } else {
+            const uint8x16_t bytes = vld1q_u8(p + 64 * s + 16 * v);
+            uint8x16_t ul = vandq_u8(bytes, low), uh = vshrq_n_u8(bytes, 4);
+            if constexpr (Lut) {
+              ul = vqtbl1q_u8(table, ul);
+              uh = vqtbl1q_u8(table, uh);
+            }
+            // plane bytes: word 2s (h 0) is bytes 0..7 of plane[q], word 2s + 1 bytes 8..15;
+            // rows 4v .. 4v+3 are the word's bytes 2v, 2v + 1
+            const uint8x16_t il = vaddq_u8(pick, vdupq_n_u8(uint8_t(2 * v)));
+            const uint8x16_t ih = vaddq_u8(pick, vdupq_n_u8(uint8_t(8 + 2 * v)));
+            for (int q = 0; q < planes; ++q) {
+              const uint8x16_t bit = vdupq_n_u8(uint8_t(16 << q));
+              ul = vorrq_u8(ul, vandq_u8(vtstq_u8(vqtbl1q_u8(plane[q], il), sel), bit));
+              uh = vorrq_u8(uh, vandq_u8(vtstq_u8(vqtbl1q_u8(plane[q], ih), sel), bit));
+            }
+            lo = vreinterpretq_s8_u8(ul);
+            hi = vreinterpretq_s8_u8(uh);
+          }
+          for (int r = 0; r < MR; ++r) {
+            s1[r][v] = vdotq_s32(vdotq_s32(s1[r][v], lo, xl1[r]), hi, xh1[r]);
+            if constexpr (L == 2)
+              s2[r][v] = vdotq_s32(vdotq_s32(s2[r][v], lo, xl2[r]), hi, xh2[r]);
+          }
+        }
+      }
+      if (!halves && half == 0) continue;
+      for (int r = 0; r < MR; ++r) {
+        const int64_t i = i0 + r;
+        const float sx = a.scale[i * kb + b];
+        const float xs = halves ? a.hsum[i * kh + 2 * b + half] : a.sum[i * kb + b];
+        for (int v = 0; v < 4; ++v) {
+          int32x4_t n = vshlq_n_s32(s1[r][v], 7);
+          if constexpr (L == 2) n = vaddq_s32(n, s2[r][v]);
+          acc[r][v] = vfmaq_f32(acc[r][v], vmulq_n_f32(D[half][v], sx), vcvtq_f32_s32(n));
+          acc[r][v] = vfmaq_n_f32(acc[r][v], M[half][v], xs);
+          s1[r][v] = s2[r][v] = vdupq_n_s32(0);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < 4; ++v) vst1q_f32(y + (i0 + r) * ldy + t * kTile + 4 * v, acc[r][v]);
+}
+
+template <int L, int Bits, bool Lut>
+void kb_rows(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* y,
+             int64_t ldy) {
+  for (int64_t t = n0 / kTile; t < n1 / kTile; ++t)
+    for (int64_t i = 0; i < a.m; i += 2) {
+      if (a.m - i >= 2) {
+        kb_tile<2, L, Bits, Lut>(a, i, w, t, y, ldy);
+      } else {
+        kb_tile<1, L, Bits, Lut>(a, i, w, t, y, ldy);
+      }
+    }
+}
+
+template <int Bits, bool Lut>
+void kb_levels(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* y,
+               int64_t ldy) {
+  if (a.levels == 1) {
+    kb_rows<1, Bits, Lut>(a, w, n0, n1, y, ldy);
+  } else {
+    kb_rows<2, Bits, Lut>(a, w, n0, n1, y, ldy);
+  }
+}
+
+void gemm_kb(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* y,
+             int64_t ldy) {
+  if (w.lut && w.bits != 4) return gemm_kb_generic(a, w, n0, n1, y, ldy);  // no such type
+  switch (w.bits) {
+    case 4:
+      return w.lut ? kb_levels<4, true>(a, w, n0, n1, y, ldy)
+                   : kb_levels<4, false>(a, w, n0, n1, y, ldy);
+    case 5:
+      return kb_levels<5, false>(a, w, n0, n1, y, ldy);
+    case 6:
+      return kb_levels<6, false>(a, w, n0, n1, y, ldy);
+    case 8:
+      return kb_levels<8, false>(a, w, n0, n1, y, ldy);
+    default:
+      return gemm_kb_generic(a, w, n0, n1, y, ldy);
+  }
+}
+
 }  // namespace
 
 const Kernels& neon_kernels() {
   const Kernels& portable = scalar_kernels();
-  static const Kernels k{"neon", portable.quantize, gemm_q4, gemm_q8, portable.dequant_q4, gemm_kb_generic,
+  static const Kernels k{"neon", portable.quantize, gemm_q4, gemm_q8, portable.dequant_q4, gemm_kb,
                          attend, attend_q, portable.exp};
   return k;
 }
