@@ -79,6 +79,20 @@ def test_the_repack_is_exact(name):
         assert torch.equal(got, torch.from_numpy(reference(name, blocks)))
 
 
+@pytest.mark.parametrize("name", sorted(TYPES))
+def test_the_native_repack_gives_the_same_bytes(name):
+    """csrc/repack.cpp (what loading uses) and the numpy repack write the same records and
+    scales, byte for byte."""
+    if not native.available():
+        pytest.skip("no native kernels here")
+    for n, k in SHAPES:
+        blocks = random_blocks(name, n, k, seed=k + 1)
+        raw = torch.from_numpy(blocks.reshape(-1).copy())
+        a = to_kb(raw, TYPES[name], (n, k))
+        b = to_kb(raw, TYPES[name], (n, k), native_repack=False)
+        assert torch.equal(a.q, b.q) and torch.equal(a.s, b.s)
+
+
 def use(path):
     if not native.available():
         pytest.skip("no native kernels here")
@@ -157,14 +171,15 @@ def test_a_matrix_the_layout_cannot_take_is_refused_in_one_line():
     blocks = random_blocks("Q8_0", 16, 64)
     with pytest.raises(CheckpointError, match="tiles of 16"):
         to_kb(torch.from_numpy(blocks.reshape(-1)[: 10 * 34].copy()), TYPES["Q8_0"], (10, 64))
-    bad = blocks.copy()
-    bad[3, 1, 0:2] = np.array([np.float16(np.inf)]).view(np.uint8)
-    with pytest.raises(CheckpointError, match="not finite"):
-        kb_of("Q8_0", bad)
-    big = blocks.copy()
-    big[0, 0, 0:2] = np.array([np.float16(1000.0)]).view(np.uint8)  # -128 d overflows fp16
-    with pytest.raises(CheckpointError, match="too large"):
-        kb_of("Q8_0", big)
+    for native_repack in (True, False):
+        bad = blocks.copy()
+        bad[3, 1, 0:2] = np.array([np.float16(np.inf)]).view(np.uint8)
+        big = blocks.copy()
+        big[0, 0, 0:2] = np.array([np.float16(1000.0)]).view(np.uint8)  # -128 d overflows
+        for corrupt in (bad, big):
+            with pytest.raises(CheckpointError, match="not finite .or too large"):
+                to_kb(torch.from_numpy(corrupt.reshape(-1).copy()), TYPES["Q8_0"], (16, 64),
+                      native_repack=native_repack)
 
 
 # --------------------------------------------------------------------------- whole files

@@ -63,8 +63,9 @@ COMMON_FLAGS: dict[str, tuple[tuple[str, ...], dict]] = {
              "'default' (SmolLM2-135M-Instruct)")),
     "dtype": (("--dtype",), dict(
         default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8", "int4"],
-        help="weights: auto (default: int4 for a 4-bit GGUF, else int8 — the fastest that "
-             "keeps quality), fp32 (exact), bf16, fp16, int8, int4")),
+        help="weights: auto (default: a GGUF's matrices as the file stores them, Q4_K, "
+             "Q6_K, Q8_0, ... each on its own kernel; int8 for other checkpoints), fp32 "
+             "(exact), bf16, fp16, int8 or int4 (re-quantized)")),
     "kv_dtype": (("--kv-dtype",), dict(
         default="auto", choices=["auto", "fp32", "bf16", "int8", "int4"],
         help="KV cache: auto (default: the activations' dtype), fp32, bf16, int8 (a scale "

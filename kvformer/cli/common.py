@@ -68,6 +68,10 @@ def load_model(args, name: str | None = None, dtype: str | None = None):
         status.clear()
     model.display_name = (display_name(model.source) if name == "default" or
                           Path(name).exists() else name)
+    if getattr(model, "requantized", None) and not quiet:
+        print(f"note: --dtype {model.mode} re-quantizes the file's "
+              f"{', '.join(model.requantized)} blocks (--dtype auto runs them as stored)",
+              file=sys.stderr)
     return model, tok
 
 

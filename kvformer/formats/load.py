@@ -155,8 +155,11 @@ def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
     """Load (model, tokenizer).
 
     dtype: None or 'fp32' (exact; the default of the Python API), 'bf16', 'fp16', 'int8'
-    (weight-only, per row), 'int4' (weight-only, blocks of 32), or 'auto' (int4 for a
-    4-bit GGUF, whose grid it keeps; int8 otherwise: the fastest that keeps quality).
+    (weight-only, per row), 'int4' (weight-only, blocks of 32), or 'auto': a GGUF file's
+    matrices as it stores them (``kvformer.runtime.kb``: the file's integers and scales,
+    on kvformer's kernels for each block type; ``model.mode`` is then 'gguf'), int8 for
+    other checkpoints. int8 and int4 round a GGUF's blocks again: ``model.requantized``
+    names the file's types that were (empty when none was).
     Weights are converted one tensor at a time as they arrive, so a quantized model never
     holds a full fp32 copy. Its executor (``kvformer.runtime.step.for_model``: the C++
     step or the forward) is chosen here.
@@ -174,6 +177,7 @@ def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
 
     kind, path = resolve(name_or_path)
     tokenizer = None
+    requantized: list[str] = []
     if kind == "gguf":
         reader = open_reader(path)
         try:
@@ -183,6 +187,10 @@ def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
             # auto: the file's own blocks where it has any (kvformer.runtime.kb)
             mode = ("gguf" if dtype == "auto" and any(t.upper().startswith(("Q", "IQ"))
                                                        for t in types) else mode_for(types))
+            if mode in ("int8", "int4"):  # the file's blocks rounded again
+                kept = ("Q4_0", "Q4_1") if mode == "int4" else ()
+                requantized = sorted({t for t in types if t.upper().startswith(("Q", "IQ"))
+                                      and t not in kept})
             # The tokenizer first (a bad one fails before any weight is read), then its
             # vocabulary strings are forgotten so they are not held while the weights load.
             tokenizer = Tokenizer.from_gguf(meta)
@@ -224,6 +232,7 @@ def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
         tokenizer = Tokenizer.from_dir(path) if _has_tokenizer(path) else None
     model.source = str(path)
     model.mode = mode
+    model.requantized = requantized
     model.kv_dtype = kv_dtype
     model.kv_format()  # a form this model cannot use (int4 with head_dim 48) fails here
     for_model(model)  # its executor, chosen now: a first build of the kernels happens here

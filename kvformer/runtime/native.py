@@ -70,7 +70,8 @@ UNITS = [("kernels_scalar", "kernels/scalar.cpp", ["-std=c++17"], False),
          ("cpu", "cpu.cpp", TORCH, True),
          ("plan", "plan.cpp", TORCH, True),
          ("step", "step.cpp", TORCH, True),
-         ("ops", "ops.cpp", TORCH, True)]
+         ("ops", "ops.cpp", TORCH, True),
+         ("repack", "repack.cpp", TORCH, True)]
 if X86:
     UNITS += [
         ("kernels_avx2", "kernels/avx2.cpp", AVX2, False),

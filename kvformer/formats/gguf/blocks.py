@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from kvformer.errors import CheckpointError
+from kvformer.runtime import native
 from kvformer.runtime.kb import PAIR, SUPER, SUPER16, KbBlocks
 
 __all__ = ["KB_TYPES", "to_kb", "what_runs"]
@@ -67,8 +68,11 @@ def kb_shape_ok(type_id: int, n: int, k: int) -> bool:
     return type_id in KB_TYPES and n % 16 == 0 and k % KB_TYPES[type_id][1] == 0
 
 
-def to_kb(raw: torch.Tensor, type_id: int, shape: tuple[int, int], where: str = "") -> KbBlocks:
-    """The stored bytes of a GGUF matrix [n, k] (rows of blocks) as kb weights."""
+def to_kb(raw: torch.Tensor, type_id: int, shape: tuple[int, int], where: str = "",
+          native_repack: bool = True) -> KbBlocks:
+    """The stored bytes of a GGUF matrix [n, k] (rows of blocks) as kb weights: by the C++
+    repack (``csrc/repack.cpp``, one pass) where the native library is built, else (or with
+    ``native_repack=False``) with numpy, a few hundred rows at a time."""
     name, per, size = KB_TYPES[type_id]
     n, k = shape
     if not kb_shape_ok(type_id, n, k) or raw.numel() != n * k // per * size:
@@ -76,6 +80,13 @@ def to_kb(raw: torch.Tensor, type_id: int, shape: tuple[int, int], where: str = 
                               "kb layout (rows in tiles of 16)")
     t, kb = n // 16, k // 32
     bits, scales, lut = _FORM[name]
+    if native_repack and native.available():
+        try:
+            q, s = torch.ops.kvformer_native.kb_repack(raw, type_id, n, k)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{where}{name} matrix {list(shape)}: "
+                                  f"{str(exc).splitlines()[0].split(': ', 1)[-1]}") from None
+        return KbBlocks(q, s, bits, scales, _LUT.clone() if lut else None, name)
     q = torch.empty(t, kb, 512 if bits == 8 else 256 + 64 * (bits - 4), dtype=torch.uint8)
     s = torch.empty(t, kb * {PAIR: 64, SUPER: 40, SUPER16: 36}[scales], dtype=torch.uint8)
     blocks = raw.numpy().reshape(n, k // per, size)
