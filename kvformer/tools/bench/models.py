@@ -21,13 +21,16 @@ from typing import Any
 
 import gguf
 import numpy as np
+import torch
 from gguf import TokenType
 
 from kvformer.errors import CheckpointError
+from kvformer.formats.gguf.dequant import dequantize
 from kvformer.formats.gguf.reader import GGUFFile, read_metadata
 from kvformer.formats.load import default_model_path
 
-__all__ = ["LLAMA_32_1B", "random_llama_gguf", "write_random_gguf"]
+__all__ = ["LLAMA_FTYPES", "LLAMA_32_1B", "f16_copy", "llama_quantized", "random_llama_gguf",
+           "write_random_gguf"]
 
 # Keys are ModelConfig's field names, so a shape reads like the config it loads as.
 LLAMA_32_1B: dict[str, Any] = dict(
@@ -44,7 +47,12 @@ FORMAT_VERSION = 1
 # w = d * q. With q uniformly random, rms(q - 8) = 4.64 and rms(int8) = 73.9, so these d
 # give weights of standard deviation ~0.02, Llama's initialisation (activations stay sane).
 _BLOCKS = {"Q4_0": (32, 18, 0.02 / 4.64), "Q8_0": (32, 34, 0.02 / 73.9)}
-_FILE_TYPES = {"Q4_0": 2, "Q8_0": 7}  # general.file_type: MOSTLY_Q4_0, MOSTLY_Q8_0
+_FILE_TYPES = {"Q4_0": 2, "Q8_0": 7, "F16": 1}  # general.file_type: MOSTLY_Q4_0, ...
+
+# llama.cpp's quantizer's file types (its llama_ftype): what `kvformer bench --types` makes
+# from an F16 file with llama_cpp.llama_model_quantize, as people's downloads are made
+LLAMA_FTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K_M": 15,
+                "Q5_K_M": 17, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30}
 
 _LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
                   "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
@@ -59,21 +67,23 @@ def _tensor_plan(shape: dict, linear_type: str) -> list[tuple[str, tuple[int, ..
                 ffn_down=(d, ff))
     # The embedding stays Q8_0 whatever the linears are, as llama.cpp's Q4_0 files keep it
     # at higher precision; with tied embeddings it is also the output projection.
-    plan = [("token_embd.weight", (shape["vocab_size"], d), "Q8_0")]
+    plan = [("token_embd.weight", (shape["vocab_size"], d),
+             "F16" if linear_type == "F16" else "Q8_0")]
     for i in range(shape["n_layer"]):
         for part in _LAYER_TENSORS:
             kind = "F32" if part.endswith("norm") else linear_type
             plan.append((f"blk.{i}.{part}.weight", dims[part], kind))
     plan.append(("output_norm.weight", (d,), "F32"))
     if not shape.get("tie_embeddings", True):
-        plan.append(("output.weight", (shape["vocab_size"], d), "Q8_0"))
+        plan.append(("output.weight", (shape["vocab_size"], d),
+                     "F16" if linear_type == "F16" else "Q8_0"))
     return plan
 
 
 def _byte_shape(dims: tuple[int, ...], kind: str) -> tuple[int, ...]:
     """The uint8 array shape of a tensor's stored bytes (rows of blocks along the last dim)."""
-    if kind == "F32":
-        return (*dims[:-1], dims[-1] * 4)
+    if kind in ("F32", "F16"):
+        return (*dims[:-1], dims[-1] * (4 if kind == "F32" else 2))
     block, size, _ = _BLOCKS[kind]
     if dims[-1] % block:
         raise ValueError(f"row length {dims[-1]} is not a multiple of the {kind} block "
@@ -85,6 +95,8 @@ def _tensor_bytes(rng: np.random.Generator, dims: tuple[int, ...], kind: str) ->
     """One tensor's stored bytes: ones for a norm, random blocks for a quantized weight."""
     if kind == "F32":
         return np.ones(dims, dtype=np.float32)
+    if kind == "F16":  # Llama's initialisation, std 0.02
+        return (rng.standard_normal(dims, dtype=np.float32) * 0.02).astype(np.float16)
     _, size, scale = _BLOCKS[kind]
     byte_shape = _byte_shape(dims, kind)
     blocks = rng.integers(0, 256, size=byte_shape, dtype=np.uint8).reshape(-1, size)
@@ -166,8 +178,9 @@ def write_random_gguf(path, tokenizer_gguf, shape: dict = LLAMA_32_1B,
     # Describe every tensor first and then stream the data one tensor at a time:
     # add_tensor would hold every array until the end, i.e. the whole model in memory.
     for name, dims, kind in plan:
-        if kind == "F32":
-            writer.add_tensor_info(name, dims, np.dtype(np.float32), 4 * int(np.prod(dims)))
+        if kind in ("F32", "F16"):
+            dt = np.dtype(np.float32 if kind == "F32" else np.float16)
+            writer.add_tensor_info(name, dims, dt, dt.itemsize * int(np.prod(dims)))
         else:  # a uint8 byte shape, which the writer turns into the element shape
             byte_shape = _byte_shape(dims, kind)
             writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8),
@@ -242,6 +255,74 @@ def random_llama_gguf(cache_dir=None, linear_type: str = "Q4_0",
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         write_random_gguf(tmp, tokenizer_gguf, shape, linear_type)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# ---------------------------------------------------------------- files made by llama.cpp
+def llama_quantized(src: Path, ftype: str, cache_dir=None) -> Path:
+    """``src`` (an F16 GGUF) quantized by llama.cpp's own quantizer to ``ftype`` (a key of
+    LLAMA_FTYPES, e.g. 'Q4_K_M'), cached beside the other benchmark files. Needs the
+    ``bench`` extra (llama-cpp-python)."""
+    import llama_cpp  # the optional bench extra
+
+    if ftype not in LLAMA_FTYPES:
+        raise ValueError(f"{ftype!r} is not one of {', '.join(LLAMA_FTYPES)}")
+    folder = Path(cache_dir) if cache_dir is not None else _cache_root()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{Path(src).stem}-{ftype.lower()}.gguf"
+    if path.is_file() and path.stat().st_mtime >= Path(src).stat().st_mtime:
+        return path
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = LLAMA_FTYPES[ftype]
+    params.nthread = os.cpu_count() or 1
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+        if rc != 0:
+            raise RuntimeError(f"llama.cpp's quantizer failed on {src} -> {ftype} ({rc})")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def f16_copy(src: Path, cache_dir=None) -> Path:
+    """A GGUF file's model with every matrix as F16 (its numbers, decoded; norms F32),
+    metadata copied as stored: the source llama.cpp's quantizer makes each type from, for
+    a model (such as the default) that is only distributed quantized."""
+    reader = gguf.GGUFReader(str(src))
+    folder = Path(cache_dir) if cache_dir is not None else _cache_root()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{Path(src).stem}-f16.gguf"
+    if path.is_file() and path.stat().st_mtime >= Path(src).stat().st_mtime:
+        return path
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
+    writer = gguf.GGUFWriter(tmp, arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        vtype = field.types[0]
+        if key == "general.file_type":
+            writer.add_uint32(key, 1)  # MOSTLY_F16
+        elif vtype == gguf.GGUFValueType.ARRAY:
+            writer.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1])
+        else:
+            writer.add_key_value(key, field.contents(), vtype)
+    try:
+        for t in reader.tensors:
+            shape = tuple(int(x) for x in reversed(t.shape))  # torch order
+            raw = torch.from_numpy(np.array(t.data).view(np.uint8).reshape(-1))  # a copy
+            values = dequantize(raw, int(t.tensor_type), shape, torch.float32).numpy()
+            writer.add_tensor(t.name, values.astype(np.float16 if len(shape) == 2
+                                                    else np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
