@@ -256,6 +256,11 @@ def add_bench(sub) -> argparse.ArgumentParser:
     p.add_argument("--big", action="store_true",
                    help="also a random model in the shape of Llama-3.2-1B (Q4_0 GGUF, ~0.8 GB, "
                         "written once to ~/.cache/kvformer/bench)")
+    p.add_argument("--types", default=None, metavar="TYPES",
+                   help="also each of these GGUF types (comma-separated: Q4_0, Q4_1, Q5_0, "
+                        "Q5_1, Q8_0, Q4_K_M, Q5_K_M, Q6_K, IQ4_NL, IQ4_XS), made by llama.cpp's "
+                        "quantizer from the default model's numbers (and with --big the 1B "
+                        "shape's), run by kvformer --dtype auto against llama.cpp on the file")
     p.add_argument("--new-tokens", type=int, default=BENCH_NEW_TOKENS)
     p.add_argument("--out", default="docs/benchmarks.md",
                    help="markdown file to write (its chart goes to img/ beside it)")

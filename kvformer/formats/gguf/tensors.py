@@ -24,15 +24,14 @@ import torch
 
 from kvformer.config import ModelConfig
 from kvformer.errors import CheckpointError, UnsupportedArchitectureError
+from kvformer.formats.gguf.blocks import KB_TYPES, kb_shape_ok, to_kb
 from kvformer.formats.gguf.config import (
     GGUF_ARCHITECTURES,
     GGUF_ROPE_TENSORS,
     _factor_values,
     config_from_gguf,
 )
-from kvformer.formats.gguf.blocks import KB_TYPES, kb_shape_ok, to_kb
-from kvformer.formats.gguf.dequant import SUPPORTED_TENSOR_TYPES
-from kvformer.formats.gguf.dequant import dequantize
+from kvformer.formats.gguf.dequant import SUPPORTED_TENSOR_TYPES, dequantize
 from kvformer.formats.gguf.reader import GGUFFile, GGUFTensorInfo, _load_one
 from kvformer.runtime.quant import Int4Blocks
 

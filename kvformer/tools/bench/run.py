@@ -51,15 +51,22 @@ from matplotlib.figure import Figure
 
 import kvformer
 from kvformer.formats.gguf.reader import open_reader, read_metadata
-from kvformer.formats.load import resolve
+from kvformer.formats.load import default_model_path, resolve
 from kvformer.formats.tokenizer.tokenizer import Tokenizer
 from kvformer.runtime import native
 from kvformer.tools.bench import kv as kvbench
-from kvformer.tools.bench.models import LLAMA_32_1B, random_llama_gguf
+from kvformer.tools.bench.models import (
+    LLAMA_32_1B,
+    LLAMA_FTYPES,
+    f16_copy,
+    llama_quantized,
+    random_llama_gguf,
+)
 from kvformer.tools.bench.workers import llama_cpp_info
 from kvformer.tools.texts import ENGLISH
 
 DTYPES = ("fp32", "bf16", "int8", "int4")  # kvformer.cli.flags writes these and NEW_TOKENS out
+QUANTIZED = ("int8", "int4", "auto")  # the rows measured on each kernel path
 PROMPT_TOKENS, SHORT_TOKENS, NEW_TOKENS, BATCH, NOCACHE_TOKENS = 512, 16, 128, 8, 32
 CONTEXTS = {"ctx1k": 1000, "ctx4k": 4000}
 
@@ -95,8 +102,14 @@ def run(args) -> int:
     args.kv_dtype = kv_dtype
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     for d in dtypes:
-        if d not in DTYPES:
-            raise ValueError(f"--dtype {d!r} is not one of {', '.join(DTYPES)}")
+        if d not in DTYPES + ("auto",):
+            raise ValueError(f"--dtype {d!r} is not one of {', '.join(DTYPES)}, auto")
+    types = [t.strip() for t in (args.types or "").split(",") if t.strip()]
+    for t in types:
+        if t not in LLAMA_FTYPES:
+            raise ValueError(f"--types {t!r} is not one of {', '.join(LLAMA_FTYPES)}")
+    if types and llama_cpp_info() is None:
+        raise ValueError("--types needs llama.cpp's quantizer: pip install 'kvformer[bench]'")
     if args.runs < 1:
         raise ValueError("--runs must be at least 1")
     paths = kernel_paths(args.paths)
@@ -108,12 +121,13 @@ def run(args) -> int:
     if args.big:
         big_path = str(random_llama_gguf())
         big_ids = token_ids(big_path, contexts=False, batch=False)
-        big_configs = make_configs(args, big_path, [d for d in dtypes if d in ("int8", "int4")]
+        big_configs = make_configs(args, big_path, [d for d in dtypes if d in QUANTIZED]
                                    or ["int4"], paths, transformers=False)
         big = measure(big_configs, args, big_ids, quality=False)[0]
+    per_type = types_run(args, types, paths) if types else []
     info = machine_info(args.threads, paths, load_before, os.getloadavg(),
                         time.time() - started)
-    text = report(summary, info, args, big)
+    text = report(summary, info, args, big, per_type)
     print(text)
     if not args.no_write:
         out = Path(args.out)
@@ -146,7 +160,7 @@ def make_configs(args, model: str, dtypes: list[str], paths: list[str],
     """kvformer per dtype (the quantized ones per kernel path), then the references."""
     configs = []
     for d in dtypes:
-        for path in (paths if d in ("int8", "int4") else paths[:1]):
+        for path in (paths if d in QUANTIZED else paths[:1]):
             env = {}
             if path != "torch":
                 env["KVFORMER_ISA"] = path
@@ -194,7 +208,7 @@ def gguf_type(path) -> str:
 def label(c: dict) -> str:
     if c["engine"] == "llama.cpp" and c["path"]:
         return f"llama.cpp {c['dtype']} · {c['path']} build"
-    path = f" · {c['path']}" if c["engine"] == "kvformer" and c["dtype"] in ("int8", "int4") \
+    path = f" · {c['path']}" if c["engine"] == "kvformer" and c["dtype"] in QUANTIZED \
         else ""
     return f"{c['engine']} {c['dtype']}{path}"
 
@@ -411,9 +425,58 @@ def _targets(summary: dict, ref: str) -> list[str]:
     return lines
 
 
-def report(summary: dict, info: dict, args, big: dict | None = None) -> str:
+def types_run(args, types: list[str], paths: list[str]) -> list[tuple[str, str, dict]]:
+    """--types: each file type made by llama.cpp's own quantizer from the model's numbers as
+    F16 (the default model's, decoded; with --big also the random Llama-3.2-1B shape), run
+    by kvformer (--dtype auto: the file's blocks) and llama.cpp on the same file, taking
+    turns. Returns (model, type, summary) for each."""
+    sources = [("SmolLM2-135M", f16_copy(default_model_path()), True)]
+    if args.big:
+        sources.append(("Llama-3.2-1B shape", random_llama_gguf(linear_type="F16"), False))
+    out = []
+    for name, src, quality in sources:
+        for t in types:
+            file = str(llama_quantized(src, t))
+            print(f"--types: {name} {t} ({file})", file=sys.stderr)
+            ids = token_ids(file, batch=False)
+            configs = make_configs(args, file, ["auto"], paths, transformers=False)
+            out.append((name, t, measure(configs, args, ids, quality=quality)[0]))
+    return out
+
+
+def _types_section(per_type: list[tuple[str, str, dict]]) -> list[str]:
+    keys = ("decode", "ctx1k", "ctx4k", "prefill")
+    lines = ["## Each GGUF type, against llama.cpp on the same file", "",
+             "Made by llama.cpp's own quantizer (`llama_model_quantize`, from the `bench` "
+             "extra) from the model's numbers as F16; kvformer runs the file's blocks "
+             "(`--dtype auto`), llama.cpp the same file, same threads, taking turns. Ratios "
+             "are kvformer / llama.cpp for speed (above 1: kvformer faster), llama.cpp / "
+             "kvformer for load time and memory. Targets: decode ≥ 1.0× (after a short "
+             "prompt, 1k and 4k cached), prefill of 512 ≥ 1.5×.", "",
+             "| model | type | kvformer row | decode b1 | 1k cached | 4k cached | prefill 512 "
+             "| load | peak RSS | perplexity kvformer / llama.cpp |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for model, t, summary in per_type:
+        ref = next((n for n in summary if n.startswith("llama.cpp")), None)
+        for name, s in summary.items():
+            if not name.startswith("kvformer") or ref is None:
+                continue
+            r = summary[ref]
+            cells = [f"{s[k] / r[k]:.2f}×" if s.get(k) and r.get(k) else "–" for k in keys]
+            cells += [f"{r[k] / s[k]:.2f}×" if s.get(k) and r.get(k) else "–"
+                      for k in ("load", "rss")]
+            ppl = (f"{s['ppl']:.3f} / {r['ppl']:.3f}" if s.get("ppl") and r.get("ppl")
+                   else "–")
+            lines.append(f"| {model} | {t} | {name.removeprefix('kvformer ')} | "
+                         + " | ".join(cells) + f" | {ppl} |")
+    return lines + [""]
+
+
+def report(summary: dict, info: dict, args, big: dict | None = None,
+           per_type: list | None = None) -> str:
     flags = [f"--runs {args.runs}", *(["--profile"] if args.profile else []),
              *(["--big"] if args.big else []),
+             *([f"--types {args.types}"] if getattr(args, "types", None) else []),
              *([f"--dtype {args.dtype}"] if args.dtype != ",".join(DTYPES) else []),
              *([f"--paths {args.paths}"] if args.paths else []),
              *([f"--kv-dtype {args.kv_dtype}"] if args.kv_dtype != "auto" else []),
@@ -446,6 +509,8 @@ def report(summary: dict, info: dict, args, big: dict | None = None) -> str:
     lines += _quality(summary)
     if big:
         lines += _big_section(big)
+    if per_type:
+        lines += _types_section(per_type)
     lines += _profile_sections(summary)
     lines += _how(summary, info)
     return "\n".join(lines)
