@@ -173,6 +173,189 @@ void gemm_q4(const Acts& a, const uint8_t* q, const uint16_t* dm, int64_t n0, in
   q4_range<2>(a, q, dm, n0, n1, y, ldy);
 }
 
+// ---------------------------------------------------------------- kb weights
+// The kb layout (kernels.h) on q4_tiles's plan: its records hold the int4 layout's lanes
+// (4 columns of one row per 32-bit lane), so one vpdpbusd of u (unsigned, 0..255) with 4
+// bytes of x (signed) again covers 4 columns of 16 rows. What differs is how u is made
+// (kb_sub) and where D and M come from (kb_dm): both known at compile time (BITS, LUT, SC).
+
+// u of sub-block s (0..3) of a record: lo = columns 8s .. 8s+3 of the 16 rows, hi = 8s+4 ..
+// 8s+7. Bits 4 .. 7 come from the planes: a plane's word is a mask of 64 bytes, the lanes'
+// own order, so each is one masked add of that bit (the bit is clear: add is or).
+template <int BITS, bool LUT>
+inline void kb_sub(const uint8_t* rec, int s, __m512i lut, __m512i& lo, __m512i& hi) {
+  if constexpr (BITS == 8) {
+    lo = _mm512_loadu_si512(rec + 128 * s);
+    hi = _mm512_loadu_si512(rec + 128 * s + 64);
+  } else {
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    const __m512i v = _mm512_loadu_si512(rec + 64 * s);
+    lo = _mm512_and_si512(v, low);
+    hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    if constexpr (LUT) {  // u = lut[i]: vpshufb looks up 16 bytes in each 128-bit lane
+      lo = _mm512_shuffle_epi8(lut, lo);
+      hi = _mm512_shuffle_epi8(lut, hi);
+    }
+    for (int p = 0; p < BITS - 4; ++p) {
+      uint64_t word[2];
+      std::memcpy(word, rec + kTileBytes + 64 * p + 16 * s, 16);
+      const __m512i bit = _mm512_set1_epi8(char(16 << p));
+      lo = _mm512_mask_add_epi8(lo, _cvtu64_mask64(word[0]), lo, bit);
+      hi = _mm512_mask_add_epi8(hi, _cvtu64_mask64(word[1]), hi, bit);
+    }
+  }
+}
+
+// D and M of the 16 rows of tile t, block b (kb_scales's numbers: the fp32 products are
+// exact), D[h] and M[h] per half h for kSuper16 (D[0], M[0] only otherwise)
+template <int SC>
+inline void kb_dm(const KbWeights& w, int64_t kb, int64_t t, int64_t b, __m512* D, __m512* M) {
+  auto f16 = [](const uint8_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  };
+  auto i8 = [](const uint8_t* p) {
+    return _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  };
+  if constexpr (SC == kPair) {
+    const uint8_t* p = w.s + (t * kb + b) * 64;
+    D[0] = f16(p);
+    M[0] = f16(p + 32);
+  } else if constexpr (SC == kSuper) {
+    const uint8_t* rec = w.s + (t * (kb / 8) + b / 8) * 320;
+    const uint8_t* sc = rec + 64 + 32 * (b % 8);
+    D[0] = _mm512_mul_ps(f16(rec), i8(sc));
+    M[0] = _mm512_mul_ps(f16(rec + 32), _mm512_sub_ps(_mm512_setzero_ps(), i8(sc + 16)));
+  } else {
+    const uint8_t* rec = w.s + (t * (kb / 8) + b / 8) * 288;
+    const uint8_t* sc = rec + 32 + 32 * (b % 8);
+    const __m512 d = f16(rec), k32 = _mm512_set1_ps(-32.f);
+    for (int h = 0; h < 2; ++h) {
+      D[h] = _mm512_mul_ps(d, i8(sc + 16 * h));
+      M[h] = _mm512_mul_ps(D[h], k32);
+    }
+  }
+}
+
+// q4_tiles for kb weights: NT tiles for MR rows of x, C accumulators per chain as there.
+// kSuper16 (H = 2) changes D every 16 columns, so each block is summed and scaled in two
+// halves of two sub-blocks, its M meeting x's sum over that half (Acts::hsum).
+template <int MR, int NT, int L, int BITS, bool LUT, int SC>
+void kb_tiles(const Acts& a, const KbWeights& w, int64_t i0, int64_t t0, float* y,
+              int64_t ldy) {
+  constexpr int C = MR * NT >= 4 ? 1 : 2;
+  constexpr int H = SC == kSuper16 ? 2 : 1, SH = 4 / H;  // halves, sub-blocks per half
+  constexpr int64_t R = kb_record(BITS);
+  const int64_t kb = a.k / kBlock;
+  const __m512i lut =
+      LUT ? _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.lut)))
+          : _mm512_setzero_si512();
+  __m512 acc[MR][NT];
+  for (int r = 0; r < MR; ++r)
+    for (int u = 0; u < NT; ++u) acc[r][u] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < kb; ++b) {
+    __m512 D[NT][2], M[NT][2];
+    for (int u = 0; u < NT; ++u) kb_dm<SC>(w, kb, t0 + u, b, D[u], M[u]);
+#pragma GCC unroll 2
+    for (int h = 0; h < H; ++h) {
+      __m512i s1[MR][NT][C], s2[MR][NT][C];
+      for (int r = 0; r < MR; ++r)
+        for (int u = 0; u < NT; ++u)
+          for (int c = 0; c < C; ++c) s1[r][u][c] = s2[r][u][c] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+      for (int j = 0; j < SH; ++j) {
+        const int s = h * SH + j;
+        __m512i lo[NT], hi[NT];
+        for (int u = 0; u < NT; ++u)
+          kb_sub<BITS, LUT>(w.q + ((t0 + u) * kb + b) * R, s, lut, lo[u], hi[u]);
+        for (int r = 0; r < MR; ++r) {
+          const int64_t o = (i0 + r) * a.k + b * kBlock + 8 * s;
+          const __m512i xl1 = _mm512_set1_epi32(load4(a.q1 + o));
+          const __m512i xh1 = _mm512_set1_epi32(load4(a.q1 + o + 4));
+          const int c = j % C;
+          for (int u = 0; u < NT; ++u) {
+            s1[r][u][c] = _mm512_dpbusd_epi32(s1[r][u][c], lo[u], xl1);
+            s1[r][u][c] = _mm512_dpbusd_epi32(s1[r][u][c], hi[u], xh1);
+          }
+          if constexpr (L == 2) {
+            const __m512i xl2 = _mm512_set1_epi32(load4(a.q2 + o));
+            const __m512i xh2 = _mm512_set1_epi32(load4(a.q2 + o + 4));
+            for (int u = 0; u < NT; ++u) {
+              s2[r][u][c] = _mm512_dpbusd_epi32(s2[r][u][c], lo[u], xl2);
+              s2[r][u][c] = _mm512_dpbusd_epi32(s2[r][u][c], hi[u], xh2);
+            }
+          }
+        }
+      }
+      for (int r = 0; r < MR; ++r) {
+        const __m512 sx = _mm512_set1_ps(a.scale[(i0 + r) * kb + b]);
+        const __m512 sum = _mm512_set1_ps(H == 2 ? a.hsum[(i0 + r) * (a.k / 16) + 2 * b + h]
+                                                 : a.sum[(i0 + r) * kb + b]);
+        for (int u = 0; u < NT; ++u) {
+          __m512i n1 = s1[r][u][0], n2 = s2[r][u][0];
+          if constexpr (C == 2) {
+            n1 = _mm512_add_epi32(n1, s1[r][u][1]);
+            n2 = _mm512_add_epi32(n2, s2[r][u][1]);
+          }
+          const __m512i n =
+              L == 2 ? _mm512_add_epi32(_mm512_slli_epi32(n1, 7), n2) : _mm512_slli_epi32(n1, 7);
+          acc[r][u] =
+              _mm512_fmadd_ps(_mm512_mul_ps(D[u][h], sx), _mm512_cvtepi32_ps(n), acc[r][u]);
+          acc[r][u] = _mm512_fmadd_ps(M[u][h], sum, acc[r][u]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int u = 0; u < NT; ++u)
+      _mm512_storeu_ps(y + (i0 + r) * ldy + (t0 + u) * kTile, acc[r][u]);
+}
+
+template <int NT, int L, int BITS, bool LUT, int SC>
+void kb_rows(const Acts& a, const KbWeights& w, int64_t t, float* y, int64_t ldy) {
+  for (int64_t i = 0; i < a.m; i += 4) {
+    switch (std::min<int64_t>(4, a.m - i)) {
+      case 1: kb_tiles<1, NT, L, BITS, LUT, SC>(a, w, i, t, y, ldy); break;
+      case 2: kb_tiles<2, NT, L, BITS, LUT, SC>(a, w, i, t, y, ldy); break;
+      case 3: kb_tiles<3, NT, L, BITS, LUT, SC>(a, w, i, t, y, ldy); break;
+      default: kb_tiles<4, NT, L, BITS, LUT, SC>(a, w, i, t, y, ldy); break;
+    }
+  }
+}
+
+template <int BITS, bool LUT, int SC>
+void kb_range(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* y,
+              int64_t ldy) {
+  int64_t t = n0 / kTile;  // two tiles at a time, as q4_range
+  const int64_t t1 = n1 / kTile;
+  if (a.levels == 1) {
+    for (; t + 2 <= t1; t += 2) kb_rows<2, 1, BITS, LUT, SC>(a, w, t, y, ldy);
+    for (; t < t1; ++t) kb_rows<1, 1, BITS, LUT, SC>(a, w, t, y, ldy);
+  } else {
+    for (; t + 2 <= t1; t += 2) kb_rows<2, 2, BITS, LUT, SC>(a, w, t, y, ldy);
+    for (; t < t1; ++t) kb_rows<1, 2, BITS, LUT, SC>(a, w, t, y, ldy);
+  }
+}
+
+// The forms the GGUF types take (kvformer/formats/gguf/blocks.py), each compiled on its own;
+// any other the portable kernel runs.
+void gemm_kb(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* y,
+             int64_t ldy) {
+  const bool lut = w.lut != nullptr;
+  auto is = [&](int bits, int scales, bool with_lut) {
+    return w.bits == bits && w.scales == scales && lut == with_lut;
+  };
+  if (is(4, kPair, false)) return kb_range<4, false, kPair>(a, w, n0, n1, y, ldy);  // Q4_0, Q4_1
+  if (is(4, kPair, true)) return kb_range<4, true, kPair>(a, w, n0, n1, y, ldy);  // IQ4_NL
+  if (is(5, kPair, false)) return kb_range<5, false, kPair>(a, w, n0, n1, y, ldy);  // Q5_0, Q5_1
+  if (is(8, kPair, false)) return kb_range<8, false, kPair>(a, w, n0, n1, y, ldy);  // Q8_0
+  if (is(4, kSuper, false)) return kb_range<4, false, kSuper>(a, w, n0, n1, y, ldy);  // Q4_K
+  if (is(4, kSuper, true)) return kb_range<4, true, kSuper>(a, w, n0, n1, y, ldy);  // IQ4_XS
+  if (is(5, kSuper, false)) return kb_range<5, false, kSuper>(a, w, n0, n1, y, ldy);  // Q5_K
+  if (is(6, kSuper16, false)) return kb_range<6, false, kSuper16>(a, w, n0, n1, y, ldy);  // Q6_K
+  gemm_kb_generic(a, w, n0, n1, y, ldy);
+}
+
 // One row of x: each weight row streamed once, with its two sums reduced at its end (at the
 // memory's speed; interleaving rows was measured slower here).
 void q8_one_row(const uint8_t* x1, const uint8_t* x2, float sx, int64_t k, const int8_t* q,
@@ -880,7 +1063,7 @@ void attend_q(const AttendArgs& a) {
 }  // namespace
 
 const Kernels& avx512_kernels() {
-  static const Kernels k{"avx512", quantize, gemm_q4, gemm_q8, dequant_q4, gemm_kb_generic, attend, attend_q,
+  static const Kernels k{"avx512", quantize, gemm_q4, gemm_q8, dequant_q4, gemm_kb, attend, attend_q,
                          vexp};
   return k;
 }
