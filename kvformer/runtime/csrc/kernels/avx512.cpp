@@ -207,9 +207,13 @@ inline void kb_sub(const uint8_t* rec, int s, __m512i lut, __m512i& lo, __m512i&
 }
 
 // D and M of the 16 rows of tile t, block b (kb_scales's numbers: the fp32 products are
-// exact), D[h] and M[h] per half h for kSuper16 (D[0], M[0] only otherwise)
+// exact). kSuper's d and dmin (kSuper16's d) are decoded into sup when a super-block starts
+// (b % 8 == 0, which every caller visits first) and kept for its 8 blocks. kSuper16 gives D
+// of each half, D[0] and D[1], and no M (it is -32 D: kb_tiles folds it in); the others D[0]
+// and M[0].
 template <int SC>
-inline void kb_dm(const KbWeights& w, int64_t kb, int64_t t, int64_t b, __m512* D, __m512* M) {
+inline void kb_dm(const KbWeights& w, int64_t kb, int64_t t, int64_t b, __m512* sup, __m512* D,
+                  __m512* M) {
   auto f16 = [](const uint8_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   };
@@ -223,39 +227,43 @@ inline void kb_dm(const KbWeights& w, int64_t kb, int64_t t, int64_t b, __m512* 
     M[0] = f16(p + 32);
   } else if constexpr (SC == kSuper) {
     const uint8_t* rec = w.s + (t * (kb / 8) + b / 8) * 320;
+    if (b % 8 == 0) {
+      sup[0] = f16(rec);
+      sup[1] = _mm512_sub_ps(_mm512_setzero_ps(), f16(rec + 32));  // -dmin: exact
+    }
     const uint8_t* sc = rec + 64 + 32 * (b % 8);
-    D[0] = _mm512_mul_ps(f16(rec), i8(sc));
-    M[0] = _mm512_mul_ps(f16(rec + 32), _mm512_sub_ps(_mm512_setzero_ps(), i8(sc + 16)));
+    D[0] = _mm512_mul_ps(sup[0], i8(sc));
+    M[0] = _mm512_mul_ps(sup[1], i8(sc + 16));
   } else {
     const uint8_t* rec = w.s + (t * (kb / 8) + b / 8) * 288;
+    if (b % 8 == 0) sup[0] = f16(rec);
     const uint8_t* sc = rec + 32 + 32 * (b % 8);
-    const __m512 d = f16(rec), k32 = _mm512_set1_ps(-32.f);
-    for (int h = 0; h < 2; ++h) {
-      D[h] = _mm512_mul_ps(d, i8(sc + 16 * h));
-      M[h] = _mm512_mul_ps(D[h], k32);
-    }
+    D[0] = _mm512_mul_ps(sup[0], i8(sc));
+    D[1] = _mm512_mul_ps(sup[0], i8(sc + 16));
   }
 }
 
 // q4_tiles for kb weights: NT tiles for MR rows of x, C accumulators per chain as there.
 // kSuper16 (H = 2) changes D every 16 columns, so each block is summed and scaled in two
-// halves of two sub-blocks, its M meeting x's sum over that half (Acts::hsum).
+// halves of two sub-blocks (one accumulator per chain: the halves' chains already overlap),
+// its M = -32 D meeting x's sum over that half (Acts::hsum): D (sx n - 32 hsum), one multiply
+// fewer than D sx n + M hsum.
 template <int MR, int NT, int L, int BITS, bool LUT, int SC>
 void kb_tiles(const Acts& a, const KbWeights& w, int64_t i0, int64_t t0, float* y,
               int64_t ldy) {
-  constexpr int C = MR * NT >= 4 ? 1 : 2;
   constexpr int H = SC == kSuper16 ? 2 : 1, SH = 4 / H;  // halves, sub-blocks per half
+  constexpr int C = MR * NT >= 4 || H == 2 ? 1 : 2;
   constexpr int64_t R = kb_record(BITS);
   const int64_t kb = a.k / kBlock;
   const __m512i lut =
       LUT ? _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.lut)))
           : _mm512_setzero_si512();
-  __m512 acc[MR][NT];
+  __m512 acc[MR][NT], sup[NT][2];
   for (int r = 0; r < MR; ++r)
     for (int u = 0; u < NT; ++u) acc[r][u] = _mm512_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
     __m512 D[NT][2], M[NT][2];
-    for (int u = 0; u < NT; ++u) kb_dm<SC>(w, kb, t0 + u, b, D[u], M[u]);
+    for (int u = 0; u < NT; ++u) kb_dm<SC>(w, kb, t0 + u, b, sup[u], D[u], M[u]);
 #pragma GCC unroll 2
     for (int h = 0; h < H; ++h) {
       __m512i s1[MR][NT][C], s2[MR][NT][C];
@@ -289,7 +297,7 @@ void kb_tiles(const Acts& a, const KbWeights& w, int64_t i0, int64_t t0, float* 
       }
       for (int r = 0; r < MR; ++r) {
         const __m512 sx = _mm512_set1_ps(a.scale[(i0 + r) * kb + b]);
-        const __m512 sum = _mm512_set1_ps(H == 2 ? a.hsum[(i0 + r) * (a.k / 16) + 2 * b + h]
+        const __m512 sum = _mm512_set1_ps(H == 2 ? -32.f * a.hsum[(i0 + r) * (a.k / 16) + 2 * b + h]
                                                  : a.sum[(i0 + r) * kb + b]);
         for (int u = 0; u < NT; ++u) {
           __m512i n1 = s1[r][u][0], n2 = s2[r][u][0];
@@ -297,11 +305,14 @@ void kb_tiles(const Acts& a, const KbWeights& w, int64_t i0, int64_t t0, float* 
             n1 = _mm512_add_epi32(n1, s1[r][u][1]);
             n2 = _mm512_add_epi32(n2, s2[r][u][1]);
           }
-          const __m512i n =
-              L == 2 ? _mm512_add_epi32(_mm512_slli_epi32(n1, 7), n2) : _mm512_slli_epi32(n1, 7);
-          acc[r][u] =
-              _mm512_fmadd_ps(_mm512_mul_ps(D[u][h], sx), _mm512_cvtepi32_ps(n), acc[r][u]);
-          acc[r][u] = _mm512_fmadd_ps(M[u][h], sum, acc[r][u]);
+          const __m512 n = _mm512_cvtepi32_ps(
+              L == 2 ? _mm512_add_epi32(_mm512_slli_epi32(n1, 7), n2) : _mm512_slli_epi32(n1, 7));
+          if constexpr (H == 2) {
+            acc[r][u] = _mm512_fmadd_ps(D[u][h], _mm512_fmadd_ps(sx, n, sum), acc[r][u]);
+          } else {
+            acc[r][u] = _mm512_fmadd_ps(_mm512_mul_ps(D[u][0], sx), n, acc[r][u]);
+            acc[r][u] = _mm512_fmadd_ps(M[u][0], sum, acc[r][u]);
+          }
         }
       }
     }
