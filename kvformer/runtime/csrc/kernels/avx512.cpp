@@ -440,7 +440,7 @@ void kb_levels(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float*
       for (int64_t i = 0; i < a.m; ++i) {
         int8_t* o = xbuf.data() + (b * a.m + i) * 64;
         std::memcpy(o, a.q1 + i * a.k + b * kBlock, kBlock);
-        std::memcpy(o + kBlock, a.q2 + i * a.k + b * kBlock, kBlock);
+        if (L == 2) std::memcpy(o + kBlock, a.q2 + i * a.k + b * kBlock, kBlock);
       }
     for (; t + 2 <= t1; t += 2)
       kb_batch<2, L, BITS, LUT, SC>(a, w, xbuf.data(), abuf.data(), t, y, ldy);
