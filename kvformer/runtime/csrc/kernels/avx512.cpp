@@ -173,6 +173,310 @@ void gemm_q4(const Acts& a, const uint8_t* q, const uint16_t* dm, int64_t n0, in
   q4_range<2>(a, q, dm, n0, n1, y, ldy);
 }
 
+// ---------------------------------------------------------------- kb weights
+// The kb layout (kernels.h) on q4_tiles's plan: its records hold the int4 layout's lanes
+// (4 columns of one row per 32-bit lane), so one vpdpbusd of u (unsigned, 0..255) with 4
+// bytes of x (signed) again covers 4 columns of 16 rows. What differs is how u is made
+// (kb_sub) and where D and M come from (kb_dm): both known at compile time (BITS, LUT, SC).
+
+// u of sub-block s (0..3) of a record: lo = columns 8s .. 8s+3 of the 16 rows, hi = 8s+4 ..
+// 8s+7. Bits 4 .. 7 come from the planes: a plane's word is a mask of 64 bytes, the lanes'
+// own order, so each is one masked add of that bit (the bit is clear: add is or).
+template <int BITS, bool LUT>
+inline void kb_sub(const uint8_t* rec, int s, __m512i lut, __m512i& lo, __m512i& hi) {
+  if constexpr (BITS == 8) {
+    lo = _mm512_loadu_si512(rec + 128 * s);
+    hi = _mm512_loadu_si512(rec + 128 * s + 64);
+  } else {
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    const __m512i v = _mm512_loadu_si512(rec + 64 * s);
+    lo = _mm512_and_si512(v, low);
+    hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    if constexpr (LUT) {  // u = lut[i]: vpshufb looks up 16 bytes in each 128-bit lane
+      lo = _mm512_shuffle_epi8(lut, lo);
+      hi = _mm512_shuffle_epi8(lut, hi);
+    }
+    for (int p = 0; p < BITS - 4; ++p) {
+      uint64_t word[2];
+      std::memcpy(word, rec + kTileBytes + 64 * p + 16 * s, 16);
+      const __m512i bit = _mm512_set1_epi8(char(16 << p));
+      lo = _mm512_mask_add_epi8(lo, _cvtu64_mask64(word[0]), lo, bit);
+      hi = _mm512_mask_add_epi8(hi, _cvtu64_mask64(word[1]), hi, bit);
+    }
+  }
+}
+
+// D and M of the 16 rows of tile t, block b (kb_scales's numbers: the fp32 products are
+// exact). kSuper's d and dmin (kSuper16's d) are decoded into sup when a super-block starts
+// (b % 8 == 0, which every caller visits first) and kept for its 8 blocks. kSuper16 gives D
+// of each half, D[0] and D[1], and no M (it is -32 D: kb_add folds it in); the others D[0]
+// and M[0] (H = 1: only [0] is read).
+template <int SC>
+inline void kb_dm(const KbWeights& w, int64_t kb, int64_t t, int64_t b, __m512* sup, __m512* D,
+                  __m512* M) {
+  auto f16 = [](const uint8_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  };
+  auto i8 = [](const uint8_t* p) {
+    return _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  };
+  if constexpr (SC == kPair) {
+    const uint8_t* p = w.s + (t * kb + b) * 64;
+    D[0] = f16(p);
+    M[0] = f16(p + 32);
+  } else if constexpr (SC == kSuper) {
+    const uint8_t* rec = w.s + (t * (kb / 8) + b / 8) * 320;
+    if (b % 8 == 0) {
+      sup[0] = f16(rec);
+      sup[1] = _mm512_sub_ps(_mm512_setzero_ps(), f16(rec + 32));  // -dmin: exact
+    }
+    const uint8_t* sc = rec + 64 + 32 * (b % 8);
+    D[0] = _mm512_mul_ps(sup[0], i8(sc));
+    M[0] = _mm512_mul_ps(sup[1], i8(sc + 16));
+  } else {
+    const uint8_t* rec = w.s + (t * (kb / 8) + b / 8) * 288;
+    if (b % 8 == 0) sup[0] = f16(rec);
+    const uint8_t* sc = rec + 32 + 32 * (b % 8);
+    D[0] = _mm512_mul_ps(sup[0], i8(sc));
+    D[1] = _mm512_mul_ps(sup[0], i8(sc + 16));
+  }
+}
+
+inline __m512i kb_lut(const KbWeights& w) {  // the 16 entries in each 128-bit lane
+  return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.lut)));
+}
+
+// What M multiplies for row i of x, block b (half h): the block's sum; for kSuper16 -32 times
+// the half's (M = -32 D, folded into kb_add's D term)
+template <int SC>
+inline float kb_msum(const Acts& a, int64_t i, int64_t b, int h) {
+  if constexpr (SC == kSuper16) {
+    return -32.f * a.hsum[i * (a.k / 16) + 2 * b + h];
+  } else {
+    return a.sum[i * (a.k / kBlock) + b];
+  }
+}
+
+// acc plus one block's (kSuper16: one half's) part of a tile for a row of x: n1, n2 the
+// integer dots with x's levels (n2 unused for L = 1), sx and ms the row's scale and kb_msum.
+// kSuper16 takes D (sx n + ms), one multiply fewer than D sx n + M sum.
+template <int L, int SC>
+inline __m512 kb_add(__m512 acc, __m512i n1, __m512i n2, __m512 D, __m512 M, __m512 sx,
+                     __m512 ms) {
+  const __m512 n = _mm512_cvtepi32_ps(L == 2 ? _mm512_add_epi32(_mm512_slli_epi32(n1, 7), n2)
+                                             : _mm512_slli_epi32(n1, 7));
+  if constexpr (SC == kSuper16) {
+    return _mm512_fmadd_ps(D, _mm512_fmadd_ps(sx, n, ms), acc);
+  } else {
+    return _mm512_fmadd_ps(M, ms, _mm512_fmadd_ps(_mm512_mul_ps(D, sx), n, acc));
+  }
+}
+
+// q4_tiles for kb weights: NT tiles for MR rows of x, C accumulators per chain as there.
+// kSuper16 (H = 2) changes D every 16 columns, so each block is summed and scaled in two
+// halves of two sub-blocks (one accumulator per chain: the halves' chains already overlap).
+template <int MR, int NT, int L, int BITS, bool LUT, int SC>
+void kb_tiles(const Acts& a, const KbWeights& w, int64_t i0, int64_t t0, float* y,
+              int64_t ldy) {
+  constexpr int H = SC == kSuper16 ? 2 : 1, SH = 4 / H;  // halves, sub-blocks per half
+  constexpr int C = MR * NT >= 4 || H == 2 ? 1 : 2;
+  constexpr int64_t R = kb_record(BITS);
+  const int64_t kb = a.k / kBlock;
+  const __m512i lut = LUT ? kb_lut(w) : _mm512_setzero_si512();
+  __m512 acc[MR][NT], sup[NT][2];
+  for (int r = 0; r < MR; ++r)
+    for (int u = 0; u < NT; ++u) acc[r][u] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < kb; ++b) {
+    __m512 D[NT][2], M[NT][2];
+    for (int u = 0; u < NT; ++u) kb_dm<SC>(w, kb, t0 + u, b, sup[u], D[u], M[u]);
+#pragma GCC unroll 2
+    for (int h = 0; h < H; ++h) {
+      __m512i s1[MR][NT][C], s2[MR][NT][C];
+      for (int r = 0; r < MR; ++r)
+        for (int u = 0; u < NT; ++u)
+          for (int c = 0; c < C; ++c) s1[r][u][c] = s2[r][u][c] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+      for (int j = 0; j < SH; ++j) {
+        const int s = h * SH + j;
+        __m512i lo[NT], hi[NT];
+        for (int u = 0; u < NT; ++u)
+          kb_sub<BITS, LUT>(w.q + ((t0 + u) * kb + b) * R, s, lut, lo[u], hi[u]);
+        for (int r = 0; r < MR; ++r) {
+          const int64_t o = (i0 + r) * a.k + b * kBlock + 8 * s;
+          const __m512i xl1 = _mm512_set1_epi32(load4(a.q1 + o));
+          const __m512i xh1 = _mm512_set1_epi32(load4(a.q1 + o + 4));
+          const int c = j % C;
+          for (int u = 0; u < NT; ++u) {
+            s1[r][u][c] = _mm512_dpbusd_epi32(s1[r][u][c], lo[u], xl1);
+            s1[r][u][c] = _mm512_dpbusd_epi32(s1[r][u][c], hi[u], xh1);
+          }
+          if constexpr (L == 2) {
+            const __m512i xl2 = _mm512_set1_epi32(load4(a.q2 + o));
+            const __m512i xh2 = _mm512_set1_epi32(load4(a.q2 + o + 4));
+            for (int u = 0; u < NT; ++u) {
+              s2[r][u][c] = _mm512_dpbusd_epi32(s2[r][u][c], lo[u], xl2);
+              s2[r][u][c] = _mm512_dpbusd_epi32(s2[r][u][c], hi[u], xh2);
+            }
+          }
+        }
+      }
+      for (int r = 0; r < MR; ++r) {
+        const __m512 sx = _mm512_set1_ps(a.scale[(i0 + r) * kb + b]);
+        const __m512 ms = _mm512_set1_ps(kb_msum<SC>(a, i0 + r, b, h));
+        for (int u = 0; u < NT; ++u) {
+          __m512i n1 = s1[r][u][0], n2 = s2[r][u][0];
+          if constexpr (C == 2) {
+            n1 = _mm512_add_epi32(n1, s1[r][u][1]);
+            n2 = _mm512_add_epi32(n2, s2[r][u][1]);
+          }
+          acc[r][u] = kb_add<L, SC>(acc[r][u], n1, n2, D[u][h], M[u][h], sx, ms);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int u = 0; u < NT; ++u)
+      _mm512_storeu_ps(y + (i0 + r) * ldy + (t0 + u) * kTile, acc[r][u]);
+}
+
+// A batch of rows of x the other way round: each block's u made once and kept in registers
+// while every row in turn meets it (kb_tiles makes u again for every 4 rows), rows two at a
+// time for independent chains. x comes block by block (xb: block b, row i at (b m + i) 64
+// bytes, q1's 32 then q2's), and the sums of row i at acc + i 16 NT: row-major x and y put
+// a batch's rows k or ldy apart, a stride that sends them all to the same few cache sets.
+// Used past 4 rows (measured: as fast for Q4_0 and Q8_0, 5-20 % faster for the others,
+// whose u costs more to make; at 3 and 4 rows kb_tiles is faster). A row's numbers are
+// kb_tiles's to the bit (exact integer sums, the same kb_add in the same order), so they do
+// not depend on the batch around it.
+constexpr int64_t kBatchRows = 4;
+template <int NT, int L, int BITS, bool LUT, int SC>
+void kb_batch(const Acts& a, const KbWeights& w, const int8_t* xb, float* acc, int64_t t0,
+              float* y, int64_t ldy) {
+  constexpr int H = SC == kSuper16 ? 2 : 1, SH = 4 / H;
+  constexpr int64_t R = kb_record(BITS);
+  const int64_t kb = a.k / kBlock, m = a.m;
+  const __m512i lut = LUT ? kb_lut(w) : _mm512_setzero_si512();
+  std::fill(acc, acc + m * NT * kTile, 0.f);
+  __m512 sup[NT][2];
+  for (int64_t b = 0; b < kb; ++b) {
+    __m512 D[NT][2], M[NT][2];
+    for (int u = 0; u < NT; ++u) kb_dm<SC>(w, kb, t0 + u, b, sup[u], D[u], M[u]);
+#pragma GCC unroll 2
+    for (int h = 0; h < H; ++h) {
+      __m512i lo[SH][NT], hi[SH][NT];
+#pragma GCC unroll 4
+      for (int j = 0; j < SH; ++j)
+        for (int u = 0; u < NT; ++u)
+          kb_sub<BITS, LUT>(w.q + ((t0 + u) * kb + b) * R, h * SH + j, lut, lo[j][u],
+                            hi[j][u]);
+      auto rows = [&](auto mr, int64_t i) {
+        constexpr int MR = decltype(mr)::value;
+        __m512i s1[MR][NT], s2[MR][NT];
+        for (int r = 0; r < MR; ++r)
+          for (int u = 0; u < NT; ++u) s1[r][u] = s2[r][u] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+        for (int j = 0; j < SH; ++j)
+          for (int r = 0; r < MR; ++r) {
+            const int8_t* x = xb + (b * m + i + r) * 64 + 8 * (h * SH + j);
+            const __m512i xl1 = _mm512_set1_epi32(load4(x));
+            const __m512i xh1 = _mm512_set1_epi32(load4(x + 4));
+            for (int u = 0; u < NT; ++u) {
+              s1[r][u] = _mm512_dpbusd_epi32(s1[r][u], lo[j][u], xl1);
+              s1[r][u] = _mm512_dpbusd_epi32(s1[r][u], hi[j][u], xh1);
+            }
+            if constexpr (L == 2) {
+              const __m512i xl2 = _mm512_set1_epi32(load4(x + 32));
+              const __m512i xh2 = _mm512_set1_epi32(load4(x + 36));
+              for (int u = 0; u < NT; ++u) {
+                s2[r][u] = _mm512_dpbusd_epi32(s2[r][u], lo[j][u], xl2);
+                s2[r][u] = _mm512_dpbusd_epi32(s2[r][u], hi[j][u], xh2);
+              }
+            }
+          }
+        for (int r = 0; r < MR; ++r) {
+          const __m512 sx = _mm512_set1_ps(a.scale[(i + r) * kb + b]);
+          const __m512 ms = _mm512_set1_ps(kb_msum<SC>(a, i + r, b, h));
+          for (int u = 0; u < NT; ++u) {
+            float* ap = acc + ((i + r) * NT + u) * kTile;
+            _mm512_storeu_ps(ap, kb_add<L, SC>(_mm512_loadu_ps(ap), s1[r][u], s2[r][u], D[u][h],
+                                               M[u][h], sx, ms));
+          }
+        }
+      };
+      int64_t i = 0;
+      for (; i + 2 <= m; i += 2) rows(std::integral_constant<int, 2>(), i);
+      if (i < m) rows(std::integral_constant<int, 1>(), i);
+    }
+  }
+  for (int64_t i = 0; i < m; ++i)
+    std::memcpy(y + i * ldy + t0 * kTile, acc + i * NT * kTile, NT * kTile * sizeof(float));
+}
+
+template <int NT, int L, int BITS, bool LUT, int SC>
+void kb_rows(const Acts& a, const KbWeights& w, int64_t t, float* y, int64_t ldy) {
+  for (int64_t i = 0; i < a.m; i += 4) {
+    switch (std::min<int64_t>(4, a.m - i)) {
+      case 1: kb_tiles<1, NT, L, BITS, LUT, SC>(a, w, i, t, y, ldy); break;
+      case 2: kb_tiles<2, NT, L, BITS, LUT, SC>(a, w, i, t, y, ldy); break;
+      case 3: kb_tiles<3, NT, L, BITS, LUT, SC>(a, w, i, t, y, ldy); break;
+      default: kb_tiles<4, NT, L, BITS, LUT, SC>(a, w, i, t, y, ldy); break;
+    }
+  }
+}
+
+template <int L, int BITS, bool LUT, int SC>
+void kb_levels(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* y,
+               int64_t ldy) {
+  int64_t t = n0 / kTile;  // two tiles at a time, as q4_range
+  const int64_t t1 = n1 / kTile;
+  if (a.m > kBatchRows) {
+    thread_local std::vector<int8_t> xbuf;
+    thread_local std::vector<float> abuf;
+    const int64_t kb = a.k / kBlock;
+    xbuf.resize(kb * a.m * 64);
+    abuf.resize(a.m * 2 * kTile);
+    for (int64_t b = 0; b < kb; ++b)
+      for (int64_t i = 0; i < a.m; ++i) {
+        int8_t* o = xbuf.data() + (b * a.m + i) * 64;
+        std::memcpy(o, a.q1 + i * a.k + b * kBlock, kBlock);
+        if (L == 2) std::memcpy(o + kBlock, a.q2 + i * a.k + b * kBlock, kBlock);
+      }
+    for (; t + 2 <= t1; t += 2)
+      kb_batch<2, L, BITS, LUT, SC>(a, w, xbuf.data(), abuf.data(), t, y, ldy);
+    for (; t < t1; ++t) kb_batch<1, L, BITS, LUT, SC>(a, w, xbuf.data(), abuf.data(), t, y, ldy);
+    return;
+  }
+  for (; t + 2 <= t1; t += 2) kb_rows<2, L, BITS, LUT, SC>(a, w, t, y, ldy);
+  for (; t < t1; ++t) kb_rows<1, L, BITS, LUT, SC>(a, w, t, y, ldy);
+}
+
+template <int BITS, bool LUT, int SC>
+void kb_range(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* y,
+              int64_t ldy) {
+  if (a.levels == 1) return kb_levels<1, BITS, LUT, SC>(a, w, n0, n1, y, ldy);
+  kb_levels<2, BITS, LUT, SC>(a, w, n0, n1, y, ldy);
+}
+
+// The forms the GGUF types take (kvformer/formats/gguf/blocks.py), each compiled on its own;
+// any other the portable kernel runs.
+void gemm_kb(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* y,
+             int64_t ldy) {
+  const bool lut = w.lut != nullptr;
+  auto is = [&](int bits, int scales, bool with_lut) {
+    return w.bits == bits && w.scales == scales && lut == with_lut;
+  };
+  if (is(4, kPair, false)) return kb_range<4, false, kPair>(a, w, n0, n1, y, ldy);  // Q4_0, Q4_1
+  if (is(4, kPair, true)) return kb_range<4, true, kPair>(a, w, n0, n1, y, ldy);  // IQ4_NL
+  if (is(5, kPair, false)) return kb_range<5, false, kPair>(a, w, n0, n1, y, ldy);  // Q5_0, Q5_1
+  if (is(8, kPair, false)) return kb_range<8, false, kPair>(a, w, n0, n1, y, ldy);  // Q8_0
+  if (is(4, kSuper, false)) return kb_range<4, false, kSuper>(a, w, n0, n1, y, ldy);  // Q4_K
+  if (is(4, kSuper, true)) return kb_range<4, true, kSuper>(a, w, n0, n1, y, ldy);  // IQ4_XS
+  if (is(5, kSuper, false)) return kb_range<5, false, kSuper>(a, w, n0, n1, y, ldy);  // Q5_K
+  if (is(6, kSuper16, false)) return kb_range<6, false, kSuper16>(a, w, n0, n1, y, ldy);  // Q6_K
+  gemm_kb_generic(a, w, n0, n1, y, ldy);
+}
+
 // One row of x: each weight row streamed once, with its two sums reduced at its end (at the
 // memory's speed; interleaving rows was measured slower here).
 void q8_one_row(const uint8_t* x1, const uint8_t* x2, float sx, int64_t k, const int8_t* q,
@@ -880,7 +1184,7 @@ void attend_q(const AttendArgs& a) {
 }  // namespace
 
 const Kernels& avx512_kernels() {
-  static const Kernels k{"avx512", quantize, gemm_q4, gemm_q8, dequant_q4, gemm_kb_generic, attend, attend_q,
+  static const Kernels k{"avx512", quantize, gemm_q4, gemm_q8, dequant_q4, gemm_kb, attend, attend_q,
                          vexp};
   return k;
 }
