@@ -228,7 +228,7 @@ def test_kb_matmul_is_x_times_the_gguf_matrix(driver, name):
     if kb.lut is not None:
         arrays["lut"] = kb.lut.numpy()
     for levels, xs in ((2, x), (1, x1)):
-        meta = [m, k, n, kb.bits, kb.scales, int(kb.lut is not None), levels]
+        meta = [m, k, n, kb.bits, kb.scales, int(kb.lut is not None), kb.zero, levels]
         y = driver("kb", meta, **arrays).view(m, n)
         err = rel(y.double(), xs.double() @ w.T)
         assert err < 2e-4, (levels, err)

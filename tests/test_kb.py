@@ -75,7 +75,7 @@ def test_the_repack_is_exact(name):
     for n, k in SHAPES:
         blocks = random_blocks(name, n, k, seed=n)
         kb = kb_of(name, blocks)
-        got = dequantize_kb(kb.q, kb.s, kb.bits, kb.scales, kb.lut)
+        got = dequantize_kb(kb.q, kb.s, kb.bits, kb.scales, kb.lut, kb.zero)
         assert torch.equal(got, torch.from_numpy(reference(name, blocks)))
 
 
@@ -111,11 +111,11 @@ def test_native_dequant_is_exact(name):
     blocks = random_blocks(name, 48, 512, seed=3)
     kb = kb_of(name, blocks)
     ref = torch.from_numpy(reference(name, blocks))
-    got = torch.ops.kvformer_native.dequant_kb(kb.q, kb.s, kb.bits, kb.scales, _lut(kb),
-                                               0, 48, False)
+    got = torch.ops.kvformer_native.dequant_kb(kb.q, kb.s, kb.bits, kb.scales, kb.zero,
+                                               _lut(kb), 0, 48, False)
     assert torch.equal(got, ref)
-    rows = torch.ops.kvformer_native.dequant_kb(kb.q, kb.s, kb.bits, kb.scales, _lut(kb),
-                                                5, 37, True)
+    rows = torch.ops.kvformer_native.dequant_kb(kb.q, kb.s, kb.bits, kb.scales, kb.zero,
+                                                _lut(kb), 5, 37, True)
     assert torch.equal(rows, ref[5:37].to(torch.bfloat16))
 
 
@@ -139,9 +139,10 @@ def test_kb_matmul_on_every_path(path, name):
                 native.activations(levels)
                 try:
                     y = torch.ops.kvformer_native.linear_kb(x, kb.q, kb.s, kb.bits, kb.scales,
-                                                            _lut(kb), path)
+                                                            kb.zero, _lut(kb), path)
                     ys = torch.ops.kvformer_native.linear_kb(x, kb.q, kb.s, kb.bits,
-                                                             kb.scales, _lut(kb), "scalar")
+                                                             kb.scales, kb.zero, _lut(kb),
+                                                             "scalar")
                 finally:
                     native.activations("int16")
                 err = ((y.double() - ref).norm() / ref.norm()).item()
@@ -174,10 +175,10 @@ def test_a_matrix_the_layout_cannot_take_is_refused_in_one_line():
     for native_repack in (True, False):
         bad = blocks.copy()
         bad[3, 1, 0:2] = np.array([np.float16(np.inf)]).view(np.uint8)
-        big = blocks.copy()
-        big[0, 0, 0:2] = np.array([np.float16(1000.0)]).view(np.uint8)  # -128 d overflows
-        for corrupt in (bad, big):
-            with pytest.raises(CheckpointError, match="not finite .or too large"):
+        nan = blocks.copy()
+        nan[0, 0, 0:2] = np.array([np.float16(np.nan)]).view(np.uint8)
+        for corrupt in (bad, nan):
+            with pytest.raises(CheckpointError, match="not finite"):
                 to_kb(torch.from_numpy(corrupt.reshape(-1).copy()), TYPES["Q8_0"], (16, 64),
                       native_repack=native_repack)
 
@@ -265,7 +266,7 @@ def test_a_file_runs_its_own_blocks_within_a_tenth_of_a_percent(tmp_path, kind):
     assert ("wqkv" in attn._modules) == (len(kinds) == 1)
     for layer, gname in ((attn.wq, "attn_q"), (attn.wv, "attn_v"), (attn.wo, "attn_output"),
                          (mlp.w_gate, "ffn_gate"), (mlp.w_down, "ffn_down")):
-        want = Int4Linear if types[gname] in ("Q4_0", "Q4_1") else KbLinear
+        want = Int4Linear if types[gname] == "Q4_1" else KbLinear
         assert isinstance(layer, want), (gname, type(layer))
         if isinstance(layer, KbLinear):
             assert layer.ggml_type == types[gname]

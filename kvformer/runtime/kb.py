@@ -9,18 +9,25 @@ Every weight of a kb matrix is an unsigned integer ``u`` of ``bits`` bits (4, 5,
 with D and M constant over blocks of 32 columns, or D over 16 columns and M = -32 D (Q6_K).
 The scales are kept in the file's own form, so the layout is the file's size:
 
-    scales  kPair (0)     fp16 D and M per block of 32          Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 IQ4_NL
-            kSuper (1)    fp16 d, dmin per 256 columns,          Q4_K Q5_K IQ4_XS
+    scales  kPair (0)     fp16 D and M per block of 32          Q4_1 Q5_1
+            kScale (3)    fp16 D per block of 32, M = -zero D    Q4_0 Q5_0 Q8_0 IQ4_NL
+            kSuper (1)    fp16 d, dmin per 256 columns,          Q4_K Q5_K
                           int8 sc, mn per 32: D = d sc, M = -dmin mn
+            kSuperZ (4)   fp16 d per 256, int8 sc per 32:        IQ4_XS
+                          D = d sc, M = -zero D
             kSuper16 (2)  fp16 d per 256, int8 sc per 16:        Q6_K
                           D = d sc, M = -32 D
+
+``zero`` is the offset ggml implies (8 for Q4_0, 16 for Q5_0, 128 where u is the int8 value
+plus 128).
 
 Rows are in tiles of 16 and columns in blocks of 32 as in the int4 layout (whose records are
 kb's 4-bit records with kPair scales: Q4_0/Q4_1 run as ``Int4Linear``):
 
     qweight  uint8 [N/16, K/32, record]   record = 256 bytes of low nibbles + 64 bytes per
                                           bit above the fourth (512 bytes of u for 8 bits)
-    scales   uint8 [N/16, K/32 * scale bytes]   64 (kPair), 40 (kSuper), 36 (kSuper16)
+    scales   uint8 [N/16, K/32 * scale bytes]   64 (kPair), 32 (kScale), 40 (kSuper),
+                                                20 (kSuperZ), 36 (kSuper16)
 
 ``kvformer.formats.gguf.blocks`` maps each GGUF type to this layout; ``dequantize_kb`` here is
 the layout read back with torch ops (the fallback without the C++ kernels, and a check).
@@ -47,8 +54,10 @@ from kvformer.runtime.quant import (
 __all__ = ["KbBlocks", "KbEmbedding", "KbLinear", "dequantize_kb", "record_bytes",
            "scale_bytes"]
 
-PAIR, SUPER, SUPER16 = 0, 1, 2
-SCALE_NAMES = {PAIR: "pair", SUPER: "super", SUPER16: "super16"}
+PAIR, SUPER, SUPER16, SCALE, SUPERZ = 0, 1, 2, 3, 4
+SCALE_NAMES = {PAIR: "pair", SUPER: "super", SUPER16: "super16", SCALE: "scale",
+               SUPERZ: "superZ"}
+SCALE_BYTES = {PAIR: 64, SUPER: 40, SUPER16: 36, SCALE: 32, SUPERZ: 20}
 
 
 def record_bytes(bits: int) -> int:
@@ -58,14 +67,15 @@ def record_bytes(bits: int) -> int:
 
 def scale_bytes(scales: int) -> int:
     """Bytes of scales per (tile, block), on average."""
-    return {PAIR: 64, SUPER: 40, SUPER16: 36}[scales]
+    return SCALE_BYTES[scales]
 
 
 @dataclass
 class KbBlocks:
     """One matrix in the kb layout, as a loader hands it over: ``q`` uint8 [N/16, K/32,
-    record], ``s`` uint8 [N/16, K/32 * scale bytes], ``lut`` uint8 [16] or None, and the
-    GGUF type it came from (for what ``kvformer info`` shows)."""
+    record], ``s`` uint8 [N/16, K/32 * scale bytes], ``lut`` uint8 [16] or None, ``zero``
+    (kScale, kSuperZ: M = -zero D; else 0), and the GGUF type it came from (for what
+    ``kvformer info`` shows)."""
 
     q: torch.Tensor
     s: torch.Tensor
@@ -73,6 +83,7 @@ class KbBlocks:
     scales: int
     lut: torch.Tensor | None
     ggml_type: str
+    zero: int = 0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -82,17 +93,18 @@ class KbBlocks:
     def form(self) -> tuple:
         """What must agree for two matrices to be stacked into one layer."""
         lut = None if self.lut is None else tuple(self.lut.tolist())
-        return (self.bits, self.scales, lut, self.q.shape[1])
+        return (self.bits, self.scales, self.zero, lut, self.q.shape[1])
 
     def rows(self, start: int, end: int) -> KbBlocks:
         if start % INT4_TILE or end % INT4_TILE:
             raise ValueError(f"kb rows are sliced in tiles of {INT4_TILE}: got {start}:{end}")
         t0, t1 = start // INT4_TILE, end // INT4_TILE
         return KbBlocks(self.q[t0:t1], self.s[t0:t1], self.bits, self.scales, self.lut,
-                        self.ggml_type)
+                        self.ggml_type, self.zero)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_kb(self.q, self.s, self.bits, self.scales, self.lut).to(dtype)
+        return dequantize_kb(self.q, self.s, self.bits, self.scales, self.lut,
+                             self.zero).to(dtype)
 
     def detach(self) -> KbBlocks:
         return self
@@ -109,7 +121,8 @@ class KbBlocks:
             raise ValueError("kb matrices of different forms cannot be stacked")
         p0 = parts[0]
         return KbBlocks(torch.cat([p.q for p in parts]), torch.cat([p.s for p in parts]),
-                        p0.bits, p0.scales, p0.lut, "+".join(sorted({p.ggml_type for p in parts})))
+                        p0.bits, p0.scales, p0.lut, "+".join(sorted({p.ggml_type for p in parts})),
+                        p0.zero)
 
 
 # ------------------------------------------------------------------ the layout in torch ops
@@ -136,14 +149,24 @@ def _u(q: torch.Tensor, bits: int, lut: torch.Tensor | None) -> torch.Tensor:
     return u.permute(0, 1, 4, 2, 3, 5).reshape(t, kb, 16, 32)
 
 
-def _dm(s: torch.Tensor, scales: int, kb: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _dm(s: torch.Tensor, scales: int, kb: int, zero: int = 0
+        ) -> tuple[torch.Tensor, torch.Tensor]:
     """D and M per (tile, block, row, half of 16 columns): [T, KB, 16, 2] float32 each."""
     t = s.shape[0]
     if scales == PAIR:
         dm = _f16(s.view(t, kb, 64)).view(t, kb, 2, 16)
         d, m = dm[:, :, 0], dm[:, :, 1]
         return d[..., None].expand(t, kb, 16, 2), m[..., None].expand(t, kb, 16, 2)
+    if scales == SCALE:
+        d = _f16(s.view(t, kb, 32)).view(t, kb, 16)
+        return d[..., None].expand(t, kb, 16, 2), (-zero * d)[..., None].expand(t, kb, 16, 2)
     nsup = kb // 8
+    if scales == SUPERZ:
+        rec = s.view(t, nsup, 160)
+        dd = _f16(rec[:, :, :32]).view(t, nsup, 1, 16)
+        sc = rec[:, :, 32:].contiguous().view(torch.int8).view(t, nsup, 8, 16).float()
+        d = (dd * sc).reshape(t, kb, 16)
+        return d[..., None].expand(t, kb, 16, 2), (-zero * d)[..., None].expand(t, kb, 16, 2)
     if scales == SUPER:
         rec = s.view(t, nsup, 320)
         dd = _f16(rec[:, :, :64]).view(t, nsup, 2, 16)
@@ -160,11 +183,11 @@ def _dm(s: torch.Tensor, scales: int, kb: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def dequantize_kb(q: torch.Tensor, s: torch.Tensor, bits: int, scales: int,
-                  lut: torch.Tensor | None) -> torch.Tensor:
+                  lut: torch.Tensor | None, zero: int = 0) -> torch.Tensor:
     """The matrix [N, K] (float32) a kb layout stands for, with torch ops only."""
     t, kb, _ = q.shape
     u = _u(q, bits, lut).float().view(t, kb, 16, 2, 16)
-    d, m = _dm(s, scales, kb)
+    d, m = _dm(s, scales, kb, zero)
     w = u * d[..., None] + m[..., None]  # [t, kb, r, half, 16]
     return w.view(t, kb, 16, 32).permute(0, 2, 1, 3).reshape(t * 16, kb * 32)
 
@@ -182,6 +205,7 @@ class KbLinear(QuantizedLinear):
         n, k = blocks.shape
         super().__init__(k, n, bias, act)
         self.bits, self.layout, self.ggml_type = blocks.bits, blocks.scales, blocks.ggml_type
+        self.zero = blocks.zero
         self.register_buffer("qweight", blocks.q)
         self.register_buffer("scales", blocks.s)
         self.register_buffer("lut", blocks.lut if blocks.lut is not None
@@ -190,14 +214,15 @@ class KbLinear(QuantizedLinear):
     @property
     def blocks(self) -> KbBlocks:
         return KbBlocks(self.qweight, self.scales, self.bits, self.layout,
-                        self.lut if self.lut.numel() else None, self.ggml_type)
+                        self.lut if self.lut.numel() else None, self.ggml_type, self.zero)
 
     def small_mm(self, x: torch.Tensor) -> torch.Tensor:
         isa = self.kernel_isa()
         if isa == "torch":
             return self.torch_mm(x)
         return torch.ops.kvformer_native.linear_kb(x, self.qweight, self.scales, self.bits,
-                                                   self.layout, self.lut, isa).to(x.dtype)
+                                                   self.layout, self.zero, self.lut,
+                                                   isa).to(x.dtype)
 
     def torch_mm(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantize(x.dtype))
@@ -205,7 +230,7 @@ class KbLinear(QuantizedLinear):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if _native() and dtype in (torch.float32, torch.bfloat16):
             return torch.ops.kvformer_native.dequant_kb(
-                self.qweight, self.scales, self.bits, self.layout, self.lut, 0,
+                self.qweight, self.scales, self.bits, self.layout, self.zero, self.lut, 0,
                 self.out_features, dtype == torch.bfloat16)
         return self.blocks.dequantize(dtype)
 
@@ -231,6 +256,7 @@ class KbEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = blocks.shape
         self.act_dtype = act or act_dtype()
         self.bits, self.layout, self.ggml_type = blocks.bits, blocks.scales, blocks.ggml_type
+        self.zero = blocks.zero
         self.register_buffer("qweight", blocks.q)
         self.register_buffer("scales", blocks.s)
         self.register_buffer("lut", blocks.lut if blocks.lut is not None
@@ -247,11 +273,11 @@ class KbEmbedding(nn.Module):
         lut = self.lut if self.lut.numel() else None
         if _native():
             table = torch.cat([torch.ops.kvformer_native.dequant_kb(
-                self.qweight, self.scales, self.bits, self.layout, self.lut,
+                self.qweight, self.scales, self.bits, self.layout, self.zero, self.lut,
                 int(t) * INT4_TILE, int(t + 1) * INT4_TILE, False) for t in tiles.tolist()])
         else:
             table = dequantize_kb(self.qweight[tiles], self.scales[tiles], self.bits,
-                                  self.layout, lut)
+                                  self.layout, lut, self.zero)
         table = table.view(-1, INT4_TILE, self.embedding_dim)
         out = table[rows, flat % INT4_TILE]
         return out.view(*tokens.shape, self.embedding_dim).to(self.act_dtype)

@@ -16,7 +16,8 @@ not read, so the two cannot drift apart silently.
     final_norm   head
     a linear layer NAME: NAME.kind (0 dense, 1 int8, 2 int4, 3 kb), NAME.weight,
                          NAME.scales (int8, int4, kb), NAME.bias (if any),
-                         kb: NAME.bits, NAME.layout (kernels.h's KbScales), [NAME.lut]
+                         kb: NAME.bits, NAME.layout (kernels.h's KbScales), [NAME.lut],
+                         [NAME.zero]
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class LinearPlan:
     scales: torch.Tensor | None  # int8 fp32 [n]; int4 fp16 [n/16, k/32, 2, 16]
     bias: torch.Tensor | None
     module: nn.Module | None    # the layer itself (None: a tied head, the embedding table)
-    kb: tuple[int, int, torch.Tensor] | None = None  # kb: bits, scales kind, lut (or empty)
+    kb: tuple | None = None  # kb: bits, scales kind, lut (or empty), zero
 
     @classmethod
     def of(cls, linear: nn.Module) -> LinearPlan:
@@ -53,7 +54,7 @@ class LinearPlan:
             return cls("int4", linear.qweight, linear.scales, bias, linear)
         if isinstance(linear, KbLinear):
             return cls("kb", linear.qweight, linear.scales, bias, linear,
-                       (linear.bits, linear.layout, linear.lut))
+                       (linear.bits, linear.layout, linear.lut, linear.zero))
         if isinstance(linear, Int8Linear):
             return cls("int8", linear.qweight, linear.scale, bias, linear)
         if type(linear) is nn.Linear:
@@ -72,10 +73,12 @@ class LinearPlan:
             _kb_entries(name, self.kb, table)
 
 
-def _kb_entries(name: str, kb: tuple[int, int, torch.Tensor], table: Named) -> None:
-    bits, layout, lut = kb
+def _kb_entries(name: str, kb: tuple, table: Named) -> None:
+    bits, layout, lut, zero = kb
     table.ints[f"{name}.bits"] = bits
     table.ints[f"{name}.layout"] = layout
+    if zero:
+        table.ints[f"{name}.zero"] = zero
     if lut.numel():
         table.tensors[f"{name}.lut"] = lut
 
@@ -151,7 +154,7 @@ class StepPlan:
     # every layer's sliding window: a step whose cache already holds this many tokens is
     # left to Transformer.forward (the window would hide the oldest); None: no window
     window: int | None = None
-    embed_kb: tuple[int, int, torch.Tensor] | None = None  # kb: bits, scales kind, lut
+    embed_kb: tuple | None = None  # kb: bits, scales kind, lut, zero
 
     @property
     def rope_len(self) -> int | None:
@@ -185,7 +188,7 @@ class StepPlan:
             embed = ("int8", emb.qweight, emb.scale)
         elif isinstance(emb, KbEmbedding):
             embed = ("kb", emb.qweight, emb.scales)
-            embed_kb = (emb.bits, emb.layout, emb.lut)
+            embed_kb = (emb.bits, emb.layout, emb.lut, emb.zero)
         else:
             embed = ("dense", emb.weight.detach(), None)
         head = model._modules.get("lm_head")

@@ -16,7 +16,7 @@
 //                              [len,hd] (bits 8) or uint8 [len,hd/2] (bits 4) rows;
 //                              ks.bin, vs.bin: bf16 scales [len,1] or [len,hd/16]
 //                              -> y.bin f32 [group,hd] = softmax(q k^T) v (kernels.h layouts)
-//   kb      meta: m k n bits scales has_lut [levels]   x.bin f32 [m,k], q.bin u8 records,
+//   kb      meta: m k n bits scales has_lut zero [levels]   x.bin f32 [m,k], q.bin u8 records,
 //                              s.bin u8 scales, lut.bin u8 [16] (has_lut) (kernels.h's kb
 //                              layout) -> y.bin f32 [m,n]; x enters with `levels` (2, the
 //                              default, or 1) int8 levels, prepared as Work::prepare (step.h)
@@ -203,11 +203,11 @@ int main(int argc, char** argv) {
     for (int64_t g = 0; g < group; ++g)
       for (int64_t i = 0; i < hd; ++i) out[g * hd + i] /= sum[g];
     save(out);
-  } else if (op == "kb" && (v.size() == 6 || v.size() == 7) &&
-             (v[3] == 4 || v[3] == 5 || v[3] == 6 || v[3] == 8) && v[4] >= 0 && v[4] <= 2 &&
-             (v.size() == 6 || v[6] == 1 || v[6] == 2)) {
+  } else if (op == "kb" && (v.size() == 7 || v.size() == 8) &&
+             (v[3] == 4 || v[3] == 5 || v[3] == 6 || v[3] == 8) && v[4] >= 0 && v[4] <= 4 &&
+             (v.size() == 7 || v[7] == 1 || v[7] == 2)) {
     const int64_t m = v[0], k = v[1], n = v[2];
-    const int bits = int(v[3]), scales = int(v[4]), levels = v.size() == 7 ? int(v[6]) : 2;
+    const int bits = int(v[3]), scales = int(v[4]), levels = v.size() == 8 ? int(v[7]) : 2;
     const int64_t records = n / kvf::kTile * (k / kvf::kBlock);
     const auto x = load<float>("x.bin", m * k);
     const auto q = load<uint8_t>("q.bin", records * kvf::kb_record(bits));
@@ -220,6 +220,7 @@ int main(int argc, char** argv) {
     w.scales = scales;
     w.lut = lut.empty() ? nullptr : lut.data();
     w.k = k;
+    w.zero = int(v[6]);
     Prepared p(K, x, m, k, kvf::kBlock);
     p.for_kb(levels, scales == kvf::kSuper16);
     std::vector<float> y(m * n);

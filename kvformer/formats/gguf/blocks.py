@@ -4,20 +4,19 @@ moved, never rounded.
 Each type's weight, as ggml defines it, and the kb form it takes (u: the unsigned integer
 the kernels multiply; D, M: the scale and offset of its block):
 
-    Q4_0    w = d (q - 8)                 u = q            D = d, M = -8 d          pair
+    Q4_0    w = d (q - 8)                 u = q            D = d, zero 8            scale
     Q4_1    w = d q + m                   u = q            D = d, M = m             pair
-    Q5_0    w = d (q - 16), q 5 bits      u = q            D = d, M = -16 d         pair
+    Q5_0    w = d (q - 16), q 5 bits      u = q            D = d, zero 16           scale
     Q5_1    w = d q + m, q 5 bits         u = q            D = d, M = m             pair
-    Q8_0    w = d q, q int8               u = q + 128      D = d, M = -128 d        pair
-    IQ4_NL  w = d v[q], v the int8 grid   u = lut[q] = v[q] + 128, M = -128 d       pair
+    Q8_0    w = d q, q int8               u = q + 128      D = d, zero 128          scale
+    IQ4_NL  w = d v[q], v the int8 grid   u = lut[q] = v[q] + 128, zero 128         scale
     Q4_K    w = d sc q - dmin mn          u = q            super (d, dmin; sc, mn)
     Q5_K    the same, q 5 bits            u = q            super
-    IQ4_XS  w = d (ls - 32) v[q]          u = lut[q]       super: sc = mn = ls - 32, dmin = 128 d
+    IQ4_XS  w = d (ls - 32) v[q]          u = lut[q]       superZ: sc = ls - 32, zero 128
     Q6_K    w = d sc (q - 32), sc per 16  u = q            super16 (M = -32 D)
 
-fp16 products such as -8 d, -16 d, -128 d are exact (a power of two times an fp16), unless
-they overflow fp16, which a file would need |d| > 511 for: such a matrix is refused. The
-products d sc of the super-block types are made in fp32 by the kernels, as ggml does.
+The offsets ggml implies stay implied (M = -zero D, made by the kernels in fp32: exact), and
+the products d sc of the super-block types are made in fp32 by the kernels, as ggml does.
 """
 
 from __future__ import annotations
@@ -27,7 +26,16 @@ import torch
 
 from kvformer.errors import CheckpointError
 from kvformer.runtime import native
-from kvformer.runtime.kb import PAIR, SUPER, SUPER16, KbBlocks
+from kvformer.runtime.kb import (
+    PAIR,
+    SCALE,
+    SUPER,
+    SUPER16,
+    SUPERZ,
+    KbBlocks,
+    record_bytes,
+    scale_bytes,
+)
 
 __all__ = ["KB_TYPES", "to_kb", "what_runs"]
 
@@ -55,10 +63,11 @@ def what_runs(type_id: int, type_name: str, shape: tuple[int, ...]) -> str:
         return "no kernel: refused (--dtype int8 or int4 re-quantizes it)"
     if not kb_shape_ok(type_id, *shape):
         return "dequantized to a dense matmul (rows not in tiles of 16)"
-    bits, scales, lut = _FORM[type_name]
+    bits, scales, lut, _ = _FORM[type_name]
     if bits == 4 and scales == PAIR and not lut:
         return "the int4 kernel, the file's blocks as they are"
-    kind = {PAIR: "a scale and offset per 32", SUPER: "super-block scales",
+    kind = {PAIR: "a scale and offset per 32", SCALE: "a scale per 32",
+            SUPER: "super-block scales", SUPERZ: "super-block scales",
             SUPER16: "a scale per 16"}[scales]
     return f"the kb kernel: {bits}-bit{' grid' if lut else ''} integers, {kind}"
 
@@ -79,16 +88,16 @@ def to_kb(raw: torch.Tensor, type_id: int, shape: tuple[int, int], where: str = 
         raise CheckpointError(f"{where}{name} matrix {list(shape)} does not fit kvformer's "
                               "kb layout (rows in tiles of 16)")
     t, kb = n // 16, k // 32
-    bits, scales, lut = _FORM[name]
+    bits, scales, lut, zero = _FORM[name]
     if native_repack and native.available():
         try:
             q, s = torch.ops.kvformer_native.kb_repack(raw, type_id, n, k)
         except RuntimeError as exc:
             raise CheckpointError(f"{where}{name} matrix {list(shape)}: "
                                   f"{str(exc).splitlines()[0].split(': ', 1)[-1]}") from None
-        return KbBlocks(q, s, bits, scales, _LUT.clone() if lut else None, name)
-    q = torch.empty(t, kb, 512 if bits == 8 else 256 + 64 * (bits - 4), dtype=torch.uint8)
-    s = torch.empty(t, kb * {PAIR: 64, SUPER: 40, SUPER16: 36}[scales], dtype=torch.uint8)
+        return KbBlocks(q, s, bits, scales, _LUT.clone() if lut else None, name, zero)
+    q = torch.empty(t, kb, record_bytes(bits), dtype=torch.uint8)
+    s = torch.empty(t, kb * scale_bytes(scales), dtype=torch.uint8)
     blocks = raw.numpy().reshape(n, k // per, size)
     qn, sn = q.numpy(), s.numpy()
     for r0 in range(0, n, _ROWS):
@@ -98,10 +107,10 @@ def to_kb(raw: torch.Tensor, type_id: int, shape: tuple[int, int], where: str = 
         if not all(np.isfinite(a.astype(np.float32)).all() for a in sc
                    if a.dtype == np.float16):
             raise CheckpointError(f"{where}{name} matrix {list(shape)} has scales that are "
-                                  "not finite (or too large for fp16); the file is corrupt")
+                                  "not finite; the file is corrupt")
         qn[r0 // 16:r1 // 16] = _records(u, bits)
         sn[r0 // 16:r1 // 16] = _scales(sc, scales)
-    return KbBlocks(q, s, bits, scales, _LUT.clone() if lut else None, name)
+    return KbBlocks(q, s, bits, scales, _LUT.clone() if lut else None, name, zero)
 
 
 # ------------------------------------------------------------------ u and scales per type
@@ -120,8 +129,7 @@ def _bits32(qh: np.ndarray) -> np.ndarray:
 
 
 def _split_q4_0(b):
-    d = _f16(b[..., 0:2])
-    return _nibbles(b[..., 2:18]), (d, d * np.float16(-8))
+    return _nibbles(b[..., 2:18]), (_f16(b[..., 0:2]),)
 
 
 def _split_q4_1(b):
@@ -129,8 +137,7 @@ def _split_q4_1(b):
 
 
 def _split_q5_0(b):
-    d = _f16(b[..., 0:2])
-    return _nibbles(b[..., 6:22]) | (_bits32(b[..., 2:6]) << 4), (d, d * np.float16(-16))
+    return _nibbles(b[..., 6:22]) | (_bits32(b[..., 2:6]) << 4), (_f16(b[..., 0:2]),)
 
 
 def _split_q5_1(b):
@@ -139,13 +146,11 @@ def _split_q5_1(b):
 
 
 def _split_q8_0(b):
-    d = _f16(b[..., 0:2])
-    return b[..., 2:34] ^ np.uint8(0x80), (d, d * np.float16(-128))
+    return b[..., 2:34] ^ np.uint8(0x80), (_f16(b[..., 0:2]),)
 
 
 def _split_iq4_nl(b):
-    d = _f16(b[..., 0:2])
-    return _nibbles(b[..., 2:18]), (d, d * np.float16(-128))
+    return _nibbles(b[..., 2:18]), (_f16(b[..., 0:2]),)
 
 
 def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -197,19 +202,19 @@ def _split_iq4_xs(b):
     ls = (lo | (hi.astype(np.uint8) << 4)).astype(np.int16) - 32
     qs = b[..., 8:136].reshape(n, ns, 8, 16)
     u = np.concatenate([qs & 15, qs >> 4], axis=-1)  # [n, ns, 8, 32]
-    sc = ls.astype(np.int8)
-    return u.reshape(n, ns * 256), (d, d * np.float16(128), sc, sc)
+    return u.reshape(n, ns * 256), (d, ls.astype(np.int8))
 
 
 _SPLIT = {"Q4_0": _split_q4_0, "Q4_1": _split_q4_1, "Q5_0": _split_q5_0, "Q5_1": _split_q5_1,
           "Q8_0": _split_q8_0, "IQ4_NL": _split_iq4_nl, "Q4_K": _split_q4_k,
           "Q5_K": _split_q5_k, "Q6_K": _split_q6_k, "IQ4_XS": _split_iq4_xs}
 
-# name -> (bits, scales kind, lut)
-_FORM = {"Q4_0": (4, PAIR, False), "Q4_1": (4, PAIR, False), "Q5_0": (5, PAIR, False),
-         "Q5_1": (5, PAIR, False), "Q8_0": (8, PAIR, False), "IQ4_NL": (4, PAIR, True),
-         "Q4_K": (4, SUPER, False), "Q5_K": (5, SUPER, False), "Q6_K": (6, SUPER16, False),
-         "IQ4_XS": (4, SUPER, True)}
+# name -> (bits, scales kind, lut, zero): csrc/repack.cpp's form_of
+_FORM = {"Q4_0": (4, SCALE, False, 8), "Q4_1": (4, PAIR, False, 0),
+         "Q5_0": (5, SCALE, False, 16), "Q5_1": (5, PAIR, False, 0),
+         "Q8_0": (8, SCALE, False, 128), "IQ4_NL": (4, SCALE, True, 128),
+         "Q4_K": (4, SUPER, False, 0), "Q5_K": (5, SUPER, False, 0),
+         "Q6_K": (6, SUPER16, False, 0), "IQ4_XS": (4, SUPERZ, True, 128)}
 
 
 # ------------------------------------------------------------------ the kb arrangement
@@ -246,6 +251,14 @@ def _scales(sc: tuple, kind: int) -> np.ndarray:
     if kind == PAIR:
         d, m = sc  # [n, kb] fp16
         return _bytes(np.stack([_tiles(d), _tiles(m)], axis=2))  # [t, kb, 2, 16]
+    if kind == SCALE:
+        return _bytes(_tiles(sc[0]))  # [t, kb, 16]
+    if kind == SUPERZ:
+        d, s = sc  # [n, ns] fp16; [n, ns, 8] int8
+        t, ns = d.shape[0] // 16, d.shape[1]
+        head = _bytes(_tiles(d)).reshape(t, ns, 32)
+        body = _bytes(_tiles(s)).reshape(t, ns, 128)  # [t, ns, 8, 16]
+        return np.concatenate([head, body], axis=-1).reshape(t, -1)
     if kind == SUPER:
         d, dmin, s, mn = sc  # [n, ns] fp16; [n, ns, 8] int8
         head = _bytes(np.stack([_tiles(d), _tiles(dmin)], axis=2))  # [t, ns, 2, 16]

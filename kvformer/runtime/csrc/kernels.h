@@ -35,8 +35,12 @@
 //       32b + 8s + 4h + j (the nibbles' order, unpacked).
 //   s: the scales, by kind:
 //     kPair: per (tile, block) fp16 D[16], then fp16 M[16] (64 bytes: the int4 layout's dm)
+//     kScale: per (tile, block) fp16 D[16] (32 bytes); M = -zero D (zero: a power of two
+//       of the weights: the offset ggml implies, e.g. Q8_0's u = q + 128 has zero 128)
 //     kSuper: per (tile, 256 columns) 320 bytes: fp16 d[16], fp16 dmin[16], then per block
 //       of the 8: int8 sc[16], int8 mn[16]; D = d sc, M = -dmin mn (fp32 products: exact)
+//     kSuperZ: per (tile, 256 columns) 160 bytes: fp16 d[16], then per block of the 8: int8
+//       sc[16]; D = d sc, M = -zero D
 //     kSuper16: per (tile, 256 columns) 288 bytes: fp16 d[16], then per block of the 8:
 //       int8 sc[2][16] (its two halves of 16 columns); D = d sc, M = -32 D
 //
@@ -163,7 +167,7 @@ inline void each_slot(const AttendArgs& a, const F& f) {
 }
 
 // kb weights (the layout above) as the kernels see them
-enum KbScales : int { kPair = 0, kSuper = 1, kSuper16 = 2 };
+enum KbScales : int { kPair = 0, kSuper = 1, kSuper16 = 2, kScale = 3, kSuperZ = 4 };
 struct KbWeights {
   const uint8_t* q = nullptr;
   const uint8_t* s = nullptr;
@@ -171,12 +175,18 @@ struct KbWeights {
   int scales = kPair;             // KbScales
   const uint8_t* lut = nullptr;   // 16 entries (bits 4 only), or null: u is the integer
   int64_t k = 0;                  // columns
+  int zero = 0;                   // kScale, kSuperZ: M = -zero D
 };
 
 constexpr int64_t kb_record(int bits) { return bits == 8 ? 512 : 256 + 64 * (bits - 4); }
 // bytes of scales per (tile, block of 32 columns), on average
 constexpr int64_t kb_scale_bytes(int scales) {
-  return scales == kPair ? 64 : scales == kSuper ? 40 : 36;
+  return scales == kPair ? 64 : scales == kSuper ? 40 : scales == kSuper16 ? 36
+         : scales == kScale ? 32 : 20;
+}
+// bytes of scales per (tile, 256 columns) of the super-block kinds
+constexpr int64_t kb_super_bytes(int scales) {
+  return scales == kSuper ? 320 : scales == kSuper16 ? 288 : 160;
 }
 
 struct Kernels {
@@ -273,7 +283,25 @@ inline void kb_scales(const KbWeights& w, int64_t t, int64_t b, float D[2][16],
     }
     return;
   }
+  if (w.scales == kScale) {
+    const uint16_t* p = reinterpret_cast<const uint16_t*>(w.s) + (t * kb + b) * 16;
+    for (int r = 0; r < 16; ++r) {
+      D[0][r] = D[1][r] = f16_to_f32(p[r]);
+      M[0][r] = M[1][r] = -float(w.zero) * D[0][r];
+    }
+    return;
+  }
   const int64_t nsup = w.k / 256, sup = b / 8, j = b % 8;
+  if (w.scales == kSuperZ) {
+    const uint8_t* rec = w.s + (t * nsup + sup) * 160;
+    const uint16_t* d = reinterpret_cast<const uint16_t*>(rec);
+    const int8_t* sc = reinterpret_cast<const int8_t*>(rec + 32 + 16 * j);
+    for (int r = 0; r < 16; ++r) {
+      D[0][r] = D[1][r] = f16_to_f32(d[r]) * float(sc[r]);
+      M[0][r] = M[1][r] = -float(w.zero) * D[0][r];
+    }
+    return;
+  }
   if (w.scales == kSuper) {
     const uint8_t* rec = w.s + (t * nsup + sup) * 320;
     const uint16_t* d = reinterpret_cast<const uint16_t*>(rec);

@@ -159,11 +159,11 @@ Tensor dequant_int4(Tensor q, Tensor dm, bool bf16, std::string isa) {
 
 // x [M, K] -> x W^T [M, N] fp32 through the kb kernel of path `isa` (kernels.h: kb weights
 // of `bits` bits, scales kind `scales`, lut uint8 [16] or empty)
-Tensor linear_kb(Tensor x, Tensor q, Tensor s, int64_t bits, int64_t scales, Tensor lut,
-                 std::string isa) {
+Tensor linear_kb(Tensor x, Tensor q, Tensor s, int64_t bits, int64_t scales, int64_t zero,
+                 Tensor lut, std::string isa) {
   const Kernels& K = kernels_for(isa);
   Lin lin;
-  lin.set_kb(q, s, bits, scales, lut, Tensor(), at::kFloat);
+  lin.set_kb(q, s, bits, scales, zero, lut, Tensor(), at::kFloat);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == lin.k, "kvformer_native.linear_kb: x must be [M, ",
               lin.k, "], got ", x.sizes());
   x = x.to(at::kFloat).contiguous();
@@ -175,10 +175,10 @@ Tensor linear_kb(Tensor x, Tensor q, Tensor s, int64_t bits, int64_t scales, Ten
 }
 
 // rows [start, end) of the weight kb weights stand for, in fp32 or bf16
-Tensor dequant_kb_op(Tensor q, Tensor s, int64_t bits, int64_t scales, Tensor lut,
+Tensor dequant_kb_op(Tensor q, Tensor s, int64_t bits, int64_t scales, int64_t zero, Tensor lut,
                      int64_t start, int64_t end, bool bf16) {
   Lin lin;
-  lin.set_kb(q, s, bits, scales, lut, Tensor(), at::kFloat);
+  lin.set_kb(q, s, bits, scales, zero, lut, Tensor(), at::kFloat);
   TORCH_CHECK(0 <= start && start <= end && end <= lin.n,
               "kvformer_native.dequant_kb: rows ", start, ":", end, " are not within ", lin.n);
   Tensor out = at::empty({end - start, lin.k},
@@ -256,10 +256,10 @@ TORCH_LIBRARY(kvformer_native, m) {
   m.def("activations(str mode) -> str", &activations_op);
   m.def("linear(Tensor x, str kind, Tensor w, Tensor s, str isa) -> Tensor", &linear);
   m.def("dequant_int4(Tensor q, Tensor dm, bool bf16, str isa) -> Tensor", &dequant_int4);
-  m.def("linear_kb(Tensor x, Tensor q, Tensor s, int bits, int scales, Tensor lut, str isa) "
-        "-> Tensor", &linear_kb);
-  m.def("dequant_kb(Tensor q, Tensor s, int bits, int scales, Tensor lut, int start, int end, "
-        "bool bf16) -> Tensor", &dequant_kb_op);
+  m.def("linear_kb(Tensor x, Tensor q, Tensor s, int bits, int scales, int zero, Tensor lut, "
+        "str isa) -> Tensor", &linear_kb);
+  m.def("dequant_kb(Tensor q, Tensor s, int bits, int scales, int zero, Tensor lut, int start, "
+        "int end, bool bf16) -> Tensor", &dequant_kb_op);
   m.def("profile(bool enable) -> float[]", &profile);
   m.def("plan_new(str[] tensor_names, Tensor[] tensors, str[] int_names, int[] ints, "
         "str[] real_names, float[] reals, str isa) -> int", &plan_new);

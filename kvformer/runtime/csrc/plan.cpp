@@ -110,13 +110,15 @@ void Lin::set(int64_t kind_, Tensor w_, Tensor s_, Tensor bias_, at::ScalarType 
   }
 }
 
-void Lin::set_kb(Tensor w_, Tensor s_, int64_t bits, int64_t scales, Tensor lut, Tensor bias_,
-                 at::ScalarType act) {
+void Lin::set_kb(Tensor w_, Tensor s_, int64_t bits, int64_t scales, int64_t zero, Tensor lut,
+                 Tensor bias_, at::ScalarType act) {
   kind = kKb;
   TORCH_CHECK(bits == 4 || bits == 5 || bits == 6 || bits == 8,
               "kvformer_native: kb weights have 4, 5, 6 or 8 bits, not ", bits);
-  TORCH_CHECK(scales == kPair || scales == kSuper || scales == kSuper16,
-              "kvformer_native: kb scales kind must be 0, 1 or 2, not ", scales);
+  TORCH_CHECK(scales >= kPair && scales <= kSuperZ,
+              "kvformer_native: kb scales kind must be 0 to 4, not ", scales);
+  TORCH_CHECK((scales == kScale || scales == kSuperZ) == (zero > 0) && zero >= 0 && zero <= 128,
+              "kvformer_native: kb zero (", zero, ") is set exactly for scales kinds 3 and 4");
   w = w_.contiguous();
   s = s_.contiguous();
   TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kByte && w.size(2) == kb_record(int(bits)),
@@ -124,7 +126,7 @@ void Lin::set_kb(Tensor w_, Tensor s_, int64_t bits, int64_t scales, Tensor lut,
               kb_record(int(bits)), "]");
   n = w.size(0) * kvf::kTile;
   k = w.size(1) * kvf::kBlock;
-  TORCH_CHECK(scales == kPair || k % 256 == 0,
+  TORCH_CHECK(scales == kPair || scales == kScale || k % 256 == 0,
               "kvformer_native: kb weights with super-block scales need K % 256 == 0");
   TORCH_CHECK(s.scalar_type() == at::kByte &&
                   s.numel() == w.size(0) * w.size(1) * kb_scale_bytes(int(scales)),
@@ -141,6 +143,7 @@ void Lin::set_kb(Tensor w_, Tensor s_, int64_t bits, int64_t scales, Tensor lut,
   kb.scales = int(scales);
   kb.lut = lut_t.defined() ? lut_t.data_ptr<uint8_t>() : nullptr;
   kb.k = k;
+  kb.zero = int(zero);
   if (bias_.defined() && bias_.numel()) {
     bias_t = bias_.to(act);
     bias = floats(bias_);
@@ -152,8 +155,9 @@ void Lin::read(Named& p, const std::string& name, at::ScalarType act) {
   if (kd == kKb) {
     Tensor b = p.has(name + ".bias") ? p.tensor(name + ".bias") : Tensor();
     Tensor lut = p.has(name + ".lut") ? p.tensor(name + ".lut") : Tensor();
+    const int64_t zero = p.has(name + ".zero") ? p.integer(name + ".zero") : 0;
     set_kb(p.tensor(name + ".weight"), p.tensor(name + ".scales"), p.integer(name + ".bits"),
-           p.integer(name + ".layout"), lut, b, act);
+           p.integer(name + ".layout"), zero, lut, b, act);
     return;
   }
   Tensor sc = kd == kDense ? Tensor() : p.tensor(name + ".scales");

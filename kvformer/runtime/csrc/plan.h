@@ -39,8 +39,8 @@ struct Lin {
            bool rowsums = true);
   // kb weights: w uint8 [N/16, K/32, kb_record(bits)], s uint8 (the scales of `scales`),
   // lut uint8 [16] or undefined
-  void set_kb(Tensor w_, Tensor s_, int64_t bits, int64_t scales, Tensor lut, Tensor bias_,
-              at::ScalarType act);
+  void set_kb(Tensor w_, Tensor s_, int64_t bits, int64_t scales, int64_t zero, Tensor lut,
+              Tensor bias_, at::ScalarType act);
   void read(Named& p, const std::string& name, at::ScalarType act);  // plan.cpp
 
   // y [M, n] = x [M, k] W^T (+ bias), fp32  (step.cpp)

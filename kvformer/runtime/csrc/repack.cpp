@@ -1,12 +1,11 @@
 // GGUF blocks -> kb weights (kernels.h's layout), in one pass over the file's bytes: what
 // kvformer/formats/gguf/blocks.py does with numpy (and the tests compare the two), done here
 // so that loading a model costs about a copy of its bytes. Only bits move: each type's
-// integers become u, its fp16 scales are copied, the offsets that ggml implies (-8 d,
-// -16 d, -128 d) are made exactly (a power of two times an fp16; an overflow is refused).
+// integers become u and its fp16 scales are copied; the offsets ggml implies (-8 d, -16 d,
+// -128 d) stay implied (the kScale / kSuperZ kinds' zero).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -31,18 +30,18 @@ struct Form {
   int per, size, bits, scales;
 };
 
-Form form_of(int64_t type) {
+Form form_of(int64_t type) {  // blocks.py's _FORM
   switch (type) {
-    case Q4_0: return {32, 18, 4, kPair};
+    case Q4_0: return {32, 18, 4, kScale};
     case Q4_1: return {32, 20, 4, kPair};
-    case Q5_0: return {32, 22, 5, kPair};
+    case Q5_0: return {32, 22, 5, kScale};
     case Q5_1: return {32, 24, 5, kPair};
-    case Q8_0: return {32, 34, 8, kPair};
-    case IQ4_NL: return {32, 18, 4, kPair};
+    case Q8_0: return {32, 34, 8, kScale};
+    case IQ4_NL: return {32, 18, 4, kScale};
     case Q4_K: return {256, 144, 4, kSuper};
     case Q5_K: return {256, 176, 5, kSuper};
     case Q6_K: return {256, 210, 6, kSuper16};
-    case IQ4_XS: return {256, 136, 4, kSuper};
+    case IQ4_XS: return {256, 136, 4, kSuperZ};
     default: TORCH_CHECK(false, "kvformer_native.kb_repack: ggml type ", type, " has no kb form");
   }
 }
@@ -51,14 +50,6 @@ inline uint16_t rd16(const uint8_t* p) {
   uint16_t v;
   std::memcpy(&v, p, 2);
   return v;
-}
-
-// fp16 bits of (fp16 h) * f, f a power of two: exact, or false if it overflows fp16
-inline bool times(uint16_t h, float f, uint16_t* out) {
-  const float v = f16_to_f32(h) * f;
-  const c10::Half r(v);
-  *out = r.x;
-  return std::isfinite(float(r)) || !std::isfinite(v);
 }
 
 // Q4_K/Q5_K's 12 bytes -> 8 six-bit scales and mins
@@ -72,15 +63,15 @@ inline void k_scales(const uint8_t* s, int8_t* sc, int8_t* mn) {
 }
 
 // One row's stored blocks -> its u [k] and scale fields:
-//   pair: D, M per 32 (fp16 bits); super: d, dmin per 256, sc, mn per 32;
-//   super16: d per 256, sc per 16. Returns false if an implied offset overflows fp16.
+//   pair: D, M per 32 (fp16 bits); scale: D per 32; super: d, dmin per 256, sc, mn per 32;
+//   superZ: d per 256, sc per 32; super16: d per 256, sc per 16.
 struct RowOut {
   uint8_t* u;
   uint16_t *D, *M, *d, *dmin;
   int8_t *sc, *mn;
 };
 
-bool decode_row(int64_t type, const uint8_t* row, int64_t k, const RowOut& o) {
+void decode_row(int64_t type, const uint8_t* row, int64_t k, const RowOut& o) {
   const Form f = form_of(type);
   const int64_t nb = k / f.per;
   for (int64_t i = 0; i < nb; ++i) {
@@ -94,11 +85,7 @@ bool decode_row(int64_t type, const uint8_t* row, int64_t k, const RowOut& o) {
           u[16 + j] = qs[j] >> 4;
         }
         o.D[i] = rd16(b);
-        if (type == Q4_1) {
-          o.M[i] = rd16(b + 2);
-        } else if (!times(o.D[i], type == Q4_0 ? -8.f : -128.f, &o.M[i])) {
-          return false;
-        }
+        if (type == Q4_1) o.M[i] = rd16(b + 2);
         break;
       }
       case Q5_0: case Q5_1: {
@@ -111,17 +98,12 @@ bool decode_row(int64_t type, const uint8_t* row, int64_t k, const RowOut& o) {
           u[16 + j] = uint8_t((qs[j] >> 4) | (((qh >> (16 + j)) & 1) << 4));
         }
         o.D[i] = rd16(b);
-        if (type == Q5_1) {
-          o.M[i] = rd16(b + 2);
-        } else if (!times(o.D[i], -16.f, &o.M[i])) {
-          return false;
-        }
+        if (type == Q5_1) o.M[i] = rd16(b + 2);
         break;
       }
       case Q8_0:
         for (int j = 0; j < 32; ++j) u[j] = uint8_t(b[2 + j] ^ 0x80);
         o.D[i] = rd16(b);
-        if (!times(o.D[i], -128.f, &o.M[i])) return false;
         break;
       case Q4_K: case Q5_K: {
         o.d[i] = rd16(b);
@@ -160,11 +142,10 @@ bool decode_row(int64_t type, const uint8_t* row, int64_t k, const RowOut& o) {
       }
       case IQ4_XS: {
         o.d[i] = rd16(b);
-        if (!times(o.d[i], 128.f, &o.dmin[i])) return false;
         const uint16_t sh = rd16(b + 2);
         for (int j = 0; j < 8; ++j) {
           const int lo = (b[4 + j / 2] >> (4 * (j % 2))) & 15, hi = (sh >> (2 * j)) & 3;
-          o.sc[8 * i + j] = o.mn[8 * i + j] = int8_t((lo | (hi << 4)) - 32);
+          o.sc[8 * i + j] = int8_t((lo | (hi << 4)) - 32);
         }
         const uint8_t* qs = b + 8;
         for (int j = 0; j < 8; ++j)
@@ -177,7 +158,6 @@ bool decode_row(int64_t type, const uint8_t* row, int64_t k, const RowOut& o) {
       default: break;
     }
   }
-  return true;
 }
 
 bool finite16(uint16_t h) { return (h & 0x7c00u) != 0x7c00u; }
@@ -213,10 +193,7 @@ std::tuple<at::Tensor, at::Tensor> kb_repack(at::Tensor raw, int64_t type, int64
         RowOut o{u.data() + r * k, D.data() + r * KB, M.data() + r * KB,
                  d.data() + r * (ns + 1), dm.data() + r * (ns + 1),
                  sc.data() + r * (k / 16), mn.data() + r * KB};
-        if (!decode_row(type, src + (t * 16 + r) * row_bytes, k, o)) {
-          bad = t * 16 + r;
-          return;
-        }
+        decode_row(type, src + (t * 16 + r) * row_bytes, k, o);
       }
       for (int64_t b = 0; b < KB; ++b) {  // the records (kernels.h)
         uint8_t* out = qp + (t * KB + b) * rec;
@@ -245,16 +222,17 @@ std::tuple<at::Tensor, at::Tensor> kb_repack(at::Tensor raw, int64_t type, int64
           }
       }
       uint8_t* so = sp + t * KB * kb_scale_bytes(f.scales);
-      if (f.scales == kPair) {
+      if (f.scales == kPair || f.scales == kScale) {
+        const int64_t per = f.scales == kPair ? 64 : 32;
         for (int64_t b = 0; b < KB; ++b) {
-          uint16_t* o16 = reinterpret_cast<uint16_t*>(so + 64 * b);
+          uint16_t* o16 = reinterpret_cast<uint16_t*>(so + per * b);
           for (int r = 0; r < 16; ++r) {
             o16[r] = D[r * KB + b];
-            o16[16 + r] = M[r * KB + b];
+            if (f.scales == kPair) o16[16 + r] = M[r * KB + b];
           }
         }
       } else {
-        const int64_t recs = f.scales == kSuper ? 320 : 288;
+        const int64_t recs = kb_super_bytes(f.scales), head = f.scales == kSuper ? 64 : 32;
         for (int64_t g = 0; g < ns; ++g) {
           uint8_t* o = so + g * recs;
           uint16_t* o16 = reinterpret_cast<uint16_t*>(o);
@@ -262,12 +240,14 @@ std::tuple<at::Tensor, at::Tensor> kb_repack(at::Tensor raw, int64_t type, int64
             o16[r] = d[r * (ns + 1) + g];
             if (f.scales == kSuper) o16[16 + r] = dm[r * (ns + 1) + g];
           }
-          int8_t* body = reinterpret_cast<int8_t*>(o + (f.scales == kSuper ? 64 : 32));
+          int8_t* body = reinterpret_cast<int8_t*>(o + head);
           for (int j = 0; j < 8; ++j)
             for (int r = 0; r < 16; ++r) {
               if (f.scales == kSuper) {
                 body[32 * j + r] = sc[r * (k / 16) + 8 * g + j];
                 body[32 * j + 16 + r] = mn[r * KB + 8 * g + j];
+              } else if (f.scales == kSuperZ) {
+                body[16 * j + r] = sc[r * (k / 16) + 8 * g + j];
               } else {
                 body[32 * j + r] = sc[r * (k / 16) + 16 * g + 2 * j];
                 body[32 * j + 16 + r] = sc[r * (k / 16) + 16 * g + 2 * j + 1];
@@ -278,8 +258,8 @@ std::tuple<at::Tensor, at::Tensor> kb_repack(at::Tensor raw, int64_t type, int64
       // the fp16 scales must be numbers (a corrupt file's inf or NaN is refused)
       const int64_t nsb = KB * kb_scale_bytes(f.scales);
       for (int64_t i = 0; i + 1 < nsb; i += 2) {
-        if (f.scales != kPair) {
-          const int64_t recs = f.scales == kSuper ? 320 : 288, off = i % recs;
+        if (f.scales != kPair && f.scales != kScale) {
+          const int64_t off = i % kb_super_bytes(f.scales);
           if (off >= (f.scales == kSuper ? 64 : 32)) continue;  // int8 fields
         }
         if (!finite16(rd16(so + i))) {
@@ -289,8 +269,8 @@ std::tuple<at::Tensor, at::Tensor> kb_repack(at::Tensor raw, int64_t type, int64
       }
     }
   });
-  TORCH_CHECK(bad.load() < 0, "kvformer_native.kb_repack: scales that are not finite (or too "
-              "large for fp16) near row ", bad.load(), "; the file is corrupt");
+  TORCH_CHECK(bad.load() < 0, "kvformer_native.kb_repack: scales that are not finite near "
+              "row ", bad.load(), "; the file is corrupt");
   return {q, s};
 }
 

@@ -225,6 +225,14 @@ inline void kb_dm(const KbWeights& w, int64_t kb, int64_t t, int64_t b, __m512* 
     const uint8_t* p = w.s + (t * kb + b) * 64;
     D[0] = f16(p);
     M[0] = f16(p + 32);
+  } else if constexpr (SC == kScale) {  // M = -zero D: exact in fp32
+    D[0] = f16(w.s + (t * kb + b) * 32);
+    M[0] = _mm512_mul_ps(D[0], _mm512_set1_ps(-float(w.zero)));
+  } else if constexpr (SC == kSuperZ) {
+    const uint8_t* rec = w.s + (t * (kb / 8) + b / 8) * 160;
+    if (b % 8 == 0) sup[0] = f16(rec);
+    D[0] = _mm512_mul_ps(sup[0], i8(rec + 32 + 16 * (b % 8)));
+    M[0] = _mm512_mul_ps(D[0], _mm512_set1_ps(-float(w.zero)));
   } else if constexpr (SC == kSuper) {
     const uint8_t* rec = w.s + (t * (kb / 8) + b / 8) * 320;
     if (b % 8 == 0) {
@@ -466,12 +474,14 @@ void gemm_kb(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* y
   auto is = [&](int bits, int scales, bool with_lut) {
     return w.bits == bits && w.scales == scales && lut == with_lut;
   };
-  if (is(4, kPair, false)) return kb_range<4, false, kPair>(a, w, n0, n1, y, ldy);  // Q4_0, Q4_1
-  if (is(4, kPair, true)) return kb_range<4, true, kPair>(a, w, n0, n1, y, ldy);  // IQ4_NL
-  if (is(5, kPair, false)) return kb_range<5, false, kPair>(a, w, n0, n1, y, ldy);  // Q5_0, Q5_1
-  if (is(8, kPair, false)) return kb_range<8, false, kPair>(a, w, n0, n1, y, ldy);  // Q8_0
+  if (is(4, kScale, false)) return kb_range<4, false, kScale>(a, w, n0, n1, y, ldy);  // Q4_0
+  if (is(4, kPair, false)) return kb_range<4, false, kPair>(a, w, n0, n1, y, ldy);  // Q4_1
+  if (is(4, kScale, true)) return kb_range<4, true, kScale>(a, w, n0, n1, y, ldy);  // IQ4_NL
+  if (is(5, kScale, false)) return kb_range<5, false, kScale>(a, w, n0, n1, y, ldy);  // Q5_0
+  if (is(5, kPair, false)) return kb_range<5, false, kPair>(a, w, n0, n1, y, ldy);  // Q5_1
+  if (is(8, kScale, false)) return kb_range<8, false, kScale>(a, w, n0, n1, y, ldy);  // Q8_0
   if (is(4, kSuper, false)) return kb_range<4, false, kSuper>(a, w, n0, n1, y, ldy);  // Q4_K
-  if (is(4, kSuper, true)) return kb_range<4, true, kSuper>(a, w, n0, n1, y, ldy);  // IQ4_XS
+  if (is(4, kSuperZ, true)) return kb_range<4, true, kSuperZ>(a, w, n0, n1, y, ldy);  // IQ4_XS
   if (is(5, kSuper, false)) return kb_range<5, false, kSuper>(a, w, n0, n1, y, ldy);  // Q5_K
   if (is(6, kSuper16, false)) return kb_range<6, false, kSuper16>(a, w, n0, n1, y, ldy);  // Q6_K
   gemm_kb_generic(a, w, n0, n1, y, ldy);

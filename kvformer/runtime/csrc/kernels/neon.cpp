@@ -323,8 +323,26 @@ void kb_scales_v(const KbWeights& w, int64_t t, int64_t b, float32x4_t D[2][4],
     }
     return;
   }
+  if (w.scales == kScale) {  // M = -zero D: exact in fp32
+    const uint16_t* p = reinterpret_cast<const uint16_t*>(w.s) + (t * kb + b) * 16;
+    for (int v = 0; v < 4; ++v) {
+      D[0][v] = D[1][v] = f16x4(p + 4 * v);
+      M[0][v] = M[1][v] = vmulq_n_f32(D[0][v], -float(w.zero));
+    }
+    return;
+  }
   const int64_t nsup = w.k / 256, sup = b / 8, j = b % 8;
   float32x4_t sc[4], mn[4];
+  if (w.scales == kSuperZ) {
+    const uint8_t* rec = w.s + (t * nsup + sup) * 160;
+    const uint16_t* d = reinterpret_cast<const uint16_t*>(rec);
+    load_i8x16(reinterpret_cast<const int8_t*>(rec + 32 + 16 * j), sc);
+    for (int v = 0; v < 4; ++v) {
+      D[0][v] = D[1][v] = vmulq_f32(f16x4(d + 4 * v), sc[v]);
+      M[0][v] = M[1][v] = vmulq_n_f32(D[0][v], -float(w.zero));
+    }
+    return;
+  }
   if (w.scales == kSuper) {
     const uint8_t* rec = w.s + (t * nsup + sup) * 320;
     const uint16_t* d = reinterpret_cast<const uint16_t*>(rec);
