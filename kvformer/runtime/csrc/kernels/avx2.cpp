@@ -203,267 +203,6 @@ void gemm_q4(const Acts& a, const uint8_t* q, const uint16_t* dm, int64_t n0, in
   q4_range<2>(a, q, dm, n0, n1, y, ldy);
 }
 
-// ---------------------------------------------------------------- kb weights
-// kernels.h's kb records in gemm_q4's shape: a tile's rows 0-7 and 8-15 as two vectors of
-// eight 32-bit lanes, one row each, per sub-block s and half h (columns 8s + 4h .. +3, the
-// low or the high nibbles). u is rebuilt as bytes here (nibbles, plus the bit planes, or
-// through the lut) and multiplied as gemm_q4 multiplies its nibbles.
-//
-// Without VNNI, vpmaddubsw's int16 pairs (u8 x s8, |q1| <= 127, |q2| <= 64) must neither
-// saturate nor wrap when summed:
-//   4 bits: 2 * 15 * 127 = 3810 per pair, 8 pairs (a whole block) per int16 lane: 30480
-//   5 bits: 2 * 31 * 127 = 7874, 4 pairs (two sub-blocks: 31496), then into int32
-//   6 bits: 2 * 63 * 127 = 16002, 2 pairs (one sub-block: 32004), then into int32
-//   8 bits, lut (u up to 255): one pair could reach 2 * 255 * 127 = 64770, so u is split
-//     into lo = u & 15 and hi = u >> 4, each summed as 4-bit u (30480 per block at most),
-//     and hi's sums weigh 16 when they go into int32
-// vpdpbusd (VNNI) sums four products into int32 without saturating: u whole, no limit.
-// Either way the int32 sums are the scalar kernel's integers, so the builds agree bit for
-// bit with each other.
-enum KbForm : int { kU4, kU4Lut, kU5, kU6, kU8 };
-
-template <int F>
-struct KbForm_ {
-  static constexpr int bits = F == kU5 ? 5 : F == kU6 ? 6 : F == kU8 ? 8 : 4;
-#if defined(KVF_VNNI)
-  static constexpr int parts = 1, chunk = 4;
-#else
-  static constexpr int parts = F == kU4Lut || F == kU8 ? 2 : 1;  // u = lo + 16 hi
-  static constexpr int chunk = F == kU5 ? 2 : F == kU6 ? 1 : 4;  // sub-blocks per int16 sum
-#endif
-};
-
-// the lut as vpshufb tables on both 128-bit lanes: u itself, or (split) lo and hi
-struct KbLut {
-  __m256i t[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-  explicit KbLut(const uint8_t* lut) {
-    if (!lut) return;
-    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut)));
-    const __m256i low = _mm256_set1_epi8(0x0f);
-    t[0] = v;
-    t[1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-#if !defined(KVF_VNNI)
-    t[0] = _mm256_and_si256(v, low);
-#endif
-  }
-};
-
-// bit plane bits of rows 8g..8g+7, half h (32 bits at byte 8h + 4g of the sub-block's 16
-// plane bytes, bit 4r + j for row r, column j) as bytes `val` (set) or 0, lane i = bit i:
-// byte i / 8 goes to lane i (vpshufb on the bytes repeated in both 128-bit halves), and
-// its bit i % 8 is tested
-inline __m256i kb_plane(__m256i bytes, int g, int h, __m256i val) {
-  const char o = char(8 * h + 4 * g);
-  const __m256i idx = _mm256_setr_epi8(o, o, o, o, o, o, o, o, o + 1, o + 1, o + 1, o + 1, o + 1,
-                                       o + 1, o + 1, o + 1, o + 2, o + 2, o + 2, o + 2, o + 2,
-                                       o + 2, o + 2, o + 2, o + 3, o + 3, o + 3, o + 3, o + 3,
-                                       o + 3, o + 3, o + 3);
-  const __m256i sel = _mm256_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64,
-                                       -128, 1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32,
-                                       64, -128);
-  const __m256i bit = _mm256_and_si256(_mm256_shuffle_epi8(bytes, idx), sel);
-  return _mm256_and_si256(_mm256_cmpeq_epi8(bit, sel), val);
-}
-
-// u[g][h][part] of sub-block s of record p: rows 8g..8g+7 (one per lane), columns
-// 8s + 4h .. 8s + 4h + 3 (the lane's bytes); part 1 (split forms only): hi
-template <int F>
-inline void kb_decode(const uint8_t* p, int s, const KbLut& lut, __m256i u[2][2][2]) {
-  using Form = KbForm_<F>;
-  const __m256i low = _mm256_set1_epi8(0x0f);
-  if constexpr (F == kU8) {
-    for (int g = 0; g < 2; ++g)
-      for (int h = 0; h < 2; ++h) {
-        const __m256i v =
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128 * s + 64 * h + 32 * g));
-        if constexpr (Form::parts == 2) {
-          u[g][h][0] = _mm256_and_si256(v, low);
-          u[g][h][1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-        } else {
-          u[g][h][0] = v;
-        }
-      }
-  } else {
-    for (int g = 0; g < 2; ++g) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * s + 32 * g));
-      const __m256i nib[2] = {_mm256_and_si256(v, low),
-                              _mm256_and_si256(_mm256_srli_epi16(v, 4), low)};
-      for (int h = 0; h < 2; ++h) {
-        if constexpr (F == kU4Lut) {
-          for (int q = 0; q < Form::parts; ++q) u[g][h][q] = _mm256_shuffle_epi8(lut.t[q], nib[h]);
-        } else {
-          u[g][h][0] = nib[h];
-        }
-      }
-    }
-    for (int q = 0; q < Form::bits - 4; ++q) {
-      const __m256i bytes = _mm256_broadcastsi128_si256(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 256 + 64 * q + 16 * s)));
-      const __m256i val = _mm256_set1_epi8(char(16 << q));
-      for (int g = 0; g < 2; ++g)
-        for (int h = 0; h < 2; ++h)
-          u[g][h][0] = _mm256_or_si256(u[g][h][0], kb_plane(bytes, g, h, val));
-    }
-  }
-}
-
-// int32 lanes of a sum of products (lanes32), times w (the split's hi: 16)
-inline __m256i lanes32_times(__m256i acc, int w) {
-#if defined(KVF_VNNI)
-  return w == 1 ? acc : _mm256_slli_epi32(acc, 4);
-#else
-  return _mm256_madd_epi16(acc, _mm256_set1_epi16(short(w)));
-#endif
-}
-
-// One tile of 16 rows for MR rows of x (q4_tile's shape), kb weights of form F and scales
-// SC; L = 1: x's second level is zero and skipped. kSuper16's halves of 16 columns
-// (sub-blocks 0-1 and 2-3) have their own D and M: each is summed and scaled apart.
-template <int MR, int L, int F, int SC>
-void kb_tile(const Acts& a, const KbWeights& w, const KbLut& lut, int64_t i0, int64_t t,
-             float* y, int64_t ldy) {
-  using Form = KbForm_<F>;
-  constexpr int P = Form::parts, NH = SC == kSuper16 ? 2 : 1, per = 4 / NH;
-  constexpr int chunk = std::min(Form::chunk, per);
-  const int64_t kb = a.k / kBlock, rec = kb_record(Form::bits), nsup = a.k / 256;
-  const __m256 neg = _mm256_set1_ps(-0.f);
-  __m256 acc[MR][2];
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  __m256 dsup[2], msup[2];  // kSuper: d, dmin of the 256 columns; kSuper16: d
-  for (int64_t b = 0; b < kb; ++b) {
-    const uint8_t* p = w.q + (t * kb + b) * rec;
-    // D and M per half (one unless kSuper16), rows 0-7 and 8-15
-    __m256 D[NH][2], M[NH][2];
-    if constexpr (SC == kPair) {
-      const uint16_t* d = reinterpret_cast<const uint16_t*>(w.s) + (t * kb + b) * 32;
-      for (int g = 0; g < 2; ++g) {
-        D[0][g] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + 8 * g)));
-        M[0][g] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + 16 + 8 * g)));
-      }
-    } else {
-      const uint8_t* sr = w.s + (t * nsup + b / 8) * (SC == kSuper ? 320 : 288);
-      if (b % 8 == 0) {
-        const uint16_t* d = reinterpret_cast<const uint16_t*>(sr);
-        for (int g = 0; g < 2; ++g) {
-          dsup[g] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + 8 * g)));
-          if constexpr (SC == kSuper)
-            msup[g] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + 16 + 8 * g)));
-        }
-      }
-      // int8 scales as floats: d sc (fp32, exact as kb_scales' products are)
-      auto i8 = [](const uint8_t* q) {
-        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
-      };
-      const uint8_t* sc = sr + (SC == kSuper ? 64 : 32) + 32 * (b % 8);
-      for (int g = 0; g < 2; ++g) {
-        if constexpr (SC == kSuper) {
-          D[0][g] = _mm256_mul_ps(dsup[g], i8(sc + 8 * g));
-          M[0][g] = _mm256_xor_ps(_mm256_mul_ps(msup[g], i8(sc + 16 + 8 * g)), neg);
-        } else {
-          for (int h = 0; h < NH; ++h) {
-            D[h][g] = _mm256_mul_ps(dsup[g], i8(sc + 16 * h + 8 * g));
-            M[h][g] = _mm256_mul_ps(D[h][g], _mm256_set1_ps(-32.f));
-          }
-        }
-      }
-    }
-    for (int h = 0; h < NH; ++h) {
-      __m256i n1[MR][2], n2[MR][2];  // int32 sums over the half (or block)
-      for (int r = 0; r < MR; ++r)
-        n1[r][0] = n1[r][1] = n2[r][0] = n2[r][1] = _mm256_setzero_si256();
-      for (int s0 = h * per; s0 < (h + 1) * per; s0 += chunk) {
-        __m256i c1[MR][2][P], c2[MR][2][P];  // `dot` sums over `chunk` sub-blocks
-        for (int r = 0; r < MR; ++r)
-          for (int g = 0; g < 2; ++g)
-            for (int q = 0; q < P; ++q) c1[r][g][q] = c2[r][g][q] = _mm256_setzero_si256();
-        for (int s = s0; s < s0 + chunk; ++s) {
-          __m256i u[2][2][2];
-          kb_decode<F>(p, s, lut, u);
-          for (int r = 0; r < MR; ++r) {
-            const int64_t o = (i0 + r) * a.k + b * kBlock + 8 * s;
-            const __m256i xl1 = _mm256_set1_epi32(load4(a.q1 + o));
-            const __m256i xh1 = _mm256_set1_epi32(load4(a.q1 + o + 4));
-            for (int g = 0; g < 2; ++g)
-              for (int q = 0; q < P; ++q)
-                c1[r][g][q] = dot(dot(c1[r][g][q], u[g][0][q], xl1), u[g][1][q], xh1);
-            if constexpr (L == 2) {
-              const __m256i xl2 = _mm256_set1_epi32(load4(a.q2 + o));
-              const __m256i xh2 = _mm256_set1_epi32(load4(a.q2 + o + 4));
-              for (int g = 0; g < 2; ++g)
-                for (int q = 0; q < P; ++q)
-                  c2[r][g][q] = dot(dot(c2[r][g][q], u[g][0][q], xl2), u[g][1][q], xh2);
-            }
-          }
-        }
-        for (int r = 0; r < MR; ++r)
-          for (int g = 0; g < 2; ++g)
-            for (int q = 0; q < P; ++q) {
-              n1[r][g] = _mm256_add_epi32(n1[r][g], lanes32_times(c1[r][g][q], q ? 16 : 1));
-              if constexpr (L == 2)
-                n2[r][g] = _mm256_add_epi32(n2[r][g], lanes32_times(c2[r][g][q], q ? 16 : 1));
-            }
-      }
-      for (int r = 0; r < MR; ++r) {
-        const __m256 sx = _mm256_set1_ps(a.scale[(i0 + r) * kb + b]);
-        const __m256 xs = _mm256_set1_ps(NH == 2 ? a.hsum[(i0 + r) * (a.k / 16) + 2 * b + h]
-                                                 : a.sum[(i0 + r) * kb + b]);
-        for (int g = 0; g < 2; ++g) {
-          const __m256i n1s = _mm256_slli_epi32(n1[r][g], 7);
-          const __m256i n = L == 2 ? _mm256_add_epi32(n1s, n2[r][g]) : n1s;
-          acc[r][g] = _mm256_fmadd_ps(_mm256_mul_ps(D[h][g], sx), _mm256_cvtepi32_ps(n), acc[r][g]);
-          acc[r][g] = _mm256_fmadd_ps(M[h][g], xs, acc[r][g]);
-        }
-      }
-    }
-  }
-  for (int r = 0; r < MR; ++r) {
-    _mm256_storeu_ps(y + (i0 + r) * ldy + t * kTile, acc[r][0]);
-    _mm256_storeu_ps(y + (i0 + r) * ldy + t * kTile + 8, acc[r][1]);
-  }
-}
-
-template <int L, int F, int SC>
-void kb_range(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* y,
-              int64_t ldy) {
-  const KbLut lut(w.lut);
-  for (int64_t t = n0 / kTile; t < n1 / kTile; ++t)
-    for (int64_t i = 0; i < a.m; i += 2) {
-      if (a.m - i >= 2) {
-        kb_tile<2, L, F, SC>(a, w, lut, i, t, y, ldy);
-      } else {
-        kb_tile<1, L, F, SC>(a, w, lut, i, t, y, ldy);
-      }
-    }
-}
-
-template <int F, int SC>
-void kb_levels(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* y,
-               int64_t ldy) {
-  if (a.levels == 1) return kb_range<1, F, SC>(a, w, n0, n1, y, ldy);
-  kb_range<2, F, SC>(a, w, n0, n1, y, ldy);
-}
-
-template <int F>
-void kb_scales_of(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* y,
-                  int64_t ldy) {
-  switch (w.scales) {
-    case kPair: return kb_levels<F, kPair>(a, w, n0, n1, y, ldy);
-    case kSuper: return kb_levels<F, kSuper>(a, w, n0, n1, y, ldy);
-    default: return kb_levels<F, kSuper16>(a, w, n0, n1, y, ldy);
-  }
-}
-
-void gemm_kb(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* y,
-             int64_t ldy) {
-  switch (w.bits) {
-    case 4: return w.lut ? kb_scales_of<kU4Lut>(a, w, n0, n1, y, ldy)
-                         : kb_scales_of<kU4>(a, w, n0, n1, y, ldy);
-    case 5: return kb_scales_of<kU5>(a, w, n0, n1, y, ldy);
-    case 6: return kb_scales_of<kU6>(a, w, n0, n1, y, ldy);
-    default: return kb_scales_of<kU8>(a, w, n0, n1, y, ldy);
-  }
-}
-
 // int8 rows: |w| (unsigned) times x with w's sign, so vpmaddubsw cannot saturate
 // (2 * 127 * 127 < 32768); each vector of products goes straight into int32 lanes.
 void q8_one_row(const Acts& a, const int8_t* q, const float* scale, int64_t n0, int64_t n1,
@@ -658,6 +397,286 @@ void gemm_q8(const Acts& a, const int8_t* q, const float* scale, const int32_t*,
              int64_t n1, float* y, int64_t ldy) {
   if (a.m == 1) return q8_one_row(a, q, scale, n0, n1, y);
   q8_batch<2>(a, q, scale, n0, n1, y, ldy);
+}
+
+// ---------------------------------------------------------------- kb weights
+// kernels.h's kb records in gemm_q4's shape: a tile's rows 0-7 and 8-15 as two vectors of
+// eight 32-bit lanes, one row each, per sub-block s and half h (columns 8s + 4h .. +3, the
+// low or the high nibbles). u is rebuilt as bytes here (nibbles, plus the bit planes, or
+// through the lut) and multiplied as gemm_q4 multiplies its nibbles, or, where vpmaddubsw
+// could saturate, widened to int16 (`wide`, below).
+//
+// vpmaddubsw (no VNNI) sums pairs of u8 x s8 products into int16 lanes, |q1| <= 127,
+// |q2| <= 64; they must neither saturate nor wrap when summed in int16:
+//   4 bits: 2 * 15 * 127 = 3810 per pair, 8 pairs (a whole block) per lane: 30480
+//   5 bits: 2 * 31 * 127 = 7874, 4 pairs (two sub-blocks: 31496), then into int32
+//   6 bits: 2 * 63 * 127 = 16002, 2 pairs (one sub-block: 32004), then into int32
+//   8 bits, lut (u up to 255): one pair could reach 2 * 255 * 127 > 32767, so these are
+//     `wide`: u widened to int16 and multiplied by x as one int16 level, 128 q1 + q2
+//     (|.| <= 16320), with vpmaddwd: pairs of at most 2 * 255 * 16320 = 8.3e6 in int32, 16
+//     pairs per row and block (1.3e8), no overflow; both levels in one multiply.
+// vpdpbusd (VNNI) sums four products into int32 without saturating: u whole, every form.
+// The int32 sums are the scalar kernel's integers either way, so the builds agree.
+enum KbForm : int { kU4, kU4Lut, kU5, kU6, kU8 };
+
+template <int F>
+struct KbForm_ {
+  static constexpr int bits = F == kU5 ? 5 : F == kU6 ? 6 : F == kU8 ? 8 : 4;
+#if defined(KVF_VNNI)
+  static constexpr bool wide = false;
+  static constexpr int chunk = 4;
+#else
+  static constexpr bool wide = F == kU4Lut || F == kU8;
+  static constexpr int chunk = F == kU5 ? 2 : F == kU6 ? 1 : 4;  // sub-blocks per int16 sum
+#endif
+};
+
+// bit plane bits of rows 8g..8g+7, half h (32 bits at byte 8h + 4g of the sub-block's 16
+// plane bytes, bit 4r + j for row r, column j) as bytes `val` (set) or 0, lane i = bit i:
+// byte i / 8 goes to lane i (vpshufb on the bytes repeated in both 128-bit halves), and
+// its bit i % 8 is tested
+inline __m256i kb_plane(__m256i bytes, int g, int h, __m256i val) {
+  const char o = char(8 * h + 4 * g);
+  const __m256i idx = _mm256_setr_epi8(o, o, o, o, o, o, o, o, o + 1, o + 1, o + 1, o + 1, o + 1,
+                                       o + 1, o + 1, o + 1, o + 2, o + 2, o + 2, o + 2, o + 2,
+                                       o + 2, o + 2, o + 2, o + 3, o + 3, o + 3, o + 3, o + 3,
+                                       o + 3, o + 3, o + 3);
+  const __m256i sel = _mm256_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64,
+                                       -128, 1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32,
+                                       64, -128);
+  const __m256i bit = _mm256_and_si256(_mm256_shuffle_epi8(bytes, idx), sel);
+  return _mm256_and_si256(_mm256_cmpeq_epi8(bit, sel), val);
+}
+
+// u[g][h] of sub-block s of record p: rows 8g..8g+7 (one per lane), columns
+// 8s + 4h .. 8s + 4h + 3 (the lane's bytes); lut: the 16 entries in both 128-bit halves
+template <int F>
+inline void kb_decode(const uint8_t* p, int s, __m256i lut, __m256i u[2][2]) {
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  if constexpr (F == kU8) {
+    for (int g = 0; g < 2; ++g)
+      for (int h = 0; h < 2; ++h)
+        u[g][h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128 * s + 64 * h + 32 * g));
+  } else {
+    for (int g = 0; g < 2; ++g) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * s + 32 * g));
+      u[g][0] = _mm256_and_si256(v, low);
+      u[g][1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      if constexpr (F == kU4Lut)
+        for (int h = 0; h < 2; ++h) u[g][h] = _mm256_shuffle_epi8(lut, u[g][h]);
+    }
+    for (int q = 0; q < KbForm_<F>::bits - 4; ++q) {
+      const __m256i bytes = _mm256_broadcastsi128_si256(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 256 + 64 * q + 16 * s)));
+      const __m256i val = _mm256_set1_epi8(char(16 << q));
+      for (int g = 0; g < 2; ++g)
+        for (int h = 0; h < 2; ++h) u[g][h] = _mm256_or_si256(u[g][h], kb_plane(bytes, g, h, val));
+    }
+  }
+}
+
+// D and M of a tile's rows 0-7 and 8-15 ([g]) for block b, per half of 16 columns ([h],
+// kSuper16 only); sup: the super-block's d (and dmin), decoded when b enters it
+template <int SC>
+inline void kb_block_scales(const KbWeights& w, int64_t t, int64_t b, __m256 sup[2][2],
+                            __m256 D[2][2], __m256 M[2][2]) {
+  auto f16 = [](const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  };
+  auto i8 = [](const uint8_t* p) {  // 8 int8 scales as floats
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  };
+  const int64_t kb = w.k / kBlock;
+  if constexpr (SC == kPair) {
+    const uint16_t* d = reinterpret_cast<const uint16_t*>(w.s) + (t * kb + b) * 32;
+    for (int g = 0; g < 2; ++g) {
+      D[0][g] = f16(d + 8 * g);
+      M[0][g] = f16(d + 16 + 8 * g);
+    }
+  } else {
+    const uint8_t* rec = w.s + (t * (w.k / 256) + b / 8) * (SC == kSuper ? 320 : 288);
+    const uint16_t* d = reinterpret_cast<const uint16_t*>(rec);
+    if (b % 8 == 0)
+      for (int g = 0; g < 2; ++g) {
+        sup[0][g] = f16(d + 8 * g);
+        if constexpr (SC == kSuper) sup[1][g] = f16(d + 16 + 8 * g);
+      }
+    // d sc and dmin mn in fp32, exact (fp16 times int8), as kb_scales makes them
+    const uint8_t* sc = rec + (SC == kSuper ? 64 : 32) + 32 * (b % 8);
+    for (int g = 0; g < 2; ++g) {
+      if constexpr (SC == kSuper) {
+        D[0][g] = _mm256_mul_ps(sup[0][g], i8(sc + 8 * g));
+        M[0][g] = _mm256_xor_ps(_mm256_mul_ps(sup[1][g], i8(sc + 16 + 8 * g)),
+                                _mm256_set1_ps(-0.f));
+      } else {
+        for (int h = 0; h < 2; ++h) {
+          D[h][g] = _mm256_mul_ps(sup[0][g], i8(sc + 16 * h + 8 * g));
+          M[h][g] = _mm256_mul_ps(D[h][g], _mm256_set1_ps(-32.f));
+        }
+      }
+    }
+  }
+}
+
+// One tile of 16 rows for MR rows of x (q4_tile's shape), kb weights of form F and scales
+// SC; L = 1: x's second level is zero and skipped (`wide` forms take both levels as one).
+// x16: x as 128 q1 + q2 (int16), for the wide forms. kSuper16's halves of 16 columns
+// (sub-blocks 0-1 and 2-3) have their own D and M, so each is summed and scaled apart.
+template <int MR, int L, int F, int SC>
+void kb_tile(const Acts& a, const KbWeights& w, __m256i lut, const int16_t* x16, int64_t i0,
+             int64_t t, float* y, int64_t ldy) {
+  using Form = KbForm_<F>;
+  constexpr int NH = SC == kSuper16 ? 2 : 1, per = 4 / NH;
+  constexpr int chunk = std::min(Form::chunk, per);
+  const int64_t kb = a.k / kBlock, rec = kb_record(Form::bits);
+  __m256 acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  __m256 sup[2][2] = {};
+  for (int64_t b = 0; b < kb; ++b) {
+    const uint8_t* p = w.q + (t * kb + b) * rec;
+    __m256 D[2][2], M[2][2];
+    kb_block_scales<SC>(w, t, b, sup, D, M);
+#pragma GCC unroll 2
+    for (int h = 0; h < NH; ++h) {
+      __m256i n[MR][2];  // 128 n1 + n2 of the half (or block), int32, rows 8g..8g+7
+      if constexpr (Form::wide) {
+        // products of rows (0, 1, 4, 5) and (2, 3, 6, 7) of each g (vpunpck{l,h}bw's
+        // order), two lanes per row (columns 0-1, 2-3): vphaddd puts rows 0..7 in order
+        __m256i c[MR][2][2];
+        for (int r = 0; r < MR; ++r)
+          for (int g = 0; g < 2; ++g) c[r][g][0] = c[r][g][1] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+        for (int s = h * per; s < (h + 1) * per; ++s) {
+          __m256i u[2][2];
+          kb_decode<F>(p, s, lut, u);
+          __m256i uw[2][2][2];
+          for (int g = 0; g < 2; ++g)
+            for (int hh = 0; hh < 2; ++hh) {
+              uw[g][hh][0] = _mm256_unpacklo_epi8(u[g][hh], _mm256_setzero_si256());
+              uw[g][hh][1] = _mm256_unpackhi_epi8(u[g][hh], _mm256_setzero_si256());
+            }
+          for (int r = 0; r < MR; ++r) {
+            const int16_t* xs = x16 + (i0 + r) * a.k + b * kBlock + 8 * s;
+            int64_t xl, xh;
+            std::memcpy(&xl, xs, 8);
+            std::memcpy(&xh, xs + 4, 8);
+            const __m256i bl = _mm256_set1_epi64x(xl), bh = _mm256_set1_epi64x(xh);
+            for (int g = 0; g < 2; ++g)
+              for (int e = 0; e < 2; ++e)
+                c[r][g][e] = dot16(dot16(c[r][g][e], uw[g][0][e], bl), uw[g][1][e], bh);
+          }
+        }
+        for (int r = 0; r < MR; ++r)
+          for (int g = 0; g < 2; ++g) n[r][g] = _mm256_hadd_epi32(c[r][g][0], c[r][g][1]);
+      } else {
+        __m256i n1[MR][2], n2[MR][2];
+        for (int r = 0; r < MR; ++r)
+          n1[r][0] = n1[r][1] = n2[r][0] = n2[r][1] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+        for (int s0 = h * per; s0 < (h + 1) * per; s0 += chunk) {
+          __m256i c1[MR][2], c2[MR][2];  // `dot` sums over `chunk` sub-blocks
+          for (int r = 0; r < MR; ++r)
+            c1[r][0] = c1[r][1] = c2[r][0] = c2[r][1] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+          for (int s = s0; s < s0 + chunk; ++s) {
+            __m256i u[2][2];
+            kb_decode<F>(p, s, lut, u);
+            for (int r = 0; r < MR; ++r) {
+              const int64_t o = (i0 + r) * a.k + b * kBlock + 8 * s;
+              const __m256i xl1 = _mm256_set1_epi32(load4(a.q1 + o));
+              const __m256i xh1 = _mm256_set1_epi32(load4(a.q1 + o + 4));
+              for (int g = 0; g < 2; ++g) c1[r][g] = dot(dot(c1[r][g], u[g][0], xl1), u[g][1], xh1);
+              if constexpr (L == 2) {
+                const __m256i xl2 = _mm256_set1_epi32(load4(a.q2 + o));
+                const __m256i xh2 = _mm256_set1_epi32(load4(a.q2 + o + 4));
+                for (int g = 0; g < 2; ++g) c2[r][g] = dot(dot(c2[r][g], u[g][0], xl2), u[g][1], xh2);
+              }
+            }
+          }
+          for (int r = 0; r < MR; ++r)
+            for (int g = 0; g < 2; ++g) {
+              n1[r][g] = _mm256_add_epi32(n1[r][g], lanes32(c1[r][g]));
+              if constexpr (L == 2) n2[r][g] = _mm256_add_epi32(n2[r][g], lanes32(c2[r][g]));
+            }
+        }
+        for (int r = 0; r < MR; ++r)
+          for (int g = 0; g < 2; ++g) {
+            const __m256i n1s = _mm256_slli_epi32(n1[r][g], 7);
+            n[r][g] = L == 2 ? _mm256_add_epi32(n1s, n2[r][g]) : n1s;
+          }
+      }
+      for (int r = 0; r < MR; ++r) {
+        const __m256 sx = _mm256_set1_ps(a.scale[(i0 + r) * kb + b]);
+        const __m256 xs = _mm256_set1_ps(NH == 2 ? a.hsum[(i0 + r) * (a.k / 16) + 2 * b + h]
+                                                 : a.sum[(i0 + r) * kb + b]);
+        for (int g = 0; g < 2; ++g) {
+          acc[r][g] = _mm256_fmadd_ps(_mm256_mul_ps(D[h][g], sx), _mm256_cvtepi32_ps(n[r][g]), acc[r][g]);
+          acc[r][g] = _mm256_fmadd_ps(M[h][g], xs, acc[r][g]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_ps(y + (i0 + r) * ldy + t * kTile, acc[r][0]);
+    _mm256_storeu_ps(y + (i0 + r) * ldy + t * kTile + 8, acc[r][1]);
+  }
+}
+
+template <int L, int F, int SC>
+void kb_range(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* y,
+              int64_t ldy) {
+  const __m256i lut = w.lut ? _mm256_broadcastsi128_si256(
+                                  _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.lut)))
+                            : _mm256_setzero_si256();
+  const int16_t* x16 = nullptr;
+  if constexpr (KbForm_<F>::wide) {
+    thread_local std::vector<int16_t> xbuf;
+    xbuf.resize(a.m * a.k);
+    for (int64_t j = 0; j < a.m * a.k; j += 16) {  // k % 32 == 0
+      const __m256i v1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.q1 + j)));
+      const __m256i v2 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.q2 + j)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xbuf.data() + j),
+                          _mm256_add_epi16(_mm256_slli_epi16(v1, 7), v2));
+    }
+    x16 = xbuf.data();
+  }
+  for (int64_t t = n0 / kTile; t < n1 / kTile; ++t)
+    for (int64_t i = 0; i < a.m; i += 2) {
+      if (a.m - i >= 2) {
+        kb_tile<2, L, F, SC>(a, w, lut, x16, i, t, y, ldy);
+      } else {
+        kb_tile<1, L, F, SC>(a, w, lut, x16, i, t, y, ldy);
+      }
+    }
+}
+
+template <int F, int SC>
+void kb_levels(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* y,
+               int64_t ldy) {
+  // wide forms take both levels in one int16 number: no gain in skipping a zero q2
+  if (a.levels == 1 && !KbForm_<F>::wide) return kb_range<1, F, SC>(a, w, n0, n1, y, ldy);
+  kb_range<2, F, SC>(a, w, n0, n1, y, ldy);
+}
+
+template <int F>
+void kb_scales_of(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* y,
+                  int64_t ldy) {
+  switch (w.scales) {
+    case kPair: return kb_levels<F, kPair>(a, w, n0, n1, y, ldy);
+    case kSuper: return kb_levels<F, kSuper>(a, w, n0, n1, y, ldy);
+    default: return kb_levels<F, kSuper16>(a, w, n0, n1, y, ldy);
+  }
+}
+
+void gemm_kb(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* y,
+             int64_t ldy) {
+  switch (w.bits) {
+    case 4: return w.lut ? kb_scales_of<kU4Lut>(a, w, n0, n1, y, ldy)
+                         : kb_scales_of<kU4>(a, w, n0, n1, y, ldy);
+    case 5: return kb_scales_of<kU5>(a, w, n0, n1, y, ldy);
+    case 6: return kb_scales_of<kU6>(a, w, n0, n1, y, ldy);
+    default: return kb_scales_of<kU8>(a, w, n0, n1, y, ldy);
+  }
 }
 
 inline void store_bf16x8(uint16_t* dst, __m256 v) {
