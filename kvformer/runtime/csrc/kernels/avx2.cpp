@@ -518,108 +518,166 @@ inline void kb_block_scales(const KbWeights& w, int64_t t, int64_t b, __m256 sup
   }
 }
 
-// One tile of 16 rows for MR rows of x (q4_tile's shape), kb weights of form F and scales
-// SC; L = 1: x's second level is zero and skipped (`wide` forms take both levels as one).
-// x16: x as 128 q1 + q2 (int16), for the wide forms. kSuper16's halves of 16 columns
-// (sub-blocks 0-1 and 2-3) have their own D and M, so each is summed and scaled apart.
-template <int MR, int L, int F, int SC>
-void kb_tile(const Acts& a, const KbWeights& w, __m256i lut, const int16_t* x16, int64_t i0,
-             int64_t t, float* y, int64_t ldy) {
+// Block b of a tile for MR rows of x (q4_tile's shape): acc += the block's products, kb
+// weights of form F and scales SC (D, M from kb_block_scales); L = 1: x's second level is
+// zero and skipped (`wide` forms take both levels as one). u comes from record p, or,
+// BUF, from ub, the record already decoded ([s][g][h], kb_decode's order). x16: x as
+// 128 q1 + q2 (int16), for the wide forms. kSuper16's halves of 16 columns (sub-blocks
+// 0-1 and 2-3) have their own D and M, so each is summed and scaled apart.
+template <int MR, int L, int F, int SC, bool BUF>
+inline void kb_block(const Acts& a, const uint8_t* p, const __m256i* ub, __m256i lut,
+                     const int16_t* x16, int64_t i0, int64_t b, const __m256 D[2][2],
+                     const __m256 M[2][2], __m256 acc[MR][2]) {
   using Form = KbForm_<F>;
   constexpr int NH = SC == kSuper16 ? 2 : 1, per = 4 / NH;
   constexpr int chunk = std::min(Form::chunk, per);
-  const int64_t kb = a.k / kBlock, rec = kb_record(Form::bits);
+  const int64_t kb = a.k / kBlock;
+  auto get = [&](int s, __m256i u[2][2]) {
+    if constexpr (BUF) {
+      for (int g = 0; g < 2; ++g)
+        for (int h = 0; h < 2; ++h) u[g][h] = _mm256_load_si256(ub + (s * 2 + g) * 2 + h);
+    } else {
+      kb_decode<F>(p, s, lut, u);
+    }
+  };
+#pragma GCC unroll 2
+  for (int h = 0; h < NH; ++h) {
+    __m256i n[MR][2];  // 128 n1 + n2 of the half (or block), int32, rows 8g..8g+7
+    if constexpr (Form::wide) {
+      // products of rows (0, 1, 4, 5) and (2, 3, 6, 7) of each g (vpunpck{l,h}bw's
+      // order), two lanes per row (columns 0-1, 2-3): vphaddd puts rows 0..7 in order
+      __m256i c[MR][2][2];
+      for (int r = 0; r < MR; ++r)
+        for (int g = 0; g < 2; ++g) c[r][g][0] = c[r][g][1] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+      for (int s = h * per; s < (h + 1) * per; ++s) {
+        __m256i u[2][2];
+        get(s, u);
+        __m256i uw[2][2][2];
+        for (int g = 0; g < 2; ++g)
+          for (int hh = 0; hh < 2; ++hh) {
+            uw[g][hh][0] = _mm256_unpacklo_epi8(u[g][hh], _mm256_setzero_si256());
+            uw[g][hh][1] = _mm256_unpackhi_epi8(u[g][hh], _mm256_setzero_si256());
+          }
+        for (int r = 0; r < MR; ++r) {
+          const int16_t* xs = x16 + (i0 + r) * a.k + b * kBlock + 8 * s;
+          int64_t xl, xh;
+          std::memcpy(&xl, xs, 8);
+          std::memcpy(&xh, xs + 4, 8);
+          const __m256i bl = _mm256_set1_epi64x(xl), bh = _mm256_set1_epi64x(xh);
+          for (int g = 0; g < 2; ++g)
+            for (int e = 0; e < 2; ++e)
+              c[r][g][e] = dot16(dot16(c[r][g][e], uw[g][0][e], bl), uw[g][1][e], bh);
+        }
+      }
+      for (int r = 0; r < MR; ++r)
+        for (int g = 0; g < 2; ++g) n[r][g] = _mm256_hadd_epi32(c[r][g][0], c[r][g][1]);
+    } else {
+      __m256i n1[MR][2], n2[MR][2];
+      for (int r = 0; r < MR; ++r)
+        n1[r][0] = n1[r][1] = n2[r][0] = n2[r][1] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+      for (int s0 = h * per; s0 < (h + 1) * per; s0 += chunk) {
+        __m256i c1[MR][2], c2[MR][2];  // `dot` sums over `chunk` sub-blocks
+        for (int r = 0; r < MR; ++r)
+          c1[r][0] = c1[r][1] = c2[r][0] = c2[r][1] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+        for (int s = s0; s < s0 + chunk; ++s) {
+          __m256i u[2][2];
+          get(s, u);
+          for (int r = 0; r < MR; ++r) {
+            const int64_t o = (i0 + r) * a.k + b * kBlock + 8 * s;
+            const __m256i xl1 = _mm256_set1_epi32(load4(a.q1 + o));
+            const __m256i xh1 = _mm256_set1_epi32(load4(a.q1 + o + 4));
+            for (int g = 0; g < 2; ++g) c1[r][g] = dot(dot(c1[r][g], u[g][0], xl1), u[g][1], xh1);
+            if constexpr (L == 2) {
+              const __m256i xl2 = _mm256_set1_epi32(load4(a.q2 + o));
+              const __m256i xh2 = _mm256_set1_epi32(load4(a.q2 + o + 4));
+              for (int g = 0; g < 2; ++g) c2[r][g] = dot(dot(c2[r][g], u[g][0], xl2), u[g][1], xh2);
+            }
+          }
+        }
+        for (int r = 0; r < MR; ++r)
+          for (int g = 0; g < 2; ++g) {
+            n1[r][g] = _mm256_add_epi32(n1[r][g], lanes32(c1[r][g]));
+            if constexpr (L == 2) n2[r][g] = _mm256_add_epi32(n2[r][g], lanes32(c2[r][g]));
+          }
+      }
+      for (int r = 0; r < MR; ++r)
+        for (int g = 0; g < 2; ++g) {
+          const __m256i n1s = _mm256_slli_epi32(n1[r][g], 7);
+          n[r][g] = L == 2 ? _mm256_add_epi32(n1s, n2[r][g]) : n1s;
+        }
+    }
+    for (int r = 0; r < MR; ++r) {
+      const __m256 sx = _mm256_set1_ps(a.scale[(i0 + r) * kb + b]);
+      const __m256 xs = _mm256_set1_ps(NH == 2 ? a.hsum[(i0 + r) * (a.k / 16) + 2 * b + h]
+                                               : a.sum[(i0 + r) * kb + b]);
+      for (int g = 0; g < 2; ++g) {
+        acc[r][g] = _mm256_fmadd_ps(_mm256_mul_ps(D[h][g], sx), _mm256_cvtepi32_ps(n[r][g]), acc[r][g]);
+        acc[r][g] = _mm256_fmadd_ps(M[h][g], xs, acc[r][g]);
+      }
+    }
+  }
+}
+
+// One tile of 16 rows for MR rows of x
+template <int MR, int L, int F, int SC>
+void kb_tile(const Acts& a, const KbWeights& w, __m256i lut, const int16_t* x16, int64_t i0,
+             int64_t t, float* y, int64_t ldy) {
+  const int64_t kb = a.k / kBlock, rec = kb_record(KbForm_<F>::bits);
   __m256 acc[MR][2];
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   __m256 sup[2][2] = {};
   for (int64_t b = 0; b < kb; ++b) {
-    const uint8_t* p = w.q + (t * kb + b) * rec;
     __m256 D[2][2], M[2][2];
     kb_block_scales<SC>(w, t, b, sup, D, M);
-#pragma GCC unroll 2
-    for (int h = 0; h < NH; ++h) {
-      __m256i n[MR][2];  // 128 n1 + n2 of the half (or block), int32, rows 8g..8g+7
-      if constexpr (Form::wide) {
-        // products of rows (0, 1, 4, 5) and (2, 3, 6, 7) of each g (vpunpck{l,h}bw's
-        // order), two lanes per row (columns 0-1, 2-3): vphaddd puts rows 0..7 in order
-        __m256i c[MR][2][2];
-        for (int r = 0; r < MR; ++r)
-          for (int g = 0; g < 2; ++g) c[r][g][0] = c[r][g][1] = _mm256_setzero_si256();
-#pragma GCC unroll 4
-        for (int s = h * per; s < (h + 1) * per; ++s) {
-          __m256i u[2][2];
-          kb_decode<F>(p, s, lut, u);
-          __m256i uw[2][2][2];
-          for (int g = 0; g < 2; ++g)
-            for (int hh = 0; hh < 2; ++hh) {
-              uw[g][hh][0] = _mm256_unpacklo_epi8(u[g][hh], _mm256_setzero_si256());
-              uw[g][hh][1] = _mm256_unpackhi_epi8(u[g][hh], _mm256_setzero_si256());
-            }
-          for (int r = 0; r < MR; ++r) {
-            const int16_t* xs = x16 + (i0 + r) * a.k + b * kBlock + 8 * s;
-            int64_t xl, xh;
-            std::memcpy(&xl, xs, 8);
-            std::memcpy(&xh, xs + 4, 8);
-            const __m256i bl = _mm256_set1_epi64x(xl), bh = _mm256_set1_epi64x(xh);
-            for (int g = 0; g < 2; ++g)
-              for (int e = 0; e < 2; ++e)
-                c[r][g][e] = dot16(dot16(c[r][g][e], uw[g][0][e], bl), uw[g][1][e], bh);
-          }
-        }
-        for (int r = 0; r < MR; ++r)
-          for (int g = 0; g < 2; ++g) n[r][g] = _mm256_hadd_epi32(c[r][g][0], c[r][g][1]);
-      } else {
-        __m256i n1[MR][2], n2[MR][2];
-        for (int r = 0; r < MR; ++r)
-          n1[r][0] = n1[r][1] = n2[r][0] = n2[r][1] = _mm256_setzero_si256();
-#pragma GCC unroll 4
-        for (int s0 = h * per; s0 < (h + 1) * per; s0 += chunk) {
-          __m256i c1[MR][2], c2[MR][2];  // `dot` sums over `chunk` sub-blocks
-          for (int r = 0; r < MR; ++r)
-            c1[r][0] = c1[r][1] = c2[r][0] = c2[r][1] = _mm256_setzero_si256();
-#pragma GCC unroll 4
-          for (int s = s0; s < s0 + chunk; ++s) {
-            __m256i u[2][2];
-            kb_decode<F>(p, s, lut, u);
-            for (int r = 0; r < MR; ++r) {
-              const int64_t o = (i0 + r) * a.k + b * kBlock + 8 * s;
-              const __m256i xl1 = _mm256_set1_epi32(load4(a.q1 + o));
-              const __m256i xh1 = _mm256_set1_epi32(load4(a.q1 + o + 4));
-              for (int g = 0; g < 2; ++g) c1[r][g] = dot(dot(c1[r][g], u[g][0], xl1), u[g][1], xh1);
-              if constexpr (L == 2) {
-                const __m256i xl2 = _mm256_set1_epi32(load4(a.q2 + o));
-                const __m256i xh2 = _mm256_set1_epi32(load4(a.q2 + o + 4));
-                for (int g = 0; g < 2; ++g) c2[r][g] = dot(dot(c2[r][g], u[g][0], xl2), u[g][1], xh2);
-              }
-            }
-          }
-          for (int r = 0; r < MR; ++r)
-            for (int g = 0; g < 2; ++g) {
-              n1[r][g] = _mm256_add_epi32(n1[r][g], lanes32(c1[r][g]));
-              if constexpr (L == 2) n2[r][g] = _mm256_add_epi32(n2[r][g], lanes32(c2[r][g]));
-            }
-        }
-        for (int r = 0; r < MR; ++r)
-          for (int g = 0; g < 2; ++g) {
-            const __m256i n1s = _mm256_slli_epi32(n1[r][g], 7);
-            n[r][g] = L == 2 ? _mm256_add_epi32(n1s, n2[r][g]) : n1s;
-          }
-      }
-      for (int r = 0; r < MR; ++r) {
-        const __m256 sx = _mm256_set1_ps(a.scale[(i0 + r) * kb + b]);
-        const __m256 xs = _mm256_set1_ps(NH == 2 ? a.hsum[(i0 + r) * (a.k / 16) + 2 * b + h]
-                                                 : a.sum[(i0 + r) * kb + b]);
-        for (int g = 0; g < 2; ++g) {
-          acc[r][g] = _mm256_fmadd_ps(_mm256_mul_ps(D[h][g], sx), _mm256_cvtepi32_ps(n[r][g]), acc[r][g]);
-          acc[r][g] = _mm256_fmadd_ps(M[h][g], xs, acc[r][g]);
-        }
-      }
-    }
+    kb_block<MR, L, F, SC, false>(a, w.q + (t * kb + b) * rec, nullptr, lut, x16, i0, b, D, M,
+                                  acc);
   }
   for (int r = 0; r < MR; ++r) {
     _mm256_storeu_ps(y + (i0 + r) * ldy + t * kTile, acc[r][0]);
     _mm256_storeu_ps(y + (i0 + r) * ldy + t * kTile + 8, acc[r][1]);
   }
+}
+
+// One tile for all the rows of x (more than two), bit-plane forms: their u cost more to
+// decode than to multiply, so each record is decoded once into ub, and every pair of x
+// rows multiplies it from there (row sums in accs, [m][16])
+template <int L, int F, int SC>
+void kb_tile_rows(const Acts& a, const KbWeights& w, __m256i lut, int64_t t, float* y,
+                  int64_t ldy, float* accs) {
+  const int64_t kb = a.k / kBlock, rec = kb_record(KbForm_<F>::bits);
+  std::fill(accs, accs + a.m * kTile, 0.f);
+  __m256 sup[2][2] = {};
+  alignas(32) __m256i ub[16];
+  for (int64_t b = 0; b < kb; ++b) {
+    __m256 D[2][2], M[2][2];
+    kb_block_scales<SC>(w, t, b, sup, D, M);
+    for (int s = 0; s < 4; ++s) {
+      __m256i u[2][2];
+      kb_decode<F>(w.q + (t * kb + b) * rec, s, lut, u);
+      for (int g = 0; g < 2; ++g)
+        for (int h = 0; h < 2; ++h) _mm256_store_si256(ub + (s * 2 + g) * 2 + h, u[g][h]);
+    }
+    auto rows = [&](int64_t i, auto mr) {
+      constexpr int MR = decltype(mr)::value;
+      __m256 acc[MR][2];
+      for (int r = 0; r < MR; ++r)
+        for (int g = 0; g < 2; ++g) acc[r][g] = _mm256_loadu_ps(accs + (i + r) * kTile + 8 * g);
+      kb_block<MR, L, F, SC, true>(a, nullptr, ub, lut, nullptr, i, b, D, M, acc);
+      for (int r = 0; r < MR; ++r)
+        for (int g = 0; g < 2; ++g) _mm256_storeu_ps(accs + (i + r) * kTile + 8 * g, acc[r][g]);
+    };
+    for (int64_t i = 0; i < a.m; i += 2) {
+      if (a.m - i >= 2) {
+        rows(i, std::integral_constant<int, 2>());
+      } else {
+        rows(i, std::integral_constant<int, 1>());
+      }
+    }
+  }
+  for (int64_t i = 0; i < a.m; ++i) std::memcpy(y + i * ldy + t * kTile, accs + i * kTile, kTile * 4);
 }
 
 template <int L, int F, int SC>
@@ -628,6 +686,15 @@ void kb_range(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* 
   const __m256i lut = w.lut ? _mm256_broadcastsi128_si256(
                                   _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.lut)))
                             : _mm256_setzero_si256();
+  if constexpr (F == kU5 || F == kU6) {
+    if (a.m > 2) {
+      thread_local std::vector<float> accs;
+      accs.resize(a.m * kTile);
+      for (int64_t t = n0 / kTile; t < n1 / kTile; ++t)
+        kb_tile_rows<L, F, SC>(a, w, lut, t, y, ldy, accs.data());
+      return;
+    }
+  }
   const int16_t* x16 = nullptr;
   if constexpr (KbForm_<F>::wide) {
     thread_local std::vector<int16_t> xbuf;
