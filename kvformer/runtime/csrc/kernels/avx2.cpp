@@ -475,6 +475,19 @@ inline void kb_decode(const uint8_t* p, int s, __m256i lut, __m256i u[2][2]) {
   }
 }
 
+// kb_decode's u widened to int16 for the wide forms: uw[g][h][0] (vpunpcklbw) holds rows
+// 0, 1 and 4, 5 of the eight, uw[g][h][1] rows 2, 3 and 6, 7, four columns each
+template <int F>
+inline void kb_widen(const uint8_t* p, int s, __m256i lut, __m256i uw[2][2][2]) {
+  __m256i u[2][2];
+  kb_decode<F>(p, s, lut, u);
+  for (int g = 0; g < 2; ++g)
+    for (int h = 0; h < 2; ++h) {
+      uw[g][h][0] = _mm256_unpacklo_epi8(u[g][h], _mm256_setzero_si256());
+      uw[g][h][1] = _mm256_unpackhi_epi8(u[g][h], _mm256_setzero_si256());
+    }
+}
+
 // D and M of a tile's rows 0-7 and 8-15 ([g]) for block b, per half of 16 columns ([h],
 // kSuper16 only); sup: the super-block's d (and dmin), decoded when b enters it
 template <int SC>
@@ -544,21 +557,21 @@ inline void kb_block(const Acts& a, const uint8_t* p, const __m256i* ub, __m256i
   for (int h = 0; h < NH; ++h) {
     __m256i n[MR][2];  // 128 n1 + n2 of the half (or block), int32, rows 8g..8g+7
     if constexpr (Form::wide) {
-      // products of rows (0, 1, 4, 5) and (2, 3, 6, 7) of each g (vpunpck{l,h}bw's
-      // order), two lanes per row (columns 0-1, 2-3): vphaddd puts rows 0..7 in order
+      // products of rows (0, 1, 4, 5) and (2, 3, 6, 7) of each g (kb_widen's order), two
+      // lanes per row (columns 0-1, 2-3): vphaddd puts rows 0..7 in order
       __m256i c[MR][2][2];
       for (int r = 0; r < MR; ++r)
         for (int g = 0; g < 2; ++g) c[r][g][0] = c[r][g][1] = _mm256_setzero_si256();
 #pragma GCC unroll 4
       for (int s = h * per; s < (h + 1) * per; ++s) {
-        __m256i u[2][2];
-        get(s, u);
         __m256i uw[2][2][2];
-        for (int g = 0; g < 2; ++g)
-          for (int hh = 0; hh < 2; ++hh) {
-            uw[g][hh][0] = _mm256_unpacklo_epi8(u[g][hh], _mm256_setzero_si256());
-            uw[g][hh][1] = _mm256_unpackhi_epi8(u[g][hh], _mm256_setzero_si256());
-          }
+        if constexpr (BUF) {
+          for (int g = 0; g < 2; ++g)
+            for (int hh = 0; hh < 2; ++hh)
+              for (int e = 0; e < 2; ++e) uw[g][hh][e] = _mm256_load_si256(ub + ((s * 2 + g) * 2 + hh) * 2 + e);
+        } else {
+          kb_widen<F>(p, s, lut, uw);
+        }
         for (int r = 0; r < MR; ++r) {
           const int16_t* xs = x16 + (i0 + r) * a.k + b * kBlock + 8 * s;
           int64_t xl, xh;
@@ -641,31 +654,37 @@ void kb_tile(const Acts& a, const KbWeights& w, __m256i lut, const int16_t* x16,
   }
 }
 
-// One tile for all the rows of x (more than two), bit-plane forms: their u cost more to
-// decode than to multiply, so each record is decoded once into ub, and every pair of x
-// rows multiplies it from there (row sums in accs, [m][16])
+// One tile for all the rows of x (more than two): each record is decoded (and widened)
+// once into ub, and every pair of x rows multiplies it from there, in L1 (row sums in
+// accs, [m][16]); decoding the bit planes costs more than multiplying them
 template <int L, int F, int SC>
-void kb_tile_rows(const Acts& a, const KbWeights& w, __m256i lut, int64_t t, float* y,
-                  int64_t ldy, float* accs) {
+void kb_tile_rows(const Acts& a, const KbWeights& w, __m256i lut, const int16_t* x16,
+                  int64_t t, float* y, int64_t ldy, float* accs) {
   const int64_t kb = a.k / kBlock, rec = kb_record(KbForm_<F>::bits);
   std::fill(accs, accs + a.m * kTile, 0.f);
   __m256 sup[2][2] = {};
-  alignas(32) __m256i ub[16];
+  alignas(32) __m256i ub[32];
   for (int64_t b = 0; b < kb; ++b) {
     __m256 D[2][2], M[2][2];
     kb_block_scales<SC>(w, t, b, sup, D, M);
+    const uint8_t* p = w.q + (t * kb + b) * rec;
     for (int s = 0; s < 4; ++s) {
-      __m256i u[2][2];
-      kb_decode<F>(w.q + (t * kb + b) * rec, s, lut, u);
-      for (int g = 0; g < 2; ++g)
-        for (int h = 0; h < 2; ++h) _mm256_store_si256(ub + (s * 2 + g) * 2 + h, u[g][h]);
+      if constexpr (KbForm_<F>::wide) {
+        __m256i uw[2][2][2];
+        kb_widen<F>(p, s, lut, uw);
+        for (int j = 0; j < 8; ++j) _mm256_store_si256(ub + 8 * s + j, uw[j / 4][j / 2 % 2][j % 2]);
+      } else {
+        __m256i u[2][2];
+        kb_decode<F>(p, s, lut, u);
+        for (int j = 0; j < 4; ++j) _mm256_store_si256(ub + 4 * s + j, u[j / 2][j % 2]);
+      }
     }
     auto rows = [&](int64_t i, auto mr) {
       constexpr int MR = decltype(mr)::value;
       __m256 acc[MR][2];
       for (int r = 0; r < MR; ++r)
         for (int g = 0; g < 2; ++g) acc[r][g] = _mm256_loadu_ps(accs + (i + r) * kTile + 8 * g);
-      kb_block<MR, L, F, SC, true>(a, nullptr, ub, lut, nullptr, i, b, D, M, acc);
+      kb_block<MR, L, F, SC, true>(a, nullptr, ub, lut, x16, i, b, D, M, acc);
       for (int r = 0; r < MR; ++r)
         for (int g = 0; g < 2; ++g) _mm256_storeu_ps(accs + (i + r) * kTile + 8 * g, acc[r][g]);
     };
@@ -686,15 +705,6 @@ void kb_range(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* 
   const __m256i lut = w.lut ? _mm256_broadcastsi128_si256(
                                   _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.lut)))
                             : _mm256_setzero_si256();
-  if constexpr (F == kU5 || F == kU6) {
-    if (a.m > 2) {
-      thread_local std::vector<float> accs;
-      accs.resize(a.m * kTile);
-      for (int64_t t = n0 / kTile; t < n1 / kTile; ++t)
-        kb_tile_rows<L, F, SC>(a, w, lut, t, y, ldy, accs.data());
-      return;
-    }
-  }
   const int16_t* x16 = nullptr;
   if constexpr (KbForm_<F>::wide) {
     thread_local std::vector<int16_t> xbuf;
@@ -706,6 +716,13 @@ void kb_range(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* 
                           _mm256_add_epi16(_mm256_slli_epi16(v1, 7), v2));
     }
     x16 = xbuf.data();
+  }
+  if (a.m > 2) {
+    thread_local std::vector<float> accs;
+    accs.resize(a.m * kTile);
+    for (int64_t t = n0 / kTile; t < n1 / kTile; ++t)
+      kb_tile_rows<L, F, SC>(a, w, lut, x16, t, y, ldy, accs.data());
+    return;
   }
   for (int64_t t = n0 / kTile; t < n1 / kTile; ++t)
     for (int64_t i = 0; i < a.m; i += 2) {
