@@ -404,7 +404,9 @@ void gemm_q8(const Acts& a, const int8_t* q, const float* scale, const int32_t*,
 // eight 32-bit lanes, one row each, per sub-block s and half h (columns 8s + 4h .. +3, the
 // low or the high nibbles). u is rebuilt as bytes here (nibbles, plus the bit planes, or
 // through the lut) and multiplied as gemm_q4 multiplies its nibbles, or, where vpmaddubsw
-// could saturate, widened to int16 (`wide`, below).
+// could saturate, widened to int16 (`wide`, below). The bit planes cost the most: five
+// operations per 32 weights and plane (kb_plane), against two per level to multiply them,
+// so for more than two rows of x each record is decoded once (kb_tile_rows).
 //
 // vpmaddubsw (no VNNI) sums pairs of u8 x s8 products into int16 lanes, |q1| <= 127,
 // |q2| <= 64; they must neither saturate nor wrap when summed in int16:
@@ -456,7 +458,8 @@ inline void kb_decode(const uint8_t* p, int s, __m256i lut, __m256i u[2][2]) {
   if constexpr (F == kU8) {
     for (int g = 0; g < 2; ++g)
       for (int h = 0; h < 2; ++h)
-        u[g][h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128 * s + 64 * h + 32 * g));
+        u[g][h] = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(p + 128 * s + 64 * h + 32 * g));
   } else {
     for (int g = 0; g < 2; ++g) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * s + 32 * g));
@@ -489,7 +492,7 @@ inline void kb_widen(const uint8_t* p, int s, __m256i lut, __m256i uw[2][2][2]) 
 }
 
 // D and M of a tile's rows 0-7 and 8-15 ([g]) for block b, per half of 16 columns ([h],
-// kSuper16 only); sup: the super-block's d (and dmin), decoded when b enters it
+// kSuper16 only); sup: the super-block's d (and -dmin), decoded when b enters it
 template <int SC>
 inline void kb_block_scales(const KbWeights& w, int64_t t, int64_t b, __m256 sup[2][2],
                             __m256 D[2][2], __m256 M[2][2]) {
@@ -497,7 +500,8 @@ inline void kb_block_scales(const KbWeights& w, int64_t t, int64_t b, __m256 sup
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   };
   auto i8 = [](const uint8_t* p) {  // 8 int8 scales as floats
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
   };
   const int64_t kb = w.k / kBlock;
   if constexpr (SC == kPair) {
@@ -512,15 +516,15 @@ inline void kb_block_scales(const KbWeights& w, int64_t t, int64_t b, __m256 sup
     if (b % 8 == 0)
       for (int g = 0; g < 2; ++g) {
         sup[0][g] = f16(d + 8 * g);
-        if constexpr (SC == kSuper) sup[1][g] = f16(d + 16 + 8 * g);
+        if constexpr (SC == kSuper)
+          sup[1][g] = _mm256_xor_ps(f16(d + 16 + 8 * g), _mm256_set1_ps(-0.f));
       }
-    // d sc and dmin mn in fp32, exact (fp16 times int8), as kb_scales makes them
+    // d sc and -dmin mn in fp32, exact (fp16 times int8), as kb_scales makes them
     const uint8_t* sc = rec + (SC == kSuper ? 64 : 32) + 32 * (b % 8);
     for (int g = 0; g < 2; ++g) {
       if constexpr (SC == kSuper) {
         D[0][g] = _mm256_mul_ps(sup[0][g], i8(sc + 8 * g));
-        M[0][g] = _mm256_xor_ps(_mm256_mul_ps(sup[1][g], i8(sc + 16 + 8 * g)),
-                                _mm256_set1_ps(-0.f));
+        M[0][g] = _mm256_mul_ps(sup[1][g], i8(sc + 16 + 8 * g));
       } else {
         for (int h = 0; h < 2; ++h) {
           D[h][g] = _mm256_mul_ps(sup[0][g], i8(sc + 16 * h + 8 * g));
@@ -534,9 +538,10 @@ inline void kb_block_scales(const KbWeights& w, int64_t t, int64_t b, __m256 sup
 // Block b of a tile for MR rows of x (q4_tile's shape): acc += the block's products, kb
 // weights of form F and scales SC (D, M from kb_block_scales); L = 1: x's second level is
 // zero and skipped (`wide` forms take both levels as one). u comes from record p, or,
-// BUF, from ub, the record already decoded ([s][g][h], kb_decode's order). x16: x as
-// 128 q1 + q2 (int16), for the wide forms. kSuper16's halves of 16 columns (sub-blocks
-// 0-1 and 2-3) have their own D and M, so each is summed and scaled apart.
+// BUF, from ub, the record already decoded ([s][g][h] as kb_decode gives it; wide:
+// [s][g][h][2] as kb_widen does). x16: x as 128 q1 + q2 (int16), for the wide forms.
+// kSuper16's halves of 16 columns (sub-blocks 0-1 and 2-3) have their own D and M, so
+// each is summed and scaled apart.
 template <int MR, int L, int F, int SC, bool BUF>
 inline void kb_block(const Acts& a, const uint8_t* p, const __m256i* ub, __m256i lut,
                      const int16_t* x16, int64_t i0, int64_t b, const __m256 D[2][2],
@@ -568,7 +573,8 @@ inline void kb_block(const Acts& a, const uint8_t* p, const __m256i* ub, __m256i
         if constexpr (BUF) {
           for (int g = 0; g < 2; ++g)
             for (int hh = 0; hh < 2; ++hh)
-              for (int e = 0; e < 2; ++e) uw[g][hh][e] = _mm256_load_si256(ub + ((s * 2 + g) * 2 + hh) * 2 + e);
+              for (int e = 0; e < 2; ++e)
+                uw[g][hh][e] = _mm256_load_si256(ub + ((s * 2 + g) * 2 + hh) * 2 + e);
         } else {
           kb_widen<F>(p, s, lut, uw);
         }
@@ -627,7 +633,8 @@ inline void kb_block(const Acts& a, const uint8_t* p, const __m256i* ub, __m256i
       const __m256 xs = _mm256_set1_ps(NH == 2 ? a.hsum[(i0 + r) * (a.k / 16) + 2 * b + h]
                                                : a.sum[(i0 + r) * kb + b]);
       for (int g = 0; g < 2; ++g) {
-        acc[r][g] = _mm256_fmadd_ps(_mm256_mul_ps(D[h][g], sx), _mm256_cvtepi32_ps(n[r][g]), acc[r][g]);
+        acc[r][g] = _mm256_fmadd_ps(_mm256_mul_ps(D[h][g], sx), _mm256_cvtepi32_ps(n[r][g]),
+                                    acc[r][g]);
         acc[r][g] = _mm256_fmadd_ps(M[h][g], xs, acc[r][g]);
       }
     }
@@ -696,7 +703,8 @@ void kb_tile_rows(const Acts& a, const KbWeights& w, __m256i lut, const int16_t*
       }
     }
   }
-  for (int64_t i = 0; i < a.m; ++i) std::memcpy(y + i * ldy + t * kTile, accs + i * kTile, kTile * 4);
+  for (int64_t i = 0; i < a.m; ++i)
+    std::memcpy(y + i * ldy + t * kTile, accs + i * kTile, kTile * sizeof(float));
 }
 
 template <int L, int F, int SC>
@@ -710,8 +718,10 @@ void kb_range(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* 
     thread_local std::vector<int16_t> xbuf;
     xbuf.resize(a.m * a.k);
     for (int64_t j = 0; j < a.m * a.k; j += 16) {  // k % 32 == 0
-      const __m256i v1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.q1 + j)));
-      const __m256i v2 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.q2 + j)));
+      const __m256i v1 =
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.q1 + j)));
+      const __m256i v2 =
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.q2 + j)));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(xbuf.data() + j),
                           _mm256_add_epi16(_mm256_slli_epi16(v1, 7), v2));
     }
