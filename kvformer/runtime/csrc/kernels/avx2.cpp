@@ -399,6 +399,380 @@ void gemm_q8(const Acts& a, const int8_t* q, const float* scale, const int32_t*,
   q8_batch<2>(a, q, scale, n0, n1, y, ldy);
 }
 
+// ---------------------------------------------------------------- kb weights
+// kernels.h's kb records in gemm_q4's shape: a tile's rows 0-7 and 8-15 as two vectors of
+// eight 32-bit lanes, one row each, per sub-block s and half h (columns 8s + 4h .. +3, the
+// low or the high nibbles). u is rebuilt as bytes here (nibbles, plus the bit planes, or
+// through the lut) and multiplied as gemm_q4 multiplies its nibbles, or, where vpmaddubsw
+// could saturate, widened to int16 (`wide`, below). The bit planes cost the most: five
+// operations per 32 weights and plane (kb_plane), against two per level to multiply them,
+// so for more than two rows of x each record is decoded once (kb_tile_rows).
+//
+// vpmaddubsw (no VNNI) sums pairs of u8 x s8 products into int16 lanes, |q1| <= 127,
+// |q2| <= 64; they must neither saturate nor wrap when summed in int16:
+//   4 bits: 2 * 15 * 127 = 3810 per pair, 8 pairs (a whole block) per lane: 30480
+//   5 bits: 2 * 31 * 127 = 7874, 4 pairs (two sub-blocks: 31496), then into int32
+//   6 bits: 2 * 63 * 127 = 16002, 2 pairs (one sub-block: 32004), then into int32
+//   8 bits, lut (u up to 255): one pair could reach 2 * 255 * 127 > 32767, so these are
+//     `wide`: u widened to int16 and multiplied by x as one int16 level, 128 q1 + q2
+//     (|.| <= 16320), with vpmaddwd: pairs of at most 2 * 255 * 16320 = 8.3e6 in int32, 16
+//     pairs per row and block (1.3e8), no overflow; both levels in one multiply.
+// vpdpbusd (VNNI) sums four products into int32 without saturating: u whole, every form.
+// The int32 sums are the scalar kernel's integers either way, so the builds agree.
+enum KbForm : int { kU4, kU4Lut, kU5, kU6, kU8 };
+
+template <int F>
+struct KbForm_ {
+  static constexpr int bits = F == kU5 ? 5 : F == kU6 ? 6 : F == kU8 ? 8 : 4;
+#if defined(KVF_VNNI)
+  static constexpr bool wide = false;
+  static constexpr int chunk = 4;
+#else
+  static constexpr bool wide = F == kU4Lut || F == kU8;
+  static constexpr int chunk = F == kU5 ? 2 : F == kU6 ? 1 : 4;  // sub-blocks per int16 sum
+#endif
+};
+
+// bit plane bits of rows 8g..8g+7, half h (32 bits at byte 8h + 4g of the sub-block's 16
+// plane bytes, bit 4r + j for row r, column j) as bytes `val` (set) or 0, lane i = bit i:
+// byte i / 8 goes to lane i (vpshufb on the bytes repeated in both 128-bit halves), and
+// its bit i % 8 is tested
+inline __m256i kb_plane(__m256i bytes, int g, int h, __m256i val) {
+  const char o = char(8 * h + 4 * g);
+  const __m256i idx = _mm256_setr_epi8(o, o, o, o, o, o, o, o, o + 1, o + 1, o + 1, o + 1, o + 1,
+                                       o + 1, o + 1, o + 1, o + 2, o + 2, o + 2, o + 2, o + 2,
+                                       o + 2, o + 2, o + 2, o + 3, o + 3, o + 3, o + 3, o + 3,
+                                       o + 3, o + 3, o + 3);
+  const __m256i sel = _mm256_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64,
+                                       -128, 1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32,
+                                       64, -128);
+  const __m256i bit = _mm256_and_si256(_mm256_shuffle_epi8(bytes, idx), sel);
+  return _mm256_and_si256(_mm256_cmpeq_epi8(bit, sel), val);
+}
+
+// u[g][h] of sub-block s of record p: rows 8g..8g+7 (one per lane), columns
+// 8s + 4h .. 8s + 4h + 3 (the lane's bytes); lut: the 16 entries in both 128-bit halves
+template <int F>
+inline void kb_decode(const uint8_t* p, int s, __m256i lut, __m256i u[2][2]) {
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  if constexpr (F == kU8) {
+    for (int g = 0; g < 2; ++g)
+      for (int h = 0; h < 2; ++h)
+        u[g][h] = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(p + 128 * s + 64 * h + 32 * g));
+  } else {
+    for (int g = 0; g < 2; ++g) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * s + 32 * g));
+      u[g][0] = _mm256_and_si256(v, low);
+      u[g][1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      if constexpr (F == kU4Lut)
+        for (int h = 0; h < 2; ++h) u[g][h] = _mm256_shuffle_epi8(lut, u[g][h]);
+    }
+    for (int q = 0; q < KbForm_<F>::bits - 4; ++q) {
+      const __m256i bytes = _mm256_broadcastsi128_si256(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 256 + 64 * q + 16 * s)));
+      const __m256i val = _mm256_set1_epi8(char(16 << q));
+      for (int g = 0; g < 2; ++g)
+        for (int h = 0; h < 2; ++h) u[g][h] = _mm256_or_si256(u[g][h], kb_plane(bytes, g, h, val));
+    }
+  }
+}
+
+// kb_decode's u widened to int16 for the wide forms: uw[g][h][0] (vpunpcklbw) holds rows
+// 0, 1 and 4, 5 of the eight, uw[g][h][1] rows 2, 3 and 6, 7, four columns each
+template <int F>
+inline void kb_widen(const uint8_t* p, int s, __m256i lut, __m256i uw[2][2][2]) {
+  __m256i u[2][2];
+  kb_decode<F>(p, s, lut, u);
+  for (int g = 0; g < 2; ++g)
+    for (int h = 0; h < 2; ++h) {
+      uw[g][h][0] = _mm256_unpacklo_epi8(u[g][h], _mm256_setzero_si256());
+      uw[g][h][1] = _mm256_unpackhi_epi8(u[g][h], _mm256_setzero_si256());
+    }
+}
+
+// D and M of a tile's rows 0-7 and 8-15 ([g]) for block b, per half of 16 columns ([h],
+// kSuper16 only); sup: the super-block's d (and -dmin), decoded when b enters it
+template <int SC>
+inline void kb_block_scales(const KbWeights& w, int64_t t, int64_t b, __m256 sup[2][2],
+                            __m256 D[2][2], __m256 M[2][2]) {
+  auto f16 = [](const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  };
+  auto i8 = [](const uint8_t* p) {  // 8 int8 scales as floats
+    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+  };
+  const int64_t kb = w.k / kBlock;
+  if constexpr (SC == kPair) {
+    const uint16_t* d = reinterpret_cast<const uint16_t*>(w.s) + (t * kb + b) * 32;
+    for (int g = 0; g < 2; ++g) {
+      D[0][g] = f16(d + 8 * g);
+      M[0][g] = f16(d + 16 + 8 * g);
+    }
+  } else {
+    const uint8_t* rec = w.s + (t * (w.k / 256) + b / 8) * (SC == kSuper ? 320 : 288);
+    const uint16_t* d = reinterpret_cast<const uint16_t*>(rec);
+    if (b % 8 == 0)
+      for (int g = 0; g < 2; ++g) {
+        sup[0][g] = f16(d + 8 * g);
+        if constexpr (SC == kSuper)
+          sup[1][g] = _mm256_xor_ps(f16(d + 16 + 8 * g), _mm256_set1_ps(-0.f));
+      }
+    // d sc and -dmin mn in fp32, exact (fp16 times int8), as kb_scales makes them
+    const uint8_t* sc = rec + (SC == kSuper ? 64 : 32) + 32 * (b % 8);
+    for (int g = 0; g < 2; ++g) {
+      if constexpr (SC == kSuper) {
+        D[0][g] = _mm256_mul_ps(sup[0][g], i8(sc + 8 * g));
+        M[0][g] = _mm256_mul_ps(sup[1][g], i8(sc + 16 + 8 * g));
+      } else {
+        for (int h = 0; h < 2; ++h) {
+          D[h][g] = _mm256_mul_ps(sup[0][g], i8(sc + 16 * h + 8 * g));
+          M[h][g] = _mm256_mul_ps(D[h][g], _mm256_set1_ps(-32.f));
+        }
+      }
+    }
+  }
+}
+
+// Block b of a tile for MR rows of x (q4_tile's shape): acc += the block's products, kb
+// weights of form F and scales SC (D, M from kb_block_scales); L = 1: x's second level is
+// zero and skipped (`wide` forms take both levels as one). u comes from record p, or,
+// BUF, from ub, the record already decoded ([s][g][h] as kb_decode gives it; wide:
+// [s][g][h][2] as kb_widen does). x16: x as 128 q1 + q2 (int16), for the wide forms.
+// kSuper16's halves of 16 columns (sub-blocks 0-1 and 2-3) have their own D and M, so
+// each is summed and scaled apart.
+template <int MR, int L, int F, int SC, bool BUF>
+inline void kb_block(const Acts& a, const uint8_t* p, const __m256i* ub, __m256i lut,
+                     const int16_t* x16, int64_t i0, int64_t b, const __m256 D[2][2],
+                     const __m256 M[2][2], __m256 acc[MR][2]) {
+  using Form = KbForm_<F>;
+  constexpr int NH = SC == kSuper16 ? 2 : 1, per = 4 / NH;
+  constexpr int chunk = std::min(Form::chunk, per);
+  const int64_t kb = a.k / kBlock;
+  auto get = [&](int s, __m256i u[2][2]) {
+    if constexpr (BUF) {
+      for (int g = 0; g < 2; ++g)
+        for (int h = 0; h < 2; ++h) u[g][h] = _mm256_load_si256(ub + (s * 2 + g) * 2 + h);
+    } else {
+      kb_decode<F>(p, s, lut, u);
+    }
+  };
+#pragma GCC unroll 2
+  for (int h = 0; h < NH; ++h) {
+    __m256i n[MR][2];  // 128 n1 + n2 of the half (or block), int32, rows 8g..8g+7
+    if constexpr (Form::wide) {
+      // products of rows (0, 1, 4, 5) and (2, 3, 6, 7) of each g (kb_widen's order), two
+      // lanes per row (columns 0-1, 2-3): vphaddd puts rows 0..7 in order
+      __m256i c[MR][2][2];
+      for (int r = 0; r < MR; ++r)
+        for (int g = 0; g < 2; ++g) c[r][g][0] = c[r][g][1] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+      for (int s = h * per; s < (h + 1) * per; ++s) {
+        __m256i uw[2][2][2];
+        if constexpr (BUF) {
+          for (int g = 0; g < 2; ++g)
+            for (int hh = 0; hh < 2; ++hh)
+              for (int e = 0; e < 2; ++e)
+                uw[g][hh][e] = _mm256_load_si256(ub + ((s * 2 + g) * 2 + hh) * 2 + e);
+        } else {
+          kb_widen<F>(p, s, lut, uw);
+        }
+        for (int r = 0; r < MR; ++r) {
+          const int16_t* xs = x16 + (i0 + r) * a.k + b * kBlock + 8 * s;
+          int64_t xl, xh;
+          std::memcpy(&xl, xs, 8);
+          std::memcpy(&xh, xs + 4, 8);
+          const __m256i bl = _mm256_set1_epi64x(xl), bh = _mm256_set1_epi64x(xh);
+          for (int g = 0; g < 2; ++g)
+            for (int e = 0; e < 2; ++e)
+              c[r][g][e] = dot16(dot16(c[r][g][e], uw[g][0][e], bl), uw[g][1][e], bh);
+        }
+      }
+      for (int r = 0; r < MR; ++r)
+        for (int g = 0; g < 2; ++g) n[r][g] = _mm256_hadd_epi32(c[r][g][0], c[r][g][1]);
+    } else {
+      __m256i n1[MR][2], n2[MR][2];
+      for (int r = 0; r < MR; ++r)
+        n1[r][0] = n1[r][1] = n2[r][0] = n2[r][1] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+      for (int s0 = h * per; s0 < (h + 1) * per; s0 += chunk) {
+        __m256i c1[MR][2], c2[MR][2];  // `dot` sums over `chunk` sub-blocks
+        for (int r = 0; r < MR; ++r)
+          c1[r][0] = c1[r][1] = c2[r][0] = c2[r][1] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+        for (int s = s0; s < s0 + chunk; ++s) {
+          __m256i u[2][2];
+          get(s, u);
+          for (int r = 0; r < MR; ++r) {
+            const int64_t o = (i0 + r) * a.k + b * kBlock + 8 * s;
+            const __m256i xl1 = _mm256_set1_epi32(load4(a.q1 + o));
+            const __m256i xh1 = _mm256_set1_epi32(load4(a.q1 + o + 4));
+            for (int g = 0; g < 2; ++g) c1[r][g] = dot(dot(c1[r][g], u[g][0], xl1), u[g][1], xh1);
+            if constexpr (L == 2) {
+              const __m256i xl2 = _mm256_set1_epi32(load4(a.q2 + o));
+              const __m256i xh2 = _mm256_set1_epi32(load4(a.q2 + o + 4));
+              for (int g = 0; g < 2; ++g) c2[r][g] = dot(dot(c2[r][g], u[g][0], xl2), u[g][1], xh2);
+            }
+          }
+        }
+        for (int r = 0; r < MR; ++r)
+          for (int g = 0; g < 2; ++g) {
+            n1[r][g] = _mm256_add_epi32(n1[r][g], lanes32(c1[r][g]));
+            if constexpr (L == 2) n2[r][g] = _mm256_add_epi32(n2[r][g], lanes32(c2[r][g]));
+          }
+      }
+      for (int r = 0; r < MR; ++r)
+        for (int g = 0; g < 2; ++g) {
+          const __m256i n1s = _mm256_slli_epi32(n1[r][g], 7);
+          n[r][g] = L == 2 ? _mm256_add_epi32(n1s, n2[r][g]) : n1s;
+        }
+    }
+    for (int r = 0; r < MR; ++r) {
+      const __m256 sx = _mm256_set1_ps(a.scale[(i0 + r) * kb + b]);
+      const __m256 xs = _mm256_set1_ps(NH == 2 ? a.hsum[(i0 + r) * (a.k / 16) + 2 * b + h]
+                                               : a.sum[(i0 + r) * kb + b]);
+      for (int g = 0; g < 2; ++g) {
+        acc[r][g] = _mm256_fmadd_ps(_mm256_mul_ps(D[h][g], sx), _mm256_cvtepi32_ps(n[r][g]),
+                                    acc[r][g]);
+        acc[r][g] = _mm256_fmadd_ps(M[h][g], xs, acc[r][g]);
+      }
+    }
+  }
+}
+
+// One tile of 16 rows for MR rows of x
+template <int MR, int L, int F, int SC>
+void kb_tile(const Acts& a, const KbWeights& w, __m256i lut, const int16_t* x16, int64_t i0,
+             int64_t t, float* y, int64_t ldy) {
+  const int64_t kb = a.k / kBlock, rec = kb_record(KbForm_<F>::bits);
+  __m256 acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  __m256 sup[2][2] = {};
+  for (int64_t b = 0; b < kb; ++b) {
+    __m256 D[2][2], M[2][2];
+    kb_block_scales<SC>(w, t, b, sup, D, M);
+    kb_block<MR, L, F, SC, false>(a, w.q + (t * kb + b) * rec, nullptr, lut, x16, i0, b, D, M,
+                                  acc);
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_ps(y + (i0 + r) * ldy + t * kTile, acc[r][0]);
+    _mm256_storeu_ps(y + (i0 + r) * ldy + t * kTile + 8, acc[r][1]);
+  }
+}
+
+// One tile for all the rows of x (more than two): each record is decoded (and widened)
+// once into ub, and every pair of x rows multiplies it from there, in L1 (row sums in
+// accs, [m][16]); decoding the bit planes costs more than multiplying them
+template <int L, int F, int SC>
+void kb_tile_rows(const Acts& a, const KbWeights& w, __m256i lut, const int16_t* x16,
+                  int64_t t, float* y, int64_t ldy, float* accs) {
+  const int64_t kb = a.k / kBlock, rec = kb_record(KbForm_<F>::bits);
+  std::fill(accs, accs + a.m * kTile, 0.f);
+  __m256 sup[2][2] = {};
+  alignas(32) __m256i ub[32];
+  for (int64_t b = 0; b < kb; ++b) {
+    __m256 D[2][2], M[2][2];
+    kb_block_scales<SC>(w, t, b, sup, D, M);
+    const uint8_t* p = w.q + (t * kb + b) * rec;
+    for (int s = 0; s < 4; ++s) {
+      if constexpr (KbForm_<F>::wide) {
+        __m256i uw[2][2][2];
+        kb_widen<F>(p, s, lut, uw);
+        for (int j = 0; j < 8; ++j) _mm256_store_si256(ub + 8 * s + j, uw[j / 4][j / 2 % 2][j % 2]);
+      } else {
+        __m256i u[2][2];
+        kb_decode<F>(p, s, lut, u);
+        for (int j = 0; j < 4; ++j) _mm256_store_si256(ub + 4 * s + j, u[j / 2][j % 2]);
+      }
+    }
+    auto rows = [&](int64_t i, auto mr) {
+      constexpr int MR = decltype(mr)::value;
+      __m256 acc[MR][2];
+      for (int r = 0; r < MR; ++r)
+        for (int g = 0; g < 2; ++g) acc[r][g] = _mm256_loadu_ps(accs + (i + r) * kTile + 8 * g);
+      kb_block<MR, L, F, SC, true>(a, nullptr, ub, lut, x16, i, b, D, M, acc);
+      for (int r = 0; r < MR; ++r)
+        for (int g = 0; g < 2; ++g) _mm256_storeu_ps(accs + (i + r) * kTile + 8 * g, acc[r][g]);
+    };
+    for (int64_t i = 0; i < a.m; i += 2) {
+      if (a.m - i >= 2) {
+        rows(i, std::integral_constant<int, 2>());
+      } else {
+        rows(i, std::integral_constant<int, 1>());
+      }
+    }
+  }
+  for (int64_t i = 0; i < a.m; ++i)
+    std::memcpy(y + i * ldy + t * kTile, accs + i * kTile, kTile * sizeof(float));
+}
+
+template <int L, int F, int SC>
+void kb_range(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* y,
+              int64_t ldy) {
+  const __m256i lut = w.lut ? _mm256_broadcastsi128_si256(
+                                  _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.lut)))
+                            : _mm256_setzero_si256();
+  const int16_t* x16 = nullptr;
+  if constexpr (KbForm_<F>::wide) {
+    thread_local std::vector<int16_t> xbuf;
+    xbuf.resize(a.m * a.k);
+    for (int64_t j = 0; j < a.m * a.k; j += 16) {  // k % 32 == 0
+      const __m256i v1 =
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.q1 + j)));
+      const __m256i v2 =
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.q2 + j)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xbuf.data() + j),
+                          _mm256_add_epi16(_mm256_slli_epi16(v1, 7), v2));
+    }
+    x16 = xbuf.data();
+  }
+  if (a.m > 2) {
+    thread_local std::vector<float> accs;
+    accs.resize(a.m * kTile);
+    for (int64_t t = n0 / kTile; t < n1 / kTile; ++t)
+      kb_tile_rows<L, F, SC>(a, w, lut, x16, t, y, ldy, accs.data());
+    return;
+  }
+  for (int64_t t = n0 / kTile; t < n1 / kTile; ++t)
+    for (int64_t i = 0; i < a.m; i += 2) {
+      if (a.m - i >= 2) {
+        kb_tile<2, L, F, SC>(a, w, lut, x16, i, t, y, ldy);
+      } else {
+        kb_tile<1, L, F, SC>(a, w, lut, x16, i, t, y, ldy);
+      }
+    }
+}
+
+template <int F, int SC>
+void kb_levels(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* y,
+               int64_t ldy) {
+  // wide forms take both levels in one int16 number: no gain in skipping a zero q2
+  if (a.levels == 1 && !KbForm_<F>::wide) return kb_range<1, F, SC>(a, w, n0, n1, y, ldy);
+  kb_range<2, F, SC>(a, w, n0, n1, y, ldy);
+}
+
+template <int F>
+void kb_scales_of(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* y,
+                  int64_t ldy) {
+  switch (w.scales) {
+    case kPair: return kb_levels<F, kPair>(a, w, n0, n1, y, ldy);
+    case kSuper: return kb_levels<F, kSuper>(a, w, n0, n1, y, ldy);
+    default: return kb_levels<F, kSuper16>(a, w, n0, n1, y, ldy);
+  }
+}
+
+void gemm_kb(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* y,
+             int64_t ldy) {
+  switch (w.bits) {
+    case 4: return w.lut ? kb_scales_of<kU4Lut>(a, w, n0, n1, y, ldy)
+                         : kb_scales_of<kU4>(a, w, n0, n1, y, ldy);
+    case 5: return kb_scales_of<kU5>(a, w, n0, n1, y, ldy);
+    case 6: return kb_scales_of<kU6>(a, w, n0, n1, y, ldy);
+    default: return kb_scales_of<kU8>(a, w, n0, n1, y, ldy);
+  }
+}
+
 inline void store_bf16x8(uint16_t* dst, __m256 v) {
   __m256i x = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
@@ -658,19 +1032,19 @@ void attend_q(const AttendArgs& a) {
 
 #if !defined(KVF_VNNI)
 const Kernels& avx2_kernels() {
-  static const Kernels k{"avx2", quantize, gemm_q4, gemm_q8, dequant_q4, gemm_kb_generic, attend, attend_q,
+  static const Kernels k{"avx2", quantize, gemm_q4, gemm_q8, dequant_q4, gemm_kb, attend, attend_q,
                          vexp};
   return k;
 }
 #elif KVF_VNNI == 1
 const Kernels& avxvnni_kernels() {
-  static const Kernels k{"avxvnni", quantize, gemm_q4, gemm_q8, dequant_q4, gemm_kb_generic, attend, attend_q,
+  static const Kernels k{"avxvnni", quantize, gemm_q4, gemm_q8, dequant_q4, gemm_kb, attend, attend_q,
                          vexp};
   return k;
 }
 #else
 const Kernels& avxvnni_evex_kernels() {
-  static const Kernels k{"avxvnni", quantize, gemm_q4, gemm_q8, dequant_q4, gemm_kb_generic, attend, attend_q,
+  static const Kernels k{"avxvnni", quantize, gemm_q4, gemm_q8, dequant_q4, gemm_kb, attend, attend_q,
                          vexp};
   return k;
 }
