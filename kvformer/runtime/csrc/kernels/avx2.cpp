@@ -510,8 +510,14 @@ inline void kb_block_scales(const KbWeights& w, int64_t t, int64_t b, __m256 sup
       D[0][g] = f16(d + 8 * g);
       M[0][g] = f16(d + 16 + 8 * g);
     }
+  } else if constexpr (SC == kScale) {  // M = -zero D: exact in fp32
+    const uint16_t* d = reinterpret_cast<const uint16_t*>(w.s) + (t * kb + b) * 16;
+    for (int g = 0; g < 2; ++g) {
+      D[0][g] = f16(d + 8 * g);
+      M[0][g] = _mm256_mul_ps(D[0][g], _mm256_set1_ps(-float(w.zero)));
+    }
   } else {
-    const uint8_t* rec = w.s + (t * (w.k / 256) + b / 8) * (SC == kSuper ? 320 : 288);
+    const uint8_t* rec = w.s + (t * (w.k / 256) + b / 8) * kb_super_bytes(SC);
     const uint16_t* d = reinterpret_cast<const uint16_t*>(rec);
     if (b % 8 == 0)
       for (int g = 0; g < 2; ++g) {
@@ -520,9 +526,12 @@ inline void kb_block_scales(const KbWeights& w, int64_t t, int64_t b, __m256 sup
           sup[1][g] = _mm256_xor_ps(f16(d + 16 + 8 * g), _mm256_set1_ps(-0.f));
       }
     // d sc and -dmin mn in fp32, exact (fp16 times int8), as kb_scales makes them
-    const uint8_t* sc = rec + (SC == kSuper ? 64 : 32) + 32 * (b % 8);
+    const uint8_t* sc = rec + (SC == kSuper ? 64 : 32) + (SC == kSuperZ ? 16 : 32) * (b % 8);
     for (int g = 0; g < 2; ++g) {
-      if constexpr (SC == kSuper) {
+      if constexpr (SC == kSuperZ) {
+        D[0][g] = _mm256_mul_ps(sup[0][g], i8(sc + 8 * g));
+        M[0][g] = _mm256_mul_ps(D[0][g], _mm256_set1_ps(-float(w.zero)));
+      } else if constexpr (SC == kSuper) {
         D[0][g] = _mm256_mul_ps(sup[0][g], i8(sc + 8 * g));
         M[0][g] = _mm256_mul_ps(sup[1][g], i8(sc + 16 + 8 * g));
       } else {
@@ -755,11 +764,26 @@ void kb_levels(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float*
 template <int F>
 void kb_scales_of(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* y,
                   int64_t ldy) {
+  // the forms the GGUF types take (kvformer/formats/gguf/blocks.py); others run portably
   switch (w.scales) {
-    case kPair: return kb_levels<F, kPair>(a, w, n0, n1, y, ldy);
-    case kSuper: return kb_levels<F, kSuper>(a, w, n0, n1, y, ldy);
-    default: return kb_levels<F, kSuper16>(a, w, n0, n1, y, ldy);
+    case kPair:  // Q4_1, Q5_1
+      if constexpr (F == kU4 || F == kU5) return kb_levels<F, kPair>(a, w, n0, n1, y, ldy);
+      break;
+    case kScale:  // Q4_0, Q5_0, Q8_0, IQ4_NL
+      if constexpr (F != kU6) return kb_levels<F, kScale>(a, w, n0, n1, y, ldy);
+      break;
+    case kSuper:  // Q4_K, Q5_K
+      if constexpr (F == kU4 || F == kU5) return kb_levels<F, kSuper>(a, w, n0, n1, y, ldy);
+      break;
+    case kSuperZ:  // IQ4_XS
+      if constexpr (F == kU4Lut) return kb_levels<F, kSuperZ>(a, w, n0, n1, y, ldy);
+      break;
+    case kSuper16:  // Q6_K
+      if constexpr (F == kU6) return kb_levels<F, kSuper16>(a, w, n0, n1, y, ldy);
+      break;
+    default: break;
   }
+  gemm_kb_generic(a, w, n0, n1, y, ldy);
 }
 
 void gemm_kb(const Acts& a, const KbWeights& w, int64_t n0, int64_t n1, float* y,
