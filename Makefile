@@ -9,7 +9,7 @@ PROMPT ?= What is a KV cache, in two sentences?
 # more with torch dispatching as each lower CPU would (ATEN_CPU_CAPABILITY=default, avx2, ...),
 # and once without the native library (KVFORMER_NATIVE=0: torch's ops, as without a compiler);
 # kvformer's own kernel paths (avx512, avxvnni, avx2, scalar) are parametrized inside the tests.
-CPU_TESTS := tests/test_quantize.py tests/test_fast.py tests/test_native.py tests/test_loading.py
+CPU_TESTS := tests/test_quantize.py tests/test_fast.py tests/test_native.py tests/test_loading.py tests/test_kb.py
 
 .PHONY: setup run test lint clean
 
