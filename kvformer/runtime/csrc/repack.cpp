@@ -211,15 +211,21 @@ std::tuple<at::Tensor, at::Tensor> kb_repack(at::Tensor raw, int64_t type, int64
             for (int j = 0; j < 4; ++j)
               out[64 * s_ + 4 * r + j] =
                   uint8_t((at_(r, 8 * s_ + j) & 15) | ((at_(r, 8 * s_ + 4 + j) & 15) << 4));
-        for (int p = 0; p < f.bits - 4; ++p)
-          for (int w = 0; w < 8; ++w) {  // word 2s + h
+        for (int p = 0; p < f.bits - 4; ++p) {
+          // bit 4 + p of row r's 32 columns as one mask; word 2s + h (columns 8s + 4h ..
+          // + 3) takes its nibble 2s + h at bits 4r .. 4r + 3
+          uint32_t row_bits[16];
+          for (int r = 0; r < 16; ++r) {
+            uint32_t m = 0;
+            for (int c = 0; c < 32; ++c) m |= uint32_t((at_(r, c) >> (4 + p)) & 1) << c;
+            row_bits[r] = m;
+          }
+          for (int w = 0; w < 8; ++w) {
             uint64_t word = 0;
-            for (int r = 0; r < 16; ++r)
-              for (int j = 0; j < 4; ++j)
-                word |= uint64_t((at_(r, 8 * (w / 2) + 4 * (w % 2) + j) >> (4 + p)) & 1)
-                        << (4 * r + j);
+            for (int r = 0; r < 16; ++r) word |= uint64_t((row_bits[r] >> (4 * w)) & 15) << (4 * r);
             std::memcpy(out + 256 + 64 * p + 8 * w, &word, 8);
           }
+        }
       }
       uint8_t* so = sp + t * KB * kb_scale_bytes(f.scales);
       if (f.scales == kPair || f.scales == kScale) {
