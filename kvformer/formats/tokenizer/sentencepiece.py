@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import tokenizers
-from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, decoders, models, normalizers
 
 from kvformer.errors import CheckpointError
 
@@ -30,10 +30,10 @@ def _sentencepiece_backend(meta: Mapping[str, Any], where: str) -> tokenizers.To
     are therefore every split of a piece into two pieces of the vocabulary, ranked by the
     merged piece's score (then its id, then the left part's length). Spaces are '▁'; with
     tokenizer.ggml.add_space_prefix (the default, Gemma's files say false) a '▁' also
-    starts the text and every stretch of text after a special token, as llama.cpp and
-    transformers' legacy Llama tokenizer do. Characters outside the vocabulary become their
-    UTF-8 bytes (<0xNN> pieces). Control pieces are special tokens, user-defined ones
-    tokens matched as a whole in the text.
+    starts the text and every stretch of text after an added token, even one that starts
+    with a space, as llama.cpp and SentencePiece do (transformers' Metaspace skips it there).
+    Characters outside the vocabulary become their UTF-8 bytes (<0xNN> pieces). Control
+    pieces are special tokens, user-defined ones tokens matched as a whole in the text.
     """
     tokens = meta.get("tokenizer.ggml.tokens")
     scores = meta.get("tokenizer.ggml.scores")
@@ -67,9 +67,14 @@ def _sentencepiece_backend(meta: Mapping[str, Any], where: str) -> tokenizers.To
     backend = tokenizers.Tokenizer(models.BPE(
         vocab=vocab, merges=[(left, right) for *_, left, right in ranked], unk_token=unk,
         fuse_unk=True, byte_fallback=any(kind == _BYTE for kind in types)))
+    # Spaces become '▁' and, with the prefix, a '▁' starts every stretch of text: the whole
+    # text and each piece after an added token (the normalizer sees each piece on its own).
+    # Unlike Metaspace's prepend_scheme, the '▁' is added even when the piece already starts
+    # with a space or '▁': llama.cpp writes " " + text, as SentencePiece's dummy prefix does.
     prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme="always" if prefix else "never", split=False)
+    space = normalizers.Replace(" ", "▁")
+    backend.normalizer = (normalizers.Sequence([normalizers.Prepend("▁"), space]) if prefix
+                          else space)
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if prefix:
         steps.append(decoders.Strip(" ", 1, 0))
