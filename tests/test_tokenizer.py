@@ -289,6 +289,20 @@ def test_pre_tokenizers(pre, pieces):
     assert [tok.id_to_token(i) for i in tok.encode("hello")] == expected
 
 
+def test_unknown_tokens_and_end_markers_are_special_as_in_llama_cpp():
+    """llama.cpp matches unknown-type tokens in text as control tokens, and makes its
+    end-of-generation markers control tokens whatever type the file gives them."""
+    meta = _tiny_metadata("gpt2")
+    meta["tokenizer.ggml.tokens"] = [*meta["tokenizer.ggml.tokens"], "<unk>", "<|im_end|>",
+                                     "<|user|>"]
+    meta["tokenizer.ggml.token_type"] = [*meta["tokenizer.ggml.token_type"], 2, 1, 4]
+    tok = Tokenizer.from_gguf(meta)
+    unk, end, user = 258, 259, 260
+    assert tok.encode("a<unk>b<|im_end|>c<|user|>") == [97, unk, 98, end, 99, user]
+    assert tok.special_ids == {unk, end}
+    assert unk not in tok.encode_plain("a<unk>b") and user in tok.encode_plain("<|user|>")
+
+
 def test_unsupported_gguf_tokenizers():
     with pytest.raises(CheckpointError, match="'ugm'.*from_dir"):
         Tokenizer.from_gguf(_tiny_metadata("default", model="ugm"))

@@ -13,13 +13,33 @@ from tokenizers import AddedToken, decoders, models, normalizers
 
 from kvformer.errors import CheckpointError
 
-# GGUF token types (llama.cpp's llama_token_type) that matter here; unknown (2), unused (5) and
-# byte (6) tokens are ordinary vocabulary entries for byte-level BPE.
-_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
+# GGUF token types (llama.cpp's llama_token_type, the sentencepiece model's too): 1 normal,
+# 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte (<0xNN>, SentencePiece's byte fallback).
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE = 1, 2, 3, 4, 6
 
-# SentencePiece token types (GGUF's tokenizer.ggml.token_type, llama.cpp's and the
-# sentencepiece model's): 2 unknown, 6 byte (<0xNN>, for byte fallback).
-_UNKNOWN, _BYTE = 2, 6
+# Tokens llama.cpp makes control tokens whatever type the file gives them, because they end a
+# generation (its list of end-of-generation markers).
+_LLAMA_CPP_CONTROL_NAMES = frozenset((
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+    "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+    "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+    "<｜end▁of▁sentence｜>", "[e~[",
+))
+
+
+def _added_tokens(tokens: list[str], types: list[int]) -> list[tuple[int, str, bool]]:
+    """(id, text, special) of each token matched as a whole in the text before the rest is
+    tokenized, as llama.cpp matches them: control and unknown tokens (special: `encode_plain`
+    and `skip_special_tokens` leave them out) and user-defined ones (ordinary text). Like
+    llama.cpp, a token named as an end-of-generation marker is a control token whatever its
+    type in the file."""
+    added = []
+    for index, (token, kind) in enumerate(zip(tokens, types)):
+        if token in _LLAMA_CPP_CONTROL_NAMES:
+            kind = _CONTROL
+        if kind in (_CONTROL, _UNKNOWN, _USER_DEFINED):
+            added.append((index, token, kind != _USER_DEFINED))
+    return added
 
 
 def _sentencepiece_backend(meta: Mapping[str, Any], where: str) -> tokenizers.Tokenizer:
@@ -32,8 +52,9 @@ def _sentencepiece_backend(meta: Mapping[str, Any], where: str) -> tokenizers.To
     tokenizer.ggml.add_space_prefix (the default, Gemma's files say false) a '▁' also
     starts the text and every stretch of text after an added token, even one that starts
     with a space, as llama.cpp and SentencePiece do (transformers' Metaspace skips it there).
-    Characters outside the vocabulary become their UTF-8 bytes (<0xNN> pieces). Control
-    pieces are special tokens, user-defined ones tokens matched as a whole in the text.
+    Characters outside the vocabulary become their UTF-8 bytes (<0xNN> pieces). Control and
+    unknown pieces are special tokens, user-defined ones tokens matched as a whole in the
+    text (`_added_tokens`).
     """
     tokens = meta.get("tokenizer.ggml.tokens")
     scores = meta.get("tokenizer.ggml.scores")
@@ -79,8 +100,8 @@ def _sentencepiece_backend(meta: Mapping[str, Any], where: str) -> tokenizers.To
     if prefix:
         steps.append(decoders.Strip(" ", 1, 0))
     backend.decoder = decoders.Sequence(steps)
-    added = [AddedToken(t, special=kind == _CONTROL, normalized=False)
-             for t, kind in zip(tokens, types) if kind in (_CONTROL, _USER_DEFINED)]
+    added = [AddedToken(t, special=special, normalized=False)
+             for _, t, special in _added_tokens(tokens, types)]
     backend.add_special_tokens([t for t in added if t.special])
     backend.add_tokens([t for t in added if not t.special])
     return backend

@@ -28,9 +28,8 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from kvformer.errors import CheckpointError
 from kvformer.formats.gguf.reader import read_metadata
 from kvformer.formats.tokenizer.sentencepiece import (
-    _CONTROL,
     _NORMAL,
-    _USER_DEFINED,
+    _added_tokens,
     _sentencepiece_backend,
 )
 from kvformer.formats.tokenizer.stream import StreamDecoder
@@ -227,8 +226,8 @@ class Tokenizer:
         vocabularies (`tokenizer.ggml.model == 'gpt2'`) whose
         `tokenizer.ggml.pre` is in `_PRE_TOKENIZER_FAMILIES` (gpt2/default, smollm and other
         digit-splitting ones, llama-bpe and qwen2 with their aliases); others are refused.
-        Control tokens (type 3) become special tokens and user-defined ones (type 4) added
-        tokens, so chat markers in text map to one id each.
+        Control and unknown tokens (types 3 and 2) become special tokens and user-defined ones
+        (type 4) added tokens, so chat markers in text map to one id each.
         """
         if isinstance(path_or_metadata, Mapping):
             meta, where = path_or_metadata, "GGUF metadata"
@@ -268,13 +267,12 @@ class Tokenizer:
         # raw (that is how they are matched in text), keeping their ids either way.
         table = byte_alphabet()
         alphabet = frozenset(table)
-        vocab, added = {}, []
-        for index, (token, token_type) in enumerate(zip(tokens, types)):
-            if token_type in (_CONTROL, _USER_DEFINED):
-                vocab[token] = index
-                added.append(AddedToken(token, special=token_type == _CONTROL, normalized=False))
-            else:
-                vocab[_respell(token, alphabet, table)] = index
+        matched = _added_tokens(tokens, types)
+        raw = {index for index, _, _ in matched}
+        vocab = {token if index in raw else _respell(token, alphabet, table): index
+                 for index, token in enumerate(tokens)}
+        added = [AddedToken(token, special=special, normalized=False)
+                 for _, token, special in matched]
         pairs = []
         for merge in merges:
             pair = merge.split(" ")
