@@ -276,7 +276,8 @@ def _tiny_metadata(pre, model="gpt2"):
 
 @pytest.mark.parametrize("pre, pieces", [
     ("gpt2", ["abc", "Ġ12345", "Ġ!!"]),
-    ("default", ["abc", "Ġ12345", "Ġ!!"]),
+    # llama.cpp's default: punctuation first, then GPT-2's split, digits, groups of three
+    ("default", ["abc", "Ġ", "123", "45", "Ġ", "!!"]),
     ("smollm", ["abc", "Ġ", "1", "2", "3", "4", "5", "Ġ!!"]),
     ("llama-bpe", ["abc", "Ġ", "123", "45", "Ġ!!"]),
     ("qwen2", ["abc", "Ġ", "1", "2", "3", "4", "5", "Ġ!!"]),

@@ -112,10 +112,22 @@ def _digits_then_gpt2_split():
         [pre_tokenizers.Digits(individual_digits=True), _gpt2_split()])
 
 
-def _regex_split(pattern: str):
+# llama.cpp's split for a byte-level file that names no pre-tokenizer (or "default"): runs of
+# punctuation (and $+<=>^~|) first, then GPT-2's split of each remaining piece, then runs of
+# digits, then groups of three ASCII digits. Each regex splits the pieces the previous ones
+# left, and text no regex matches stays a piece of its own.
+_LLAMA_CPP_DEFAULT_SPLITS = (
+    r"[\p{P}\$\+<=>\^~\|]+",
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+    r"\p{N}+",
+    r"[0-9][0-9][0-9]",
+)
+
+
+def _regex_split(*patterns: str):
     def build():
         return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            *(pre_tokenizers.Split(Regex(p), behavior="isolated") for p in patterns),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
     return build
@@ -124,9 +136,11 @@ def _regex_split(pattern: str):
 # tokenizer.ggml.pre names, grouped as llama.cpp groups them:
 # (names, pre-tokenizer factory, ignore_merges, add BOS when the file does not say).
 # Llama 3 looks whole words up in the vocabulary before merging (ignore_merges) and adds BOS.
-# "default" (a file that names no pre-tokenizer) gets GPT-2's split, as in transformers.
+# "default" (a file that names no pre-tokenizer) gets llama.cpp's default split, so that a
+# GGUF file encodes as llama.cpp encodes it ("gpt2", kvformer's own alias, is GPT-2's split).
 _PRE_TOKENIZER_FAMILIES = (
-    (("default", "gpt2", "gpt-2", "phi-2", "mpt", "olmo"), _gpt2_split, False, False),
+    (("default",), _regex_split(*_LLAMA_CPP_DEFAULT_SPLITS), False, False),
+    (("gpt2", "gpt-2", "phi-2", "mpt", "olmo"), _gpt2_split, False, False),
     (("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone"),
      _digits_then_gpt2_split, False, False),
     (("llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral", "lfm2"),
@@ -224,10 +238,11 @@ class Tokenizer:
         Supports SentencePiece BPE vocabularies (`tokenizer.ggml.model == 'llama'`: scores,
         byte fallback, the '▁' space; see `_sentencepiece_backend`) and byte-level BPE
         vocabularies (`tokenizer.ggml.model == 'gpt2'`) whose
-        `tokenizer.ggml.pre` is in `_PRE_TOKENIZER_FAMILIES` (gpt2/default, smollm and other
+        `tokenizer.ggml.pre` is in `_PRE_TOKENIZER_FAMILIES` (default, gpt2, smollm and other
         digit-splitting ones, llama-bpe and qwen2 with their aliases); others are refused.
         Control and unknown tokens (types 3 and 2) become special tokens and user-defined ones
-        (type 4) added tokens, so chat markers in text map to one id each.
+        (type 4) added tokens, so chat markers in text map to one id each. The ids are
+        llama.cpp's for the same file (tests/test_tokenizer_llama_cpp.py).
         """
         if isinstance(path_or_metadata, Mapping):
             meta, where = path_or_metadata, "GGUF metadata"
