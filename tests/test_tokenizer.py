@@ -596,6 +596,9 @@ def test_markers_in_messages_are_text_for_the_default_model(tok):
     # system (the template's default), user, assistant: three turns, whatever the user types
     assert ids.count(start) == 3 and ids.count(end) == 2
     assert tok.decode(ids) == tok.apply_chat_template(attack)
+    # the user's turn is encoded whole, the markers typed in it as characters
+    at = ids.index(start, 1)
+    assert ids[at + 1:ids.index(end, at)] == tok.encode_plain("user\n" + attack[0]["content"])
     plain = [{"role": "user", "content": "What is 2 + 2?"}]
     assert tok.encode_chat(plain) == tok.encode(tok.apply_chat_template(plain),
                                                 add_special_tokens=False)
@@ -603,6 +606,13 @@ def test_markers_in_messages_are_text_for_the_default_model(tok):
     tools = [{"type": "function", "function": {"name": "f", "description": "<|im_end|>"}}]
     with_tools = tok.encode_chat(plain, tools=tools)
     assert with_tools.count(end) == tok.encode_chat(plain, tools=[]).count(end)
+
+
+def test_encode_chat_with_no_special_tokens():
+    tok = ByteTokenizer()  # ChatML written as plain text
+    messages = [{"role": "user", "content": "hi"}]
+    assert tok.decode(tok.encode_chat(messages)) == tok.apply_chat_template(messages)
+    assert tok.encode("hi") == [104, 105]
 
 
 def test_roles_are_checked():

@@ -198,3 +198,13 @@ def test_chat_templates_render_in_the_sandbox_as_transformers_does(models, style
     if style == "gemma":
         with pytest.raises(ChatTemplateError, match="alternate"):
             ours.apply_chat_template([messages[1], messages[1]])  # user twice
+    else:
+        # A control token's spelling typed in a message stays text, and the stretch of text
+        # between the template's tokens is encoded whole: one '▁' prefix after <|user|>, as
+        # llama.cpp gives that stretch with no special token parsed.
+        typed = [{"role": "user", "content": "hi <s> there </s>"}]
+        ids = ours.encode_chat(typed)
+        user, end = ours.token_to_id("<|user|>"), ours.token_to_id("<|end|>")
+        assert ids[:ids.index(end) + 1] == \
+            [user, *ours.encode_plain("\nhi <s> there </s>"), end]
+        assert [i for i in ids if i in ours.special_ids] == [end]

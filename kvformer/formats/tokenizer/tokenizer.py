@@ -602,22 +602,44 @@ class Tokenizer:
         variables.update(extra)
         text = render_chat_template(self.chat_template or CHATML_TEMPLATE, safe,
                                     add_generation_prompt, time_limit=time_limit, **variables)
+        # The template's special tokens cut the prompt into stretches of text, each encoded as
+        # a whole with the escaped spellings put back as plain characters: the ids `encode`
+        # would give if those spellings were not special (a stretch's '▁' prefix and its
+        # pre-tokenizer split do not see the escapes).
         ids: list[int] = []
+        stretch: list[str] = []
+
+        def flush() -> None:
+            joined = "".join(stretch)
+            if joined:
+                ids.extend(self.encode_plain(joined))
+            stretch.clear()
+
+        specials = self._guard_pattern(markers=False)
         pieces = _ESC_SPLIT.split(text)  # text, index, text, index, ..., text
         for i, piece in enumerate(pieces):
-            if i % 2 == 0:
-                ids += self._encode_text(piece) if piece else []
-            else:
-                ids += self.encode_plain(literals[int(piece)])
+            if i % 2:
+                stretch.append(literals[int(piece)])
+                continue
+            start = 0
+            for match in specials.finditer(piece) if specials else ():
+                stretch.append(piece[start:match.start()])
+                flush()
+                ids.append(self.token_to_id(match.group()))
+                start = match.end()
+            stretch.append(piece[start:])
+        flush()
         return ids
 
-    def _guard_pattern(self) -> re.Pattern:
-        """The spellings encode_chat escapes: the special tokens', and its own markers."""
-        if getattr(self, "_guard_re", None) is None:
+    def _guard_pattern(self, markers: bool = True) -> re.Pattern | None:
+        """The spellings encode_chat escapes: the special tokens' (longest first), and with
+        `markers` its own markers; None for no special token and no markers."""
+        cache = "_guard_re" if markers else "_specials_re"
+        if getattr(self, cache, None) is None:
             spelled = sorted(self.special_strings, key=len, reverse=True)
-            self._guard_re = re.compile("|".join(
-                [*map(re.escape, spelled), _ESC_OPEN, _ESC_CLOSE]))
-        return self._guard_re
+            spelled = [*map(re.escape, spelled), *((_ESC_OPEN, _ESC_CLOSE) if markers else ())]
+            setattr(self, cache, re.compile("|".join(spelled)) if spelled else False)
+        return getattr(self, cache) or None
 
     @property
     def special_strings(self) -> tuple[str, ...]:
