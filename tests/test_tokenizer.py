@@ -276,7 +276,8 @@ def _tiny_metadata(pre, model="gpt2"):
 
 @pytest.mark.parametrize("pre, pieces", [
     ("gpt2", ["abc", "Ġ12345", "Ġ!!"]),
-    ("default", ["abc", "Ġ12345", "Ġ!!"]),
+    # llama.cpp's default: punctuation first, then GPT-2's split, digits, groups of three
+    ("default", ["abc", "Ġ", "123", "45", "Ġ", "!!"]),
     ("smollm", ["abc", "Ġ", "1", "2", "3", "4", "5", "Ġ!!"]),
     ("llama-bpe", ["abc", "Ġ", "123", "45", "Ġ!!"]),
     ("qwen2", ["abc", "Ġ", "1", "2", "3", "4", "5", "Ġ!!"]),
@@ -287,6 +288,20 @@ def test_pre_tokenizers(pre, pieces):
     # Only llama-bpe skips merges for whole-word vocabulary entries.
     expected = ["hello"] if pre == "llama-bpe" else ["he", "l", "l", "o"]
     assert [tok.id_to_token(i) for i in tok.encode("hello")] == expected
+
+
+def test_unknown_tokens_and_end_markers_are_special_as_in_llama_cpp():
+    """llama.cpp matches unknown-type tokens in text as control tokens, and makes its
+    end-of-generation markers control tokens whatever type the file gives them."""
+    meta = _tiny_metadata("gpt2")
+    meta["tokenizer.ggml.tokens"] = [*meta["tokenizer.ggml.tokens"], "<unk>", "<|im_end|>",
+                                     "<|user|>"]
+    meta["tokenizer.ggml.token_type"] = [*meta["tokenizer.ggml.token_type"], 2, 1, 4]
+    tok = Tokenizer.from_gguf(meta)
+    unk, end, user = 258, 259, 260
+    assert tok.encode("a<unk>b<|im_end|>c<|user|>") == [97, unk, 98, end, 99, user]
+    assert tok.special_ids == {unk, end}
+    assert unk not in tok.encode_plain("a<unk>b") and user in tok.encode_plain("<|user|>")
 
 
 def test_unsupported_gguf_tokenizers():
@@ -581,6 +596,9 @@ def test_markers_in_messages_are_text_for_the_default_model(tok):
     # system (the template's default), user, assistant: three turns, whatever the user types
     assert ids.count(start) == 3 and ids.count(end) == 2
     assert tok.decode(ids) == tok.apply_chat_template(attack)
+    # the user's turn is encoded whole, the markers typed in it as characters
+    at = ids.index(start, 1)
+    assert ids[at + 1:ids.index(end, at)] == tok.encode_plain("user\n" + attack[0]["content"])
     plain = [{"role": "user", "content": "What is 2 + 2?"}]
     assert tok.encode_chat(plain) == tok.encode(tok.apply_chat_template(plain),
                                                 add_special_tokens=False)
@@ -588,6 +606,13 @@ def test_markers_in_messages_are_text_for_the_default_model(tok):
     tools = [{"type": "function", "function": {"name": "f", "description": "<|im_end|>"}}]
     with_tools = tok.encode_chat(plain, tools=tools)
     assert with_tools.count(end) == tok.encode_chat(plain, tools=[]).count(end)
+
+
+def test_encode_chat_with_no_special_tokens():
+    tok = ByteTokenizer()  # ChatML written as plain text
+    messages = [{"role": "user", "content": "hi"}]
+    assert tok.decode(tok.encode_chat(messages)) == tok.apply_chat_template(messages)
+    assert tok.encode("hi") == [104, 105]
 
 
 def test_roles_are_checked():

@@ -1,19 +1,20 @@
 """SentencePiece vocabularies in GGUF files (tokenizer.ggml.model = 'llama': Llama 2,
-Mistral, TinyLlama, Phi-3, Gemma) encode and decode exactly as transformers' tokenizer for
-the same vocabulary.
+Mistral, TinyLlama, Phi-3, Gemma) encode and decode as transformers' tokenizer for the same
+vocabulary, except where transformers and llama.cpp disagree: there kvformer is llama.cpp
+(tests/test_tokenizer_llama_cpp.py) and, on text without added tokens, SentencePiece itself.
 
-Two small SentencePiece BPE models are trained here (nothing is downloaded): one in the
-Llama style (a '▁' prefix, byte fallback, chat markers as user-defined pieces) and one in
-Gemma's (no prefix, turn markers, '\\n\\n' as a piece). The reference is transformers'
-tokenizer built from the .model file; the GGUF metadata is written as llama.cpp's
-converter writes it (pieces, scores, token types from the model, added tokens marked
-user-defined or control, add_space_prefix false for Gemma).
+Two small SentencePiece BPE models are trained (tests/tokenizer_vocabs.py; nothing is
+downloaded): one in the Llama style (a '▁' prefix, byte fallback, chat markers as
+user-defined pieces) and one in Gemma's (no prefix, turn markers, '\\n\\n' as a piece). The
+reference is transformers' tokenizer built from the .model file; the GGUF metadata is written
+as llama.cpp's converter writes it from the model and transformers' added tokens (pieces,
+scores, token types from the model, added tokens marked user-defined or control,
+add_space_prefix false for Gemma).
 """
 
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
@@ -22,44 +23,29 @@ pytest.importorskip("google.protobuf")  # transformers reads the .model's normal
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
+from tokenizer_vocabs import STYLES, strings, train_spm  # noqa: E402
+
 from kvformer.errors import CheckpointError  # noqa: E402
 from kvformer.formats.tokenizer.tokenizer import Tokenizer  # noqa: E402
-
-WORDS = ("the quick brown fox jumps over lazy dog hello world transformer attention cache "
-         "token model python code def return import class self print value key query "
-         "naïve café über straße 東京 日本語 привет мир 123 4567 89 emoji 😀 ok").split()
-STYLES = {
-    "llama": dict(add_dummy_prefix=True, user_defined_symbols=["<|user|>", "<|end|>"]),
-    "gemma": dict(add_dummy_prefix=False,
-                  user_defined_symbols=["<start_of_turn>", "<end_of_turn>", "\n\n"]),
-}
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """style -> (transformers tokenizer, GGUF-style metadata)."""
+    """style -> (transformers tokenizer, GGUF-style metadata, sentencepiece processor)."""
     root = tmp_path_factory.mktemp("spm")
-    rng = random.Random(0)
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
-                                for _ in range(2000)), encoding="utf-8")
     out = {}
-    for style, options in STYLES.items():
-        prefix = root / style
-        spm.SentencePieceTrainer.train(
-            input=str(corpus), model_prefix=str(prefix), vocab_size=420, model_type="bpe",
-            byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2,
-            pad_id=-1, remove_extra_whitespaces=False, split_digits=True,
-            normalization_rule_name="identity", minloglevel=2, **options)
+    for style in STYLES:
+        model = train_spm(style, root)
         folder = root / f"{style}-hf"
         folder.mkdir()
-        (folder / "tokenizer.model").write_bytes(prefix.with_suffix(".model").read_bytes())
+        (folder / "tokenizer.model").write_bytes(model.read_bytes())
         cls = "LlamaTokenizer" if style == "llama" else "GemmaTokenizer"
         (folder / "tokenizer_config.json").write_text(json.dumps(dict(
             tokenizer_class=cls, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
             add_bos_token=True, add_eos_token=False, legacy=True)))
         hf = transformers.AutoTokenizer.from_pretrained(str(folder))
-        out[style] = (hf, _gguf_metadata(prefix.with_suffix(".model"), hf, style))
+        out[style] = (hf, _gguf_metadata(model, hf, style),
+                      spm.SentencePieceProcessor(model_file=str(model)))
     return out
 
 
@@ -91,57 +77,67 @@ def _gguf_metadata(model_file, hf, style: str) -> dict:
     return meta
 
 
-def _strings() -> list[str]:
-    """More than 200 strings: prose, code, Unicode, emoji, runs of spaces, numbers, chat
-    markup, edges."""
-    fixed = [
-        "", " ", "  ", "\n", "\n\n\n", "\t", " leading", "trailing ", "  two  spaces  ",
-        "Hello world", "hello, World!", "The quick brown fox.", "naïve café über straße",
-        "東京は日本語", "привет, мир", "مرحبا بالعالم", "😀", "👩‍💻 codes", "🇫🇷 flag", "a😀b",
-        "0", "1234567890", "3.14159", "-42", "1e-5", "1,000,000", "x = y + 2 * z",
-        "def f(x):\n    return x ** 2\n", "import torch\nprint(torch.__version__)",
-        "for (int i = 0; i < n; i++) { sum += a[i]; }", "<html><body>hi</body></html>",
-        "{\"key\": [1, 2, 3], \"v\": null}", "C:\\path\\to\\file.txt", "~/.cache/kv",
-        "<|user|>\nWhat is 2 + 2?<|end|>\n<|assistant|>", "<|user|>hi<|end|>",
-        "<start_of_turn>user\nhello<end_of_turn>\n<start_of_turn>model\n",
-        "<s>bos in text</s>", "<unk>", "text <|end|> more", "\n\nparagraph\n\nbreak",
-        "tabs\tand\tspaces", "mixed 東京 and english", "ÀÉÎÕÜ àéîõü", "Ωμέγα", "ß ẞ",
-        "zero\u200bwidth", "nbsp\u00a0here", "line\r\nbreak", "   \n   ", "end.",
-    ]
-    rng = random.Random(42)
-    pieces = WORDS + ["<|user|>", "<|end|>", "<start_of_turn>", "<end_of_turn>", "\n", "\n\n",
-                      "  ", "   ", "\t", "!", "?", ".", ",", "(", ")", "{", "}", "🚀", "ü",
-                      "99", "2024", "_", "-", "'s", "don't"]
-    generated = []
-    for _ in range(220):
-        n = rng.randint(1, 10)
-        generated.append("".join(rng.choice(pieces) + rng.choice(["", " ", " ", "  "])
-                                 for _ in range(n)))
-    return fixed + generated
+STRINGS = strings()
 
 
-STRINGS = _strings()
+def _pieces(text: str, added: list[str]) -> list[str]:
+    """The stretches of text between the added tokens written in it."""
+    pieces, rest = [], text
+    while rest:
+        at = [(rest.find(a), -len(a), a) for a in added if a in rest]
+        if not at:
+            break
+        start, _, token = min(at)
+        pieces.append(rest[:start])
+        rest = rest[start + len(token):]
+    return [p for p in [*pieces, rest] if p]
+
+
+# Where transformers and llama.cpp differ. (1) The '▁' prefix (Llama style): llama.cpp, like
+# SentencePiece, writes " " + text for the text and for each stretch after an added token;
+# transformers' Metaspace pre-tokenizer skips the prefix when the stretch already starts with
+# a space or '▁', so "  leading spaces", " ", "<|end|> x" or "▁x" get one '▁' fewer there.
+# On such text kvformer is llama.cpp (and SentencePiece itself, when no added token is written
+# in the text). (2) llama.cpp makes every end-of-generation marker a control token whatever
+# the file says (here <|end|> and <end_of_turn>, user-defined in these files), so
+# skip_special_tokens drops them where transformers keeps them.
+PROMOTED = ("<|end|>", "<end_of_turn>")
+
+
+def _prefix_differs(text: str, style: str, added: list[str]) -> bool:
+    return style == "llama" and any(p[0] in " ▁" for p in _pieces(text, added))
 
 
 @pytest.mark.parametrize("style", list(STYLES))
 def test_encode_and_decode_equal_transformers(models, style):
-    hf, meta = models[style]
+    hf, meta, sp = models[style]
     ours = Tokenizer.from_gguf(meta)
+    added = [t.content for t in ours.backend.get_added_tokens_decoder().values()]
+    promoted = {ours.token_to_id(t) for t in PROMOTED} - {None}
     assert len(STRINGS) >= 200
+    differing = 0
     for text in STRINGS:
         want = hf.encode(text, add_special_tokens=False)
         got = ours.encode(text, add_special_tokens=False)
-        assert got == want, (text, ours.backend.encode(text, add_special_tokens=False).tokens,
-                             hf.convert_ids_to_tokens(want))
-        if not text.startswith("<s>"):  # kvformer does not double a BOS the text has
-            assert ours.encode(text) == hf.encode(text), text  # BOS as transformers adds it
-        assert ours.decode(got) == hf.decode(want), text
-        assert ours.decode(got, skip_special_tokens=True) == \
-            hf.decode(want, skip_special_tokens=True), text
+        if _prefix_differs(text, style, added):
+            differing += 1
+            assert got != want, text  # (so that the rule above stays exact)
+            if not any(a in text for a in added):
+                assert got == sp.encode(text), text
+        else:
+            assert got == want, (text, ours.backend.encode(text, add_special_tokens=False).tokens,
+                                 hf.convert_ids_to_tokens(want))
+            if not text.startswith("<s>"):  # kvformer does not double a BOS the text has
+                assert ours.encode(text) == hf.encode(text), text  # BOS as transformers adds it
+        assert ours.decode(want) == hf.decode(want), text
+        kept = [i for i in want if i not in promoted]
+        assert ours.decode(want, skip_special_tokens=True) == \
+            hf.decode(kept, skip_special_tokens=True), text
+    assert (differing > 0) == (style == "llama")
 
 
 def test_byte_fallback_and_streaming(models):
-    hf, meta = models["llama"]
+    hf, meta, _ = models["llama"]
     ours = Tokenizer.from_gguf(meta)
     ids = ours.encode("a🦀b", add_special_tokens=False)  # not in the training text
     spelled = [ours.id_to_token(i) for i in ids]
@@ -154,7 +150,7 @@ def test_byte_fallback_and_streaming(models):
 
 
 def test_spm_options_kvformer_does_not_implement_are_refused(models):
-    _, meta = models["llama"]
+    _, meta, _ = models["llama"]
     for key, value in (("tokenizer.ggml.remove_extra_whitespaces", True),
                        ("tokenizer.ggml.precompiled_charsmap", [1, 2, 3])):
         with pytest.raises(CheckpointError, match=key.rsplit(".", 1)[1]):
@@ -187,7 +183,7 @@ PHI3_TEMPLATE = (
 def test_chat_templates_render_in_the_sandbox_as_transformers_does(models, style, template):
     from kvformer.errors import ChatTemplateError
 
-    hf, meta = models[style]
+    hf, meta, _ = models[style]
     ours = Tokenizer.from_gguf({**meta, "tokenizer.chat_template": template})
     messages = [{"role": "system", "content": "Be brief."},
                 {"role": "user", "content": "What is 2 + 2? 東京 😀"},
@@ -202,3 +198,13 @@ def test_chat_templates_render_in_the_sandbox_as_transformers_does(models, style
     if style == "gemma":
         with pytest.raises(ChatTemplateError, match="alternate"):
             ours.apply_chat_template([messages[1], messages[1]])  # user twice
+    else:
+        # A control token's spelling typed in a message stays text, and the stretch of text
+        # between the template's tokens is encoded whole: one '▁' prefix after <|user|>, as
+        # llama.cpp gives that stretch with no special token parsed.
+        typed = [{"role": "user", "content": "hi <s> there </s>"}]
+        ids = ours.encode_chat(typed)
+        user, end = ours.token_to_id("<|user|>"), ours.token_to_id("<|end|>")
+        assert ids[:ids.index(end) + 1] == \
+            [user, *ours.encode_plain("\nhi <s> there </s>"), end]
+        assert [i for i in ids if i in ours.special_ids] == [end]

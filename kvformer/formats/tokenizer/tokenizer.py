@@ -28,9 +28,8 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from kvformer.errors import CheckpointError
 from kvformer.formats.gguf.reader import read_metadata
 from kvformer.formats.tokenizer.sentencepiece import (
-    _CONTROL,
     _NORMAL,
-    _USER_DEFINED,
+    _added_tokens,
     _sentencepiece_backend,
 )
 from kvformer.formats.tokenizer.stream import StreamDecoder
@@ -113,10 +112,22 @@ def _digits_then_gpt2_split():
         [pre_tokenizers.Digits(individual_digits=True), _gpt2_split()])
 
 
-def _regex_split(pattern: str):
+# llama.cpp's split for a byte-level file that names no pre-tokenizer (or "default"): runs of
+# punctuation (and $+<=>^~|) first, then GPT-2's split of each remaining piece, then runs of
+# digits, then groups of three ASCII digits. Each regex splits the pieces the previous ones
+# left, and text no regex matches stays a piece of its own.
+_LLAMA_CPP_DEFAULT_SPLITS = (
+    r"[\p{P}\$\+<=>\^~\|]+",
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+    r"\p{N}+",
+    r"[0-9][0-9][0-9]",
+)
+
+
+def _regex_split(*patterns: str):
     def build():
         return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            *(pre_tokenizers.Split(Regex(p), behavior="isolated") for p in patterns),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
     return build
@@ -125,9 +136,11 @@ def _regex_split(pattern: str):
 # tokenizer.ggml.pre names, grouped as llama.cpp groups them:
 # (names, pre-tokenizer factory, ignore_merges, add BOS when the file does not say).
 # Llama 3 looks whole words up in the vocabulary before merging (ignore_merges) and adds BOS.
-# "default" (a file that names no pre-tokenizer) gets GPT-2's split, as in transformers.
+# "default" (a file that names no pre-tokenizer) gets llama.cpp's default split, so that a
+# GGUF file encodes as llama.cpp encodes it ("gpt2", kvformer's own alias, is GPT-2's split).
 _PRE_TOKENIZER_FAMILIES = (
-    (("default", "gpt2", "gpt-2", "phi-2", "mpt", "olmo"), _gpt2_split, False, False),
+    (("default",), _regex_split(*_LLAMA_CPP_DEFAULT_SPLITS), False, False),
+    (("gpt2", "gpt-2", "phi-2", "mpt", "olmo"), _gpt2_split, False, False),
     (("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone"),
      _digits_then_gpt2_split, False, False),
     (("llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral", "lfm2"),
@@ -225,10 +238,11 @@ class Tokenizer:
         Supports SentencePiece BPE vocabularies (`tokenizer.ggml.model == 'llama'`: scores,
         byte fallback, the '▁' space; see `_sentencepiece_backend`) and byte-level BPE
         vocabularies (`tokenizer.ggml.model == 'gpt2'`) whose
-        `tokenizer.ggml.pre` is in `_PRE_TOKENIZER_FAMILIES` (gpt2/default, smollm and other
+        `tokenizer.ggml.pre` is in `_PRE_TOKENIZER_FAMILIES` (default, gpt2, smollm and other
         digit-splitting ones, llama-bpe and qwen2 with their aliases); others are refused.
-        Control tokens (type 3) become special tokens and user-defined ones (type 4) added
-        tokens, so chat markers in text map to one id each.
+        Control and unknown tokens (types 3 and 2) become special tokens and user-defined ones
+        (type 4) added tokens, so chat markers in text map to one id each. The ids are
+        llama.cpp's for the same file (tests/test_tokenizer_llama_cpp.py).
         """
         if isinstance(path_or_metadata, Mapping):
             meta, where = path_or_metadata, "GGUF metadata"
@@ -268,13 +282,12 @@ class Tokenizer:
         # raw (that is how they are matched in text), keeping their ids either way.
         table = byte_alphabet()
         alphabet = frozenset(table)
-        vocab, added = {}, []
-        for index, (token, token_type) in enumerate(zip(tokens, types)):
-            if token_type in (_CONTROL, _USER_DEFINED):
-                vocab[token] = index
-                added.append(AddedToken(token, special=token_type == _CONTROL, normalized=False))
-            else:
-                vocab[_respell(token, alphabet, table)] = index
+        matched = _added_tokens(tokens, types)
+        raw = {index for index, _, _ in matched}
+        vocab = {token if index in raw else _respell(token, alphabet, table): index
+                 for index, token in enumerate(tokens)}
+        added = [AddedToken(token, special=special, normalized=False)
+                 for _, token, special in matched]
         pairs = []
         for merge in merges:
             pair = merge.split(" ")
@@ -589,22 +602,44 @@ class Tokenizer:
         variables.update(extra)
         text = render_chat_template(self.chat_template or CHATML_TEMPLATE, safe,
                                     add_generation_prompt, time_limit=time_limit, **variables)
+        # The template's special tokens cut the prompt into stretches of text, each encoded as
+        # a whole with the escaped spellings put back as plain characters: the ids `encode`
+        # would give if those spellings were not special (a stretch's '▁' prefix and its
+        # pre-tokenizer split do not see the escapes).
         ids: list[int] = []
+        stretch: list[str] = []
+
+        def flush() -> None:
+            joined = "".join(stretch)
+            if joined:
+                ids.extend(self.encode_plain(joined))
+            stretch.clear()
+
+        specials = self._guard_pattern(markers=False)
         pieces = _ESC_SPLIT.split(text)  # text, index, text, index, ..., text
         for i, piece in enumerate(pieces):
-            if i % 2 == 0:
-                ids += self._encode_text(piece) if piece else []
-            else:
-                ids += self.encode_plain(literals[int(piece)])
+            if i % 2:
+                stretch.append(literals[int(piece)])
+                continue
+            start = 0
+            for match in specials.finditer(piece) if specials else ():
+                stretch.append(piece[start:match.start()])
+                flush()
+                ids.append(self.token_to_id(match.group()))
+                start = match.end()
+            stretch.append(piece[start:])
+        flush()
         return ids
 
-    def _guard_pattern(self) -> re.Pattern:
-        """The spellings encode_chat escapes: the special tokens', and its own markers."""
-        if getattr(self, "_guard_re", None) is None:
+    def _guard_pattern(self, markers: bool = True) -> re.Pattern | None:
+        """The spellings encode_chat escapes: the special tokens' (longest first), and with
+        `markers` its own markers; None for no special token and no markers."""
+        cache = "_guard_re" if markers else "_specials_re"
+        if getattr(self, cache, None) is None:
             spelled = sorted(self.special_strings, key=len, reverse=True)
-            self._guard_re = re.compile("|".join(
-                [*map(re.escape, spelled), _ESC_OPEN, _ESC_CLOSE]))
-        return self._guard_re
+            spelled = [*map(re.escape, spelled), *((_ESC_OPEN, _ESC_CLOSE) if markers else ())]
+            setattr(self, cache, re.compile("|".join(spelled)) if spelled else False)
+        return getattr(self, cache) or None
 
     @property
     def special_strings(self) -> tuple[str, ...]:
