@@ -757,3 +757,35 @@ def test_the_step_gives_the_same_bits_on_any_number_of_threads(mode):
     finally:
         torch.set_num_threads(threads)
         native.threads(before)
+
+
+def test_decoding_past_the_rotary_table_renews_the_plan(monkeypatch):
+    """A prompt longer than the rotary table the plan was made with (it holds 512 positions
+    at first and doubles on demand) is prefilled by the forward, which grows the table;
+    decoding after it goes on through the C++ step on a new plan (it had gone through the
+    forward for every token, ~5x slower at 1,000 cached), with the forward's numbers, and
+    the server's runner renews its plan the same way."""
+    from kvformer.runtime.generation import generate
+    from kvformer.runtime.step import for_model
+
+    use("scalar")
+    model = model_for(64, 4, 2, torch.float32, "int4", max_len=2048)
+    run = for_model(model)
+    assert run.native.rope_len == 512
+    prompt = [int(t) for t in torch.randint(0, 256, (700,), generator=torch.Generator()
+                                             .manual_seed(1))]
+    calls = []
+    forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward",
+                        lambda self, *a, **k: calls.append(a[0].shape[1]) or forward(self, *a, **k))
+    out = generate(model, prompt, 6)
+    monkeypatch.undo()
+    # the forward ran the prefill at most (the step may, where rows pay), no decode step
+    assert for_model(model).native.rope_len >= 701 and calls in ([], [700])
+    ref = []
+    with torch.inference_mode():
+        ids = torch.tensor([prompt])
+        for _ in range(6):
+            ref.append(int(model(ids)[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[ref[-1]]])], dim=1)
+    assert out == ref

@@ -180,7 +180,23 @@ class Executor:
 
     def __init__(self, model: nn.Module, native: bool | str | None = None):
         self.model = model
+        self._asked = native
         self.native, self.why = _choose(model, native)
+
+    def renew(self, position: int | None = None) -> bool:
+        """A new plan if the model changed since this one was made; with ``position``, the
+        rotary table is first grown to cover it (a long prompt or conversation goes past the
+        table the plan was made with, which holds the positions in use, doubling on demand).
+        Returns whether the step is now a different one."""
+        rotary = self.model._modules.get("rotary")
+        if position is not None and rotary is not None and hasattr(rotary, "ensure"):
+            for name in ("rotary", "rotary_local"):
+                table = self.model._modules.get(name)
+                if table is not None:
+                    table.ensure(position + 1)
+        old = self.native
+        self.native, self.why = _choose(self.model, self._asked)
+        return self.native is not None and self.native is not old
 
     @property
     def name(self) -> str:
@@ -194,18 +210,25 @@ class Executor:
     def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
                  cache=None, key_mask: torch.Tensor | None = None, *,
                  last_only: bool = False) -> torch.Tensor:
-        step = self.native
-        if (step is not None and type(cache) in _STEP_CACHES
+        if (self.native is not None and type(cache) in _STEP_CACHES
                 and cache.k[0].dtype in _CACHE_DTYPES and tokens.dtype == torch.long
                 and tokens.shape[0] == cache.batch_size):
-            if tokens.shape[1] == 1:
-                out = step.decode(tokens, cache, input_pos, key_mask)
-            elif key_mask is None:
-                out = step.prefill(tokens, cache, input_pos, last_only)
-            else:
-                out = None
-            if out is not None:
-                return out
+            for attempt in range(2):
+                step = self.native
+                if tokens.shape[1] == 1:
+                    out = step.decode(tokens, cache, input_pos, key_mask)
+                elif key_mask is None:
+                    out = step.prefill(tokens, cache, input_pos, last_only)
+                else:
+                    out = None
+                if out is not None:
+                    return out
+                # past the plan's rotary table: grow it and make a new plan, once
+                top = (cache.length + tokens.shape[1] - 1 if input_pos is None
+                       else int(input_pos.max()))
+                if attempt or step.rope_len is None or top < step.rope_len or \
+                        not self.renew(top):
+                    break
         return self.model(tokens, input_pos, cache, key_mask, last_only=last_only)
 
 

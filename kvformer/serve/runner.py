@@ -31,7 +31,12 @@ from kvformer.serve.sequence import Seq
 class StepRunner:
     def __init__(self, executor: Executor, pool: BlockPool):
         self.model, self.pool = executor.model, pool
-        self.native = executor.native  # the C++ step, or None: the forward runs every step
+        self.executor = executor
+
+    @property
+    def native(self):
+        """The C++ step, or None: the forward runs every step."""
+        return self.executor.native
 
     def step(self, decode: list[Seq], prefill: list[tuple[Seq, int]]
              ) -> tuple[list[Seq], torch.Tensor] | None:
@@ -63,8 +68,11 @@ class StepRunner:
                 takers.append(s)
         if len(tokens) > len(seqs):
             tables = tables.repeat_interleave(torch.tensor(rows), dim=0)
-        out = step.paged(torch.tensor(tokens).unsqueeze(1), self.pool, tables,
-                         torch.tensor(lengths), torch.tensor(wanted, dtype=torch.long))
+        args = (torch.tensor(tokens).unsqueeze(1), self.pool, tables, torch.tensor(lengths),
+                torch.tensor(wanted, dtype=torch.long))
+        out = step.paged(*args)
+        if out is None and self.executor.renew(max(lengths)):  # past the rotary table
+            out = self.native.paged(*args)
         if out is None:
             return None
         for s, n in zip(seqs, rows):

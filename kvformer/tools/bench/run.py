@@ -270,9 +270,10 @@ def hf_source(model: str) -> dict | None:
 
 def run_worker(spec: dict, env: dict | None = None, timeout: float = 3600) -> dict:
     """One task in a fresh process (``kvformer.tools.bench.workers``); its result, plus
-    ``peak_rss``: the process's maximum resident set size in MB as the kernel reports it to
-    this parent when it ends (the figure `/usr/bin/time -v` prints; the process's own view
-    of it can lag by a few MB)."""
+    ``peak_rss``: the process's maximum resident set size in MB, as the kernel counts it for
+    that process's own address space (VmHWM, read by the child as it ends; where there is
+    no /proc, the ru_maxrss this parent gets, which on Linux starts at the parent's own
+    peak: the forked child inherits it)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(spec["threads"]),
            **(env or {})}
@@ -310,7 +311,10 @@ def run_worker(spec: dict, env: dict | None = None, timeout: float = 3600) -> di
             raise RuntimeError(f"benchmark of {spec['engine']} {spec.get('dtype', '')} "
                                f"({spec['task']}) failed:\n{err.read()[-3000:]}")
     result = json.loads(lines[-1])
-    result["peak_rss"] = usage.ru_maxrss / 1024  # Linux: kilobytes
+    # the child's own peak (VmHWM) where it can read it: wait4's ru_maxrss (Linux:
+    # kilobytes) starts at this parent's peak when the child is forked
+    own = result.pop("own_peak_rss", None)
+    result["peak_rss"] = own if own is not None else usage.ru_maxrss / 1024
     return result
 
 

@@ -263,6 +263,22 @@ def _transformers(spec: dict) -> dict:
     return out
 
 
+def own_peak_rss() -> float | None:
+    """This process's peak resident memory in MB (VmHWM: its own address space since exec).
+    The ru_maxrss the parent gets from wait4 is not that: Linux carries the parent's peak
+    into a forked child, so a child of a 800 MB parent reports at least 800 MB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    print(json.dumps(worker(json.loads(sys.stdin.read()))))
+    result = worker(json.loads(sys.stdin.read()))
+    result["own_peak_rss"] = own_peak_rss()
+    print(json.dumps(result))
