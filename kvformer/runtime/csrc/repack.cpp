@@ -216,8 +216,14 @@ std::tuple<at::Tensor, at::Tensor> kb_repack(at::Tensor raw, int64_t type, int64
           // + 3) takes its nibble 2s + h at bits 4r .. 4r + 3
           uint32_t row_bits[16];
           for (int r = 0; r < 16; ++r) {
+            const uint8_t* ur = u.data() + r * k + 32 * b;
             uint32_t m = 0;
-            for (int c = 0; c < 32; ++c) m |= uint32_t((at_(r, c) >> (4 + p)) & 1) << c;
+            for (int g = 0; g < 4; ++g) {  // 8 columns: their bits gathered by one multiply
+              uint64_t x;
+              std::memcpy(&x, ur + 8 * g, 8);
+              x = (x >> (4 + p)) & 0x0101010101010101ull;  // bit 8i = column 8g + i's bit
+              m |= uint32_t((x * 0x0102040810204080ull) >> 56) << (8 * g);  // bit i at 56 + i
+            }
             row_bits[r] = m;
           }
           for (int w = 0; w < 8; ++w) {
