@@ -193,6 +193,16 @@ def dequantize_kb(q: torch.Tensor, s: torch.Tensor, bits: int, scales: int,
 
 
 # ------------------------------------------------------------------ modules
+def _hold(module: nn.Module, blocks: KbBlocks) -> None:
+    """A kb module's form and its three buffers (an empty lut when there is none)."""
+    module.bits, module.layout, module.ggml_type = blocks.bits, blocks.scales, blocks.ggml_type
+    module.zero = blocks.zero
+    module.register_buffer("qweight", blocks.q)
+    module.register_buffer("scales", blocks.s)
+    module.register_buffer("lut", blocks.lut if blocks.lut is not None
+                           else torch.empty(0, dtype=torch.uint8))
+
+
 class KbLinear(QuantizedLinear):
     """A linear layer on kb weights (``KbBlocks``): kvformer's kb kernels for a few rows, a
     dense matmul of the weight, unpacked a few rows at a time, for many."""
@@ -204,12 +214,7 @@ class KbLinear(QuantizedLinear):
                  act: torch.dtype | None = None):
         n, k = blocks.shape
         super().__init__(k, n, bias, act)
-        self.bits, self.layout, self.ggml_type = blocks.bits, blocks.scales, blocks.ggml_type
-        self.zero = blocks.zero
-        self.register_buffer("qweight", blocks.q)
-        self.register_buffer("scales", blocks.s)
-        self.register_buffer("lut", blocks.lut if blocks.lut is not None
-                             else torch.empty(0, dtype=torch.uint8))
+        _hold(self, blocks)
 
     @property
     def blocks(self) -> KbBlocks:
@@ -255,12 +260,7 @@ class KbEmbedding(nn.Module):
         super().__init__()
         self.num_embeddings, self.embedding_dim = blocks.shape
         self.act_dtype = act or act_dtype()
-        self.bits, self.layout, self.ggml_type = blocks.bits, blocks.scales, blocks.ggml_type
-        self.zero = blocks.zero
-        self.register_buffer("qweight", blocks.q)
-        self.register_buffer("scales", blocks.s)
-        self.register_buffer("lut", blocks.lut if blocks.lut is not None
-                             else torch.empty(0, dtype=torch.uint8))
+        _hold(self, blocks)
 
     def _apply(self, fn, recurse=True):
         return _apply_keeping(self, super()._apply, fn, recurse)
