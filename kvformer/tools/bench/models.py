@@ -262,6 +262,24 @@ def random_llama_gguf(cache_dir=None, linear_type: str = "Q4_0",
 
 
 # ---------------------------------------------------------------- files made by llama.cpp
+def _derived(src: Path, suffix: str, cache_dir, make) -> Path:
+    """The file made from ``src`` by ``make(tmp_path)``, cached as ``<src stem>-<suffix>.gguf``
+    beside the other benchmark files and made again only when ``src`` is newer; written
+    under a temporary name and renamed into place."""
+    folder = Path(cache_dir) if cache_dir is not None else _cache_root()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{Path(src).stem}-{suffix}.gguf"
+    if path.is_file() and path.stat().st_mtime >= Path(src).stat().st_mtime:
+        return path
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        make(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def llama_quantized(src: Path, ftype: str, cache_dir=None) -> Path:
     """``src`` (an F16 GGUF) quantized by llama.cpp's own quantizer to ``ftype`` (a key of
     LLAMA_FTYPES, e.g. 'Q4_K_M'), cached beside the other benchmark files. Needs the
@@ -270,49 +288,37 @@ def llama_quantized(src: Path, ftype: str, cache_dir=None) -> Path:
 
     if ftype not in LLAMA_FTYPES:
         raise ValueError(f"{ftype!r} is not one of {', '.join(LLAMA_FTYPES)}")
-    folder = Path(cache_dir) if cache_dir is not None else _cache_root()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{Path(src).stem}-{ftype.lower()}.gguf"
-    if path.is_file() and path.stat().st_mtime >= Path(src).stat().st_mtime:
-        return path
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = LLAMA_FTYPES[ftype]
-    params.nthread = os.cpu_count() or 1
-    try:
+
+    def make(tmp: Path) -> None:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = LLAMA_FTYPES[ftype]
+        params.nthread = os.cpu_count() or 1
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if rc != 0:
             raise RuntimeError(f"llama.cpp's quantizer failed on {src} -> {ftype} ({rc})")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+    return _derived(src, ftype.lower(), cache_dir, make)
 
 
 def f16_copy(src: Path, cache_dir=None) -> Path:
     """A GGUF file's model with every matrix as F16 (its numbers, decoded; norms F32),
     metadata copied as stored: the source llama.cpp's quantizer makes each type from, for
     a model (such as the default) that is only distributed quantized."""
-    reader = gguf.GGUFReader(str(src))
-    folder = Path(cache_dir) if cache_dir is not None else _cache_root()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{Path(src).stem}-f16.gguf"
-    if path.is_file() and path.stat().st_mtime >= Path(src).stat().st_mtime:
-        return path
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
-    writer = gguf.GGUFWriter(tmp, arch)
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        vtype = field.types[0]
-        if key == "general.file_type":
-            writer.add_uint32(key, 1)  # MOSTLY_F16
-        elif vtype == gguf.GGUFValueType.ARRAY:
-            writer.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1])
-        else:
-            writer.add_key_value(key, field.contents(), vtype)
-    try:
+
+    def make(tmp: Path) -> None:
+        reader = gguf.GGUFReader(str(src))
+        arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
+        writer = gguf.GGUFWriter(tmp, arch)
+        for key, field in reader.fields.items():
+            if key.startswith("GGUF.") or key == "general.architecture":
+                continue
+            vtype = field.types[0]
+            if key == "general.file_type":
+                writer.add_uint32(key, 1)  # MOSTLY_F16
+            elif vtype == gguf.GGUFValueType.ARRAY:
+                writer.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1])
+            else:
+                writer.add_key_value(key, field.contents(), vtype)
         for t in reader.tensors:
             shape = tuple(int(x) for x in reversed(t.shape))  # torch order
             raw = torch.from_numpy(np.array(t.data).view(np.uint8).reshape(-1))  # a copy
@@ -323,7 +329,5 @@ def f16_copy(src: Path, cache_dir=None) -> Path:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+    return _derived(src, "f16", cache_dir, make)
