@@ -122,12 +122,9 @@ int64_t kind_of(const std::string& kind) {
   TORCH_CHECK(false, "kvformer_native: kind must be 'int8' or 'int4', got '", kind, "'");
 }
 
-// x [M, K] (any float dtype) -> x W^T [M, N] fp32 through one quantized layer's kernel
-Tensor linear(Tensor x, std::string kind, Tensor w, Tensor s, std::string isa) {
-  const Kernels& K = kernels_for(isa);
-  Lin lin;
-  lin.set(kind_of(kind), w, s, Tensor(), at::kFloat, /*rowsums=*/false);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == lin.k, "kvformer_native.linear: x must be [M, ",
+// x [M, K] (any float dtype) -> x W^T [M, N] fp32 through lin's kernel on path K
+Tensor run_one(const Kernels& K, const Lin& lin, Tensor x, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == lin.k, "kvformer_native.", op, ": x must be [M, ",
               lin.k, "], got ", x.sizes());
   x = x.to(at::kFloat).contiguous();
   const int64_t M = x.size(0);
@@ -135,6 +132,14 @@ Tensor linear(Tensor x, std::string kind, Tensor w, Tensor s, std::string isa) {
   Work wk;
   lin.run(K, x.data_ptr<float>(), M, y.data_ptr<float>(), wk, at::kFloat);
   return y;
+}
+
+// x [M, K] (any float dtype) -> x W^T [M, N] fp32 through one quantized layer's kernel
+Tensor linear(Tensor x, std::string kind, Tensor w, Tensor s, std::string isa) {
+  const Kernels& K = kernels_for(isa);
+  Lin lin;
+  lin.set(kind_of(kind), w, s, Tensor(), at::kFloat, /*rowsums=*/false);
+  return run_one(K, lin, x, "linear");
 }
 
 // The weight an int4 layer stands for, [N, K], in fp32 or bf16 (prefill multiplies by it)
@@ -164,14 +169,7 @@ Tensor linear_kb(Tensor x, Tensor q, Tensor s, int64_t bits, int64_t scales, int
   const Kernels& K = kernels_for(isa);
   Lin lin;
   lin.set_kb(q, s, bits, scales, zero, lut, Tensor(), at::kFloat);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == lin.k, "kvformer_native.linear_kb: x must be [M, ",
-              lin.k, "], got ", x.sizes());
-  x = x.to(at::kFloat).contiguous();
-  const int64_t M = x.size(0);
-  Tensor y = at::empty({M, lin.n}, x.options());
-  Work wk;
-  lin.run(K, x.data_ptr<float>(), M, y.data_ptr<float>(), wk, at::kFloat);
-  return y;
+  return run_one(K, lin, x, "linear_kb");
 }
 
 // rows [start, end) of the weight kb weights stand for, in fp32 or bf16
