@@ -12,7 +12,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from kvformer.errors import CheckpointError
 from kvformer.formats.gguf.blocks import KB_TYPES, to_kb
 from kvformer.runtime import native
-from kvformer.runtime.kb import KbEmbedding, KbLinear, dequantize_kb
+from kvformer.runtime.kb import KbBlocks, KbEmbedding, KbLinear, dequantize_kb
 
 PATHS = ["avx512", "avxvnni", "avx2", "neon", "scalar"]
 TYPES = {name: tid for tid, (name, _, _) in KB_TYPES.items()}
@@ -166,6 +166,35 @@ def test_layers_use_the_kernels_and_agree_with_the_file():
     assert torch.equal(emb(ids), w[ids])
     with pytest.raises(IndexError):
         emb(torch.tensor([64]))
+
+
+@pytest.mark.parametrize("native_repack", [True, False])
+def test_fused_parts_repacked_into_one_buffer_are_stacked_without_a_copy(native_repack):
+    """The loader repacks Q, K, V (gate, up) into row slices of one buffer (``kb_buffers`` +
+    ``to_kb(out=)``); stacking them is then a view of that buffer holding exactly the bytes
+    of the parts repacked on their own. Parts from separate buffers are copied."""
+    from kvformer.formats.gguf.blocks import kb_buffers
+
+    if native_repack and not native.available():
+        pytest.skip("needs the native library")
+    sizes, k = (64, 32, 32), 512
+    parts = [random_blocks("Q4_K", n, k, seed=20 + i) for i, n in enumerate(sizes)]
+    alone = [to_kb(torch.from_numpy(b.reshape(-1).copy()), TYPES["Q4_K"], (n, k),
+                   native_repack=native_repack) for b, n in zip(parts, sizes)]
+    q, s = kb_buffers(TYPES["Q4_K"], sum(sizes), k)
+    placed, at = [], 0
+    for b, n in zip(parts, sizes):
+        placed.append(to_kb(torch.from_numpy(b.reshape(-1).copy()), TYPES["Q4_K"], (n, k),
+                            native_repack=native_repack,
+                            out=(q[at // 16:(at + n) // 16], s[at // 16:(at + n) // 16])))
+        at += n
+    fused = KbBlocks.stack(placed)
+    assert fused.q.data_ptr() == q.data_ptr() and fused.s.data_ptr() == s.data_ptr()
+    assert torch.equal(fused.q, torch.cat([a.q for a in alone]))
+    assert torch.equal(fused.s, torch.cat([a.s for a in alone]))
+    copied = KbBlocks.stack(alone)
+    assert copied.q.data_ptr() != alone[0].q.data_ptr()
+    assert torch.equal(copied.q, fused.q) and torch.equal(copied.s, fused.s)
 
 
 def test_a_matrix_the_layout_cannot_take_is_refused_in_one_line():

@@ -120,9 +120,26 @@ class KbBlocks:
         if len({p.form for p in parts}) != 1:
             raise ValueError("kb matrices of different forms cannot be stacked")
         p0 = parts[0]
-        return KbBlocks(torch.cat([p.q for p in parts]), torch.cat([p.s for p in parts]),
+        return KbBlocks(_joined([p.q for p in parts]), _joined([p.s for p in parts]),
                         p0.bits, p0.scales, p0.lut, "+".join(sorted({p.ggml_type for p in parts})),
                         p0.zero)
+
+
+def _joined(ts: list[torch.Tensor]) -> torch.Tensor:
+    """Row blocks stacked along dim 0: a view where they already lie end to end in one
+    storage (the loader repacks a fused layer's parts into one buffer), else a copy."""
+    t0 = ts[0]
+    storage = t0.untyped_storage()
+    end = t0.data_ptr() + t0.nbytes
+    for t in ts[1:]:
+        if (not t.is_contiguous() or t.untyped_storage().data_ptr() != storage.data_ptr()
+                or t.data_ptr() != end or t.shape[1:] != t0.shape[1:]):
+            return torch.cat(ts)
+        end += t.nbytes
+    if not t0.is_contiguous():
+        return torch.cat(ts)
+    shape = (sum(t.shape[0] for t in ts), *t0.shape[1:])
+    return torch.empty(0, dtype=t0.dtype).set_(storage, t0.storage_offset(), shape)
 
 
 # ------------------------------------------------------------------ the layout in torch ops

@@ -37,7 +37,7 @@ from kvformer.runtime.kb import (
     scale_bytes,
 )
 
-__all__ = ["KB_TYPES", "to_kb", "what_runs"]
+__all__ = ["KB_TYPES", "kb_buffers", "to_kb", "what_runs"]
 
 IQ4_GRID = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 _LUT = torch.tensor([v + 128 for v in IQ4_GRID], dtype=torch.uint8)
@@ -77,11 +77,22 @@ def kb_shape_ok(type_id: int, n: int, k: int) -> bool:
     return type_id in KB_TYPES and n % 16 == 0 and k % KB_TYPES[type_id][1] == 0
 
 
+def kb_buffers(type_id: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialized (q, s) for an [n, k] matrix of this type in the kb layout (``to_kb``'s
+    ``out``; the loader takes row slices of one pair for the parts of a fused layer)."""
+    bits, scales, _, _ = _FORM[KB_TYPES[type_id][0]]
+    q = torch.empty(n // 16, k // 32, record_bytes(bits), dtype=torch.uint8)
+    s = torch.empty(n // 16, k // 32 * scale_bytes(scales), dtype=torch.uint8)
+    return q, s
+
+
 def to_kb(raw: torch.Tensor, type_id: int, shape: tuple[int, int], where: str = "",
-          native_repack: bool = True) -> KbBlocks:
+          native_repack: bool = True,
+          out: tuple[torch.Tensor, torch.Tensor] | None = None) -> KbBlocks:
     """The stored bytes of a GGUF matrix [n, k] (rows of blocks) as kb weights: by the C++
     repack (``csrc/repack.cpp``, one pass) where the native library is built, else (or with
-    ``native_repack=False``) with numpy, a few hundred rows at a time."""
+    ``native_repack=False``) with numpy, a few hundred rows at a time. ``out``: the (q, s)
+    to write (``kb_buffers``' shapes), else new tensors."""
     name, per, size = KB_TYPES[type_id]
     n, k = shape
     if not kb_shape_ok(type_id, n, k) or raw.numel() != n * k // per * size:
@@ -91,13 +102,14 @@ def to_kb(raw: torch.Tensor, type_id: int, shape: tuple[int, int], where: str = 
     bits, scales, lut, zero = _FORM[name]
     if native_repack and native.available():
         try:
-            q, s = torch.ops.kvformer_native.kb_repack(raw, type_id, n, k)
+            q, s = torch.ops.kvformer_native.kb_repack(raw, type_id, n, k,
+                                                       *(out or (None, None)))
         except RuntimeError as exc:
             raise CheckpointError(f"{where}{name} matrix {list(shape)}: "
                                   f"{str(exc).splitlines()[0].split(': ', 1)[-1]}") from None
         return KbBlocks(q, s, bits, scales, _LUT.clone() if lut else None, name, zero)
-    q = torch.empty(t, kb, record_bytes(bits), dtype=torch.uint8)
-    s = torch.empty(t, kb * scale_bytes(scales), dtype=torch.uint8)
+    q, s = out or (torch.empty(t, kb, record_bytes(bits), dtype=torch.uint8),
+                   torch.empty(t, kb * scale_bytes(scales), dtype=torch.uint8))
     blocks = raw.numpy().reshape(n, k // per, size)
     qn, sn = q.numpy(), s.numpy()
     for r0 in range(0, n, _ROWS):

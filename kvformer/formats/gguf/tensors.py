@@ -24,7 +24,7 @@ import torch
 
 from kvformer.config import ModelConfig
 from kvformer.errors import CheckpointError, UnsupportedArchitectureError
-from kvformer.formats.gguf.blocks import KB_TYPES, kb_shape_ok, to_kb
+from kvformer.formats.gguf.blocks import KB_TYPES, kb_buffers, kb_shape_ok, to_kb
 from kvformer.formats.gguf.config import (
     GGUF_ARCHITECTURES,
     GGUF_ROPE_TENSORS,
@@ -33,7 +33,7 @@ from kvformer.formats.gguf.config import (
 )
 from kvformer.formats.gguf.dequant import SUPPORTED_TENSOR_TYPES, dequantize
 from kvformer.formats.gguf.reader import GGUFFile, GGUFTensorInfo, _load_one
-from kvformer.runtime.quant import Int4Blocks
+from kvformer.runtime.quant import FUSED, Int4Blocks
 
 __all__ = [
     "GGUF_FUSED_QKV",
@@ -336,6 +336,7 @@ def _plan_kb(f: GGUFFile, cfg: ModelConfig, plan, dtype: torch.dtype
     arch = f.metadata.get("general.architecture")
     permute = GGUF_ARCHITECTURES.get(arch, {}).get("permute_qk", False)
     expected = expected_shapes(cfg)
+    place = _fused_places(f, plan, expected)
     for gname, targets in plan:
         info = f.tensors[gname]
         if len(info.shape) != 2 or info.type_id not in KB_TYPES:
@@ -359,7 +360,8 @@ def _plan_kb(f: GGUFFile, cfg: ModelConfig, plan, dtype: torch.dtype
         for name, part in parts:
             shape = (part.shape[0], k)
             if kb_shape_ok(info.type_id, *shape):
-                out.append((name, to_kb(part.contiguous().view(-1), info.type_id, shape, where)))
+                out.append((name, to_kb(part.contiguous().view(-1), info.type_id, shape, where,
+                                        out=place(name))))
             else:  # rows that are not tiles of 16: the numbers, dequantized exactly
                 out.append((name, dequantize(part.contiguous().view(-1), info.type_id, shape,
                                              dtype)))
@@ -367,6 +369,45 @@ def _plan_kb(f: GGUFFile, cfg: ModelConfig, plan, dtype: torch.dtype
         del rows, parts
         yield from out
         del out
+
+
+def _fused_places(f: GGUFFile, plan, expected: dict):
+    """name -> its rows in one buffer shared by the parts of a fused layer (Q, K, V; gate,
+    up) where they are kb matrices of one type: the repack writes each part in place, and
+    the layer takes them as they lie (no concatenation, no second copy). None for others."""
+    source = {t: f.tensors[g] for g, targets in plan for t in targets}
+    slots: dict[str, tuple[list, int, int]] = {}  # name -> (the group's buffers, rows)
+    for name in source:
+        if not (name.startswith("layers.") and name.endswith(".weight")):
+            continue
+        i, owner, part = name.split(".")[1:4]
+        if owner not in FUSED or part != FUSED[owner][1][0]:
+            continue
+        names = [f"layers.{i}.{owner}.{p}.weight" for p in FUSED[owner][1]]
+        infos = [source.get(n) for n in names]
+        if any(x is None for x in infos):
+            continue
+        type_id, k = infos[0].type_id, infos[0].shape[1]
+        rows = [expected[n][0] for n in names]
+        if not all(x.type_id == type_id and x.shape[1] == k and kb_shape_ok(type_id, r, k)
+                   for x, r in zip(infos, rows)):
+            continue
+        group = [None, type_id, sum(rows), k]  # buffers made when the first part arrives
+        at = 0
+        for n, r in zip(names, rows):
+            slots[n] = (group, at, at + r)
+            at += r
+
+    def place(name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if name not in slots:
+            return None
+        group, a, b = slots.pop(name)
+        if group[0] is None:
+            group[0] = kb_buffers(*group[1:])
+        q, s = group[0]
+        return q[a // 16:b // 16], s[a // 16:b // 16]
+
+    return place
 
 
 def _check_rope_tensor(f: GGUFFile, name: str, cfg: ModelConfig) -> None:

@@ -8,10 +8,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -164,10 +167,25 @@ bool finite16(uint16_t h) { return (h & 0x7c00u) != 0x7c00u; }
 
 }  // namespace
 
+at::Tensor out_or_new(const std::optional<at::Tensor>& out, at::IntArrayRef shape,
+                      const at::Tensor& like, const char* what) {
+  if (!out.has_value()) {
+    return at::empty(shape, like.options());
+  }
+  TORCH_CHECK(out->scalar_type() == at::kByte && out->is_contiguous() &&
+                  out->sizes() == shape,
+              "kvformer_native.kb_repack: ", what, " must be a contiguous uint8 tensor of shape ",
+              shape, ", got ", out->sizes());
+  return *out;
+}
+
 // raw: the stored bytes of a GGUF matrix [n, k] of ggml type `type` (rows of blocks),
 // n % 16 == 0 -> (records uint8 [n/16, k/32, kb_record], scales uint8 [n/16, ...]).
+// Into q_out / s_out where given (a fused layer's row slices: its parts land side by side
+// and are never concatenated), else into new tensors.
 std::tuple<at::Tensor, at::Tensor> kb_repack(at::Tensor raw, int64_t type, int64_t n,
-                                             int64_t k) {
+                                             int64_t k, std::optional<at::Tensor> q_out,
+                                             std::optional<at::Tensor> s_out) {
   const Form f = form_of(type);
   TORCH_CHECK(n > 0 && n % 16 == 0 && k > 0 && k % f.per == 0,
               "kvformer_native.kb_repack: a matrix of ", n, " x ", k, " does not fit the kb "
@@ -177,18 +195,25 @@ std::tuple<at::Tensor, at::Tensor> kb_repack(at::Tensor raw, int64_t type, int64
               "kvformer_native.kb_repack: ", raw.numel(), " bytes for a ", n, " x ", k,
               " matrix of type ", type, ", which has ", n * (k / f.per) * f.size);
   const int64_t T = n / 16, KB = k / 32, rec = kb_record(f.bits);
-  at::Tensor q = at::empty({T, KB, rec}, raw.options());
-  at::Tensor s = at::empty({T, KB * kb_scale_bytes(f.scales)}, raw.options());
+  at::Tensor q = out_or_new(q_out, {T, KB, rec}, raw, "q_out");
+  at::Tensor s = out_or_new(s_out, {T, KB * kb_scale_bytes(f.scales)}, raw, "s_out");
   const uint8_t* src = raw.data_ptr<uint8_t>();
   uint8_t* qp = q.data_ptr<uint8_t>();
   uint8_t* sp = s.data_ptr<uint8_t>();
   const int64_t row_bytes = (k / f.per) * f.size, ns = k / 256;
   std::atomic<int64_t> bad{-1};
-  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+  // Tiles are handed out a few at a time, not split in equal halves up front: on a shared
+  // machine one thread may be descheduled, and the others then take its share instead of
+  // waiting for it at the end.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunk = std::max<int64_t>(1, T / (8 * threads));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     std::vector<uint8_t> u(16 * k);
     std::vector<uint16_t> D(16 * KB), M(16 * KB), d(16 * (ns + 1)), dm(16 * (ns + 1));
     std::vector<int8_t> sc(16 * (k / 16)), mn(16 * KB);
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t c0 = next.fetch_add(chunk); c0 < T; c0 = next.fetch_add(chunk))
+    for (int64_t t = c0; t < std::min(T, c0 + chunk); ++t) {
       for (int r = 0; r < 16; ++r) {
         RowOut o{u.data() + r * k, D.data() + r * KB, M.data() + r * KB,
                  d.data() + r * (ns + 1), dm.data() + r * (ns + 1),
@@ -289,5 +314,6 @@ std::tuple<at::Tensor, at::Tensor> kb_repack(at::Tensor raw, int64_t type, int64
 }  // namespace kvf
 
 TORCH_LIBRARY_FRAGMENT(kvformer_native, m) {
-  m.def("kb_repack(Tensor raw, int type, int n, int k) -> (Tensor, Tensor)", &kvf::kb_repack);
+  m.def("kb_repack(Tensor raw, int type, int n, int k, Tensor? q_out=None, Tensor? s_out=None) "
+        "-> (Tensor, Tensor)", &kvf::kb_repack);
 }
