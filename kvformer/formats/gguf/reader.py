@@ -142,16 +142,15 @@ class _Cursor:
                     self.need(8, what + " string length")
                 (n,) = unpack(buf, pos)
                 pos += 8
-                end = pos + n
-                if end > size:
+                raw = buf[pos:pos + n]
+                if len(raw) != n:  # the string runs past the end of the file
                     self.pos = pos
                     self.need(n, what + " string")
-                raw = buf[pos:end]
                 try:
-                    append(raw.decode("utf-8"))
+                    append(raw.decode())
                 except UnicodeDecodeError:
                     append(raw.decode("utf-8", errors="replace"))
-                pos = end
+                pos += n
             self.pos = pos
             return out
         if itype == _ARRAY:
@@ -334,6 +333,12 @@ class GGUFFile:
                     f"{self.path}: tensor {name!r} ({info.type_name}, shape {list(info.shape)}) "
                     f"needs bytes {info.offset}..{end} but the file ends at {self.file_size}; "
                     "the file is truncated — download or convert it again")
+
+    def header_bytes(self) -> bytes:
+        """Everything before the tensor data: the metadata and the tensor table."""
+        if self._mm is None:
+            raise CheckpointError(f"{self.path}: the GGUF file is closed")
+        return bytes(self._mm[:min(self.data_offset, self.file_size)])
 
     def raw(self, name: str) -> torch.Tensor:
         """The stored bytes of one tensor as a uint8 tensor (a view of the mapped file)."""

@@ -32,7 +32,9 @@ from kvformer.formats.gguf.config import (
     config_from_gguf,
 )
 from kvformer.formats.gguf.dequant import SUPPORTED_TENSOR_TYPES, dequantize
+from kvformer.formats.gguf.kbcache import KbCache
 from kvformer.formats.gguf.reader import GGUFFile, GGUFTensorInfo, _load_one
+from kvformer.runtime.kb import KbBlocks
 from kvformer.runtime.quant import FUSED, Int4Blocks
 
 __all__ = [
@@ -337,10 +339,20 @@ def _plan_kb(f: GGUFFile, cfg: ModelConfig, plan, dtype: torch.dtype
     permute = GGUF_ARCHITECTURES.get(arch, {}).get("permute_qk", False)
     expected = expected_shapes(cfg)
     place = _fused_places(f, plan, expected)
+    repacked = _kb_matrices(f, plan, expected)
+    cache = KbCache(f, {t: (KB_TYPES[f.tensors[g].type_id][0], shape)
+                        for t, (g, shape) in repacked.items()})
+    stored = cache.lookup() if repacked else None
+    keep = (stored is None and cache.wanted(sum(f.tensors[g].nbytes
+                                                for g in {g for g, _ in repacked.values()})))
+    made: list[tuple[str, KbBlocks]] = []
     for gname, targets in plan:
         info = f.tensors[gname]
         if len(info.shape) != 2 or info.type_id not in KB_TYPES:
             yield from _plan_tensors(f, cfg, [(gname, targets)], dtype, False)
+            continue
+        if stored is not None and all(t in stored for t in targets):
+            yield from ((t, stored.pop(t)) for t in targets)  # mapped, not repacked
             continue
         n, k = info.shape
         rows = f.raw(gname).view(n, -1)
@@ -362,6 +374,8 @@ def _plan_kb(f: GGUFFile, cfg: ModelConfig, plan, dtype: torch.dtype
             if kb_shape_ok(info.type_id, *shape):
                 out.append((name, to_kb(part.contiguous().view(-1), info.type_id, shape, where,
                                         out=place(name))))
+                if keep:
+                    made.append(out[-1])
             else:  # rows that are not tiles of 16: the numbers, dequantized exactly
                 out.append((name, dequantize(part.contiguous().view(-1), info.type_id, shape,
                                              dtype)))
@@ -369,6 +383,23 @@ def _plan_kb(f: GGUFFile, cfg: ModelConfig, plan, dtype: torch.dtype
         del rows, parts
         yield from out
         del out
+    if made:
+        cache.store(made)
+
+
+def _kb_matrices(f: GGUFFile, plan, expected: dict) -> dict[str, tuple[str, tuple[int, int]]]:
+    """kvformer name -> (GGUF tensor, [n, k]) of every matrix ``_plan_kb`` repacks."""
+    out = {}
+    for gname, targets in plan:
+        info = f.tensors[gname]
+        if len(info.shape) != 2 or info.type_id not in KB_TYPES:
+            continue
+        k = info.shape[1]
+        for t in targets:
+            shape = (info.shape[0] if len(targets) == 1 else expected[t][0], k)
+            if kb_shape_ok(info.type_id, *shape):
+                out[t] = (gname, shape)
+    return out
 
 
 def _fused_places(f: GGUFFile, plan, expected: dict):

@@ -82,6 +82,18 @@ def byte_alphabet() -> tuple[str, ...]:
     return tuple(spelled[b] for b in range(256))
 
 
+def _vocab(tokens: list[str], raw: set[int], alphabet: frozenset[str],
+           table: tuple[str, ...]) -> dict[str, int]:
+    """token -> id, each ordinary token in its byte-alphabet spelling (a later duplicate
+    wins). Most files store every ordinary token spelled so already: one scan of all of
+    them says so, and only the others are looked at one by one."""
+    vocab = dict(zip(tokens, range(len(tokens))))
+    if len(vocab) == len(tokens) and set("".join(tokens)) <= alphabet:
+        return vocab  # raw (added) tokens in the alphabet are spelled the same either way
+    return {token if index in raw else _respell(token, alphabet, table): index
+            for index, token in enumerate(tokens)}
+
+
 def _respell(token: str, alphabet: frozenset[str], table: tuple[str, ...]) -> str:
     """A token written in raw text becomes its byte-alphabet spelling (others pass unchanged)."""
     if set(token) <= alphabet:
@@ -284,16 +296,13 @@ class Tokenizer:
         alphabet = frozenset(table)
         matched = _added_tokens(tokens, types)
         raw = {index for index, _, _ in matched}
-        vocab = {token if index in raw else _respell(token, alphabet, table): index
-                 for index, token in enumerate(tokens)}
+        vocab = _vocab(tokens, raw, alphabet, table)
         added = [AddedToken(token, special=special, normalized=False)
                  for _, token, special in matched]
-        pairs = []
-        for merge in merges:
-            pair = merge.split(" ")
+        pairs = [tuple(merge.split(" ")) for merge in merges]
+        for merge, pair in zip(merges, pairs):
             if len(pair) != 2:
                 raise CheckpointError(f"{where}: malformed merge {merge!r}; the file is corrupt")
-            pairs.append(tuple(pair))
 
         backend = tokenizers.Tokenizer(models.BPE(
             vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False,
