@@ -1,7 +1,8 @@
 """The HTTP front: an OpenAI-compatible API over the batching engine (FastAPI).
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
-(plain JSON, or ``stream: true`` as server-sent events), ``GET /health``,
+(plain JSON, or ``stream: true`` as server-sent events), ``POST /v1/embeddings``
+(``embeddings``), ``GET /health``,
 ``GET /metrics`` (Prometheus text format), and a chat page at ``GET /`` with the engine's
 state as JSON at ``GET /status`` (``serve/ui.py``).
 
@@ -26,7 +27,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvformer import __version__
-from kvformer.serve import routes, ui
+from kvformer.serve import embeddings, routes, ui
 from kvformer.serve.engine import Engine
 from kvformer.serve.http import (
     LOOPBACK_HOSTS,
@@ -42,6 +43,7 @@ from kvformer.serve.schemas import (
     ChatRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     TokenizeRequest,
 )
 from kvformer.serve.streaming import ClientGone
@@ -122,6 +124,10 @@ def create_app(engine: Engine, model_name: str = "default", *, api_key: str | No
     async def chat(request: Request):
         return await routes.chat(srv, request)
 
+    @app.post("/v1/embeddings")
+    async def embeddings_(request: Request):
+        return await embeddings.embeddings(srv, request)
+
     @app.post("/tokenize")
     async def tokenize(request: Request):
         return await routes.tokenize(srv, request)
@@ -137,7 +143,8 @@ def create_app(engine: Engine, model_name: str = "default", *, api_key: str | No
 # The request bodies the POST routes parse themselves (to answer in OpenAI's error shape),
 # written into /openapi.json so that clients and API testers see them.
 BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest,
-          "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
+          "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest,
+          "/v1/embeddings": EmbeddingRequest}
 ERROR_SCHEMA = {
     "type": "object", "required": ["error"],
     "properties": {"error": {

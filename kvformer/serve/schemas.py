@@ -138,6 +138,14 @@ class DetokenizeRequest(_Body):
     tokens: list[int]
 
 
+class EmbeddingRequest(_Body):
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: str | None = None  # "float" (default) | "base64"
+    dimensions: int | None = None
+    user: str | None = None
+
+
 def parse_body(cls: type[BaseModel], data: Any) -> Any:
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got "
