@@ -2,16 +2,16 @@
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
 (plain JSON, or ``stream: true`` as server-sent events), ``POST /v1/embeddings``
-(``embeddings``), ``GET /health``,
+(``embeddings``), ``POST /v1/messages`` (Anthropic's Messages API: ``anthropic``), ``GET /health``,
 ``GET /metrics`` (Prometheus text format), and a chat page at ``GET /`` with the engine's
 state as JSON at ``GET /status`` (``serve/ui.py``).
 
 Handlers never run torch: they tokenize, hand the request to the engine thread and await
 its outputs (``streaming``). Every failure answers with OpenAI's error body
-``{"error": {"message", "type", "param", "code"}}`` (``schemas.APIError``) and the server
-carries on. This module builds the app and holds what the handlers share (``Server``);
-``routes`` has the generation endpoints, ``schemas`` the request bodies, ``http`` the
-socket and the background server.
+``{"error": {"message", "type", "param", "code"}}`` (``schemas.APIError``; /v1/messages
+answers in Anthropic's shape) and the server carries on. This module builds the app and
+holds what the handlers share (``Server``); ``routes`` has the generation endpoints,
+``schemas`` the request bodies, ``http`` the socket and the background server.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvformer import __version__
-from kvformer.serve import embeddings, routes, ui
+from kvformer.serve import anthropic, embeddings, routes, ui
 from kvformer.serve.engine import Engine
 from kvformer.serve.http import (
     LOOPBACK_HOSTS,
@@ -39,6 +39,7 @@ from kvformer.serve.http import (
 from kvformer.serve.metrics import render_metrics
 from kvformer.serve.routes import Server
 from kvformer.serve.schemas import (
+    AnthropicRequest,
     APIError,
     ChatRequest,
     CompletionRequest,
@@ -128,6 +129,10 @@ def create_app(engine: Engine, model_name: str = "default", *, api_key: str | No
     async def embeddings_(request: Request):
         return await embeddings.embeddings(srv, request)
 
+    @app.post("/v1/messages")
+    async def messages(request: Request):
+        return await anthropic.messages(srv, request)
+
     @app.post("/tokenize")
     async def tokenize(request: Request):
         return await routes.tokenize(srv, request)
@@ -144,7 +149,7 @@ def create_app(engine: Engine, model_name: str = "default", *, api_key: str | No
 # written into /openapi.json so that clients and API testers see them.
 BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest,
           "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest,
-          "/v1/embeddings": EmbeddingRequest}
+          "/v1/embeddings": EmbeddingRequest, "/v1/messages": AnthropicRequest}
 ERROR_SCHEMA = {
     "type": "object", "required": ["error"],
     "properties": {"error": {

@@ -146,6 +146,31 @@ class EmbeddingRequest(_Body):
     user: str | None = None
 
 
+class AnthropicMessage(_Body):
+    role: str
+    content: str | list[dict[str, Any]]  # text, tool_use and tool_result blocks
+
+
+class AnthropicRequest(_Body):
+    """Anthropic's Messages API (``/v1/messages``)."""
+
+    model: str | None = None
+    max_tokens: int
+    messages: list[AnthropicMessage]
+    system: str | list[dict[str, Any]] | None = None
+    stop_sequences: list[str] | None = None
+    stream: bool | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None  # {"format": {"type": "json_schema", ...}}
+    metadata: dict[str, Any] | None = None  # labels: accepted, change nothing
+    service_tier: str | None = None
+
+
 def parse_body(cls: type[BaseModel], data: Any) -> Any:
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got "
