@@ -2,7 +2,8 @@
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
 (plain JSON, or ``stream: true`` as server-sent events), ``POST /v1/embeddings``
-(``embeddings``), ``POST /v1/messages`` (Anthropic's Messages API: ``anthropic``), ``GET /health``,
+(``embeddings``), ``POST /v1/responses`` (OpenAI's Responses API: ``responses``),
+``POST /v1/messages`` (Anthropic's Messages API: ``anthropic``), ``GET /health``,
 ``GET /metrics`` (Prometheus text format), and a chat page at ``GET /`` with the engine's
 state as JSON at ``GET /status`` (``serve/ui.py``).
 
@@ -27,7 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvformer import __version__
-from kvformer.serve import anthropic, embeddings, routes, ui
+from kvformer.serve import anthropic, embeddings, responses, routes, ui
 from kvformer.serve.engine import Engine
 from kvformer.serve.http import (
     LOOPBACK_HOSTS,
@@ -45,6 +46,7 @@ from kvformer.serve.schemas import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    ResponsesRequest,
     TokenizeRequest,
 )
 from kvformer.serve.streaming import ClientGone
@@ -129,6 +131,12 @@ def create_app(engine: Engine, model_name: str = "default", *, api_key: str | No
     async def embeddings_(request: Request):
         return await embeddings.embeddings(srv, request)
 
+    stored = responses.Store()
+
+    @app.post("/v1/responses")
+    async def responses_(request: Request):
+        return await responses.responses(srv, stored, request)
+
     @app.post("/v1/messages")
     async def messages(request: Request):
         return await anthropic.messages(srv, request)
@@ -149,7 +157,8 @@ def create_app(engine: Engine, model_name: str = "default", *, api_key: str | No
 # written into /openapi.json so that clients and API testers see them.
 BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest,
           "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest,
-          "/v1/embeddings": EmbeddingRequest, "/v1/messages": AnthropicRequest}
+          "/v1/embeddings": EmbeddingRequest, "/v1/messages": AnthropicRequest,
+          "/v1/responses": ResponsesRequest}
 ERROR_SCHEMA = {
     "type": "object", "required": ["error"],
     "properties": {"error": {
