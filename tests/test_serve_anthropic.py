@@ -118,6 +118,7 @@ def test_system_blocks_and_stream_events(client, oai):
     deltas = [e.delta.text for e in events if e.type == "content_block_delta"]
     assert "".join(deltas) == final.content[0].text == ref.choices[0].message.content
     assert final.stop_reason == "max_tokens" and final.usage.output_tokens == 10
+    assert events[0].message.usage.input_tokens == ref.usage.prompt_tokens
     plain = client.messages.create(**kw)
     assert plain.content[0].text == final.content[0].text
 

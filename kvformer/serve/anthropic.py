@@ -77,8 +77,8 @@ async def _messages(srv: Server, request: Request) -> dict | StreamingResponse:
         return ("stop_sequence", matched) if matched is not None else ("end_turn", None)
 
     if req.stream:
-        return sse_response(stream, first, _Events(head, plan, stop_reason), named=True,
-                            error_body=error_body)
+        events = _Events(head, plan, stop_reason, stream.prompt_tokens)
+        return sse_response(stream, first, events, named=True, error_body=error_body)
     out = (await collect(stream, first, request, srv.retry_after, 1))[0]
     text, calls = parse_answer(out.text, plan) if plan else (out.text, [])
     content = [{"type": "text", "text": text}] if text or not calls else []
@@ -92,8 +92,8 @@ class _Events:
     """The stream's events for each output: text deltas in one text block, each tool call
     a ``tool_use`` block of its own (its arguments in one ``input_json_delta``)."""
 
-    def __init__(self, head: dict, plan, stop_reason):
-        self.head, self.stop_reason = head, stop_reason
+    def __init__(self, head: dict, plan, stop_reason, prompt_tokens: int):
+        self.head, self.stop_reason, self.prompt_tokens = head, stop_reason, prompt_tokens
         self.parser = ToolCallParser(plan.names, plan.parallel) if plan else None
         self.total = Output()
         self.started = False
@@ -108,7 +108,7 @@ class _Events:
             self.started = True
             events.append({"type": "message_start", "message": dict(
                 self.head, content=[], stop_reason=None, stop_sequence=None,
-                usage={"input_tokens": 0, "output_tokens": 0})})
+                usage={"input_tokens": self.prompt_tokens, "output_tokens": 0})})
         text, calls = out.text, []
         if self.parser is not None:
             text, calls = self.parser.feed(text)
@@ -213,13 +213,17 @@ def chat_body(req: AnthropicRequest) -> dict:
     return body
 
 
-def _text_of(value: str | list[dict], param: str) -> str:
+def _text_of(value: Any, param: str) -> str:
     """A string, or text blocks joined."""
     if isinstance(value, str):
         return value
+    if not isinstance(value, list):
+        raise APIError(400, f"{param} must be a string or a list of text blocks",
+                       param=param, code="invalid_value")
     parts = []
     for j, block in enumerate(value):
-        if block.get("type") != "text" or not isinstance(block.get("text"), str):
+        if not isinstance(block, dict) or block.get("type") != "text" \
+                or not isinstance(block.get("text"), str):
             raise APIError(400, f"{param}[{j}] must be a text block "
                                 f"({{'type': 'text', 'text': ...}}); this server reads text "
                                 "only", param=f"{param}[{j}]", code="unsupported_value")
@@ -244,6 +248,9 @@ def _chat_messages(role: str, content: str | list[dict], param: str) -> list[dic
             if not isinstance(block.get("name"), str) or not isinstance(block.get("id"), str):
                 raise APIError(400, f"{where}: a tool_use block needs id and name",
                                param=where, code="invalid_value")
+            if not isinstance(block.get("input", {}), dict):
+                raise APIError(400, f"{where}.input must be an object", param=f"{where}.input",
+                               code="invalid_value")
             calls.append({"id": block["id"], "type": "function", "function": {
                 "name": block["name"],
                 "arguments": json.dumps(block.get("input") or {}, ensure_ascii=False)}})
@@ -293,7 +300,7 @@ def _function(tool: dict, param: str) -> dict:
 def _tool_choice(choice: dict) -> tuple[Any, bool]:
     """Anthropic's tool_choice as OpenAI's, and whether parallel calls are allowed."""
     kind = choice.get("type")
-    parallel = not choice.get("disable_parallel_tool_use", False)
+    parallel = choice.get("disable_parallel_tool_use") is not True
     if kind in ("auto", "none"):
         return kind, parallel
     if kind == "any":

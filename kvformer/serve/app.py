@@ -168,6 +168,13 @@ ERROR_SCHEMA = {
                        "code": {"type": ["string", "null"]}}}}}
 
 
+ANTHROPIC_ERROR_SCHEMA = {
+    "type": "object", "required": ["type", "error"],
+    "properties": {"type": {"const": "error"}, "error": {
+        "type": "object", "required": ["type", "message"],
+        "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}}}
+
+
 def _document_bodies(app: FastAPI) -> None:
     plain = app.openapi
 
@@ -186,10 +193,23 @@ def _document_bodies(app: FastAPI) -> None:
             op = spec["paths"][path]["post"]
             op["requestBody"] = {"required": True, "content": {"application/json": {
                 "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
-        for ops in spec["paths"].values():
+            if "stream" in model.model_fields:  # stream: true answers with server-sent events
+                op["responses"]["200"]["content"]["text/event-stream"] = {"schema": {
+                    "type": "object", "properties": {"event": {"type": "string"},
+                                                     "data": {"type": "string"}}}}
+        schemas["AnthropicErrorResponse"] = ANTHROPIC_ERROR_SCHEMA
+        either = {"description": "an error in Anthropic's shape (OpenAI's from the gate: "
+                                 "403, 415, 503 while draining)", "content": {
+            "application/json": {"schema": {"anyOf": [
+                {"$ref": "#/components/schemas/AnthropicErrorResponse"},
+                {"$ref": "#/components/schemas/ErrorResponse"}]}}}}
+        for path, ops in spec["paths"].items():
             for op in ops.values():
                 op["responses"].pop("422", None)  # FastAPI's own shape; ours is below
-                op["responses"].update({"4XX": error, "5XX": error})
+                if path == "/v1/messages":  # the gate's refusals keep OpenAI's shape
+                    op["responses"].update({"4XX": either, "5XX": either})
+                else:
+                    op["responses"].update({"4XX": error, "5XX": error})
         spec["paths"]["/health"]["get"]["responses"]["503"] = {
             "description": "the engine has stopped, or the server is draining",
             "content": {"application/json": {"schema": {"type": "object"}}}}

@@ -56,6 +56,8 @@ async def embeddings(srv: Server, request: Request) -> dict:
     inputs = await asyncio.to_thread(token_inputs, srv, req.input)
     model = srv.engine.model
     try:
+        if not srv.engine.alive:  # nobody would run the jobs
+            raise EngineClosedError("the engine has stopped")
         futures = [srv.engine.call(lambda ids=ids: pooled(model, ids)) for ids in inputs]
     except EngineClosedError as exc:
         raise engine_error(exc, srv.retry_after) from None

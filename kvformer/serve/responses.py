@@ -30,21 +30,12 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from kvformer.serve.engine import Output
-from kvformer.serve.routes import REFUSED, Server, refuse_unhonoured, submit_chat
+from kvformer.serve.routes import Server, refuse_unhonoured, submit_chat
 from kvformer.serve.schemas import APIError, ChatRequest, ResponsesRequest, parse_body
 from kvformer.serve.streaming import collect, sse_response
 from kvformer.serve.tools import ToolCallParser, parse_answer
 
 MAX_STORED = 256  # responses kept for previous_response_id
-
-REFUSED["responses"] = {
-    "background": lambda v: not v,
-    "conversation": lambda v: v is None,
-    "prompt": lambda v: v is None,
-    "top_logprobs": lambda v: not v,
-    "reasoning": lambda v: not v or all(x is None for x in v.values()),
-}
-
 
 class Store:
     """The conversations of the latest responses, by id (oldest dropped first)."""

@@ -192,6 +192,14 @@ REFUSED: dict[str, dict[str, Callable[[Any], bool]]] = {
     "completions": {
         "suffix": _empty,
     },
+    "responses": {
+        "background": lambda v: not v,
+        "conversation": _empty,
+        "prompt": _empty,
+        "top_logprobs": lambda v: not v,
+        "reasoning": lambda v: _empty(v) or (isinstance(v, dict)
+                                             and all(x is None for x in v.values())),
+    },
 }
 
 

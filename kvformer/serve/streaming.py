@@ -103,6 +103,7 @@ class RequestStream:
         self.ready = asyncio.Event()
         self.rids: list[int] = []
         self.open = set(range(len(params)))
+        self.prompt_tokens = len(prompt_ids)
         try:
             for i, p in enumerate(params):
                 self.rids.append(engine.submit(prompt_ids, p, functools.partial(self._sink, i)))
