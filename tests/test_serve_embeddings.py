@@ -140,3 +140,28 @@ def test_langchain_openai_embeddings(server, client):
     np.testing.assert_allclose(got, [d.embedding for d in want.data], atol=1e-7)
     np.testing.assert_allclose(query, got[0], atol=1e-7)
     assert abs(np.linalg.norm(query) - 1) < 1e-5
+
+
+def test_engine_call_runs_on_the_engine_thread(model, tok):
+    import threading
+
+    with Engine(model, tok, kv_blocks=8, block_size=8) as engine:
+        where = engine.call(lambda: (threading.current_thread().name,
+                                     torch.is_inference_mode_enabled())).result(10)
+        failed = engine.call(lambda: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            failed.result(10)
+    assert where == ("kvformer-engine", True)
+
+
+def test_too_many_waiting_embeddings_get_429(server, monkeypatch):
+    from kvformer.serve import scheduler
+
+    monkeypatch.setattr(scheduler, "MAX_JOBS", 0)
+    r = httpx.post(server.url + "/v1/embeddings", json={"model": MODEL, "input": "x"},
+                   headers={"Authorization": "Bearer k"})
+    assert r.status_code == 429 and "Retry-After" in r.headers
+    monkeypatch.undo()
+    r = httpx.post(server.url + "/v1/embeddings", json={"model": MODEL, "input": "x"},
+                   headers={"Authorization": "Bearer k"})
+    assert r.status_code == 200

@@ -221,6 +221,7 @@ def test_store_is_bounded():
     ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]},
      "input[0].content[0]"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
+    ({"input": "x", "tools": [{"type": "function", "parameters": {}}]}, "tools[0].name"),
     ({"input": "x", "text": {"format": {"type": "json_schema"}}}, "text.format"),
     ({"input": "x", "background": True}, "background"),
     ({"input": "x", "reasoning": {"effort": "high"}}, "reasoning"),

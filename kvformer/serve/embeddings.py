@@ -25,7 +25,7 @@ import torch
 from fastapi import Request
 
 from kvformer.serve.routes import Server, encode_text
-from kvformer.serve.scheduler import EngineClosedError
+from kvformer.serve.scheduler import EngineClosedError, QueueFullError
 from kvformer.serve.schemas import APIError, EmbeddingRequest, parse_body
 from kvformer.serve.streaming import engine_error
 
@@ -55,11 +55,15 @@ async def embeddings(srv: Server, request: Request) -> dict:
                        param="dimensions", code="unsupported_value")
     inputs = await asyncio.to_thread(token_inputs, srv, req.input)
     model = srv.engine.model
+    futures = []
     try:
         if not srv.engine.alive:  # nobody would run the jobs
             raise EngineClosedError("the engine has stopped")
-        futures = [srv.engine.call(lambda ids=ids: pooled(model, ids)) for ids in inputs]
-    except EngineClosedError as exc:
+        for ids in inputs:
+            futures.append(srv.engine.call(lambda ids=ids: pooled(model, ids)))
+    except (EngineClosedError, QueueFullError) as exc:
+        for f in futures:
+            f.cancel()  # those not started yet are skipped
         raise engine_error(exc, srv.retry_after) from None
     vectors = [await asyncio.wrap_future(f) for f in futures]
     data = [{"object": "embedding", "index": i, "embedding": encode(v, fmt)}

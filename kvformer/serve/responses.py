@@ -318,6 +318,9 @@ def _function(tool: dict, param: str) -> dict:
     if tool.get("type") != "function":
         raise APIError(400, f"{param} has type {tool.get('type')!r}; only 'function' tools "
                             "are supported", param=f"{param}.type", code="unsupported_value")
+    if not isinstance(tool.get("name"), str):
+        raise APIError(400, f"{param} needs a name", param=f"{param}.name",
+                       code="invalid_value")
     function = {k: tool[k] for k in ("name", "description", "parameters", "strict")
                 if tool.get(k) is not None}
     return {"type": "function", "function": function}

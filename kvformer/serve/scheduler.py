@@ -23,6 +23,8 @@ from kvformer.kv.paged import BlockPool, OutOfBlocksError
 from kvformer.serve.metrics import Metrics
 from kvformer.serve.sequence import Seq
 
+MAX_JOBS = 8192  # jobs (embedding inputs) waiting for the engine thread
+
 
 class QueueFullError(KvformerError):
     """The waiting queue is full: try again later."""
@@ -65,6 +67,9 @@ class Scheduler:
         with self.cond:
             if self.stopping:
                 raise EngineClosedError("the engine is shutting down")
+            if len(self.jobs) >= MAX_JOBS:
+                raise QueueFullError(f"the server is busy: {len(self.jobs)} embeddings are "
+                                     "already waiting; retry later")
             self.jobs.append(job)
             self.cond.notify_all()
 
