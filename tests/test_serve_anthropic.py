@@ -9,6 +9,7 @@ import httpx
 import openai
 import pytest
 import torch
+from helpers import needs_default
 
 from kvformer import ModelConfig, Transformer
 from kvformer.formats.tokenizer.tokenizer import ByteTokenizer
@@ -225,3 +226,37 @@ def test_errors_have_anthropics_shape(server, client):
     # x-api-key is honoured on the OpenAI routes too, like a Bearer token
     assert httpx.get(server.url + "/v1/models", headers={"x-api-key": KEY}).status_code == 200
     assert httpx.get(server.url + "/v1/models").status_code == 401
+
+
+@needs_default
+def test_default_model_tool_round_trip_ends_its_turn():
+    """SmolLM2-135M-Instruct through the anthropic SDK: a forced get_weather call for
+    Paris, its result back, and a text answer that ends with the model's own end of turn."""
+    from kvformer import load
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, tok = load("default", progress=False)
+    finally:
+        torch.set_num_threads(before)
+    weather = {"name": "get_weather", "description": "Get the current weather in a city",
+               "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
+                                "required": ["city"]}}
+    ask = [{"role": "user", "content": "What's the weather like in Paris today?"}]
+    with BackgroundServer(create_app(Engine(model, tok, max_batch=2), "default")) as srv:
+        client = anthropic.Anthropic(base_url=srv.url, api_key="x", max_retries=0)
+        first = client.messages.create(model="default", max_tokens=60, messages=ask,
+                                       tools=[weather], tool_choice={"type": "any"},
+                                       extra_body=GREEDY)
+        call = first.content[-1]
+        assert (first.stop_reason, call.type, call.name, call.input) == \
+            ("tool_use", "tool_use", "get_weather", {"city": "Paris"})
+        history = ask + [
+            {"role": "assistant", "content": [b.model_dump() for b in first.content]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
+                                          "content": "21 C and sunny"}]}]
+        final = client.messages.create(model="default", max_tokens=120, messages=history,
+                                       tools=[weather], extra_body=GREEDY)
+    assert final.stop_reason == "end_turn", final
+    assert [b.type for b in final.content] == ["text"] and final.content[0].text.strip()

@@ -9,6 +9,7 @@ import numpy as np
 import openai
 import pytest
 import torch
+from helpers import needs_default
 
 from kvformer import ModelConfig, Transformer
 from kvformer.formats.tokenizer.tokenizer import ByteTokenizer
@@ -165,3 +166,27 @@ def test_too_many_waiting_embeddings_get_429(server, monkeypatch):
     r = httpx.post(server.url + "/v1/embeddings", json={"model": MODEL, "input": "x"},
                    headers={"Authorization": "Bearer k"})
     assert r.status_code == 200
+
+
+@needs_default
+def test_default_model_embeddings():
+    """SmolLM2-135M (its int4/int8 GGUF weights): the vectors are the forward's pooled
+    hidden states, and two sentences about a cat are closer than one about markets."""
+    from kvformer import load
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, tok = load("default", progress=False)
+    finally:
+        torch.set_num_threads(before)
+    texts = ["The cat sat on the mat.", "A cat is sitting on a rug.",
+             "Stock markets fell sharply today."]
+    with BackgroundServer(create_app(Engine(model, tok, max_batch=2), "default")) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        res = client.embeddings.create(model="default", input=texts)
+    v = np.array([d.embedding for d in res.data])
+    assert v.shape == (3, model.cfg.d_model)
+    np.testing.assert_allclose(v[0], reference(model, tok.encode(texts[0])), atol=1e-5)
+    sim = v @ v.T
+    assert sim[0, 1] > sim[0, 2] and sim[0, 1] > sim[1, 2]
