@@ -62,18 +62,30 @@ def test_schemathesis(case, server):
                                    content_type_conformance, response_schema_conformance])
 
 
+# the streams whose events are named, and the type of their last event
+NAMED_EVENTS = {"/v1/messages": ("message_stop",),
+                "/v1/responses": ("response.completed", "response.incomplete")}
+
+
 def check(srv, path, content):
     r = httpx.post(srv.url + path, content=content, headers=JSON, timeout=120)
     assert r.status_code < 500, (path, content[:300], r.status_code, r.text[:300])
     if r.status_code >= 400:
         body = r.json()
         err = body["error"]
-        assert set(err) == set(ERROR_SCHEMA["properties"]["error"]["required"]), body
+        if path == "/v1/messages":  # Anthropic's shape
+            assert body["type"] == "error" and set(err) == {"type", "message"}, body
+        else:
+            assert set(err) == set(ERROR_SCHEMA["properties"]["error"]["required"]), body
         assert isinstance(err["message"], str) and err["message"], body
     elif "text/event-stream" in r.headers.get("content-type", ""):
         events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
-        assert events and events[-1] == "[DONE]", r.text[-300:]
-        for e in events[:-1]:
+        if path in NAMED_EVENTS:  # event: <type> lines, and no [DONE]
+            assert events and json.loads(events[-1])["type"] in NAMED_EVENTS[path], r.text
+        else:
+            assert events and events[-1] == "[DONE]", r.text[-300:]
+            events.pop()
+        for e in events:
             json.loads(e)
     else:
         assert isinstance(r.json(), dict)
@@ -90,17 +102,21 @@ ANY_JSON = st.recursive(
 @pytest.mark.parametrize("path", list(BODIES))
 def test_any_json_gets_a_4xx_or_a_2xx(server, path):
     fields = {"/v1/completions": "prompt", "/v1/chat/completions": "messages",
-              "/tokenize": "prompt", "/detokenize": "tokens"}
+              "/tokenize": "prompt", "/detokenize": "tokens", "/v1/embeddings": "input",
+              "/v1/responses": "input", "/v1/messages": "messages"}
 
     @FUZZ
     @given(ANY_JSON, st.dictionaries(st.sampled_from(
         ["temperature", "top_p", "top_k", "max_tokens", "n", "seed", "stop", "logit_bias",
          "min_p", "logprobs", "top_logprobs", "presence_penalty", "repetition_penalty",
-         "stream", "messages", "prompt", "tokens", "model"]), ANY_JSON, max_size=4))
+         "stream", "messages", "prompt", "tokens", "model", "input", "system", "tools",
+         "tool_choice", "instructions", "text", "encoding_format", "dimensions",
+         "max_output_tokens", "previous_response_id"]), ANY_JSON, max_size=4))
     def run(value, extra):
         body = {fields[path]: value, **extra}
-        if isinstance(body.get("max_tokens"), int):
-            body["max_tokens"] = min(body["max_tokens"], 8)
+        for key in ("max_tokens", "max_output_tokens"):
+            if isinstance(body.get(key), int):
+                body[key] = min(body[key], 8)
         check(server, path, json.dumps(body))
 
     run()

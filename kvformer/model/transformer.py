@@ -156,7 +156,21 @@ class Transformer(nn.Module):
                 cache: KVCache | None = None,
                 key_mask: torch.Tensor | None = None, *, last_only: bool = False
                 ) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, vocab].
+        """tokens [B, T] -> logits [B, T, vocab]: the LM head over ``hidden_states``."""
+        x = self.hidden_states(tokens, input_pos, cache, key_mask, last_only=last_only)
+        if "lm_head" in self._modules:  # untied, or a quantized copy of the tied embedding
+            logits = self.lm_head(x)
+        else:
+            logits = F.linear(x, self.tok_emb.weight)
+        cap = self.cfg.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def hidden_states(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
+                      cache: KVCache | None = None,
+                      key_mask: torch.Tensor | None = None, *, last_only: bool = False
+                      ) -> torch.Tensor:
+        """tokens [B, T] -> the last layer's output after the final norm [B, T, d_model]
+        (what the LM head reads; the server's embeddings pool it).
 
         input_pos: positions of the tokens for the positional encoding, [T] or [B, T]
             (per row, e.g. for left-padded batches); default start .. start+T-1, where
@@ -218,13 +232,7 @@ class Transformer(nn.Module):
                 x = block(x, rope, cache, start, mask, causal)
         if cache is not None:
             cache.advance(t)
-        x = self.norm(x[:, -1:] if last_only else x)
-        if "lm_head" in self._modules:  # untied, or a quantized copy of the tied embedding
-            logits = self.lm_head(x)
-        else:
-            logits = F.linear(x, self.tok_emb.weight)
-        cap = self.cfg.final_softcap
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+        return self.norm(x[:, -1:] if last_only else x)
 
     def check_context(self, n_tokens: int) -> None:
         if n_tokens > self.cfg.max_seq_len:

@@ -1,16 +1,18 @@
 """The HTTP front: an OpenAI-compatible API over the batching engine (FastAPI).
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
-(plain JSON, or ``stream: true`` as server-sent events), ``GET /health``,
+(plain JSON, or ``stream: true`` as server-sent events), ``POST /v1/embeddings``
+(``embeddings``), ``POST /v1/responses`` (OpenAI's Responses API: ``responses``),
+``POST /v1/messages`` (Anthropic's Messages API: ``anthropic``), ``GET /health``,
 ``GET /metrics`` (Prometheus text format), and a chat page at ``GET /`` with the engine's
 state as JSON at ``GET /status`` (``serve/ui.py``).
 
 Handlers never run torch: they tokenize, hand the request to the engine thread and await
 its outputs (``streaming``). Every failure answers with OpenAI's error body
-``{"error": {"message", "type", "param", "code"}}`` (``schemas.APIError``) and the server
-carries on. This module builds the app and holds what the handlers share (``Server``);
-``routes`` has the generation endpoints, ``schemas`` the request bodies, ``http`` the
-socket and the background server.
+``{"error": {"message", "type", "param", "code"}}`` (``schemas.APIError``; /v1/messages
+answers in Anthropic's shape) and the server carries on. This module builds the app and
+holds what the handlers share (``Server``); ``routes`` has the generation endpoints,
+``schemas`` the request bodies, ``http`` the socket and the background server.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvformer import __version__
-from kvformer.serve import routes, ui
+from kvformer.serve import anthropic, embeddings, responses, routes, ui
 from kvformer.serve.engine import Engine
 from kvformer.serve.http import (
     LOOPBACK_HOSTS,
@@ -38,10 +40,13 @@ from kvformer.serve.http import (
 from kvformer.serve.metrics import render_metrics
 from kvformer.serve.routes import Server
 from kvformer.serve.schemas import (
+    AnthropicRequest,
     APIError,
     ChatRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
+    ResponsesRequest,
     TokenizeRequest,
 )
 from kvformer.serve.streaming import ClientGone
@@ -122,6 +127,20 @@ def create_app(engine: Engine, model_name: str = "default", *, api_key: str | No
     async def chat(request: Request):
         return await routes.chat(srv, request)
 
+    @app.post("/v1/embeddings")
+    async def embeddings_(request: Request):
+        return await embeddings.embeddings(srv, request)
+
+    stored = responses.Store()
+
+    @app.post("/v1/responses")
+    async def responses_(request: Request):
+        return await responses.responses(srv, stored, request)
+
+    @app.post("/v1/messages")
+    async def messages(request: Request):
+        return await anthropic.messages(srv, request)
+
     @app.post("/tokenize")
     async def tokenize(request: Request):
         return await routes.tokenize(srv, request)
@@ -137,7 +156,9 @@ def create_app(engine: Engine, model_name: str = "default", *, api_key: str | No
 # The request bodies the POST routes parse themselves (to answer in OpenAI's error shape),
 # written into /openapi.json so that clients and API testers see them.
 BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest,
-          "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
+          "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest,
+          "/v1/embeddings": EmbeddingRequest, "/v1/messages": AnthropicRequest,
+          "/v1/responses": ResponsesRequest}
 ERROR_SCHEMA = {
     "type": "object", "required": ["error"],
     "properties": {"error": {
@@ -145,6 +166,13 @@ ERROR_SCHEMA = {
         "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                        "param": {"type": ["string", "null"]},
                        "code": {"type": ["string", "null"]}}}}}
+
+
+ANTHROPIC_ERROR_SCHEMA = {
+    "type": "object", "required": ["type", "error"],
+    "properties": {"type": {"const": "error"}, "error": {
+        "type": "object", "required": ["type", "message"],
+        "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}}}
 
 
 def _document_bodies(app: FastAPI) -> None:
@@ -165,10 +193,23 @@ def _document_bodies(app: FastAPI) -> None:
             op = spec["paths"][path]["post"]
             op["requestBody"] = {"required": True, "content": {"application/json": {
                 "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
-        for ops in spec["paths"].values():
+            if "stream" in model.model_fields:  # stream: true answers with server-sent events
+                op["responses"]["200"]["content"]["text/event-stream"] = {"schema": {
+                    "type": "object", "properties": {"event": {"type": "string"},
+                                                     "data": {"type": "string"}}}}
+        schemas["AnthropicErrorResponse"] = ANTHROPIC_ERROR_SCHEMA
+        either = {"description": "an error in Anthropic's shape (OpenAI's from the gate: "
+                                 "403, 415, 503 while draining)", "content": {
+            "application/json": {"schema": {"anyOf": [
+                {"$ref": "#/components/schemas/AnthropicErrorResponse"},
+                {"$ref": "#/components/schemas/ErrorResponse"}]}}}}
+        for path, ops in spec["paths"].items():
             for op in ops.values():
                 op["responses"].pop("422", None)  # FastAPI's own shape; ours is below
-                op["responses"].update({"4XX": error, "5XX": error})
+                if path == "/v1/messages":  # the gate's refusals keep OpenAI's shape
+                    op["responses"].update({"4XX": either, "5XX": either})
+                else:
+                    op["responses"].update({"4XX": error, "5XX": error})
         spec["paths"]["/health"]["get"]["responses"]["503"] = {
             "description": "the engine has stopped, or the server is draining",
             "content": {"application/json": {"schema": {"type": "object"}}}}

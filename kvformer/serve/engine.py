@@ -43,6 +43,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import TypeVar
 
 import torch
 
@@ -71,6 +73,7 @@ __all__ = ["Engine", "EngineClosedError", "Output", "QueueFullError", "QueueTime
            "SamplingParams", "TokenLogprob", "merge_outputs"]
 
 log = logging.getLogger("kvformer.serve")
+T = TypeVar("T")
 
 
 class Engine:
@@ -189,6 +192,23 @@ class Engine:
             self.metrics.prompt_tokens += len(prompt_ids)
         return seq.id
 
+    def call(self, fn: Callable[[], T]) -> Future[T]:
+        """Run ``fn()`` on the engine thread between two steps (under inference mode), for
+        torch work that is not a sequence (``/v1/embeddings``): the model is never run by
+        two threads at once. Raises EngineClosedError after ``stop``."""
+        future: Future[T] = Future()
+
+        def job() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    with torch.inference_mode():
+                        future.set_result(fn())
+                except Exception as exc:
+                    future.set_exception(exc)
+
+        self.scheduler.add_job(job)
+        return future
+
     def abort(self, rid: int) -> None:
         """Drop a request (its client went away); its blocks are freed at the next step."""
         self.scheduler.abort(rid)
@@ -226,6 +246,9 @@ class Engine:
                         f"the request waited {self.queue_timeout:g} s for free KV cache "
                         "blocks or a batch slot; retry later"),
                         prompt_tokens=len(seq.prompt_ids)))
+                job = sched.take_job()
+                if job is not None:
+                    job()
                 sched.admit()
                 if sched.running:
                     try:
@@ -248,6 +271,8 @@ class Engine:
             self._fail(seq, err)
         for seq in self.scheduler.take_waiting():
             _deliver(seq, Output(error=err, prompt_tokens=len(seq.prompt_ids)))
+        while (job := self.scheduler.take_job()) is not None:
+            job()  # late jobs still run: each is short, and its caller is waiting
 
     def _fail(self, seq: Seq, exc: Exception) -> None:
         self.scheduler.release(seq, cache=False)  # what a failed step wrote is not trusted

@@ -14,7 +14,8 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics",
-          "/tokenize", "/detokenize", "/", "/status")
+          "/tokenize", "/detokenize", "/", "/status", "/v1/embeddings", "/v1/responses",
+          "/v1/messages")
 
 
 class CountRequests:

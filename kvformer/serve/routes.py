@@ -78,10 +78,11 @@ class Server:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode(), self.api_key.encode()):
+        if scheme.lower() != "bearer":  # Anthropic's clients send the key as x-api-key
+            token = request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
             raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer "
-                                "<key>'", code="invalid_api_key",
+                                "<key>' (or 'x-api-key: <key>')", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
 
     def check_model(self, name: str | None) -> None:
@@ -190,6 +191,14 @@ REFUSED: dict[str, dict[str, Callable[[Any], bool]]] = {
     },
     "completions": {
         "suffix": _empty,
+    },
+    "responses": {
+        "background": lambda v: not v,
+        "conversation": _empty,
+        "prompt": _empty,
+        "top_logprobs": lambda v: not v,
+        "reasoning": lambda v: _empty(v) or (isinstance(v, dict)
+                                             and all(x is None for x in v.values())),
     },
 }
 
@@ -450,9 +459,6 @@ async def chat(srv: Server, request: Request) -> dict | StreamingResponse:
     req: ChatRequest = parse_body(ChatRequest, await srv.read_json(request))
     srv.check_model(req.model)
     refuse_unhonoured(req, "chat")
-    plan, messages, extra = chat_inputs(srv, req)
-    # off the event loop: the server keeps answering while a template renders
-    ids = await asyncio.to_thread(chat_prompt, srv, messages, **extra)
     top = req.top_logprobs
     if top is not None and not (req.logprobs and 0 <= top <= MAX_LOGPROBS):
         raise APIError(400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}, with "
@@ -460,10 +466,7 @@ async def chat(srv: Server, request: Request) -> dict | StreamingResponse:
     lp = (top or 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
         else req.max_tokens
-    grammar = await asyncio.to_thread(chat_grammar, srv, req.response_format, plan)
-    params = sampling_params(srv, req, max_tokens, lp, grammar)
-    _prepare(srv, params, ids, max_tokens, "messages")
-    stream, first = await srv.submit(request, ids, params)
+    plan, params, stream, first = await submit_chat(srv, request, req, max_tokens, lp)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion.chunk" if req.stream else "chat.completion",
             "created": int(time.time()), "model": srv.model_name, "system_fingerprint": None}
@@ -526,6 +529,22 @@ async def chat(srv: Server, request: Request) -> dict | StreamingResponse:
         choices.append({"index": i, "message": message, "logprobs": logprobs(out),
                         "finish_reason": "tool_calls" if calls else out.finish_reason})
     return dict(head, choices=choices, usage=_usage(outs))
+
+
+async def submit_chat(srv: Server, request: Request, req: ChatRequest, max_tokens: int | None,
+                      lp: int | None = None) -> tuple[ToolPlan | None, list[SamplingParams],
+                                                      RequestStream, tuple[int, Output]]:
+    """A chat request queued: its tools, the choices' settings, its stream and first output.
+    The chat endpoint's path, shared by /v1/responses and /v1/messages (which translate
+    their bodies into a ``ChatRequest``)."""
+    plan, messages, extra = chat_inputs(srv, req)
+    # off the event loop: the server keeps answering while a template renders
+    ids = await asyncio.to_thread(chat_prompt, srv, messages, **extra)
+    grammar = await asyncio.to_thread(chat_grammar, srv, req.response_format, plan)
+    params = sampling_params(srv, req, max_tokens, lp, grammar)
+    _prepare(srv, params, ids, max_tokens, "messages")
+    stream, first = await srv.submit(request, ids, params)
+    return plan, params, stream, first
 
 
 def chat_inputs(srv: Server, req: ChatRequest) -> tuple[ToolPlan | None, list[dict], dict]:

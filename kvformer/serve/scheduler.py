@@ -16,11 +16,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 from kvformer.errors import KvformerError
 from kvformer.kv.paged import BlockPool, OutOfBlocksError
 from kvformer.serve.metrics import Metrics
 from kvformer.serve.sequence import Seq
+
+MAX_JOBS = 8192  # jobs (embedding inputs) waiting for the engine thread
 
 
 class QueueFullError(KvformerError):
@@ -44,6 +47,7 @@ class Scheduler:
         self.waiting: deque[Seq] = deque()  # guarded by cond
         self.aborts: set[int] = set()  # guarded by cond
         self.stopping = False  # guarded by cond
+        self.jobs: deque[Callable[[], None]] = deque()  # guarded by cond
         self.running: list[Seq] = []  # engine thread only
 
     # ------------------------------------------------------------------ any thread
@@ -57,6 +61,22 @@ class Scheduler:
                                      "already waiting; retry later")
             self.waiting.append(seq)
             self.cond.notify_all()
+
+    def add_job(self, job: Callable[[], None]) -> None:
+        """Torch work that is not a sequence (an embedding), for the engine thread."""
+        with self.cond:
+            if self.stopping:
+                raise EngineClosedError("the engine is shutting down")
+            if len(self.jobs) >= MAX_JOBS:
+                raise QueueFullError(f"the server is busy: {len(self.jobs)} embeddings are "
+                                     "already waiting; retry later")
+            self.jobs.append(job)
+            self.cond.notify_all()
+
+    def take_job(self) -> Callable[[], None] | None:
+        """The oldest job (one per step, so that the running sequences keep going)."""
+        with self.cond:
+            return self.jobs.popleft() if self.jobs else None
 
     def abort(self, rid: int) -> None:
         with self.cond:
@@ -72,7 +92,8 @@ class Scheduler:
     def wait_for_work(self) -> tuple[bool, set[int]]:
         """Block until there is something to do; (stopping, the aborts taken in)."""
         with self.cond:
-            if not (self.running or self.waiting or self.aborts or self.stopping):
+            if not (self.running or self.waiting or self.aborts or self.jobs
+                    or self.stopping):
                 self.cond.wait()
             aborts, self.aborts = self.aborts, set()
             return self.stopping, aborts

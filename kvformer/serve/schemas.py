@@ -138,6 +138,64 @@ class DetokenizeRequest(_Body):
     tokens: list[int]
 
 
+class EmbeddingRequest(_Body):
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: str | None = None  # "float" (default) | "base64"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+class ResponsesRequest(_Body):
+    """OpenAI's Responses API (``/v1/responses``)."""
+
+    model: str | None = None
+    input: str | list[dict[str, Any]]  # messages, function_call, function_call_output
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    tools: list[dict[str, Any]] | None = None  # {"type": "function", "name", "parameters"}
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = None  # {"format": {"type": "json_schema", ...}}
+    previous_response_id: str | None = None
+    stream: bool | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None  # the labels: accepted, change nothing
+    user: str | None = None
+    truncation: str | None = None
+    include: list[str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+
+
+class AnthropicMessage(_Body):
+    role: str
+    content: str | list[dict[str, Any]]  # text, tool_use and tool_result blocks
+
+
+class AnthropicRequest(_Body):
+    """Anthropic's Messages API (``/v1/messages``)."""
+
+    model: str | None = None
+    max_tokens: int
+    messages: list[AnthropicMessage]
+    system: str | list[dict[str, Any]] | None = None
+    stop_sequences: list[str] | None = None
+    stream: bool | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None  # {"format": {"type": "json_schema", ...}}
+    metadata: dict[str, Any] | None = None  # labels: accepted, change nothing
+    service_tier: str | None = None
+
+
 def parse_body(cls: type[BaseModel], data: Any) -> Any:
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got "

@@ -103,6 +103,7 @@ class RequestStream:
         self.ready = asyncio.Event()
         self.rids: list[int] = []
         self.open = set(range(len(params)))
+        self.prompt_tokens = len(prompt_ids)
         try:
             for i, p in enumerate(params):
                 self.rids.append(engine.submit(prompt_ids, p, functools.partial(self._sink, i)))
@@ -200,24 +201,32 @@ class ChunkJSON:
 
 
 def sse_response(stream: RequestStream, first: tuple[int, Output],
-                 chunks: Callable[[int, Output, bool], list[dict | str]]) -> StreamingResponse:
+                 chunks: Callable[[int, Output, bool], list[dict | str]], *,
+                 named: bool = False,
+                 error_body: Callable[[APIError], dict] = APIError.body) -> StreamingResponse:
     """Server-sent events: ``chunks(index, output, last)`` gives the JSON chunks for each
     output (``last``: every choice has finished), each a dict or its JSON text as
     ``json.dumps(chunk, ensure_ascii=False)`` writes it, then ``data: [DONE]``. The events
-    of every output already queued go out in one write."""
+    of every output already queued go out in one write. ``named``: each chunk is a dict
+    whose ``type`` names its event (``event: <type>``), and no ``[DONE]`` follows (the
+    Responses and Anthropic streams); an error is ``error_body(error)``."""
     async def events() -> AsyncIterator[str]:
         index, out = first
         parts: list[str] = []
         try:
             while True:
                 if out.error is not None:
-                    err = engine_error(out.error, 1)
-                    parts.append(f"data: {json.dumps(err.body())}\n\n")
+                    err = error_body(engine_error(out.error, 1))
+                    parts.append(f"event: error\ndata: {json.dumps(err)}\n\n" if named
+                                 else f"data: {json.dumps(err)}\n\n")
                     break
                 try:
                     for chunk in chunks(index, out, stream.done):
-                        parts.append(f"data: "
-                                     f"{chunk if chunk.__class__ is str else _dumps(chunk)}\n\n")
+                        if named:
+                            parts.append(f"event: {chunk['type']}\ndata: {_dumps(chunk)}\n\n")
+                        else:
+                            parts.append(
+                                f"data: {chunk if chunk.__class__ is str else _dumps(chunk)}\n\n")
                 except Exception:
                     if parts:  # the events before the failure go out, as one by one
                         yield "".join(parts)
@@ -228,7 +237,8 @@ def sse_response(stream: RequestStream, first: tuple[int, Output],
                     yield "".join(parts)
                     parts.clear()
                 index, out = await stream.get()
-            parts.append("data: [DONE]\n\n")
+            if not named:
+                parts.append("data: [DONE]\n\n")
             yield "".join(parts)
         finally:
             stream.abort()  # a client that went away frees its blocks here
