@@ -2,6 +2,8 @@
 process's peak RSS from the kernel."""
 
 import math
+import subprocess
+import sys
 
 import torch
 
@@ -22,9 +24,16 @@ def test_workers_report_their_results_and_the_kernels_peak_rss(tmp_path):
             "threads": 1, "new_tokens": 4, "ids": {"short": text[:5], "text": text}}
 
     memory = run_worker({**spec, "task": "memory"})
-    assert set(memory) == {"peak_rss"}
+    assert set(memory) == {"peak_rss", "rss_base"}
     # a process that imported torch holds far more than 50 MB; the figure is in MB, not KB
     assert 50 < memory["peak_rss"] < 4096
+    # the baseline is taken after torch and the native library, before the model
+    assert 50 < memory["rss_base"] <= memory["peak_rss"]
+
+    # the llama.cpp worker never imports torch (its memory is llama.cpp's own)
+    probe = subprocess.run([sys.executable, "-c", "import sys, kvformer.tools.bench.workers; "
+                            "print('torch' in sys.modules)"], capture_output=True, text=True)
+    assert probe.stdout.strip() == "False", probe.stderr
 
     quality = run_worker({**spec, "task": "quality"})
     assert math.isclose(quality["ppl"], perplexity(model, text), rel_tol=1e-4)

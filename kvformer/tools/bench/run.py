@@ -83,6 +83,7 @@ METRICS = (  # key, column title, unit, higher is better
     ("nocache", "no cache", "tok/s", True),
     ("load", "load", "s", False),
     ("rss", "peak RSS, load + decode b1", "MB", False),
+    ("rss_model", "of it, added by load + decode", "MB", False),
     ("rss_all", "peak RSS, speed run", "MB", False),
 )
 # What kvformer's quantized rows must reach against llama.cpp in the same run (issue #12).
@@ -221,7 +222,10 @@ def measure(configs: list[dict], args, ids: dict, quality: bool = True):
                     "nocache": NOCACHE_TOKENS if "batch" in ids else 0}
             out = run_worker({**spec, "task": "speed"}, c["env"])
             out["rss_all"] = out.pop("peak_rss")
-            out["rss"] = run_worker({**spec, "task": "memory"}, c["env"])["peak_rss"]
+            mem = run_worker({**spec, "task": "memory"}, c["env"])
+            out["rss"] = mem["peak_rss"]
+            if mem.get("rss_base") is not None:  # what the model and its run added
+                out["rss_model"] = mem["peak_rss"] - mem["rss_base"]
             if r == 0 and quality:  # quality does not change from run to run
                 profile = (args.profile and c["engine"] == "kvformer" and c["dtype"] == "int4"
                            and c["path"] == configs[0]["path"])
@@ -456,10 +460,16 @@ def _types_section(per_type: list[tuple[str, str, dict]]) -> list[str]:
              "(`--dtype auto`), llama.cpp the same file, same threads, taking turns. Ratios "
              "are kvformer / llama.cpp for speed (above 1: kvformer faster), llama.cpp / "
              "kvformer for load time and memory. Targets: decode ≥ 1.0× (after a short "
-             "prompt, 1k and 4k cached), prefill of 512 ≥ 1.5×.", "",
+             "prompt, 1k and 4k cached), prefill of 512 ≥ 1.5×. Peak RSS counts each "
+             "process whole (kvformer's includes torch, about 230 MB; the llama.cpp worker "
+             "does not import torch); \"RSS added by the model\" is the peak less the "
+             "process's resident memory just before the load. Load times are medians over "
+             "fresh processes with the file in the page cache; after the first, kvformer "
+             "maps the file's repacked form from its kb cache where the file is big enough "
+             "to be kept (docs/models.md).", "",
              "| model | type | kvformer row | decode b1 | 1k cached | 4k cached | prefill 512 "
-             "| load | peak RSS | perplexity kvformer / llama.cpp |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| load | peak RSS | RSS added by the model | perplexity kvformer / llama.cpp |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for model, t, summary in per_type:
         ref = next((n for n in summary if n.startswith("llama.cpp")), None)
         for name, s in summary.items():
@@ -468,7 +478,7 @@ def _types_section(per_type: list[tuple[str, str, dict]]) -> list[str]:
             r = summary[ref]
             cells = [f"{s[k] / r[k]:.2f}×" if s.get(k) and r.get(k) else "–" for k in keys]
             cells += [f"{r[k] / s[k]:.2f}×" if s.get(k) and r.get(k) else "–"
-                      for k in ("load", "rss")]
+                      for k in ("load", "rss", "rss_model")]
             ppl = (f"{s['ppl']:.3f} / {r['ppl']:.3f}" if s.get("ppl") and r.get("ppl")
                    else "–")
             lines.append(f"| {model} | {t} | {name.removeprefix('kvformer ')} | "
@@ -546,7 +556,8 @@ def _quality(summary: dict) -> list[str]:
 def _big_section(big: dict) -> list[str]:
     shape = LLAMA_32_1B
     llama = next((n for n in big if n.startswith("llama.cpp")), None)
-    keys = [m for m in METRICS if m[0] in ("decode", "prefill", "load", "rss", "rss_all")]
+    keys = [m for m in METRICS if m[0] in ("decode", "prefill", "load", "rss", "rss_model",
+                                            "rss_all")]
     lines = ["## A model ten times larger", "",
              f"Random weights in the shape of Llama-3.2-1B ({shape['n_layer']} layers, d_model "
              f"{shape['d_model']}, {shape['n_head']} query / {shape['n_kv_head']} KV heads, "

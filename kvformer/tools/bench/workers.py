@@ -7,7 +7,8 @@
                      16-token prompt and with 1,000 and 4,000 tokens already in the cache;
                      decode at batch 8; decode without a cache (kvformer, transformers)
             memory   load, then decode 128 tokens at batch 1 (what `kvformer generate` does):
-                     the parent reads this process's peak RSS from the kernel
+                     the parent reads this process's peak RSS from the kernel; rss_base is
+                     its resident memory just before the load (the engine's library loaded)
             quality  perplexity of the fixed text through prefill, and (kvformer) the same
                      text fed one token at a time through the decode step
 
@@ -24,20 +25,19 @@ import sys
 import time
 
 import numpy as np
-import torch
-from torch.profiler import ProfilerActivity, profile
 
-from kvformer.formats.load import load
-from kvformer.runtime import native
-from kvformer.runtime.generation import generate_stream, perplexity
-from kvformer.runtime.quant import act_dtype
-from kvformer.runtime.step import for_model
 from kvformer.tools.timing import seconds, stream_rate
+
+# torch and kvformer's runtime are imported by the engines that use them: the llama.cpp
+# worker never loads torch, so its memory is llama.cpp's own (torch alone is ~230 MB here)
 
 
 def worker(spec: dict) -> dict:
-    torch.set_num_threads(spec["threads"])
     engine = spec["engine"]
+    if engine != "llama.cpp":
+        import torch
+
+        torch.set_num_threads(spec["threads"])
     if engine == "kvformer":
         return _kvformer(spec)
     if engine == "llama.cpp":
@@ -50,12 +50,22 @@ CONTEXT_NEW = 64  # tokens decoded after the long prompts
 
 # --------------------------------------------------------------------------- kvformer
 def _kvformer(spec: dict) -> dict:
+    import torch
+
+    from kvformer.formats.load import load
+    from kvformer.runtime import native
+    from kvformer.runtime.generation import generate_stream, perplexity
+    from kvformer.runtime.quant import act_dtype
+    from kvformer.runtime.step import for_model
+
     ids, n = spec["ids"], spec["new_tokens"]
     if spec["task"] == "memory":
+        native.available()  # built and loaded before the baseline, as llama.cpp's library
+        out = {"rss_base": own_rss()}
         model, _ = load(spec["model"], dtype=spec["dtype"], progress=False,
                         kv_dtype=spec.get("kv_dtype", "auto"))
         stream_rate(generate_stream(model, ids["short"], n), n)
-        return {}
+        return out
     if spec["task"] == "quality":
         model, _ = load(spec["model"], dtype=spec["dtype"], progress=False,
                         kv_dtype=spec.get("kv_dtype", "auto"))
@@ -105,6 +115,11 @@ def _kvformer(spec: dict) -> dict:
 def profile_step(model, prompt: list[int], steps: int = 32) -> dict:
     """Per-token time of the native step by part and of Transformer.forward on the same
     cache, and torch.profiler's top operators of the forward."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from kvformer.runtime.step import for_model
+
     tok = torch.tensor([[prompt[-1]]])
     fwd = type(model).forward.__get__(model)
     with torch.inference_mode():
@@ -159,6 +174,7 @@ def _llama_cpp(spec: dict) -> dict:
     n_ctx = {"memory": len(ids["short"]) + n, "quality": len(ids["text"])}.get(
         task, longest + CONTEXT_NEW)
     n_ctx = 256 * math.ceil((n_ctx + 8) / 256)
+    base = own_rss()
     t = time.perf_counter()
     llm = Llama(model_path=spec["model"], n_threads=spec["threads"],
                 n_threads_batch=spec["threads"], n_ctx=n_ctx, n_batch=512, verbose=False,
@@ -171,7 +187,7 @@ def _llama_cpp(spec: dict) -> dict:
 
     if task == "memory":
         decode(ids["short"], n)
-        return {}
+        return {"rss_base": base}
     if task == "quality":
         text = ids["text"]
         llm.reset()
@@ -199,6 +215,7 @@ def _llama_cpp(spec: dict) -> dict:
 
 # --------------------------------------------------------------------------- transformers
 def _transformers(spec: dict) -> dict:
+    import torch
     from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
     hf, ids, n = spec["hf"], spec["ids"], spec["new_tokens"]
@@ -263,14 +280,23 @@ def _transformers(spec: dict) -> dict:
     return out
 
 
+def own_rss() -> float | None:
+    """This process's resident memory now, in MB (VmRSS)."""
+    return _status("VmRSS:")
+
+
 def own_peak_rss() -> float | None:
     """This process's peak resident memory in MB (VmHWM: its own address space since exec).
     The ru_maxrss the parent gets from wait4 is not that: Linux carries the parent's peak
     into a forked child, so a child of a 800 MB parent reports at least 800 MB."""
+    return _status("VmHWM:")
+
+
+def _status(key: str) -> float | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
