@@ -455,7 +455,8 @@ def test_default_model_with_the_openai_clients_parse():
 def test_default_model_ends_open_schemas_and_tools_well_before_max_tokens():
     """SmolLM2 given the schema `llm --schema 'name, age int'` sends (objects left open),
     and a named tool with ordinary parameters: the answers end by themselves, far from
-    max_tokens, and validate (kept open, SmolLM2 filled them with keys until the limit)."""
+    max_tokens, and validate; sampled, no call has a key its schema does not list (kept
+    open, SmolLM2 filled the first with keys until the limit, and added keys to calls)."""
     from kvformer import load
 
     before = torch.get_num_threads()
@@ -492,3 +493,17 @@ def test_default_model_ends_open_schemas_and_tools_well_before_max_tokens():
         assert choice.finish_reason == "tool_calls" and out.usage.completion_tokens < 100, \
             choice
         jsonschema.validate(json.loads(choice.message.tool_calls[0].function.arguments), event)
+        # sampled, SmolLM2 adds keys of its own ("position", "location") where it may
+        bare = {"type": "function", "function": {"name": "create_event", "parameters": event}}
+        out = client.chat.completions.create(
+            model="default", tools=[bare], temperature=1, seed=0, n=4, max_tokens=150,
+            parallel_tool_calls=False,
+            tool_choice={"type": "function", "function": {"name": "create_event"}},
+            messages=[{"role": "user", "content": "Plan a team lunch in Paris with Ann."}])
+        for choice in out.choices:
+            assert choice.finish_reason == "tool_calls", choice
+            args = json.loads(choice.message.tool_calls[0].function.arguments)
+            jsonschema.validate(args, event)
+            assert set(args) <= set(event["properties"]), args
+            for person in args.get("attendees", []):
+                assert set(person) <= {"name", "email"}, args

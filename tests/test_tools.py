@@ -288,6 +288,30 @@ def test_a_forced_call_cut_anywhere_is_a_call_never_text(syntax, choice):
             assert json.dumps(whole[n]).startswith(args), (text, args)
 
 
+@pytest.mark.parametrize("syntax", ["hermes", "smollm2"])
+def test_a_closing_tag_inside_a_forced_calls_string_stays_in_the_call(syntax):
+    """SmolLM2 sampled a name argument holding '</tool_call>': in a constrained answer the
+    tag closes the block only after the block's JSON."""
+    text = CALLS[syntax].replace('"add", "arguments": {"a": 1, "b": 2}',
+                                 '"get_weather", "arguments": {"city": "</tool_call>", '
+                                 '"unit": "c"}')
+    p = plan(SYNTAXES[syntax], "get_weather")
+    grammar = Grammars(byte_tokenizer(None), 258).lark(call_grammar(p))
+    assert consume(grammar, text).matcher.is_accepting()
+    cut = text[:text.index("</tool_call>\"") + 5]  # inside the string
+    for answer, cut_short, arguments in ((text, False, '{"city": "</tool_call>", "unit": "c"}'),
+                                         (cut, True, '{"city": "</too')):
+        parser, content, calls = p.parser(True), "", []
+        for ch in answer:  # streamed a character at a time, then whole
+            more, found = parser.feed(ch)
+            content, calls = content + more, calls + found
+        more, found = parser.close(cut_short)
+        content, calls = content + more, calls + found
+        assert not content and [c["function"]["arguments"] for c in calls] == [arguments]
+        content, calls = parse_answer(answer, p, True, cut_short)
+        assert not content and [c["function"]["arguments"] for c in calls] == [arguments]
+
+
 # ---------------------------------------------------------------------------- the server
 @pytest.fixture(scope="module")
 def model():

@@ -337,7 +337,7 @@ class ToolCallParser:
                 self._text(self.buf[:i], out)
                 self.buf, self.mode = self.buf[i:], "call"
             elif self.mode == "call":
-                j = self.buf.find(CLOSE)
+                j = self._close_at()
                 if j < 0:
                     break
                 block, self.buf = self.buf[:j + len(CLOSE)], self.buf[j + len(CLOSE):]
@@ -391,6 +391,16 @@ class ToolCallParser:
         self.space = ""
         return "".join(out), calls
 
+    def _close_at(self) -> int:
+        """Where the call block's closing tag starts (-1: not yet). In a constrained answer
+        it is looked for after the block's JSON, whose strings may hold the tag."""
+        if self.allowed is None:
+            return self.buf.find(CLOSE)
+        inside = self.buf[len(OPEN):]
+        start = len(self.buf) - len(inside.lstrip())
+        end = _json_end(self.buf[start:])
+        return -1 if end is None else self.buf.find(CLOSE, start + end)
+
     def _text(self, text: str, out: list[str]) -> None:
         """Send text, holding back its trailing whitespace until more text follows (it
         is dropped if a call does); after a call, leading whitespace is dropped too."""
@@ -428,7 +438,7 @@ def cut_calls(text: str, allowed: set[str]) -> list[dict] | None:
     calls: list[dict] = []
     while True:
         text = text.lstrip(", \n")
-        end = _object_end(text)
+        end = _json_end(text)
         if end is None:
             break
         found = _calls_in(text[:end], allowed)
@@ -463,9 +473,10 @@ def _cut_call(text: str, allowed: set[str]) -> dict | None:
             "function": {"name": fits[0], "arguments": arguments}}
 
 
-def _object_end(text: str) -> int | None:
-    """Where the JSON object at the start of ``text`` ends; None if it is not complete."""
-    if not text.startswith("{"):
+def _json_end(text: str) -> int | None:
+    """Where the JSON object or list at the start of ``text`` ends; None if it is not
+    complete."""
+    if not text.startswith(("{", "[")):
         return None
     depth, in_string, escaped = 0, False, False
     for i, c in enumerate(text):
