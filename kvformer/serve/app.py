@@ -89,9 +89,12 @@ def create_app(engine: Engine, model_name: str = "default", *, api_key: str | No
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
+        # any request header: the official SDKs send their own (openai's x-stainless-*,
+        # anthropic's anthropic-version); what is checked is the origin, and the key.
+        # No credentials (cookies): a key travels in a header, never ambiently
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins),
-                           allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+                           allow_methods=["GET", "POST"], allow_headers=["*"],
+                           allow_credentials=False)
     # outermost: the gate sees every request first, and counts it until its response is out
     app.add_middleware(app.state.gate.middleware)
 

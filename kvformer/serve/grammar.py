@@ -16,7 +16,9 @@ kvformer gives it the vocabulary as bytes (``Vocabulary``: ``Tokenizer.token_byt
 special tokens marked so that no grammar text can produce them).
 
 JSON is generated in one line with ``", "`` and ``": "`` between items: small models
-given free whitespace often fill the output with newlines until ``max_tokens``.
+given free whitespace often fill the output with newlines until ``max_tokens``. For the
+same reason an object that lists its keys is closed unless the schema opens it
+(``closed_schema``): a small model given room for more keys adds them until the limit.
 """
 
 from __future__ import annotations
@@ -35,6 +37,46 @@ from kvformer.errors import KvformerError
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 # compiled grammars kept per server (instructor and langchain send the same schema each time)
 CACHED_GRAMMARS = 64
+
+
+def closed_schema(schema: Any, close: bool = True) -> Any:
+    """``schema`` with every object that lists its keys (``properties`` or
+    ``patternProperties``) and says nothing of others (no ``additionalProperties`` or
+    ``unevaluatedProperties``) given ``additionalProperties: false``, as xgrammar does. JSON
+    valid under the result is valid under ``schema``: only schemas where an instance must
+    match are closed (never under ``not`` or ``if``). Objects whose keys others may add to
+    stay open: one with ``allOf``, ``anyOf``, ``oneOf``, ``$ref`` or ``if`` beside its
+    properties, ``allOf`` members, ``then`` / ``else`` and ``dependentSchemas``; so do the
+    branches of ``anyOf`` / ``oneOf`` beside properties (``close=False``)."""
+    if not isinstance(schema, dict):
+        return schema  # true / false, or not a schema (the compiler says so)
+    out = dict(schema)
+    for key in ("properties", "patternProperties", "$defs", "definitions"):
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed_schema(s) for name, s in out[key].items()}
+    for key in ("additionalProperties", "items", "additionalItems", "unevaluatedItems",
+                "contains"):
+        if isinstance(out.get(key), dict):
+            out[key] = closed_schema(out[key])
+    for key in ("items", "prefixItems"):
+        if isinstance(out.get(key), list):
+            out[key] = [closed_schema(s) for s in out[key]]
+    lists_keys = "properties" in out or "patternProperties" in out
+    for key in ("anyOf", "oneOf", "allOf"):
+        if isinstance(out.get(key), list):
+            alone = key != "allOf" and not lists_keys  # a union of whole objects
+            out[key] = [closed_schema(s, alone) for s in out[key]]
+    for key in ("then", "else"):
+        if isinstance(out.get(key), dict):
+            out[key] = closed_schema(out[key], False)
+    if isinstance(out.get("dependentSchemas"), dict):
+        out["dependentSchemas"] = {k: closed_schema(s, False)
+                                   for k, s in out["dependentSchemas"].items()}
+    shared = ("allOf", "anyOf", "oneOf", "$ref", "if", "dependentSchemas",
+              "additionalProperties", "unevaluatedProperties")
+    if close and lists_keys and not any(k in out for k in shared):
+        out["additionalProperties"] = False
+    return out
 
 
 class GrammarError(KvformerError, ValueError):
@@ -209,12 +251,14 @@ class Grammars:
             return self._vocab
 
     def json_schema(self, schema: Any) -> Grammar:
-        """A grammar for JSON text valid under ``schema`` (a JSON Schema object)."""
+        """A grammar for JSON text valid under ``schema`` (a JSON Schema object), its
+        objects closed (``closed_schema``)."""
         if not isinstance(schema, dict):
             raise GrammarError(f"a JSON schema must be an object, got {type(schema).__name__}")
         llg = _llguidance()
         try:
-            source = llg.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
+            source = llg.LLMatcher.grammar_from_json_schema(closed_schema(schema),
+                                                            defaults=JSON_LAYOUT)
         except ValueError as exc:
             raise GrammarError(f"the JSON schema is not usable: {exc}") from None
         return self._compiled(source, "the JSON schema", "response_format")

@@ -30,10 +30,10 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from kvformer.serve.engine import Output
-from kvformer.serve.routes import Server, refuse_unhonoured, submit_chat
+from kvformer.serve.routes import Server, answer_of, cut_error, refuse_unhonoured, submit_chat
 from kvformer.serve.schemas import APIError, ChatRequest, ResponsesRequest, parse_body
 from kvformer.serve.streaming import collect, sse_response
-from kvformer.serve.tools import ToolCallParser, parse_answer
+from kvformer.serve.tools import CutCallError
 
 MAX_STORED = 256  # responses kept for previous_response_id
 
@@ -95,10 +95,10 @@ async def responses(srv: Server, store: Store, request: Request
                     output=output, usage=usage(out))
 
     if req.stream:
-        events = _Events(head, plan, finish)
+        events = _Events(head, plan, finish, params[0].grammar is not None)
         return sse_response(stream, first, events, named=True, error_body=events.error)
     out = (await collect(stream, first, request, srv.retry_after, 1))[0]
-    text, calls = parse_answer(out.text, plan) if plan else (out.text, [])
+    text, calls = answer_of(out, plan, params[0].grammar is not None)
     text = text or ""
     status = "incomplete" if out.finish_reason == "length" and not calls else "completed"
     output = [message_item(f"msg_{uuid.uuid4().hex}", text, status)] \
@@ -111,9 +111,9 @@ class _Events:
     """The Responses events for each output: the text in one message item, each tool call
     a function_call item of its own."""
 
-    def __init__(self, head: dict, plan, finish):
+    def __init__(self, head: dict, plan, finish, constrained: bool):
         self.head, self.finish = head, finish
-        self.parser = ToolCallParser(plan.names, plan.parallel) if plan else None
+        self.parser = plan.parser(constrained) if plan else None
         self.total = Output()
         self.seq = 0
         self.output: list[dict] = []
@@ -140,7 +140,10 @@ class _Events:
         if self.parser is not None:
             text, calls = self.parser.feed(text)
             if out.finished:
-                more, last = self.parser.close()
+                try:
+                    more, last = self.parser.close(out.finish_reason == "length")
+                except CutCallError as exc:  # the stream ends with the error
+                    return events + [self.error(cut_error(exc))]
                 text, calls = text + more, calls + last
         if text:
             self._open_message(events)

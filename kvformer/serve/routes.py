@@ -43,7 +43,7 @@ from kvformer.serve.streaming import (
     sse_response,
 )
 from kvformer.serve.tools import (
-    ToolCallParser,
+    CutCallError,
     ToolPlan,
     call_grammar,
     parse_answer,
@@ -279,28 +279,37 @@ def sampling_params(srv: Server, req: _Common, max_tokens: int | None,
     return out
 
 
-def response_grammar(srv: Server, value: Any) -> Grammar | None:
-    """``response_format`` as a grammar (None for plain text). Runs on a worker thread:
-    the first call builds the vocabulary's table, a schema takes milliseconds to compile."""
+def response_schema(value: Any) -> dict | None:
+    """``response_format``'s JSON schema (``{"type": "object"}`` for ``json_object``; None
+    for plain text)."""
     if _empty(value) or value == {"type": "text"}:
         return None
     kind = value.get("type") if isinstance(value, dict) else None
-    try:
-        if kind == "json_object":
-            return srv.grammars.json_object()
-        if kind == "json_schema":
-            spec = value.get("json_schema")
-            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-                raise APIError(400, "response_format json_schema needs json_schema.schema, a "
-                                    "JSON Schema object", param="response_format",
-                               code="invalid_value")
-            return srv.grammars.json_schema(spec["schema"])
-    except GrammarError as exc:
-        raise APIError(400, f"response_format: {exc}", param="response_format",
-                       code="invalid_value") from None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise APIError(400, "response_format json_schema needs json_schema.schema, a "
+                                "JSON Schema object", param="response_format",
+                           code="invalid_value")
+        return spec["schema"]
     raise APIError(400, f"response_format={_short(value)} is not supported: use type "
                         "'text', 'json_object' or 'json_schema'", param="response_format",
                    code="unsupported_value")
+
+
+def response_grammar(srv: Server, value: Any) -> Grammar | None:
+    """``response_format`` as a grammar (None for plain text). Runs on a worker thread:
+    the first call builds the vocabulary's table, a schema takes milliseconds to compile."""
+    schema = response_schema(value)
+    if schema is None:
+        return None
+    try:
+        return srv.grammars.json_schema(schema)
+    except GrammarError as exc:
+        raise APIError(400, f"response_format: {exc}", param="response_format",
+                       code="invalid_value") from None
 
 
 def _logit_bias(given: dict[str, float] | None, vocab: int) -> dict[int, float] | None:
@@ -467,6 +476,7 @@ async def chat(srv: Server, request: Request) -> dict | StreamingResponse:
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
         else req.max_tokens
     plan, params, stream, first = await submit_chat(srv, request, req, max_tokens, lp)
+    grammar = params[0].grammar
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion.chunk" if req.stream else "chat.completion",
             "created": int(time.time()), "model": srv.model_name, "system_fingerprint": None}
@@ -480,8 +490,7 @@ async def chat(srv: Server, request: Request) -> dict | StreamingResponse:
         want_usage = bool(req.stream_options and req.stream_options.include_usage)
         started: set[int] = set()
         totals = [Output() for _ in params]
-        parsers = [ToolCallParser(plan.names, plan.parallel) if plan else None
-                   for _ in params]
+        parsers = [plan.parser(grammar is not None) if plan else None for _ in params]
         n_calls = [0] * len(params)
         chunk_json = ChunkJSON(head, usage_null=want_usage)
 
@@ -492,7 +501,11 @@ async def chat(srv: Server, request: Request) -> dict | StreamingResponse:
             if parser is not None:
                 text, calls = parser.feed(text)
                 if out.finished:
-                    more, last_calls = parser.close()
+                    try:
+                        more, last_calls = parser.close(out.finish_reason == "length")
+                    except CutCallError as exc:
+                        res.append(cut_error(exc).body())
+                        return res
                     text, calls = text + more, calls + last_calls
 
             def add(delta: dict, finish: str | None, with_lp: bool) -> None:
@@ -513,7 +526,7 @@ async def chat(srv: Server, request: Request) -> dict | StreamingResponse:
                 add({"tool_calls": [{"index": n_calls[index], **call}]}, None, False)
                 n_calls[index] += 1
             if out.finished:
-                add({}, "tool_calls" if n_calls[index] else out.finish_reason, False)
+                add({}, finish_reason(out, n_calls[index]), False)
             if last and want_usage:
                 res.append(dict(head, choices=[], usage=_usage(totals)))
             return res
@@ -522,12 +535,12 @@ async def chat(srv: Server, request: Request) -> dict | StreamingResponse:
     outs = await collect(stream, first, request, srv.retry_after, len(params))
     choices = []
     for i, out in enumerate(outs):
-        content, calls = parse_answer(out.text, plan) if plan else (out.text, [])
+        content, calls = answer_of(out, plan, grammar is not None)
         message = {"role": "assistant", "content": content, "refusal": None}
         if calls:
             message["tool_calls"] = calls
         choices.append({"index": i, "message": message, "logprobs": logprobs(out),
-                        "finish_reason": "tool_calls" if calls else out.finish_reason})
+                        "finish_reason": finish_reason(out, len(calls))})
     return dict(head, choices=choices, usage=_usage(outs))
 
 
@@ -547,6 +560,30 @@ async def submit_chat(srv: Server, request: Request, req: ChatRequest, max_token
     return plan, params, stream, first
 
 
+def finish_reason(out: Output, n_calls: int) -> str | None:
+    """"length" whenever the token limit cut the answer (calls or not), else
+    "tool_calls" if it made calls."""
+    if out.finish_reason == "length" or not n_calls:
+        return out.finish_reason
+    return "tool_calls"
+
+
+def cut_error(exc: CutCallError) -> APIError:
+    return APIError(400, str(exc), param="max_tokens", code="invalid_value")
+
+
+def answer_of(out: Output, plan: ToolPlan | None, constrained: bool
+              ) -> tuple[str | None, list[dict]]:
+    """A whole answer's (content, tool calls); a constrained call the limit cut before its
+    function was named is the 400 ``cut_error`` gives."""
+    if plan is None:
+        return out.text, []
+    try:
+        return parse_answer(out.text, plan, constrained, out.finish_reason == "length")
+    except CutCallError as exc:
+        raise cut_error(exc) from None
+
+
 def chat_inputs(srv: Server, req: ChatRequest) -> tuple[ToolPlan | None, list[dict], dict]:
     """The request's tools (None: no tool may be called), and the messages and template
     variables that carry them and the conversation's earlier calls into the prompt."""
@@ -561,16 +598,13 @@ def chat_inputs(srv: Server, req: ChatRequest) -> tuple[ToolPlan | None, list[di
 
 
 def chat_grammar(srv: Server, response_format: Any, plan: ToolPlan | None) -> Grammar | None:
-    """The grammar of a chat request: its response_format's, or the one that forces a tool
-    call (tool_choice "required" or a named function). On a worker thread."""
-    grammar = response_grammar(srv, response_format)
+    """The grammar of a chat request: its response_format's; with tools, the one that
+    forces a tool call (tool_choice "required" or a named function), or with "auto" and a
+    response_format, that allows calls or the format's JSON. On a worker thread."""
+    grammar = response_grammar(srv, response_format)  # checked even where calls are forced
     if plan is None:
         return grammar
-    if grammar is not None:
-        raise APIError(400, "response_format and tools cannot be combined: the answer "
-                            "would have to be both; drop one (or send tool_choice: 'none')",
-                       param="response_format", code="unsupported_value")
-    source = call_grammar(plan)
+    source = call_grammar(plan, response_schema(response_format) if grammar else None)
     if source is None:
         return None
     try:

@@ -28,7 +28,9 @@ results as user turns in ``<tool_response>`` tags).
 The answer is parsed in any of the three forms (``ToolCallParser``, which also serves the
 stream): text outside the calls is the message's ``content``. ``tool_choice: "required"``
 or a named function make the grammar (``call_grammar``) force the syntax with arguments
-valid under the function's JSON schema.
+valid under the function's JSON schema; with ``response_format`` too, ``auto`` is
+constrained to calls or the format's JSON. A constrained call cut by the token limit is
+returned as far as it got (``cut_calls``), never as markup in the content.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvformer.formats.tokenizer.template import CHATML_TEMPLATE, template_variables
-from kvformer.serve.grammar import JSON_LAYOUT
+from kvformer.serve.grammar import JSON_LAYOUT, closed_schema
 from kvformer.serve.schemas import APIError, ChatRequest
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -87,6 +89,16 @@ class ToolPlan:
     @property
     def names(self) -> set[str]:
         return {f["name"] for f in self.functions}
+
+    @property
+    def allowed(self) -> set[str]:
+        """The functions an answer may call."""
+        return self.names if self.choice in ("auto", "required") else {self.choice}
+
+    def parser(self, constrained: bool) -> ToolCallParser:
+        """A parser of this plan's answers; ``constrained``: they follow ``call_grammar``."""
+        return ToolCallParser(self.names, self.parallel,
+                              self.allowed if constrained else None, self.choice != "auto")
 
 
 def tool_plan(req: ChatRequest, template: str | None) -> ToolPlan | None:
@@ -202,24 +214,29 @@ def _tools_system_text(functions: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------- the grammar
-def call_grammar(plan: ToolPlan) -> str | None:
-    """For ``tool_choice`` "required" or a named function, a Lark grammar (llguidance's
-    dialect) of an answer made of calls only, in the plan's syntax; None for "auto"."""
-    if plan.choice == "auto":
+def call_grammar(plan: ToolPlan, answer: dict | None = None) -> str | None:
+    """A Lark grammar (llguidance's dialect) of the answers the plan allows, in its syntax:
+    for ``tool_choice`` "required" or a named function, calls only; for "auto" with
+    ``answer`` (``response_format``'s JSON schema), calls or JSON valid under ``answer``;
+    None for "auto" alone (the model writes what it likes)."""
+    if plan.choice == "auto" and answer is None:
         return None
-    functions = plan.functions if plan.choice == "required" else [
-        f for f in plan.functions if f["name"] == plan.choice]
-    call = json.dumps(_call_schema(functions, plan.syntax.arguments))
+    call = json.dumps(_call_schema([f for f in plan.functions if f["name"] in plan.allowed],
+                                   plan.syntax.arguments))
     syntax = plan.syntax
     if not syntax.tagged:
-        return f"start: call\ncall: %json {call}\n"
-    if syntax.as_list:
+        calls = "calls: call\n"
+    elif syntax.as_list:
         more = ' (", " call)*' if plan.parallel else ""
-        return f'start: "{OPEN}[" call{more} "]{CLOSE}"\ncall: %json {call}\n'
-    more = ' ("\\n" block)*' if plan.parallel else ""
-    return (f"start: block{more}\n"
-            f'block: "{OPEN}\\n" call "\\n{CLOSE}"\n'
-            f"call: %json {call}\n")
+        calls = f'calls: "{OPEN}[" call{more} "]{CLOSE}"\n'
+    else:
+        more = ' ("\\n" block)*' if plan.parallel else ""
+        calls = f'calls: block{more}\nblock: "{OPEN}\\n" call "\\n{CLOSE}"\n'
+    if plan.choice != "auto":
+        return f"start: calls\n{calls}call: %json {call}\n"
+    answer = {"x-guidance": JSON_LAYOUT, **closed_schema(answer)}
+    return (f"start: calls | answer\n{calls}call: %json {call}\n"
+            f"answer: %json {json.dumps(answer)}\n")
 
 
 def _call_schema(functions: list[dict], key: str) -> dict:
@@ -228,7 +245,7 @@ def _call_schema(functions: list[dict], key: str) -> dict:
     defs: dict[str, Any] = {}
     options = []
     for f in functions:
-        params = dict(f["parameters"])
+        params = closed_schema(dict(f["parameters"]))
         for section in ("$defs", "definitions"):
             for name, value in (params.pop(section, None) or {}).items():
                 if defs.get(name, value) != value:
@@ -282,10 +299,16 @@ class ToolCallParser:
     call is sent whole when its closing tag arrives; an answer that opens with ``{`` (or
     ``<|python_tag|>``) is held to the end and is a call if it parses as one of the
     functions (Llama 3's form), content otherwise. Whitespace next to calls is dropped. A
-    tag whose inside is not a call (or is never closed) stays in the content as text."""
+    tag whose inside is not a call (or is never closed) stays in the content as text.
 
-    def __init__(self, names: set[str], parallel: bool = True):
+    ``allowed``: the answer follows ``call_grammar``, which allows calls to these
+    functions: a call the token limit cut (``close(cut=True)``) is then a call as far as it
+    got, never text; ``forced``: the answer is calls only."""
+
+    def __init__(self, names: set[str], parallel: bool = True,
+                 allowed: set[str] | None = None, forced: bool = False):
         self.names, self.parallel = names, parallel
+        self.allowed, self.forced = allowed, forced
         self.buf, self.mode = "", "start"  # start | text | call | json
         self.space = ""  # whitespace held back: dropped if a call follows
         self.calls: list[dict] = []
@@ -314,7 +337,7 @@ class ToolCallParser:
                 self._text(self.buf[:i], out)
                 self.buf, self.mode = self.buf[i:], "call"
             elif self.mode == "call":
-                j = self.buf.find(CLOSE)
+                j = self._close_at()
                 if j < 0:
                     break
                 block, self.buf = self.buf[:j + len(CLOSE)], self.buf[j + len(CLOSE):]
@@ -329,10 +352,29 @@ class ToolCallParser:
                 break
         return "".join(out), calls
 
-    def close(self) -> tuple[str, list[dict]]:
+    def close(self, cut: bool = False) -> tuple[str, list[dict]]:
+        """The rest of the answer; ``cut``: the token limit ended it (raises
+        ``CutCallError`` if a constrained call was cut before its function was known)."""
         out: list[str] = []
         calls: list[dict] = []
-        if self.mode == "json":
+        held = self.buf.strip()
+        call_cut = cut and self.allowed is not None and (
+            self.mode == "call" or (self.mode == "json" and self.forced)
+            or (held and not self.content and _could_start(held, (OPEN, PYTHON_TAG))))
+        if call_cut:
+            body = held
+            for head in (OPEN, PYTHON_TAG):
+                body = "" if head.startswith(body) else body
+                body = body[len(head):] if body.startswith(head) else body
+            found = cut_calls(body, self.allowed)
+            if found is None and self.calls:  # an earlier block's calls are whole
+                found = []
+            if found is None:
+                raise CutCallError("the token limit (max_tokens, or the context) ended the "
+                                   "answer inside a tool call before its function was named;"
+                                   " raise max_tokens")
+            calls = self._take(found)
+        elif self.mode == "json":
             body = self.buf.strip()
             body = body[len(PYTHON_TAG):] if body.startswith(PYTHON_TAG) else body
             found = _calls_in(body, self.names)
@@ -348,6 +390,16 @@ class ToolCallParser:
             self.content += self.space
         self.space = ""
         return "".join(out), calls
+
+    def _close_at(self) -> int:
+        """Where the call block's closing tag starts (-1: not yet). In a constrained answer
+        it is looked for after the block's JSON, whose strings may hold the tag."""
+        if self.allowed is None:
+            return self.buf.find(CLOSE)
+        inside = self.buf[len(OPEN):]
+        start = len(self.buf) - len(inside.lstrip())
+        end = _json_end(self.buf[start:])
+        return -1 if end is None else self.buf.find(CLOSE, start + end)
 
     def _text(self, text: str, out: list[str]) -> None:
         """Send text, holding back its trailing whitespace until more text follows (it
@@ -370,6 +422,82 @@ class ToolCallParser:
         return found
 
 
+class CutCallError(ValueError):
+    """A constrained tool call cut by the token limit before its function was named."""
+
+
+def cut_calls(text: str, allowed: set[str]) -> list[dict] | None:
+    """The calls of a constrained answer's last tool call block (after ``<tool_call>``, or
+    the whole answer in Llama 3's form) that the token limit cut: the complete calls, then
+    the cut one as far as it got, its ``arguments`` the JSON text so far. The grammar wrote
+    each call as ``{"name": "...", "<arguments key>": ...}`` (``JSON_LAYOUT``), so the
+    cut call's name is known once what was written of it fits one allowed function only;
+    None before that."""
+    text = text.lstrip()
+    text = text[1:] if text.startswith("[") else text
+    calls: list[dict] = []
+    while True:
+        text = text.lstrip(", \n")
+        end = _json_end(text)
+        if end is None:
+            break
+        found = _calls_in(text[:end], allowed)
+        if found is None:
+            return None
+        calls += found
+        text = text[end:]
+    if calls and not text.strip(" ]\n" + CLOSE):  # cut after the last call, in the markup
+        return calls
+    last = _cut_call(text, allowed)
+    return calls + [last] if last is not None else calls or None
+
+
+def _cut_call(text: str, allowed: set[str]) -> dict | None:
+    head = '{"name": "'
+    if len(text) <= len(head):
+        if not head.startswith(text):
+            return None
+        name, quote, rest = "", "", ""
+    elif text.startswith(head):
+        name, quote, rest = text[len(head):].partition('"')
+    else:
+        return None
+    fits = [f for f in sorted(allowed) if (f == name if quote else f.startswith(name))]
+    if len(fits) != 1:
+        return None
+    arguments = ""
+    for key in ("arguments", "parameters"):
+        if rest.startswith(f', "{key}": '):
+            arguments = rest[len(key) + 6:]
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": fits[0], "arguments": arguments}}
+
+
+def _json_end(text: str) -> int | None:
+    """Where the JSON object or list at the start of ``text`` ends; None if it is not
+    complete."""
+    if not text.startswith(("{", "[")):
+        return None
+    depth, in_string, escaped = 0, False, False
+    for i, c in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return None
+
+
 def _could_start(text: str, markers: tuple[str, ...]) -> bool:
     """``text`` is a proper beginning of one of the markers (more may complete it)."""
     return any(len(text) < len(m) and m.startswith(text) for m in markers)
@@ -383,11 +511,14 @@ def _held_tail(text: str, marker: str) -> int:
     return 0
 
 
-def parse_answer(text: str, plan: ToolPlan) -> tuple[str | None, list[dict]]:
-    """A whole answer as (content, tool calls): what the stream would have sent."""
-    parser = ToolCallParser(plan.names, plan.parallel)
+def parse_answer(text: str, plan: ToolPlan, constrained: bool = False,
+                 cut: bool = False) -> tuple[str | None, list[dict]]:
+    """A whole answer as (content, tool calls): what the stream would have sent.
+    ``constrained``: the answer followed ``call_grammar``; ``cut``: the token limit ended
+    it."""
+    parser = plan.parser(constrained)
     content, calls = parser.feed(text)
-    more, last = parser.close()
+    more, last = parser.close(cut)
     content += more
     calls += last
     return (content or None) if calls else text, calls
