@@ -552,6 +552,64 @@ def test_the_time_limit_is_a_parameter():
     assert render_chat_template(slow, messages, time_limit=None) == ""
 
 
+def test_a_template_past_the_memory_cap_is_stopped_and_the_worker_replaced():
+    """Renders with a time limit run in a worker process whose address space is capped: a
+    template that holds ~24 MB (three lists of 10^6 references, within every size check)
+    renders in-process, is stopped under an 8 MB cap, and the next render gets a new
+    worker."""
+    from kvformer.formats.tokenizer import template
+
+    big = "".join("{%% set a%d = ('x' * 500000 ~ 'y' * 500000)|list %%}" % i
+                  for i in range(3)) + "{{ a0|length + a2|length }}"
+    messages = [{"role": "user", "content": "hi"}]
+    assert render_chat_template(big, messages, time_limit=None) == "2000000"
+    try:
+        template.set_template_limits(memory_mb=8)
+        with pytest.raises(ChatTemplateError, match=r"was stopped \(.*(MemoryError|8 MB)"):
+            render_chat_template(big, messages, time_limit=10)
+        assert render_chat_template("{{ messages[0].content }}", messages) == "hi"
+    finally:
+        template.set_template_limits()
+
+
+def test_a_worker_past_its_time_is_killed():
+    """A render whose one call outlasts the time limit (the in-template deadline is only
+    checked between calls) is ended by killing its worker; the next render starts another."""
+    from kvformer.formats.tokenizer.isolated import TemplateWorkers
+
+    workers = TemplateWorkers(memory_mb=64, grace=0.0)
+    try:
+        workers.warm()
+        first = workers._idle.queue[0].proc
+        messages = [{"role": "user", "content": "hi"}]
+        slow = "{{ ('x' * 500000 ~ 'y' * 500000)|list|length }}"  # tens of ms in one call
+        with pytest.raises(ChatTemplateError, match=r"ran for more than 0.001 s"):
+            workers.render(slow, messages, True, 0.001, {})
+        assert first.poll() is not None  # killed
+        assert workers.render(slow, messages, True, 10.0, {}) == "1000000"
+        assert workers._idle.queue[0].proc is not first
+    finally:
+        workers.close()
+
+
+def test_isolated_renders_equal_in_process_ones():
+    """The worker process renders exactly what the in-process sandbox renders (variables,
+    unicode, lone surrogates, integer keys), and says the same on errors."""
+    from kvformer.formats.tokenizer import template
+
+    messages = [{"role": "user", "content": "h\u00e9llo \U0001f600 \ud800"},
+                {"role": "assistant", "content": "x", "meta": {1: [True, None, 2.5]}}]
+    tpl = ("{{ bos_token }}{% for m in messages %}{{ m.role }}:{{ m.content }}"
+           "{{ m.meta|default('') }}{% endfor %}{{ tools|tojson }}")
+    kw = {"bos_token": "<s>", "tools": [{"name": "f"}]}
+    inside = render_chat_template(tpl, messages, time_limit=None, **kw)
+    assert render_chat_template(tpl, messages, **kw) == inside
+    assert template._limits.workers is not None and template._limits.workers._started
+    bad = "{{ raise_exception('no system role') }}"
+    with pytest.raises(ChatTemplateError, match="^no system role$"):
+        render_chat_template(bad, messages)
+
+
 # The markers of three chat formats, and a template for each, in ByteTokenizers: text a user
 # types that spells a marker must stay text.
 FORMATS = {
@@ -664,6 +722,15 @@ def test_message_validation():
     calls = [{"role": "assistant", "content": None, "tool_calls": [{"name": "f"}]}]
     template = "{{ messages[0].tool_calls[0].name }}{{ messages[0].content is defined }}"
     assert render_chat_template(template, calls) == "fFalse"
+
+
+def test_filters_take_undefined_values():
+    """`x.missing|default(...)`, as real templates write for optional message fields, renders
+    the default: the filters' size checks once raised UndefinedError on the missing value."""
+    messages = [{"role": "user", "content": "x"}]
+    template = ("{% for m in messages %}{{ m.meta|default('none') }}"
+                "{{ m.tool_calls|default([])|length }}{{ m.name|d('-') }}{% endfor %}")
+    assert render_chat_template(template, messages, time_limit=None) == "none0-"
 
 
 def test_default_template_is_chatml():

@@ -20,6 +20,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
+from types import EllipsisType
 from typing import Any
 
 import tokenizers
@@ -36,7 +37,6 @@ from kvformer.formats.tokenizer.stream import StreamDecoder
 from kvformer.formats.tokenizer.template import (
     CHAT_ROLES,
     CHATML_TEMPLATE,
-    TEMPLATE_TIME_LIMIT,
     _check_messages,
     _plain,
     render_chat_template,
@@ -563,7 +563,7 @@ class Tokenizer:
     def encode_chat(self, messages: Sequence[Mapping[str, Any]],
                     add_generation_prompt: bool = True, *,
                     roles: Iterable[str] | None = CHAT_ROLES,
-                    time_limit: float | None = TEMPLATE_TIME_LIMIT, **extra: Any) -> list[int]:
+                    time_limit: float | None | EllipsisType = ..., **extra: Any) -> list[int]:
         """The token ids of a conversation's prompt, where only the template's own markup
         becomes control tokens: a special token written inside a message (or a tool
         description) is encoded as its plain characters, so no one can forge a turn of
