@@ -102,6 +102,13 @@ def set_template_limits(time_limit: float | None = TEMPLATE_TIME_LIMIT,
 _limits_lock = threading.Lock()
 
 
+def warm_template_workers() -> None:
+    """Start a worker now if renders are isolated (a server, so that its first chat request
+    does not wait ~0.1 s for one)."""
+    if _limits.isolate and _limits.time_limit is not None:
+        template_workers().warm()
+
+
 def template_workers():
     """The worker processes isolated renders run in (started as they are needed)."""
     with _limits_lock:
