@@ -457,3 +457,50 @@ def test_slow_and_idle_clients_are_bounded():
         proc.wait(30)
     err = proc.stderr.read()
     assert "Traceback" not in err and len(err.splitlines()) < 10, err[-3000:]
+
+
+# ---------------------------------------------------------------------------- the event loop
+def test_health_stays_fast_while_megabyte_prompts_are_refused():
+    """Four clients send prompts of a million characters (the context, 512 tokens of at most
+    12 characters, cannot hold them) as fast as they can: each is a 400 that says why,
+    found from the length without tokenizing, and /health answers within 50 ms meanwhile."""
+    srv = server()
+    prompt = "x" * 1_000_000
+    stop = threading.Event()
+    answers: list[httpx.Response] = []
+
+    def flood():
+        with httpx.Client(base_url=srv.url, timeout=30) as http:
+            while not stop.is_set():
+                answers.append(http.post("/v1/completions", json={
+                    "model": "tiny", "prompt": prompt, "max_tokens": 1}))
+
+    try:
+        clients = [threading.Thread(target=flood) for _ in range(4)]
+        for c in clients:
+            c.start()
+        took = []
+        with httpx.Client(base_url=srv.url, timeout=10) as http:
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                t0 = time.perf_counter()
+                assert http.get("/health").status_code == 200
+                took.append(time.perf_counter() - t0)
+                time.sleep(0.02)
+        stop.set()
+        for c in clients:
+            c.join()
+        assert len(answers) >= 8, len(answers)
+        for res in answers:
+            assert res.status_code == 400, res.text
+            err = res.json()["error"]
+            assert err["code"] == "context_length_exceeded" and err["param"] == "prompt"
+            assert "1,000,000 characters" in err["message"]
+        assert max(took) < 0.05, sorted(took)[-5:]
+        # a prompt the bound cannot rule out is still tokenized and checked as before
+        res = httpx.post(srv.url + "/v1/completions", timeout=30, json={
+            "model": "tiny", "prompt": "x" * 600, "max_tokens": 1})
+        assert res.status_code == 400 and "600" in res.json()["error"]["message"]
+    finally:
+        stop.set()
+        srv.stop()

@@ -12,6 +12,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+import tokenizers
 
 from kvformer.errors import ChatTemplateError, CheckpointError
 from kvformer.formats.tokenizer.template import CHATML_TEMPLATE, render_chat_template
@@ -559,7 +560,7 @@ def test_a_template_past_the_memory_cap_is_stopped_and_the_worker_replaced():
     worker."""
     from kvformer.formats.tokenizer import template
 
-    big = "".join("{%% set a%d = ('x' * 500000 ~ 'y' * 500000)|list %%}" % i
+    big = "".join(f"{{% set a{i} = ('x' * 500000 ~ 'y' * 500000)|list %}}"
                   for i in range(3)) + "{{ a0|length + a2|length }}"
     messages = [{"role": "user", "content": "hi"}]
     assert render_chat_template(big, messages, time_limit=None) == "2000000"
@@ -779,3 +780,30 @@ def test_byte_tokenizer_save_round_trip(tmp_path):
                 ids, skip_special_tokens=skip)
         raw = bytes(i for i in ids if i < 256)
         assert tok.decode(ids, skip_special_tokens=True) == raw.decode("utf-8", errors="replace")
+
+
+def test_max_chars_per_token_bounds_what_a_token_covers(tok, metadata):
+    """The longest vocabulary entry bounds the characters one token covers, so a text of
+    more than n times as many characters has more than n tokens; a pipeline that may drop
+    characters has no bound. Long texts (encoded with the GIL released) get the same ids."""
+    import random
+
+    longest = max(len(t) for t in metadata["tokenizer.ggml.tokens"])
+    assert tok.max_chars_per_token == longest
+    rng = random.Random(0)
+    words = ["hello", " world", "  ", "\n", "é", "😀", "<|im_end|>", "1234", " the"]
+    for _ in range(20):
+        text = "".join(rng.choice(words) for _ in range(rng.randrange(1, 3000)))
+        ids = tok.encode(text, add_special_tokens=False)
+        assert len(ids) * longest >= len(text)
+        assert ids == tok.backend.encode(text, add_special_tokens=False).ids
+    assert len("x" * 100_000) / tok.max_chars_per_token <= len(tok.encode("x" * 100_000))
+    assert ByteTokenizer(["<|im_start|>"]).max_chars_per_token == len("<|im_start|>")
+    dropping = tokenizers.Tokenizer(tokenizers.models.BPE({"a": 0, " ": 1}, []))
+    dropping.normalizer = tokenizers.normalizers.Replace(" ", "")
+    assert Tokenizer(dropping).max_chars_per_token is None
+    dropping.normalizer = None
+    dropping.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    assert Tokenizer(dropping).max_chars_per_token is None
+    dropping.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel()
+    assert Tokenizer(dropping).max_chars_per_token == 1
