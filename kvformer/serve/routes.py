@@ -466,7 +466,7 @@ async def chat(srv: Server, request: Request) -> dict | StreamingResponse:
     req: ChatRequest = parse_body(ChatRequest, await srv.read_json(request))
     srv.check_model(req.model)
     refuse_unhonoured(req, "chat")
-    plan, messages, extra = chat_inputs(srv, req)
+    plan, messages, extra = await asyncio.to_thread(chat_inputs, srv, req)  # parses JSON
     # off the event loop: the server keeps answering while a template renders
     ids = await asyncio.to_thread(chat_prompt, srv, messages, **extra)
     top = req.top_logprobs
@@ -592,7 +592,8 @@ async def tokenize(srv: Server, request: Request) -> dict:
         ids = await asyncio.to_thread(encode_text, srv, req.prompt, "prompt",
                                       add_special_tokens=req.add_special_tokens)
     else:
-        _, msgs, extra = chat_inputs(srv, ChatRequest.model_construct(messages=req.messages))
+        _, msgs, extra = await asyncio.to_thread(
+            chat_inputs, srv, ChatRequest.model_construct(messages=req.messages))
         ids = await asyncio.to_thread(chat_prompt, srv, msgs,
                                       add_generation_prompt=req.add_generation_prompt, **extra)
     return {"tokens": ids, "count": len(ids), "max_model_len": srv.engine.max_seq_len}
