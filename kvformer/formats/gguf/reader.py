@@ -78,6 +78,9 @@ class LongArray:
     offset: int = dataclasses.field(default=0, repr=False, compare=False)
     item_type: int = dataclasses.field(default=0, repr=False, compare=False)
 
+    def __len__(self) -> int:  # an empty one is false, as the list would be
+        return self.count
+
     def __repr__(self) -> str:
         return f"<{self.count:,} values of {self.dtype}, not read>"
 
