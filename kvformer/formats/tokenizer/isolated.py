@@ -89,18 +89,20 @@ class _Worker:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             start_new_session=True)  # a Ctrl-C in the terminal is the parent's to handle
         self.out = self.proc.stdout.fileno()
+        self.pending = b""  # read past the last answer (none: a worker answers one at a time)
 
     def _read(self, n: int, deadline: float) -> bytes:
-        data = b""
+        data = self.pending
         while len(data) < n:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([self.out], [], [], left)[0]:
                 raise TimeoutError
-            chunk = os.read(self.out, min(n - len(data), 1 << 20))
+            chunk = os.read(self.out, max(n - len(data), 1 << 16))
             if not chunk:
                 raise EOFError
             data += chunk
-        return data
+        self.pending = data[n:]
+        return data[:n]
 
     def render(self, request: bytes, deadline: float) -> tuple[bytes, str]:
         self.proc.stdin.write(_LEN.pack(len(request)) + request)
