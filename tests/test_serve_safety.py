@@ -504,3 +504,33 @@ def test_health_stays_fast_while_megabyte_prompts_are_refused():
     finally:
         stop.set()
         srv.stop()
+
+
+def test_template_workers_killed_past_their_time_leave_the_server_answering():
+    """A template whose one call outlasts the time limit (here 1 ms, with no grace) has its
+    worker process killed: ten such requests are 400s naming the limit, /health answers
+    meanwhile, and with the limits back a request renders in a new worker."""
+    from kvformer.formats.tokenizer import template
+    from kvformer.formats.tokenizer.isolated import KILL_GRACE
+
+    srv = server("{{ ('x' * 500000 ~ 'y' * 500000)|list|length }}{{ messages[0].content }}")
+    try:
+        template.set_template_limits(time_limit=0.001)
+        template.template_workers().grace = 0.0
+        with httpx.Client(base_url=srv.url, timeout=30) as http:
+            for _ in range(10):
+                res = http.post("/v1/chat/completions", json={
+                    "model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 1})
+                assert res.status_code == 400, res.text
+                assert "ran for more than 0.001 s" in res.json()["error"]["message"]
+                assert http.get("/health").status_code == 200
+            template.set_template_limits()
+            res = http.post("/tokenize", json={
+                "model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
+            assert res.status_code == 200, res.text
+            assert bytes(res.json()["tokens"]) == b"1000000hi"
+    finally:
+        template.set_template_limits()
+        template.template_workers().grace = KILL_GRACE
+        srv.stop()

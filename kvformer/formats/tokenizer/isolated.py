@@ -84,10 +84,13 @@ class _Worker:
     """One worker process and its pipes."""
 
     def __init__(self, memory_mb: int):
+        # the parent's import path, so that the worker finds this kvformer however the
+        # parent found it
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kvformer.formats.tokenizer.isolated", str(memory_mb)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            start_new_session=True)  # a Ctrl-C in the terminal is the parent's to handle
+            env=env, start_new_session=True)  # a Ctrl-C in the terminal is the parent's
         self.out = self.proc.stdout.fileno()
         self.pending = b""  # read past the last answer (none: a worker answers one at a time)
 
