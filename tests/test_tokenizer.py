@@ -511,9 +511,9 @@ GREEDY.update({
 
 
 def test_greedy_templates_stop_in_time_and_memory():
-    """In a fresh process (so that its peak resident memory is its own): every template above
-    is a ChatTemplateError within ~1 s (the default time limit) and the process never grows
-    past a few hundred MB."""
+    """In a fresh process (so that its peak resident memory is its own), rendering in it:
+    every template above is a ChatTemplateError within ~1 s (the default time limit) and the
+    process never grows past a few hundred MB."""
     import subprocess
     import sys
 
@@ -534,8 +534,11 @@ for name, template in json.loads(sys.stdin.read()).items():
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"results": out, "grew_mb": (peak - base) / 1024}))
 """
+    # in-process (no worker processes): the sandbox's own checks must stop every one of
+    # them; the workers' caps are a second line (tested below)
+    env = {**os.environ, "KVFORMER_TEMPLATE_WORKERS": "0"}
     res = subprocess.run([sys.executable, "-c", script], input=json.dumps(GREEDY),
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     for name, (seconds, error) in report["results"].items():
