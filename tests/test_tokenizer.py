@@ -801,6 +801,11 @@ def test_max_chars_per_token_bounds_what_a_token_covers(tok, metadata):
         assert len(ids) * longest >= len(text)
         assert ids == tok.backend.encode(text, add_special_tokens=False).ids
     assert len("x" * 100_000) / tok.max_chars_per_token <= len(tok.encode("x" * 100_000))
+    marked = "<|im_end|> hello " * 1000  # encode_plain's path for special spellings
+    short = tok.encode_plain("<|im_end|> hello ")
+    assert tok.encode_plain(marked) == tok._plain_backend.encode(
+        marked, add_special_tokens=False).ids
+    assert tok.encode_plain(marked)[:len(short) - 1] == short[:-1]
     assert ByteTokenizer(["<|im_start|>"]).max_chars_per_token == len("<|im_start|>")
     dropping = tokenizers.Tokenizer(tokenizers.models.BPE({"a": 0, " ": 1}, []))
     dropping.normalizer = tokenizers.normalizers.Replace(" ", "")

@@ -702,6 +702,8 @@ class Tokenizer:
             plain.encode_special_tokens = True
             self._plain_backend = plain
         try:
+            if len(text) > _LONG_TEXT:  # as in _encode_text: without the GIL
+                return self._plain_backend.encode_batch([text], add_special_tokens=False)[0].ids
             return self._plain_backend.encode(text, add_special_tokens=False).ids
         except TypeError:
             raise _not_unicode() from None
