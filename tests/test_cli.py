@@ -451,9 +451,17 @@ def test_info_fails_like_generate_on_a_damaged_file(damage, tmp_path):
         assert expect in err and "Traceback" not in err, err
 
 
-def test_a_hostile_chat_template_is_one_line_in_the_cli(tmp_path):
-    """A model directory whose chat template loops forever: `generate --chat` stops it after
-    the time limit and says so in one line, exit 2."""
+@pytest.mark.parametrize("template, words", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+     "ran for more than 1 s"),
+    ("{% set a = ['a' * 1000000] * 1000000 %}{{ a }}", "counting each reference in full"),
+    ("{% set a = ['a' * 1000000] * 1000000 %}{{ a|unique|list|length }}",
+     "counting each reference in full"),
+])
+def test_a_hostile_chat_template_is_one_line_in_the_cli(tmp_path, template, words):
+    """A model directory whose chat template loops forever or prints a million references
+    to a million characters: `generate --chat` stops it (the time limit, the size checks)
+    and says so in one line, exit 2."""
     import time
 
     import torch
@@ -462,15 +470,14 @@ def test_a_hostile_chat_template_is_one_line_in_the_cli(tmp_path):
     from kvformer.formats.tokenizer.tokenizer import ByteTokenizer
 
     torch.manual_seed(0)
-    loop = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
-    tok = ByteTokenizer(["<|im_start|>", "<|im_end|>"], chat_template=loop)
+    tok = ByteTokenizer(["<|im_start|>", "<|im_end|>"], chat_template=template)
     cfg = ModelConfig(vocab_size=258, d_model=32, n_layer=1, n_head=2, n_kv_head=1)
     kvformer.save(Transformer(cfg).eval(), tmp_path / "m", tokenizer=tok)
     t0 = time.monotonic()
     res = run_cli("generate", "--chat", "-m", str(tmp_path / "m"), "-n", "2", "hi")
     assert res.returncode == 2, res.stderr
     err = res.stderr.strip().splitlines()[-1]
-    assert err.startswith("kvformer: error: ") and "ran for more than 1 s" in err, res.stderr
+    assert err.startswith("kvformer: error: ") and words in err, res.stderr
     assert "Traceback" not in res.stderr
     assert time.monotonic() - t0 < 60
 

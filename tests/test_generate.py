@@ -81,3 +81,55 @@ def test_bad_prompts(model):
         generate(model, [], 3)
     with pytest.raises(ValueError, match="outside"):
         generate(model, [1, 99], 3)
+
+
+def _padded_model():
+    """A model whose 300-id embedding pads a 258-id vocabulary, built so that greedy
+    decoding wants the padding: the output rows of the real ids are zero (logit 0), those of
+    the padding random (some logit > 0)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=300, d_model=32, n_layer=1, n_head=2, n_kv_head=1,
+                      tie_embeddings=False)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight[:258] = 0
+    return model
+
+
+def test_padded_vocabulary_ids_are_never_made():
+    """With vocab_limit (the tokenizer's size), generate, generate_stream and
+    continue_stream pick no id past the vocabulary, greedy or sampled, where without it the
+    padding wins."""
+    from kvformer.runtime.generation import continue_stream
+
+    model = _padded_model()
+    prompt = [1, 2, 3]
+    assert min(generate(model, prompt, 6)) >= 258  # the reference: padding is what it wants
+    assert generate(model, prompt, 6, vocab_limit=258) == [0] * 6  # all real logits are 0
+    for seed in range(5):
+        ids = generate(model, prompt, 20, temperature=5.0, seed=seed, vocab_limit=258)
+        assert max(ids) < 258, ids
+        assert max(generate_stream(model, prompt, 5, vocab_limit=258)) < 258
+    cache = model.new_cache(1, 32)
+    assert max(continue_stream(model, cache, prompt, 8, temperature=5.0,
+                               vocab_limit=258)) < 258
+    with pytest.raises(ValueError, match="vocab_limit"):
+        generate(model, prompt, 2, vocab_limit=0)
+
+
+def test_cli_generate_never_makes_a_padded_id(tmp_path):
+    """`kvformer generate` on a model whose embedding pads its tokenizer's vocabulary:
+    without the limit the greedy answer is padding ids, which do not decode (one-line
+    error); with it the answer comes out."""
+    import subprocess
+    import sys
+
+    import kvformer
+    from kvformer.formats.tokenizer.tokenizer import ByteTokenizer
+
+    kvformer.save(_padded_model(), tmp_path / "m", tokenizer=ByteTokenizer(["<|a|>", "<|b|>"]))
+    res = subprocess.run([sys.executable, "-m", "kvformer", "generate", "-m",
+                          str(tmp_path / "m"), "-n", "4", "-q", "hi"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "\0" * 4 + "\n"  # id 0, the first real id, at logit 0 like all

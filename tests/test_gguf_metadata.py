@@ -246,37 +246,92 @@ def test_info_shows_the_rotary_scaling_and_refuses_in_one_line(tmp_path, capsys)
     assert "'mrope'" in err and len(err.splitlines()) == 1
 
 
-def test_a_long_unread_metadata_array_costs_no_memory(tmp_path):
-    """A 256 MiB u8 array under a key nothing reads is left in the file (``LongArray``), not
-    turned into 268 million Python ints (gigabytes): reading the header of such a file peaks
-    within 64 MB of reading it without the array."""
+def _with_first_kv(src, dst, key: str, value_header: bytes, payload_size: int = 0,
+                   payload: bytes = b""):
+    """``src`` (a GGUF v3 file) with one more key/value, first: its header, then
+    ``payload_size`` zero bytes left as a hole in the file (not written), then ``payload``.
+    The key is lengthened with 'x's to keep the tensor data aligned (the entry a multiple
+    of 32 bytes), so that the rest of the file is copied as it is."""
+    import struct
+
+    key += "x" * (-(8 + len(key) + len(value_header) + payload_size + len(payload)) % 32)
+    head = struct.pack("<Q", len(key)) + key.encode() + value_header
+    data = src.read_bytes()
+    (n_kv,) = struct.unpack_from("<Q", data, 16)
+    with open(dst, "wb") as f:
+        f.write(data[:16] + struct.pack("<Q", n_kv + 1) + head)
+        f.seek(payload_size, 1)
+        f.write(payload + data[24:])
+    return dst
+
+
+# what `load` does with a GGUF file but the tokenizer (these files have none): the
+# metadata, the config checked against it, every tensor read; each file in a child forked
+# after the imports, so that the peaks (VmHWM, which a child starts at its parent's) differ
+# by the loads alone
+_PEAK = """
+import os, sys
+import torch
+from kvformer.formats.gguf.config import config_from_gguf
+from kvformer.formats.gguf.reader import open_reader, read_metadata
+from kvformer.formats.gguf.tensors import iter_gguf_tensors
+for path in sys.argv[1:]:
+    pid = os.fork()
+    if pid == 0:
+        reader = open_reader(path)
+        cfg = config_from_gguf(read_metadata(reader), reader)
+        weights = dict(iter_gguf_tensors(reader, cfg))
+        assert cfg.d_model == 64 and len(weights) >= 19
+        with open("/proc/self/status") as f:
+            peak = [line.split()[1] for line in f if line.startswith("VmHWM:")][0]
+        print(path, peak, flush=True)
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+"""
+
+
+def test_unread_metadata_arrays_cost_no_memory(tmp_path):
+    """Arrays under a key nothing reads stay in the file: a 256 MiB u8 array, 4 million
+    two-byte strings (40 MB of file, ~240 MB as Python strings) and a million arrays of
+    one number, each first in an otherwise ordinary model file. Loading each peaks within
+    64 MB of loading the file without it (in a subprocess: its own peak RSS), and the
+    header reader gives a ``LongArray`` for each, as for arrays nested 100,000 deep (once a
+    RecursionError)."""
     import struct
     import subprocess
     import sys
 
-    def write(path, junk: int):
-        def string(s: str) -> bytes:
-            return struct.pack("<Q", len(s)) + s.encode()
-        kvs = [string("general.architecture") + struct.pack("<I", 8) + string("llama")]
-        if junk:
-            kvs.append(string("general.junk") + struct.pack("<IIQ", 9, 0, junk))
-        with open(path, "wb") as f:
-            f.write(b"GGUF" + struct.pack("<IQQ", 3, 0, len(kvs)) + b"".join(kvs))
-            if junk:
-                f.truncate(f.tell() + junk)  # the array's bytes (zeros), without writing them
-    code = ("import resource, sys\n"
-            "from kvformer.formats.gguf.reader import GGUFFile, LongArray\n"
-            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            "with GGUFFile(sys.argv[1]) as f:\n"
-            "    junk = f.metadata.get('general.junk')\n"
-            "    assert junk is None or isinstance(junk, LongArray), type(junk)\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
-    grown = {}
-    for junk in (0, 256 << 20):
-        path = tmp_path / f"junk{junk}.gguf"
-        write(path, junk)
-        res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
-                             text=True, timeout=300)
-        assert res.returncode == 0, res.stderr
-        grown[junk] = int(res.stdout) / 1024  # ru_maxrss is in KiB on Linux
-    assert grown[256 << 20] - grown[0] < 64, grown
+    from kvformer.formats.gguf.reader import GGUFFile, LongArray
+
+    base = _write(tmp_path / "base.gguf")
+    key = "general.an_array_kvformer_does_not_read"
+    u8 = _with_first_kv(base, tmp_path / "u8.gguf", key,
+                        struct.pack("<IIQ", 9, 0, 256 << 20), payload_size=256 << 20)
+    n = 4_000_000
+    two = np.zeros(n, dtype=[("n", "<u8"), ("s", "S2")])
+    two["n"], two["s"] = 2, b"ab"
+    strings = _with_first_kv(base, tmp_path / "strings.gguf", key,
+                             struct.pack("<IIQ", 9, 8, n), payload=two.tobytes())
+    nested_items = struct.pack("<IQB", 0, 1, 7) * 1_000_000  # 13 bytes each
+    nested = _with_first_kv(base, tmp_path / "nested.gguf", key,
+                            struct.pack("<IIQ", 9, 9, 1_000_000), payload=nested_items)
+    depth = 100_000
+    deep = _with_first_kv(base, tmp_path / "deep.gguf", key,
+                          struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * depth
+                          + struct.pack("<IQ", 0, 0))
+    expect = {u8: ("|u1", 256 << 20), strings: ("string", n), nested: ("array", 1_000_000),
+              deep: ("array", 1)}
+    for path, (dtype, count) in expect.items():
+        with GGUFFile(path) as f:
+            (junk,) = [v for k, v in f.metadata.items() if k.startswith(key)]
+            assert isinstance(junk, LongArray) and (junk.dtype, junk.count) == (dtype, count)
+            assert f.metadata["llama.block_count"] == 2 and len(f.tensors) == 20
+    res = subprocess.run([sys.executable, "-c", _PEAK, str(base), str(u8), str(strings),
+                          str(nested)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    peaks = {}  # MiB
+    for line in res.stdout.splitlines():
+        path, kib = line.split()
+        peaks[path.rsplit("/", 1)[-1]] = int(kib) / 1024
+    assert len(peaks) == 4, res.stdout
+    assert max(peaks.values()) - peaks["base.gguf"] < 64, peaks

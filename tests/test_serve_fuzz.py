@@ -164,3 +164,88 @@ def test_deep_nesting_and_broken_bytes_get_400(server, depth):
         r = check(server, "/v1/completions", raw)
         assert r.status_code == 400
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+
+
+HI = [{"role": "user", "content": "hi"}]
+# keys that str.isdigit() or int() half-accept: superscripts, other scripts' digits,
+# mathematical digits, circled numbers, fractions, signs, underscores, spaces
+DIGIT_LIKE = ["²", "١٢", "𝟙", "⑴", "½", "-1", "+1", " 1", "1_0", "0x10", "1e3", "٣" * 40,
+              "", "1.0", "\u0661\u0030"]
+
+
+@pytest.mark.parametrize("key", DIGIT_LIKE, ids=range(len(DIGIT_LIKE)))
+def test_digit_like_logit_bias_keys(server, key):
+    """A logit_bias key that is not plain ASCII digits of an id in the vocabulary is a 400
+    that names logit_bias (`{"²": 1}` was a 500: isdigit() said yes, int() said no)."""
+    for path, field in (("/v1/chat/completions", {"messages": HI}),
+                        ("/v1/completions", {"prompt": "hi"})):
+        r = check(server, path, json.dumps({**field, "logit_bias": {key: 1}, "max_tokens": 2}))
+        if not (key.isascii() and key.strip().lstrip("+-").isdigit()):
+            assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text
+
+
+def _deep(depth: int) -> str:
+    return '{"a": ' * depth + "1" + "}" * depth
+
+
+@pytest.mark.parametrize("depth", [100, 2000, 100_000])
+def test_deep_json_inside_strings(server, depth):
+    """JSON nested thousands deep inside a string: an earlier tool call's arguments (a
+    RecursionError once), a tool's description, a message's content and a stop string."""
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "f", "arguments": _deep(depth)}}
+    tools = [{"type": "function", "function": {"name": "f", "description": _deep(depth),
+                                               "parameters": {"type": "object"}}}]
+    bodies = [
+        {"messages": [{"role": "user", "content": "x"},
+                      {"role": "assistant", "content": None, "tool_calls": [call]},
+                      {"role": "tool", "tool_call_id": "c1", "content": _deep(depth)}]},
+        {"messages": HI, "tools": tools},
+        {"messages": [{"role": "user", "content": _deep(depth)}]},
+        {"messages": HI, "stop": [_deep(min(depth, 10))]},
+    ]
+    for body in bodies:
+        check(server, "/v1/chat/completions", json.dumps({**body, "max_tokens": 2}))
+    check(server, "/tokenize", json.dumps(bodies[0]))
+    check(server, "/tokenize", json.dumps({"messages": bodies[0]["messages"][:2]}))
+
+
+SCHEMAS = [
+    {"$ref": "#"},
+    {"properties": {"a": {"$ref": "#"}}, "required": ["a"]},
+    {"type": "object", "properties": {"a": {"$ref": "#/properties/a"}}, "required": ["a"]},
+    {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}},
+    {"$ref": "#/$defs/missing"},
+    {"$ref": "http://example.com/schema.json"},
+    {"allOf": [{"type": "string"}, {"type": "integer"}]},
+    {"type": "string", "minLength": 5, "maxLength": 2},
+    {"type": "integer", "minimum": 5, "maximum": 1},
+    {"enum": []},
+    {"not": {}},
+    False,
+    {"type": "array", "minItems": 10**9},
+    {"type": "array", "items": {"$ref": "#"}, "minItems": 1},
+    {"type": "object", "required": ["a"], "additionalProperties": False},
+    {"type": "string", "pattern": "(a*)*b"},
+    {"type": "string", "pattern": "["},
+    {"anyOf": []},
+    {"type": ["null", "object"], "properties": {"next": {"$ref": "#"}},
+     "required": ["next"]},
+    {"type": "object", "properties": {"a": _deep(50)}},
+]
+
+
+@pytest.mark.parametrize("schema", SCHEMAS, ids=range(len(SCHEMAS)))
+def test_unsatisfiable_and_self_referential_schemas(server, schema):
+    """response_format json_schema that refers to itself, can match nothing, or is broken:
+    a 400 naming response_format or an answer with a clean finish_reason, never a 500."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    for path, field in (("/v1/chat/completions", {"messages": HI}),
+                        ("/v1/completions", {"prompt": "hi"})):
+        r = check(server, path, json.dumps({**field, "response_format": fmt,
+                                            "max_tokens": 4}))
+        if r.status_code >= 400:
+            assert r.json()["error"]["param"] in ("response_format", None), r.text
+        else:
+            assert r.json()["choices"][0]["finish_reason"] in ("stop", "length"), r.text
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}

@@ -12,6 +12,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+import tokenizers
 
 from kvformer.errors import ChatTemplateError, CheckpointError
 from kvformer.formats.tokenizer.template import CHATML_TEMPLATE, render_chat_template
@@ -510,9 +511,9 @@ GREEDY.update({
 
 
 def test_greedy_templates_stop_in_time_and_memory():
-    """In a fresh process (so that its peak resident memory is its own): every template above
-    is a ChatTemplateError within ~1 s (the default time limit) and the process never grows
-    past a few hundred MB."""
+    """In a fresh process (so that its peak resident memory is its own), rendering in it:
+    every template above is a ChatTemplateError within ~1 s (the default time limit) and the
+    process never grows past a few hundred MB."""
     import subprocess
     import sys
 
@@ -533,8 +534,11 @@ for name, template in json.loads(sys.stdin.read()).items():
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"results": out, "grew_mb": (peak - base) / 1024}))
 """
+    # in-process (no worker processes): the sandbox's own checks must stop every one of
+    # them; the workers' caps are a second line (tested below)
+    env = {**os.environ, "KVFORMER_TEMPLATE_WORKERS": "0"}
     res = subprocess.run([sys.executable, "-c", script], input=json.dumps(GREEDY),
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     for name, (seconds, error) in report["results"].items():
@@ -550,6 +554,64 @@ def test_the_time_limit_is_a_parameter():
     with pytest.raises(ChatTemplateError, match=r"ran for more than 0.01 s"):
         render_chat_template(slow, messages, time_limit=0.01)
     assert render_chat_template(slow, messages, time_limit=None) == ""
+
+
+def test_a_template_past_the_memory_cap_is_stopped_and_the_worker_replaced():
+    """Renders with a time limit run in a worker process whose address space is capped: a
+    template that holds ~24 MB (three lists of 10^6 references, within every size check)
+    renders in-process, is stopped under an 8 MB cap, and the next render gets a new
+    worker."""
+    from kvformer.formats.tokenizer import template
+
+    big = "".join(f"{{% set a{i} = ('x' * 500000 ~ 'y' * 500000)|list %}}"
+                  for i in range(3)) + "{{ a0|length + a2|length }}"
+    messages = [{"role": "user", "content": "hi"}]
+    assert render_chat_template(big, messages, time_limit=None) == "2000000"
+    try:
+        template.set_template_limits(memory_mb=8)
+        with pytest.raises(ChatTemplateError, match=r"was stopped \(.*(MemoryError|8 MB)"):
+            render_chat_template(big, messages, time_limit=10)
+        assert render_chat_template("{{ messages[0].content }}", messages) == "hi"
+    finally:
+        template.set_template_limits()
+
+
+def test_a_worker_past_its_time_is_killed():
+    """A render whose one call outlasts the time limit (the in-template deadline is only
+    checked between calls) is ended by killing its worker; the next render starts another."""
+    from kvformer.formats.tokenizer.isolated import TemplateWorkers
+
+    workers = TemplateWorkers(memory_mb=64, grace=0.0)
+    try:
+        workers.warm()
+        first = workers._idle.queue[0].proc
+        messages = [{"role": "user", "content": "hi"}]
+        slow = "{{ ('x' * 500000 ~ 'y' * 500000)|list|length }}"  # tens of ms in one call
+        with pytest.raises(ChatTemplateError, match=r"ran for more than 0.001 s"):
+            workers.render(slow, messages, True, 0.001, {})
+        assert first.poll() is not None  # killed
+        assert workers.render(slow, messages, True, 10.0, {}) == "1000000"
+        assert workers._idle.queue[0].proc is not first
+    finally:
+        workers.close()
+
+
+def test_isolated_renders_equal_in_process_ones():
+    """The worker process renders exactly what the in-process sandbox renders (variables,
+    unicode, lone surrogates, integer keys), and says the same on errors."""
+    from kvformer.formats.tokenizer import template
+
+    messages = [{"role": "user", "content": "h\u00e9llo \U0001f600 \ud800"},
+                {"role": "assistant", "content": "x", "meta": {1: [True, None, 2.5]}}]
+    tpl = ("{{ bos_token }}{% for m in messages %}{{ m.role }}:{{ m.content }}"
+           "{{ m.meta|default('') }}{% endfor %}{{ tools|tojson }}")
+    kw = {"bos_token": "<s>", "tools": [{"name": "f"}]}
+    inside = render_chat_template(tpl, messages, time_limit=None, **kw)
+    assert render_chat_template(tpl, messages, **kw) == inside
+    assert template._limits.workers is not None and template._limits.workers._started
+    bad = "{{ raise_exception('no system role') }}"
+    with pytest.raises(ChatTemplateError, match="^no system role$"):
+        render_chat_template(bad, messages)
 
 
 # The markers of three chat formats, and a template for each, in ByteTokenizers: text a user
@@ -666,6 +728,15 @@ def test_message_validation():
     assert render_chat_template(template, calls) == "fFalse"
 
 
+def test_filters_take_undefined_values():
+    """`x.missing|default(...)`, as real templates write for optional message fields, renders
+    the default: the filters' size checks once raised UndefinedError on the missing value."""
+    messages = [{"role": "user", "content": "x"}]
+    template = ("{% for m in messages %}{{ m.meta|default('none') }}"
+                "{{ m.tool_calls|default([])|length }}{{ m.name|d('-') }}{% endfor %}")
+    assert render_chat_template(template, messages, time_limit=None) == "none0-"
+
+
 def test_default_template_is_chatml():
     tok = ByteTokenizer(["<|im_start|>", "<|im_end|>"])
     assert tok.chat_template is None
@@ -712,3 +783,35 @@ def test_byte_tokenizer_save_round_trip(tmp_path):
                 ids, skip_special_tokens=skip)
         raw = bytes(i for i in ids if i < 256)
         assert tok.decode(ids, skip_special_tokens=True) == raw.decode("utf-8", errors="replace")
+
+
+def test_max_chars_per_token_bounds_what_a_token_covers(tok, metadata):
+    """The longest vocabulary entry bounds the characters one token covers, so a text of
+    more than n times as many characters has more than n tokens; a pipeline that may drop
+    characters has no bound. Long texts (encoded with the GIL released) get the same ids."""
+    import random
+
+    longest = max(len(t) for t in metadata["tokenizer.ggml.tokens"])
+    assert tok.max_chars_per_token == longest
+    rng = random.Random(0)
+    words = ["hello", " world", "  ", "\n", "é", "😀", "<|im_end|>", "1234", " the"]
+    for _ in range(20):
+        text = "".join(rng.choice(words) for _ in range(rng.randrange(1, 3000)))
+        ids = tok.encode(text, add_special_tokens=False)
+        assert len(ids) * longest >= len(text)
+        assert ids == tok.backend.encode(text, add_special_tokens=False).ids
+    assert len("x" * 100_000) / tok.max_chars_per_token <= len(tok.encode("x" * 100_000))
+    marked = "<|im_end|> hello " * 1000  # encode_plain's path for special spellings
+    short = tok.encode_plain("<|im_end|> hello ")
+    assert tok.encode_plain(marked) == tok._plain_backend.encode(
+        marked, add_special_tokens=False).ids
+    assert tok.encode_plain(marked)[:len(short) - 1] == short[:-1]
+    assert ByteTokenizer(["<|im_start|>"]).max_chars_per_token == len("<|im_start|>")
+    dropping = tokenizers.Tokenizer(tokenizers.models.BPE({"a": 0, " ": 1}, []))
+    dropping.normalizer = tokenizers.normalizers.Replace(" ", "")
+    assert Tokenizer(dropping).max_chars_per_token is None
+    dropping.normalizer = None
+    dropping.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    assert Tokenizer(dropping).max_chars_per_token is None
+    dropping.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel()
+    assert Tokenizer(dropping).max_chars_per_token == 1

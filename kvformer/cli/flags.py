@@ -129,6 +129,22 @@ def add_serve(sub) -> argparse.ArgumentParser:
                    help="without --api-key, also answer requests whose Host header is NAME "
                         "(besides localhost, 127.0.0.1, ::1, the --host address and the "
                         "--cors-origin hosts; others get 403); repeatable")
+    g = p.add_argument_group("limits on clients and chat templates")
+    g.add_argument("--header-timeout", type=float, default=15.0, metavar="SECONDS",
+                   help="close a connection that has not sent a request's headers this long "
+                        "after it opened or after its last response (default 15)")
+    g.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="close a kept-alive connection idle this long (default 5)")
+    g.add_argument("--max-connections", type=int, default=1000, metavar="N",
+                   help="open connections served at once; more get 503 (default 1000, and "
+                        "never more than the open-file limit allows; the soft limit is "
+                        "raised to the hard one at start)")
+    g.add_argument("--template-time-limit", type=float, default=1.0, metavar="SECONDS",
+                   help="stop a chat template (untrusted code from the model file) after "
+                        "this long: 400 for that request (default 1)")
+    g.add_argument("--template-memory", type=int, default=256, metavar="MB",
+                   help="memory a chat template may use in its worker process before it is "
+                        "stopped (default 256; 0: no cap)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     return p

@@ -46,7 +46,8 @@ def run(args) -> int:
     try:
         for token in generate_stream(model, ids, args.max_new_tokens, args.temperature,
                                      args.top_k, args.top_p, args.seed, tok.stop_ids,
-                                     use_cache=not args.no_cache):
+                                     use_cache=not args.no_cache,
+                                     vocab_limit=tok.vocab_size):  # not padded-embedding ids
             if n == 0:
                 status.clear()
             n += 1

@@ -13,13 +13,19 @@ from kvformer.cli.common import apply_activations, set_threads
 from kvformer.cli.flags import add_serve
 from kvformer.errors import ArgumentParser, KvformerError
 from kvformer.formats.load import load
+from kvformer.formats.tokenizer.template import set_template_limits, warm_template_workers
 from kvformer.serve.engine import Engine
 
 try:  # the serve extra (pip install 'kvformer[serve]'); without it, run() says so
     import uvicorn
 
     from kvformer.serve.app import bind_socket, create_app
-    from kvformer.serve.http import draining_server_class
+    from kvformer.serve.http import (
+        connection_cap,
+        draining_server_class,
+        raise_open_file_limit,
+        server_config,
+    )
 except ImportError as exc:
     if (exc.name or "").split(".")[0] not in ("fastapi", "starlette", "pydantic", "uvicorn"):
         raise
@@ -42,6 +48,13 @@ def _check(args) -> None:
         raise ValueError("--api-key is empty")
     if not args.shutdown_grace >= 0:
         raise ValueError("--shutdown-grace must be >= 0 seconds")
+    for name in ("header_timeout", "keep_alive_timeout", "template_time_limit"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds")
+    if args.max_connections < 1:
+        raise ValueError("--max-connections must be >= 1")
+    if args.template_memory < 0:
+        raise ValueError("--template-memory must be >= 0 MB (0: no cap)")
     for origin in args.cors_origin:
         if origin != "*" and not origin.startswith(("http://", "https://")):
             raise ValueError(f"--cors-origin {origin!r} is not an origin such as "
@@ -74,6 +87,8 @@ def run(args) -> int:
         raise KvformerError("kvformer serve needs FastAPI and uvicorn: "
                             "pip install 'kvformer[serve]'")
     set_threads(args)  # -t/--threads, as every verb
+    max_connections = connection_cap(args.max_connections, raise_open_file_limit())
+    set_template_limits(args.template_time_limit, args.template_memory)
     sock = bind_socket(args.host, args.port)  # fail fast (port taken) before loading
     try:
         # Load on one torch thread: the model then runs on the engine's thread, and once
@@ -108,7 +123,11 @@ def run(args) -> int:
         if not _is_loopback(args.host) and args.api_key is None:
             print("kvformer serve: warning: listening beyond this machine without --api-key",
                   file=sys.stderr)
-        config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+        warm_template_workers()
+        config = server_config(app, log_level=args.log_level,
+                               header_timeout=args.header_timeout,
+                               keep_alive_timeout=args.keep_alive_timeout,
+                               max_connections=max_connections)
         server = draining_server_class()(
             config, grace=args.shutdown_grace,
             say=lambda text: print(f"kvformer serve: {text}", file=sys.stderr, flush=True))

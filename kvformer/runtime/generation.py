@@ -38,11 +38,13 @@ def _as_rows(prompt_ids) -> tuple[list[list[int]], bool]:
 def generate_stream(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None,
                     seed: int | None = None, stop_ids: Iterable[int] = (),
-                    use_cache: bool = True) -> Iterator:
+                    use_cache: bool = True, vocab_limit: int | None = None) -> Iterator:
     """Yield tokens as they are made. For one prompt, yields ints; for a batch, yields one
     list per step with an id for each row, or None for a row that has already stopped.
     A stop id ends its row and is not yielded. ``model`` is a model (run by its executor,
-    ``kvformer.runtime.step.for_model``) or an ``Executor``."""
+    ``kvformer.runtime.step.for_model``) or an ``Executor``. With ``vocab_limit`` (the
+    tokenizer's vocabulary size), no id at or past it is made: a model's embedding is often
+    padded past its vocabulary, and those ids are no text."""
     run = for_model(model)
     model = run.model
     rows, single = _as_rows(prompt_ids)
@@ -66,15 +68,25 @@ def generate_stream(model, prompt_ids, max_new_tokens: int, temperature: float =
         return
     stops = set(stop_ids)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    limit = _check_limit(vocab_limit, vocab)
 
     for step in _decode_loop(run, rows, max_new_tokens, temperature, top_k, top_p, gen,
-                             stops, use_cache):
+                             stops, use_cache, limit):
         yield step[0] if single else step
+
+
+def _check_limit(vocab_limit: int | None, vocab: int) -> int | None:
+    """The number of ids sampling may pick from (None: all of the model's)."""
+    if vocab_limit is None or vocab_limit >= vocab:
+        return None
+    if not isinstance(vocab_limit, int) or vocab_limit < 1:
+        raise ValueError(f"vocab_limit={vocab_limit!r} must be an integer >= 1")
+    return vocab_limit
 
 
 @torch.inference_mode()
 def _decode_loop(executor: Executor, rows, max_new_tokens, temperature, top_k, top_p, gen,
-                 stops, use_cache):
+                 stops, use_cache, limit=None):
     model = executor.model
     device = model.device
     b = len(rows)
@@ -102,7 +114,7 @@ def _decode_loop(executor: Executor, rows, max_new_tokens, temperature, top_k, t
     logits = run(0, p, cache)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     for t in range(p, total):
-        nxt = sample(logits, temperature, top_k, top_p, gen)
+        nxt = sample(logits[:, :limit], temperature, top_k, top_p, gen)
         tokens[:, t] = nxt
         ids = nxt.tolist()
         out = []
@@ -123,14 +135,16 @@ def _decode_loop(executor: Executor, rows, max_new_tokens, temperature, top_k, t
 
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             stop_ids: Iterable[int] = (), use_cache: bool = True):
+             stop_ids: Iterable[int] = (), use_cache: bool = True,
+             vocab_limit: int | None = None):
     """New token ids for a prompt (list of ints or 1-D tensor -> list of ints) or a batch
     (list of lists or 2-D tensor -> list of lists, rows may differ in length). Greedy when
-    temperature is 0; each row of a batch gives what its prompt gives alone."""
+    temperature is 0; each row of a batch gives what its prompt gives alone. ``vocab_limit``:
+    as in ``generate_stream``."""
     rows, single = _as_rows(prompt_ids)
     outs: list[list[int]] = [[] for _ in rows]
     for step in generate_stream(model, rows, max_new_tokens, temperature, top_k, top_p, seed,
-                                stop_ids, use_cache):
+                                stop_ids, use_cache, vocab_limit):
         for i, tok in enumerate(step):
             if tok is not None:
                 outs[i].append(tok)
@@ -179,11 +193,13 @@ def perplexity(model, ids: Sequence[int], window: int | None = None, *,
 def continue_stream(model, cache, new_ids: Sequence[int], max_new_tokens: int,
                     temperature: float = 0.0, top_k: int | None = None,
                     top_p: float | None = None, generator: torch.Generator | None = None,
-                    stop_ids: Iterable[int] = ()) -> Iterator[int]:
+                    stop_ids: Iterable[int] = (), vocab_limit: int | None = None
+                    ) -> Iterator[int]:
     """Feed ``new_ids`` after what a batch-1 cache already holds, then decode: the chat
     loop uses this so earlier turns are never recomputed. Every yielded token except the
     last is already in the cache when the next one is made; a stop id is not yielded and
-    not written. ``model`` is a model or its ``Executor``."""
+    not written. ``model`` is a model or its ``Executor``; ``vocab_limit``: as in
+    ``generate_stream``."""
     run = for_model(model)
     model = run.model
     validate_sampling(temperature, top_k, top_p)
@@ -196,10 +212,11 @@ def continue_stream(model, cache, new_ids: Sequence[int], max_new_tokens: int,
             f"{cache.length} cached + {len(new_ids)} new tokens leave no room in a context "
             f"of {cache.max_len}; start a new conversation or raise the context size")
     stops = set(stop_ids)
+    limit = _check_limit(vocab_limit, model.cfg.vocab_size)
     tokens = torch.tensor([new_ids], dtype=torch.long, device=model.device)
     logits = run(tokens, cache=cache, last_only=True)[:, -1]
     for i in range(min(max_new_tokens, room)):
-        nxt = int(sample(logits, temperature, top_k, top_p, generator)[0])
+        nxt = int(sample(logits[:, :limit], temperature, top_k, top_p, generator)[0])
         if nxt in stops:
             return
         yield nxt

@@ -121,7 +121,7 @@ class ChatSession:
         decoder = self.tokenizer.stream_decoder()
         stream = continue_stream(self.model, self.cache, ids[common:], max_new_tokens,
                                  generator=self.generator, stop_ids=self.tokenizer.stop_ids,
-                                 **self.sampling)
+                                 vocab_limit=self.tokenizer.vocab_size, **self.sampling)
         start = first = time.perf_counter()
         undo = False
         try:

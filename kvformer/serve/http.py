@@ -1,11 +1,15 @@
 """Running the app: the listening socket, uvicorn in a thread (tests, benchmarks), the
-middleware that counts responses for /metrics, the gate (JSON only; 503 while draining) and
-the graceful shutdown on SIGTERM/SIGINT."""
+middleware that counts responses for /metrics, the gate (JSON only; 503 while draining),
+the bounds on connections (a header-read timeout, a cap on open connections, the open-file
+limit) and the graceful shutdown on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import json
 import socket
+import sys
 import threading
 import time
 from functools import lru_cache
@@ -145,13 +149,159 @@ async def drain(app, grace: float, say=None) -> None:
         await asyncio.sleep(0.02)
 
 
+# ---------------------------------------------------------------------------- connections
+#: Seconds a client has to send a request's headers, from the connection or the end of the
+#: previous response on a kept-alive one (a slowloris client sends a byte now and then).
+HEADER_TIMEOUT = 15.0
+#: Seconds a kept-alive connection may stay idle between requests.
+KEEP_ALIVE_TIMEOUT = 5.0
+#: Open connections served at once; one more gets 503 and is closed at once.
+MAX_CONNECTIONS = 1000
+# file descriptors kept for everything but connections (model files, pipes, logs)
+_SPARE_FILES = 64
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit (a shell's default
+    soft limit, often 1,024, would otherwise cap the connections); returns the limit now."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 1 << 16
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return soft if soft != resource.RLIM_INFINITY else 1 << 30
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        return want
+    except (ValueError, OSError):  # e.g. macOS refuses more than OPEN_MAX
+        return soft
+
+
+def connection_cap(wanted: int, open_files: int) -> int:
+    """The connections served at once: ``wanted``, but never so many that accepting them
+    would run out of file descriptors."""
+    return max(1, min(wanted, open_files - _SPARE_FILES))
+
+
+_BUSY = json.dumps({"error": {
+    "message": "the server has too many open connections: retry later",
+    "type": "server_error", "param": None, "code": "service_unavailable"}}).encode()
+_BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                  b"retry-after: 1\r\nconnection: close\r\ncontent-length: "
+                  + str(len(_BUSY)).encode() + b"\r\n\r\n" + _BUSY)
+
+
+def bounded_protocol(base: type, header_timeout: float, max_connections: int) -> type:
+    """uvicorn's HTTP protocol class ``base``, with two bounds it lacks: a connection
+    beyond ``max_connections`` gets 503 and is closed at once (freeing its descriptor), and
+    one that has not sent a request's headers ``header_timeout`` seconds after it opened or
+    after its previous response is closed (uvicorn's keep-alive timer is reset by every
+    byte, so a client sending one byte at a time would keep it forever)."""
+
+    class Bounded(base):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._kvf_cycle, self._kvf_timer = None, None
+            if len(self.connections) > max_connections:
+                transport.write(_BUSY_RESPONSE)
+                transport.close()
+                return
+            self._kvf_arm()
+
+        def _kvf_arm(self) -> None:
+            if self._kvf_timer is not None:
+                self._kvf_timer.cancel()
+            self._kvf_timer = self.loop.call_later(header_timeout, self._kvf_expire)
+
+        def _kvf_disarm(self) -> None:
+            if self._kvf_timer is not None:
+                self._kvf_timer.cancel()
+                self._kvf_timer = None
+
+        def _kvf_expire(self) -> None:
+            self._kvf_timer = None
+            cycle = self.cycle
+            if cycle is not None and cycle is not self._kvf_cycle:  # its headers came
+                self._kvf_cycle = cycle
+            elif (cycle is None or cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.cycle is not None and self.cycle is not self._kvf_cycle:
+                self._kvf_cycle = self.cycle  # a request's headers have all come
+                self._kvf_disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and (self.cycle is None or
+                                                    self.cycle is self._kvf_cycle):
+                self._kvf_arm()  # the next request's headers are due in time too
+
+        def connection_lost(self, exc) -> None:
+            self._kvf_disarm()
+            super().connection_lost(exc)
+
+    Bounded.__name__ = Bounded.__qualname__ = f"Bounded{base.__name__}"
+    return Bounded
+
+
+def server_config(app, *, log_level: str = "info", access_log: bool = True,
+                  header_timeout: float = HEADER_TIMEOUT,
+                  keep_alive_timeout: float = KEEP_ALIVE_TIMEOUT,
+                  max_connections: int = MAX_CONNECTIONS):
+    """uvicorn's Config for the app, with the connection bounds above."""
+    import uvicorn
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    return uvicorn.Config(app, log_level=log_level, access_log=access_log,
+                          timeout_graceful_shutdown=5, timeout_keep_alive=keep_alive_timeout,
+                          http=bounded_protocol(AutoHTTPProtocol, header_timeout,
+                                                max_connections))
+
+
+class _QuietAboutResources:
+    """An event loop exception handler that says "out of file descriptors" in one line at
+    most every 10 s, not a traceback per failed accept (a flood of them filled 43 MB of log
+    in 15 s); everything else goes to the default handler."""
+
+    def __init__(self):
+        self.last = 0.0
+
+    def __call__(self, loop, context) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE,
+                                                      errno.ENOBUFS, errno.ENOMEM):
+            now = time.monotonic()
+            if now - self.last >= 10:
+                self.last = now
+                print(f"kvformer serve: warning: {context.get('message', 'out of resources')} "
+                      f"({exc.strerror}); lower --max-connections or raise the open-file "
+                      "limit (ulimit -n)", file=sys.stderr, flush=True)
+            return
+        loop.default_exception_handler(context)
+
+
+@lru_cache(maxsize=1)
+def quiet_server_class():
+    """uvicorn's Server, with ``_QuietAboutResources`` on its event loop."""
+    import uvicorn
+
+    class QuietServer(uvicorn.Server):
+        async def serve(self, sockets=None):
+            asyncio.get_running_loop().set_exception_handler(_QuietAboutResources())
+            await super().serve(sockets)
+
+    return QuietServer
+
+
 @lru_cache(maxsize=1)
 def draining_server_class():
     """uvicorn's Server, but the first SIGTERM/SIGINT drains (``drain``) before it exits, and
     the process then exits 0; a second one stops at once."""
-    import uvicorn
-
-    class DrainingServer(uvicorn.Server):
+    class DrainingServer(quiet_server_class()):
         def __init__(self, config, grace: float = 30.0, say=None):
             super().__init__(config)
             self.grace, self.say = grace, say
@@ -203,14 +353,11 @@ class BackgroundServer:
     """uvicorn serving an app from a thread, on a free port by default (tests, benchmarks)."""
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0,
-                 log_level: str = "warning"):
-        import uvicorn
-
+                 log_level: str = "warning", **bounds):
         self.sock = bind_socket(host, port)
         self.host, self.port = host, self.sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level=log_level, access_log=False,
-                                timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
+        config = server_config(app, log_level=log_level, access_log=False, **bounds)
+        self.server = quiet_server_class()(config)
         self.thread = threading.Thread(target=self.server.run,
                                        kwargs={"sockets": [self.sock]}, daemon=True)
 

@@ -103,6 +103,8 @@ class Server:
             if len(body) > self.max_body:
                 raise too_big
         try:
+            if len(body) > 1 << 16:  # a large body is parsed off the event loop
+                return await asyncio.to_thread(json.loads, body)
             return json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise APIError(400, f"the request body is not valid JSON ({exc})",
@@ -353,7 +355,8 @@ async def completions(srv: Server, request: Request) -> dict | StreamingResponse
         if srv.tokenizer is None:
             raise APIError(400, "this model has no tokenizer: send token ids",
                            param="prompt")
-        ids = encode_text(srv, prompt, "prompt")
+        refuse_overlong(srv, prompt, "prompt")
+        ids = await asyncio.to_thread(encode_text, srv, prompt, "prompt")  # off the loop
     else:
         ids = list(prompt)
     lp = req.logprobs
@@ -435,6 +438,19 @@ def chat_messages(req: ChatRequest) -> list[dict]:
         raise APIError(400, "messages is empty: give at least one message",
                        param="messages", code="invalid_value")
     return messages
+
+
+def refuse_overlong(srv: Server, text: str, param: str) -> None:
+    """A 400 for a prompt whose length alone proves it cannot fit the context: more
+    characters than the context's tokens can stand for (`max_chars_per_token`), so that a
+    megabyte of text is refused without tokenizing it."""
+    per_token = srv.tokenizer.max_chars_per_token
+    ctx = srv.engine.max_seq_len
+    if per_token is not None and len(text) > ctx * per_token:
+        raise APIError(400, f"{param} has {len(text):,} characters, more than the model's "
+                            f"context of {ctx:,} tokens can hold (a token of this vocabulary "
+                            f"stands for at most {per_token} characters); shorten it",
+                       param=param, code="context_length_exceeded")
 
 
 def encode_text(srv: Server, text: str, param: str, add_special_tokens: bool = True
@@ -550,7 +566,7 @@ async def submit_chat(srv: Server, request: Request, req: ChatRequest, max_token
     """A chat request queued: its tools, the choices' settings, its stream and first output.
     The chat endpoint's path, shared by /v1/responses and /v1/messages (which translate
     their bodies into a ``ChatRequest``)."""
-    plan, messages, extra = chat_inputs(srv, req)
+    plan, messages, extra = await asyncio.to_thread(chat_inputs, srv, req)  # parses JSON
     # off the event loop: the server keeps answering while a template renders
     ids = await asyncio.to_thread(chat_prompt, srv, messages, **extra)
     grammar = await asyncio.to_thread(chat_grammar, srv, req.response_format, plan)
@@ -626,9 +642,11 @@ async def tokenize(srv: Server, request: Request) -> dict:
         raise APIError(400, "give either prompt (a string) or messages (a chat)",
                        param="prompt", code="invalid_value")
     if req.prompt is not None:
-        ids = encode_text(srv, req.prompt, "prompt", add_special_tokens=req.add_special_tokens)
+        ids = await asyncio.to_thread(encode_text, srv, req.prompt, "prompt",
+                                      add_special_tokens=req.add_special_tokens)
     else:
-        _, msgs, extra = chat_inputs(srv, ChatRequest.model_construct(messages=req.messages))
+        _, msgs, extra = await asyncio.to_thread(
+            chat_inputs, srv, ChatRequest.model_construct(messages=req.messages))
         ids = await asyncio.to_thread(chat_prompt, srv, msgs,
                                       add_generation_prompt=req.add_generation_prompt, **extra)
     return {"tokens": ids, "count": len(ids), "max_model_len": srv.engine.max_seq_len}

@@ -12,6 +12,7 @@ section. The data section starts at the next multiple of ``general.alignment`` (
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import os
 import struct
@@ -57,15 +58,28 @@ _U64 = struct.Struct("<Q")
 # Arrays longer than this are no vocabulary and no per-layer list (the longest kvformer reads
 # is a vocabulary's scores: ~256 K): their values are not made into Python objects
 LONG_ARRAY = 1 << 20
+# The metadata arrays kvformer reads besides its architecture's own ({arch}.*, per-layer
+# lists): every other array stays in the file (``LongArray``), so that no key nothing reads
+# can make a load cost more than the file (as Python ints or strings an array takes 10 to
+# 60 times its bytes)
+READ_ARRAYS = frozenset({"tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                         "tokenizer.ggml.scores", "tokenizer.ggml.token_type"})
 
 
 @dataclass(frozen=True)
 class LongArray:
-    """A metadata array of more than ``LONG_ARRAY`` numbers, left unread in the file: as
-    Python ints or floats a 256 MiB u8 array would take gigabytes, and kvformer reads none."""
+    """A metadata array left unread in the file: one under a key kvformer does not read, or
+    of more than ``LONG_ARRAY`` values. ``dtype`` is numpy's name of its numbers, 'string'
+    or 'array' (arrays of arrays)."""
 
     dtype: str
     count: int
+    # where its first value is in the file, and GGUF's type of its values
+    offset: int = dataclasses.field(default=0, repr=False, compare=False)
+    item_type: int = dataclasses.field(default=0, repr=False, compare=False)
+
+    def __len__(self) -> int:  # an empty one is false, as the list would be
+        return self.count
 
     def __repr__(self) -> str:
         return f"<{self.count:,} values of {self.dtype}, not read>"
@@ -104,13 +118,16 @@ class _Cursor:
         except UnicodeDecodeError:
             return raw.decode("utf-8", errors="replace")
 
-    def value(self, vtype: int, what: str) -> Any:
+    def value(self, vtype: int, what: str, read: bool = True) -> Any:
+        """The value at the cursor; an array only if ``read``, else a ``LongArray``."""
         if vtype == _STRING:
             return self.string(what)
         if vtype == _ARRAY:
             itype = self.u32(what + " item type")
             count = self.u64(what + " item count")
-            return self.array(itype, count, what)
+            if read and count <= LONG_ARRAY and itype != _ARRAY:
+                return self.array(itype, count, what)
+            return self.skip_array(itype, count, what)
         scalar = _SCALARS.get(vtype)
         if scalar is None:
             raise CheckpointError(f"{what} has unknown value type {vtype}")
@@ -120,13 +137,40 @@ class _Cursor:
         self.pos += size
         return v
 
+    def skip_array(self, itype: int, count: int, what: str) -> LongArray:
+        """Step over an array's values (arrays of arrays too, however deep, without
+        recursion), making none of them; what stands for it is a ``LongArray``."""
+        dtype = (np.dtype(_NUMPY_OF[itype]).str if itype in _NUMPY_OF else
+                 "string" if itype == _STRING else "array" if itype == _ARRAY else None)
+        if dtype is None:
+            raise CheckpointError(f"{what} is an array of unknown value type {itype}")
+        skipped = LongArray(dtype, count, self.pos, itype)
+        todo = [(itype, count)]
+        while todo:
+            itype, left = todo.pop()
+            if itype in _NUMPY_OF:
+                size = left * np.dtype(_NUMPY_OF[itype]).itemsize
+                self.need(size, what)
+                self.pos += size
+            elif itype == _STRING:
+                self.need(left * 8, what)  # every string has at least its 8-byte length
+                for _ in range(left):
+                    n = self.u64(what + " string length")
+                    self.need(n, what + " string")
+                    self.pos += n
+            elif itype == _ARRAY:
+                if left:
+                    todo.append((_ARRAY, left - 1))  # the rest, after this one
+                    inner = self.u32(what + " item type")
+                    todo.append((inner, self.u64(what + " item count")))
+            else:
+                raise CheckpointError(f"{what} is an array of unknown value type {itype}")
+        return skipped
+
     def array(self, itype: int, count: int, what: str) -> list:
         if itype in _NUMPY_OF:
             dt = np.dtype(_NUMPY_OF[itype])
             self.need(count * dt.itemsize, what)
-            if count > LONG_ARRAY:
-                self.pos += count * dt.itemsize
-                return LongArray(dt.str, count)
             arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=self.pos)
             self.pos += count * dt.itemsize
             return arr.tolist()
@@ -153,9 +197,6 @@ class _Cursor:
                 pos += n
             self.pos = pos
             return out
-        if itype == _ARRAY:
-            self.need(count * 12, what)
-            return [self.value(_ARRAY, what) for _ in range(count)]
         raise CheckpointError(f"{what} is an array of unknown value type {itype}")
 
 
@@ -271,7 +312,8 @@ class GGUFFile:
             vtype = cur.u32(f"type of metadata {key!r}")
             if key in meta:
                 raise CheckpointError(f"metadata key {key!r} appears twice; the file is corrupt")
-            meta[key] = cur.value(vtype, f"metadata {key!r}")
+            meta[key] = cur.value(vtype, f"metadata {key!r}", read=key in READ_ARRAYS)
+        self._read_architecture_arrays(meta, cur)
         self.metadata = meta
 
         alignment = meta.get("general.alignment", DEFAULT_ALIGNMENT)
@@ -319,6 +361,23 @@ class GGUFFile:
                                       f"{alignment} bytes; the file is corrupt")
             tensors[name] = GGUFTensorInfo(name, type_id, shape, self.data_offset + rel, nbytes)
         self.tensors = tensors
+
+    @staticmethod
+    def _read_architecture_arrays(meta: dict[str, Any], cur: _Cursor) -> None:
+        """Read the arrays under the architecture's own keys (per-layer lists), which the
+        first pass left unread when it did not know the architecture yet; at most
+        ``LONG_ARRAY`` values in all (a model has a few short ones)."""
+        arch = meta.get("general.architecture")
+        if not isinstance(arch, str):
+            return
+        budget, end = LONG_ARRAY, cur.pos
+        for key, value in meta.items():
+            if (key.startswith(arch + ".") and isinstance(value, LongArray)
+                    and value.dtype not in ("array",) and value.count <= budget):
+                cur.pos = value.offset
+                meta[key] = cur.array(value.item_type, value.count, f"metadata {key!r}")
+                budget -= value.count
+        cur.pos = end
 
     # -- access ----------------------------------------------------------------------------
     def check_tensor_data(self, names=None) -> None:

@@ -8,18 +8,22 @@ allocations, and sees only plain copies of the messages and variables it is give
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache, wraps
+from types import EllipsisType
 from typing import Any
 
-from jinja2 import meta
+from jinja2 import Environment, meta
 from jinja2.compiler import CodeGenerator
 from jinja2.exceptions import SecurityError, TemplateSyntaxError
 from jinja2.ext import Extension, loopcontrols
+from jinja2.nodes import EvalContext
+from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
@@ -28,8 +32,10 @@ from kvformer.errors import ChatTemplateError
 __all__ = [
     "CHATML_TEMPLATE",
     "CHAT_ROLES",
+    "TEMPLATE_MEMORY_MB",
     "TEMPLATE_TIME_LIMIT",
     "render_chat_template",
+    "set_template_limits",
 ]
 
 #: The message roles `Tokenizer.encode_chat` (and so the server) accepts by default.
@@ -56,6 +62,61 @@ _MAX_POWER_EXPONENT = 1_000
 _MAX_INDENT_CHARS = 64
 #: Seconds a chat template may take to render (the server and the CLI use it).
 TEMPLATE_TIME_LIMIT = 1.0
+#: Megabytes of memory a chat template may take beyond its worker process's own.
+TEMPLATE_MEMORY_MB = 256
+
+
+class _Limits:
+    """What a render gets unless told otherwise (``set_template_limits``): its time limit,
+    and whether it runs in a worker process (``isolated.py``) with a memory cap."""
+
+    time_limit: float | None = TEMPLATE_TIME_LIMIT
+    memory_mb: int = TEMPLATE_MEMORY_MB
+    isolate: bool = os.name == "posix" and os.environ.get("KVFORMER_TEMPLATE_WORKERS") != "0"
+    workers = None  # the isolated.TemplateWorkers, made on the first isolated render
+
+
+_limits = _Limits()
+
+
+def set_template_limits(time_limit: float | None = TEMPLATE_TIME_LIMIT,
+                        memory_mb: int = TEMPLATE_MEMORY_MB,
+                        isolate: bool | None = None) -> None:
+    """The limits every later render gets by default: ``time_limit`` seconds (None: none)
+    and, in a worker process (``isolate``, on by default on POSIX systems), ``memory_mb``
+    megabytes beyond the worker's own size (0: no cap)."""
+    if time_limit is not None and not time_limit > 0:
+        raise ValueError(f"the chat template time limit must be > 0 seconds, not {time_limit}")
+    if memory_mb < 0:
+        raise ValueError(f"the chat template memory limit must be >= 0 MB, not {memory_mb}")
+    with _limits_lock:
+        old = _limits.workers
+        if old is not None and (memory_mb != _limits.memory_mb or isolate is False):
+            _limits.workers = None
+            old.close()
+        _limits.time_limit, _limits.memory_mb = time_limit, memory_mb
+        if isolate is not None:
+            _limits.isolate = isolate
+
+
+_limits_lock = threading.Lock()
+
+
+def warm_template_workers() -> None:
+    """Start a worker now if renders are isolated (a server, so that its first chat request
+    does not wait ~0.1 s for one)."""
+    if _limits.isolate and _limits.time_limit is not None:
+        template_workers().warm()
+
+
+def template_workers():
+    """The worker processes isolated renders run in (started as they are needed)."""
+    with _limits_lock:
+        if _limits.workers is None:
+            from kvformer.formats.tokenizer.isolated import TemplateWorkers
+
+            _limits.workers = TemplateWorkers(_limits.memory_mb)
+        return _limits.workers
 # a width or precision of 7+ digits in a %-format or a str.format spec (builds >= 1e6 chars)
 _WIDE_FORMAT = re.compile(r"%[-#0 +]*(?:\*|\d{7,})|%[-#0 +]*\d*\.(?:\*|\d{7,})|"
                           r"\{[^{}]*:[^{}]*?\d{7,}")
@@ -159,7 +220,9 @@ def _guard_filter(name: str, func):
     def guarded(*args: Any, **kwargs: Any) -> Any:
         _tick()
         _check_numbers([*args, *kwargs.values()])
-        plain = [a for a in args if not hasattr(a, "environment")]  # drop ctx / eval_ctx
+        # drop the context / eval context / environment jinja passes first (an Undefined
+        # raises on hasattr, so test the type)
+        plain = [a for a in args if not isinstance(a, (Context, EvalContext, Environment))]
         value = plain[0] if plain else None
         rest = plain[1:]
         if name == "join":
@@ -372,19 +435,28 @@ def _check_messages(messages: Any) -> list[dict]:
 
 def render_chat_template(template: str, messages: Sequence[Mapping[str, Any]],
                          add_generation_prompt: bool = True, *,
-                         time_limit: float | None = TEMPLATE_TIME_LIMIT,
+                         time_limit: float | None | EllipsisType = ...,
                          **variables: Any) -> str:
     """Render a chat template in a sandbox; any failure or escape attempt is a ChatTemplateError.
 
     Templates see `messages`, `add_generation_prompt`, `tools`/`documents` (None unless given),
     whatever else is passed in `variables` (e.g. `bos_token`), the `raise_exception` and
     `strftime_now` functions, and a JSON `tojson` filter. Everything they see is a plain copy.
-    A render that runs longer than `time_limit` seconds (None: no limit) or builds too much
-    (see _MAX_RENDER_CHARS, _MAX_BUILT_CHARS) is stopped with a ChatTemplateError.
+    A render that runs longer than `time_limit` seconds (None: no limit; left out: the
+    limit of `set_template_limits`, 1 s unless changed) or builds too much (see
+    _MAX_RENDER_CHARS, _MAX_BUILT_CHARS) is stopped with a ChatTemplateError. A render with
+    a time limit runs in a worker process (see isolated.py) that is killed if it outlasts
+    the limit or uses more than `set_template_limits`'s memory, whatever the template does.
     """
+    if time_limit is ...:
+        time_limit = _limits.time_limit
     checked = _check_messages(messages)
+    plain_variables = _plain(variables, "chat template variables")
+    if time_limit is not None and _limits.isolate:
+        return template_workers().render(template, checked, bool(add_generation_prompt),
+                                         time_limit, plain_variables)
     context = {"tools": None, "documents": None}
-    context.update(_plain(variables, "chat template variables"))
+    context.update(plain_variables)
     context.update(messages=checked, add_generation_prompt=bool(add_generation_prompt))
     compiled = _compile(template)
     outer = (_budget.deadline, _budget.time_limit, _budget.built)

@@ -20,6 +20,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
+from types import EllipsisType
 from typing import Any
 
 import tokenizers
@@ -36,7 +37,6 @@ from kvformer.formats.tokenizer.stream import StreamDecoder
 from kvformer.formats.tokenizer.template import (
     CHAT_ROLES,
     CHATML_TEMPLATE,
-    TEMPLATE_TIME_LIMIT,
     _check_messages,
     _plain,
     render_chat_template,
@@ -207,6 +207,37 @@ def _template_from_config(value: Any) -> str | None:
         chosen = named.get("default") or next(iter(named.values()), None)
         return chosen if isinstance(chosen, str) else None
     return None
+
+# Texts longer than this are encoded with `encode_batch`, which releases the GIL (`encode`
+# holds it: a megabyte held a server's event loop for seconds, even from another thread).
+_LONG_TEXT = 4096
+
+# the parts of a tokenizers pipeline that keep every character of the text (a normalizer or
+# pre-tokenizer of another kind may drop some: whitespace collapsing, a charsmap, a split
+# that removes its matches)
+_KEEPING_STEPS = {"Sequence", "Prepend", "ByteLevel", "Metaspace", "Digits", "Split",
+                  "Punctuation", "UnicodeScripts"}
+
+
+def _keeps_every_char(step: Any) -> bool:
+    if step is None:
+        return True
+    if step.get("type") not in _KEEPING_STEPS or step.get("behavior") == "Removed":
+        return False
+    inner = step.get("normalizers") or step.get("pretokenizers") or ()
+    return all(_keeps_every_char(s) for s in inner)
+
+
+def _max_chars_per_token(backend: tokenizers.Tokenizer) -> int | None:
+    spec = json.loads(backend.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or (model.get("unk_token") and model.get("fuse_unk")):
+        return None
+    if not (_keeps_every_char(spec.get("normalizer"))
+            and _keeps_every_char(spec.get("pre_tokenizer"))):
+        return None
+    return max(map(len, backend.get_vocab(with_added_tokens=True)), default=1) or 1
+
 
 class Tokenizer:
     """A tokenizer plus the model's conventions around it (BOS/EOS, stop tokens, chat format).
@@ -447,6 +478,18 @@ class Tokenizer:
         return self._vocab_size
 
     @property
+    def max_chars_per_token(self) -> int | None:
+        """The most characters of text one token can stand for: the longest vocabulary entry
+        (a byte-level entry spells one byte per character, a SentencePiece one a character
+        per character or a byte as '<0xNN>', an added token its text). None where no such
+        bound holds: a normalizer or pre-tokenizer that may drop characters (collapsing
+        spaces, a charsmap), or unknown characters fused into one token. A text longer than
+        ``n * max_chars_per_token`` has more than ``n`` tokens, known without encoding it."""
+        if getattr(self, "_max_chars", False) is False:
+            self._max_chars = _max_chars_per_token(self._backend)
+        return self._max_chars
+
+    @property
     def stop_ids(self) -> frozenset[int]:
         """Ids that end generation: EOS plus every end-of-turn marker in the vocabulary."""
         return self._stop_ids
@@ -540,6 +583,8 @@ class Tokenizer:
 
     def _encode_text(self, text: str) -> list[int]:
         try:
+            if len(text) > _LONG_TEXT:  # the batch call lets go of the GIL while it runs
+                return self._backend.encode_batch([text], add_special_tokens=False)[0].ids
             return self._backend.encode(text, add_special_tokens=False).ids
         except TypeError:  # the Rust side refuses lone surrogates this way
             raise _not_unicode() from None
@@ -572,7 +617,7 @@ class Tokenizer:
     def encode_chat(self, messages: Sequence[Mapping[str, Any]],
                     add_generation_prompt: bool = True, *,
                     roles: Iterable[str] | None = CHAT_ROLES,
-                    time_limit: float | None = TEMPLATE_TIME_LIMIT, **extra: Any) -> list[int]:
+                    time_limit: float | None | EllipsisType = ..., **extra: Any) -> list[int]:
         """The token ids of a conversation's prompt, where only the template's own markup
         becomes control tokens: a special token written inside a message (or a tool
         description) is encoded as its plain characters, so no one can forge a turn of
@@ -666,6 +711,8 @@ class Tokenizer:
             plain.encode_special_tokens = True
             self._plain_backend = plain
         try:
+            if len(text) > _LONG_TEXT:  # as in _encode_text: without the GIL
+                return self._plain_backend.encode_batch([text], add_special_tokens=False)[0].ids
             return self._plain_backend.encode(text, add_special_tokens=False).ids
         except TypeError:
             raise _not_unicode() from None
