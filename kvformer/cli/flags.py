@@ -129,6 +129,12 @@ def add_serve(sub) -> argparse.ArgumentParser:
                    help="without --api-key, also answer requests whose Host header is NAME "
                         "(besides localhost, 127.0.0.1, ::1, the --host address and the "
                         "--cors-origin hosts; others get 403); repeatable")
+    p.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="run N engine replicas behind this endpoint on Ray Serve, routed by "
+                        "prompt prefix (the cluster extra; RAY_ADDRESS names a cluster)")
+    p.add_argument("--route-prefix-chars", type=int, default=512, metavar="N",
+                   help="with --replicas: the prompt characters that pick a replica "
+                        "(default 512)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     return p

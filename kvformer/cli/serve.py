@@ -73,6 +73,10 @@ def run(args) -> int:
     if uvicorn is None:
         raise KvformerError("kvformer serve needs FastAPI and uvicorn: "
                             "pip install 'kvformer[serve]'")
+    if args.replicas is not None:
+        from kvformer.serve.replicas import serve_replicas
+
+        return serve_replicas(args, allowed_hosts=_allowed_hosts(args))
     set_threads(args)  # -t/--threads, as every verb
     sock = bind_socket(args.host, args.port)  # fail fast (port taken) before loading
     try:
