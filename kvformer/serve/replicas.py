@@ -23,10 +23,9 @@ def _check(args) -> None:
         raise ValueError(f"--port {args.port} is not a TCP port (0-65535)")
 
 
-def deploy_error(exc: BaseException) -> str:
+def deploy_error(text: str) -> str:
     """The one line that says why a deployment failed: the loader's own message when a
     replica's constructor raised, not Ray's traceback."""
-    text = str(exc)
     for line in reversed(text.splitlines()):
         line = line.strip()
         head = line.split(":", 1)[0]
@@ -41,7 +40,7 @@ def serve_replicas(args, allowed_hosts=None) -> int:
         import ray
         from ray import serve
 
-        from kvformer.serve.ray_serve import build_app
+        from kvformer.serve.ray_serve import ENGINE, build_app
     except ImportError as exc:
         if (exc.name or "").split(".")[0] not in ("ray", "fastapi", "starlette", "uvicorn"):
             raise
@@ -55,7 +54,7 @@ def serve_replicas(args, allowed_hosts=None) -> int:
               "cors_origins": list(args.cors_origin), "allowed_hosts": allowed_hosts}
     name = args.served_model_name or args.model
     ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="warning",
-             log_to_driver=args.log_level in ("info", "debug"))
+             log_to_driver=args.log_level == "debug")
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         app = build_app(model=args.model, replicas=args.replicas, threads=args.threads,
@@ -64,8 +63,13 @@ def serve_replicas(args, allowed_hosts=None) -> int:
                         + args.max_queue, engine=engine, server=server)
         try:
             serve.run(app, name=APP, route_prefix="/")
-        except Exception as exc:  # a replica's constructor failed (Ray gives up on it)
-            raise KvformerError(f"the replicas did not start: {deploy_error(exc)}") from None
+        except Exception as exc:  # a replica's constructor failed (Ray gave up on it)
+            why = str(exc)
+            try:
+                why = serve.status().applications[APP].deployments[ENGINE].message or why
+            except (KeyError, AttributeError):
+                pass
+            raise KvformerError(f"the replicas did not start: {deploy_error(why)}") from None
         print(f"kvformer serve: {name} on http://{args.host}:{args.port}/v1 "
               f"({args.replicas} replicas on Ray Serve, routed by the first "
               f"{args.route_prefix_chars} prompt characters)", file=sys.stderr, flush=True)
