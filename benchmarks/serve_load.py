@@ -120,7 +120,10 @@ async def one_request(client: httpx.AsyncClient, model: str, i: int, max_tokens:
 
 async def level(url: str, model: str, concurrency: int, per_stream: int,
                 max_tokens: int, offset: int) -> dict:
-    limits = httpx.Limits(max_connections=concurrency + 4)
+    # --against: a new connection per request, for both servers alike (llama-server closes
+    # a kept-alive connection after some requests, racing the client's next one on it)
+    limits = httpx.Limits(max_connections=concurrency + 4,
+                          max_keepalive_connections=0 if VARIED else None)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         await one_request(client, model, offset, 4)  # warm-up, not counted
 
@@ -362,7 +365,7 @@ def run_against(args) -> int:
     if args.chart:
         chart_against(rows, args.concurrency, args.chart,
                       f"{Path(gguf).name}, {threads} thread(s), {args.max_tokens} tokens per "
-                      f"request, streaming")
+                      f"request, streaming; load average {load_before:.1f} before the run")
     return 0
 
 

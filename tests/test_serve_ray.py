@@ -168,7 +168,10 @@ def test_health_and_metrics_cover_every_replica(cluster):
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                    if line.startswith("kvformer_completion_tokens_total"))
 
-    assert total(cluster.get("/metrics").text) - total(before) == n * 8
+    after = cluster.get("/metrics").text
+    assert total(after) - total(before) == n * 8
+    assert "\nkvformer_kv_block_size 8\n" in after  # the same on each: not summed
+    assert "\nkvformer_kv_blocks_total 512\n" in after  # 256 on each: summed
 
 
 def kill(replica_id: str) -> None:

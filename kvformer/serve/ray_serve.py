@@ -22,7 +22,7 @@ stream) or a 503 (a plain response). Every response names the replica that serve
 engine replica runs), ``/metrics`` sums the counters of every replica.
 
 Run it with ``kvformer serve --replicas N`` (a local Ray instance, or the cluster that
-``RAY_ADDRESS`` names), or on a Ray cluster with ``serve run`` and :func:`build_app`.
+``RAY_ADDRESS`` names), or on a Ray cluster with ``serve run`` and :func:`app_builder`.
 """
 
 
@@ -153,15 +153,19 @@ class KvformerEngine:
             raise RuntimeError("the replica's HTTP server stopped")
 
 
+AVERAGED = ("_rate", "_block_size", "_bytes_per_token")  # not summed over replicas
+
+
 def sum_metrics(texts: list[str]) -> str:
-    """Prometheus text of several replicas summed sample by sample (the HELP/TYPE lines of
-    the first kept)."""
+    """Prometheus text of several replicas, sample by sample: counters, gauges and
+    histogram buckets summed; ratios and per-token sizes (``AVERAGED``) averaged. The
+    HELP/TYPE lines of the first replica kept."""
     order: list[str] = []
-    totals: dict[str, float] = {}
+    values: dict[str, list[float]] = {}
     for text in texts:
         for line in text.splitlines():
             if not line or line.startswith("#"):
-                if line not in totals and line not in order:
+                if line not in order:
                     order.append(line)
                 continue
             name, _, value = line.rpartition(" ")
@@ -169,17 +173,18 @@ def sum_metrics(texts: list[str]) -> str:
                 number = float(value)
             except ValueError:
                 continue
-            if name not in totals:
+            if name not in values:
                 order.append(name)
-                totals[name] = 0.0
-            totals[name] += number
+                values[name] = []
+            values[name].append(number)
     out = []
     for item in order:
-        if item in totals:
-            v = totals[item]
-            out.append(f"{item} {int(v) if v == int(v) else v}")
-        else:
+        if item not in values:
             out.append(item)
+            continue
+        v = values[item]
+        total = sum(v) / len(v) if item.split("{")[0].endswith(AVERAGED) else sum(v)
+        out.append(f"{item} {int(total) if total == int(total) else total}")
     return "\n".join(out) + "\n"
 
 
@@ -292,8 +297,7 @@ def build_app(model: str = "default", replicas: int = 2, threads: int | None = N
               kv_dtype: str | None = None, max_ongoing_requests: int = 64,
               engine: dict | None = None, server: dict | None = None):
     """The Ray Serve application: ``replicas`` engines of ``model`` behind the prefix-aware
-    ingress. Also a ``serve run`` target (``serve run kvformer.serve.ray_serve:build_app
-    model=... replicas=4``), whose arguments arrive as strings."""
+    ingress (the numbers may come as strings: see :func:`app_builder`)."""
     from ray.serve.config import RequestRouterConfig
 
     replicas, prefix_chars = int(replicas), int(prefix_chars)
@@ -306,3 +310,16 @@ def build_app(model: str = "default", replicas: int = 2, threads: int | None = N
         request_router_config=RequestRouterConfig(request_router_class=PrefixRouter),
     ).bind(model, options)
     return KvformerIngress.bind(engines, prefix_chars)
+
+
+def app_builder(args: dict):
+    """The ``serve run`` target: ``serve run kvformer.serve.ray_serve:app_builder
+    model=PATH replicas=4 threads=2 prefix_chars=512`` (Ray passes the key=value pairs as a
+    dict of strings)."""
+    known = {"model", "replicas", "threads", "prefix_chars", "name", "dtype", "kv_dtype",
+             "max_ongoing_requests"}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"unknown argument(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(sorted(known))}")
+    return build_app(**args)
