@@ -134,7 +134,7 @@ def add_serve(sub) -> argparse.ArgumentParser:
                         "prompt prefix (the cluster extra; RAY_ADDRESS names a cluster)")
     p.add_argument("--route-prefix-chars", type=int, default=512, metavar="N",
                    help="with --replicas: the prompt characters that pick a replica "
-                        "(default 512)")
+                        "(default 512; 0: by load alone)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     return p

@@ -47,7 +47,10 @@ HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive"
 
 def prefix_key(body: bytes, prefix_chars: int) -> str | None:
     """The routing key of a request body: a digest of the first ``prefix_chars`` characters
-    of its prompt fields as JSON (None for a body that is not a JSON object with one)."""
+    of its prompt fields as JSON (None for a body that is not a JSON object with one, and
+    for every body when ``prefix_chars`` is 0: routing by load alone)."""
+    if prefix_chars <= 0:
+        return None
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):

@@ -17,8 +17,8 @@ APP = "kvformer"
 def _check(args) -> None:
     if args.replicas < 1:
         raise ValueError("--replicas must be >= 1")
-    if args.route_prefix_chars < 1:
-        raise ValueError("--route-prefix-chars must be >= 1")
+    if args.route_prefix_chars < 0:
+        raise ValueError("--route-prefix-chars must be >= 0 (0: route by load alone)")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} is not a TCP port (0-65535)")
 
