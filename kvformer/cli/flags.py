@@ -145,6 +145,12 @@ def add_serve(sub) -> argparse.ArgumentParser:
     g.add_argument("--template-memory", type=int, default=256, metavar="MB",
                    help="memory a chat template may use in its worker process before it is "
                         "stopped (default 256; 0: no cap)")
+    p.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="run N engine replicas behind this endpoint on Ray Serve, routed by "
+                        "prompt prefix (the cluster extra; RAY_ADDRESS names a cluster)")
+    p.add_argument("--route-prefix-chars", type=int, default=512, metavar="N",
+                   help="with --replicas: the prompt characters that pick a replica "
+                        "(default 512; 0: by load alone)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     return p

@@ -86,6 +86,10 @@ def run(args) -> int:
     if uvicorn is None:
         raise KvformerError("kvformer serve needs FastAPI and uvicorn: "
                             "pip install 'kvformer[serve]'")
+    if args.replicas is not None:
+        from kvformer.serve.replicas import serve_replicas
+
+        return serve_replicas(args, allowed_hosts=_allowed_hosts(args))
     set_threads(args)  # -t/--threads, as every verb
     max_connections = connection_cap(args.max_connections, raise_open_file_limit())
     set_template_limits(args.template_time_limit, args.template_memory)

@@ -254,12 +254,15 @@ def server_config(app, *, log_level: str = "info", access_log: bool = True,
                   max_connections: int = MAX_CONNECTIONS):
     """uvicorn's Config for the app, with the connection bounds above."""
     import uvicorn
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 
+    # h11 and asyncio's own loop always, not whatever uvicorn finds installed (httptools and
+    # uvloop come with some packages, ray[serve] among them): the bounds above are written
+    # and tested against these
     return uvicorn.Config(app, log_level=log_level, access_log=access_log,
                           timeout_graceful_shutdown=5, timeout_keep_alive=keep_alive_timeout,
-                          http=bounded_protocol(AutoHTTPProtocol, header_timeout,
-                                                max_connections))
+                          loop="asyncio",
+                          http=bounded_protocol(H11Protocol, header_timeout, max_connections))
 
 
 class _QuietAboutResources:
