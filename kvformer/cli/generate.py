@@ -13,6 +13,7 @@ from kvformer.errors import KvformerError
 from kvformer.runtime import native
 from kvformer.runtime.generation import generate_stream
 from kvformer.runtime.sampling import validate_sampling
+from kvformer.runtime.speculative import SpecStats, check_vocab
 from kvformer.runtime.step import for_model
 
 
@@ -39,6 +40,7 @@ def run(args) -> int:
             f"prompt of {len(ids)} tokens + {args.max_new_tokens} new tokens = "
             f"{len(ids) + args.max_new_tokens} > the context of {ctx} (--ctx-size); shorten "
             "the prompt, lower -n or raise -c")
+    spec, draft, spec_stats = speculative_options(args, model, tok)
     decoder = tok.stream_decoder()
     status = StatusLine(enabled=not args.quiet)
     status.show(f"reading the prompt ({len(ids)} tokens)")
@@ -46,7 +48,9 @@ def run(args) -> int:
     try:
         for token in generate_stream(model, ids, args.max_new_tokens, args.temperature,
                                      args.top_k, args.top_p, args.seed, tok.stop_ids,
-                                     use_cache=not args.no_cache):
+                                     use_cache=not args.no_cache, spec=spec,
+                                     spec_k=args.spec_k, draft=draft,
+                                     spec_stats=spec_stats):
             if n == 0:
                 status.clear()
             n += 1
@@ -69,4 +73,21 @@ def run(args) -> int:
               f"{' (int8 into int4)' if native.activations() == 'int8' else ''}, "
               f"KV {model.kv_format().name}, "
               f"{torch.get_num_threads()} threads]", file=sys.stderr)
+        if spec:
+            print(f"[{spec_stats.line()}]", file=sys.stderr)
     return 0
+
+
+def speculative_options(args, model, tok):
+    """(method or None, draft model or None, SpecStats) from --spec / --draft-model."""
+    spec = getattr(args, "spec", None) or ("draft" if getattr(args, "draft_model", None)
+                                           else None)
+    if spec is None:
+        return None, None, None
+    draft = None
+    if spec == "draft":
+        if not args.draft_model:
+            raise KvformerError("--spec draft needs a draft model: --draft-model M (-md M)")
+        draft, draft_tok = load_model(args, name=args.draft_model, dtype=args.draft_dtype)
+        check_vocab(model, draft, tok, draft_tok)
+    return spec, draft, SpecStats()
