@@ -16,6 +16,7 @@ from kvformer.runtime import native
 from kvformer.runtime.generation import generate
 from kvformer.runtime.quant import quantize_model
 from kvformer.runtime.sampling import probabilities
+from kvformer.runtime.session import ChatSession
 from kvformer.runtime.speculative import (
     DraftModel,
     PromptLookup,
@@ -276,3 +277,40 @@ def test_sampled_tokens_keep_the_target_distribution(one_thread, method, top_k):
     assert stat < chi2_quantile(df), (stat, df)
     wrong, wdf = chi_square(counts, exact_pairs(draft, prompt, 1.0, top_k))
     assert wrong > chi2_quantile(wdf)
+
+
+class ByteChat:
+    """Just enough of a tokenizer for ChatSession: bytes, a plain template, '\\n' stops."""
+    stop_ids = frozenset({10})
+
+    def encode_chat(self, messages, add_generation_prompt=True):
+        return list("".join(f"{m['role'][0]}: {m['content']} " for m in messages).encode())
+
+    def decode(self, ids, skip_special_tokens=False):
+        return bytes(ids).decode("latin-1")
+
+    def stream_decoder(self, skip_special_tokens=False):
+        class Pieces:
+            def push(self, tok):
+                return chr(tok)
+
+            def flush(self):
+                return ""
+        return Pieces()
+
+
+@pytest.mark.parametrize("method", ["lookup", "draft"])
+def test_chat_turns_over_the_kept_cache_are_plain_decoding(models, method):
+    """A chat session with speculation gives every turn the answer of one without, and
+    keeps the same cache (the same tokens, the same bits) between turns."""
+    _, target, draft = models
+    sessions = [ChatSession(target, ByteChat(), max_len=128),
+                ChatSession(target, ByteChat(), max_len=128, spec=method, spec_k=4,
+                            draft=draft)]
+    for text in ("The quick brown fox", "The quick brown", "A stitch in time"):
+        plain, spec = ("".join(s.send(text, max_new_tokens=12)) for s in sessions)
+        assert spec == plain
+        a, b = (s.cache for s in sessions)
+        assert sessions[0].cached_ids == sessions[1].cached_ids
+        assert a.length == b.length and same_slots(a, b, a.length)
+    assert sessions[1].spec_stats.accepted > 0

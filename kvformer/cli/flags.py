@@ -51,6 +51,7 @@ def add_chat(sub) -> None:
     c.add_argument("--context", dest="ctx_size", type=at_least(0),
                    help=argparse.SUPPRESS)  # the old name of --ctx-size
     c.add_argument("--system", default=None, help="system message")
+    add_speculative(c)
 
 
 def add_info(sub) -> None:

@@ -7,13 +7,12 @@ import time
 
 import torch
 
-from kvformer.cli.common import context_size, load_model
+from kvformer.cli.common import context_size, load_model, speculative_options
 from kvformer.cli.status import StatusLine
 from kvformer.errors import KvformerError
 from kvformer.runtime import native
 from kvformer.runtime.generation import generate_stream
 from kvformer.runtime.sampling import validate_sampling
-from kvformer.runtime.speculative import SpecStats, check_vocab
 from kvformer.runtime.step import for_model
 
 
@@ -77,17 +76,3 @@ def run(args) -> int:
             print(f"[{spec_stats.line()}]", file=sys.stderr)
     return 0
 
-
-def speculative_options(args, model, tok):
-    """(method or None, draft model or None, SpecStats) from --spec / --draft-model."""
-    spec = getattr(args, "spec", None) or ("draft" if getattr(args, "draft_model", None)
-                                           else None)
-    if spec is None:
-        return None, None, None
-    draft = None
-    if spec == "draft":
-        if not args.draft_model:
-            raise KvformerError("--spec draft needs a draft model: --draft-model M (-md M)")
-        draft, draft_tok = load_model(args, name=args.draft_model, dtype=args.draft_dtype)
-        check_vocab(model, draft, tok, draft_tok)
-    return spec, draft, SpecStats()

@@ -49,6 +49,7 @@ class SpecStats:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
+    yielded: int = 0
 
     @property
     def acceptance(self) -> float:
@@ -230,8 +231,11 @@ def speculative_stream(model, prompt_ids, max_new_tokens: int, temperature: floa
     """Yield the new tokens of one prompt (a list of ints) as ``generate_stream`` does, with
     guesses from ``method`` ('lookup', or 'draft' with ``draft`` a model or executor of the
     same vocabulary) checked ``k`` at most at a time. ``stats`` (a ``SpecStats``) is filled
-    in as it runs; ``cache`` (empty, batch 1, room for prompt + max_new_tokens) is the
-    target's, made here by default; ``kv_dtype`` is its form, as ``new_cache`` takes."""
+    in as it runs. ``cache`` is the target's batch-1 cache, made here by default (in the
+    form ``kv_dtype`` names, as ``new_cache`` takes); one passed in may already hold a
+    prefix of the prompt (the chat's kept cache), and then, as ``continue_stream``, at most
+    the tokens it has room for are made. However the stream ends, the cache then holds a
+    prefix of the prompt and the yielded tokens, nothing else."""
     run = for_model(model)
     model = run.model
     validate_sampling(temperature, top_k, top_p)
@@ -244,7 +248,14 @@ def speculative_stream(model, prompt_ids, max_new_tokens: int, temperature: floa
     if not ids or any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
         raise ValueError(f"speculative decoding takes one prompt of token ids in [0, {vocab})")
     total = len(ids) + max_new_tokens
-    if total > model.cfg.max_seq_len:
+    if cache is not None:
+        if not cache.length < len(ids) < cache.max_len:
+            raise ContextOverflowError(
+                f"{cache.length} cached tokens and a text of {len(ids)} leave no room in a "
+                f"context of {cache.max_len}; start a new conversation or raise the context")
+        max_new_tokens = min(max_new_tokens, cache.max_len - len(ids))
+        total = len(ids) + max_new_tokens
+    elif total > model.cfg.max_seq_len:
         raise ContextOverflowError(
             f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens = {total} > the "
             f"model's context of {model.cfg.max_seq_len}; shorten the prompt or lower "
@@ -269,8 +280,20 @@ def speculative_stream(model, prompt_ids, max_new_tokens: int, temperature: floa
 
     cache = cache if cache is not None else model.new_cache(1, total, kv_dtype)
     device = model.device
-    logits = run(torch.tensor([ids], device=device), cache=cache, last_only=True)[:, -1]
+    rows = torch.tensor([ids[cache.length:]], device=device)
+    logits = run(rows, cache=cache, last_only=True)[:, -1]
     new = [int(sample(logits, temperature, top_k, top_p, gen)[0])]
+    prompt_len, before = len(ids), stats.yielded
+    try:
+        yield from _rounds(run, cache, ids, new, drafter, policy, stats, max_new_tokens,
+                           stops, temperature, top_k, top_p, gen)
+    finally:  # kept guesses past a stop or the consumer's last token leave the cache too
+        cache.truncate(min(cache.length, prompt_len + stats.yielded - before))
+
+
+def _rounds(run, cache, ids, new, drafter, policy, stats, max_new_tokens, stops,
+            temperature, top_k, top_p, gen):
+    device = run.model.device
     made = 0
     while True:
         for tok in new:
@@ -278,6 +301,7 @@ def speculative_stream(model, prompt_ids, max_new_tokens: int, temperature: floa
                 return
             yield tok
             made += 1
+            stats.yielded += 1
             if made == max_new_tokens:
                 return
         ids.extend(new)
