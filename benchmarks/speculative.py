@@ -61,6 +61,27 @@ def timed(run, ids, n, stop_ids, **spec) -> tuple[list[int], float, SpecStats]:
     return out, rate, stats
 
 
+def verify_cost(run, ids, rows=(1, 2, 3, 5, 7, 9), reps=15) -> dict[int, float]:
+    """The 10th-percentile ms (others on the machine only ever slow a call down) of one
+    executor call over ``r`` rows after the prompt (one row: a decode step; more: a
+    verification), the cache truncated back after each."""
+    model = run.model
+    cache = model.new_cache(1, len(ids) + max(rows) + 1)
+    with torch.inference_mode():
+        run(torch.tensor([ids]), cache=cache, last_only=True)
+        n = cache.length
+        out = {}
+        for r in rows:
+            times = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                run(torch.tensor([ids[-r:]]), cache=cache, last_only=False)
+                times.append(time.perf_counter() - start)
+                cache.truncate(n)
+            out[r] = 1000 * sorted(times)[len(times) // 10]
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default")
@@ -71,6 +92,8 @@ def main() -> None:
     p.add_argument("--k", type=int, nargs="+", default=[2, 4, 6, 8])
     p.add_argument("--no-draft", action="store_true", help="prompt lookup only")
     p.add_argument("--png", default="docs/img/speculative.png")
+    p.add_argument("--cost-only", action="store_true",
+                   help="only the time of one call over 1..9 rows")
     args = p.parse_args()
 
     model, tok = load(args.model, dtype=args.dtype, progress=False)
@@ -78,6 +101,13 @@ def main() -> None:
     print(f"model {args.model} ({getattr(model, 'mode', args.dtype)}), {run.why}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"{args.new_tokens} new tokens, greedy")
+    ids = tok.encode_chat([{"role": "user", "content": TASKS["summarize"]}],
+                          add_generation_prompt=True)
+    cost = verify_cost(run, ids)
+    print("one call after the summarize prompt (" + f"{len(ids)} tokens), 10th-percentile ms: "
+          + ", ".join(f"{r} row{'s' * (r > 1)} {ms:.1f}" for r, ms in cost.items()))
+    if args.cost_only:
+        return
     print("| task | method | k | tokens/s | speed-up | acceptance | target calls | same |")
     print("|---|---|---:|---:|---:|---:|---:|---|")
     rows = []  # (task, method, k, rate, speed-up, acceptance)
