@@ -44,6 +44,11 @@ def models(one_thread):
     return base, target, draft
 
 
+def target_of(models, weights):
+    base, target, _ = models
+    return target if weights == "int8" else copy.deepcopy(base).to(torch.bfloat16)
+
+
 def with_kv(model, kv):
     model = copy.deepcopy(model)
     model.kv_dtype = kv or "auto"
@@ -51,11 +56,13 @@ def with_kv(model, kv):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("kv", [None, "int8"])
+@pytest.mark.parametrize("kv", [None, "int8", "int4"])
 @pytest.mark.parametrize("method", ["lookup", "draft"])
-def test_greedy_is_plain_decoding_token_for_token(models, path, kv, method):
-    _, target, draft = models
-    run = for_model(with_kv(target, kv), native=path)
+@pytest.mark.parametrize("weights", ["int8", "bf16"])
+def test_greedy_is_plain_decoding_token_for_token(models, path, kv, method, weights):
+    """On every kernel path of the C++ step, with the model's, int8 and int4 KV."""
+    draft = models[2]
+    run = for_model(with_kv(target_of(models, weights), kv), native=path)
     drafter = for_model(with_kv(draft, kv), native=path)
     stats = SpecStats()
     for prompt in PROMPTS:
@@ -314,3 +321,14 @@ def test_chat_turns_over_the_kept_cache_are_plain_decoding(models, method):
         assert sessions[0].cached_ids == sessions[1].cached_ids
         assert a.length == b.length and same_slots(a, b, a.length)
     assert sessions[1].spec_stats.accepted > 0
+
+
+def test_the_cli_takes_the_speculative_flags():
+    from kvformer.cli.main import build_parser
+
+    args = build_parser().parse_args(["generate", "-md", "small", "--spec-k", "3", "hi"])
+    assert (args.draft_model, args.spec_k, args.spec, args.prompt) == ("small", 3, None, "hi")
+    args = build_parser().parse_args(["chat", "--spec", "lookup"])
+    assert (args.spec, args.spec_k, args.draft_model) == ("lookup", 5, None)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--spec", "ngram", "hi"])
