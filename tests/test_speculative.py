@@ -332,3 +332,22 @@ def test_the_cli_takes_the_speculative_flags():
     assert (args.spec, args.spec_k, args.draft_model) == ("lookup", 5, None)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--spec", "ngram", "hi"])
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("weights", ["int8", "bf16"])
+@pytest.mark.parametrize("kv", [None, "int8"])
+def test_a_verification_call_has_the_bits_of_one_row_steps(models, path, weights, kv):
+    """What greedy equality rests on: the C++ step's logits for 1 + k rows after a cached
+    prefix equal, bit for bit, those of feeding the rows one step at a time."""
+    model = with_kv(target_of(models, weights), kv)
+    run = for_model(model, native=path)
+    ids = torch.tensor([list(PROMPTS[0])])
+    caches = [model.new_cache(1, 96) for _ in range(2)]
+    with torch.inference_mode():
+        for c in caches:
+            run(ids[:, :40], cache=c)
+        steps = [run(ids[:, i:i + 1], cache=caches[0])[0, -1] for i in range(40, 46)]
+        rows = run(ids[:, 40:46], cache=caches[1], last_only=False)[0]
+    assert torch.equal(torch.stack(steps), rows)
+    assert same_slots(caches[0], caches[1], 46)
