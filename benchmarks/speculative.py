@@ -50,14 +50,12 @@ def timed(run, ids, n, stop_ids, **spec) -> tuple[list[int], float, SpecStats]:
     """(tokens, decode tokens/s after the first, speculation stats)."""
     stats = SpecStats()
     out, first = [], None
-    start = time.perf_counter()
     for tok in generate_stream(run, ids, n, stop_ids=stop_ids, spec_stats=stats, **spec):
         if first is None:
             first = time.perf_counter()
         out.append(tok)
     end = time.perf_counter()
     rate = (len(out) - 1) / (end - first) if len(out) > 1 and end > first else float("nan")
-    del start
     return out, rate, stats
 
 

@@ -121,7 +121,7 @@ class DraftModel:
 
     def __init__(self, draft, ids: Iterable[int], max_len: int, kv_dtype=None,
                  native: bool | str | None = None):
-        self.run = for_model(draft, native) if native is not None else for_model(draft)
+        self.run = for_model(draft, native)
         model = self.run.model
         self.max_len = min(max_len, model.cfg.max_seq_len)
         self.cache = model.new_cache(1, self.max_len, kv_dtype)
