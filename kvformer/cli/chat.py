@@ -21,7 +21,7 @@ import contextlib
 import signal
 import sys
 
-from kvformer.cli.common import context_size, load_model
+from kvformer.cli.common import context_size, load_model, speculative_options
 from kvformer.errors import ContextOverflowError, KvformerError
 from kvformer.fileio import human_bytes
 from kvformer.formats.catalog import attention_label
@@ -50,10 +50,11 @@ def run(args) -> int:
     if tok is None:
         raise KvformerError(f"{args.model}: no tokenizer found beside the model; "
                             "chat needs tokenizer.json or a GGUF with a vocabulary")
+    spec, draft, _ = speculative_options(args, model, tok)
     session = ChatSession(model, tok, system=args.system,
                           max_len=context_size(args, model),
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          seed=args.seed)
+                          seed=args.seed, spec=spec, spec_k=args.spec_k, draft=draft)
     interactive = sys.stdin.isatty()
     if interactive and not args.quiet:
         cache = session.cache
@@ -314,4 +315,6 @@ def stats_lines(session: ChatSession) -> list[str]:
             + (", cut" if last.cut else ""))
         lines.append(f"last prompt: {last.fed} tokens read in {last.prefill_s:.2f} s, "
                      f"{last.reused} reused from the cache")
+    if session.spec:
+        lines.append(session.spec_stats.line())
     return lines

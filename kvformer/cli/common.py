@@ -17,6 +17,7 @@ from kvformer.formats.catalog import display_name
 from kvformer.formats.load import load, resolve
 from kvformer.runtime import native
 from kvformer.runtime.quant import act_dtype
+from kvformer.runtime.speculative import SpecStats, check_vocab
 
 
 def set_threads(args) -> None:
@@ -104,3 +105,18 @@ def kernels_line() -> str:
         return f"torch ops (native kernels not built: run `kvformer build`); activations {act}"
     return (f"{native.kernel_path()}; activations {act} ({native.activations()} into int4); "
             f"{torch.get_num_threads()} threads ({native.threads()})")
+
+
+def speculative_options(args, model, tok):
+    """(method or None, draft model or None, SpecStats) from --spec / --draft-model."""
+    spec = getattr(args, "spec", None) or ("draft" if getattr(args, "draft_model", None)
+                                           else None)
+    if spec is None:
+        return None, None, None
+    draft = None
+    if spec == "draft":
+        if not args.draft_model:
+            raise KvformerError("--spec draft needs a draft model: --draft-model M (-md M)")
+        draft, draft_tok = load_model(args, name=args.draft_model, dtype=args.draft_dtype)
+        check_vocab(model, draft, tok, draft_tok)
+    return spec, draft, SpecStats()

@@ -27,6 +27,20 @@ def add_generate(sub) -> None:
                    help="wrap the prompt as a user message in the model's chat template")
     g.add_argument("--system", default=None, help="system message (with --chat)")
     g.add_argument("--stats", action="store_true", help="print tokens/s to stderr")
+    add_speculative(g)
+
+
+def add_speculative(p: argparse.ArgumentParser) -> None:
+    """Speculative decoding (kvformer.runtime.speculative): the same text, fewer steps."""
+    p.add_argument("--spec", choices=("lookup", "draft"), default=None,
+                   help="guess tokens and check them in one step: 'lookup' (n-grams of the "
+                        "prompt and the text so far) or 'draft' (--draft-model)")
+    p.add_argument("-md", "--draft-model", default=None, metavar="M",
+                   help="the draft model (same vocabulary as the model); implies --spec draft")
+    p.add_argument("--draft-dtype", default=None,
+                   help="the draft model's dtype (as --dtype; e.g. int4 to draft for fp32)")
+    p.add_argument("--spec-k", type=at_least(1), default=5, metavar="K",
+                   help="most tokens guessed per step (default 5; fewer while guesses fail)")
 
 
 def add_chat(sub) -> None:
@@ -37,6 +51,7 @@ def add_chat(sub) -> None:
     c.add_argument("--context", dest="ctx_size", type=at_least(0),
                    help=argparse.SUPPRESS)  # the old name of --ctx-size
     c.add_argument("--system", default=None, help="system message")
+    add_speculative(c)
 
 
 def add_info(sub) -> None:

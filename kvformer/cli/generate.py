@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from kvformer.cli.common import context_size, load_model
+from kvformer.cli.common import context_size, load_model, speculative_options
 from kvformer.cli.status import StatusLine
 from kvformer.errors import KvformerError
 from kvformer.runtime import native
@@ -39,6 +39,7 @@ def run(args) -> int:
             f"prompt of {len(ids)} tokens + {args.max_new_tokens} new tokens = "
             f"{len(ids) + args.max_new_tokens} > the context of {ctx} (--ctx-size); shorten "
             "the prompt, lower -n or raise -c")
+    spec, draft, spec_stats = speculative_options(args, model, tok)
     decoder = tok.stream_decoder()
     status = StatusLine(enabled=not args.quiet)
     status.show(f"reading the prompt ({len(ids)} tokens)")
@@ -47,7 +48,9 @@ def run(args) -> int:
         for token in generate_stream(model, ids, args.max_new_tokens, args.temperature,
                                      args.top_k, args.top_p, args.seed, tok.stop_ids,
                                      use_cache=not args.no_cache,
-                                     vocab_limit=tok.vocab_size):  # not padded-embedding ids
+                                     vocab_limit=tok.vocab_size,  # not padded-embedding ids
+                                     spec=spec, spec_k=args.spec_k, draft=draft,
+                                     spec_stats=spec_stats):
             if n == 0:
                 status.clear()
             n += 1
@@ -70,4 +73,7 @@ def run(args) -> int:
               f"{' (int8 into int4)' if native.activations() == 'int8' else ''}, "
               f"KV {model.kv_format().name}, "
               f"{torch.get_num_threads()} threads]", file=sys.stderr)
+        if spec:
+            print(f"[{spec_stats.line()}]", file=sys.stderr)
     return 0
+

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from kvformer.errors import ContextOverflowError
 from kvformer.runtime.sampling import sample, validate_sampling
+from kvformer.runtime.speculative import SpecStats, speculative_stream
 from kvformer.runtime.step import Executor, for_model
 
 
@@ -38,16 +39,29 @@ def _as_rows(prompt_ids) -> tuple[list[list[int]], bool]:
 def generate_stream(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None,
                     seed: int | None = None, stop_ids: Iterable[int] = (),
-                    use_cache: bool = True, vocab_limit: int | None = None) -> Iterator:
+                    use_cache: bool = True, vocab_limit: int | None = None, *,
+                    spec: str | None = None, spec_k: int = 5, draft=None,
+                    spec_stats: SpecStats | None = None) -> Iterator:
     """Yield tokens as they are made. For one prompt, yields ints; for a batch, yields one
     list per step with an id for each row, or None for a row that has already stopped.
     A stop id ends its row and is not yielded. ``model`` is a model (run by its executor,
     ``kvformer.runtime.step.for_model``) or an ``Executor``. With ``vocab_limit`` (the
     tokenizer's vocabulary size), no id at or past it is made: a model's embedding is often
-    padded past its vocabulary, and those ids are no text."""
+    padded past its vocabulary, and those ids are no text.
+
+    ``spec`` ('lookup', or 'draft' with ``draft`` a model of the same vocabulary) decodes
+    one prompt speculatively (kvformer.runtime.speculative), checking up to ``spec_k``
+    guesses per call: the same tokens, greedy or sampled from the same distribution;
+    ``spec_stats`` (a ``SpecStats``) collects its acceptance."""
     run = for_model(model)
     model = run.model
     rows, single = _as_rows(prompt_ids)
+    if spec is not None:
+        if not single or len(rows) != 1:
+            raise ValueError(f"speculative decoding (spec={spec!r}) runs one prompt at a "
+                             f"time; this batch has {len(rows)}: drop spec or decode each")
+        if not use_cache:
+            raise ValueError("speculative decoding needs the KV cache (use_cache=True)")
     validate_sampling(temperature, top_k, top_p)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
@@ -65,6 +79,12 @@ def generate_stream(model, prompt_ids, max_new_tokens: int, temperature: float =
             f"{longest + max_new_tokens} > the model's context of {model.cfg.max_seq_len}; "
             "shorten the prompt or lower max_new_tokens")
     if max_new_tokens == 0:
+        return
+    if spec is not None:
+        yield from speculative_stream(run, rows[0], max_new_tokens, temperature, top_k,
+                                      top_p, seed, stop_ids, method=spec, k=spec_k,
+                                      draft=draft, stats=spec_stats,
+                                      vocab_limit=vocab_limit)
         return
     stops = set(stop_ids)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -136,15 +156,21 @@ def _decode_loop(executor: Executor, rows, max_new_tokens, temperature, top_k, t
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop_ids: Iterable[int] = (), use_cache: bool = True,
-             vocab_limit: int | None = None):
+             vocab_limit: int | None = None, *, spec: str | None = None, spec_k: int = 5,
+             draft=None, spec_stats: SpecStats | None = None):
     """New token ids for a prompt (list of ints or 1-D tensor -> list of ints) or a batch
     (list of lists or 2-D tensor -> list of lists, rows may differ in length). Greedy when
-    temperature is 0; each row of a batch gives what its prompt gives alone. ``vocab_limit``:
-    as in ``generate_stream``."""
+    temperature is 0; each row of a batch gives what its prompt gives alone. ``vocab_limit``,
+    ``spec``, ``spec_k``, ``draft``, ``spec_stats``: as in ``generate_stream``."""
     rows, single = _as_rows(prompt_ids)
+    if spec is not None and single:
+        return list(generate_stream(model, rows[0], max_new_tokens, temperature, top_k,
+                                    top_p, seed, stop_ids, use_cache, vocab_limit, spec=spec,
+                                    spec_k=spec_k, draft=draft, spec_stats=spec_stats))
     outs: list[list[int]] = [[] for _ in rows]
     for step in generate_stream(model, rows, max_new_tokens, temperature, top_k, top_p, seed,
-                                stop_ids, use_cache, vocab_limit):
+                                stop_ids, use_cache, vocab_limit, spec=spec, spec_k=spec_k,
+                                draft=draft, spec_stats=spec_stats):
         for i, tok in enumerate(step):
             if tok is not None:
                 outs[i].append(tok)

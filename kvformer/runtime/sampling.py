@@ -58,10 +58,17 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     """logits [B, V] -> token ids [B]. temperature 0 is argmax."""
     if temperature == 0:
         return greedy(logits)
+    return torch.multinomial(probabilities(logits, temperature, top_k, top_p), 1,
+                             generator=generator).squeeze(-1)
+
+
+def probabilities(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """logits [B, V] -> the float64 distribution ``sample`` draws from at temperature > 0
+    (speculative decoding's accept/reject rule reads it)."""
     # relative to each row's largest logit and in float64: however small the temperature,
     # the others go towards -inf rather than every logit to +-inf (a NaN softmax)
     logits = logits.double()
     logits = filter_logits((logits - logits.amax(dim=-1, keepdim=True)) / temperature,
                            top_k, top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.softmax(logits, dim=-1)

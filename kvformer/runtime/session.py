@@ -25,6 +25,7 @@ import torch
 from kvformer.errors import KvformerError
 from kvformer.fileio import write_atomic
 from kvformer.runtime.generation import continue_stream
+from kvformer.runtime.speculative import SpecStats, speculative_stream
 
 CHAT_FORMAT = "kvformer-chat"
 ROLES = ("system", "user", "assistant")
@@ -51,8 +52,12 @@ class TurnStats:
 class ChatSession:
     def __init__(self, model, tokenizer, system: str | None = None, max_len: int | None = None,
                  temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None):
+                 top_p: float | None = None, seed: int | None = None, *,
+                 spec: str | None = None, spec_k: int = 5, draft=None):
         self.model, self.tokenizer = model, tokenizer
+        # speculative decoding (kvformer.runtime.speculative): its options and acceptance
+        self.spec = dict(method=spec, k=spec_k, draft=draft) if spec else None
+        self.spec_stats = SpecStats()
         self.cache = model.new_cache(1, min(max_len or model.cfg.max_seq_len,
                                             model.cfg.max_seq_len))
         self.cached_ids: list[int] = []  # exactly the tokens whose K/V are in the cache
@@ -119,9 +124,17 @@ class ChatSession:
         stats = TurnStats(fed=len(ids) - common, reused=common, cut=True)
         produced: list[int] = []
         decoder = self.tokenizer.stream_decoder()
-        stream = continue_stream(self.model, self.cache, ids[common:], max_new_tokens,
-                                 generator=self.generator, stop_ids=self.tokenizer.stop_ids,
-                                 vocab_limit=self.tokenizer.vocab_size, **self.sampling)
+        if self.spec:
+            stream = speculative_stream(self.model, ids, max_new_tokens,
+                                        stop_ids=self.tokenizer.stop_ids, cache=self.cache,
+                                        generator=self.generator, stats=self.spec_stats,
+                                        vocab_limit=self.tokenizer.vocab_size,
+                                        **self.spec, **self.sampling)
+        else:
+            stream = continue_stream(self.model, self.cache, ids[common:], max_new_tokens,
+                                     generator=self.generator,
+                                     stop_ids=self.tokenizer.stop_ids,
+                                     vocab_limit=self.tokenizer.vocab_size, **self.sampling)
         start = first = time.perf_counter()
         undo = False
         try:
