@@ -124,17 +124,18 @@ class ChatSession:
         stats = TurnStats(fed=len(ids) - common, reused=common, cut=True)
         produced: list[int] = []
         decoder = self.tokenizer.stream_decoder()
+        limit = getattr(self.tokenizer, "vocab_size", None)  # not padded-embedding ids
         if self.spec:
             stream = speculative_stream(self.model, ids, max_new_tokens,
                                         stop_ids=self.tokenizer.stop_ids, cache=self.cache,
                                         generator=self.generator, stats=self.spec_stats,
-                                        vocab_limit=self.tokenizer.vocab_size,
+                                        vocab_limit=limit,
                                         **self.spec, **self.sampling)
         else:
             stream = continue_stream(self.model, self.cache, ids[common:], max_new_tokens,
                                      generator=self.generator,
                                      stop_ids=self.tokenizer.stop_ids,
-                                     vocab_limit=self.tokenizer.vocab_size, **self.sampling)
+                                     vocab_limit=limit, **self.sampling)
         start = first = time.perf_counter()
         undo = False
         try:
