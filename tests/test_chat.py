@@ -55,8 +55,7 @@ def assert_cache_is_recomputation(session):
 def test_a_stopped_answer_stays_cut_and_the_cache_matches_it(default):
     model, tok = default
     session = ChatSession(model, tok, max_len=512)
-    asked = itertools.count(1)
-    pieces = list(session.send(STORY, 64, stop=lambda: next(asked) >= 5))
+    pieces = list(session.send(STORY, 64, stop=lambda: session.last.new_tokens >= 5))
     reply = session.messages[-1]
     assert session.last.cut and session.last.new_tokens == 5
     assert reply == {"role": "assistant", "content": "".join(pieces), "cut": True}
@@ -72,8 +71,11 @@ def test_a_stopped_answer_stays_cut_and_the_cache_matches_it(default):
     history = session.messages[:-1]
     assert [m["role"] for m in history] == ["user", "assistant", "user"]
     assert session.reused_tokens > len(prompt)  # the cut answer came from the cache
-    assert second == tok.decode(uncached_answer(model, tok, history, 16))
-    assert "cut" not in session.messages[-1]
+    expected = uncached_answer(model, tok, history, 16)
+    assert second == tok.decode(expected)
+    # an answer that reached -n is marked cut too (one that ended by itself is not)
+    assert session.messages[-1].get("cut", False) == (len(expected) == 16)
+    assert session.last.cut_by == ("length" if len(expected) == 16 else None)
     assert_cache_is_recomputation(session)
 
 
@@ -140,8 +142,7 @@ def test_system_message_and_reset(default):
 def test_save_and_load_round_trip(default, tmp_path):
     model, tok = default
     session = ChatSession(model, tok, system="Be brief.", max_len=512)
-    asked = itertools.count(1)
-    "".join(session.send("Count to twenty.", 32, stop=lambda: next(asked) >= 3))
+    "".join(session.send("Count to twenty.", 32, stop=lambda: session.last.new_tokens >= 3))
     path = session.save(tmp_path / "talk.json", model="smol")
     data = json.loads(path.read_text())
     assert data["format"] == "kvformer-chat" and data["model"] == "smol"
