@@ -193,3 +193,47 @@ def test_load_refuses_what_is_not_a_conversation(default, tmp_path, content, wor
     with pytest.raises(KvformerError, match=words):
         session.load(path)
     assert session.messages == [{"role": "system", "content": "Kept."}]
+
+
+def test_stopped_while_the_prompt_is_read_the_turn_is_undone_and_the_cache_kept(default):
+    """stop() is asked between chunks of a long prompt: saying True there ends the turn
+    before any answer, the message is not kept, and the cache holds the chunks read, each
+    as a fresh forward over those tokens would write it."""
+    model, tok = default
+    session = ChatSession(model, tok, max_len=1024)
+    "".join(session.send("Hi.", 4))
+    before = [dict(m) for m in session.messages]
+    asked = []
+    long = "Tell me about the sea. " * 60
+    pieces = list(session.send(long, 8, stop=lambda: asked.append(1) or True))
+    assert pieces == [""] and asked  # no answer
+    assert session.last.cut_by == "prompt" and session.last.new_tokens == 0
+    assert session.messages == before
+    full = template_ids(tok, [*before, {"role": "user", "content": long}])
+    # the first chunk (16 tokens) was read before stop() was asked
+    assert session.cache.length == session.last.reused + 16 < len(full)
+    assert session.cached_ids == full[:session.cache.length]
+    assert_cache_is_recomputation(session)
+    again = "".join(session.send("And the sky?", 10))
+    assert again == tok.decode(uncached_answer(model, tok, session.messages[:-1], 10))
+
+
+def test_a_full_context_drops_the_oldest_turns_and_keeps_the_system_message(default):
+    model, tok = default
+    session = ChatSession(model, tok, system="Be brief.", max_len=160)
+    dropped = []
+    for text in ("Tell me a story about a cat.", "Tell me a story about a dog.",
+                 "Tell me a story about a bird.", "Tell me a story about a fish."):
+        "".join(session.send(text, 40))
+        dropped.append(session.last.dropped)
+        assert len(session.cached_ids) == session.cache.length <= 160
+    assert sum(dropped) >= 2 and dropped[0] == 0  # whole exchanges went, oldest first
+    assert session.messages[0] == {"role": "system", "content": "Be brief."}
+    assert session.messages[1]["role"] == "user"
+    kept = [m["content"] for m in session.messages if m["role"] == "user"]
+    assert kept[-1].endswith("a fish.") and not kept[0].endswith("a cat.")
+    # the answer after the drop is what a fresh run over the kept conversation gives
+    history = session.messages[:-1]
+    assert session.messages[-1]["content"] == tok.decode(
+        uncached_answer(model, tok, history, 40))
+    assert_cache_is_recomputation(session)

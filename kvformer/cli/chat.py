@@ -112,9 +112,10 @@ def say(text: str = "") -> None:
 
 
 class StopOnCtrlC:
-    """While an answer streams, Ctrl-C asks it to stop after the current token instead of
-    raising wherever Python happens to be; a second Ctrl-C raises KeyboardInterrupt (to
-    stop a long prompt read). The session keeps its cache consistent either way."""
+    """While an answer streams, Ctrl-C asks it to stop after the current token (while the
+    prompt is read, after the current chunk) instead of raising wherever Python happens to
+    be; a second Ctrl-C raises KeyboardInterrupt at once. The session keeps its cache
+    consistent either way."""
 
     def __init__(self):
         self.presses = 0
@@ -139,8 +140,8 @@ class StopOnCtrlC:
 @contextlib.contextmanager
 def typing_hidden():
     """Keys typed while an answer streams are not echoed into it, and are dropped at its
-    end rather than sent as the next message, with a note that shows them. Ctrl-C still
-    signals."""
+    end rather than sent as the next message; the list it gives then holds what was
+    dropped, for a note. Ctrl-C still signals."""
     try:
         import termios
 
@@ -152,15 +153,15 @@ def typing_hidden():
     quiet = list(saved)
     quiet[3] &= ~termios.ECHO  # lflag
     termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    dropped: list[str] = []  # filled at the end, for the caller's note
     try:
-        yield
+        yield dropped
     finally:
         typed = _pending(fd)
         termios.tcsetattr(fd, termios.TCSAFLUSH, saved)
         shown = " ".join(typed.decode("utf-8", "replace").split())
         if shown:
-            say(f"(dropped what was typed during the answer: {shown[:60]!r}"
-                f"{'...' if len(shown) > 60 else ''}; paste or type it again)")
+            dropped.append(shown)
 
 
 def _pending(fd: int) -> bytes:
@@ -338,9 +339,9 @@ class ChatLoop:
         if self.readline is not None and "\n" in text:
             self.readline.add_history(text)  # a block or paste: Up brings the whole back
         stream = self.session.send(text, self.max_new_tokens, stop=stop)
-        started = False
+        started, dropped = False, None
         try:
-            with hidden, (stop or contextlib.nullcontext()):
+            with hidden as dropped, (stop or contextlib.nullcontext()):
                 for piece in stream:
                     if not started:  # the turn is set up: say what it dropped
                         started = True
@@ -358,6 +359,9 @@ class ChatLoop:
             return
         out.write("\n")
         out.flush()
+        for typed in dropped or ():
+            say(f"(dropped what was typed during the answer: {typed[:60]!r}"
+                f"{'...' if len(typed) > 60 else ''}; type or paste it again)")
         if last is not None and last.cut:
             say({"length": f"[answer cut at -n {self.max_new_tokens}: it stays in the "
                            "conversation as far as it went]",

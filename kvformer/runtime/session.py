@@ -216,6 +216,8 @@ class ChatSession:
                 yield tail
         except BaseException:  # an error, Ctrl-C, or the stream closed before any token
             undo = not produced
+            if undo:
+                stats.cut_by = "prompt"
             raise
         finally:
             stream.close()
