@@ -576,3 +576,31 @@ def test_top_k_0_is_off_and_min_p_and_the_repeat_penalty_reach_the_sampler(defau
     assert penalized != generate(model, ids, 24, stop_ids=tok.stop_ids)
     assert run_cli(*base[:3], "24", *base[4:], "--repeat-penalty", "1.5").stdout == \
         tok.decode(penalized) + "\n"
+
+
+def test_chat_samples_as_the_model_says_else_as_llama_cpp():
+    """chat's sampling: the flags given, else the model's own settings, else llama.cpp's
+    defaults; the flags' "off" values (--top-k 0, --top-p 1, --min-p 0) reach the sampler
+    as None."""
+    from types import SimpleNamespace
+
+    from kvformer.cli.arguments import sampling_kwargs
+    from kvformer.cli.chat import sampling_settings
+    from kvformer.cli.main import build_parser
+
+    parser = build_parser()
+    model = SimpleNamespace(sampling_defaults={"temperature": 0.3, "top_p": 0.9})
+    args = parser.parse_args(["chat"])
+    assert sampling_settings(args, model) == {"temperature": 0.3, "top_k": 40, "top_p": 0.9,
+                                              "min_p": 0.05, "repeat_penalty": 1.1}
+    assert sampling_settings(args, SimpleNamespace())["temperature"] == 0.8
+    args = parser.parse_args(["chat", "--temp", "0", "--top-k", "0", "--top-p", "1",
+                              "--min-p", "0", "--repeat-penalty", "1"])
+    assert sampling_kwargs(sampling_settings(args, model)) == {
+        "temperature": 0.0, "top_k": None, "top_p": None, "min_p": None,
+        "repeat_penalty": 1.0}
+    g = parser.parse_args(["generate", "hi"])  # generate stays greedy, nothing filtered
+    assert (g.temperature, g.top_k, g.top_p, g.min_p, g.repeat_penalty) == (
+        0.0, None, None, None, 1.0)
+    s = parser.parse_args(["serve", "--max-tokens", "512", "-ngl", "99"])
+    assert (s.max_tokens, s.n_gpu_layers) == (512, 99)

@@ -191,7 +191,7 @@ def add_flags(p: argparse.ArgumentParser, *names: str, max_new_tokens: int = 128
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """-m/--model, --dtype, --kv-dtype, --activations and -t/--threads, as every verb that
-    loads a model takes them."""
-    add_flags(p, "model", "dtype", "kv_dtype", "activations", "threads")
+    """-m/--model, --dtype, --kv-dtype, --activations, -t/--threads and -ngl (a note), as
+    every verb that loads a model takes them."""
+    add_flags(p, "model", "dtype", "kv_dtype", "activations", "threads", "n_gpu_layers")
 

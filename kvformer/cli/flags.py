@@ -118,6 +118,10 @@ def add_serve(sub) -> argparse.ArgumentParser:
                    help="KV cache blocks in the pool (default: max-batch x min(context, "
                         "2048) tokens' worth)")
     p.add_argument("--block-size", type=int, default=16, help="token slots per KV block")
+    p.add_argument("--max-tokens", type=at_least(1), default=None, metavar="N",
+                   help="the most tokens one answer may have: the default of requests that "
+                        "give no max_tokens, and the ceiling of those that ask for more "
+                        "(default: none, the rest of the context)")
     p.add_argument("--prefill-chunk", type=int, default=128,
                    help="prompt tokens prefilled per engine step (default 128)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
