@@ -83,7 +83,7 @@ def test_ctrl_c_cuts_the_answer_and_the_chat_goes_on(default, env, tmp_path):
     banner = plain(child.before)
     assert "kvformer chat: SmolLM2-135M-Instruct.Q4_1" in banner
     assert "GQA (9 query heads share 3 KV heads, group size 3)" in banner
-    assert "KV cache fp32, 4096 tokens" in banner
+    assert "KV cache fp32, 4,096 tokens" in banner
     child.expect_exact("> ")
 
     # Ctrl-C while the answer streams: it stops, is marked cut, and the prompt returns
@@ -315,3 +315,21 @@ def test_a_full_context_slides(default, env, tmp_path):
     users = [m["content"] for m in messages if m["role"] == "user"]
     assert users[-1].endswith("a fish.") and not users[0].endswith("a cat.")
     assert messages[-1]["content"] == uncached(model, tok, messages[:-1], 40)
+
+
+def test_generate_says_it_reads_the_prompt_from_a_terminal(default, env):
+    """No prompt and a terminal on stdin: a line says so at once (not a status line that
+    looks hung), and what is typed up to Ctrl-D is the prompt."""
+    model, tok = default
+    child = spawn(kvformer("generate", "--dtype", "fp32", "-t", "1", "-n", "6"), env)
+    child.expect_exact("kvformer: reading the prompt from stdin (Ctrl-D to end)", timeout=20)
+    assert "importing torch" not in child.before
+    child.send("The three primary colors are")
+    child.sendeof()
+    child.sendeof()  # the line had no newline: the first Ctrl-D only hands it over
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    expected = tok.decode(generate(model, tok.encode("The three primary colors are"), 6,
+                                   stop_ids=tok.stop_ids))
+    assert expected.strip() in plain(child.before)

@@ -40,7 +40,7 @@ def _threads(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of threads"
                                          + hint) from None
     if n < 1:
-        raise argparse.ArgumentTypeError(f"{n} threads: give 1 or more")
+        raise argparse.ArgumentTypeError(f"{n} thread{'' if n == 1 else 's'}: give 1 or more")
     return n
 
 

@@ -98,7 +98,8 @@ def run(args) -> int:
         kv = cache.format.name
         print(f"kvformer chat: {model.display_name} ({getattr(model, 'mode', '?')} weights)\n"
               f"  attention {attention_label(model.cfg, long=True)}\n"
-              f"  KV cache {kv}, {cache.max_len} tokens ({human_bytes(cache.nbytes)})\n"
+              f"  KV cache {kv}, {plural(cache.max_len, 'token')} "
+              f"({human_bytes(cache.nbytes)})\n"
               "/help lists the commands; Ctrl-C stops an answer; Ctrl-D leaves.",
               file=sys.stderr, flush=True)
     loop = ChatLoop(session, args.max_new_tokens, model.display_name, interactive)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from kvformer.cli.arguments import physical_cores
-from kvformer.cli.status import StatusLine
+from kvformer.cli.status import StatusLine, plural
 from kvformer.errors import KvformerError
 from kvformer.formats.catalog import display_name
 from kvformer.formats.load import load, resolve
@@ -109,4 +109,4 @@ def kernels_line() -> str:
     if not native.available(build_if_missing=False):
         return f"torch ops (native kernels not built: run `kvformer build`); activations {act}"
     return (f"{native.kernel_path()}; activations {act} ({native.activations()} into int4); "
-            f"{torch.get_num_threads()} threads ({native.threads()})")
+            f"{plural(torch.get_num_threads(), 'thread')} ({native.threads()})")

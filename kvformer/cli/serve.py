@@ -11,6 +11,7 @@ import torch
 
 from kvformer.cli.common import apply_activations, set_threads
 from kvformer.cli.flags import add_serve
+from kvformer.cli.status import plural
 from kvformer.errors import ArgumentParser, KvformerError
 from kvformer.formats.load import load
 from kvformer.serve.engine import Engine
@@ -104,8 +105,9 @@ def run(args) -> int:
         host, port = sock.getsockname()[:2]
         pool = engine.pool
         print(f"kvformer serve: {name} on http://{host}:{port}/v1 "
-              f"(batch {args.max_batch}, {pool.n_blocks} KV blocks x {pool.block_size} "
-              f"tokens = {pool.capacity} tokens, {pool.nbytes / 2**20:.0f} MiB of {pool.kv_dtype} "
+              f"(batch {args.max_batch}, {pool.n_blocks} KV blocks x "
+              f"{plural(pool.block_size, 'token')} = {plural(pool.capacity, 'token')}, "
+              f"{pool.nbytes / 2**20:.0f} MiB of {pool.kv_dtype} "
               "KV reserved)",
               file=sys.stderr)
         page = ("localhost" if args.host in ("0.0.0.0", "::", "") else

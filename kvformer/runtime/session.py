@@ -264,7 +264,7 @@ class ChatSession:
         n = len(self._ids(messages))
         if n >= self.cache.max_len:
             raise KvformerError(f"{path}: the conversation is {n} tokens, more than the "
-                                f"context of {self.cache.max_len}; raise --ctx-size")
+                                f"context of {self.cache.max_len}; raise -c/--ctx-size")
         self.messages = messages
         return len(messages)
 
