@@ -12,6 +12,7 @@ from helpers import needs_default
 
 from kvformer import generate
 from kvformer.errors import ContextOverflowError, KvformerError
+from kvformer.runtime.generation import FIRST_CHUNK
 from kvformer.runtime.session import ChatSession
 
 pytestmark = [needs_default, pytest.mark.usefixtures("one_thread")]
@@ -210,8 +211,8 @@ def test_stopped_while_the_prompt_is_read_the_turn_is_undone_and_the_cache_kept(
     assert session.last.cut_by == "prompt" and session.last.new_tokens == 0
     assert session.messages == before
     full = template_ids(tok, [*before, {"role": "user", "content": long}])
-    # the first chunk (16 tokens) was read before stop() was asked
-    assert session.cache.length == session.last.reused + 16 < len(full)
+    # the first chunk was read before stop() was asked
+    assert session.cache.length == session.last.reused + FIRST_CHUNK < len(full)
     assert session.cached_ids == full[:session.cache.length]
     assert_cache_is_recomputation(session)
     again = "".join(session.send("And the sky?", 10))
@@ -237,3 +238,26 @@ def test_a_full_context_drops_the_oldest_turns_and_keeps_the_system_message(defa
     assert session.messages[-1]["content"] == tok.decode(
         uncached_answer(model, tok, history, 40))
     assert_cache_is_recomputation(session)
+
+
+def test_ctrl_c_while_the_prompt_is_read_in_one_piece_undoes_the_turn(default, monkeypatch):
+    """`kvformer chat`'s way (stop_prompt=False): the prompt in one forward, Ctrl-C as a
+    KeyboardInterrupt inside it; the message is not kept and the cache is still exact."""
+    model, tok = default
+    session = ChatSession(model, tok, max_len=512)
+    "".join(session.send("Hi.", 4))
+    before = [dict(m) for m in session.messages]
+    real_advance = session.cache.advance
+
+    def advance(n):  # the worst moment: every layer wrote its K/V, none counted yet
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(session.cache, "advance", advance)
+    with pytest.raises(KeyboardInterrupt):
+        "".join(session.send(STORY, 8, stop=lambda: False, stop_prompt=False))
+    monkeypatch.setattr(session.cache, "advance", real_advance)
+    assert session.messages == before and session.last.cut_by == "prompt"
+    assert session.cache.length == session.last.reused  # nothing of the message counted
+    assert_cache_is_recomputation(session)
+    again = "".join(session.send("Go on.", 10))
+    assert again == tok.decode(uncached_answer(model, tok, session.messages[:-1], 10))

@@ -281,7 +281,7 @@ def test_ctrl_c_while_the_prompt_is_read_stops_at_once(default, env, tmp_path):
     child.expect_exact("stopped while the prompt was read")
     took = time.monotonic() - sent
     child.expect_exact("> ")
-    assert took < 1.0, f"{took:.2f} s from Ctrl-C to the prompt"  # ~0.1 s chunks
+    assert took < 1.0, f"{took:.2f} s from Ctrl-C to the prompt"  # between two operations
     child.sendline("/stats")
     child.expect(r"KV cache: (\d+) of 4096 tokens")
     cached = int(child.match.group(1))
@@ -291,7 +291,7 @@ def test_ctrl_c_while_the_prompt_is_read_stops_at_once(default, env, tmp_path):
     messages = saved_messages(child, tmp_path / "talk.json")
     child.sendline("/exit")
     child.expect(pexpect.EOF)
-    assert 0 < cached < len(tok.encode(long))  # part of the message was read, then stopped
+    assert cached < len(tok.encode(long))  # stopped before the message was all read
     assert [m["content"] for m in messages if m["role"] == "user"] == ["Say hello."]
     assert messages[1]["content"] == uncached(model, tok, messages[:1], 8)
     print(f"Ctrl-C to prompt: {took:.3f} s")

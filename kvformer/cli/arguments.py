@@ -79,7 +79,8 @@ class _Conversation(argparse.Action):
 
     def __init__(self, option_strings, dest, **kw):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
-                         help="llama.cpp's conversation mode: use `kvformer chat`")
+                         help="llama.cpp's conversation mode: that is `kvformer chat` "
+                              "(generate says so)")
 
     def __call__(self, parser, namespace, values, option_string=None):
         if parser.prog.endswith(" generate"):

@@ -2,10 +2,10 @@
 Ollama expect it at a terminal.
 
 - Ctrl-C during an answer stops it after the current token, and while a long prompt is
-  read, after the current chunk (~0.1 s: the message is then not sent); a partial answer
-  stays in the conversation, marked cut, and the prompt comes back. Answers cut by -n or by
-  a full context are marked the same way. Ctrl-C at an empty prompt asks to press it again
-  (or Ctrl-D) to leave; with text typed it clears the line.
+  read, at once (between two operations of the forward: the message is then not sent); a
+  partial answer stays in the conversation, marked cut, and the prompt comes back. Answers
+  cut by -n or by a full context are marked the same way. Ctrl-C at an empty prompt asks
+  to press it again (or Ctrl-D) to leave; with text typed it clears the line.
 - Multi-line messages: a paste arrives whole (readline's bracketed paste, or lines that
   arrive together), and a message between lines of three double quotes is one message,
   as in Ollama.
@@ -113,22 +113,25 @@ def say(text: str = "") -> None:
 
 
 class StopOnCtrlC:
-    """While an answer streams, Ctrl-C asks it to stop after the current token (while the
-    prompt is read, after the current chunk) instead of raising wherever Python happens to
-    be; a second Ctrl-C raises KeyboardInterrupt at once. The session keeps its cache
-    consistent either way."""
+    """While an answer streams, Ctrl-C asks it to stop after the current token instead of
+    raising wherever Python happens to be; a second Ctrl-C raises KeyboardInterrupt at
+    once. While the prompt is still read (``answering`` False), Ctrl-C raises at once: the
+    forward stops between two of its operations (or after the C++ step's call of at most
+    256 rows), which keeps the prompt in one fast forward instead of chunks. The session
+    keeps its cache consistent either way."""
 
     def __init__(self):
         self.presses = 0
+        self.answering = False
 
     def __enter__(self) -> StopOnCtrlC:
-        self.presses = 0
+        self.presses, self.answering = 0, False
         self._previous = signal.signal(signal.SIGINT, self._on_sigint)
         return self
 
     def _on_sigint(self, signum, frame):
         self.presses += 1
-        if self.presses > 1:
+        if self.presses > 1 or not self.answering:
             raise KeyboardInterrupt
 
     def __exit__(self, *exc) -> None:
@@ -339,7 +342,7 @@ class ChatLoop:
         stop = StopOnCtrlC() if self.interactive else None
         if self.readline is not None and "\n" in text:
             self.readline.add_history(text)  # a block or paste: Up brings the whole back
-        stream = self.session.send(text, self.max_new_tokens, stop=stop)
+        stream = self.session.send(text, self.max_new_tokens, stop=stop, stop_prompt=False)
         started, dropped = False, None
         try:
             with hidden as dropped, (stop or contextlib.nullcontext()):
@@ -347,6 +350,8 @@ class ChatLoop:
                     if not started:  # the turn is set up: say what it dropped
                         started = True
                         self._say_dropped()
+                    elif stop is not None:  # the prompt has been read: Ctrl-C cuts
+                        stop.answering = True
                     out.write(piece)
                     out.flush()
         except KeyboardInterrupt:
@@ -450,7 +455,8 @@ class ChatLoop:
                                  f"({human_bytes(cache.nbytes)})")):
                 say(f"  {key:<17} {value}")
         elif arg == "parameters":
-            settings = {**self.session.sampling, "num_predict": self.max_new_tokens}
+            settings = {**self.session.sampling, "num_predict": (
+                -1 if self.max_new_tokens is None else self.max_new_tokens)}
             for key, value in settings.items():
                 say(f"  {key:<17} {'off' if value is None else value}")
         elif arg == "system":

@@ -152,17 +152,21 @@ class ChatSession:
         return messages, ids, dropped
 
     def send(self, text: str, max_new_tokens: int | None = 256,
-             stop: Callable[[], bool] | None = None) -> Iterator[str]:
+             stop: Callable[[], bool] | None = None,
+             stop_prompt: bool = True) -> Iterator[str]:
         """Add a user message and stream the assistant's reply as text pieces (the first
         piece is "" once the turn is set up, before the prompt is read: ``last`` then says
         how many old messages were dropped to make room). ``max_new_tokens`` None: until
         the end of the text or of the context.
 
-        ``stop`` is asked between chunks of the prompt and after every token; when it says
-        True the answer ends there and is kept, marked cut (stopped while the prompt was
-        read, the turn is undone; the cache keeps what was read). An error before the first
-        token (no room left, a template that fails) undoes the turn, so the conversation is
-        as it was."""
+        ``stop`` is asked after every token and, with ``stop_prompt``, between chunks of the
+        prompt (``continue_stream``); when it says True the answer ends there and is kept,
+        marked cut (stopped while the prompt was read, the turn is undone; the cache keeps
+        what was read). Without ``stop_prompt`` the prompt is read in one piece, which is
+        faster once the cache holds a few hundred tokens (the forward's per-call cost is
+        paid once), and a KeyboardInterrupt is what stops it: the turn is undone the same
+        way. An error before the first token (no room left, a template that fails) undoes
+        the turn, so the conversation is as it was."""
         messages = [*self.messages, {"role": "user", "content": text}]
         ids = self._ids(messages)
         messages, ids, dropped = self._make_room(messages, ids, max_new_tokens)
@@ -189,7 +193,8 @@ class ChatSession:
         limit = room if max_new_tokens is None else min(max_new_tokens, room)
         stream = continue_stream(self.model, self.cache, ids[common:], max_new_tokens,
                                  generator=self.generator, stop_ids=self.tokenizer.stop_ids,
-                                 history=ids[:common], stop=stop, **self.sampling)
+                                 history=ids[:common], stop=stop if stop_prompt else None,
+                                 **self.sampling)
         start = first = time.perf_counter()
         undo = False
         try:
