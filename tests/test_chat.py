@@ -2,6 +2,7 @@
 inside a forward) stay in the conversation and leave a KV cache equal to an uncached
 recomputation; save/load; reset and the system message."""
 
+import copy
 import itertools
 import json
 import os
@@ -138,6 +139,23 @@ def test_system_message_and_reset(default):
     session.reset()
     assert session.messages == [{"role": "system", "content": "Answer in French."}]
     assert session.cache.length == 0
+    assert session.total_new_tokens == 0 and session.last is None  # /stats starts afresh
+
+
+def test_the_system_message_the_template_adds_by_itself(default):
+    """SmolLM2's template writes its own system message when none is given; /system shows
+    it. A template without one gives None."""
+    model, tok = default
+    session = ChatSession(model, tok, max_len=64)
+    default_system = session.template_system()
+    assert default_system and f"system\n{default_system}<|im_end|>" in tok.chat_template
+    assert default_system.startswith("You are a helpful AI assistant named SmolLM")
+    plain = ChatSession(model, tok, max_len=64)
+    plain.tokenizer = copy.copy(tok)
+    plain.tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert plain.template_system() is None
 
 
 def test_save_and_load_round_trip(default, tmp_path):
