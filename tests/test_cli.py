@@ -604,3 +604,20 @@ def test_chat_samples_as_the_model_says_else_as_llama_cpp():
         0.0, None, None, None, 1.0)
     s = parser.parse_args(["serve", "--max-tokens", "512", "-ngl", "99"])
     assert (s.max_tokens, s.n_gpu_layers) == (512, 99)
+
+
+@needs_default
+def test_chat_takes_ollamas_commands():
+    """/?, /clear, /set parameter NAME VALUE (checked as the flag is), /show info and
+    /show parameters, beside kvformer's own."""
+    script = ("/set parameter top_k 5\n/set parameter num_predict -1\n/show parameters\n"
+              "/show info\n/?\n/clear\n/set parameter temperature -1\n")
+    res = run_cli("chat", "--dtype", "fp32", "-t", "1", "-c", "64", stdin=script)
+    assert res.returncode == 2, res.stderr  # piped: the last, bad, line ends it
+    err = res.stderr
+    assert "set top_k to 5" in err and re.search(r"top_k +5\n", err)
+    assert re.search(r"num_predict +-1\n", err) and re.search(r"temperature +0.8\n", err)
+    assert re.search(r"context length +8,192\n", err) and "KV cache          fp32, 64 tokens" in err
+    assert "/set parameter NAME VALUE" in err and "new conversation (KV cache cleared)" in err
+    assert err.rstrip().endswith("kvformer: error: /set parameter temperature (as --temp): "
+                                 "-1 is not at least 0")

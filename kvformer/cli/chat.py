@@ -67,7 +67,7 @@ PARAMETERS = {"temperature": ("--temp", number(0)),
               "top_p": ("--top-p", number(0, 1, above=True)),
               "min_p": ("--min-p", number(0, 1)),
               "repeat_penalty": ("--repeat-penalty", number(0, above=True)),
-              "seed": ("--seed", int),
+              "seed": ("--seed", at_least(0)),
               "num_predict": ("-n", at_least(-1, off=-1))}
 
 
