@@ -10,13 +10,39 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def umask() -> int:
+    """This process's umask (read without changing it where Linux says it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and put back
+    os.umask(mask)
+    return mask
+
+
+def usual_mode(directory: bool = False) -> int:
+    """The permissions a plain open() or mkdir() would give: tempfile's private 0600 and
+    0700 would keep a shared models directory or a server under another user out."""
+    return (0o777 if directory else 0o666) & ~umask()
+
+
 def write_atomic(path: str | os.PathLike, writer: Callable[[BinaryIO], object]) -> Path:
     """Write ``path`` through ``writer(binary file)`` into a temporary file beside it, flush
-    it to disk, then rename it over ``path``: readers see the old file or the new one whole."""
+    it to disk, then rename it over ``path``: readers see the old file or the new one whole.
+    The file gets the permissions of the one it replaces, else the umask's (as open())."""
     path = Path(path)
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except OSError:
+        mode = usual_mode()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
                                dir=path.parent if str(path.parent) else ".")
     try:
+        if hasattr(os, "fchmod"):  # not on Windows, where there is no umask to follow
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             writer(fh)
             fh.flush()

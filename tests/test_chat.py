@@ -2,6 +2,7 @@
 inside a forward) stay in the conversation and leave a KV cache equal to an uncached
 recomputation; save/load; reset and the system message."""
 
+import copy
 import itertools
 import json
 import os
@@ -12,6 +13,7 @@ from helpers import needs_default
 
 from kvformer import generate
 from kvformer.errors import ContextOverflowError, KvformerError
+from kvformer.runtime.generation import FIRST_CHUNK
 from kvformer.runtime.session import ChatSession
 
 pytestmark = [needs_default, pytest.mark.usefixtures("one_thread")]
@@ -55,8 +57,7 @@ def assert_cache_is_recomputation(session):
 def test_a_stopped_answer_stays_cut_and_the_cache_matches_it(default):
     model, tok = default
     session = ChatSession(model, tok, max_len=512)
-    asked = itertools.count(1)
-    pieces = list(session.send(STORY, 64, stop=lambda: next(asked) >= 5))
+    pieces = list(session.send(STORY, 64, stop=lambda: session.last.new_tokens >= 5))
     reply = session.messages[-1]
     assert session.last.cut and session.last.new_tokens == 5
     assert reply == {"role": "assistant", "content": "".join(pieces), "cut": True}
@@ -72,8 +73,11 @@ def test_a_stopped_answer_stays_cut_and_the_cache_matches_it(default):
     history = session.messages[:-1]
     assert [m["role"] for m in history] == ["user", "assistant", "user"]
     assert session.reused_tokens > len(prompt)  # the cut answer came from the cache
-    assert second == tok.decode(uncached_answer(model, tok, history, 16))
-    assert "cut" not in session.messages[-1]
+    expected = uncached_answer(model, tok, history, 16)
+    assert second == tok.decode(expected)
+    # an answer that reached -n is marked cut too (one that ended by itself is not)
+    assert session.messages[-1].get("cut", False) == (len(expected) == 16)
+    assert session.last.cut_by == ("length" if len(expected) == 16 else None)
     assert_cache_is_recomputation(session)
 
 
@@ -135,13 +139,29 @@ def test_system_message_and_reset(default):
     session.reset()
     assert session.messages == [{"role": "system", "content": "Answer in French."}]
     assert session.cache.length == 0
+    assert session.total_new_tokens == 0 and session.last is None  # /stats starts afresh
+
+
+def test_the_system_message_the_template_adds_by_itself(default):
+    """SmolLM2's template writes its own system message when none is given; /system shows
+    it. A template without one gives None."""
+    model, tok = default
+    session = ChatSession(model, tok, max_len=64)
+    default_system = session.template_system()
+    assert default_system and f"system\n{default_system}<|im_end|>" in tok.chat_template
+    assert default_system.startswith("You are a helpful AI assistant named SmolLM")
+    plain = ChatSession(model, tok, max_len=64)
+    plain.tokenizer = copy.copy(tok)
+    plain.tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert plain.template_system() is None
 
 
 def test_save_and_load_round_trip(default, tmp_path):
     model, tok = default
     session = ChatSession(model, tok, system="Be brief.", max_len=512)
-    asked = itertools.count(1)
-    "".join(session.send("Count to twenty.", 32, stop=lambda: next(asked) >= 3))
+    "".join(session.send("Count to twenty.", 32, stop=lambda: session.last.new_tokens >= 3))
     path = session.save(tmp_path / "talk.json", model="smol")
     data = json.loads(path.read_text())
     assert data["format"] == "kvformer-chat" and data["model"] == "smol"
@@ -192,3 +212,70 @@ def test_load_refuses_what_is_not_a_conversation(default, tmp_path, content, wor
     with pytest.raises(KvformerError, match=words):
         session.load(path)
     assert session.messages == [{"role": "system", "content": "Kept."}]
+
+
+def test_stopped_while_the_prompt_is_read_the_turn_is_undone_and_the_cache_kept(default):
+    """stop() is asked between chunks of a long prompt: saying True there ends the turn
+    before any answer, the message is not kept, and the cache holds the chunks read, each
+    as a fresh forward over those tokens would write it."""
+    model, tok = default
+    session = ChatSession(model, tok, max_len=1024)
+    "".join(session.send("Hi.", 4))
+    before = [dict(m) for m in session.messages]
+    asked = []
+    long = "Tell me about the sea. " * 60
+    pieces = list(session.send(long, 8, stop=lambda: asked.append(1) or True))
+    assert pieces == [""] and asked  # no answer
+    assert session.last.cut_by == "prompt" and session.last.new_tokens == 0
+    assert session.messages == before
+    full = template_ids(tok, [*before, {"role": "user", "content": long}])
+    # the first chunk was read before stop() was asked
+    assert session.cache.length == session.last.reused + FIRST_CHUNK < len(full)
+    assert session.cached_ids == full[:session.cache.length]
+    assert_cache_is_recomputation(session)
+    again = "".join(session.send("And the sky?", 10))
+    assert again == tok.decode(uncached_answer(model, tok, session.messages[:-1], 10))
+
+
+def test_a_full_context_drops_the_oldest_turns_and_keeps_the_system_message(default):
+    model, tok = default
+    session = ChatSession(model, tok, system="Be brief.", max_len=160)
+    dropped = []
+    for text in ("Tell me a story about a cat.", "Tell me a story about a dog.",
+                 "Tell me a story about a bird.", "Tell me a story about a fish."):
+        "".join(session.send(text, 40))
+        dropped.append(session.last.dropped)
+        assert len(session.cached_ids) == session.cache.length <= 160
+    assert sum(dropped) >= 2 and dropped[0] == 0  # whole exchanges went, oldest first
+    assert session.messages[0] == {"role": "system", "content": "Be brief."}
+    assert session.messages[1]["role"] == "user"
+    kept = [m["content"] for m in session.messages if m["role"] == "user"]
+    assert kept[-1].endswith("a fish.") and not kept[0].endswith("a cat.")
+    # the answer after the drop is what a fresh run over the kept conversation gives
+    history = session.messages[:-1]
+    assert session.messages[-1]["content"] == tok.decode(
+        uncached_answer(model, tok, history, 40))
+    assert_cache_is_recomputation(session)
+
+
+def test_ctrl_c_while_the_prompt_is_read_in_one_piece_undoes_the_turn(default, monkeypatch):
+    """`kvformer chat`'s way (stop_prompt=False): the prompt in one forward, Ctrl-C as a
+    KeyboardInterrupt inside it; the message is not kept and the cache is still exact."""
+    model, tok = default
+    session = ChatSession(model, tok, max_len=512)
+    "".join(session.send("Hi.", 4))
+    before = [dict(m) for m in session.messages]
+    real_advance = session.cache.advance
+
+    def advance(n):  # the worst moment: every layer wrote its K/V, none counted yet
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(session.cache, "advance", advance)
+    with pytest.raises(KeyboardInterrupt):
+        "".join(session.send(STORY, 8, stop=lambda: False, stop_prompt=False))
+    monkeypatch.setattr(session.cache, "advance", real_advance)
+    assert session.messages == before and session.last.cut_by == "prompt"
+    assert session.cache.length == session.last.reused  # nothing of the message counted
+    assert_cache_is_recomputation(session)
+    again = "".join(session.send("Go on.", 10))
+    assert again == tok.decode(uncached_answer(model, tok, session.messages[:-1], 10))

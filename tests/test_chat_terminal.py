@@ -22,6 +22,9 @@ pytestmark = [needs_default,
               pytest.mark.usefixtures("one_thread")]
 
 STORY = "Tell me a long story about a dragon."
+# fp32, greedy and no repeat penalty (chat's defaults sample): answers the library's
+# generate() gives too
+EXACT = ("--dtype", "fp32", "-t", "1", "--temp", "0", "--repeat-penalty", "1")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
 
 
@@ -75,12 +78,12 @@ def uncached(model, tok, messages, n):
 
 def test_ctrl_c_cuts_the_answer_and_the_chat_goes_on(default, env, tmp_path):
     model, tok = default
-    child = spawn(kvformer("chat", "--dtype", "fp32", "-t", "1", "-n", "24"), env)
+    child = spawn(kvformer("chat", *EXACT, "-n", "24"), env)
     child.expect("Ctrl-D leaves")
     banner = plain(child.before)
     assert "kvformer chat: SmolLM2-135M-Instruct.Q4_1" in banner
     assert "GQA (9 query heads share 3 KV heads, group size 3)" in banner
-    assert "KV cache fp32, 4096 tokens" in banner
+    assert "KV cache fp32, 4,096 tokens" in banner
     child.expect_exact("> ")
 
     # Ctrl-C while the answer streams: it stops, is marked cut, and the prompt returns
@@ -102,15 +105,17 @@ def test_ctrl_c_cuts_the_answer_and_the_chat_goes_on(default, env, tmp_path):
     child.expect_exact("> ")
 
     # the conversation goes on from the cut answer
-    # (and keys typed while it streams are neither shown in it nor sent after it)
+    # (and keys typed while it streams are neither shown in it nor sent after it: a note
+    # after the answer shows what was dropped)
     child.sendline("What was the dragon called?")
     child.expect_exact("called?")
     child.expect(r"\w+ \w+ ")
     shown_next = child.before + child.after
     child.sendline("typed too soon")
-    child.expect_exact("> ")
+    child.expect_exact("(dropped what was typed during the answer: 'typed too soon'")
     shown_next = plain(shown_next + child.before).strip()
     assert "typed too soon" not in shown_next
+    child.expect_exact("> ")
     child.sendline("/stats")
     child.expect(r"KV cache: (\d+) of 4096 tokens")
     cached = int(child.match.group(1))
@@ -143,7 +148,9 @@ def test_ctrl_c_cuts_the_answer_and_the_chat_goes_on(default, env, tmp_path):
     assert talk[:2] == cut and [m["role"] for m in talk[2:]] == ["user", "assistant"]
     # the answer given after the cut, from the cache, is the uncached recomputation's
     expected = uncached(model, tok, talk[:3], 24)
-    assert talk[3]["content"] == expected and "cut" not in talk[3]
+    made = generate(model, template_ids(tok, talk[:3]), 24, stop_ids=tok.stop_ids)
+    assert talk[3]["content"] == expected
+    assert talk[3].get("cut", False) == (len(made) == 24)  # cut by -n, and marked so
     assert shown_next == expected.strip()
     assert cached > len(tok.encode(partial))
 
@@ -208,7 +215,7 @@ def test_status_on_the_terminal_and_only_the_answer_on_stdout(default, env, tmp_
 def test_chat_with_stdout_redirected_writes_only_answers(default, env, tmp_path):
     model, tok = default
     out = tmp_path / "answers.txt"
-    command = " ".join(kvformer("chat", "--dtype", "fp32", "-t", "1", "-n", "10"))
+    command = " ".join(kvformer("chat", *EXACT, "-n", "10"))
     child = spawn(["/bin/sh", "-c", f"{command} > {out}"], env)
     child.expect("Ctrl-D leaves")
     child.expect_exact("> ")  # on stderr: stdout is the file
@@ -223,3 +230,106 @@ def test_chat_with_stdout_redirected_writes_only_answers(default, env, tmp_path)
     assert child.exitstatus == 0
     expected = uncached(model, tok, [{"role": "user", "content": "Say hello."}], 10)
     assert out.read_text() == expected + "\n"
+
+
+def saved_messages(child, path):
+    child.sendline(f"/save {path}")
+    child.expect("saved")
+    child.expect_exact("> ")
+    return json.loads(Path(path).read_text())["messages"]
+
+
+def test_multi_line_messages_arrive_whole(env, tmp_path):
+    """A bracketed paste, a paste the terminal did not bracket (lines that arrive together)
+    and a \"\"\" block: each is one message, no line lost."""
+    child = spawn(kvformer("chat", *EXACT, "-n", "1"), env)
+    child.expect_exact("> ")
+    child.send("\x1b[200~first line\nsecond line\nthird line\x1b[201~")
+    child.expect_exact("third line")
+    child.send("\r")
+    child.expect_exact("> ")
+    child.send("alpha\nbeta\ngamma\r")  # one write: as a terminal without bracketed paste
+    child.expect_exact("> ")
+    child.sendline('"""')
+    child.expect_exact("... ")
+    child.sendline("one")
+    child.expect_exact("... ")
+    child.sendline('two"""')
+    child.expect_exact("> ")
+    messages = saved_messages(child, tmp_path / "talk.json")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    assert [m["content"] for m in messages if m["role"] == "user"] == [
+        "first line\nsecond line\nthird line", "alpha\nbeta\ngamma", "one\ntwo"]
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 3
+
+
+def test_ctrl_c_while_the_prompt_is_read_stops_at_once(default, env, tmp_path):
+    """A long message, Ctrl-C a second into reading it: the prompt comes back within a
+    fraction of a second (not when the whole prompt has been read), the message is not
+    sent, and the next answer equals an uncached recomputation (the cache stayed exact)."""
+    import time
+
+    model, tok = default
+    child = spawn(kvformer("chat", *EXACT, "-n", "8"), env)
+    child.expect_exact("> ")
+    long = "The sea is wide and the waves are high. " * 300  # ~3,000 tokens: many seconds
+    child.send("\x1b[200~" + long + "\x1b[201~\r")
+    time.sleep(1.5)
+    sent = time.monotonic()
+    child.sendintr()
+    child.expect_exact("stopped while the prompt was read")
+    took = time.monotonic() - sent
+    child.expect_exact("> ")
+    assert took < 1.0, f"{took:.2f} s from Ctrl-C to the prompt"  # between two operations
+    child.sendline("/stats")
+    child.expect(r"KV cache: (\d+) of 4096 tokens")
+    cached = int(child.match.group(1))
+    child.expect_exact("> ")
+    child.sendline("Say hello.")
+    child.expect_exact("> ")
+    messages = saved_messages(child, tmp_path / "talk.json")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    assert cached < len(tok.encode(long))  # stopped before the message was all read
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["Say hello."]
+    assert messages[1]["content"] == uncached(model, tok, messages[:1], 8)
+    print(f"Ctrl-C to prompt: {took:.3f} s")
+
+
+def test_a_full_context_slides(default, env, tmp_path):
+    """chat -c 160: the oldest turns go, with a note, the conversation goes on, and the
+    answer after the drop equals an uncached run over what was kept."""
+    model, tok = default
+    child = spawn(kvformer("chat", *EXACT, "-n", "40", "-c", "160"), env)
+    child.expect_exact("> ")
+    notes = []
+    for animal in ("cat", "dog", "bird", "fish"):
+        child.sendline(f"Tell me a story about a {animal}.")
+        child.expect_exact("> ")
+        notes += re.findall(r"the oldest (\d+) messages? dropped", plain(child.before))
+    messages = saved_messages(child, tmp_path / "talk.json")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    assert notes and sum(int(n) for n in notes) >= 2
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    assert users[-1].endswith("a fish.") and not users[0].endswith("a cat.")
+    assert messages[-1]["content"] == uncached(model, tok, messages[:-1], 40)
+
+
+def test_generate_says_it_reads_the_prompt_from_a_terminal(default, env):
+    """No prompt and a terminal on stdin: a line says so at once (not a status line that
+    looks hung), and what is typed up to Ctrl-D is the prompt."""
+    model, tok = default
+    child = spawn(kvformer("generate", "--dtype", "fp32", "-t", "1", "-n", "6"), env)
+    child.expect_exact("kvformer: reading the prompt from stdin (Ctrl-D to end)", timeout=20)
+    assert "importing torch" not in child.before
+    child.send("The three primary colors are")
+    child.sendeof()
+    child.sendeof()  # the line had no newline: the first Ctrl-D only hands it over
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    expected = tok.decode(generate(model, tok.encode("The three primary colors are"), 6,
+                                   stop_ids=tok.stop_ids))
+    assert expected.strip() in plain(child.before)

@@ -1,6 +1,7 @@
 """The `kvformer` command on the real default model, and its one-line errors."""
 
 import argparse
+import re
 import subprocess
 import sys
 
@@ -134,12 +135,11 @@ def test_info_reports_gqa_and_cache_bytes():
 
 @pytest.mark.parametrize("args, words", [
     (["generate", "hi", "--model", "/nonexistent/model.gguf"], ["not found"]),
-    (["generate", "hi", "--temperature", "-1"], ["temperature", ">= 0"]),
-    (["generate", "hi", "--top-p", "2"], ["top_p", "(0, 1]"]),
-    (["generate", "hi", "-n", "9000"], ["context of 8192"]),
-    (["generate", "one two three four five six seven", "-c", "8", "--dtype", "fp32"],
-     ["> the context of 8 (--ctx-size)"]),
-    (["chat", "-c", "9000", "--dtype", "fp32"], ["--ctx-size 9000", "context of 8192"]),
+    (["generate", "one two three four five six seven eight nine", "-c", "8", "--dtype",
+      "fp32"], ["the prompt is 9 tokens", "context holds 8", "-c/--ctx-size"]),
+    (["chat", "-c", "9000", "--dtype", "fp32"], ["-c/--ctx-size 9000", "context of 8192"]),
+    (["generate", "-p", "hi", "there"], ["two prompts given"]),
+    (["generate", "-f", "/nonexistent/prompt.txt"], ["No such file", "prompt.txt"]),
     (["info", "/nonexistent"], ["not found"]),
     (["info", "-m", "no-such-model"], ["not found", "kvformer models"]),
 ])
@@ -270,6 +270,17 @@ def test_common_flags_parse_with_llama_cpp_names():
     (["generate", "-t", "0.8", "hi"], ["-t/--threads", "use --temp"]),
     (["generate", "-t", "0", "hi"], ["-t/--threads", "1 or more"]),
     (["chat", "-c", "-5"], ["-c/--ctx-size", "below 0"]),
+    (["generate", "hi", "--temperature", "-1"], ["--temp/--temperature", "at least 0"]),
+    (["generate", "hi", "--top-p", "2"], ["--top-p", "(0, 1]"]),
+    (["generate", "hi", "--min-p", "1.5"], ["--min-p", "[0, 1]"]),
+    (["chat", "--repeat-penalty", "0"], ["--repeat-penalty", "above 0"]),
+    (["generate", "hi", "-n", "-2"], ["-n/--max-new-tokens", "below -1"]),
+    # llama.cpp's spellings: -ngl is a flag of its own, not -n with "gl"; no abbreviations
+    (["generate", "-ngl", "x", "hi"], ["-ngl/--n-gpu-layers", "'x'"]),
+    (["generate", "--n", "8", "hi"], ["unrecognized arguments: --n"]),
+    (["generate", "-cnv", "hi"], ["-cnv", "kvformer chat"]),
+    (["chat", "--bogus"], ["kvformer chat: error: unrecognized arguments: --bogus",
+                           "(see kvformer chat --help)"]),
 ])
 def test_bad_common_flags_say_what_to_do(args, words, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -313,7 +324,7 @@ def test_threads_reach_torch():
     for flags, n in ((["-t", "1"], 1), ([], physical_cores())):
         res = run_cli("generate", "hi", "-n", "2", "--dtype", "fp32", "--stats", *flags)
         assert res.returncode == 0, res.stderr
-        assert f", {n} threads]" in res.stderr
+        assert f", {n} thread{'' if n == 1 else 's'}]" in res.stderr
 
 
 def test_chat_ctx_size_sets_the_cache(tmp_path):
@@ -506,3 +517,114 @@ def test_closed_standard_streams_are_one_line_errors():
         assert len(res.stderr.strip().splitlines()) == 1, res.stderr
     res = _with_closed(2, "generate", "-n", "4", "hi")
     assert res.returncode == 0 and res.stdout.strip()
+
+
+# ----------------------------------------------------------------------------- llama.cpp's ways
+@needs_default
+def test_generate_stops_at_the_end_of_the_context_with_a_note(default, tmp_path):
+    """`-c 64 "Hello"` (and -n -1): the answer runs until the context is full, then a note;
+    the tokens are the library's for as many as fit."""
+    from kvformer import generate
+
+    model, tok = default
+    ids = tok.encode("Hello")
+    expected = tok.decode(generate(model, ids, 64 - len(ids), stop_ids=tok.stop_ids))
+    for n in ("128", "-1"):
+        res = run_cli("generate", "-c", "64", "-n", n, "--dtype", "fp32", "-t", "1", "Hello")
+        assert res.returncode == 0, res.stderr
+        assert res.stdout == expected + "\n"
+        assert "[stopped: the context of 64 tokens is full" in res.stderr
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Hello")
+    for flags in (["-p", "Hello"], ["-f", str(prompt)]):  # the same prompt, other ways
+        res = run_cli("generate", "-c", "64", "-n", "4", "--dtype", "fp32", "-t", "1",
+                      "-ngl", "99", *flags)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout == tok.decode(generate(model, ids, 4, stop_ids=tok.stop_ids)) + "\n"
+        assert "note: -ngl/--n-gpu-layers is taken" in res.stderr
+        assert "[stopped" not in res.stderr  # -n ended it, not the context
+
+
+@needs_default
+def test_generate_stats_time_the_prompt_and_the_answer_apart(default):
+    _, tok = default
+    prompt = "The three primary colors are"
+    res = run_cli("generate", prompt, "-n", "6", "--dtype", "fp32", "-t", "1", "--stats")
+    assert res.returncode == 0, res.stderr
+    err = res.stderr
+    n_prompt = len(tok.encode(prompt))
+    n_out = len(tok.encode(res.stdout.rstrip("\n")))
+    load = float(re.search(r"load: +([\d.]+) s", err).group(1))
+    m = re.search(rf"prompt: +{n_prompt} tokens in ([\d.]+) s \(([\d.]+) tokens/s\)", err)
+    first, rate = float(m.group(1)), float(m.group(2))
+    assert rate == pytest.approx(n_prompt / first, rel=0.05, abs=0.5)
+    assert re.search(r"answer: +\d+ tokens in [\d.]+ s \([\d.]+ tokens/s after the first\)", err)
+    assert f"first token: {first:.2f} s" in err and load > 0 and n_out >= 1
+
+
+@needs_default
+def test_top_k_0_is_off_and_min_p_and_the_repeat_penalty_reach_the_sampler(default):
+    """--top-k 0 samples as no --top-k; --min-p and --repeat-penalty give the library's
+    tokens with the same settings (and greedy with a penalty differs from greedy)."""
+    from kvformer import generate
+
+    model, tok = default
+    ids = tok.encode("Once upon a time")
+    base = ["generate", "Once upon a time", "-n", "12", "--dtype", "fp32", "-t", "1"]
+    sampled = run_cli(*base, "--temp", "0.9", "--seed", "3", "--top-k", "0").stdout
+    assert sampled == tok.decode(generate(model, ids, 12, temperature=0.9, seed=3,
+                                          stop_ids=tok.stop_ids)) + "\n"
+    res = run_cli(*base, "--temp", "0.9", "--seed", "3", "--min-p", "0.1",
+                  "--repeat-penalty", "1.3")
+    assert res.stdout == tok.decode(generate(model, ids, 12, temperature=0.9, seed=3,
+                                             min_p=0.1, repeat_penalty=1.3,
+                                             stop_ids=tok.stop_ids)) + "\n"
+    penalized = generate(model, ids, 24, repeat_penalty=1.5, stop_ids=tok.stop_ids)
+    assert penalized != generate(model, ids, 24, stop_ids=tok.stop_ids)
+    assert run_cli(*base[:3], "24", *base[4:], "--repeat-penalty", "1.5").stdout == \
+        tok.decode(penalized) + "\n"
+
+
+def test_chat_samples_as_the_model_says_else_as_llama_cpp():
+    """chat's sampling: the flags given, else the model's own settings, else llama.cpp's
+    defaults; the flags' "off" values (--top-k 0, --top-p 1, --min-p 0) reach the sampler
+    as None."""
+    from types import SimpleNamespace
+
+    from kvformer.cli.arguments import sampling_kwargs
+    from kvformer.cli.chat import sampling_settings
+    from kvformer.cli.main import build_parser
+
+    parser = build_parser()
+    model = SimpleNamespace(sampling_defaults={"temperature": 0.3, "top_p": 0.9})
+    args = parser.parse_args(["chat"])
+    assert sampling_settings(args, model) == {"temperature": 0.3, "top_k": 40, "top_p": 0.9,
+                                              "min_p": 0.05, "repeat_penalty": 1.1}
+    assert sampling_settings(args, SimpleNamespace())["temperature"] == 0.8
+    args = parser.parse_args(["chat", "--temp", "0", "--top-k", "0", "--top-p", "1",
+                              "--min-p", "0", "--repeat-penalty", "1"])
+    assert sampling_kwargs(sampling_settings(args, model)) == {
+        "temperature": 0.0, "top_k": None, "top_p": None, "min_p": None,
+        "repeat_penalty": 1.0}
+    g = parser.parse_args(["generate", "hi"])  # generate stays greedy, nothing filtered
+    assert (g.temperature, g.top_k, g.top_p, g.min_p, g.repeat_penalty) == (
+        0.0, None, None, None, 1.0)
+    s = parser.parse_args(["serve", "--max-tokens", "512", "-ngl", "99"])
+    assert (s.max_tokens, s.n_gpu_layers) == (512, 99)
+
+
+@needs_default
+def test_chat_takes_ollamas_commands():
+    """/?, /clear, /set parameter NAME VALUE (checked as the flag is), /show info and
+    /show parameters, beside kvformer's own."""
+    script = ("/set parameter top_k 5\n/set parameter num_predict -1\n/show parameters\n"
+              "/show info\n/?\n/clear\n/set parameter temperature -1\n")
+    res = run_cli("chat", "--dtype", "fp32", "-t", "1", "-c", "64", stdin=script)
+    assert res.returncode == 2, res.stderr  # piped: the last, bad, line ends it
+    err = res.stderr
+    assert "set top_k to 5" in err and re.search(r"top_k +5\n", err)
+    assert re.search(r"num_predict +-1\n", err) and re.search(r"temperature +0.8\n", err)
+    assert re.search(r"context length +8,192\n", err) and "KV cache          fp32, 64 tokens" in err
+    assert "/set parameter NAME VALUE" in err and "new conversation (KV cache cleared)" in err
+    assert err.rstrip().endswith("kvformer: error: /set parameter temperature (as --temp): "
+                                 "-1 is not at least 0")

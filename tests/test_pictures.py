@@ -125,6 +125,23 @@ def test_pictures_are_valid_pngs(tmp_path):
     stats = P.random_scaling_stats(dims=(4, 64), trials=50)
     ent = P.model_entropy_per_head(layers, 8, skip=2)
     assert_png(P.plot_scaling(stats, tmp_path / "s.png", ent, "tiny"))
-    rows = P.time_per_token(model, [4, 16], repeats=1)
+    reported = []
+    rows = P.time_per_token(model, [4, 16], repeats=1, report=reported.append)
+    assert reported == rows and [r["length"] for r in rows] == [4, 16]  # each as measured
     assert all(r["with_cache_s"] > 0 and r["without_cache_s"] > 0 for r in rows)
     assert_png(P.plot_cache_timing(rows, tmp_path / "c.png", "tiny"))
+
+
+@pytest.mark.parametrize("names", [["smollm2-135m"], ["smollm2-135m", "llama-2-7b"]])
+def test_kv_size_plot_keeps_its_title_and_legend_inside(names):
+    """`kv-size --plot` with one model: its title and legend fit the narrower figure."""
+    rows = [r for n in names for r in P.kv_size_rows(n, ModelConfig.preset(n), 4096, 1,
+                                                     ["fp16", "int8", "int4"])]
+    fig = P.kv_sizes_figure(rows, 4096, 1)
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    for artist in (fig._suptitle, *fig.legends):
+        extent = artist.get_window_extent(renderer)
+        assert box.x0 - 1 <= extent.x0 and extent.x1 <= box.x1 + 1, artist
+        assert box.y0 - 1 <= extent.y0 and extent.y1 <= box.y1 + 1, artist
+    P.plt.close(fig)

@@ -63,3 +63,33 @@ def test_greedy_is_torchs_argmax_ties_and_nan_included():
         assert got.dtype == torch.long and got.shape == x.shape[:-1]
         assert torch.equal(got, x.argmax(dim=-1))
     assert greedy(rows)[3] == 7 and greedy(rows)[5] == 42 and greedy(rows)[6] == 0
+
+
+def test_min_p_keeps_the_tokens_at_least_min_p_times_the_likeliest():
+    from kvformer.runtime.sampling import sample
+
+    probs = torch.tensor([[0.5, 0.3, 0.12, 0.08]])  # 0.1 * 0.5 = 0.05: all stay
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample(probs.log(), 1.0, min_p=0.2, generator=g)) for _ in range(400)}
+    assert draws == {0, 1, 2}  # 0.12 >= 0.2 * 0.5 = 0.1 > 0.08
+    draws = {int(sample(probs.log(), 1.0, min_p=0.61, generator=g)) for _ in range(200)}
+    assert draws == {0}  # 0.3 < 0.305
+
+
+def test_repeat_penalty_is_llama_cpps():
+    """A seen token's logit is divided by the penalty when positive, multiplied when not;
+    the others, and other rows, stay."""
+    from kvformer.runtime.sampling import penalize_repeats
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [1.0, 1.0, 1.0, 1.0]])
+    out = penalize_repeats(logits, [[0, 1, 1], []], 2.0)
+    assert out.tolist() == [[1.0, -2.0, 0.5, 3.0], [1.0, 1.0, 1.0, 1.0]]
+    assert logits[0, 0] == 2.0  # the input is not changed
+    assert penalize_repeats(logits, [[0], [1]], 1.0) is logits
+
+
+@pytest.mark.parametrize("kw", [dict(min_p=1.5), dict(min_p=-0.1), dict(repeat_penalty=0),
+                                dict(repeat_penalty=float("inf"))])
+def test_bad_min_p_and_repeat_penalty_are_refused(kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        validate_sampling(**kw)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import contextlib
 import io
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from kvformer.cli.arguments import physical_cores
-from kvformer.cli.status import StatusLine
+from kvformer.cli.status import StatusLine, plural
 from kvformer.errors import KvformerError
 from kvformer.formats.catalog import display_name
 from kvformer.formats.load import load, resolve
@@ -57,6 +58,10 @@ def load_model(args, name: str | None = None, dtype: str | None = None):
     quiet = getattr(args, "quiet", False)
     status = getattr(args, "status", None) or StatusLine(enabled=not quiet)
     status.show("starting (importing torch)")
+    if getattr(args, "n_gpu_layers", None) is not None and not quiet:
+        print("note: -ngl/--n-gpu-layers is taken for llama.cpp's command lines; kvformer "
+              "runs on the CPU", file=sys.stderr)
+    began = time.perf_counter()
     set_threads(args)
     _build_native(status, quiet)
     apply_activations(args)
@@ -67,6 +72,7 @@ def load_model(args, name: str | None = None, dtype: str | None = None):
                           progress=not quiet)
     finally:
         status.clear()
+    model.load_s = time.perf_counter() - began  # for --stats: kernels found, weights read
     model.display_name = (display_name(model.source) if name == "default" or
                           Path(name).exists() else name)
     if getattr(model, "requantized", None) and not quiet:
@@ -85,7 +91,7 @@ def context_size(args, model) -> int:
     if args.ctx_size == 0:
         return most
     if args.ctx_size > most:
-        raise KvformerError(f"--ctx-size {args.ctx_size} is more than the model's context of "
+        raise KvformerError(f"-c/--ctx-size {args.ctx_size} is more than the model's context of "
                             f"{most} tokens; give at most {most} (or 0 for all of it)")
     return args.ctx_size
 
@@ -104,7 +110,7 @@ def kernels_line() -> str:
     if not native.available(build_if_missing=False):
         return f"torch ops (native kernels not built: run `kvformer build`); activations {act}"
     return (f"{native.kernel_path()}; activations {act} ({native.activations()} into int4); "
-            f"{torch.get_num_threads()} threads ({native.threads()})")
+            f"{plural(torch.get_num_threads(), 'thread')} ({native.threads()})")
 
 
 def speculative_options(args, model, tok):

@@ -17,16 +17,24 @@ BENCH_NEW_TOKENS = 128
 
 
 def add_generate(sub) -> None:
-    g = sub.add_parser("generate", help="continue a prompt (argument or stdin), streaming")
+    g = sub.add_parser("generate", help="continue a prompt (argument, -p, -f or stdin), "
+                                        "streaming")
     g.add_argument("prompt", nargs="?", help="the prompt; read from stdin when omitted")
+    g.add_argument("-p", "--prompt", dest="prompt_flag", metavar="TEXT", default=None,
+                   help="the prompt (as llama.cpp's -p; or give it as the argument)")
+    g.add_argument("-f", "--file", metavar="FILE", default=None,
+                   help="read the prompt from FILE ('-': stdin)")
     add_flags(g, "model", "dtype", "kv_dtype", "activations", "threads", "ctx_size",
-              *SAMPLING, "quiet")
+              *SAMPLING, "quiet", "n_gpu_layers", "conversation")
     g.add_argument("--no-cache", action="store_true",
                    help="recompute the whole sequence for every token (the seed's comparison)")
     g.add_argument("--chat", action="store_true",
                    help="wrap the prompt as a user message in the model's chat template")
-    g.add_argument("--system", default=None, help="system message (with --chat)")
-    g.add_argument("--stats", action="store_true", help="print tokens/s to stderr")
+    add_flags(g, "system")
+    g.add_argument("--stats", action="store_true",
+                   help="print the load time, the prompt's and the answer's tokens and "
+                        "tokens/s, and the time to the first token, to stderr")
+    g.set_defaults(read_prompt_first=True)
     add_speculative(g)
 
 
@@ -47,10 +55,12 @@ def add_chat(sub) -> None:
     c = sub.add_parser("chat", help="interactive multi-turn chat (/help inside; Ctrl-C "
                                     "stops an answer, Ctrl-D exits)")
     add_flags(c, "model", "dtype", "kv_dtype", "activations", "threads", "ctx_size",
-              *SAMPLING, "quiet", max_new_tokens=256, ctx_size=4096)
+              *SAMPLING, "quiet", "n_gpu_layers", "conversation", "system",
+              max_new_tokens=256, ctx_size=4096, model_sampling=True)
     c.add_argument("--context", dest="ctx_size", type=at_least(0),
                    help=argparse.SUPPRESS)  # the old name of --ctx-size
-    c.add_argument("--system", default=None, help="system message")
+    c.add_argument("--stats", action="store_true",
+                   help="after each answer, print its statistics as /stats does")
     add_speculative(c)
 
 
@@ -123,6 +133,10 @@ def add_serve(sub) -> argparse.ArgumentParser:
                    help="KV cache blocks in the pool (default: max-batch x min(context, "
                         "2048) tokens' worth)")
     p.add_argument("--block-size", type=int, default=16, help="token slots per KV block")
+    p.add_argument("--max-tokens", type=at_least(1), default=None, metavar="N",
+                   help="the most tokens one answer may have: the default of requests that "
+                        "give no max_tokens, and the ceiling of those that ask for more "
+                        "(default: none, the rest of the context)")
     p.add_argument("--prefill-chunk", type=int, default=128,
                    help="prompt tokens prefilled per engine step (default 128)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",

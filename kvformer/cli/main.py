@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from kvformer import __version__
 from kvformer.cli import flags
+from kvformer.cli.prompt import read_prompt
 from kvformer.cli.status import StatusLine
 from kvformer.errors import ArgumentParser, KvformerError
 
@@ -79,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     # A verb that loads a model says so at once: importing torch alone takes a second or two.
     args.status = StatusLine(enabled=hasattr(args, "model") and hasattr(args, "quiet")
                              and not args.quiet)
-    args.status.show("starting (importing torch)")
     try:
+        if getattr(args, "read_prompt_first", False):  # before torch: see cli/prompt.py
+            args.prompt = read_prompt(args)
+        args.status.show("starting (importing torch)")
         return importlib.import_module(VERBS[args.verb]).run(args)
     except KeyboardInterrupt:
         args.status.clear()

@@ -11,6 +11,7 @@ import torch
 
 from kvformer.cli.common import apply_activations, set_threads
 from kvformer.cli.flags import add_serve
+from kvformer.cli.status import plural
 from kvformer.errors import ArgumentParser, KvformerError
 from kvformer.formats.load import load
 from kvformer.formats.tokenizer.template import set_template_limits, warm_template_workers
@@ -93,6 +94,9 @@ def run(args) -> int:
     set_threads(args)  # -t/--threads, as every verb
     max_connections = connection_cap(args.max_connections, raise_open_file_limit())
     set_template_limits(args.template_time_limit, args.template_memory)
+    if args.n_gpu_layers is not None:
+        print("kvformer serve: note: -ngl/--n-gpu-layers is taken for llama.cpp's command "
+              "lines; kvformer runs on the CPU", file=sys.stderr)
     sock = bind_socket(args.host, args.port)  # fail fast (port taken) before loading
     try:
         # Load on one torch thread: the model then runs on the engine's thread, and once
@@ -112,7 +116,7 @@ def run(args) -> int:
         engine = Engine(model, tokenizer, max_batch=args.max_batch, kv_blocks=args.kv_blocks,
                         block_size=args.block_size, prefill_chunk=args.prefill_chunk,
                         max_queue=args.max_queue, queue_timeout=args.queue_timeout,
-                        prefix_caching=args.prefix_cache)
+                        prefix_caching=args.prefix_cache, max_tokens=args.max_tokens)
         name = args.served_model_name or args.model
         app = create_app(engine, name, api_key=args.api_key,
                          max_body_bytes=args.max_body_bytes, cors_origins=args.cors_origin,
@@ -120,10 +124,16 @@ def run(args) -> int:
         host, port = sock.getsockname()[:2]
         pool = engine.pool
         print(f"kvformer serve: {name} on http://{host}:{port}/v1 "
-              f"(batch {args.max_batch}, {pool.n_blocks} KV blocks x {pool.block_size} "
-              f"tokens = {pool.capacity} tokens, {pool.nbytes / 2**20:.0f} MiB of {pool.kv_dtype} "
+              f"(batch {args.max_batch}, {pool.n_blocks} KV blocks x "
+              f"{plural(pool.block_size, 'token')} = {plural(pool.capacity, 'token')}, "
+              f"{pool.nbytes / 2**20:.0f} MiB of {pool.kv_dtype} "
               "KV reserved)",
               file=sys.stderr)
+        page = ("localhost" if args.host in ("0.0.0.0", "::", "") else
+                f"[{host}]" if ":" in host else host)
+        print(f"kvformer serve: chat page at http://{page}:{port}/"
+              + (f"; answers of at most {args.max_tokens} tokens (--max-tokens)"
+                 if args.max_tokens else ""), file=sys.stderr, flush=True)
         if not _is_loopback(args.host) and args.api_key is None:
             print("kvformer serve: warning: listening beyond this machine without --api-key",
                   file=sys.stderr)

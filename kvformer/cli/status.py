@@ -33,3 +33,8 @@ class StatusLine:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
             self.shown = False
+
+
+def plural(n: int, word: str) -> str:
+    """'1 token', '2 tokens', '1,024 tokens'."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from kvformer.config import PRESETS, ModelConfig
 from kvformer.errors import CheckpointError, ModelNotFoundError
+from kvformer.formats import sampling_defaults
 from kvformer.formats.build import build_model, load_quantized
 from kvformer.formats.gguf.config import config_from_gguf
 from kvformer.formats.gguf.reader import open_reader, read_metadata
@@ -177,6 +178,7 @@ def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
 
     kind, path = resolve(name_or_path)
     tokenizer = None
+    sampling: dict = {}
     requantized: list[str] = []
     if kind == "gguf":
         reader = open_reader(path)
@@ -194,6 +196,7 @@ def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
             # The tokenizer first (a bad one fails before any weight is read), then its
             # vocabulary strings are forgotten so they are not held while the weights load.
             tokenizer = Tokenizer.from_gguf(meta)
+            sampling = sampling_defaults.from_gguf(meta)
             del meta
             reader.forget_metadata("tokenizer.")
             # checks every tensor against the config now, before the model is allocated: a
@@ -214,6 +217,7 @@ def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
         cfg, state = load_hf_dir(path, dtype=loader_dtype(mode))
         model = build_model(cfg, _drain(state), mode)
         tokenizer = Tokenizer.from_dir(path) if _has_tokenizer(path) else None
+        sampling = sampling_defaults.from_hf_dir(path)
     else:
         cfg, state, meta = load_native(path)
         saved = meta.get("quantization")
@@ -231,6 +235,7 @@ def load(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, dtype=None,
             model = build_model(cfg, _drain(state), mode)
         tokenizer = Tokenizer.from_dir(path) if _has_tokenizer(path) else None
     model.source = str(path)
+    model.sampling_defaults = sampling  # what the model's files recommend (may be {})
     model.mode = mode
     model.requantized = requantized
     model.kv_dtype = kv_dtype

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from kvformer.config import ModelConfig
 from kvformer.errors import CheckpointError
+from kvformer.fileio import usual_mode
 from kvformer.formats.build import saveable_state
 
 FORMAT = "kvformer"
@@ -39,6 +40,7 @@ def save_native(path: str | os.PathLike, cfg: ModelConfig, state_dict: dict[str,
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
+        tmp.chmod(usual_mode(directory=True))  # mkdtemp's 0700 would keep other users out
         tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": cfg.to_dict(),

@@ -8,13 +8,14 @@ appended to the cache and every earlier one is read back, not recomputed. Withou
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from kvformer.errors import ContextOverflowError
-from kvformer.runtime.sampling import sample, validate_sampling
+from kvformer.runtime.sampling import REPEAT_LAST_N, penalize_repeats, sample, validate_sampling
 from kvformer.runtime.speculative import SpecStats, speculative_stream
 from kvformer.runtime.step import Executor, for_model
 
@@ -39,20 +40,23 @@ def _as_rows(prompt_ids) -> tuple[list[list[int]], bool]:
 def generate_stream(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None,
                     seed: int | None = None, stop_ids: Iterable[int] = (),
-                    use_cache: bool = True, vocab_limit: int | None = None, *,
+                    use_cache: bool = True, min_p: float | None = None,
+                    repeat_penalty: float = 1.0, vocab_limit: int | None = None, *,
                     spec: str | None = None, spec_k: int = 5, draft=None,
                     spec_stats: SpecStats | None = None) -> Iterator:
     """Yield tokens as they are made. For one prompt, yields ints; for a batch, yields one
     list per step with an id for each row, or None for a row that has already stopped.
     A stop id ends its row and is not yielded. ``model`` is a model (run by its executor,
-    ``kvformer.runtime.step.for_model``) or an ``Executor``. With ``vocab_limit`` (the
-    tokenizer's vocabulary size), no id at or past it is made: a model's embedding is often
-    padded past its vocabulary, and those ids are no text.
+    ``kvformer.runtime.step.for_model``) or an ``Executor``. ``repeat_penalty`` looks at
+    each row's last ``REPEAT_LAST_N`` tokens, its prompt's included. With ``vocab_limit``
+    (the tokenizer's vocabulary size), no id at or past it is made: a model's embedding is
+    often padded past its vocabulary, and those ids are no text.
 
     ``spec`` ('lookup', or 'draft' with ``draft`` a model of the same vocabulary) decodes
     one prompt speculatively (kvformer.runtime.speculative), checking up to ``spec_k``
-    guesses per call: the same tokens, greedy or sampled from the same distribution;
-    ``spec_stats`` (a ``SpecStats``) collects its acceptance."""
+    guesses per call: the same tokens, greedy or sampled from the same distribution (with
+    ``min_p`` too; not with a repeat penalty, whose distribution depends on the text so
+    far); ``spec_stats`` (a ``SpecStats``) collects its acceptance."""
     run = for_model(model)
     model = run.model
     rows, single = _as_rows(prompt_ids)
@@ -62,7 +66,10 @@ def generate_stream(model, prompt_ids, max_new_tokens: int, temperature: float =
                              f"time; this batch has {len(rows)}: drop spec or decode each")
         if not use_cache:
             raise ValueError("speculative decoding needs the KV cache (use_cache=True)")
-    validate_sampling(temperature, top_k, top_p)
+        if repeat_penalty != 1:
+            raise ValueError("speculative decoding keeps the model's own distribution: "
+                             "use repeat_penalty=1 with it")
+    validate_sampling(temperature, top_k, top_p, min_p, repeat_penalty)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
     vocab = model.cfg.vocab_size
@@ -84,14 +91,15 @@ def generate_stream(model, prompt_ids, max_new_tokens: int, temperature: float =
         yield from speculative_stream(run, rows[0], max_new_tokens, temperature, top_k,
                                       top_p, seed, stop_ids, method=spec, k=spec_k,
                                       draft=draft, stats=spec_stats,
-                                      vocab_limit=vocab_limit)
+                                      vocab_limit=vocab_limit, min_p=min_p)
         return
     stops = set(stop_ids)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     limit = _check_limit(vocab_limit, vocab)
-
-    for step in _decode_loop(run, rows, max_new_tokens, temperature, top_k, top_p, gen,
-                             stops, use_cache, limit):
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=gen,
+                    min_p=min_p)
+    for step in _decode_loop(run, rows, max_new_tokens, sampling, repeat_penalty, stops,
+                             use_cache, limit):
         yield step[0] if single else step
 
 
@@ -105,8 +113,8 @@ def _check_limit(vocab_limit: int | None, vocab: int) -> int | None:
 
 
 @torch.inference_mode()
-def _decode_loop(executor: Executor, rows, max_new_tokens, temperature, top_k, top_p, gen,
-                 stops, use_cache, limit=None):
+def _decode_loop(executor: Executor, rows, max_new_tokens, sampling, repeat_penalty, stops,
+                 use_cache, limit=None):
     model = executor.model
     device = model.device
     b = len(rows)
@@ -134,7 +142,11 @@ def _decode_loop(executor: Executor, rows, max_new_tokens, temperature, top_k, t
     logits = run(0, p, cache)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     for t in range(p, total):
-        nxt = sample(logits[:, :limit], temperature, top_k, top_p, gen)
+        if repeat_penalty != 1:
+            recent = [tokens[i, max(int(pad[i]), t - REPEAT_LAST_N):t].tolist()
+                      for i in range(b)]
+            logits = penalize_repeats(logits, recent, repeat_penalty)
+        nxt = sample(logits[:, :limit], **sampling)
         tokens[:, t] = nxt
         ids = nxt.tolist()
         out = []
@@ -155,9 +167,10 @@ def _decode_loop(executor: Executor, rows, max_new_tokens, temperature, top_k, t
 
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             stop_ids: Iterable[int] = (), use_cache: bool = True,
-             vocab_limit: int | None = None, *, spec: str | None = None, spec_k: int = 5,
-             draft=None, spec_stats: SpecStats | None = None):
+             stop_ids: Iterable[int] = (), use_cache: bool = True, min_p: float | None = None,
+             repeat_penalty: float = 1.0, vocab_limit: int | None = None, *,
+             spec: str | None = None, spec_k: int = 5, draft=None,
+             spec_stats: SpecStats | None = None):
     """New token ids for a prompt (list of ints or 1-D tensor -> list of ints) or a batch
     (list of lists or 2-D tensor -> list of lists, rows may differ in length). Greedy when
     temperature is 0; each row of a batch gives what its prompt gives alone. ``vocab_limit``,
@@ -165,12 +178,14 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
     rows, single = _as_rows(prompt_ids)
     if spec is not None and single:
         return list(generate_stream(model, rows[0], max_new_tokens, temperature, top_k,
-                                    top_p, seed, stop_ids, use_cache, vocab_limit, spec=spec,
-                                    spec_k=spec_k, draft=draft, spec_stats=spec_stats))
+                                    top_p, seed, stop_ids, use_cache, min_p, repeat_penalty,
+                                    vocab_limit, spec=spec, spec_k=spec_k, draft=draft,
+                                    spec_stats=spec_stats))
     outs: list[list[int]] = [[] for _ in rows]
     for step in generate_stream(model, rows, max_new_tokens, temperature, top_k, top_p, seed,
-                                stop_ids, use_cache, vocab_limit, spec=spec, spec_k=spec_k,
-                                draft=draft, spec_stats=spec_stats):
+                                stop_ids, use_cache, min_p, repeat_penalty, vocab_limit,
+                                spec=spec, spec_k=spec_k, draft=draft,
+                                spec_stats=spec_stats):
         for i, tok in enumerate(step):
             if tok is not None:
                 outs[i].append(tok)
@@ -215,20 +230,35 @@ def perplexity(model, ids: Sequence[int], window: int | None = None, *,
     return math.exp(nll / (len(ids_t) - 1))
 
 
+PREFILL_CHUNK_S = 0.15  # a prompt is read in chunks of about this long, asking stop() between
+FIRST_CHUNK = 32  # tokens in the first chunk; the next ones sized by how fast it went
+
+
 @torch.inference_mode()
 def continue_stream(model, cache, new_ids: Sequence[int], max_new_tokens: int,
                     temperature: float = 0.0, top_k: int | None = None,
                     top_p: float | None = None, generator: torch.Generator | None = None,
-                    stop_ids: Iterable[int] = (), vocab_limit: int | None = None
-                    ) -> Iterator[int]:
+                    stop_ids: Iterable[int] = (), min_p: float | None = None,
+                    repeat_penalty: float = 1.0, history: Sequence[int] = (),
+                    stop: Callable[[], bool] | None = None,
+                    vocab_limit: int | None = None) -> Iterator[int]:
     """Feed ``new_ids`` after what a batch-1 cache already holds, then decode: the chat
     loop uses this so earlier turns are never recomputed. Every yielded token except the
     last is already in the cache when the next one is made; a stop id is not yielded and
-    not written. ``model`` is a model or its ``Executor``; ``vocab_limit``: as in
-    ``generate_stream``."""
+    not written. At most ``max_new_tokens`` (None: until the context is full) are made.
+    ``model`` is a model or its ``Executor``; ``history`` is what the cache holds (for the
+    repeat penalty); ``vocab_limit``: as in ``generate_stream``.
+
+    With ``stop``, the prompt is read in chunks of about ``PREFILL_CHUNK_S`` seconds and
+    ``stop()`` is asked between them: when it says True nothing is yielded and the cache
+    holds the chunks read so far (``cache.length`` says how many of ``new_ids``). Each
+    forward call has a fixed cost (~40 ms once the C++ step no longer takes the rows), so
+    chunks read a long prompt slower than one forward (2-3x measured on a busy 2-core
+    machine, SmolLM2, 1,000 tokens): `kvformer chat` reads it in one piece and stops it with
+    KeyboardInterrupt instead."""
     run = for_model(model)
     model = run.model
-    validate_sampling(temperature, top_k, top_p)
+    validate_sampling(temperature, top_k, top_p, min_p, repeat_penalty)
     new_ids = list(new_ids)
     if not new_ids:
         raise ValueError("continue_stream needs at least one new token")
@@ -237,14 +267,39 @@ def continue_stream(model, cache, new_ids: Sequence[int], max_new_tokens: int,
         raise ContextOverflowError(
             f"{cache.length} cached + {len(new_ids)} new tokens leave no room in a context "
             f"of {cache.max_len}; start a new conversation or raise the context size")
+    limit = room if max_new_tokens is None else min(max_new_tokens, room)
+    if limit < 1:
+        return
     stops = set(stop_ids)
-    limit = _check_limit(vocab_limit, model.cfg.vocab_size)
-    tokens = torch.tensor([new_ids], dtype=torch.long, device=model.device)
-    logits = run(tokens, cache=cache, last_only=True)[:, -1]
-    for i in range(min(max_new_tokens, room)):
-        nxt = int(sample(logits[:, :limit], temperature, top_k, top_p, generator)[0])
+    recent = list(history)[-REPEAT_LAST_N:] + new_ids
+    vocab = _check_limit(vocab_limit, model.cfg.vocab_size)
+
+    def forward(ids: list[int]) -> torch.Tensor:
+        tokens = torch.tensor([ids], dtype=torch.long, device=model.device)
+        return run(tokens, cache=cache, last_only=True)[:, -1]
+
+    if stop is None:
+        logits = forward(new_ids)
+    else:
+        done, chunk = 0, FIRST_CHUNK
+        while True:
+            began = time.perf_counter()
+            logits = forward(new_ids[done:done + chunk])
+            done += chunk
+            if done >= len(new_ids):
+                break
+            if stop():
+                return
+            took = time.perf_counter() - began
+            # the next chunk sized to take about PREFILL_CHUNK_S, as fast as this one went
+            chunk = max(1, min(4 * chunk, int(chunk * PREFILL_CHUNK_S / max(took, 1e-6))))
+    for i in range(limit):
+        if repeat_penalty != 1:
+            logits = penalize_repeats(logits, [recent[-REPEAT_LAST_N:]], repeat_penalty)
+        nxt = int(sample(logits[:, :vocab], temperature, top_k, top_p, generator, min_p)[0])
         if nxt in stops:
             return
         yield nxt
-        if i + 1 < min(max_new_tokens, room):
+        recent.append(nxt)
+        if i + 1 < limit:
             logits = run(torch.tensor([[nxt]], device=model.device), cache=cache)[:, -1]

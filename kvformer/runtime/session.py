@@ -9,6 +9,10 @@ so far. An answer that is stopped part way (``stop``, Ctrl-C in ``kvformer chat`
 in the conversation as far as it went, marked ``"cut": true``; the next turn re-renders
 the conversation and keeps whatever prefix still matches, so the cache is never out of
 step with the history. A conversation is saved and loaded as JSON (``save``/``load``).
+
+When the conversation no longer fits the context, the oldest turns are dropped (the system
+message stays) and the cache keeps what still matches, which is then only the system part:
+the rest is read again. ``last.dropped`` says how many messages went.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from kvformer.errors import KvformerError
+from kvformer.errors import ContextOverflowError, KvformerError
 from kvformer.fileio import write_atomic
 from kvformer.runtime.generation import continue_stream
 from kvformer.runtime.speculative import SpecStats, speculative_stream
@@ -33,13 +37,22 @@ ROLES = ("system", "user", "assistant")
 
 @dataclass
 class TurnStats:
-    """What one answer cost: tokens fed, tokens reused from the cache, tokens made, time."""
+    """What one answer cost: tokens fed, tokens reused from the cache, tokens made, time.
+    ``new_tokens`` counts up while the answer is made."""
     fed: int = 0  # prompt tokens run through the model
     reused: int = 0  # prompt tokens served from the cache
     new_tokens: int = 0
     prefill_s: float = 0.0  # until the first new token
     decode_s: float = 0.0  # from the first new token to the last
     cut: bool = False
+    # why it was cut: "stop" (asked to), "length" (max_new_tokens), "context" (full), or
+    # "prompt" (asked to stop while the prompt was read: no answer, the turn undone)
+    cut_by: str | None = None
+    dropped: int = 0  # old messages dropped to make room for this turn
+
+    @property
+    def prompt_tokens_per_s(self) -> float | None:
+        return self.fed / self.prefill_s if self.fed and self.prefill_s > 0 else None
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -52,10 +65,14 @@ class TurnStats:
 class ChatSession:
     def __init__(self, model, tokenizer, system: str | None = None, max_len: int | None = None,
                  temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, *,
+                 top_p: float | None = None, seed: int | None = None,
+                 min_p: float | None = None, repeat_penalty: float = 1.0, *,
                  spec: str | None = None, spec_k: int = 5, draft=None):
         self.model, self.tokenizer = model, tokenizer
         # speculative decoding (kvformer.runtime.speculative): its options and acceptance
+        if spec and repeat_penalty != 1:
+            raise ValueError("speculative decoding keeps the model's own distribution: use "
+                             "repeat_penalty=1 with it")
         self.spec = dict(method=spec, k=spec_k, draft=draft) if spec else None
         self.spec_stats = SpecStats()
         self.cache = model.new_cache(1, min(max_len or model.cfg.max_seq_len,
@@ -64,7 +81,8 @@ class ChatSession:
         self.messages: list[dict] = []
         if system:
             self.messages.append({"role": "system", "content": system})
-        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                             repeat_penalty=repeat_penalty)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.reused_tokens = 0  # of the last turn: prompt tokens served from the cache
         self.last: TurnStats | None = None
@@ -86,12 +104,35 @@ class ChatSession:
             self.messages.insert(0, {"role": "system", "content": text})
 
     def reset(self) -> None:
-        """A new conversation (the system message stays) on an empty cache."""
+        """A new conversation (the system message stays) on an empty cache, its counters
+        at zero."""
         system = self.system
         self.messages = [{"role": "system", "content": system}] if system else []
         self.cache.reset()
         self.cached_ids = []
         self.last = None
+        self.total_new_tokens = 0
+
+    def template_system(self) -> str | None:
+        """The system message the chat template adds by itself when the conversation has
+        none (SmolLM2's "You are a helpful AI assistant named SmolLM..."), else None: the
+        template rendered with a user message alone, beside the way it wraps a given one."""
+        mark, given = "\x01user\x01", "\x01system\x01"
+        try:
+            alone = self.tokenizer.apply_chat_template([{"role": "user", "content": mark}])
+            both = self.tokenizer.apply_chat_template(
+                [{"role": "system", "content": given}, {"role": "user", "content": mark}])
+        except Exception:  # a template that needs more than this: nothing to say
+            return None
+        if given not in both or mark not in both or mark not in alone:
+            return None
+        head, tail = both[:both.index(given)], both[both.index(given) + len(given):
+                                                    both.index(mark)]
+        before = alone[:alone.index(mark)]
+        if not (tail and before.startswith(head) and before.endswith(tail)) \
+                or len(before) <= len(head) + len(tail):
+            return None
+        return before[len(head):len(before) - len(tail)].strip() or None
 
     def _ids(self, messages: list[dict]) -> list[int]:
         plain = [{"role": m["role"], "content": m["content"]} for m in messages]
@@ -99,19 +140,49 @@ class ChatSession:
         return self.tokenizer.encode_chat(plain, add_generation_prompt=True)
 
     # -- one turn --------------------------------------------------------------------------
-    def send(self, text: str, max_new_tokens: int = 256,
-             stop: Callable[[], bool] | None = None) -> Iterator[str]:
-        """Add a user message and stream the assistant's reply as text pieces.
+    def _make_room(self, messages: list[dict], ids: list[int],
+                   max_new_tokens: int | None) -> tuple[list[dict], list[int], int]:
+        """Drop the oldest turns (never the system message, nor the new message) until the
+        conversation and some room for the answer fit the cache: the answer's length, at
+        most a quarter of the context. (messages, ids, messages dropped)."""
+        most = self.cache.max_len
+        room = most // 4 if max_new_tokens is None else min(max_new_tokens, most // 4)
+        first = 1 if messages and messages[0]["role"] == "system" else 0
+        dropped = 0
+        while len(ids) + max(room, 1) > most and len(messages) - first > 1:
+            # a whole exchange goes: the user message and the answers after it
+            end = first + 1
+            while end < len(messages) - 1 and messages[end]["role"] != "user":
+                end += 1
+            dropped += end - first
+            messages = messages[:first] + messages[end:]
+            ids = self._ids(messages)
+        return messages, ids, dropped
 
-        ``stop`` is asked after every token; when it says True the answer ends there and is
-        kept, marked cut. An error before the first token (no room left, a template that
-        fails) undoes the turn, so the conversation is as it was."""
-        self.messages.append({"role": "user", "content": text})
-        try:
-            ids = self._ids(self.messages)
-        except BaseException:
-            self.messages.pop()
-            raise
+    def send(self, text: str, max_new_tokens: int | None = 256,
+             stop: Callable[[], bool] | None = None,
+             stop_prompt: bool = True) -> Iterator[str]:
+        """Add a user message and stream the assistant's reply as text pieces (the first
+        piece is "" once the turn is set up, before the prompt is read: ``last`` then says
+        how many old messages were dropped to make room). ``max_new_tokens`` None: until
+        the end of the text or of the context.
+
+        ``stop`` is asked after every token and, with ``stop_prompt``, between chunks of the
+        prompt (``continue_stream``); when it says True the answer ends there and is kept,
+        marked cut (stopped while the prompt was read, the turn is undone; the cache keeps
+        what was read). Without ``stop_prompt`` the prompt is read in one piece, which is
+        faster once the cache holds a few hundred tokens (the forward's per-call cost is
+        paid once), and a KeyboardInterrupt is what stops it: the turn is undone the same
+        way. An error before the first token (no room left, a template that fails) undoes
+        the turn, so the conversation is as it was."""
+        messages = [*self.messages, {"role": "user", "content": text}]
+        ids = self._ids(messages)
+        messages, ids, dropped = self._make_room(messages, ids, max_new_tokens)
+        if len(ids) >= self.cache.max_len:
+            raise ContextOverflowError(
+                f"this message makes the conversation {len(ids)} tokens, more than the context "
+                f"of {self.cache.max_len} can hold with room for an answer")
+        self.messages = messages
         common = 0
         for a, b in zip(self.cached_ids, ids):
             if a != b:
@@ -121,40 +192,54 @@ class ChatSession:
         self.cache.truncate(common)
         self.cached_ids = ids[:common]
         self.reused_tokens = common
-        stats = TurnStats(fed=len(ids) - common, reused=common, cut=True)
+        stats = TurnStats(fed=len(ids) - common, reused=common, cut=True, cut_by="stop",
+                          dropped=dropped)
+        self.last = stats
         produced: list[int] = []
         decoder = self.tokenizer.stream_decoder()
-        limit = getattr(self.tokenizer, "vocab_size", None)  # not padded-embedding ids
+        room = self.cache.max_len - len(ids)
+        limit = room if max_new_tokens is None else min(max_new_tokens, room)
+        vocab = getattr(self.tokenizer, "vocab_size", None)  # not padded-embedding ids
         if self.spec:
-            stream = speculative_stream(self.model, ids, max_new_tokens,
+            sampling = {k: v for k, v in self.sampling.items() if k != "repeat_penalty"}
+            stream = speculative_stream(self.model, ids, limit,
                                         stop_ids=self.tokenizer.stop_ids, cache=self.cache,
                                         generator=self.generator, stats=self.spec_stats,
-                                        vocab_limit=limit,
-                                        **self.spec, **self.sampling)
+                                        vocab_limit=vocab, **self.spec, **sampling)
         else:
             stream = continue_stream(self.model, self.cache, ids[common:], max_new_tokens,
                                      generator=self.generator,
                                      stop_ids=self.tokenizer.stop_ids,
-                                     vocab_limit=limit, **self.sampling)
+                                     history=ids[:common], stop=stop if stop_prompt else None,
+                                     vocab_limit=vocab, **self.sampling)
         start = first = time.perf_counter()
         undo = False
         try:
+            yield ""
             for tok in stream:
                 if not produced:
                     first = time.perf_counter()
                 produced.append(tok)
+                stats.new_tokens = len(produced)
                 piece = decoder.push(tok)
                 if piece:
                     yield piece
                 if stop is not None and stop():
                     break
             else:
-                stats.cut = False
+                if not produced and stop is not None and stop():
+                    stats.cut_by, undo = "prompt", True
+                elif len(produced) >= limit:
+                    stats.cut_by = "context" if limit == room else "length"
+                else:
+                    stats.cut, stats.cut_by = False, None
             tail = decoder.flush()
             if tail:
                 yield tail
-        except Exception:
+        except BaseException:  # an error, Ctrl-C, or the stream closed before any token
             undo = not produced
+            if undo:
+                stats.cut_by = "prompt"
             raise
         finally:
             stream.close()
@@ -164,7 +249,6 @@ class ChatSession:
             stats.new_tokens = len(produced)
             stats.prefill_s = (first if produced else end) - start
             stats.decode_s = end - first if produced else 0.0
-            self.last = stats
             self.total_new_tokens += len(produced)
             if undo:
                 self.messages.pop()
@@ -202,7 +286,7 @@ class ChatSession:
         n = len(self._ids(messages))
         if n >= self.cache.max_len:
             raise KvformerError(f"{path}: the conversation is {n} tokens, more than the "
-                                f"context of {self.cache.max_len}; raise --ctx-size")
+                                f"context of {self.cache.max_len}; raise -c/--ctx-size")
         self.messages = messages
         return len(messages)
 

@@ -127,11 +127,11 @@ class DraftModel:
         self.cache = model.new_cache(1, self.max_len, kv_dtype)
         self.ids = list(ids)
         self.guess: list[int] = []
-        self.sampling: tuple = (0.0, None, None, None)
+        self.sampling: tuple = (0.0, None, None, None, None)
         self.limit: int | None = None  # the ids it may guess: the target's
 
     def propose(self, k: int) -> tuple[list[int], torch.Tensor | None]:
-        temperature, top_k, top_p, gen = self.sampling
+        temperature, top_k, top_p, gen, min_p = self.sampling
         cache, device = self.cache, self.run.model.device
         k = min(k, self.max_len - len(self.ids))  # its cache holds ids and k - 1 guesses
         if k < 1:
@@ -143,7 +143,7 @@ class DraftModel:
             if temperature == 0:
                 tok = int(greedy(logits)[0])
             else:
-                q = probabilities(logits, temperature, top_k, top_p)[0]
+                q = probabilities(logits, temperature, top_k, top_p, min_p)[0]
                 tok = int(torch.multinomial(q, 1, generator=gen))
                 qs.append(q)
             guess.append(tok)
@@ -194,7 +194,7 @@ class Adaptive:
 
 
 def accept(logits: torch.Tensor, guess: list[int], q: torch.Tensor | None,
-           temperature: float, top_k, top_p, gen) -> tuple[int, int]:
+           temperature: float, top_k, top_p, gen, min_p=None) -> tuple[int, int]:
     """(how many guesses are kept, the token after them) from the target's logits after
     each of the 1 + len(guess) rows. Greedy: keep while a guess is the argmax. Sampling:
     the rule that keeps the target's distribution (module docstring); q [len(guess), V] is
@@ -205,7 +205,7 @@ def accept(logits: torch.Tensor, guess: list[int], q: torch.Tensor | None,
         while n < len(guess) and guess[n] == best[n]:
             n += 1
         return n, best[n]
-    p = probabilities(logits, temperature, top_k, top_p)
+    p = probabilities(logits, temperature, top_k, top_p, min_p)
     for i, d in enumerate(guess):
         keep = p[i, d] if q is None else torch.clamp(p[i, d] / q[i, d], max=1.0)
         u = torch.rand((), dtype=torch.float64, generator=gen)
@@ -230,7 +230,8 @@ def speculative_stream(model, prompt_ids, max_new_tokens: int, temperature: floa
                        kv_dtype=None, draft_kv_dtype=None, adaptive: bool = True,
                        stats: SpecStats | None = None, cache=None,
                        generator: torch.Generator | None = None,
-                       vocab_limit: int | None = None) -> Iterator[int]:
+                       vocab_limit: int | None = None,
+                       min_p: float | None = None) -> Iterator[int]:
     """Yield the new tokens of one prompt (a list of ints) as ``generate_stream`` does, with
     guesses from ``method`` ('lookup', or 'draft' with ``draft`` a model or executor of the
     same vocabulary) checked ``k`` at most at a time. ``stats`` (a ``SpecStats``) is filled
@@ -242,7 +243,7 @@ def speculative_stream(model, prompt_ids, max_new_tokens: int, temperature: floa
     ``generate_stream`` (ids at or past it, a padded embedding's, are never made)."""
     run = for_model(model)
     model = run.model
-    validate_sampling(temperature, top_k, top_p)
+    validate_sampling(temperature, top_k, top_p, min_p)
     if method not in METHODS:
         raise ValueError(f"speculative method {method!r} is not one of {', '.join(METHODS)}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -283,7 +284,7 @@ def speculative_stream(model, prompt_ids, max_new_tokens: int, temperature: floa
     drafter = (PromptLookup(ids) if method == "lookup" else
                DraftModel(draft, ids, total, draft_kv_dtype))
     if method == "draft":
-        drafter.sampling = (temperature, top_k, top_p, gen)
+        drafter.sampling = (temperature, top_k, top_p, gen, min_p)
         drafter.limit = limit
     policy = Adaptive(k, adaptive)
 
@@ -291,17 +292,17 @@ def speculative_stream(model, prompt_ids, max_new_tokens: int, temperature: floa
     device = model.device
     rows = torch.tensor([ids[cache.length:]], device=device)
     logits = run(rows, cache=cache, last_only=True)[:, -1, :limit]
-    new = [int(sample(logits, temperature, top_k, top_p, gen)[0])]
+    new = [int(sample(logits, temperature, top_k, top_p, gen, min_p)[0])]
     prompt_len, before = len(ids), stats.yielded
     try:
         yield from _rounds(run, cache, ids, new, drafter, policy, stats, max_new_tokens,
-                           stops, temperature, top_k, top_p, gen, limit)
+                           stops, temperature, top_k, top_p, gen, limit, min_p)
     finally:  # kept guesses past a stop or the consumer's last token leave the cache too
         cache.truncate(min(cache.length, prompt_len + stats.yielded - before))
 
 
 def _rounds(run, cache, ids, new, drafter, policy, stats, max_new_tokens, stops,
-            temperature, top_k, top_p, gen, limit=None):
+            temperature, top_k, top_p, gen, limit=None, min_p=None):
     device = run.model.device
     made = 0
     while True:
@@ -318,7 +319,7 @@ def _rounds(run, cache, ids, new, drafter, policy, stats, max_new_tokens, stops,
         guess, q = drafter.propose(policy.next_k(max_new_tokens - made - 1))
         rows = torch.tensor([[ids[-1], *guess]], dtype=torch.long, device=device)
         logits = run(rows, cache=cache, last_only=False)[0, :, :limit]
-        kept, nxt = accept(logits, guess, q, temperature, top_k, top_p, gen)
+        kept, nxt = accept(logits, guess, q, temperature, top_k, top_p, gen, min_p)
         cache.truncate(len(ids) + kept)  # the last kept token (nxt) is fed next round
         policy.update(len(guess), kept)
         stats.rounds += 1

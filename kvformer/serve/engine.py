@@ -80,7 +80,8 @@ class Engine:
     def __init__(self, model, tokenizer, *, max_batch: int = 16, kv_blocks: int | None = None,
                  block_size: int = 16, prefill_chunk: int = 128, max_queue: int = 64,
                  queue_timeout: float = 30.0, step_delay: float = 0.0,
-                 prefix_caching: bool = True, kv_dtype: str | None = None):
+                 prefix_caching: bool = True, kv_dtype: str | None = None,
+                 max_tokens: int | None = None):
         for name, value in (("max_batch", max_batch), ("block_size", block_size),
                             ("prefill_chunk", prefill_chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -89,6 +90,11 @@ class Engine:
             raise ValueError(f"max_queue={max_queue!r} must be an integer >= 0")
         if not queue_timeout > 0:
             raise ValueError(f"queue_timeout={queue_timeout!r} must be > 0 seconds")
+        if max_tokens is not None and (isinstance(max_tokens, bool)
+                                       or not isinstance(max_tokens, int) or max_tokens < 1):
+            raise ValueError(f"max_tokens={max_tokens!r} must be an integer >= 1 (or None)")
+        # the server's default and ceiling for a request's max_tokens (None: the context)
+        self.max_tokens = max_tokens
         # a model (its executor chosen here, once: the C++ step or the forward) or an Executor
         self.executor = for_model(model)
         model = self.executor.model
@@ -169,7 +175,12 @@ class Engine:
 
     def check_prompt(self, prompt_ids: Sequence[int], max_tokens: int | None) -> int:
         """Raise ValueError/ContextOverflowError for a request that can never run; returns
-        max_tokens (None: the rest of the context). See ``sequence.check_prompt``."""
+        max_tokens (None: the rest of the context), at most the engine's ``max_tokens``
+        (which is also the default). See ``sequence.check_prompt``."""
+        if self.max_tokens is not None:
+            room = max(1, self.max_seq_len - len(prompt_ids))
+            max_tokens = (min(self.max_tokens, room) if max_tokens is None
+                          else min(max_tokens, self.max_tokens))
         pool = self.pool
         return check_prompt(prompt_ids, max_tokens, vocab_size=self.model.cfg.vocab_size,
                             max_seq_len=self.max_seq_len, pool_tokens=pool.capacity,
@@ -181,7 +192,7 @@ class Engine:
         QueueFullError when the waiting queue is full, EngineClosedError after ``stop``."""
         params.validate()
         prompt_ids = list(prompt_ids)
-        self.check_prompt(prompt_ids, params.max_tokens)
+        params.max_tokens = self.check_prompt(prompt_ids, params.max_tokens)
         seed = params.seed
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_source))

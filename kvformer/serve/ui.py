@@ -15,6 +15,8 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 
+from kvformer.formats import sampling_defaults
+
 STATIC = Path(__file__).with_name("static")
 FILES = {"chat.js": "text/javascript", "chat.css": "text/css"}
 # The page runs its own script and style only: no inline script, nothing from other origins.
@@ -37,6 +39,9 @@ def engine_status(engine, model_name: str) -> dict:
             "head_dim": cfg.head_dim, "attention": cfg.attention_kind,
             "group_size": cfg.group_size, "max_seq_len": cfg.max_seq_len,
         },
+        # the page starts from these (the model's own settings, else llama.cpp's)
+        "sampling": sampling_defaults.resolve(getattr(engine.model, "sampling_defaults", None)),
+        "max_tokens": getattr(engine, "max_tokens", None),  # the server's ceiling, if any
         "kv_bytes_per_token": g["kv_bytes_per_token"],
         "kv_dtype": g["kv_dtype"],
         "active_sequences": g["active_sequences"],

@@ -6,6 +6,7 @@ the model's own code (the attention weights are recorded by the attention layer 
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,13 @@ def plot_kv_sizes(rows: Sequence[KVRow], out: str | Path, context: int, batch: i
                   dtype_name: str | None = None, quality: dict[str, str] | None = None) -> Path:
     """Bars per attention kind, one per KV dtype, per model. ``quality``: a note per KV
     dtype (what it costs), shown in the legend."""
+    return _save(kv_sizes_figure(rows, context, batch, quality), out)
+
+
+def kv_sizes_figure(rows: Sequence[KVRow], context: int, batch: int,
+                    quality: dict[str, str] | None = None):
+    """The figure of ``plot_kv_sizes``: its title and legend wrapped to the width of the
+    panels (one model's panel is narrower than the title's one line)."""
     models = list(dict.fromkeys(r.model for r in rows))
     dtypes = list(dict.fromkeys(r.dtype for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(4.6 * len(models), 4.2), squeeze=False)
@@ -131,12 +139,15 @@ def plot_kv_sizes(rows: Sequence[KVRow], out: str | Path, context: int, batch: i
         ax.set_ylabel("KV cache (MiB, log scale)")
         ax.set_title(f"{m}: {sub[0].n_head} query heads", fontsize=10)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(dtypes), fontsize=8,
-               frameon=False)
-    fig.suptitle(f"KV-cache size at context {context}, batch {batch}, per KV dtype "
-                 "(* the model's own attention kind)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    return _save(fig, out)
+    chars = int(fig.get_figwidth() * 12)  # about what a line of 10-point text holds
+    columns = max(1, min(len(dtypes), chars * 8 // 10 // max(len(x) + 6 for x in labels)))
+    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, frameon=False)
+    fig.suptitle(textwrap.fill(f"KV-cache size at context {context}, batch {batch}, per KV "
+                               "dtype (* the model's own attention kind)", chars),
+                 fontsize=10)
+    rows_of_legend = math.ceil(len(labels) / columns)
+    fig.tight_layout(rect=(0, 0.035 + 0.035 * rows_of_legend, 1, 1))
+    return fig
 
 
 def _save(fig, out: str | Path) -> Path:
@@ -288,10 +299,12 @@ def plot_scaling(stats: list[dict], out: str | Path, model_entropy=None,
 
 # ---------------------------------------------------------------------------- cache speed-up
 @torch.inference_mode()
-def time_per_token(model, lengths: Sequence[int], repeats: int = 3, seed: int = 0):
+def time_per_token(model, lengths: Sequence[int], repeats: int = 3, seed: int = 0,
+                   report=None):
     """Seconds to make one more token at each sequence length: with the KV cache (one
     token through the model, attending to the cached ones) and without (the whole
-    sequence through the model again). Medians of ``repeats``."""
+    sequence through the model again). Medians of ``repeats``; ``report(row)`` is called
+    with each row as it is measured."""
     g = torch.Generator().manual_seed(seed)
     vocab = model.cfg.vocab_size
     executor = for_model(model)  # decode through the model's executor, as generate does
@@ -307,6 +320,8 @@ def time_per_token(model, lengths: Sequence[int], repeats: int = 3, seed: int = 
             full += seconds(lambda: model(ids))  # noqa: B023
         rows.append({"length": n, "with_cache_s": sorted(cached)[len(cached) // 2],
                      "without_cache_s": sorted(full)[len(full) // 2]})
+        if report is not None:
+            report(rows[-1])
     return rows
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from kvformer.errors import CheckpointError
+from kvformer.fileio import usual_mode
 from kvformer.formats.native import load_native, save_native
 
 PREFIX = "step-"
@@ -89,6 +90,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, model_cfg, model_state: 
     name = checkpoint_name(step)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
     try:
+        tmp.chmod(usual_mode(directory=True))  # mkdtemp's 0700 would keep other users out
         save_native(tmp / MODEL, model_cfg, model_state, tokenizer, extra=extra)
         torch.save(trainer_state, tmp / STATE)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())

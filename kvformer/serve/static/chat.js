@@ -11,6 +11,9 @@ const state = {
   apiKey: null,      // kept in this tab's memory only
   controller: null,  // the AbortController of the answer being streamed
   model: null,
+  // the model's own sampling settings, else llama.cpp's (0.8, 40, 0.95, 0.05, 1.1), from
+  // /status; the API itself keeps OpenAI's defaults
+  sampling: null,
 };
 
 // ------------------------------------------------------------------------------ requests
@@ -147,6 +150,11 @@ async function send(text) {
     top_p: Number($("top-p").value),
     max_tokens: Math.max(1, Math.floor(Number($("max-tokens").value) || 1)),
   };
+  if (state.sampling) {
+    request.top_k = state.sampling.top_k;
+    request.min_p = state.sampling.min_p;
+    request.repetition_penalty = state.sampling.repeat_penalty;
+  }
   const controller = new AbortController();
   state.controller = controller;
   setBusy(true);
@@ -249,6 +257,17 @@ async function refreshStatus() {
   $("status-error").textContent = "";
   const s = await response.json();
   state.model = s.model;
+  if (!state.sampling && s.sampling) {  // once: after that the sliders are the user's
+    state.sampling = s.sampling;
+    for (const [id, key] of [["temperature", "temperature"], ["top-p", "top_p"]]) {
+      $(id).value = s.sampling[key];
+      $(id + "-value").textContent = $(id).value;
+    }
+    if (s.max_tokens) {
+      $("max-tokens").max = s.max_tokens;
+      $("max-tokens").value = Math.min(Number($("max-tokens").value), s.max_tokens);
+    }
+  }
   $("model-name").textContent = s.model;
   const a = s.architecture;
   $("st-attention").textContent = a.attention === "GQA"
