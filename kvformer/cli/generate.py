@@ -39,6 +39,9 @@ def run(args) -> int:
     most = room if args.max_new_tokens is None else min(args.max_new_tokens, room)
     sampling = sampling_kwargs({name: getattr(args, name) for name in GREEDY})
     spec, draft, spec_stats = speculative_options(args, model, tok)
+    if spec and sampling.get("repeat_penalty") not in (None, 1.0):
+        raise KvformerError("--spec keeps the model's own distribution, which a repeat "
+                            "penalty changes: give --repeat-penalty 1 with it")
     decoder = tok.stream_decoder()
     status = StatusLine(enabled=not args.quiet)
     status.show(f"reading the prompt ({plural(len(ids), 'token')})")
