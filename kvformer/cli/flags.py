@@ -117,8 +117,10 @@ def add_build(sub) -> None:
 def add_serve(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve", help="an OpenAI-compatible HTTP server (continuous batching, paged KV cache)",
-        description="Serve a model over an OpenAI-compatible HTTP API: /v1/models, "
-                    "/v1/completions, /v1/chat/completions, /health, /metrics.")
+        description="Serve a model over OpenAI's and Anthropic's HTTP APIs: /v1/models, "
+                    "/v1/completions, /v1/chat/completions, /v1/responses, /v1/embeddings, "
+                    "/v1/messages, /tokenize, /detokenize, /health, /metrics, and a chat page "
+                    "at /.")
     add_model_arguments(p)
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients send (default: the --model argument)")
