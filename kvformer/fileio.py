@@ -10,6 +10,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def cache_dir() -> Path:
+    """kvformer's own files on this machine: $KVFORMER_CACHE, else kvformer under
+    $XDG_CACHE_HOME, else ~/.cache/kvformer (the native build lives there too)."""
+    root = os.environ.get("KVFORMER_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvformer")
+    return Path(root)
+
+
 def umask() -> int:
     """This process's umask (read without changing it where Linux says it)."""
     try:

@@ -31,8 +31,9 @@ def test_workers_report_their_results_and_the_kernels_peak_rss(tmp_path):
     assert 50 < memory["rss_base"] <= memory["peak_rss"]
 
     # the llama.cpp worker never imports torch (its memory is llama.cpp's own)
-    probe = subprocess.run([sys.executable, "-c", "import sys, kvformer.tools.bench.workers; "
-                            "print('torch' in sys.modules)"], capture_output=True, text=True)
+    probe = subprocess.run([sys.executable, "-c", "import sys, kvformer.tools.bench."
+                            "llama_worker; print('torch' in sys.modules)"],
+                           capture_output=True, text=True)
     assert probe.stdout.strip() == "False", probe.stderr
 
     quality = run_worker({**spec, "task": "quality"})

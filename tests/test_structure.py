@@ -32,10 +32,13 @@ ENTRY = {"kvformer", "kvformer.__main__", "kvformer.train.__main__"}
 # what may be imported inside a function: packages kvformer does not require (extras and
 # test-only ones), whose absence must not stop the rest from importing
 OPTIONAL = {"fastapi", "uvicorn", "llguidance", "llama_cpp", "transformers", "accelerate",
-            "readline", "termios", "tty", "uvloop", "httptools"}
+            "readline", "termios", "tty", "uvloop", "httptools",
+            "ray",  # the cluster extra (kvformer serve --replicas)
+            "resource"}  # POSIX only
 # and modules that only a rarely taken path needs and that cost time to import: compiling
 # the kernels (``kvformer build``, once per machine) needs torch's C++ extension helpers
-COSTLY = {"torch.utils.cpp_extension"}
+COSTLY = {"torch.utils.cpp_extension",
+          "kvformer.serve.replicas"}  # serve --replicas: imports Ray (seconds) when it is there
 MAX_INNER_SHARE = 0.05
 
 

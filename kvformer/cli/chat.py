@@ -37,10 +37,9 @@ from kvformer.cli.arguments import at_least, number, sampling_kwargs
 from kvformer.cli.common import context_size, load_model, speculative_options
 from kvformer.cli.status import plural
 from kvformer.errors import ContextOverflowError, KvformerError
-from kvformer.fileio import human_bytes
+from kvformer.fileio import cache_dir, human_bytes
 from kvformer.formats import sampling_defaults
 from kvformer.formats.catalog import attention_label
-from kvformer.formats.load import cache_dir
 from kvformer.runtime.session import ChatSession
 
 COMMANDS = {  # name: (argument, what it does)

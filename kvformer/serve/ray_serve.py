@@ -33,10 +33,15 @@ import random
 import time
 
 import httpx
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.request_router import FIFOMixin, RequestRouter
+
+from kvformer.formats.load import load
+from kvformer.serve.app import BackgroundServer, create_app
+from kvformer.serve.engine import Engine
 
 ENGINE = "KvformerEngine"
 REPLICA_HEADER = "x-kvformer-replica"
@@ -111,12 +116,6 @@ class KvformerEngine:
     """One engine: the model and the single-server app on a loopback port."""
 
     def __init__(self, model: str, options: dict):
-        import torch
-
-        from kvformer.formats.load import load
-        from kvformer.serve.app import BackgroundServer, create_app
-        from kvformer.serve.engine import Engine
-
         threads = options.get("threads")
         if threads:
             torch.set_num_threads(threads)

@@ -11,6 +11,16 @@ import time
 
 from kvformer.errors import KvformerError
 
+try:  # the cluster extra
+    import ray
+    from ray import serve
+
+    from kvformer.serve.ray_serve import ENGINE, build_app
+except ImportError as exc:  # said when --replicas is asked for
+    if (exc.name or "").split(".")[0] not in ("ray", "fastapi", "starlette", "uvicorn"):
+        raise
+    ray = None
+
 APP = "kvformer"
 
 
@@ -36,16 +46,9 @@ def deploy_error(text: str) -> str:
 
 def serve_replicas(args, allowed_hosts=None) -> int:
     _check(args)
-    try:
-        import ray
-        from ray import serve
-
-        from kvformer.serve.ray_serve import ENGINE, build_app
-    except ImportError as exc:
-        if (exc.name or "").split(".")[0] not in ("ray", "fastapi", "starlette", "uvicorn"):
-            raise
+    if ray is None:
         raise KvformerError("kvformer serve --replicas needs Ray Serve: "
-                            "pip install 'kvformer[cluster]'") from None
+                            "pip install 'kvformer[cluster]'")
     engine = {"max_batch": args.max_batch, "kv_blocks": args.kv_blocks,
               "block_size": args.block_size, "prefill_chunk": args.prefill_chunk,
               "max_queue": args.max_queue, "queue_timeout": args.queue_timeout,

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from kvformer.fileio import cache_dir
 from kvformer.runtime.kb import KbBlocks
 
 __all__ = ["KbCache"]
@@ -83,8 +84,6 @@ def _aligned(n: int) -> int:
 
 
 def _directory() -> Path:
-    from kvformer.formats.load import cache_dir
-
     return cache_dir() / "kb"
 
 

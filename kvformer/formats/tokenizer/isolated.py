@@ -8,8 +8,8 @@ render that outlasts its time limit plus a grace second is killed; a new worker 
 The checks still run inside the worker, so a template that breaks a rule gets the same
 message as before, at once.
 
-Run as ``python -m kvformer.formats.tokenizer.isolated``, this module is the worker: it
-reads render requests on stdin and writes results on stdout until stdin closes.
+The worker itself is ``python -m kvformer.formats.tokenizer.template_worker``: it reads
+render requests on stdin and writes results on stdout until stdin closes.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import marshal
 import os
 import queue
 import select
-import signal
 import struct
 import subprocess
 import sys
@@ -46,40 +45,6 @@ def _memory_in_use() -> int:
     return 0
 
 
-def _worker(memory_mb: int) -> None:
-    from kvformer.formats.tokenizer import template  # before the cap: imports take memory
-
-    template._sandbox()  # built once, outside the cap
-    template._limits.isolate = False  # this process is the isolation
-    if memory_mb > 0:
-        import resource
-
-        base = _memory_in_use()
-        if base:
-            limit = base + memory_mb * 2**20
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    while True:
-        head = stdin.read(_LEN.size)
-        if len(head) < _LEN.size:
-            return
-        (n,) = _LEN.unpack(head)
-        source, messages, add_generation_prompt, time_limit, variables = marshal.loads(
-            stdin.read(n))
-        try:
-            text = template.render_chat_template(source, messages, add_generation_prompt,
-                                                 time_limit=time_limit, **variables)
-            status = _OK
-        except ChatTemplateError as exc:
-            text, status = str(exc), _TEMPLATE_ERROR
-        except MemoryError:
-            text, status = ("the chat template was stopped (it allocated more than "
-                            f"{memory_mb} MB); pass a template you trust"), _TEMPLATE_ERROR
-        data = text.encode("utf-8", "surrogatepass")
-        stdout.write(status + _LEN.pack(len(data)) + data)
-        stdout.flush()
-
-
 class _Worker:
     """One worker process and its pipes."""
 
@@ -88,7 +53,7 @@ class _Worker:
         # parent found it
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvformer.formats.tokenizer.isolated", str(memory_mb)],
+            [sys.executable, "-m", "kvformer.formats.tokenizer.template_worker", str(memory_mb)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             env=env, start_new_session=True)  # a Ctrl-C in the terminal is the parent's
         self.out = self.proc.stdout.fileno()
@@ -196,6 +161,3 @@ class TemplateWorkers:
                 return
 
 
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _worker(int(sys.argv[1]) if len(sys.argv) > 1 else 256)

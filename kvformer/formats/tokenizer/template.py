@@ -28,6 +28,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
 from kvformer.errors import ChatTemplateError
+from kvformer.formats.tokenizer.isolated import TemplateWorkers
 
 __all__ = [
     "CHATML_TEMPLATE",
@@ -113,8 +114,6 @@ def template_workers():
     """The worker processes isolated renders run in (started as they are needed)."""
     with _limits_lock:
         if _limits.workers is None:
-            from kvformer.formats.tokenizer.isolated import TemplateWorkers
-
             _limits.workers = TemplateWorkers(_limits.memory_mb)
         return _limits.workers
 # a width or precision of 7+ digits in a %-format or a str.format spec (builds >= 1e6 chars)

@@ -55,6 +55,7 @@ from kvformer.formats.load import default_model_path, resolve
 from kvformer.formats.tokenizer.tokenizer import Tokenizer
 from kvformer.runtime import native
 from kvformer.tools.bench import kv as kvbench
+from kvformer.tools.bench.llama_worker import llama_cpp_info
 from kvformer.tools.bench.models import (
     LLAMA_32_1B,
     LLAMA_FTYPES,
@@ -62,7 +63,6 @@ from kvformer.tools.bench.models import (
     llama_quantized,
     random_llama_gguf,
 )
-from kvformer.tools.bench.workers import llama_cpp_info
 from kvformer.tools.texts import ENGLISH
 
 DTYPES = ("fp32", "bf16", "int8", "int4")  # kvformer.cli.flags writes these and NEW_TOKENS out
@@ -291,7 +291,8 @@ def run_worker(spec: dict, env: dict | None = None, timeout: float = 3600) -> di
             else:
                 env[name] = value
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "kvformer.tools.bench.workers"],
+        module = "llama_worker" if spec["engine"] == "llama.cpp" else "workers"
+        proc = subprocess.Popen([sys.executable, "-m", f"kvformer.tools.bench.{module}"],
                                 stdin=subprocess.PIPE, stdout=out, stderr=err, text=True,
                                 env=env)
         proc.stdin.write(json.dumps({k: v for k, v in spec.items() if k != "env"}))
