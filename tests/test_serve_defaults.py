@@ -39,6 +39,28 @@ def test_max_tokens_is_the_default_and_the_ceiling(model):
         Engine(model, ByteTokenizer(), max_tokens=0)
 
 
+def test_serve_ctx_size_bounds_every_request_below_the_models_context(model):
+    """`kvformer serve -c 32` on a model of 64: a request is sized and refused against 32,
+    and /v1/models says so; more than the model's context is no more than the model's."""
+    engine = Engine(model, ByteTokenizer(), max_batch=2, kv_blocks=16, block_size=8,
+                    max_seq_len=32)
+    assert engine.max_seq_len == 32
+    assert engine.check_prompt(list(range(1, 21)), None) == 12  # 32 - 20
+    srv = BackgroundServer(create_app(engine, "tiny")).start()
+    try:
+        listed = httpx.get(srv.url + "/v1/models", timeout=30).json()["data"][0]
+        over = httpx.post(srv.url + "/v1/completions", timeout=30, json={
+            "model": "tiny", "prompt": list(range(1, 21)), "max_tokens": 13})
+    finally:
+        srv.stop()
+    assert listed["max_model_len"] == 32
+    assert over.status_code == 400 and "32" in over.json()["error"]["message"]
+    assert Engine(model, ByteTokenizer(), kv_blocks=16, block_size=8,
+                  max_seq_len=1000).max_seq_len == 64
+    with pytest.raises(ValueError, match="max_seq_len"):
+        Engine(model, ByteTokenizer(), max_seq_len=0)
+
+
 def test_a_request_gets_at_most_max_tokens_and_the_page_its_defaults(model):
     engine = Engine(model, ByteTokenizer(), max_batch=2, kv_blocks=16, block_size=8,
                     max_tokens=4)

@@ -122,6 +122,7 @@ def add_serve(sub) -> argparse.ArgumentParser:
                     "/v1/messages, /tokenize, /detokenize, /health, /metrics, and a chat page "
                     "at /.")
     add_model_arguments(p)
+    add_flags(p, "ctx_size")  # default: the model's context
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients send (default: the --model argument)")
     p.add_argument("--host", default="127.0.0.1",

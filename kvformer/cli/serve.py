@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 import torch
 
-from kvformer.cli.common import apply_activations, set_threads
+from kvformer.cli.common import apply_activations, context_size, set_threads
 from kvformer.cli.flags import add_serve
 from kvformer.cli.status import plural
 from kvformer.errors import ArgumentParser, KvformerError
@@ -116,7 +116,8 @@ def run(args) -> int:
         engine = Engine(model, tokenizer, max_batch=args.max_batch, kv_blocks=args.kv_blocks,
                         block_size=args.block_size, prefill_chunk=args.prefill_chunk,
                         max_queue=args.max_queue, queue_timeout=args.queue_timeout,
-                        prefix_caching=args.prefix_cache, max_tokens=args.max_tokens)
+                        prefix_caching=args.prefix_cache, max_tokens=args.max_tokens,
+                        max_seq_len=context_size(args, model))
         name = args.served_model_name or args.model
         app = create_app(engine, name, api_key=args.api_key,
                          max_body_bytes=args.max_body_bytes, cors_origins=args.cors_origin,

@@ -81,7 +81,7 @@ class Engine:
                  block_size: int = 16, prefill_chunk: int = 128, max_queue: int = 64,
                  queue_timeout: float = 30.0, step_delay: float = 0.0,
                  prefix_caching: bool = True, kv_dtype: str | None = None,
-                 max_tokens: int | None = None):
+                 max_tokens: int | None = None, max_seq_len: int | None = None):
         for name, value in (("max_batch", max_batch), ("block_size", block_size),
                             ("prefill_chunk", prefill_chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -99,7 +99,11 @@ class Engine:
         self.executor = for_model(model)
         model = self.executor.model
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.max_seq_len = model.cfg.max_seq_len
+        # the context a request may fill (``kvformer serve -c``): at most the model's
+        if max_seq_len is not None and (isinstance(max_seq_len, bool)
+                                        or not isinstance(max_seq_len, int) or max_seq_len < 1):
+            raise ValueError(f"max_seq_len={max_seq_len!r} must be an integer >= 1 (or None)")
+        self.max_seq_len = min(max_seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
         kv = model.kv_format(kv_dtype)  # None: the model's choice (load(kv_dtype=...))
         if kv_blocks is None:
             kv_blocks = default_kv_blocks(model, kv, max_batch, block_size)
