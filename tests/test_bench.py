@@ -104,3 +104,19 @@ def test_reference_engines_run_with_openmp_as_the_user_has_it(monkeypatch):
     ref, ours = seen["openmp"], seen[""]
     assert "GOMP_SPINCOUNT" not in ref and ref["KMP_BLOCKTIME"] == "7"
     assert ours["GOMP_SPINCOUNT"] == "20000" and ours["KMP_BLOCKTIME"] == "0"
+
+
+def test_each_types_row_is_compared_with_the_llama_cpp_build_of_its_path():
+    """--types with --llama-cpp-avx2: the avx2 row's ratios are against the AVX2-only
+    llama.cpp, the avx512 row's against the default build (hand-computed ratios)."""
+    from kvformer.tools.bench.run import _types_section
+
+    summary = {"kvformer auto · avx512": {"decode": 200.0, "prefill": 300.0},
+               "kvformer auto · avx2": {"decode": 120.0, "prefill": 150.0},
+               "llama.cpp Q4_K": {"decode": 100.0, "prefill": 100.0},
+               "llama.cpp Q4_K · avx2 build": {"decode": 60.0, "prefill": 50.0}}
+    rows = [line for line in _types_section([("m", "Q4_K_M", summary)])
+            if line.startswith("| m |")]
+    assert rows[0].split(" | ")[2:5] == ["auto · avx512 vs default build", "2.00×", "–"]
+    assert rows[1].split(" | ")[2:4] == ["auto · avx2 vs avx2 build", "2.00×"]
+    assert rows[1].split(" | ")[6] == "3.00×"  # prefill 150 / 50

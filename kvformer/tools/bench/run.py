@@ -472,17 +472,23 @@ def _types_section(per_type: list[tuple[str, str, dict]]) -> list[str]:
              "| load | peak RSS | RSS added by the model | perplexity kvformer / llama.cpp |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for model, t, summary in per_type:
-        ref = next((n for n in summary if n.startswith("llama.cpp")), None)
+        refs = [n for n in summary if n.startswith("llama.cpp")]
         for name, s in summary.items():
-            if not name.startswith("kvformer") or ref is None:
+            if not name.startswith("kvformer") or not refs:
                 continue
+            # each kernel path against the llama.cpp build for it where the run has one
+            # ("llama.cpp Q4_K · avx2 build" for the avx2 row), else the first
+            path = name.rsplit("· ", 1)[-1]
+            ref = next((n for n in refs if n.endswith(f"· {path} build")), refs[0])
             r = summary[ref]
             cells = [f"{s[k] / r[k]:.2f}×" if s.get(k) and r.get(k) else "–" for k in keys]
             cells += [f"{r[k] / s[k]:.2f}×" if s.get(k) and r.get(k) else "–"
                       for k in ("load", "rss", "rss_model")]
             ppl = (f"{s['ppl']:.3f} / {r['ppl']:.3f}" if s.get("ppl") and r.get("ppl")
                    else "–")
-            lines.append(f"| {model} | {t} | {name.removeprefix('kvformer ')} | "
+            against = ref.removeprefix("llama.cpp ").split("· ", 1)[-1] \
+                if "· " in ref else "default build"
+            lines.append(f"| {model} | {t} | {name.removeprefix('kvformer ')} vs {against} | "
                          + " | ".join(cells) + f" | {ppl} |")
     return lines + [""]
 
