@@ -24,7 +24,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from kvformer.serve.engine import Output
-from kvformer.serve.routes import Server, answer_of, cut_error, submit_chat
+from kvformer.serve.routes import Server, answer_of, cut_error, joined_text, submit_chat
 from kvformer.serve.schemas import (
     AnthropicRequest,
     APIError,
@@ -218,21 +218,7 @@ def chat_body(req: AnthropicRequest) -> dict:
 
 
 def _text_of(value: Any, param: str) -> str:
-    """A string, or text blocks joined."""
-    if isinstance(value, str):
-        return value
-    if not isinstance(value, list):
-        raise APIError(400, f"{param} must be a string or a list of text blocks",
-                       param=param, code="invalid_value")
-    parts = []
-    for j, block in enumerate(value):
-        if not isinstance(block, dict) or block.get("type") != "text" \
-                or not isinstance(block.get("text"), str):
-            raise APIError(400, f"{param}[{j}] must be a text block "
-                                f"({{'type': 'text', 'text': ...}}); this server reads text "
-                                "only", param=f"{param}[{j}]", code="unsupported_value")
-        parts.append(block["text"])
-    return "\n".join(parts)
+    return joined_text(value, param, ("text",), "\n", "text blocks")
 
 
 def _chat_messages(role: str, content: str | list[dict], param: str) -> list[dict]:

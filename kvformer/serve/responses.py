@@ -30,7 +30,14 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from kvformer.serve.engine import Output
-from kvformer.serve.routes import Server, answer_of, cut_error, refuse_unhonoured, submit_chat
+from kvformer.serve.routes import (
+    Server,
+    answer_of,
+    cut_error,
+    joined_text,
+    refuse_unhonoured,
+    submit_chat,
+)
 from kvformer.serve.schemas import APIError, ChatRequest, ResponsesRequest, parse_body
 from kvformer.serve.streaming import collect, sse_response
 from kvformer.serve.tools import CutCallError
@@ -297,24 +304,8 @@ def input_messages(given: str | list[dict]) -> list[dict]:
     return out
 
 
-def _text_of(content: Any, param: str) -> str:
-    """A string, or text parts (input_text, output_text) joined."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise APIError(400, f"{param} must be a string or a list of text parts",
-                       param=param, code="invalid_value")
-    parts = []
-    for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text",
-                                                                  "text") \
-                or not isinstance(part.get("text"), str):
-            kind = part.get("type") if isinstance(part, dict) else None
-            raise APIError(400, f"{param}[{j}]: parts of type {kind!r} are not supported "
-                                "(text only)", param=f"{param}[{j}]",
-                           code="unsupported_value")
-        parts.append(part["text"])
-    return "".join(parts)
+def _text_of(value: Any, param: str) -> str:
+    return joined_text(value, param, ("input_text", "output_text", "text"), "", "text parts")
 
 
 def _function(tool: dict, param: str) -> dict:

@@ -584,6 +584,27 @@ def finish_reason(out: Output, n_calls: int) -> str | None:
     return "tool_calls"
 
 
+def joined_text(value: Any, param: str, kinds: tuple[str, ...], sep: str, what: str) -> str:
+    """A string, or a list of text parts (each ``{"type": one of kinds, "text": str}``)
+    joined with ``sep``; anything else is a 400 naming ``param`` (``what``: the parts'
+    name in the message, e.g. "text blocks"). The Messages and Responses APIs' content."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise APIError(400, f"{param} must be a string or a list of {what}",
+                       param=param, code="invalid_value")
+    parts = []
+    for j, part in enumerate(value):
+        if not isinstance(part, dict) or part.get("type") not in kinds \
+                or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else None
+            raise APIError(400, f"{param}[{j}]: {what} of type {kind!r} are not supported "
+                                f"(this server reads text only: {', '.join(kinds)})",
+                           param=f"{param}[{j}]", code="unsupported_value")
+        parts.append(part["text"])
+    return sep.join(parts)
+
+
 def cut_error(exc: CutCallError) -> APIError:
     return APIError(400, str(exc), param="max_tokens", code="invalid_value")
 
