@@ -24,7 +24,14 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from kvformer.serve.engine import Output
-from kvformer.serve.routes import Server, answer_of, cut_error, joined_text, submit_chat
+from kvformer.serve.routes import (
+    Server,
+    answer_of,
+    cut_error,
+    joined_text,
+    stream_parts,
+    submit_chat,
+)
 from kvformer.serve.schemas import (
     AnthropicRequest,
     APIError,
@@ -110,15 +117,10 @@ class _Events:
             events.append({"type": "message_start", "message": dict(
                 self.head, content=[], stop_reason=None, stop_sequence=None,
                 usage={"input_tokens": self.prompt_tokens, "output_tokens": 0})})
-        text, calls = out.text, []
-        if self.parser is not None:
-            text, calls = self.parser.feed(text)
-            if out.finished:
-                try:
-                    more, last = self.parser.close(out.finish_reason == "length")
-                except CutCallError as exc:  # the stream ends with the error
-                    return events + [error_body(cut_error(exc))]
-                text, calls = text + more, calls + last
+        try:
+            text, calls = stream_parts(self.parser, out)
+        except CutCallError as exc:  # the stream ends with the error
+            return events + [error_body(cut_error(exc))]
         if text:
             self._open("text", {"type": "text", "text": ""}, events)
             events.append({"type": "content_block_delta", "index": self.index,

@@ -36,6 +36,7 @@ from kvformer.serve.routes import (
     cut_error,
     joined_text,
     refuse_unhonoured,
+    stream_parts,
     submit_chat,
 )
 from kvformer.serve.schemas import APIError, ChatRequest, ResponsesRequest, parse_body
@@ -143,15 +144,10 @@ class _Events:
                          output=[], usage=None)
             events.append(self.event("response.created", response=start))
             events.append(self.event("response.in_progress", response=start))
-        text, calls = out.text, []
-        if self.parser is not None:
-            text, calls = self.parser.feed(text)
-            if out.finished:
-                try:
-                    more, last = self.parser.close(out.finish_reason == "length")
-                except CutCallError as exc:  # the stream ends with the error
-                    return events + [self.error(cut_error(exc))]
-                text, calls = text + more, calls + last
+        try:
+            text, calls = stream_parts(self.parser, out)
+        except CutCallError as exc:  # the stream ends with the error
+            return events + [self.error(cut_error(exc))]
         if text:
             self._open_message(events)
             self.text += text

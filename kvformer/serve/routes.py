@@ -513,16 +513,11 @@ async def chat(srv: Server, request: Request) -> dict | StreamingResponse:
         def chunks(index: int, out: Output, last: bool) -> list[dict | str]:
             totals[index].merge(out)
             res: list[dict | str] = []
-            text, calls, parser = out.text, [], parsers[index]
-            if parser is not None:
-                text, calls = parser.feed(text)
-                if out.finished:
-                    try:
-                        more, last_calls = parser.close(out.finish_reason == "length")
-                    except CutCallError as exc:
-                        res.append(cut_error(exc).body())
-                        return res
-                    text, calls = text + more, calls + last_calls
+            try:
+                text, calls = stream_parts(parsers[index], out)
+            except CutCallError as exc:
+                res.append(cut_error(exc).body())
+                return res
 
             def add(delta: dict, finish: str | None, with_lp: bool) -> None:
                 res.append(chunk_json({"index": index, "delta": delta,
@@ -607,6 +602,19 @@ def joined_text(value: Any, param: str, kinds: tuple[str, ...], sep: str, what: 
 
 def cut_error(exc: CutCallError) -> APIError:
     return APIError(400, str(exc), param="max_tokens", code="invalid_value")
+
+
+def stream_parts(parser, out: Output) -> tuple[str, list[dict]]:
+    """A streamed output's new text and the tool calls completed by it (``parser``: the
+    request's ``ToolCallParser``, or None without tools); raises ``CutCallError`` when the
+    limit cut a constrained call before its function was named."""
+    if parser is None:
+        return out.text, []
+    text, calls = parser.feed(out.text)
+    if out.finished:
+        more, last = parser.close(out.finish_reason == "length")
+        text, calls = text + more, calls + last
+    return text, calls
 
 
 def answer_of(out: Output, plan: ToolPlan | None, constrained: bool
